@@ -1,1 +1,123 @@
-fn main() {}
+//! `tai`: the TAI node binary (SPEC §10). `tai serve` runs a node; the other
+//! commands are clients of a running node's APIs, configured by the same file.
+
+mod client;
+mod node;
+mod operator;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tai_core::config::{self, Config};
+
+/// Exit status for a configuration error (sysexits EX_CONFIG).
+const EX_CONFIG: u8 = 78;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tai",
+    version,
+    about = "TAI node: signals in, decisions and receipts out"
+)]
+struct Cli {
+    /// Log format on stderr (the level comes from RUST_LOG, default info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a node.
+    Serve {
+        #[arg(long, default_value = "config/dev.toml")]
+        config: PathBuf,
+    },
+    /// Print the live supervision tree of a running node.
+    Tree {
+        #[arg(long, default_value = "config/dev.toml")]
+        config: PathBuf,
+        /// Print the JSON of GET /admin/tree instead.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// Reads and checks the config file with the process environment applied;
+/// on failure prints every problem and returns the exit status.
+fn load_config(path: &PathBuf) -> Result<Config, ExitCode> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("config error: cannot read {}: {e}", path.display());
+            return Err(ExitCode::from(EX_CONFIG));
+        }
+    };
+    config::load(&text, std::env::vars()).map_err(|errors| {
+        eprintln!(
+            "config error: {} problem(s) in {}",
+            errors.len(),
+            path.display()
+        );
+        for e in &errors {
+            eprintln!("  {e}");
+        }
+        ExitCode::from(EX_CONFIG)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let config_path = match &cli.command {
+        Command::Serve { config } | Command::Tree { config, .. } => config.clone(),
+    };
+    let config = match load_config(&config_path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve { .. } => node::serve(config).await,
+            Command::Tree { json, .. } => client::tree(&config, json).await,
+        }
+    });
+    match result {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "tai failed");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,862 @@
+//! Node configuration (SPEC §10): TOML, overridden by `TAI_<SECTION>__<KEY>`
+//! environment variables, checked whole.
+//!
+//! [`load`] is pure: it takes the file's text and the environment and returns
+//! the config, or every problem found, each naming its key's path.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub const DEV_ADMIN_TOKEN: &str = "dev-admin-token";
+pub const DEV_RECEIPT_KEY: &str = "dev-receipt-key";
+pub const DEV_TENANT_SECRET: &str = "demo-secret";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    #[default]
+    Dev,
+    Prod,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub ingress: IngressConfig,
+    pub operator: OperatorConfig,
+    pub kanban: KanbanConfig,
+    pub jidoka: JidokaConfig,
+    pub kaizen: KaizenConfig,
+    pub andon: AndonConfig,
+    pub alerts: AlertsConfig,
+    pub tenants: Vec<TenantConfig>,
+    pub skus: BTreeMap<String, SkuConfig>,
+    pub executors: BTreeMap<String, ExecutorConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    pub mode: Mode,
+    pub data_dir: PathBuf,
+    /// How long a graceful shutdown may take before what is left is killed.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            mode: Mode::Dev,
+            data_dir: PathBuf::from("./data"),
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngressConfig {
+    pub listen: SocketAddr,
+    pub max_body_bytes: usize,
+    pub replay_window_secs: u64,
+    pub rate_limits: RateLimits,
+}
+
+impl Default for IngressConfig {
+    fn default() -> Self {
+        IngressConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: 65536,
+            replay_window_secs: 300,
+            rate_limits: RateLimits::default(),
+        }
+    }
+}
+
+/// Signals per second, GCRA with a burst of one second's worth.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimits {
+    pub global_per_sec: u32,
+    pub trial_per_sec: u32,
+    pub standard_per_sec: u32,
+    pub enterprise_per_sec: u32,
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        RateLimits {
+            global_per_sec: 50_000,
+            trial_per_sec: 10,
+            standard_per_sec: 100,
+            enterprise_per_sec: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OperatorConfig {
+    pub listen: SocketAddr,
+    pub admin_token: String,
+    /// Defaults to true in dev mode, false in prod.
+    pub fault_injection: Option<bool>,
+}
+
+impl Default for OperatorConfig {
+    fn default() -> Self {
+        OperatorConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            admin_token: DEV_ADMIN_TOKEN.to_string(),
+            fault_injection: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueBackend {
+    Embedded,
+    Amqp,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KanbanConfig {
+    pub backend: QueueBackend,
+    pub amqp_url: String,
+    pub prefetch: u32,
+    pub wip_limit: u32,
+}
+
+impl Default for KanbanConfig {
+    fn default() -> Self {
+        KanbanConfig {
+            backend: QueueBackend::Embedded,
+            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_string(),
+            prefetch: 10,
+            wip_limit: 50,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JidokaConfig {
+    /// An engine idle this long is checkpointed and stopped.
+    pub idle_timeout_secs: u64,
+    /// Live engines beyond this are passivated, least recently used first.
+    pub max_active_engines: usize,
+}
+
+impl Default for JidokaConfig {
+    fn default() -> Self {
+        JidokaConfig {
+            idle_timeout_secs: 300,
+            max_active_engines: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KaizenConfig {
+    pub otlp_endpoint: Option<String>,
+    /// Distinct tenant label values kept in metrics; the rest become "other".
+    pub tenant_label_cap: usize,
+}
+
+impl Default for KaizenConfig {
+    fn default() -> Self {
+        KaizenConfig {
+            otlp_endpoint: None,
+            tenant_label_cap: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AndonConfig {
+    pub signing_key_id: String,
+    pub signing_keys: BTreeMap<String, String>,
+}
+
+impl Default for AndonConfig {
+    fn default() -> Self {
+        AndonConfig {
+            signing_key_id: "dev-1".to_string(),
+            signing_keys: BTreeMap::from([("dev-1".to_string(), DEV_RECEIPT_KEY.to_string())]),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Critical,
+    Warning,
+    Info,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChannelKind {
+    Log,
+    Webhook,
+    Slack,
+    Pagerduty,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelConfig {
+    pub name: String,
+    pub kind: ChannelKind,
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default = "all_severities")]
+    pub severities: Vec<Severity>,
+}
+
+fn all_severities() -> Vec<Severity> {
+    vec![Severity::Critical, Severity::Warning, Severity::Info]
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    pub dedupe_window_secs: u64,
+    pub channels: Vec<ChannelConfig>,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            dedupe_window_secs: 60,
+            channels: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Tier {
+    Trial,
+    #[default]
+    Standard,
+    Enterprise,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub id: String,
+    pub secrets: Vec<String>,
+    #[serde(default)]
+    pub tier: Tier,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SkuConfig {
+    pub policies: Vec<String>,
+    pub quota: u64,
+    pub quota_period_secs: u64,
+    pub entitlement_timeout_secs: u64,
+    pub executor: String,
+}
+
+impl Default for SkuConfig {
+    fn default() -> Self {
+        SkuConfig {
+            policies: Vec::new(),
+            quota: 1000,
+            quota_period_secs: 3600,
+            entitlement_timeout_secs: 30,
+            executor: "log".to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecutorKind {
+    Log,
+    Webhook,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecutorConfig {
+    pub kind: ExecutorKind,
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_failure_threshold")]
+    pub failure_threshold: u32,
+    #[serde(default = "default_reset_timeout_secs")]
+    pub reset_timeout_secs: u64,
+    #[serde(default = "default_success_threshold")]
+    pub success_threshold: u32,
+}
+
+fn default_timeout_ms() -> u64 {
+    2000
+}
+fn default_failure_threshold() -> u32 {
+    5
+}
+fn default_reset_timeout_secs() -> u64 {
+    30
+}
+fn default_success_threshold() -> u32 {
+    3
+}
+
+impl Config {
+    /// Fault injection is on by default in dev, off in prod.
+    pub fn fault_injection(&self) -> bool {
+        self.operator
+            .fault_injection
+            .unwrap_or(self.node.mode == Mode::Dev)
+    }
+}
+
+/// One problem with the configuration, at a key's path such as `ingress.listen`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+fn err(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        path: path.into(),
+        message: message.into(),
+    }
+}
+
+/// Parses `text`, applies `TAI_<SECTION>__<KEY>` overrides from `env`, and
+/// checks the result, returning every problem at once.
+pub fn load(
+    text: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Config, Vec<ConfigError>> {
+    let mut errors = Vec::new();
+    let mut root = match text.parse::<toml::Table>() {
+        Ok(t) => toml::Value::Table(t),
+        Err(e) => return Err(vec![err("", format!("not valid TOML: {e}"))]),
+    };
+    let mut env: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("TAI_") && k.contains("__"))
+        .collect();
+    env.sort();
+    for (key, raw) in env {
+        let path: Vec<String> = key["TAI_".len()..]
+            .split("__")
+            .map(str::to_ascii_lowercase)
+            .collect();
+        if let Err(message) = set_path(&mut root, &path, parse_env_value(&raw)) {
+            errors.push(err(path.join("."), format!("from {key}: {message}")));
+        }
+    }
+
+    // serde stops at the first problem: note it, take the offending key out
+    // (the default applies), and go again, so every problem is reported.
+    let mut config = None;
+    let mut removed = Removed::default();
+    for _ in 0..200 {
+        match serde_path_to_error::deserialize::<_, Config>(root.clone()) {
+            Ok(c) => {
+                config = Some(c);
+                break;
+            }
+            Err(e) => {
+                let segments: Vec<_> = e.path().iter().cloned().collect();
+                let inner = e.inner().to_string();
+                let inner = inner.lines().next().unwrap_or_default().to_string();
+                // An unknown key is reported at its own path.
+                let (path, message, removal) = match unknown_field(&inner) {
+                    Some(field) => {
+                        let mut removal = segments.clone();
+                        if !matches!(removal.last(), Some(serde_path_to_error::Segment::Map { key }) if key == &field)
+                        {
+                            removal.push(serde_path_to_error::Segment::Map { key: field.clone() });
+                        }
+                        (
+                            removed.display(&removal),
+                            "unknown key".to_string(),
+                            removal,
+                        )
+                    }
+                    None => (removed.display(&segments), inner, segments),
+                };
+                errors.push(err(path, message));
+                if removal.is_empty() || !remove_path(&mut root, &removal) {
+                    break;
+                }
+                removed.note(&removal);
+            }
+        }
+    }
+    let Some(config) = config else {
+        return Err(errors);
+    };
+    validate(&config, &mut errors);
+    if errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(errors)
+    }
+}
+
+fn unknown_field(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    Some(rest[..rest.find('`')?].to_string())
+}
+
+/// Array elements taken out while collecting errors, so that later errors
+/// still name the element's index in the file.
+#[derive(Default)]
+struct Removed(BTreeMap<String, Vec<usize>>);
+
+impl Removed {
+    fn original(&self, array: &str, index: usize) -> usize {
+        let mut o = index;
+        for r in self.0.get(array).into_iter().flatten() {
+            if *r <= o {
+                o += 1;
+            }
+        }
+        o
+    }
+
+    fn note(&mut self, segments: &[serde_path_to_error::Segment]) {
+        if let Some((serde_path_to_error::Segment::Seq { index }, parents)) = segments.split_last()
+        {
+            let array = self.display(parents);
+            let o = self.original(&array, *index);
+            let list = self.0.entry(array).or_default();
+            list.push(o);
+            list.sort_unstable();
+        }
+    }
+
+    fn display(&self, segments: &[serde_path_to_error::Segment]) -> String {
+        display_path(segments, |array, index| self.original(array, index))
+    }
+}
+
+fn display_path(
+    segments: &[serde_path_to_error::Segment],
+    original: impl Fn(&str, usize) -> usize,
+) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for s in segments {
+        match s {
+            Segment::Seq { index } => {
+                let o = original(&out, *index);
+                out.push_str(&format!("[{o}]"))
+            }
+            Segment::Map { key } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Segment::Enum { variant } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(variant);
+            }
+            Segment::Unknown => out.push_str(".?"),
+        }
+    }
+    out
+}
+
+fn remove_path(root: &mut toml::Value, segments: &[serde_path_to_error::Segment]) -> bool {
+    use serde_path_to_error::Segment;
+    let Some((last, parents)) = segments.split_last() else {
+        return false;
+    };
+    let mut cur = root;
+    for s in parents {
+        cur = match (s, cur) {
+            (Segment::Map { key }, toml::Value::Table(t)) => match t.get_mut(key) {
+                Some(v) => v,
+                None => return false,
+            },
+            (Segment::Seq { index }, toml::Value::Array(a)) => match a.get_mut(*index) {
+                Some(v) => v,
+                None => return false,
+            },
+            _ => return false,
+        };
+    }
+    match (last, cur) {
+        (Segment::Map { key }, toml::Value::Table(t)) => t.remove(key).is_some(),
+        (Segment::Seq { index }, toml::Value::Array(a)) if *index < a.len() => {
+            a.remove(*index);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// An override's value: TOML if it parses as a TOML value (numbers, booleans,
+/// arrays), else the plain string.
+fn parse_env_value(raw: &str) -> toml::Value {
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+fn set_path(root: &mut toml::Value, path: &[String], value: toml::Value) -> Result<(), String> {
+    let Some((last, parents)) = path.split_last() else {
+        return Err("empty key".into());
+    };
+    let mut cur = root;
+    for p in parents {
+        let toml::Value::Table(t) = cur else {
+            return Err(format!("{p} is not a table"));
+        };
+        cur = t
+            .entry(p.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    }
+    match cur {
+        toml::Value::Table(t) => {
+            t.insert(last.clone(), value);
+            Ok(())
+        }
+        _ => Err("parent is not a table".into()),
+    }
+}
+
+fn valid_id(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn validate(c: &Config, errors: &mut Vec<ConfigError>) {
+    let prod = c.node.mode == Mode::Prod;
+    if c.operator.admin_token.len() < 8 {
+        errors.push(err("operator.admin_token", "must be at least 8 characters"));
+    }
+    if prod && c.operator.admin_token == DEV_ADMIN_TOKEN {
+        errors.push(err(
+            "operator.admin_token",
+            "the built-in dev token is refused in prod mode",
+        ));
+    }
+    if c.ingress.max_body_bytes == 0 {
+        errors.push(err("ingress.max_body_bytes", "must be greater than 0"));
+    }
+    if c.ingress.replay_window_secs == 0 {
+        errors.push(err("ingress.replay_window_secs", "must be greater than 0"));
+    }
+    let rl = &c.ingress.rate_limits;
+    for (key, v) in [
+        ("global_per_sec", rl.global_per_sec),
+        ("trial_per_sec", rl.trial_per_sec),
+        ("standard_per_sec", rl.standard_per_sec),
+        ("enterprise_per_sec", rl.enterprise_per_sec),
+    ] {
+        if v == 0 {
+            errors.push(err(
+                format!("ingress.rate_limits.{key}"),
+                "must be greater than 0",
+            ));
+        }
+    }
+    if c.kanban.prefetch == 0 {
+        errors.push(err("kanban.prefetch", "must be greater than 0"));
+    }
+    if c.kanban.wip_limit < c.kanban.prefetch {
+        errors.push(err(
+            "kanban.wip_limit",
+            format!("must be at least kanban.prefetch ({})", c.kanban.prefetch),
+        ));
+    }
+    if c.jidoka.max_active_engines == 0 {
+        errors.push(err("jidoka.max_active_engines", "must be greater than 0"));
+    }
+    if !c.andon.signing_keys.contains_key(&c.andon.signing_key_id) {
+        errors.push(err(
+            "andon.signing_key_id",
+            format!(
+                "{:?} is not a key of andon.signing_keys",
+                c.andon.signing_key_id
+            ),
+        ));
+    }
+    for (id, key) in &c.andon.signing_keys {
+        if key.is_empty() {
+            errors.push(err(format!("andon.signing_keys.{id}"), "must not be empty"));
+        }
+        if prod && key == DEV_RECEIPT_KEY {
+            errors.push(err(
+                format!("andon.signing_keys.{id}"),
+                "the built-in dev key is refused in prod mode",
+            ));
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, t) in c.tenants.iter().enumerate() {
+        if !valid_id(&t.id, 64) {
+            errors.push(err(
+                format!("tenants[{i}].id"),
+                "must be 1-64 characters [A-Za-z0-9._-]",
+            ));
+        }
+        if !seen.insert(t.id.as_str()) {
+            errors.push(err(
+                format!("tenants[{i}].id"),
+                format!("duplicate tenant {:?}", t.id),
+            ));
+        }
+        if t.secrets.is_empty() {
+            errors.push(err(
+                format!("tenants[{i}].secrets"),
+                "needs at least one secret",
+            ));
+        }
+        for (j, s) in t.secrets.iter().enumerate() {
+            if s.is_empty() {
+                errors.push(err(
+                    format!("tenants[{i}].secrets[{j}]"),
+                    "must not be empty",
+                ));
+            }
+            if prod && s == DEV_TENANT_SECRET {
+                errors.push(err(
+                    format!("tenants[{i}].secrets[{j}]"),
+                    "the built-in dev secret is refused in prod mode",
+                ));
+            }
+        }
+    }
+    for (name, sku) in &c.skus {
+        if !valid_id(name, 64) {
+            errors.push(err(
+                format!("skus.{name}"),
+                "SKU names must be 1-64 characters [A-Za-z0-9._-]",
+            ));
+        }
+        if sku.quota_period_secs == 0 {
+            errors.push(err(
+                format!("skus.{name}.quota_period_secs"),
+                "must be greater than 0",
+            ));
+        }
+        if sku.executor != "log" && !c.executors.contains_key(&sku.executor) {
+            errors.push(err(
+                format!("skus.{name}.executor"),
+                format!(
+                    "{:?} is neither \"log\" nor an [executors] table",
+                    sku.executor
+                ),
+            ));
+        }
+    }
+    for (name, ex) in &c.executors {
+        if ex.kind == ExecutorKind::Webhook && ex.url.as_deref().is_none_or(str::is_empty) {
+            errors.push(err(
+                format!("executors.{name}.url"),
+                "a webhook executor needs a url",
+            ));
+        }
+        if ex.failure_threshold == 0 {
+            errors.push(err(
+                format!("executors.{name}.failure_threshold"),
+                "must be greater than 0",
+            ));
+        }
+        if ex.success_threshold == 0 {
+            errors.push(err(
+                format!("executors.{name}.success_threshold"),
+                "must be greater than 0",
+            ));
+        }
+    }
+    for (i, ch) in c.alerts.channels.iter().enumerate() {
+        if ch.kind != ChannelKind::Log && ch.url.as_deref().is_none_or(str::is_empty) {
+            errors.push(err(
+                format!("alerts.channels[{i}].url"),
+                "this channel kind needs a url",
+            ));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env() -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    #[test]
+    fn empty_config_is_the_dev_default() {
+        let c = load("", no_env()).unwrap();
+        assert_eq!(c.node.mode, Mode::Dev);
+        assert_eq!(c.ingress.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.operator.listen.to_string(), "127.0.0.1:9090");
+        assert_eq!(c.kanban.prefetch, 10);
+        assert_eq!(c.kanban.wip_limit, 50);
+        assert!(c.fault_injection());
+    }
+
+    #[test]
+    fn every_unknown_key_and_bad_value_is_reported_with_its_path() {
+        let text = r#"
+            [node]
+            mode = "staging"
+            colour = "blue"
+            [ingress]
+            listen = "not an address"
+            max_body_bytes = "big"
+            [ingress.rate_limits]
+            global_per_sec = -1
+            [kanban]
+            prefetch = 10
+            wip_limt = 5
+            [[tenants]]
+            id = "demo"
+            secrets = ["s3cret"]
+            tier = "gold"
+            [surprise]
+            x = 1
+        "#;
+        let errors = load(text, no_env()).unwrap_err();
+        let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
+        for want in [
+            "node.mode",
+            "node.colour",
+            "ingress.listen",
+            "ingress.max_body_bytes",
+            "ingress.rate_limits.global_per_sec",
+            "kanban.wip_limt",
+            "tenants[0].tier",
+            "surprise",
+        ] {
+            assert!(paths.contains(&want), "{want} missing from {errors:?}");
+        }
+        let unknown = errors.iter().find(|e| e.path == "node.colour").unwrap();
+        assert_eq!(unknown.message, "unknown key");
+    }
+
+    #[test]
+    fn environment_overrides_any_key() {
+        let env = vec![
+            ("TAI_INGRESS__LISTEN".to_string(), "127.0.0.1:0".to_string()),
+            ("TAI_KANBAN__WIP_LIMIT".to_string(), "200".to_string()),
+            (
+                "TAI_INGRESS__RATE_LIMITS__GLOBAL_PER_SEC".to_string(),
+                "7".to_string(),
+            ),
+            (
+                "TAI_OPERATOR__FAULT_INJECTION".to_string(),
+                "false".to_string(),
+            ),
+            (
+                "TAI_UNRELATED".to_string(),
+                "ignored: no section separator".to_string(),
+            ),
+        ];
+        let c = load("[kanban]\nwip_limit = 50\n", env).unwrap();
+        assert_eq!(c.ingress.listen.port(), 0);
+        assert_eq!(c.kanban.wip_limit, 200);
+        assert_eq!(c.ingress.rate_limits.global_per_sec, 7);
+        assert!(!c.fault_injection());
+    }
+
+    #[test]
+    fn a_bad_override_names_its_variable() {
+        let env = vec![("TAI_KANBAN__PREFETCH".to_string(), "lots".to_string())];
+        let errors = load("", env).unwrap_err();
+        assert_eq!(errors[0].path, "kanban.prefetch");
+        let env = vec![("TAI_KANBAN__COLOUR".to_string(), "red".to_string())];
+        let errors = load("", env).unwrap_err();
+        assert_eq!(errors[0].path, "kanban.colour");
+        assert_eq!(errors[0].message, "unknown key");
+    }
+
+    #[test]
+    fn prod_refuses_dev_token_secret_and_key() {
+        let text = r#"
+            [node]
+            mode = "prod"
+            [[tenants]]
+            id = "demo"
+            secrets = ["demo-secret"]
+        "#;
+        let errors = load(text, no_env()).unwrap_err();
+        let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert!(paths.contains(&"operator.admin_token"), "{errors:?}");
+        assert!(paths.contains(&"tenants[0].secrets[0]"), "{errors:?}");
+        assert!(paths.contains(&"andon.signing_keys.dev-1"), "{errors:?}");
+    }
+
+    #[test]
+    fn missing_required_fields_and_cross_references_are_reported() {
+        let text = r#"
+            [[tenants]]
+            secrets = ["x"]
+            [[tenants]]
+            id = "ok"
+            secrets = ["y"]
+            extra = 1
+            [skus.payments]
+            executor = "gateway"
+            [andon]
+            signing_key_id = "k9"
+        "#;
+        let errors = load(text, no_env()).unwrap_err();
+        let shown: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert!(
+            shown.iter().any(|e| e.contains("missing field `id`")),
+            "{shown:?}"
+        );
+        assert!(
+            shown.iter().any(|e| e.starts_with("tenants[1].extra")),
+            "{shown:?}"
+        );
+        assert!(
+            shown
+                .iter()
+                .any(|e| e.starts_with("skus.payments.executor")),
+            "{shown:?}"
+        );
+        assert!(
+            shown.iter().any(|e| e.starts_with("andon.signing_key_id")),
+            "{shown:?}"
+        );
+    }
+}

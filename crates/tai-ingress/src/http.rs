@@ -1,0 +1,64 @@
+//! HTTP pieces every TAI listener shares: a body reader with a hard cap, and
+//! replies in the contract's JSON shapes. The operator API (tai-node) uses
+//! them too, so every error everywhere has one shape.
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures::{Stream, StreamExt};
+use serde::Serialize;
+use tai_core::{ApiError, ErrorCode};
+use warp::http::StatusCode;
+use warp::reply::Response;
+use warp::Reply;
+
+/// Why a body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("request body over {0} bytes")]
+    TooLarge(usize),
+    #[error("request body could not be read: {0}")]
+    Read(String),
+}
+
+/// Reads a request body, stopping as soon as it passes `limit` bytes, with or
+/// without a Content-Length (chunked bodies are capped the same way).
+pub async fn read_body_capped<S, B>(stream: S, limit: usize) -> Result<Bytes, BodyError>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    futures::pin_mut!(stream);
+    let mut out = BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let mut chunk = chunk.map_err(|e| BodyError::Read(e.to_string()))?;
+        if out.len() + chunk.remaining() > limit {
+            return Err(BodyError::TooLarge(limit));
+        }
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            out.extend_from_slice(part);
+            let n = part.len();
+            chunk.advance(n);
+        }
+    }
+    Ok(out.freeze())
+}
+
+pub fn json_reply(status: StatusCode, body: &impl Serialize) -> Response {
+    warp::reply::with_status(warp::reply::json(body), status).into_response()
+}
+
+/// `{"error": {"code", "message"}}` with the code's status.
+pub fn error_reply(code: ErrorCode, message: impl Into<String>) -> Response {
+    let status =
+        StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    json_reply(status, &ApiError::new(code, message))
+}
+
+impl BodyError {
+    pub fn reply(&self) -> Response {
+        match self {
+            BodyError::TooLarge(_) => error_reply(ErrorCode::PayloadTooLarge, self.to_string()),
+            BodyError::Read(_) => error_reply(ErrorCode::InvalidSignal, self.to_string()),
+        }
+    }
+}

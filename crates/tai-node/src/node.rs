@@ -1,0 +1,208 @@
+//! `tai serve`: opens the store, starts `tai_sup` and the operator API, and
+//! runs until a signal, `POST /admin/shutdown`, or the root giving up.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::json;
+use tai_core::config::Config;
+use tai_core::names::{ANDON_SUP, INGRESS_SUP, KAIZEN_SUP, KANBAN_SUP, PROCESSOR_SUP, TAI_SUP};
+use tai_otp::{Application, ChildSpec, ChildStatus, Exit, Strategy, SupervisorSpec};
+use tai_store::Store;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+/// The root supervisor (SPEC §1): `rest_for_one`, 5 restarts in 60 s, the five
+/// layers in start order.
+pub fn root_spec(config: &Config) -> SupervisorSpec {
+    SupervisorSpec::new(Strategy::RestForOne)
+        .intensity(5, Duration::from_secs(60))
+        .child(ChildSpec::supervisor(
+            INGRESS_SUP,
+            tai_ingress::supervisor_spec(),
+        ))
+        .child(ChildSpec::supervisor(
+            KANBAN_SUP,
+            tai_kanban::supervisor_spec(),
+        ))
+        .child(ChildSpec::supervisor(
+            PROCESSOR_SUP,
+            tai_jidoka::supervisor_spec(config.jidoka.max_active_engines),
+        ))
+        .child(ChildSpec::supervisor(
+            KAIZEN_SUP,
+            tai_kaizen::supervisor_spec(),
+        ))
+        .child(ChildSpec::supervisor(
+            ANDON_SUP,
+            tai_andon::supervisor_spec(),
+        ))
+}
+
+/// What the operator API needs of the running node.
+pub struct NodeState {
+    pub config: Config,
+    pub store: Store,
+    pub root: ractor::ActorCell,
+    pub draining: AtomicBool,
+    pub shutdown: watch::Sender<bool>,
+}
+
+impl NodeState {
+    pub fn request_shutdown(&self, why: &str) {
+        if !self.draining.swap(true, Ordering::SeqCst) {
+            info!(reason = why, "graceful shutdown requested");
+        }
+        let _ = self.shutdown.send(true);
+    }
+
+    /// `None` when ready, else the reason it is not.
+    pub async fn not_ready(&self) -> Option<String> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Some("node is draining".into());
+        }
+        if let Err(e) = self.store.ping() {
+            return Some(format!("store unreachable: {e}"));
+        }
+        let report = match tai_otp::which_children(&self.root, Duration::from_secs(2)).await {
+            Ok(r) => r,
+            Err(e) => return Some(format!("{TAI_SUP}: {e}")),
+        };
+        for layer in tai_core::names::LAYERS {
+            match report.children.iter().find(|c| c.id == layer) {
+                Some(c) if c.status == ChildStatus::Running && c.cell.is_some() => {}
+                Some(c) => return Some(format!("{layer} is {:?}", c.status).to_lowercase()),
+                None => return Some(format!("{layer} is missing")),
+            }
+        }
+        None
+    }
+}
+
+/// Writes where the node listens, for tools and tests that start it on port 0.
+fn write_endpoints(dir: &Path, operator: std::net::SocketAddr) -> anyhow::Result<()> {
+    let tmp = dir.join("endpoints.json.tmp");
+    let body = json!({ "operator": operator.to_string(), "pid": std::process::id() });
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&body)?)?;
+    std::fs::rename(&tmp, dir.join("endpoints.json"))?;
+    Ok(())
+}
+
+async fn os_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers only the API can stop the node.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+/// Runs the node to its end and returns the process exit status.
+pub async fn serve(config: Config) -> anyhow::Result<i32> {
+    let data_dir = config.node.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create node.data_dir {}", data_dir.display()))?;
+    let store = Store::open(&data_dir)?;
+    let starts = store.record_start()?;
+
+    let mut app = Application::start(TAI_SUP, root_spec(&config))
+        .await
+        .map_err(|e| anyhow::anyhow!("{TAI_SUP} failed to start: {e}"))?;
+
+    let listener = tokio::net::TcpListener::bind(config.operator.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on operator.listen {}",
+                config.operator.listen
+            )
+        })?;
+    let operator_addr = listener.local_addr()?;
+    let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
+    let state = Arc::new(NodeState {
+        store: store.clone(),
+        root: app.root.get_cell(),
+        draining: AtomicBool::new(false),
+        shutdown: shutdown_tx,
+        config,
+    });
+    let (server_stop_tx, server_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        warp::serve(crate::operator::routes(state.clone()))
+            .incoming(listener)
+            .graceful(async {
+                let _ = server_stop_rx.await;
+            })
+            .run(),
+    );
+    write_endpoints(&data_dir, operator_addr)?;
+    info!(
+        operator = %operator_addr,
+        data_dir = %data_dir.display(),
+        mode = ?state.config.node.mode,
+        starts,
+        "tai node running"
+    );
+
+    let grace = Duration::from_secs(state.config.node.shutdown_grace_secs);
+    let code = tokio::select! {
+        exit = app.wait() => {
+            match exit {
+                Exit::Abnormal(reason) => {
+                    error!(reason = %reason, "{TAI_SUP} gave up, node exiting");
+                    1
+                }
+                Exit::Normal(_) => {
+                    error!("{TAI_SUP} stopped unexpectedly, node exiting");
+                    1
+                }
+            }
+        }
+        why = os_signal() => {
+            state.request_shutdown(why);
+            stop_tree(app, grace).await
+        }
+        _ = shutdown_rx.wait_for(|v| *v) => {
+            stop_tree(app, grace).await
+        }
+    };
+    let _ = server_stop_tx.send(());
+    if tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .is_err()
+    {
+        warn!("operator api did not close in time");
+    }
+    if let Err(e) = store.flush() {
+        error!(error = %e, "final store flush failed");
+        return Ok(1);
+    }
+    info!(code, "tai node stopped");
+    Ok(code)
+}
+
+async fn stop_tree(app: Application, grace: Duration) -> i32 {
+    let started = std::time::Instant::now();
+    match app.stop(grace).await {
+        Exit::Normal(_) => {
+            info!(
+                took_ms = started.elapsed().as_millis() as u64,
+                "supervision tree stopped in order"
+            );
+            0
+        }
+        Exit::Abnormal(reason) => {
+            error!(reason = %reason, "supervision tree did not stop cleanly");
+            1
+        }
+    }
+}

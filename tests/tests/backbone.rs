@@ -1,0 +1,243 @@
+//! The supervision backbone end to end: real `tai serve` processes.
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::Value;
+use tai_tests::*;
+
+const LAYERS: [&str; 5] = [
+    "ingress_sup",
+    "kanban_sup",
+    "processor_sup",
+    "kaizen_sup",
+    "andon_sup",
+];
+
+fn names(node: &Value) -> Vec<String> {
+    children(node)
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_tree_has_the_contract_shape_and_admin_needs_the_token() {
+    let node = Node::start(&[]);
+    let tree = node.tree().await;
+    assert_eq!(tree["name"], "tai_sup");
+    assert_eq!(tree["kind"], "supervisor");
+    assert_eq!(tree["strategy"], "rest_for_one");
+    assert_eq!(tree["intensity"], 5);
+    assert_eq!(tree["period_secs"], 60.0);
+    assert_eq!(names(&tree), LAYERS);
+    for layer in children(&tree) {
+        assert_eq!(layer["kind"], "supervisor");
+        assert_eq!(layer["status"], "running");
+        assert_eq!(layer["restarts"], 0);
+        assert!(layer["id"].as_str().is_some_and(|s| !s.is_empty()));
+    }
+    let processor = find(&tree, "processor_sup").unwrap();
+    let engine_sup = find(processor, "engine_sup").expect("engine_sup inside processor_sup");
+    assert_eq!(engine_sup["strategy"], "simple_one_for_one");
+
+    let client = reqwest::Client::new();
+    let health = client.get(node.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let ready = client.get(node.url("/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    for auth in [None, Some("Bearer wrong-token"), Some("dev-admin-token")] {
+        let mut req = client.get(node.url("/admin/tree"));
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 401, "{auth:?}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "unauthorized");
+    }
+    let (status, body) = node
+        .admin(Method::POST, "/admin/actors/no_such_actor/kill")
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("not_found"))
+    );
+}
+
+#[tokio::test]
+async fn killing_kanban_restarts_the_layers_after_it_and_leaves_ingress_alone() {
+    let node = Node::start(&[]);
+    let before = node.tree().await;
+    let (status, _) = node
+        .admin(Method::POST, "/admin/actors/kanban_sup/kill")
+        .await;
+    assert_eq!(status, 202);
+    let mut after = Value::Null;
+    for _ in 0..250 {
+        after = node.tree().await;
+        let done = LAYERS[1..]
+            .iter()
+            .all(|l| find(&after, l).unwrap()["restarts"] == 1);
+        if done {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for layer in LAYERS {
+        let (old, new) = (find(&before, layer).unwrap(), find(&after, layer).unwrap());
+        assert_eq!(new["status"], "running", "{layer}");
+        if layer == "ingress_sup" {
+            assert_eq!(new["id"], old["id"], "ingress untouched");
+            assert_eq!(new["restarts"], 0);
+        } else {
+            assert_ne!(new["id"], old["id"], "{layer} is a new actor");
+            assert_eq!(new["restarts"], 1, "{layer}");
+        }
+    }
+    assert_eq!(
+        find(&after, "kanban_sup").unwrap()["last_failure"],
+        "killed"
+    );
+    assert!(
+        find(&after, "engine_sup").is_some(),
+        "engine_sup restarted inside processor_sup"
+    );
+    assert_eq!(names(&after), LAYERS, "start order kept");
+}
+
+#[tokio::test]
+async fn six_kills_within_a_minute_end_the_node_with_a_failure() {
+    let mut node = Node::start(&[]);
+    for i in 1..=6u64 {
+        let (status, body) = node
+            .admin(Method::POST, "/admin/actors/andon_sup/kill")
+            .await;
+        assert_eq!(status, 202, "kill {i}: {body}");
+        if i < 6 {
+            for _ in 0..250 {
+                let tree = node.tree().await;
+                if find(&tree, "andon_sup")
+                    .is_some_and(|a| a["restarts"] == i && a["status"] == "running")
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    let status = node.wait_exit(Duration::from_secs(20));
+    assert!(!status.success(), "node must fail, got {status}");
+    let log = node.log();
+    assert!(
+        log.contains("reached_max_restart_intensity (5 in 60s)"),
+        "{log}"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_tree_in_order_and_exits_zero() {
+    let mut node = Node::start(&[("TAI_NODE__SHUTDOWN_GRACE_SECS", "5")]);
+    node.tree().await;
+    node.signal(libc::SIGTERM);
+    let status = node.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{}", node.log());
+    let log = node.log();
+    assert!(log.contains("SIGTERM"), "{log}");
+    assert!(log.contains("supervision tree stopped in order"), "{log}");
+}
+
+#[tokio::test]
+async fn admin_shutdown_is_graceful() {
+    let mut node = Node::start(&[]);
+    let (status, body) = node.admin(Method::POST, "/admin/shutdown").await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (202, Some("shutting_down"))
+    );
+    assert_eq!(node.wait_exit(Duration::from_secs(10)).code(), Some(0));
+}
+
+#[tokio::test]
+async fn fault_injection_can_be_turned_off() {
+    let node = Node::start(&[("TAI_OPERATOR__FAULT_INJECTION", "false")]);
+    let (status, body) = node
+        .admin(Method::POST, "/admin/actors/kanban_sup/kill")
+        .await;
+    assert_eq!(status, 403);
+    assert_eq!(body["error"]["code"], "forbidden");
+    let tree = node.tree().await;
+    assert_eq!(find(&tree, "kanban_sup").unwrap()["restarts"], 0);
+}
+
+#[test]
+fn a_bad_config_exits_78_naming_every_bad_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        r#"
+[node]
+mode = "staging"
+[ingress]
+listen = "nowhere"
+[kanban]
+prefetch = "ten"
+colour = "red"
+[[tenants]]
+id = "demo"
+secrets = ["s"]
+tier = "platinum"
+"#,
+    )
+    .unwrap();
+    let out = std::process::Command::new(tai_bin())
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("TAI_OPERATOR__LISTEN", "somewhere")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for key in [
+        "node.mode",
+        "ingress.listen",
+        "kanban.prefetch",
+        "kanban.colour",
+        "tenants[0].tier",
+        "operator.listen",
+    ] {
+        assert!(err.contains(key), "{key} not named in:\n{err}");
+    }
+}
+
+#[test]
+fn tai_tree_prints_the_live_tree() {
+    let node = Node::start(&[]);
+    let out = std::process::Command::new(tai_bin())
+        .args(["tree", "--config"])
+        .arg(dev_config())
+        .env("TAI_OPERATOR__LISTEN", &node.operator)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].starts_with("tai_sup [supervisor] running restarts=0 rest_for_one 5/60s"),
+        "{text}"
+    );
+    assert!(
+        lines[1].starts_with("├─ ingress_sup [supervisor] running"),
+        "{text}"
+    );
+    assert!(
+        text.contains("│  └─ engine_sup [supervisor] running restarts=0 simple_one_for_one"),
+        "{text}"
+    );
+    assert!(lines.last().unwrap().starts_with("└─ andon_sup"), "{text}");
+}
