@@ -15,6 +15,9 @@ pub const DEV_ADMIN_TOKEN: &str = "dev-admin-token";
 pub const DEV_RECEIPT_KEY: &str = "dev-receipt-key";
 pub const DEV_TENANT_SECRET: &str = "demo-secret";
 
+/// The policies a SKU may list.
+pub const KNOWN_POLICIES: &[&str] = &["payment_fraud"];
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
@@ -270,6 +273,8 @@ pub struct SkuConfig {
     pub quota_period_secs: u64,
     pub entitlement_timeout_secs: u64,
     pub executor: String,
+    /// Policy thresholds, e.g. `params.payment_fraud = { amount_threshold = 5000 }`.
+    pub params: BTreeMap<String, serde_json::Value>,
 }
 
 impl Default for SkuConfig {
@@ -280,6 +285,7 @@ impl Default for SkuConfig {
             quota_period_secs: 3600,
             entitlement_timeout_secs: 30,
             executor: "log".to_string(),
+            params: BTreeMap::new(),
         }
     }
 }
@@ -673,6 +679,17 @@ fn validate(c: &Config, errors: &mut Vec<ConfigError>) {
                 format!("skus.{name}.quota_period_secs"),
                 "must be greater than 0",
             ));
+        }
+        for (i, p) in sku.policies.iter().enumerate() {
+            if !KNOWN_POLICIES.contains(&p.as_str()) {
+                errors.push(err(
+                    format!("skus.{name}.policies[{i}]"),
+                    format!(
+                        "unknown policy {p:?}, expected one of {}",
+                        KNOWN_POLICIES.join(", ")
+                    ),
+                ));
+            }
         }
         if sku.executor != "log" && !c.executors.contains_key(&sku.executor) {
             errors.push(err(

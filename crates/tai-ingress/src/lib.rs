@@ -1,17 +1,89 @@
 //! tai-ingress: layer 1, `ingress_sup`.
 //!
-//! Receives signed signals over HTTP and hands them to the Kanban layer by
-//! registered name. Depends on tai-core, tai-otp and tai-store only; never on
-//! another layer crate.
+//! The public HTTP API (`ingress_http`): HMAC signatures with key rotation,
+//! the replay window and cache, rate limits by tier, validation, and the
+//! hand-off to Kanban by registered name. Depends on tai-core, tai-otp and
+//! tai-store only; never on another layer crate.
 
+pub mod auth;
 pub mod http;
+pub mod limits;
+pub mod replay;
+mod server;
 
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tai_otp::{Strategy, SupervisorSpec};
+use tai_core::config::Config;
+use tai_core::msg::INGRESS_HTTP;
+use tai_core::names::{LAYERS, TAI_SUP};
+use tai_otp::{ChildSpec, ChildStatus, Strategy, SupervisorSpec};
+use tai_store::Store;
 
-/// The layer supervisor's spec. Its workers (the public HTTP listener, the
-/// replay cache, the rate limiter) are children added here as they land.
-pub fn supervisor_spec() -> SupervisorSpec {
-    SupervisorSpec::new(Strategy::OneForOne).intensity(5, Duration::from_secs(10))
+pub use server::{IngressArgs, IngressHttp, Shared};
+
+/// `ingress_sup` with its HTTP worker. `bound` receives the listening address.
+pub fn supervisor_spec(
+    store: Store,
+    config: &Config,
+    draining: Arc<AtomicBool>,
+    bound: Arc<Mutex<Option<SocketAddr>>>,
+) -> SupervisorSpec {
+    let shared = Arc::new(Shared {
+        store,
+        tenants: auth::tenants(&config.tenants),
+        skus: config.skus.keys().cloned().collect(),
+        max_body_bytes: config.ingress.max_body_bytes,
+        window_secs: config.ingress.replay_window_secs,
+        limits: limits::Limits::new(&config.ingress.rate_limits),
+        replay: Mutex::new(replay::ReplayCache::new(
+            config.ingress.replay_window_secs,
+            2_000_000,
+        )),
+        draining,
+    });
+    let listen = config.ingress.listen;
+    SupervisorSpec::new(Strategy::OneForOne)
+        .intensity(5, Duration::from_secs(10))
+        .child(
+            ChildSpec::worker(
+                INGRESS_HTTP,
+                Some(INGRESS_HTTP.to_string()),
+                IngressHttp,
+                move || IngressArgs {
+                    shared: shared.clone(),
+                    listen,
+                    bound: bound.clone(),
+                },
+            )
+            .shutdown(tai_otp::Shutdown::Timeout(Duration::from_secs(15))),
+        )
+}
+
+/// `None` when the node is ready to take signals, else why not: draining,
+/// the store not answering, or a layer not running.
+pub async fn not_ready(store: &Store, draining: &AtomicBool) -> Option<String> {
+    if draining.load(Ordering::SeqCst) {
+        return Some("node is draining".into());
+    }
+    if let Err(e) = store.ping() {
+        return Some(format!("store unreachable: {e}"));
+    }
+    let Some(root) = ractor::registry::where_is(TAI_SUP) else {
+        return Some(format!("{TAI_SUP} is not running"));
+    };
+    let report = match tai_otp::which_children(&root, Duration::from_secs(2)).await {
+        Ok(r) => r,
+        Err(e) => return Some(format!("{TAI_SUP}: {e}")),
+    };
+    for layer in LAYERS {
+        match report.children.iter().find(|c| c.id == layer) {
+            Some(c) if c.status == ChildStatus::Running && c.cell.is_some() => {}
+            Some(_) => return Some(format!("{layer} is restarting")),
+            None => return Some(format!("{layer} is missing")),
+        }
+    }
+    None
 }

@@ -1,30 +1,87 @@
 //! tai-jidoka: layer 3, `processor_sup`.
 //!
 //! Owns `engine_sup`, the dynamic supervisor of the per tenant × SKU policy
-//! engines (`engine:{tenant}:{sku}`), and the executors behind their circuit
-//! breakers. Depends on tai-core, tai-otp and tai-store only; never touches
-//! HTTP itself except through its executors.
+//! engines (`engine:{tenant}:{sku}`), and `engine_router`, which starts,
+//! feeds and passivates them. The engine's state machine is a pure function
+//! (`machine`), its policies pure functions (`policy`). Depends on tai-core,
+//! tai-otp and tai-store only.
 
+mod engine;
+pub mod machine;
+pub mod policy;
+mod router;
+
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
+use tai_core::config::{Config, SkuConfig};
+use tai_core::msg::ENGINE_ROUTER;
 use tai_core::names::ENGINE_SUP;
 use tai_otp::{ChildSpec, Strategy, SupervisorSpec};
+use tai_store::Store;
 
-/// `processor_sup` (`rest_for_one`): `engine_sup` first, so that anything
-/// started after it (breakers, executors) restarts with it.
-pub fn supervisor_spec(max_active_engines: usize) -> SupervisorSpec {
-    SupervisorSpec::new(Strategy::RestForOne)
+pub use engine::{Engine, EngineMsg};
+pub use router::{Router, RouterArgs};
+
+use machine::Sku;
+use policy::Policy;
+
+/// A SKU's runtime rules from its config.
+pub fn sku_from_config(c: &SkuConfig) -> Result<Sku, String> {
+    let policies = c
+        .policies
+        .iter()
+        .map(|p| Policy::from_config(p, c.params.get(p)))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Sku {
+        quota: c.quota,
+        period_ms: c.quota_period_secs.saturating_mul(1000),
+        entitlement_timeout_ms: c.entitlement_timeout_secs.saturating_mul(1000),
+        policies,
+        executor: c.executor.clone(),
+    })
+}
+
+/// `processor_sup` (`rest_for_one`): `engine_sup` first, then the router that
+/// starts engines under it: if `engine_sup` dies, the router restarts too.
+pub fn supervisor_spec(store: Store, config: &Config) -> Result<SupervisorSpec, String> {
+    let mut skus = HashMap::new();
+    for (name, c) in &config.skus {
+        skus.insert(
+            name.clone(),
+            Arc::new(sku_from_config(c).map_err(|e| format!("skus.{name}: {e}"))?),
+        );
+    }
+    let skus = Arc::new(skus);
+    let default_sku = Arc::new(sku_from_config(&SkuConfig::default())?);
+    let idle_timeout = Duration::from_secs(config.jidoka.idle_timeout_secs.max(1));
+    let max_active = config.jidoka.max_active_engines;
+    Ok(SupervisorSpec::new(Strategy::RestForOne)
         .intensity(5, Duration::from_secs(10))
         .child(ChildSpec::supervisor(
             ENGINE_SUP,
-            engine_sup_spec(max_active_engines),
+            engine_sup_spec(max_active),
         ))
+        .child(ChildSpec::worker(
+            ENGINE_ROUTER,
+            Some(ENGINE_ROUTER.to_string()),
+            Router,
+            move || RouterArgs {
+                store: store.clone(),
+                skus: skus.clone(),
+                default_sku: default_sku.clone(),
+                idle_timeout,
+                max_active,
+            },
+        )))
 }
 
 /// `engine_sup`: one transient child per tenant × SKU, started on demand.
 /// A crashed engine restarts alone; a passivated one (a normal stop) is removed.
+/// The cap has headroom over `max_active_engines` for engines still draining.
 pub fn engine_sup_spec(max_active_engines: usize) -> SupervisorSpec {
     SupervisorSpec::new(Strategy::SimpleOneForOne)
         .intensity(100, Duration::from_secs(10))
-        .max_children(max_active_engines)
+        .max_children(max_active_engines.saturating_mul(2).max(16))
 }

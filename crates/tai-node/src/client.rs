@@ -121,3 +121,317 @@ mod tests {
         );
     }
 }
+
+// ---- signed public API ------------------------------------------------------
+
+fn tenant_secret<'a>(config: &'a Config, tenant: &str) -> anyhow::Result<&'a str> {
+    config
+        .tenants
+        .iter()
+        .find(|t| t.id == tenant)
+        .and_then(|t| t.secrets.first())
+        .map(String::as_str)
+        .ok_or_else(|| anyhow::anyhow!("tenant {tenant:?} has no secret in the config"))
+}
+
+fn default_tenant(config: &Config) -> anyhow::Result<String> {
+    config
+        .tenants
+        .first()
+        .map(|t| t.id.clone())
+        .ok_or_else(|| anyhow::anyhow!("no [[tenants]] in the config: pass --tenant"))
+}
+
+async fn signed(
+    config: &Config,
+    tenant: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Vec<u8>,
+) -> anyhow::Result<(u16, Value)> {
+    let ts = (tai_core::signal::now_ms() / 1000).to_string();
+    let sig = tai_ingress::auth::sign(
+        tenant_secret(config, tenant)?.as_bytes(),
+        &ts,
+        method.as_str(),
+        path,
+        &body,
+    );
+    let url = format!("http://{}{path}", config.ingress.listen);
+    let resp = http()?
+        .request(method, &url)
+        .header("content-type", "application/json")
+        .header("x-tai-tenant", tenant)
+        .header("x-tai-timestamp", ts)
+        .header("x-tai-signature", sig)
+        .body(body)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the node at {url} (is `tai serve` running?)"))?;
+    let status = resp.status().as_u16();
+    Ok((status, resp.json().await.unwrap_or(Value::Null)))
+}
+
+pub struct SendArgs {
+    pub tenant: Option<String>,
+    pub sku: String,
+    pub kind: String,
+    pub payload: Option<String>,
+    pub id: Option<String>,
+    pub critical: bool,
+}
+
+/// `tai send`: one signed signal; prints the node's answer.
+pub async fn send(config: &Config, a: SendArgs) -> anyhow::Result<i32> {
+    let tenant = match a.tenant {
+        Some(t) => t,
+        None => default_tenant(config)?,
+    };
+    let payload: Value = match &a.payload {
+        Some(p) => serde_json::from_str(p).context("--payload must be JSON")?,
+        None => Value::Object(Default::default()),
+    };
+    let mut body = serde_json::json!({
+        "tenant_id": tenant, "sku_id": a.sku, "kind": a.kind, "critical": a.critical, "payload": payload,
+    });
+    if let Some(id) = a.id {
+        body["id"] = Value::String(id);
+    }
+    let (status, answer) = signed(
+        config,
+        &tenant,
+        reqwest::Method::POST,
+        "/v1/signals",
+        serde_json::to_vec(&body)?,
+    )
+    .await?;
+    println!("{}", serde_json::to_string(&answer)?);
+    Ok(if (200..300).contains(&status) { 0 } else { 1 })
+}
+
+/// `tai status ID`: the signal's status and receipts.
+pub async fn status(config: &Config, tenant: Option<String>, id: &str) -> anyhow::Result<i32> {
+    let tenant = match tenant {
+        Some(t) => t,
+        None => default_tenant(config)?,
+    };
+    let (status, answer) = signed(
+        config,
+        &tenant,
+        reqwest::Method::GET,
+        &format!("/v1/signals/{id}"),
+        Vec::new(),
+    )
+    .await?;
+    println!("{}", serde_json::to_string_pretty(&answer)?);
+    Ok(if status == 200 { 0 } else { 1 })
+}
+
+// ---- operator API -------------------------------------------------------------
+
+async fn admin_post(config: &Config, path: &str, body: Value) -> anyhow::Result<Value> {
+    let url = format!("http://{}{path}", config.operator.listen);
+    let resp = http()?
+        .post(&url)
+        .bearer_auth(&config.operator.admin_token)
+        .json(&body)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the node at {url} (is `tai serve` running?)"))?;
+    let status = resp.status();
+    let body: Value = resp
+        .json()
+        .await
+        .context("the node answered with invalid JSON")?;
+    if !status.is_success() {
+        let msg = body["error"]["message"].as_str().unwrap_or("no message");
+        bail!("{url}: {status}: {msg}");
+    }
+    Ok(body)
+}
+
+/// `tai tenants`: every engine, one line each.
+pub async fn tenants(config: &Config, json: bool) -> anyhow::Result<i32> {
+    let list = admin_get(config, "/admin/tenants").await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(0);
+    }
+    println!(
+        "{:<20} {:<16} {:<16} {:>8} {:>8} {:>9} {:>8} {:>6}",
+        "TENANT", "SKU", "STATE", "QUOTA", "ENTITLED", "POSTPONED", "RESTARTS", "LIVE"
+    );
+    for e in list.as_array().map(Vec::as_slice).unwrap_or_default() {
+        println!(
+            "{:<20} {:<16} {:<16} {:>8} {:>8} {:>9} {:>8} {:>6}",
+            e["tenant_id"].as_str().unwrap_or("?"),
+            e["sku_id"].as_str().unwrap_or("?"),
+            e["state"].as_str().unwrap_or("?"),
+            e["quota_remaining"],
+            e["entitled"],
+            e["postponed"],
+            e["restarts"],
+            e["active"],
+        );
+    }
+    Ok(0)
+}
+
+/// `tai halt|resume TENANT SKU`.
+pub async fn halt_resume(
+    config: &Config,
+    halt: bool,
+    tenant: &str,
+    sku: &str,
+    reason: Option<String>,
+) -> anyhow::Result<i32> {
+    let (verb, body) = if halt {
+        (
+            "halt",
+            serde_json::json!({"reason": reason.unwrap_or_else(|| "operator halt (tai halt)".into())}),
+        )
+    } else {
+        ("resume", serde_json::json!({}))
+    };
+    let info = admin_post(
+        config,
+        &format!("/admin/tenants/{tenant}/{sku}/{verb}"),
+        body,
+    )
+    .await?;
+    println!("{}", serde_json::to_string(&info)?);
+    Ok(0)
+}
+
+// ---- receipts ---------------------------------------------------------------
+
+pub struct ReceiptsArgs {
+    pub tenant: Option<String>,
+    pub verify: bool,
+    pub export: Option<std::path::PathBuf>,
+    pub data_dir: Option<std::path::PathBuf>,
+    pub file: Option<std::path::PathBuf>,
+}
+
+fn print_report(report: &tai_core::receipt::VerifyReport) -> anyhow::Result<i32> {
+    println!("{}", serde_json::to_string(report)?);
+    Ok(if report.ok { 0 } else { 1 })
+}
+
+/// One exported line: a receipt, or (last) the ledger's signed head.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+enum ExportLine {
+    Head {
+        signed_head: tai_core::receipt::SignedHead,
+    },
+    Receipt(Box<tai_core::receipt::Receipt>),
+}
+
+fn read_export(
+    path: &std::path::Path,
+) -> anyhow::Result<(
+    Vec<tai_core::receipt::Receipt>,
+    Option<tai_core::receipt::SignedHead>,
+)> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut receipts = Vec::new();
+    let mut head = None;
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        match serde_json::from_str::<ExportLine>(line)
+            .with_context(|| format!("{}:{}: not a receipt", path.display(), i + 1))?
+        {
+            ExportLine::Head { signed_head } => head = Some(signed_head),
+            ExportLine::Receipt(r) => receipts.push(*r),
+        }
+    }
+    Ok((receipts, head))
+}
+
+fn write_export(
+    path: &std::path::Path,
+    receipts: &[tai_core::receipt::Receipt],
+    head: Option<tai_core::receipt::SignedHead>,
+) -> anyhow::Result<()> {
+    let mut out = String::new();
+    for r in receipts {
+        out.push_str(&serde_json::to_string(r)?);
+        out.push('\n');
+    }
+    if let Some(signed_head) = head {
+        out.push_str(&serde_json::to_string(&ExportLine::Head { signed_head })?);
+        out.push('\n');
+    }
+    std::fs::write(path, out).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// `tai receipts`: list, export or verify, from a running node or offline
+/// from its data dir (the node must be stopped: sled locks it) or an export.
+pub async fn receipts(config: &Config, a: ReceiptsArgs) -> anyhow::Result<i32> {
+    let keys = &config.andon.signing_keys;
+    if let Some(file) = &a.file {
+        let (receipts, head) = read_export(file)?;
+        return print_report(&tai_core::receipt::verify_chain(
+            &receipts,
+            keys,
+            head.as_ref(),
+        ));
+    }
+    if let Some(dir) = &a.data_dir {
+        let store =
+            tai_store::Store::open(dir).with_context(|| "is the node still running on it?")?;
+        if a.verify {
+            return print_report(&tai_andon::verify_store(&store, keys));
+        }
+        let all = store.all_receipts()?;
+        let all: Vec<_> = all
+            .into_iter()
+            .filter(|r| a.tenant.as_ref().is_none_or(|t| &r.tenant_id == t))
+            .collect();
+        return emit(&all, a.export.as_deref(), store.head()?);
+    }
+    if a.verify {
+        let report: tai_core::receipt::VerifyReport =
+            serde_json::from_value(admin_get(config, "/admin/receipts/verify").await?)?;
+        return print_report(&report);
+    }
+    let mut all = Vec::new();
+    let mut after = 0u64;
+    loop {
+        let mut path = format!("/admin/receipts?after_seq={after}&limit=1000");
+        if let Some(t) = &a.tenant {
+            path.push_str(&format!("&tenant={t}"));
+        }
+        let page: Vec<tai_core::receipt::Receipt> =
+            serde_json::from_value(admin_get(config, &path).await?)?;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        all.extend(page);
+    }
+    emit(&all, a.export.as_deref(), None)
+}
+
+fn emit(
+    receipts: &[tai_core::receipt::Receipt],
+    export: Option<&std::path::Path>,
+    head: Option<tai_core::receipt::SignedHead>,
+) -> anyhow::Result<i32> {
+    match export {
+        Some(path) => {
+            write_export(path, receipts, head)?;
+            eprintln!("exported {} receipts to {}", receipts.len(), path.display());
+        }
+        None => {
+            for r in receipts {
+                println!("{}", serde_json::to_string(r)?);
+            }
+        }
+    }
+    Ok(0)
+}

@@ -49,6 +49,75 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Send one signal, signed with the tenant's first secret from the config.
+    Send {
+        #[arg(long, default_value = "config/dev.toml")]
+        config: PathBuf,
+        /// Tenant id (default: the config's first tenant).
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        sku: String,
+        #[arg(long)]
+        kind: String,
+        /// The payload, a JSON object.
+        #[arg(long)]
+        payload: Option<String>,
+        /// Idempotency key (default: the node assigns a ULID).
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(long)]
+        critical: bool,
+    },
+    /// Show a signal's status and receipts.
+    Status {
+        id: String,
+        #[arg(long, default_value = "config/dev.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// List every policy engine (tenant × SKU).
+    Tenants {
+        #[arg(long, default_value = "config/dev.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Halt a tenant's SKU engine (jidoka, manual).
+    Halt {
+        tenant: String,
+        sku: String,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long, default_value = "config/dev.toml")]
+        config: PathBuf,
+    },
+    /// Resume a halted or quota-exhausted engine.
+    Resume {
+        tenant: String,
+        sku: String,
+        #[arg(long, default_value = "config/dev.toml")]
+        config: PathBuf,
+    },
+    /// List, export or verify receipts (online, or offline with --data-dir / --file).
+    Receipts {
+        #[arg(long, default_value = "config/dev.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        verify: bool,
+        /// Write JSON lines (receipts, then the signed head) to FILE.
+        #[arg(long, value_name = "FILE")]
+        export: Option<PathBuf>,
+        /// Read a stopped node's data directory instead of asking the node.
+        #[arg(long, value_name = "DIR", conflicts_with = "file")]
+        data_dir: Option<PathBuf>,
+        /// Verify an exported JSON-lines file.
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -91,7 +160,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let config_path = match &cli.command {
-        Command::Serve { config } | Command::Tree { config, .. } => config.clone(),
+        Command::Serve { config }
+        | Command::Tree { config, .. }
+        | Command::Send { config, .. }
+        | Command::Status { config, .. }
+        | Command::Tenants { config, .. }
+        | Command::Halt { config, .. }
+        | Command::Resume { config, .. }
+        | Command::Receipts { config, .. } => config.clone(),
     };
     let config = match load_config(&config_path) {
         Ok(c) => c,
@@ -111,6 +187,59 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve { .. } => node::serve(config).await,
             Command::Tree { json, .. } => client::tree(&config, json).await,
+            Command::Send {
+                tenant,
+                sku,
+                kind,
+                payload,
+                id,
+                critical,
+                ..
+            } => {
+                client::send(
+                    &config,
+                    client::SendArgs {
+                        tenant,
+                        sku,
+                        kind,
+                        payload,
+                        id,
+                        critical,
+                    },
+                )
+                .await
+            }
+            Command::Status { id, tenant, .. } => client::status(&config, tenant, &id).await,
+            Command::Tenants { json, .. } => client::tenants(&config, json).await,
+            Command::Halt {
+                tenant,
+                sku,
+                reason,
+                ..
+            } => client::halt_resume(&config, true, &tenant, &sku, reason).await,
+            Command::Resume { tenant, sku, .. } => {
+                client::halt_resume(&config, false, &tenant, &sku, None).await
+            }
+            Command::Receipts {
+                tenant,
+                verify,
+                export,
+                data_dir,
+                file,
+                ..
+            } => {
+                client::receipts(
+                    &config,
+                    client::ReceiptsArgs {
+                        tenant,
+                        verify,
+                        export,
+                        data_dir,
+                        file,
+                    },
+                )
+                .await
+            }
         }
     });
     match result {

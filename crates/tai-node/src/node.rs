@@ -1,36 +1,42 @@
 //! `tai serve`: opens the store, starts `tai_sup` and the operator API, and
 //! runs until a signal, `POST /admin/shutdown`, or the root giving up.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
 use serde_json::json;
 use tai_core::config::Config;
 use tai_core::names::{ANDON_SUP, INGRESS_SUP, KAIZEN_SUP, KANBAN_SUP, PROCESSOR_SUP, TAI_SUP};
-use tai_otp::{Application, ChildSpec, ChildStatus, Exit, Strategy, SupervisorSpec};
+use tai_otp::{Application, ChildSpec, Exit, Strategy, SupervisorSpec};
 use tai_store::Store;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 /// The root supervisor (SPEC §1): `rest_for_one`, 5 restarts in 60 s, the five
 /// layers in start order.
-pub fn root_spec(config: &Config) -> SupervisorSpec {
-    SupervisorSpec::new(Strategy::RestForOne)
+pub fn root_spec(
+    config: &Config,
+    store: &Store,
+    draining: Arc<AtomicBool>,
+    ingress_bound: Arc<Mutex<Option<SocketAddr>>>,
+) -> Result<SupervisorSpec, String> {
+    Ok(SupervisorSpec::new(Strategy::RestForOne)
         .intensity(5, Duration::from_secs(60))
         .child(ChildSpec::supervisor(
             INGRESS_SUP,
-            tai_ingress::supervisor_spec(),
+            tai_ingress::supervisor_spec(store.clone(), config, draining, ingress_bound),
         ))
         .child(ChildSpec::supervisor(
             KANBAN_SUP,
-            tai_kanban::supervisor_spec(),
+            tai_kanban::supervisor_spec(store.clone(), config.kanban.clone(), MAX_QUEUE_DEPTH),
         ))
         .child(ChildSpec::supervisor(
             PROCESSOR_SUP,
-            tai_jidoka::supervisor_spec(config.jidoka.max_active_engines),
+            tai_jidoka::supervisor_spec(store.clone(), config)?,
         ))
         .child(ChildSpec::supervisor(
             KAIZEN_SUP,
@@ -38,16 +44,19 @@ pub fn root_spec(config: &Config) -> SupervisorSpec {
         ))
         .child(ChildSpec::supervisor(
             ANDON_SUP,
-            tai_andon::supervisor_spec(),
-        ))
+            tai_andon::supervisor_spec(store.clone(), config.andon.clone()),
+        )))
 }
+
+/// Signals queued beyond this are refused with 503 (back-pressure on clients).
+pub const MAX_QUEUE_DEPTH: u64 = 1_000_000;
 
 /// What the operator API needs of the running node.
 pub struct NodeState {
     pub config: Config,
     pub store: Store,
     pub root: ractor::ActorCell,
-    pub draining: AtomicBool,
+    pub draining: Arc<AtomicBool>,
     pub shutdown: watch::Sender<bool>,
 }
 
@@ -61,31 +70,22 @@ impl NodeState {
 
     /// `None` when ready, else the reason it is not.
     pub async fn not_ready(&self) -> Option<String> {
-        if self.draining.load(Ordering::SeqCst) {
-            return Some("node is draining".into());
-        }
-        if let Err(e) = self.store.ping() {
-            return Some(format!("store unreachable: {e}"));
-        }
-        let report = match tai_otp::which_children(&self.root, Duration::from_secs(2)).await {
-            Ok(r) => r,
-            Err(e) => return Some(format!("{TAI_SUP}: {e}")),
-        };
-        for layer in tai_core::names::LAYERS {
-            match report.children.iter().find(|c| c.id == layer) {
-                Some(c) if c.status == ChildStatus::Running && c.cell.is_some() => {}
-                Some(c) => return Some(format!("{layer} is {:?}", c.status).to_lowercase()),
-                None => return Some(format!("{layer} is missing")),
-            }
-        }
-        None
+        tai_ingress::not_ready(&self.store, &self.draining).await
     }
 }
 
 /// Writes where the node listens, for tools and tests that start it on port 0.
-fn write_endpoints(dir: &Path, operator: std::net::SocketAddr) -> anyhow::Result<()> {
+fn write_endpoints(
+    dir: &Path,
+    operator: SocketAddr,
+    ingress: Option<SocketAddr>,
+) -> anyhow::Result<()> {
     let tmp = dir.join("endpoints.json.tmp");
-    let body = json!({ "operator": operator.to_string(), "pid": std::process::id() });
+    let body = json!({
+        "operator": operator.to_string(),
+        "ingress": ingress.map(|a| a.to_string()),
+        "pid": std::process::id(),
+    });
     std::fs::write(&tmp, serde_json::to_vec_pretty(&body)?)?;
     std::fs::rename(&tmp, dir.join("endpoints.json"))?;
     Ok(())
@@ -114,9 +114,19 @@ pub async fn serve(config: Config) -> anyhow::Result<i32> {
     let store = Store::open(&data_dir)?;
     let starts = store.record_start()?;
 
-    let mut app = Application::start(TAI_SUP, root_spec(&config))
+    let draining = Arc::new(AtomicBool::new(false));
+    let ingress_bound = Arc::new(Mutex::new(None));
+    let spec = match root_spec(&config, &store, draining.clone(), ingress_bound.clone()) {
+        Ok(spec) => spec,
+        Err(e) => {
+            eprintln!("config error: {e}");
+            return Ok(78);
+        }
+    };
+    let mut app = Application::start(TAI_SUP, spec)
         .await
         .map_err(|e| anyhow::anyhow!("{TAI_SUP} failed to start: {e}"))?;
+    let ingress_addr = *ingress_bound.lock().expect("ingress address");
 
     let listener = tokio::net::TcpListener::bind(config.operator.listen)
         .await
@@ -131,7 +141,7 @@ pub async fn serve(config: Config) -> anyhow::Result<i32> {
     let state = Arc::new(NodeState {
         store: store.clone(),
         root: app.root.get_cell(),
-        draining: AtomicBool::new(false),
+        draining,
         shutdown: shutdown_tx,
         config,
     });
@@ -144,8 +154,9 @@ pub async fn serve(config: Config) -> anyhow::Result<i32> {
             })
             .run(),
     );
-    write_endpoints(&data_dir, operator_addr)?;
+    write_endpoints(&data_dir, operator_addr, ingress_addr)?;
     info!(
+        ingress = ?ingress_addr,
         operator = %operator_addr,
         data_dir = %data_dir.display(),
         mode = ?state.config.node.mode,

@@ -4,11 +4,17 @@
 //! One warp filter gathers the request and a plain `match` routes it, so
 //! every answer, errors included, is the contract's JSON.
 
+// Helpers return the finished HTTP error response as their `Err`: it is built
+// once per request, on the way out, so its size does not matter.
+#![allow(clippy::result_large_err)]
+
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
+use tai_core::msg::{KanbanMsg, RouterMsg, ENGINE_ROUTER, KANBAN_QUEUE};
 use tai_core::ErrorCode;
 use tai_ingress::http::{error_reply as error, json_reply, read_body_capped};
 use warp::http::{HeaderMap, Method, StatusCode};
@@ -25,13 +31,27 @@ pub fn routes(
     warp::method()
         .and(warp::path::full())
         .and(warp::header::headers_cloned())
+        .and(warp::query::<HashMap<String, String>>())
         .and(warp::body::stream())
         .then(
-            move |method: Method, path: warp::path::FullPath, headers: HeaderMap, body| {
+            move |method: Method,
+                  path: warp::path::FullPath,
+                  headers: HeaderMap,
+                  query: HashMap<String, String>,
+                  body| {
                 let state = state.clone();
                 async move {
                     match read_body_capped(body, MAX_ADMIN_BODY).await {
-                        Ok(_body) => route(&state, &method, path.as_str(), &headers).await,
+                        Ok(body) => {
+                            let req = Request {
+                                method: &method,
+                                path: path.as_str(),
+                                headers: &headers,
+                                query: &query,
+                                body: &body,
+                            };
+                            route(&state, req).await
+                        }
                         Err(e) => e.reply(),
                     }
                 }
@@ -56,7 +76,21 @@ fn authorized(state: &NodeState, headers: &HeaderMap) -> bool {
     )
 }
 
-async fn route(state: &NodeState, method: &Method, path: &str, headers: &HeaderMap) -> Response {
+struct Request<'a> {
+    method: &'a Method,
+    path: &'a str,
+    headers: &'a HeaderMap,
+    query: &'a HashMap<String, String>,
+    body: &'a [u8],
+}
+
+async fn route(state: &NodeState, req: Request<'_>) -> Response {
+    let Request {
+        method,
+        path,
+        headers,
+        ..
+    } = req;
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (method, segments.as_slice()) {
         (&Method::GET, ["health"]) => json_reply(StatusCode::OK, &json!({"status": "ok"})),
@@ -75,12 +109,86 @@ async fn route(state: &NodeState, method: &Method, path: &str, headers: &HeaderM
             json_reply(StatusCode::OK, &tree)
         }
         (&Method::POST, ["admin", "actors", name, "kill"]) => kill(state, name),
+        (&Method::GET, ["admin", "tenants"]) => {
+            match call(ENGINE_ROUTER, RouterMsg::Engines).await {
+                Ok(list) => json_reply(StatusCode::OK, &list),
+                Err(r) => r,
+            }
+        }
+        (&Method::GET, ["admin", "tenants", t, s]) => {
+            let (tenant_id, sku_id) = (decode(t), decode(s));
+            match call(ENGINE_ROUTER, |reply| RouterMsg::Engine {
+                tenant_id,
+                sku_id,
+                reply,
+            })
+            .await
+            {
+                Ok(Some(info)) => json_reply(StatusCode::OK, &info),
+                Ok(None) => error(ErrorCode::NotFound, format!("no engine for {t}/{s}")),
+                Err(r) => r,
+            }
+        }
+        (&Method::POST, ["admin", "tenants", t, s, "halt"]) => {
+            let reason = serde_json::from_slice::<serde_json::Value>(req.body)
+                .ok()
+                .and_then(|v| v["reason"].as_str().map(str::to_string))
+                .unwrap_or_else(|| "operator halt".to_string());
+            let (tenant_id, sku_id) = (decode(t), decode(s));
+            engine_answer(
+                call(ENGINE_ROUTER, |reply| RouterMsg::Halt {
+                    tenant_id,
+                    sku_id,
+                    reason,
+                    reply,
+                })
+                .await,
+            )
+        }
+        (&Method::POST, ["admin", "tenants", t, s, "resume"]) => {
+            let (tenant_id, sku_id) = (decode(t), decode(s));
+            engine_answer(
+                call(ENGINE_ROUTER, |reply| RouterMsg::Resume {
+                    tenant_id,
+                    sku_id,
+                    reply,
+                })
+                .await,
+            )
+        }
+        (&Method::GET, ["admin", "queue"]) => match call(KANBAN_QUEUE, KanbanMsg::Stats).await {
+            Ok(stats) => json_reply(StatusCode::OK, &stats),
+            Err(r) => r,
+        },
+        (&Method::GET, ["admin", "deadletter"]) => {
+            match call(KANBAN_QUEUE, KanbanMsg::DeadLetters).await {
+                Ok(letters) => json_reply(StatusCode::OK, &letters),
+                Err(r) => r,
+            }
+        }
+        (&Method::POST, ["admin", "deadletter", id, "replay"]) => {
+            replay(state, &decode(id), req.query.get("tenant")).await
+        }
+        (&Method::GET, ["admin", "receipts"]) => receipts(state, req.query),
+        (&Method::GET, ["admin", "receipts", "verify"]) => json_reply(
+            StatusCode::OK,
+            &tai_andon::verify_store(&state.store, &state.config.andon.signing_keys),
+        ),
         (&Method::POST, ["admin", "shutdown"]) => {
             state.request_shutdown("POST /admin/shutdown");
             json_reply(StatusCode::ACCEPTED, &json!({"status": "shutting_down"}))
         }
-        (_, ["health"] | ["ready"] | ["admin", "tree"] | ["admin", "shutdown"])
-        | (_, ["admin", "actors", _, "kill"]) => error(
+        (
+            _,
+            ["health"] | ["ready"] | ["admin", "tree"] | ["admin", "shutdown"] | ["admin", "queue"],
+        )
+        | (
+            _,
+            ["admin", "actors", _, "kill"]
+            | ["admin", "tenants", ..]
+            | ["admin", "deadletter", ..]
+            | ["admin", "receipts", ..],
+        ) => error(
             ErrorCode::NotFound,
             format!("{method} is not supported on {path}"),
         ),
@@ -97,7 +205,7 @@ fn kill(state: &NodeState, name: &str) -> Response {
             "fault injection is disabled (operator.fault_injection = false)",
         );
     }
-    let name = percent_decode(name);
+    let name = decode(name);
     match ractor::registry::where_is(name.clone()) {
         Some(cell) => {
             let id = cell.get_id().to_string();
@@ -112,9 +220,110 @@ fn kill(state: &NodeState, name: &str) -> Response {
     }
 }
 
-/// Engine names carry `:`, which clients may send percent-encoded.
-fn percent_decode(s: &str) -> String {
+/// Path segments may be percent-encoded (engine names carry `:`).
+fn decode(s: &str) -> String {
     percent_encoding::percent_decode_str(s)
         .decode_utf8_lossy()
         .into_owned()
+}
+
+/// Calls a layer's worker by its registered name; a worker that is down or
+/// slow is a 503, as it is for a restarting layer.
+async fn call<M, R>(
+    name: &str,
+    build: impl FnOnce(ractor::RpcReplyPort<R>) -> M,
+) -> Result<R, Response>
+where
+    M: ractor::Message,
+    R: Send + 'static,
+{
+    let down = || {
+        error(
+            ErrorCode::Unavailable,
+            format!("{name} is not running (restarting?)"),
+        )
+    };
+    let cell = ractor::registry::where_is(name).ok_or_else(down)?;
+    match ractor::rpc::call(&cell, build, Some(Duration::from_secs(30))).await {
+        Ok(ractor::rpc::CallResult::Success(r)) => Ok(r),
+        Ok(_) => Err(error(
+            ErrorCode::Unavailable,
+            format!("{name} did not answer in time"),
+        )),
+        Err(_) => Err(down()),
+    }
+}
+
+fn engine_answer(r: Result<Result<tai_core::signal::EngineInfo, String>, Response>) -> Response {
+    match r {
+        Ok(Ok(info)) => json_reply(StatusCode::OK, &info),
+        Ok(Err(e)) => error(ErrorCode::Unavailable, e),
+        Err(r) => r,
+    }
+}
+
+async fn replay(state: &NodeState, signal_id: &str, tenant: Option<&String>) -> Response {
+    let letters = match state.store.dead_letters() {
+        Ok(l) => l,
+        Err(e) => return error(ErrorCode::Internal, e.to_string()),
+    };
+    let matching: Vec<_> = letters
+        .iter()
+        .filter(|d| d.signal.id == signal_id && tenant.is_none_or(|t| &d.signal.tenant_id == t))
+        .collect();
+    let tenant_id = match matching.as_slice() {
+        [] => return error(ErrorCode::NotFound, format!("no dead letter {signal_id:?}")),
+        [one] => one.signal.tenant_id.clone(),
+        _ => {
+            return error(
+                ErrorCode::InvalidSignal,
+                format!("{signal_id:?} is dead-lettered for several tenants: add ?tenant="),
+            )
+        }
+    };
+    let signal_id = signal_id.to_string();
+    match call(KANBAN_QUEUE, |reply| KanbanMsg::Replay {
+        tenant_id: tenant_id.clone(),
+        signal_id: signal_id.clone(),
+        reply,
+    })
+    .await
+    {
+        Ok(Ok(())) => json_reply(
+            StatusCode::ACCEPTED,
+            &json!({"signal_id": signal_id, "tenant_id": tenant_id, "status": "accepted", "replayed": true}),
+        ),
+        Ok(Err(e)) => error(ErrorCode::NotFound, e),
+        Err(r) => r,
+    }
+}
+
+fn receipts(state: &NodeState, query: &HashMap<String, String>) -> Response {
+    let num = |key: &str, default: u64| -> Result<u64, Response> {
+        match query.get(key) {
+            None => Ok(default),
+            Some(v) => v.parse().map_err(|_| {
+                error(
+                    ErrorCode::InvalidSignal,
+                    format!("{key} must be a whole number"),
+                )
+            }),
+        }
+    };
+    let after = match num("after_seq", 0) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let limit = match num("limit", 100) {
+        Ok(v) => v.clamp(1, 1000) as usize,
+        Err(r) => return r,
+    };
+    let tenant = query
+        .get("tenant")
+        .map(String::as_str)
+        .filter(|t| !t.is_empty());
+    match state.store.receipts(after, limit, tenant) {
+        Ok(list) => json_reply(StatusCode::OK, &list),
+        Err(e) => error(ErrorCode::Internal, e.to_string()),
+    }
 }

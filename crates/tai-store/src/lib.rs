@@ -1,13 +1,39 @@
 //! tai-store: the only crate that names sled.
 //!
-//! One sled database per node, under `node.data_dir`. It is opened once per
-//! process, outside the supervision tree (like an ETS table owned by the
-//! application rather than by any one process), so a layer restart never
-//! closes or reopens it.
+//! One sled database per node, under `node.data_dir`, opened once per process
+//! outside the supervision tree (like an ETS table owned by the application),
+//! so a layer restart never closes it.
+//!
+//! Everything lives in one tree under key prefixes, so that one decision
+//! (receipts, signed head, checkpoint, signal status, queue ack, dead letter)
+//! is one atomic `apply_batch`:
+//!
+//! | prefix | key | value |
+//! |---|---|---|
+//! | `q/` | queue seq (u64 BE) | `Delivery` |
+//! | `s/` | tenant `\0` signal id | `SignalRecord` (status, receipts; the dedupe key) |
+//! | `e/` | tenant `\0` sku | engine checkpoint (the engine's bytes) |
+//! | `r/` | receipt seq (u64 BE) | `Receipt` |
+//! | `d/` | tenant `\0` signal id | `DeadLetter` |
+//! | `m/` | name | meta: the signed ledger head, start count |
+//!
+//! Durability is by group commit ([`Store::durable`]): one flusher thread calls
+//! `flush()`; writers wait for a flush that began after their write. Never
+//! `flush_async` from many tasks (it deadlocked under concurrency, sled #1308).
+
+mod group_commit;
 
 use std::path::Path;
+use std::sync::Arc;
 
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tai_core::msg::{Delivery, WriteSet};
+use tai_core::receipt::{Receipt, SignedHead};
+use tai_core::signal::{DeadLetter, Signal, SignalRecord, SignalStatus};
 use thiserror::Error;
+
+use group_commit::GroupCommit;
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -19,6 +45,10 @@ pub enum StoreError {
     },
     #[error("store i/o failed: {0}")]
     Io(#[from] sled::Error),
+    #[error("store flush failed: {0}")]
+    Flush(String),
+    #[error("corrupt record at {key}: {message}")]
+    Corrupt { key: String, message: String },
 }
 
 impl StoreError {
@@ -27,23 +57,67 @@ impl StoreError {
         match self {
             StoreError::Open { .. } => "store_open",
             StoreError::Io(_) => "store_io",
+            StoreError::Flush(_) => "store_flush",
+            StoreError::Corrupt { .. } => "store_corrupt",
         }
     }
 }
 
+pub type Result<T> = std::result::Result<T, StoreError>;
+
 /// A handle to the node's store; cheap to clone.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Store {
     db: sled::Db,
-    meta: sled::Tree,
+    commit: Arc<GroupCommit>,
 }
 
-const NODE_STARTS: &[u8] = b"node_starts";
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+const NODE_STARTS: &[u8] = b"m/node_starts";
+const HEAD: &[u8] = b"m/head";
+
+fn seq_key(prefix: u8, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(10);
+    k.extend_from_slice(&[prefix, b'/']);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn pair_key(prefix: u8, a: &str, b: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(3 + a.len() + b.len());
+    k.extend_from_slice(&[prefix, b'/']);
+    k.extend_from_slice(a.as_bytes());
+    k.push(0);
+    k.extend_from_slice(b.as_bytes());
+    k
+}
+
+fn seq_of(key: &[u8]) -> u64 {
+    key.get(2..10)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("store values serialize")
+}
+
+fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        message: e.to_string(),
+    })
+}
 
 impl Store {
     /// Opens (creating if needed) the store in `dir`. sled holds a lock on the
-    /// directory: a second node on the same data dir is refused here.
-    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+    /// directory: a second process on the same data dir is refused here.
+    pub fn open(dir: &Path) -> Result<Store> {
         let db = sled::Config::new()
             .path(dir.join("sled"))
             .open()
@@ -51,14 +125,19 @@ impl Store {
                 path: dir.display().to_string(),
                 source,
             })?;
-        let meta = db.open_tree("meta")?;
-        Ok(Store { db, meta })
+        let commit = Arc::new(GroupCommit::start(db.clone()));
+        Ok(Store { db, commit })
     }
 
-    /// Counts this start in the store and returns the count (1 on a fresh data dir).
-    pub fn record_start(&self) -> Result<u64, StoreError> {
+    /// Waits until everything written before this call is on disk.
+    pub async fn durable(&self) -> Result<()> {
+        self.commit.durable().await.map_err(StoreError::Flush)
+    }
+
+    /// Counts this start and returns the count (1 on a fresh data dir).
+    pub fn record_start(&self) -> Result<u64> {
         let next = self
-            .meta
+            .db
             .update_and_fetch(NODE_STARTS, |old| {
                 let n = old
                     .and_then(|b| <[u8; 8]>::try_from(b).ok())
@@ -72,36 +151,221 @@ impl Store {
     }
 
     /// Whether the store answers a read: the readiness probe.
-    pub fn ping(&self) -> Result<(), StoreError> {
-        self.meta.get(NODE_STARTS)?;
+    pub fn ping(&self) -> Result<()> {
+        self.db.get(NODE_STARTS)?;
         Ok(())
     }
 
-    /// Makes everything written so far durable.
-    pub fn flush(&self) -> Result<(), StoreError> {
+    pub fn flush(&self) -> Result<()> {
         self.db.flush()?;
         Ok(())
+    }
+
+    // ---- signals and the queue -------------------------------------------
+
+    pub fn signal_record(&self, tenant: &str, id: &str) -> Result<Option<SignalRecord>> {
+        let key = pair_key(b's', tenant, id);
+        self.db.get(&key)?.map(|v| decode(&key, &v)).transpose()
+    }
+
+    /// Records a new signal as accepted and queues it at `seq`, atomically;
+    /// or, when that tenant already sent this id, returns the existing record.
+    /// The caller (the queue owner) serialises calls, so check-then-insert is safe.
+    pub fn enqueue(&self, seq: u64, signal: &Signal) -> Result<Option<SignalRecord>> {
+        if let Some(existing) = self.signal_record(&signal.tenant_id, &signal.id)? {
+            return Ok(Some(existing));
+        }
+        let mut batch = sled::Batch::default();
+        batch.insert(
+            pair_key(b's', &signal.tenant_id, &signal.id),
+            encode(&SignalRecord::accepted(signal)),
+        );
+        batch.insert(
+            seq_key(b'q', seq),
+            encode(&Delivery {
+                seq,
+                signal: signal.clone(),
+            }),
+        );
+        self.db.apply_batch(batch)?;
+        Ok(None)
+    }
+
+    /// Every queued signal, in queue order.
+    pub fn pending(&self) -> Result<Vec<Delivery>> {
+        self.db
+            .scan_prefix(b"q/")
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    pub fn last_queue_seq(&self) -> Result<u64> {
+        Ok(self
+            .db
+            .scan_prefix(b"q/")
+            .next_back()
+            .transpose()?
+            .map_or(0, |(k, _)| seq_of(&k)))
+    }
+
+    /// Takes a queued signal out as a dead letter (no decision was made).
+    pub fn dead_letter_queued(&self, seq: u64, letter: &DeadLetter) -> Result<()> {
+        let s = &letter.signal;
+        let mut record = self
+            .signal_record(&s.tenant_id, &s.id)?
+            .unwrap_or_else(|| SignalRecord::accepted(s));
+        record.status = SignalStatus::Deadlettered;
+        record.reason = Some(letter.reason.clone());
+        let mut batch = sled::Batch::default();
+        batch.remove(seq_key(b'q', seq));
+        batch.insert(pair_key(b'd', &s.tenant_id, &s.id), encode(letter));
+        batch.insert(pair_key(b's', &s.tenant_id, &s.id), encode(&record));
+        self.db.apply_batch(batch)?;
+        Ok(())
+    }
+
+    pub fn dead_letters(&self) -> Result<Vec<DeadLetter>> {
+        self.db
+            .scan_prefix(b"d/")
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    pub fn dead_letter_count(&self) -> u64 {
+        self.db.scan_prefix(b"d/").keys().count() as u64
+    }
+
+    /// Puts a dead letter back in the queue at `seq`, atomically: the letter
+    /// goes, the signal is `accepted` again. `None` if there is no such letter.
+    pub fn replay_dead_letter(&self, tenant: &str, id: &str, seq: u64) -> Result<Option<Signal>> {
+        let key = pair_key(b'd', tenant, id);
+        let Some(v) = self.db.get(&key)? else {
+            return Ok(None);
+        };
+        let letter: DeadLetter = decode(&key, &v)?;
+        let mut record = self
+            .signal_record(tenant, id)?
+            .unwrap_or_else(|| SignalRecord::accepted(&letter.signal));
+        record.status = SignalStatus::Accepted;
+        record.reason = None;
+        let mut batch = sled::Batch::default();
+        batch.remove(key);
+        batch.insert(pair_key(b's', tenant, id), encode(&record));
+        batch.insert(
+            seq_key(b'q', seq),
+            encode(&Delivery {
+                seq,
+                signal: letter.signal.clone(),
+            }),
+        );
+        self.db.apply_batch(batch)?;
+        Ok(Some(letter.signal))
+    }
+
+    // ---- engines ------------------------------------------------------------
+
+    pub fn checkpoint(&self, tenant: &str, sku: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .db
+            .get(pair_key(b'e', tenant, sku))?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Every checkpoint: (tenant, sku, bytes).
+    pub fn checkpoints(&self) -> Result<Vec<(String, String, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix(b"e/") {
+            let (k, v) = kv?;
+            let rest = &k[2..];
+            let Some(split) = rest.iter().position(|b| *b == 0) else {
+                continue;
+            };
+            out.push((
+                String::from_utf8_lossy(&rest[..split]).into_owned(),
+                String::from_utf8_lossy(&rest[split + 1..]).into_owned(),
+                v.to_vec(),
+            ));
+        }
+        Ok(out)
+    }
+
+    // ---- the ledger ---------------------------------------------------------
+
+    /// Writes sealed receipts, the new signed head and a decision's writes in
+    /// one atomic batch. Call [`Store::durable`] before relying on it.
+    pub fn commit(
+        &self,
+        receipts: &[Receipt],
+        head: Option<&SignedHead>,
+        writes: &WriteSet,
+    ) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for r in receipts {
+            batch.insert(seq_key(b'r', r.seq), encode(r));
+        }
+        if let Some(h) = head {
+            batch.insert(HEAD, encode(h));
+        }
+        for rec in &writes.signal_records {
+            batch.insert(pair_key(b's', &rec.tenant_id, &rec.signal_id), encode(rec));
+        }
+        if let Some((t, s, bytes)) = &writes.checkpoint {
+            batch.insert(pair_key(b'e', t, s), bytes.as_slice());
+        }
+        for seq in &writes.acks {
+            batch.remove(seq_key(b'q', *seq));
+        }
+        for d in &writes.dead_letters {
+            batch.insert(pair_key(b'd', &d.signal.tenant_id, &d.signal.id), encode(d));
+        }
+        self.db.apply_batch(batch)?;
+        Ok(())
+    }
+
+    pub fn head(&self) -> Result<Option<SignedHead>> {
+        self.db.get(HEAD)?.map(|v| decode(HEAD, &v)).transpose()
+    }
+
+    /// Receipts after `after_seq`, in order, optionally of one tenant, at most `limit`.
+    pub fn receipts(
+        &self,
+        after_seq: u64,
+        limit: usize,
+        tenant: Option<&str>,
+    ) -> Result<Vec<Receipt>> {
+        let start = seq_key(b'r', after_seq.saturating_add(1));
+        let mut out = Vec::new();
+        for kv in self.db.range(start..seq_key(b'r', u64::MAX)) {
+            let (k, v) = kv?;
+            let r: Receipt = decode(&k, &v)?;
+            if tenant.is_none_or(|t| r.tenant_id == t) {
+                out.push(r);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every receipt in key order, for verification. A record that does not
+    /// decode is an error naming its key.
+    pub fn all_receipts(&self) -> Result<Vec<Receipt>> {
+        self.db
+            .scan_prefix(b"r/")
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn starts_are_counted_across_reopen_and_the_dir_is_locked() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let s = Store::open(dir.path()).unwrap();
-            assert_eq!(s.record_start().unwrap(), 1);
-            s.ping().unwrap();
-            let second = Store::open(dir.path());
-            assert!(
-                matches!(second, Err(StoreError::Open { .. })),
-                "sled locks its directory"
-            );
-        }
-        let s = Store::open(dir.path()).unwrap();
-        assert_eq!(s.record_start().unwrap(), 2);
-    }
-}
+mod tests;

@@ -1,0 +1,106 @@
+//! `andon_ledger`: the one writer of receipts. It numbers, chains and signs
+//! each decision's receipts, writes them with the decision's other writes in
+//! one atomic batch, and answers once the batch is durable. One writer keeps
+//! the chain in order: a later receipt is never on disk before an earlier one.
+
+use std::collections::BTreeMap;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tai_core::msg::LedgerMsg;
+use tai_core::receipt::{Receipt, SignedHead, GENESIS_HASH};
+use tai_store::Store;
+use tracing::{error, info};
+
+#[derive(Clone, Copy, Debug)]
+pub struct Ledger;
+
+pub struct LedgerArgs {
+    pub store: Store,
+    pub key_id: String,
+    pub keys: BTreeMap<String, String>,
+}
+
+pub struct LedgerState {
+    store: Store,
+    key_id: String,
+    key: Vec<u8>,
+    head_seq: u64,
+    head_hash: String,
+}
+
+impl Actor for Ledger {
+    type Msg = LedgerMsg;
+    type State = LedgerState;
+    type Arguments = LedgerArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<LedgerMsg>,
+        args: LedgerArgs,
+    ) -> Result<LedgerState, ActorProcessingErr> {
+        let key = args
+            .keys
+            .get(&args.key_id)
+            .ok_or_else(|| format!("signing key {:?} is not configured", args.key_id))?
+            .as_bytes()
+            .to_vec();
+        let (head_seq, head_hash) = match args.store.head()? {
+            Some(h) => (h.seq, h.hash),
+            None => (0, GENESIS_HASH.to_string()),
+        };
+        info!(head_seq, key_id = %args.key_id, "receipt ledger open");
+        Ok(LedgerState {
+            store: args.store,
+            key_id: args.key_id,
+            key,
+            head_seq,
+            head_hash,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<LedgerMsg>,
+        msg: LedgerMsg,
+        st: &mut LedgerState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            LedgerMsg::Commit {
+                receipts,
+                writes,
+                reply,
+            } => {
+                let mut seq = st.head_seq;
+                let mut prev = st.head_hash.clone();
+                let mut sealed = Vec::with_capacity(receipts.len());
+                for draft in receipts {
+                    seq += 1;
+                    let r = Receipt::seal(draft, seq, &prev, &st.key_id, &st.key);
+                    prev = r.hash.clone();
+                    sealed.push(r);
+                }
+                let head =
+                    (!sealed.is_empty()).then(|| SignedHead::new(seq, &prev, &st.key_id, &st.key));
+                if let Err(e) = st.store.commit(&sealed, head.as_ref(), &writes) {
+                    error!(error = %e, "ledger commit failed");
+                    let _ = reply.send(Err(e.to_string()));
+                    return Ok(());
+                }
+                st.head_seq = seq;
+                st.head_hash = prev;
+                // Durability is awaited off the actor, so commits keep flowing
+                // into the same group flush; the flush carries them in order.
+                let store = st.store.clone();
+                tokio::spawn(async move {
+                    let result = store
+                        .durable()
+                        .await
+                        .map(|()| seq)
+                        .map_err(|e| e.to_string());
+                    let _ = reply.send(result);
+                });
+            }
+        }
+        Ok(())
+    }
+}

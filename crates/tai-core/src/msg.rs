@@ -1,0 +1,115 @@
+//! Messages between layers. Layers never hold each other's actor refs: they
+//! look up the registered name (`names`) when they send.
+
+use ractor::RpcReplyPort;
+use serde::{Deserialize, Serialize};
+
+use crate::receipt::ReceiptDraft;
+use crate::signal::{DeadLetter, EngineInfo, Signal, SignalRecord};
+
+/// Registered names of the workers that receive these messages.
+pub const KANBAN_QUEUE: &str = "kanban_queue";
+pub const ENGINE_ROUTER: &str = "engine_router";
+pub const ANDON_LEDGER: &str = "andon_ledger";
+pub const INGRESS_HTTP: &str = "ingress_http";
+
+/// One queued signal handed out for a decision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Delivery {
+    pub seq: u64,
+    pub signal: Signal,
+}
+
+#[derive(Debug, Clone)]
+pub enum EnqueueOutcome {
+    /// Durable; the 202 may be sent.
+    Accepted,
+    /// That tenant already sent this id.
+    Duplicate(SignalRecord),
+    /// The queue is at its bound, or draining.
+    Full(String),
+    Failed(String),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QueueStats {
+    pub backend: String,
+    pub depth: u64,
+    pub in_flight: u64,
+    pub wip_limit: u32,
+    pub prefetch: u32,
+    pub deadletter: u64,
+    pub max_depth: u64,
+}
+
+/// To `kanban_queue`.
+pub enum KanbanMsg {
+    Enqueue(Signal, RpcReplyPort<EnqueueOutcome>),
+    /// The decision is durable and the queue entry gone: free the WIP slot.
+    Ack {
+        seq: u64,
+    },
+    /// Send again what is in flight for this engine (it restarted and lost its mailbox).
+    Redeliver {
+        tenant_id: String,
+        sku_id: String,
+    },
+    /// Send again everything in flight (the router restarted).
+    RedeliverAll,
+    Stats(RpcReplyPort<QueueStats>),
+    Replay {
+        tenant_id: String,
+        signal_id: String,
+        reply: RpcReplyPort<Result<(), String>>,
+    },
+    DeadLetters(RpcReplyPort<Vec<DeadLetter>>),
+    /// Internal: an enqueued signal is durable and may be dispatched.
+    Ready(Delivery),
+    /// Internal: periodic redelivery of what has been in flight too long.
+    Tick,
+}
+
+/// To `engine_router`.
+pub enum RouterMsg {
+    Deliver(Delivery),
+    Engines(RpcReplyPort<Vec<EngineInfo>>),
+    Engine {
+        tenant_id: String,
+        sku_id: String,
+        reply: RpcReplyPort<Option<EngineInfo>>,
+    },
+    Halt {
+        tenant_id: String,
+        sku_id: String,
+        reason: String,
+        reply: RpcReplyPort<Result<EngineInfo, String>>,
+    },
+    Resume {
+        tenant_id: String,
+        sku_id: String,
+        reply: RpcReplyPort<Result<EngineInfo, String>>,
+    },
+    /// Internal: periodic passivation of idle engines.
+    Tick,
+    /// Internal: an engine finished draining.
+    Drained(String),
+}
+
+/// Everything one decision writes, applied atomically with its receipts.
+#[derive(Debug, Clone, Default)]
+pub struct WriteSet {
+    pub signal_records: Vec<SignalRecord>,
+    pub checkpoint: Option<(String, String, Vec<u8>)>,
+    pub acks: Vec<u64>,
+    pub dead_letters: Vec<DeadLetter>,
+}
+
+/// To `andon_ledger`: chain and sign `receipts`, write them with `writes` in
+/// one atomic batch, and answer once it is durable.
+pub enum LedgerMsg {
+    Commit {
+        receipts: Vec<ReceiptDraft>,
+        writes: WriteSet,
+        reply: RpcReplyPort<Result<u64, String>>,
+    },
+}

@@ -1,0 +1,388 @@
+//! Receipts (SPEC §7): the chained, signed record of every decision and state
+//! change, and their verification (used online by the ledger and offline by
+//! `tai receipts --verify`).
+
+use std::collections::BTreeMap;
+
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::signal::EngineState;
+
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// What an engine asks the ledger to record; the ledger chains and signs it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReceiptDraft {
+    pub receipt_id: String,
+    pub kind: String,
+    pub tenant_id: String,
+    pub sku_id: String,
+    pub signal_id: Option<String>,
+    pub action_id: Option<String>,
+    pub state_before: EngineState,
+    pub state_after: EngineState,
+    pub success: bool,
+    pub reason: Option<String>,
+    pub trace_id: Option<String>,
+    pub timestamp_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Receipt {
+    pub seq: u64,
+    pub receipt_id: String,
+    pub kind: String,
+    pub tenant_id: String,
+    pub sku_id: String,
+    pub signal_id: Option<String>,
+    pub action_id: Option<String>,
+    pub state_before: EngineState,
+    pub state_after: EngineState,
+    pub success: bool,
+    pub reason: Option<String>,
+    pub trace_id: Option<String>,
+    pub timestamp_ms: u64,
+    pub prev_hash: String,
+    pub hash: String,
+    pub key_id: String,
+    pub signature: String,
+}
+
+/// Every field but `hash` and `signature`, in a fixed order: what is hashed.
+#[derive(Serialize)]
+struct Canonical<'a> {
+    seq: u64,
+    receipt_id: &'a str,
+    kind: &'a str,
+    tenant_id: &'a str,
+    sku_id: &'a str,
+    signal_id: &'a Option<String>,
+    action_id: &'a Option<String>,
+    state_before: EngineState,
+    state_after: EngineState,
+    success: bool,
+    reason: &'a Option<String>,
+    trace_id: &'a Option<String>,
+    timestamp_ms: u64,
+    prev_hash: &'a str,
+    key_id: &'a str,
+}
+
+impl Receipt {
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(&Canonical {
+            seq: self.seq,
+            receipt_id: &self.receipt_id,
+            kind: &self.kind,
+            tenant_id: &self.tenant_id,
+            sku_id: &self.sku_id,
+            signal_id: &self.signal_id,
+            action_id: &self.action_id,
+            state_before: self.state_before,
+            state_after: self.state_after,
+            success: self.success,
+            reason: &self.reason,
+            trace_id: &self.trace_id,
+            timestamp_ms: self.timestamp_ms,
+            prev_hash: &self.prev_hash,
+            key_id: &self.key_id,
+        })
+        .expect("receipt serializes")
+    }
+
+    /// hex SHA-256 over `prev_hash` and the canonical bytes.
+    pub fn compute_hash(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(self.prev_hash.as_bytes());
+        h.update(b"\n");
+        h.update(self.canonical_bytes());
+        hex::encode(h.finalize())
+    }
+
+    /// Chains and signs a draft after `prev_hash`.
+    pub fn seal(
+        draft: ReceiptDraft,
+        seq: u64,
+        prev_hash: &str,
+        key_id: &str,
+        key: &[u8],
+    ) -> Receipt {
+        let mut r = Receipt {
+            seq,
+            receipt_id: draft.receipt_id,
+            kind: draft.kind,
+            tenant_id: draft.tenant_id,
+            sku_id: draft.sku_id,
+            signal_id: draft.signal_id,
+            action_id: draft.action_id,
+            state_before: draft.state_before,
+            state_after: draft.state_after,
+            success: draft.success,
+            reason: draft.reason,
+            trace_id: draft.trace_id,
+            timestamp_ms: draft.timestamp_ms,
+            prev_hash: prev_hash.to_string(),
+            hash: String::new(),
+            key_id: key_id.to_string(),
+            signature: String::new(),
+        };
+        r.hash = r.compute_hash();
+        r.signature = sign(key, &r.hash);
+        r
+    }
+}
+
+/// hex HMAC-SHA256(key, message).
+pub fn sign(key: &[u8], message: &str) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("hmac takes any key length");
+    mac.update(message.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// Constant-time check of a hex HMAC-SHA256.
+pub fn verify_signature(key: &[u8], message: &str, signature_hex: &str) -> bool {
+    let Ok(sig) = hex::decode(signature_hex) else {
+        return false;
+    };
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("hmac takes any key length");
+    mac.update(message.as_bytes());
+    mac.verify_slice(&sig).is_ok()
+}
+
+/// The ledger's last sealed position, signed, kept apart from the receipts so
+/// that a truncated tail is detected.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SignedHead {
+    pub seq: u64,
+    pub hash: String,
+    pub key_id: String,
+    pub signature: String,
+}
+
+impl SignedHead {
+    fn message(seq: u64, hash: &str) -> String {
+        format!("head:{seq}:{hash}")
+    }
+    pub fn new(seq: u64, hash: &str, key_id: &str, key: &[u8]) -> Self {
+        SignedHead {
+            seq,
+            hash: hash.to_string(),
+            key_id: key_id.to_string(),
+            signature: sign(key, &Self::message(seq, hash)),
+        }
+    }
+    pub fn is_authentic(&self, keys: &BTreeMap<String, String>) -> bool {
+        keys.get(&self.key_id).is_some_and(|k| {
+            verify_signature(
+                k.as_bytes(),
+                &Self::message(self.seq, &self.hash),
+                &self.signature,
+            )
+        })
+    }
+}
+
+/// `GET /admin/receipts/verify` (SPEC §4).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerifyReport {
+    pub ok: bool,
+    pub count: u64,
+    pub head_seq: u64,
+    pub head_hash: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_bad_seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Walks a ledger in order. Any edit, deletion, insertion or reordering makes
+/// it fail at the first receipt out of place; with `head`, a missing tail or
+/// an unsigned extension fails too.
+pub fn verify_chain<'a>(
+    receipts: impl IntoIterator<Item = &'a Receipt>,
+    keys: &BTreeMap<String, String>,
+    head: Option<&SignedHead>,
+) -> VerifyReport {
+    let mut count = 0u64;
+    let mut prev_hash = GENESIS_HASH.to_string();
+    let mut expected_seq = 1u64;
+    let fail = |count: u64, seq: u64, prev: &str, why: String| VerifyReport {
+        ok: false,
+        count,
+        head_seq: seq.saturating_sub(1),
+        head_hash: prev.to_string(),
+        first_bad_seq: Some(seq),
+        reason: Some(why),
+    };
+    for r in receipts {
+        if r.seq != expected_seq {
+            return fail(
+                count,
+                expected_seq,
+                &prev_hash,
+                format!("expected seq {expected_seq}, found {}", r.seq),
+            );
+        }
+        if r.prev_hash != prev_hash {
+            return fail(
+                count,
+                r.seq,
+                &prev_hash,
+                "prev_hash does not link to the previous receipt".into(),
+            );
+        }
+        if r.compute_hash() != r.hash {
+            return fail(
+                count,
+                r.seq,
+                &prev_hash,
+                "hash does not match the receipt's content".into(),
+            );
+        }
+        let Some(key) = keys.get(&r.key_id) else {
+            return fail(
+                count,
+                r.seq,
+                &prev_hash,
+                format!("unknown signing key {:?}", r.key_id),
+            );
+        };
+        if !verify_signature(key.as_bytes(), &r.hash, &r.signature) {
+            return fail(count, r.seq, &prev_hash, "bad signature".into());
+        }
+        count += 1;
+        expected_seq += 1;
+        prev_hash = r.hash.clone();
+    }
+    let last = expected_seq - 1;
+    if let Some(head) = head {
+        if !head.is_authentic(keys) {
+            return fail(
+                count,
+                last + 1,
+                &prev_hash,
+                "the signed head's signature is bad".into(),
+            );
+        }
+        if head.seq > last {
+            return fail(
+                count,
+                last + 1,
+                &prev_hash,
+                format!(
+                    "ledger ends at {last} but its signed head is at {}",
+                    head.seq
+                ),
+            );
+        }
+        if head.seq < last {
+            return fail(
+                count,
+                head.seq + 1,
+                &prev_hash,
+                format!("receipts past the signed head at {}", head.seq),
+            );
+        }
+        if head.hash != prev_hash {
+            return fail(
+                count,
+                last,
+                &prev_hash,
+                "last receipt's hash differs from the signed head".into(),
+            );
+        }
+    }
+    VerifyReport {
+        ok: true,
+        count,
+        head_seq: last,
+        head_hash: prev_hash,
+        first_bad_seq: None,
+        reason: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("k1".into(), "secret-1".into()),
+            ("k2".into(), "secret-2".into()),
+        ])
+    }
+
+    fn chain(n: u64) -> (Vec<Receipt>, SignedHead) {
+        let mut out = Vec::new();
+        let mut prev = GENESIS_HASH.to_string();
+        for seq in 1..=n {
+            let (kid, key) = if seq <= n / 2 {
+                ("k1", "secret-1")
+            } else {
+                ("k2", "secret-2")
+            };
+            let d = ReceiptDraft {
+                receipt_id: format!("r{seq}"),
+                kind: "action_generated".into(),
+                tenant_id: "t".into(),
+                sku_id: "s".into(),
+                signal_id: Some(format!("sig{seq}")),
+                action_id: None,
+                state_before: EngineState::Stable,
+                state_after: EngineState::ActionPending,
+                success: true,
+                reason: None,
+                trace_id: None,
+                timestamp_ms: seq,
+            };
+            let r = Receipt::seal(d, seq, &prev, kid, key.as_bytes());
+            prev = r.hash.clone();
+            out.push(r);
+        }
+        let head = SignedHead::new(n, &prev, "k2", b"secret-2");
+        (out, head)
+    }
+
+    #[test]
+    fn an_intact_chain_with_rotated_keys_verifies() {
+        let (c, head) = chain(6);
+        let r = verify_chain(&c, &keys(), Some(&head));
+        assert!(r.ok, "{r:?}");
+        assert_eq!((r.count, r.head_seq), (6, 6));
+        assert_eq!(c[0].prev_hash, GENESIS_HASH);
+    }
+
+    #[test]
+    fn every_kind_of_tampering_is_found_at_its_first_bad_seq() {
+        let (c, head) = chain(6);
+        let check = |c: &[Receipt], head: &SignedHead, want: u64| {
+            let r = verify_chain(c, &keys(), Some(head));
+            assert!(!r.ok);
+            assert_eq!(r.first_bad_seq, Some(want), "{r:?}");
+        };
+        let mut edited = c.clone();
+        edited[2].reason = Some("edited".into());
+        check(&edited, &head, 3);
+        let mut deleted = c.clone();
+        deleted.remove(3);
+        check(&deleted, &head, 4);
+        let mut reordered = c.clone();
+        reordered.swap(1, 2);
+        check(&reordered, &head, 2);
+        let mut inserted = c.clone();
+        let mut fake = c[2].clone();
+        fake.receipt_id = "fake".into();
+        inserted.insert(3, fake);
+        check(&inserted, &head, 4);
+        let truncated = c[..4].to_vec();
+        check(&truncated, &head, 5);
+        let mut resigned = c.clone();
+        resigned[4].signature = sign(b"wrong", &resigned[4].hash);
+        check(&resigned, &head, 5);
+        // Without the head a clean truncation is indistinguishable from a short ledger.
+        assert!(verify_chain(&truncated, &keys(), None).ok);
+    }
+}

@@ -1,0 +1,283 @@
+//! Signals (SPEC §2), their records and the engine states (SPEC §5).
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// A signal as accepted: validated, with its id assigned.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Signal {
+    pub id: String,
+    pub tenant_id: String,
+    pub sku_id: String,
+    pub kind: String,
+    #[serde(default)]
+    pub critical: bool,
+    pub payload: Map<String, Value>,
+    pub received_at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignalIn {
+    id: Option<Value>,
+    tenant_id: Option<Value>,
+    sku_id: Option<Value>,
+    kind: Option<Value>,
+    critical: Option<Value>,
+    payload: Option<Value>,
+}
+
+fn id_chars(s: &str, extra: &[u8]) -> bool {
+    s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b) || extra.contains(&b))
+}
+
+fn required(field: &str, v: Option<Value>) -> Result<String, String> {
+    match v {
+        None | Some(Value::Null) => Err(format!("{field} is required")),
+        Some(Value::String(s)) if s.is_empty() || s.len() > 64 => {
+            Err(format!("{field} must be 1-64 characters"))
+        }
+        Some(Value::String(s)) if !id_chars(&s, b"") => {
+            Err(format!("{field} may only contain [A-Za-z0-9._-]"))
+        }
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(format!("{field} must be a string")),
+    }
+}
+
+/// Parses and validates a request body. `new_id` is called when the client
+/// gave no id. Errors are specific, human-readable messages for `invalid_signal`.
+pub fn parse_signal(
+    body: &[u8],
+    received_at_ms: u64,
+    new_id: impl FnOnce() -> String,
+) -> Result<Signal, String> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| format!("body is not valid JSON: {e}"))?;
+    if !value.is_object() {
+        return Err("body must be a JSON object".into());
+    }
+    let raw: SignalIn =
+        serde_json::from_value(value).map_err(|e| format!("body is not a valid signal: {e}"))?;
+    let id = match raw.id {
+        None | Some(Value::Null) => new_id(),
+        Some(Value::String(s)) if s.is_empty() || s.len() > 128 => {
+            return Err("id must be 1-128 characters".into())
+        }
+        Some(Value::String(s)) if !id_chars(&s, b":") => {
+            return Err("id may only contain [A-Za-z0-9._:-]".into())
+        }
+        Some(Value::String(s)) => s,
+        Some(_) => return Err("id must be a string".into()),
+    };
+    let tenant_id = required("tenant_id", raw.tenant_id)?;
+    let sku_id = required("sku_id", raw.sku_id)?;
+    let kind = required("kind", raw.kind)?;
+    let critical = match raw.critical {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => b,
+        Some(_) => return Err("critical must be true or false".into()),
+    };
+    let payload = match raw.payload {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(m)) => m,
+        Some(_) => return Err("payload must be a JSON object".into()),
+    };
+    Ok(Signal {
+        id,
+        tenant_id,
+        sku_id,
+        kind,
+        critical,
+        payload,
+        received_at_ms,
+        trace_id: None,
+    })
+}
+
+/// Where a signal is (SPEC §3.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SignalStatus {
+    Accepted,
+    Processing,
+    Completed,
+    Denied,
+    Failed,
+    Deadlettered,
+}
+
+impl SignalStatus {
+    /// Decided: a redelivery of it must not be decided again.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            SignalStatus::Completed
+                | SignalStatus::Denied
+                | SignalStatus::Failed
+                | SignalStatus::Deadlettered
+        )
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SignalStatus::Accepted => "accepted",
+            SignalStatus::Processing => "processing",
+            SignalStatus::Completed => "completed",
+            SignalStatus::Denied => "denied",
+            SignalStatus::Failed => "failed",
+            SignalStatus::Deadlettered => "deadlettered",
+        }
+    }
+}
+
+/// What `GET /v1/signals/{id}` shows; also the dedupe key's value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SignalRecord {
+    pub signal_id: String,
+    pub tenant_id: String,
+    pub sku_id: String,
+    pub kind: String,
+    pub status: SignalStatus,
+    pub receipts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl SignalRecord {
+    pub fn accepted(s: &Signal) -> Self {
+        SignalRecord {
+            signal_id: s.id.clone(),
+            tenant_id: s.tenant_id.clone(),
+            sku_id: s.sku_id.clone(),
+            kind: s.kind.clone(),
+            status: SignalStatus::Accepted,
+            receipts: Vec::new(),
+            reason: None,
+        }
+    }
+}
+
+/// A signal taken out of the line, with why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub signal: Signal,
+    pub reason: String,
+    pub at_ms: u64,
+}
+
+/// The policy engine's states (SPEC §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EngineState {
+    Boot,
+    Stable,
+    ActionPending,
+    Degraded,
+    Halted,
+    QuotaExhausted,
+}
+
+impl EngineState {
+    pub const ALL: [EngineState; 6] = [
+        EngineState::Boot,
+        EngineState::Stable,
+        EngineState::ActionPending,
+        EngineState::Degraded,
+        EngineState::Halted,
+        EngineState::QuotaExhausted,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EngineState::Boot => "boot",
+            EngineState::Stable => "stable",
+            EngineState::ActionPending => "action_pending",
+            EngineState::Degraded => "degraded",
+            EngineState::Halted => "halted",
+            EngineState::QuotaExhausted => "quota_exhausted",
+        }
+    }
+}
+
+/// What `GET /admin/tenants` shows per engine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EngineInfo {
+    pub tenant_id: String,
+    pub sku_id: String,
+    pub state: EngineState,
+    pub quota_remaining: u64,
+    pub entitled: bool,
+    pub in_flight_action: Option<String>,
+    pub postponed: usize,
+    pub restarts: u64,
+    pub active: bool,
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str) -> Result<Signal, String> {
+        parse_signal(body.as_bytes(), 1, || "generated".into())
+    }
+
+    #[test]
+    fn a_full_signal_parses() {
+        let s = parse(r#"{"id":"p-1","tenant_id":"acme","sku_id":"payments","kind":"payment","critical":true,"payload":{"amount":1}}"#).unwrap();
+        assert_eq!((s.id.as_str(), s.critical), ("p-1", true));
+        assert_eq!(s.payload["amount"], 1);
+        let s = parse(r#"{"tenant_id":"acme","sku_id":"payments","kind":"payment"}"#).unwrap();
+        assert_eq!(s.id, "generated");
+        assert!(s.payload.is_empty());
+    }
+
+    #[test]
+    fn each_schema_error_says_what_is_wrong() {
+        let cases = [
+            ("[1]", "body must be a JSON object"),
+            ("{", "body is not valid JSON"),
+            (r#"{"sku_id":"s","kind":"k"}"#, "tenant_id is required"),
+            (
+                r#"{"tenant_id":"a b","sku_id":"s","kind":"k"}"#,
+                "tenant_id may only contain",
+            ),
+            (
+                r#"{"tenant_id":"a","sku_id":"","kind":"k"}"#,
+                "sku_id must be 1-64",
+            ),
+            (
+                r#"{"tenant_id":"a","sku_id":"s","kind":5}"#,
+                "kind must be a string",
+            ),
+            (
+                r#"{"tenant_id":"a","sku_id":"s","kind":"k","payload":[]}"#,
+                "payload must be a JSON object",
+            ),
+            (
+                r#"{"tenant_id":"a","sku_id":"s","kind":"k","critical":"yes"}"#,
+                "critical must be true or false",
+            ),
+            (
+                r#"{"id":"x y","tenant_id":"a","sku_id":"s","kind":"k"}"#,
+                "id may only contain",
+            ),
+            (
+                r#"{"tenant_id":"a","sku_id":"s","kind":"k","colour":1}"#,
+                "unknown field `colour`",
+            ),
+        ];
+        for (body, want) in cases {
+            let e = parse(body).unwrap_err();
+            assert!(e.contains(want), "{body}: {e}");
+        }
+    }
+}

@@ -1,0 +1,370 @@
+//! `ingress_http`: the public API (SPEC §3) as a supervised worker. It binds
+//! in `pre_start` and, when stopped, stops accepting and lets requests in
+//! progress finish before it is gone.
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use serde_json::json;
+use tai_core::msg::{EnqueueOutcome, KanbanMsg, KANBAN_QUEUE};
+use tai_core::signal::{now_ms, parse_signal};
+use tai_core::ErrorCode;
+use tai_store::Store;
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+use warp::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use warp::reply::Response;
+use warp::Filter;
+
+use crate::auth::{self, Presented, Tenants};
+use crate::http::{error_reply, json_reply, read_body_capped};
+use crate::limits::Limits;
+use crate::replay::ReplayCache;
+
+const ENQUEUE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the public API needs; shared by every request.
+pub struct Shared {
+    pub store: Store,
+    pub tenants: Tenants,
+    pub skus: HashSet<String>,
+    pub max_body_bytes: usize,
+    pub window_secs: u64,
+    pub limits: Limits,
+    pub replay: Mutex<ReplayCache>,
+    /// Set by the node when it starts a graceful shutdown.
+    pub draining: Arc<AtomicBool>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct IngressHttp;
+
+pub struct IngressArgs {
+    pub shared: Arc<Shared>,
+    pub listen: SocketAddr,
+    /// Where this worker reports the address it bound; on a restart with port
+    /// 0 it binds the same address again, so clients keep working.
+    pub bound: Arc<Mutex<Option<SocketAddr>>>,
+}
+
+pub struct IngressState {
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+    evictor: tokio::task::JoinHandle<()>,
+}
+
+impl Actor for IngressHttp {
+    type Msg = ();
+    type State = IngressState;
+    type Arguments = IngressArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<()>,
+        args: IngressArgs,
+    ) -> Result<IngressState, ActorProcessingErr> {
+        let previous = *args.bound.lock().expect("bound slot");
+        let addr = match previous {
+            Some(prev) if args.listen.port() == 0 => prev,
+            _ => args.listen,
+        };
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on ingress.listen {addr}: {e}"))?;
+        let local = listener.local_addr()?;
+        *args.bound.lock().expect("bound slot") = Some(local);
+        let (tx, rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(
+            warp::serve(routes(args.shared.clone()))
+                .incoming(listener)
+                .graceful(async {
+                    let _ = rx.await;
+                })
+                .run(),
+        );
+        let shared = args.shared.clone();
+        let evictor = tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                every.tick().await;
+                shared.limits.evict_idle();
+            }
+        });
+        info!(listen = %local, "ingress listening");
+        Ok(IngressState {
+            stop: Some(tx),
+            server: Some(server),
+            evictor,
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<()>,
+        st: &mut IngressState,
+    ) -> Result<(), ActorProcessingErr> {
+        st.evictor.abort();
+        if let Some(tx) = st.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = st.server.take() {
+            if tokio::time::timeout(Duration::from_secs(10), server)
+                .await
+                .is_err()
+            {
+                warn!("ingress requests still running after 10 s");
+            }
+        }
+        info!("ingress stopped accepting");
+        Ok(())
+    }
+}
+
+pub fn routes(
+    shared: Arc<Shared>,
+) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
+    warp::method()
+        .and(warp::path::full())
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .then(
+            move |method: Method, path: warp::path::FullPath, headers: HeaderMap, body| {
+                let shared = shared.clone();
+                async move {
+                    match read_body_capped(body, shared.max_body_bytes).await {
+                        Ok(body) => route(&shared, &method, path.as_str(), &headers, &body).await,
+                        Err(e) => e.reply(),
+                    }
+                }
+            },
+        )
+        .recover(|_: warp::Rejection| async {
+            Ok::<_, Infallible>(error_reply(ErrorCode::InvalidSignal, "malformed request"))
+        })
+        .unify()
+}
+
+fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn with_retry_after(mut r: Response, secs: u64) -> Response {
+    if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+        r.headers_mut().insert("retry-after", v);
+    }
+    r
+}
+
+fn now_secs() -> u64 {
+    now_ms() / 1000
+}
+
+async fn route(
+    s: &Shared,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Response {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (method, segments.as_slice()) {
+        (&Method::GET, ["health"]) => json_reply(StatusCode::OK, &json!({"status": "ok"})),
+        (&Method::GET, ["ready"]) => match crate::not_ready(&s.store, &s.draining).await {
+            None => json_reply(StatusCode::OK, &json!({"ready": true})),
+            Some(reason) => json_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"ready": false, "reason": reason}),
+            ),
+        },
+        (&Method::POST, ["v1", "signals"]) => post_signal(s, path, headers, body).await,
+        (&Method::GET, ["v1", "signals", id]) => get_signal(s, path, headers, id),
+        (_, ["v1", "signals", ..] | ["health"] | ["ready"]) => error_reply(
+            ErrorCode::NotFound,
+            format!("{method} is not supported on {path}"),
+        ),
+        _ => error_reply(ErrorCode::NotFound, format!("no such endpoint: {path}")),
+    }
+}
+
+fn presented(headers: &HeaderMap) -> Presented<'_> {
+    Presented {
+        tenant: header(headers, auth::TENANT),
+        timestamp: header(headers, auth::TIMESTAMP),
+        signature: header(headers, auth::SIGNATURE),
+    }
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    header(headers, "content-type").is_some_and(|ct| {
+        let mime = ct
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
+        mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+    })
+}
+
+async fn post_signal(s: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) -> Response {
+    if !is_json(headers) {
+        return error_reply(
+            ErrorCode::UnsupportedMediaType,
+            "Content-Type must be application/json",
+        );
+    }
+    let now = now_secs();
+    let (tenant_id, tenant, signature) = match auth::verify(
+        &s.tenants,
+        presented(headers),
+        "POST",
+        path,
+        body,
+        now,
+        s.window_secs,
+    ) {
+        Ok(ok) => ok,
+        Err(e) => return error_reply(ErrorCode::Unauthorized, e.to_string()),
+    };
+    if let Err(limited) = s.limits.check(tenant_id, tenant.tier) {
+        let r = error_reply(
+            ErrorCode::RateLimited,
+            format!(
+                "{} rate limit exceeded, retry in {} s",
+                limited.scope, limited.retry_after_secs
+            ),
+        );
+        return with_retry_after(r, limited.retry_after_secs);
+    }
+    let mut signal = match parse_signal(body, now_ms(), || ulid::Ulid::new().to_string()) {
+        Ok(sig) => sig,
+        Err(e) => return error_reply(ErrorCode::InvalidSignal, e),
+    };
+    if signal.tenant_id != tenant_id {
+        return error_reply(
+            ErrorCode::Unauthorized,
+            "tenant_id does not match X-Tai-Tenant",
+        );
+    }
+    if !s.skus.contains(&signal.sku_id) {
+        return error_reply(
+            ErrorCode::InvalidSignal,
+            format!("unknown sku_id {:?}", signal.sku_id),
+        );
+    }
+    signal.trace_id = header(headers, "traceparent")
+        .and_then(|tp| tp.split('-').nth(1))
+        .filter(|t| t.len() == 32)
+        .map(str::to_string);
+    let client_id = body_has_id(body);
+    if client_id {
+        match s.store.signal_record(tenant_id, &signal.id) {
+            Ok(Some(existing)) => return duplicate(&existing.signal_id, existing.status.as_str()),
+            Ok(None) => {}
+            Err(e) => return unavailable(format!("store: {e}")),
+        }
+    }
+    if s.draining.load(Ordering::SeqCst) {
+        return unavailable("node is draining".into());
+    }
+    if !s
+        .replay
+        .lock()
+        .expect("replay cache")
+        .check_and_insert(tenant_id, signature, now)
+    {
+        return error_reply(
+            ErrorCode::Unauthorized,
+            "replayed request: this signature was already used",
+        );
+    }
+    let outcome = enqueue(signal.clone()).await;
+    if !matches!(outcome, EnqueueOutcome::Accepted) {
+        s.replay
+            .lock()
+            .expect("replay cache")
+            .remove(tenant_id, signature);
+    }
+    match outcome {
+        EnqueueOutcome::Accepted => {
+            let mut r = json_reply(
+                StatusCode::ACCEPTED,
+                &json!({"signal_id": signal.id, "status": "accepted"}),
+            );
+            if let Ok(v) = HeaderValue::from_str(&signal.id) {
+                r.headers_mut().insert("x-signal-id", v);
+            }
+            r
+        }
+        EnqueueOutcome::Duplicate(existing) => {
+            duplicate(&existing.signal_id, existing.status.as_str())
+        }
+        EnqueueOutcome::Full(why) | EnqueueOutcome::Failed(why) => unavailable(why),
+    }
+}
+
+fn body_has_id(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .is_some_and(|v| v.get("id").is_some_and(|id| !id.is_null()))
+}
+
+fn duplicate(id: &str, status: &str) -> Response {
+    let mut r = json_reply(
+        StatusCode::OK,
+        &json!({"signal_id": id, "status": status, "duplicate": true}),
+    );
+    if let Ok(v) = HeaderValue::from_str(id) {
+        r.headers_mut().insert("x-signal-id", v);
+    }
+    r
+}
+
+fn unavailable(why: String) -> Response {
+    with_retry_after(error_reply(ErrorCode::Unavailable, why), 1)
+}
+
+async fn enqueue(signal: tai_core::signal::Signal) -> EnqueueOutcome {
+    let Some(queue) = ractor::registry::where_is(KANBAN_QUEUE) else {
+        return EnqueueOutcome::Full("the queue is restarting".into());
+    };
+    match ractor::rpc::call(
+        &queue,
+        |reply| KanbanMsg::Enqueue(signal, reply),
+        Some(ENQUEUE_TIMEOUT),
+    )
+    .await
+    {
+        Ok(ractor::rpc::CallResult::Success(outcome)) => outcome,
+        Ok(_) => EnqueueOutcome::Failed("the queue did not answer in time".into()),
+        Err(_) => EnqueueOutcome::Full("the queue is restarting".into()),
+    }
+}
+
+fn get_signal(s: &Shared, path: &str, headers: &HeaderMap, id: &str) -> Response {
+    let (tenant_id, _, _) = match auth::verify(
+        &s.tenants,
+        presented(headers),
+        "GET",
+        path,
+        b"",
+        now_secs(),
+        s.window_secs,
+    ) {
+        Ok(ok) => ok,
+        Err(e) => return error_reply(ErrorCode::Unauthorized, e.to_string()),
+    };
+    match s.store.signal_record(tenant_id, id) {
+        Ok(Some(rec)) => json_reply(StatusCode::OK, &rec),
+        Ok(None) => error_reply(
+            ErrorCode::NotFound,
+            format!("no signal {id:?} for this tenant"),
+        ),
+        Err(e) => unavailable(format!("store: {e}")),
+    }
+}

@@ -1,0 +1,390 @@
+//! The policy engine actor of one tenant × SKU (`engine:{tenant}:{sku}`).
+//!
+//! It feeds events to the pure [`step`], then performs the effects: one
+//! atomic commit through `andon_ledger` (receipts, checkpoint, statuses,
+//! acks, dead letters), then the action, then the acks to Kanban. Postponed
+//! signals come back after a state change (gen_statem's postpone); the boot
+//! and quota states have state timeouts.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tai_core::msg::{Delivery, KanbanMsg, LedgerMsg, WriteSet, ANDON_LEDGER, KANBAN_QUEUE};
+use tai_core::receipt::ReceiptDraft;
+use tai_core::signal::{now_ms, DeadLetter, EngineInfo, EngineState, SignalRecord, SignalStatus};
+use tai_otp::statem::{Statem, TimeoutToken};
+use tai_store::Store;
+use tracing::{debug, info};
+
+use crate::machine::{step, Action, Data, Effect, Event, Sku};
+
+const LEDGER_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub enum EngineMsg {
+    Deliver(Delivery),
+    Timeout(TimeoutToken),
+    Info(RpcReplyPort<EngineInfo>),
+    Halt(String, RpcReplyPort<EngineInfo>),
+    Resume(RpcReplyPort<EngineInfo>),
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Engine;
+
+pub struct EngineArgs {
+    pub tenant_id: String,
+    pub sku_id: String,
+    pub sku: Arc<Sku>,
+    pub store: Store,
+}
+
+pub struct EngineActorState {
+    tenant_id: String,
+    sku_id: String,
+    sku: Arc<Sku>,
+    store: Store,
+    data: Data,
+    statem: Statem<EngineState, Delivery>,
+    /// Deliveries held here (postponed or being decided): a redelivered copy is dropped.
+    seen: HashSet<u64>,
+}
+
+/// What one event asks the engine to do, in order.
+enum Input {
+    Signal(Delivery),
+    Other(OwnedEvent),
+}
+
+enum OwnedEvent {
+    StateTimeout,
+    ActionDone(Result<(), String>),
+    Halt(String),
+    Resume,
+    Restored,
+}
+
+fn new_ulid() -> String {
+    ulid::Ulid::new().to_string()
+}
+
+impl EngineActorState {
+    fn info(&self) -> EngineInfo {
+        EngineInfo {
+            tenant_id: self.tenant_id.clone(),
+            sku_id: self.sku_id.clone(),
+            state: self.data.state,
+            quota_remaining: self.data.quota_remaining,
+            entitled: self.data.entitled,
+            in_flight_action: self.data.in_flight.as_ref().map(|f| f.action_id.clone()),
+            postponed: self.statem.postponed_len(),
+            restarts: 0,
+            active: true,
+        }
+    }
+
+    fn arm_state_timeout(&mut self, myself: &ActorRef<EngineMsg>) {
+        if let Some(due) = self.data.state_deadline_ms(&self.sku) {
+            let after = Duration::from_millis(due.saturating_sub(now_ms()));
+            self.statem
+                .set_state_timeout(myself, after, EngineMsg::Timeout);
+        }
+    }
+}
+
+/// The executors. `log` records only; webhooks arrive with the Jidoka issue.
+async fn execute(action: &Action) -> Result<(), String> {
+    match action.executor.as_str() {
+        "log" => {
+            info!(
+                tenant = %action.tenant_id,
+                sku = %action.sku_id,
+                action_id = %action.action_id,
+                signal = %action.signal_id,
+                kind = %action.kind,
+                "action executed (log executor)"
+            );
+            Ok(())
+        }
+        other => Err(format!("executor {other:?} is not available")),
+    }
+}
+
+async fn commit(receipts: Vec<ReceiptDraft>, writes: WriteSet) -> Result<(), ActorProcessingErr> {
+    let ledger = ractor::registry::where_is(ANDON_LEDGER).ok_or("andon_ledger is not running")?;
+    let answer = ractor::rpc::call(
+        &ledger,
+        |reply| LedgerMsg::Commit {
+            receipts,
+            writes,
+            reply,
+        },
+        Some(LEDGER_TIMEOUT),
+    )
+    .await
+    .map_err(|e| format!("andon_ledger unreachable: {e}"))?;
+    match answer {
+        ractor::rpc::CallResult::Success(Ok(_)) => Ok(()),
+        ractor::rpc::CallResult::Success(Err(e)) => {
+            Err(format!("ledger commit failed: {e}").into())
+        }
+        _ => Err("andon_ledger did not answer in time".into()),
+    }
+}
+
+fn ack(seq: u64) {
+    if let Some(q) = ractor::registry::where_is(KANBAN_QUEUE) {
+        let _ = q.send_message(KanbanMsg::Ack { seq });
+    }
+}
+
+impl Engine {
+    /// Runs `first` and everything it leads to: actions' results and the
+    /// postponed signals a state change releases.
+    async fn run(
+        myself: &ActorRef<EngineMsg>,
+        st: &mut EngineActorState,
+        first: Input,
+    ) -> Result<(), ActorProcessingErr> {
+        let mut inputs = VecDeque::from([first]);
+        while let Some(input) = inputs.pop_front() {
+            let now = now_ms();
+            let before = st.data.state;
+            let mut id = new_ulid;
+            let (fx, delivery) = match &input {
+                Input::Signal(d) => (
+                    step(
+                        &mut st.data,
+                        &st.sku,
+                        Event::Signal {
+                            seq: d.seq,
+                            signal: &d.signal,
+                        },
+                        now,
+                        &mut id,
+                    ),
+                    Some(d),
+                ),
+                Input::Other(e) => {
+                    let ev = match e {
+                        OwnedEvent::StateTimeout => Event::StateTimeout,
+                        OwnedEvent::ActionDone(Ok(())) => Event::ActionDone { ok: true },
+                        OwnedEvent::ActionDone(Err(r)) => Event::ActionFailed { reason: r },
+                        OwnedEvent::Halt(r) => Event::Halt { reason: r },
+                        OwnedEvent::Resume => Event::Resume,
+                        OwnedEvent::Restored => Event::Restored,
+                    };
+                    (step(&mut st.data, &st.sku, ev, now, &mut id), None)
+                }
+            };
+            let trace_id = delivery.and_then(|d| d.signal.trace_id.clone());
+            let mut drafts = Vec::new();
+            let mut writes = WriteSet::default();
+            let mut updates: Vec<(String, SignalStatus, Option<String>)> = Vec::new();
+            let mut action = None;
+            for e in fx {
+                match e {
+                    Effect::Receipt {
+                        kind,
+                        before,
+                        after,
+                        signal_id,
+                        action_id,
+                        success,
+                        reason,
+                    } => {
+                        drafts.push(ReceiptDraft {
+                            receipt_id: format!("rcpt_{}", new_ulid()),
+                            kind: kind.to_string(),
+                            tenant_id: st.tenant_id.clone(),
+                            sku_id: st.sku_id.clone(),
+                            signal_id,
+                            action_id,
+                            state_before: before,
+                            state_after: after,
+                            success,
+                            reason,
+                            trace_id: trace_id.clone(),
+                            timestamp_ms: now,
+                        });
+                    }
+                    Effect::Postpone => {
+                        if let Input::Signal(d) = &input {
+                            st.statem.postpone(d.clone());
+                        }
+                    }
+                    Effect::Processing { signal_id } => {
+                        updates.push((signal_id, SignalStatus::Processing, None));
+                    }
+                    Effect::Settle {
+                        seq,
+                        signal_id,
+                        status,
+                        reason,
+                    } => {
+                        updates.push((signal_id, status, reason));
+                        writes.acks.push(seq);
+                    }
+                    Effect::DeadLetter { seq, reason } => {
+                        if let Some(d) = delivery {
+                            writes.dead_letters.push(DeadLetter {
+                                signal: d.signal.clone(),
+                                reason: reason.to_string(),
+                                at_ms: now,
+                            });
+                            updates.push((
+                                d.signal.id.clone(),
+                                SignalStatus::Deadlettered,
+                                Some(reason.to_string()),
+                            ));
+                        }
+                        writes.acks.push(seq);
+                    }
+                    Effect::Execute(a) => action = Some(a),
+                }
+            }
+            if drafts.is_empty()
+                && updates.is_empty()
+                && st.data.state == before
+                && action.is_none()
+            {
+                continue;
+            }
+            for (signal_id, status, reason) in updates {
+                let mut rec = match st.store.signal_record(&st.tenant_id, &signal_id)? {
+                    Some(r) => r,
+                    None => match delivery {
+                        Some(d) => SignalRecord::accepted(&d.signal),
+                        None => continue,
+                    },
+                };
+                rec.status = status;
+                rec.reason = reason;
+                rec.receipts.extend(
+                    drafts
+                        .iter()
+                        .filter(|r| r.signal_id.as_deref() == Some(signal_id.as_str()))
+                        .map(|r| r.receipt_id.clone()),
+                );
+                writes.signal_records.push(rec);
+            }
+            writes.checkpoint = Some((
+                st.tenant_id.clone(),
+                st.sku_id.clone(),
+                serde_json::to_vec(&st.data)?,
+            ));
+            let acks = writes.acks.clone();
+            commit(drafts, writes).await?;
+            for seq in acks {
+                st.seen.remove(&seq);
+                ack(seq);
+            }
+            if let Some(a) = action {
+                let result = execute(&a).await;
+                inputs.push_front(Input::Other(OwnedEvent::ActionDone(result)));
+            }
+            let t = st.statem.transition(st.data.state);
+            if t.changed {
+                debug!(tenant = %st.tenant_id, sku = %st.sku_id, from = before.as_str(), to = st.data.state.as_str(), "engine state change");
+                st.arm_state_timeout(myself);
+                inputs.extend(t.replay.into_iter().map(Input::Signal));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Actor for Engine {
+    type Msg = EngineMsg;
+    type State = EngineActorState;
+    type Arguments = EngineArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<EngineMsg>,
+        args: EngineArgs,
+    ) -> Result<EngineActorState, ActorProcessingErr> {
+        let data = match args.store.checkpoint(&args.tenant_id, &args.sku_id)? {
+            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                format!(
+                    "corrupt checkpoint for {}/{}: {e}",
+                    args.tenant_id, args.sku_id
+                )
+            })?,
+            None => Data::new(&args.sku, now_ms()),
+        };
+        let state = data.state;
+        Ok(EngineActorState {
+            tenant_id: args.tenant_id,
+            sku_id: args.sku_id,
+            sku: args.sku,
+            store: args.store,
+            statem: Statem::new(state),
+            data,
+            seen: HashSet::new(),
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<EngineMsg>,
+        st: &mut EngineActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        if st.data.in_flight.is_some() {
+            Self::run(&myself, st, Input::Other(OwnedEvent::Restored)).await?;
+        }
+        st.arm_state_timeout(&myself);
+        // Whatever Kanban had sent to an earlier incarnation died with its mailbox.
+        if let Some(q) = ractor::registry::where_is(KANBAN_QUEUE) {
+            let _ = q.send_message(KanbanMsg::Redeliver {
+                tenant_id: st.tenant_id.clone(),
+                sku_id: st.sku_id.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<EngineMsg>,
+        msg: EngineMsg,
+        st: &mut EngineActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            EngineMsg::Deliver(d) => {
+                if !st.seen.insert(d.seq) {
+                    return Ok(());
+                }
+                // Already decided (a redelivery after a crash): acknowledge only.
+                let decided = st
+                    .store
+                    .signal_record(&d.signal.tenant_id, &d.signal.id)?
+                    .is_some_and(|r| r.status.is_final());
+                if decided {
+                    st.seen.remove(&d.seq);
+                    ack(d.seq);
+                    return Ok(());
+                }
+                Self::run(&myself, st, Input::Signal(d)).await?;
+            }
+            EngineMsg::Timeout(token) => {
+                if st.statem.take_timeout(token) {
+                    Self::run(&myself, st, Input::Other(OwnedEvent::StateTimeout)).await?;
+                }
+            }
+            EngineMsg::Info(reply) => {
+                let _ = reply.send(st.info());
+            }
+            EngineMsg::Halt(reason, reply) => {
+                Self::run(&myself, st, Input::Other(OwnedEvent::Halt(reason))).await?;
+                let _ = reply.send(st.info());
+            }
+            EngineMsg::Resume(reply) => {
+                Self::run(&myself, st, Input::Other(OwnedEvent::Resume)).await?;
+                let _ = reply.send(st.info());
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,504 @@
+//! The policy engine's state machine (SPEC §5) as a pure function:
+//! `step(data, sku, event, now) -> effects`. No I/O: the engine actor
+//! performs the effects (one atomic commit, then the action).
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use tai_core::signal::{EngineState, Signal, SignalStatus};
+
+use crate::policy::{Context, Policy};
+
+/// A SKU's rules, as the engine uses them.
+#[derive(Debug, Clone)]
+pub struct Sku {
+    pub quota: u64,
+    pub period_ms: u64,
+    pub entitlement_timeout_ms: u64,
+    pub policies: Vec<Policy>,
+    pub executor: String,
+}
+
+/// What is checkpointed on every transition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Data {
+    pub state: EngineState,
+    pub quota_remaining: u64,
+    pub period_start_ms: u64,
+    pub entitled: bool,
+    pub boot_started_ms: u64,
+    pub in_flight: Option<InFlight>,
+    /// Per customer, recent payment times (for velocity policies).
+    #[serde(default)]
+    pub velocity: BTreeMap<String, VecDeque<u64>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InFlight {
+    pub action_id: String,
+    pub signal_id: String,
+    pub seq: u64,
+    /// Where the engine goes when the action ends (stable, or degraded for a
+    /// critical signal decided while degraded).
+    pub return_to: EngineState,
+}
+
+impl Data {
+    pub fn new(sku: &Sku, now_ms: u64) -> Self {
+        Data {
+            state: EngineState::Boot,
+            quota_remaining: sku.quota,
+            period_start_ms: now_ms,
+            entitled: false,
+            boot_started_ms: now_ms,
+            in_flight: None,
+            velocity: BTreeMap::new(),
+        }
+    }
+
+    /// When the state timeout of the current state is due, if it has one.
+    pub fn state_deadline_ms(&self, sku: &Sku) -> Option<u64> {
+        match self.state {
+            EngineState::Boot => Some(self.boot_started_ms + sku.entitlement_timeout_ms),
+            EngineState::QuotaExhausted => Some(self.period_start_ms + sku.period_ms),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Event<'a> {
+    Signal {
+        seq: u64,
+        signal: &'a Signal,
+    },
+    /// The state's timeout (boot: no entitlement in time; quota_exhausted: refill due).
+    StateTimeout,
+    ActionDone {
+        ok: bool,
+    },
+    ActionFailed {
+        reason: &'a str,
+    },
+    Halt {
+        reason: &'a str,
+    },
+    Resume,
+    /// The engine came back from a checkpoint.
+    Restored,
+}
+
+/// An action for an executor.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Action {
+    pub action_id: String,
+    pub tenant_id: String,
+    pub sku_id: String,
+    pub signal_id: String,
+    pub kind: String,
+    pub executor: String,
+    pub payload: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    Receipt {
+        kind: &'static str,
+        before: EngineState,
+        after: EngineState,
+        signal_id: Option<String>,
+        action_id: Option<String>,
+        success: bool,
+        reason: Option<String>,
+    },
+    /// Keep the signal until the state changes.
+    Postpone,
+    /// The signal is being decided; not acknowledged yet.
+    Processing {
+        signal_id: String,
+    },
+    /// The signal is decided: final status, acknowledged.
+    Settle {
+        seq: u64,
+        signal_id: String,
+        status: SignalStatus,
+        reason: Option<String>,
+    },
+    /// Out of the line with a reason, acknowledged.
+    DeadLetter {
+        seq: u64,
+        reason: &'static str,
+    },
+    Execute(Action),
+}
+
+struct Step<'s> {
+    fx: Vec<Effect>,
+    sku: &'s Sku,
+}
+
+impl Step<'_> {
+    fn receipt(
+        &mut self,
+        kind: &'static str,
+        before: EngineState,
+        after: EngineState,
+        signal_id: Option<&str>,
+        success: bool,
+        reason: Option<String>,
+    ) {
+        self.fx.push(Effect::Receipt {
+            kind,
+            before,
+            after,
+            signal_id: signal_id.map(str::to_string),
+            action_id: None,
+            success,
+            reason,
+        });
+    }
+}
+
+const VELOCITY_CUSTOMERS_CAP: usize = 10_000;
+
+/// Refills the quota when its period is over.
+fn refill(d: &mut Data, st: &mut Step<'_>, now: u64) {
+    let period = st.sku.period_ms.max(1);
+    if now < d.period_start_ms + period {
+        return;
+    }
+    let periods = (now - d.period_start_ms) / period;
+    d.period_start_ms += periods * period;
+    d.quota_remaining = st.sku.quota;
+    if d.state == EngineState::QuotaExhausted {
+        d.state = EngineState::Stable;
+        st.receipt(
+            "quota_refilled",
+            EngineState::QuotaExhausted,
+            EngineState::Stable,
+            None,
+            true,
+            None,
+        );
+    }
+}
+
+/// One event: the new data is written into `d`, the effects returned.
+pub fn step(
+    d: &mut Data,
+    sku: &Sku,
+    ev: Event<'_>,
+    now: u64,
+    new_id: &mut dyn FnMut() -> String,
+) -> Vec<Effect> {
+    let mut st = Step {
+        fx: Vec::new(),
+        sku,
+    };
+    refill(d, &mut st, now);
+    let before = d.state;
+    match ev {
+        Event::Signal { seq, signal } => on_signal(d, &mut st, seq, signal, now, new_id),
+        Event::StateTimeout => {
+            if d.state == EngineState::Boot && now >= d.boot_started_ms + sku.entitlement_timeout_ms
+            {
+                d.state = EngineState::Degraded;
+                st.receipt(
+                    "bootstrap_timeout",
+                    before,
+                    d.state,
+                    None,
+                    false,
+                    Some("no entitlement within entitlement_timeout".into()),
+                );
+            }
+        }
+        Event::ActionDone { ok: true } => finish_action(d, &mut st, None),
+        Event::ActionDone { ok: false } => finish_action(d, &mut st, Some("action failed".into())),
+        Event::ActionFailed { reason } => finish_action(d, &mut st, Some(reason.to_string())),
+        Event::Restored => {
+            if d.in_flight.is_some() {
+                finish_action(d, &mut st, Some("interrupted".into()));
+            }
+        }
+        Event::Halt { reason } => {
+            if d.state != EngineState::Halted {
+                d.state = EngineState::Halted;
+                st.receipt(
+                    "jidoka_halt",
+                    before,
+                    d.state,
+                    None,
+                    true,
+                    Some(reason.to_string()),
+                );
+            }
+        }
+        Event::Resume => {
+            if matches!(d.state, EngineState::Halted | EngineState::QuotaExhausted) {
+                if d.state == EngineState::QuotaExhausted {
+                    d.quota_remaining = sku.quota;
+                    d.period_start_ms = now;
+                }
+                d.state = if d.in_flight.is_some() {
+                    EngineState::ActionPending
+                } else {
+                    EngineState::Stable
+                };
+                st.receipt(
+                    "jidoka_resume",
+                    before,
+                    d.state,
+                    None,
+                    true,
+                    Some("operator resume".into()),
+                );
+            }
+        }
+    }
+    st.fx
+}
+
+fn finish_action(d: &mut Data, st: &mut Step<'_>, failure: Option<String>) {
+    let Some(f) = d.in_flight.take() else {
+        return;
+    };
+    let before = d.state;
+    // A halt while the action ran keeps the engine halted.
+    if d.state == EngineState::ActionPending {
+        d.state = f.return_to;
+    }
+    let (kind, status, success) = match failure {
+        None => ("action_successful", SignalStatus::Completed, true),
+        Some(_) => ("action_failed", SignalStatus::Failed, false),
+    };
+    st.fx.push(Effect::Receipt {
+        kind,
+        before,
+        after: d.state,
+        signal_id: Some(f.signal_id.clone()),
+        action_id: Some(f.action_id.clone()),
+        success,
+        reason: failure.clone(),
+    });
+    st.fx.push(Effect::Settle {
+        seq: f.seq,
+        signal_id: f.signal_id,
+        status,
+        reason: failure,
+    });
+}
+
+fn skip(
+    d: &Data,
+    st: &mut Step<'_>,
+    seq: u64,
+    s: &Signal,
+    reason: &'static str,
+    kind: &'static str,
+) {
+    st.receipt(
+        kind,
+        d.state,
+        d.state,
+        Some(&s.id),
+        false,
+        Some(reason.into()),
+    );
+    st.fx.push(Effect::DeadLetter { seq, reason });
+}
+
+fn on_signal(
+    d: &mut Data,
+    st: &mut Step<'_>,
+    seq: u64,
+    s: &Signal,
+    now: u64,
+    new_id: &mut dyn FnMut() -> String,
+) {
+    let before = d.state;
+    if d.state == EngineState::ActionPending
+        || (d.state == EngineState::Boot && s.kind != "entitlement")
+    {
+        st.fx.push(Effect::Postpone);
+        return;
+    }
+    if d.state == EngineState::Halted {
+        return skip(d, st, seq, s, "halted", "signal_skipped");
+    }
+    if s.kind == "entitlement" {
+        let settle = |st: &mut Step<'_>, status, reason: Option<String>| {
+            st.fx.push(Effect::Settle {
+                seq,
+                signal_id: s.id.clone(),
+                status,
+                reason,
+            })
+        };
+        match s.payload.get("active").and_then(Value::as_bool) {
+            Some(true) => {
+                d.entitled = true;
+                if matches!(d.state, EngineState::Boot | EngineState::Degraded) {
+                    d.state = EngineState::Stable;
+                }
+                st.receipt(
+                    "entitlement_activated",
+                    before,
+                    d.state,
+                    Some(&s.id),
+                    true,
+                    None,
+                );
+                settle(st, SignalStatus::Completed, None);
+            }
+            Some(false) => {
+                d.entitled = false;
+                d.state = EngineState::Degraded;
+                st.receipt(
+                    "entitlement_revoked",
+                    before,
+                    d.state,
+                    Some(&s.id),
+                    true,
+                    None,
+                );
+                settle(st, SignalStatus::Completed, None);
+            }
+            None => {
+                let why = "entitlement needs payload.active true or false".to_string();
+                st.receipt(
+                    "policy_denied",
+                    before,
+                    before,
+                    Some(&s.id),
+                    false,
+                    Some(why.clone()),
+                );
+                settle(st, SignalStatus::Denied, Some(why));
+            }
+        }
+        return;
+    }
+    match d.state {
+        EngineState::QuotaExhausted => skip(d, st, seq, s, "quota_exhausted", "quota_exceeded"),
+        EngineState::Degraded if !s.critical => skip(d, st, seq, s, "degraded", "signal_skipped"),
+        EngineState::Degraded | EngineState::Stable => decide(d, st, seq, s, now, new_id),
+        EngineState::Boot | EngineState::ActionPending | EngineState::Halted => {
+            unreachable!("handled above")
+        }
+    }
+}
+
+fn decide(
+    d: &mut Data,
+    st: &mut Step<'_>,
+    seq: u64,
+    s: &Signal,
+    now: u64,
+    new_id: &mut dyn FnMut() -> String,
+) {
+    let before = d.state;
+    if d.quota_remaining == 0 {
+        d.state = EngineState::QuotaExhausted;
+        st.receipt(
+            "quota_exceeded",
+            before,
+            d.state,
+            Some(&s.id),
+            false,
+            Some("quota_exhausted".into()),
+        );
+        st.fx.push(Effect::DeadLetter {
+            seq,
+            reason: "quota_exhausted",
+        });
+        return;
+    }
+    let mut violations = Vec::new();
+    let mut window = 0;
+    for p in &st.sku.policies {
+        let v = p.evaluate(
+            s,
+            Context {
+                now_ms: now,
+                velocity: &d.velocity,
+            },
+        );
+        violations.extend(
+            v.violations
+                .into_iter()
+                .map(|x| format!("{}: {x}", p.name())),
+        );
+        window = window.max(p.velocity_window_ms().unwrap_or(0));
+    }
+    if window > 0 {
+        record_velocity(d, s, now, window);
+    }
+    if !violations.is_empty() {
+        let reason = violations.join("; ");
+        st.receipt(
+            "policy_denied",
+            before,
+            before,
+            Some(&s.id),
+            false,
+            Some(reason.clone()),
+        );
+        st.fx.push(Effect::Settle {
+            seq,
+            signal_id: s.id.clone(),
+            status: SignalStatus::Denied,
+            reason: Some(reason),
+        });
+        return;
+    }
+    d.quota_remaining -= 1;
+    let action_id = format!("act_{}", new_id());
+    d.in_flight = Some(InFlight {
+        action_id: action_id.clone(),
+        signal_id: s.id.clone(),
+        seq,
+        return_to: before,
+    });
+    d.state = EngineState::ActionPending;
+    st.fx.push(Effect::Receipt {
+        kind: "action_generated",
+        before,
+        after: d.state,
+        signal_id: Some(s.id.clone()),
+        action_id: Some(action_id.clone()),
+        success: true,
+        reason: None,
+    });
+    st.fx.push(Effect::Processing {
+        signal_id: s.id.clone(),
+    });
+    st.fx.push(Effect::Execute(Action {
+        action_id,
+        tenant_id: s.tenant_id.clone(),
+        sku_id: s.sku_id.clone(),
+        signal_id: s.id.clone(),
+        kind: s.kind.clone(),
+        executor: st.sku.executor.clone(),
+        payload: s.payload.clone(),
+    }));
+}
+
+fn record_velocity(d: &mut Data, s: &Signal, now: u64, window: u64) {
+    let Some(c) = s.payload.get("customer_id").and_then(Value::as_str) else {
+        return;
+    };
+    let ts = d.velocity.entry(c.to_string()).or_default();
+    ts.push_back(now);
+    while ts.front().is_some_and(|t| now.saturating_sub(*t) >= window) {
+        ts.pop_front();
+    }
+    if d.velocity.len() > VELOCITY_CUSTOMERS_CAP {
+        d.velocity
+            .retain(|_, ts| ts.back().is_some_and(|t| now.saturating_sub(*t) < window));
+    }
+}
+
+#[cfg(test)]
+mod tests;

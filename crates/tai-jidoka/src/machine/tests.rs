@@ -1,0 +1,382 @@
+//! SPEC §5, row by row, and properties over random event sequences.
+
+use super::*;
+use crate::policy::PaymentFraud;
+use proptest::prelude::*;
+use serde_json::json;
+use EngineState::*;
+
+fn sku() -> Sku {
+    Sku {
+        quota: 2,
+        period_ms: 3_600_000,
+        entitlement_timeout_ms: 30_000,
+        policies: vec![Policy::PaymentFraud(PaymentFraud::default())],
+        executor: "log".into(),
+    }
+}
+
+fn signal(kind: &str, payload: Value, critical: bool) -> Signal {
+    Signal {
+        id: format!("{kind}-1"),
+        tenant_id: "t".into(),
+        sku_id: "payments".into(),
+        kind: kind.into(),
+        critical,
+        payload: payload.as_object().cloned().unwrap_or_default(),
+        received_at_ms: 0,
+        trace_id: None,
+    }
+}
+
+fn pay() -> Signal {
+    signal(
+        "payment",
+        json!({"amount": 10, "currency": "USD", "customer_id": "c"}),
+        false,
+    )
+}
+fn fraud() -> Signal {
+    signal("payment", json!({"amount": 9000, "currency": "XYZ"}), false)
+}
+fn ent(active: bool) -> Signal {
+    signal("entitlement", json!({"active": active}), false)
+}
+
+fn data(state: EngineState) -> Data {
+    let mut d = Data::new(&sku(), 0);
+    d.state = state;
+    if state == ActionPending {
+        d.in_flight = Some(InFlight {
+            action_id: "a".into(),
+            signal_id: "s".into(),
+            seq: 9,
+            return_to: Stable,
+        });
+    }
+    d
+}
+
+fn run(d: &mut Data, ev: Event<'_>) -> Vec<Effect> {
+    let mut n = 0;
+    step(d, &sku(), ev, 1_000, &mut || {
+        n += 1;
+        format!("id{n}")
+    })
+}
+
+fn kinds(fx: &[Effect]) -> Vec<&'static str> {
+    fx.iter()
+        .filter_map(|e| match e {
+            Effect::Receipt { kind, .. } => Some(*kind),
+            _ => None,
+        })
+        .collect()
+}
+
+fn dead(fx: &[Effect]) -> Option<&'static str> {
+    fx.iter().find_map(|e| match e {
+        Effect::DeadLetter { reason, .. } => Some(*reason),
+        _ => None,
+    })
+}
+
+#[test]
+fn the_table_of_spec_section_5() {
+    let s_pay = pay();
+    let s_fraud = fraud();
+    let (s_on, s_off) = (ent(true), ent(false));
+    let crit = signal("payment", json!({"amount": 1}), true);
+    // (from, event, to, receipts, dead letter reason)
+    type Row<'a> = (
+        EngineState,
+        Event<'a>,
+        EngineState,
+        Vec<&'a str>,
+        Option<&'a str>,
+    );
+    let rows: Vec<Row<'_>> = vec![
+        (
+            Boot,
+            Event::Signal {
+                seq: 1,
+                signal: &s_on,
+            },
+            Stable,
+            vec!["entitlement_activated"],
+            None,
+        ),
+        (
+            Boot,
+            Event::Signal {
+                seq: 1,
+                signal: &s_pay,
+            },
+            Boot,
+            vec![],
+            None,
+        ),
+        (
+            Stable,
+            Event::Signal {
+                seq: 1,
+                signal: &s_pay,
+            },
+            ActionPending,
+            vec!["action_generated"],
+            None,
+        ),
+        (
+            Stable,
+            Event::Signal {
+                seq: 1,
+                signal: &s_fraud,
+            },
+            Stable,
+            vec!["policy_denied"],
+            None,
+        ),
+        (
+            ActionPending,
+            Event::Signal {
+                seq: 1,
+                signal: &s_pay,
+            },
+            ActionPending,
+            vec![],
+            None,
+        ),
+        (
+            ActionPending,
+            Event::ActionDone { ok: true },
+            Stable,
+            vec!["action_successful"],
+            None,
+        ),
+        (
+            ActionPending,
+            Event::ActionFailed { reason: "boom" },
+            Stable,
+            vec!["action_failed"],
+            None,
+        ),
+        (
+            Degraded,
+            Event::Signal {
+                seq: 1,
+                signal: &crit,
+            },
+            ActionPending,
+            vec!["action_generated"],
+            None,
+        ),
+        (
+            Degraded,
+            Event::Signal {
+                seq: 1,
+                signal: &s_pay,
+            },
+            Degraded,
+            vec!["signal_skipped"],
+            Some("degraded"),
+        ),
+        (
+            Degraded,
+            Event::Signal {
+                seq: 1,
+                signal: &s_on,
+            },
+            Stable,
+            vec!["entitlement_activated"],
+            None,
+        ),
+        (
+            Stable,
+            Event::Signal {
+                seq: 1,
+                signal: &s_off,
+            },
+            Degraded,
+            vec!["entitlement_revoked"],
+            None,
+        ),
+        (
+            Halted,
+            Event::Signal {
+                seq: 1,
+                signal: &s_pay,
+            },
+            Halted,
+            vec!["signal_skipped"],
+            Some("halted"),
+        ),
+        (
+            Stable,
+            Event::Halt { reason: "op" },
+            Halted,
+            vec!["jidoka_halt"],
+            None,
+        ),
+        (
+            Degraded,
+            Event::Halt { reason: "op" },
+            Halted,
+            vec!["jidoka_halt"],
+            None,
+        ),
+        (Halted, Event::Resume, Stable, vec!["jidoka_resume"], None),
+        (
+            QuotaExhausted,
+            Event::Resume,
+            Stable,
+            vec!["jidoka_resume"],
+            None,
+        ),
+        (
+            QuotaExhausted,
+            Event::Signal {
+                seq: 1,
+                signal: &s_pay,
+            },
+            QuotaExhausted,
+            vec!["quota_exceeded"],
+            Some("quota_exhausted"),
+        ),
+    ];
+    for (from, ev, to, receipts, dl) in rows {
+        let mut d = data(from);
+        let fx = run(&mut d, ev);
+        assert_eq!(d.state, to, "{from:?} + {ev:?}");
+        assert_eq!(kinds(&fx), receipts, "{from:?} + {ev:?}");
+        assert_eq!(dead(&fx), dl, "{from:?} + {ev:?}");
+    }
+}
+
+#[test]
+fn quota_runs_out_then_refills_with_the_period() {
+    let sku = sku();
+    let mut d = data(Stable);
+    let s = pay();
+    let mut id = || "x".to_string();
+    for _ in 0..2 {
+        step(
+            &mut d,
+            &sku,
+            Event::Signal { seq: 1, signal: &s },
+            1_000,
+            &mut id,
+        );
+        step(&mut d, &sku, Event::ActionDone { ok: true }, 1_000, &mut id);
+    }
+    assert_eq!((d.state, d.quota_remaining), (Stable, 0));
+    let fx = step(
+        &mut d,
+        &sku,
+        Event::Signal { seq: 3, signal: &s },
+        1_000,
+        &mut id,
+    );
+    assert_eq!(
+        (d.state, kinds(&fx), dead(&fx)),
+        (
+            QuotaExhausted,
+            vec!["quota_exceeded"],
+            Some("quota_exhausted")
+        )
+    );
+    assert_eq!(d.state_deadline_ms(&sku), Some(sku.period_ms));
+    let fx = step(&mut d, &sku, Event::StateTimeout, sku.period_ms, &mut id);
+    assert_eq!(
+        (d.state, d.quota_remaining, kinds(&fx)),
+        (Stable, 2, vec!["quota_refilled"])
+    );
+}
+
+#[test]
+fn boot_times_out_to_degraded_only_when_due() {
+    let sku = sku();
+    let mut d = Data::new(&sku, 0);
+    let mut id = || "x".to_string();
+    assert!(step(&mut d, &sku, Event::StateTimeout, 29_999, &mut id).is_empty());
+    let fx = step(&mut d, &sku, Event::StateTimeout, 30_000, &mut id);
+    assert_eq!((d.state, kinds(&fx)), (Degraded, vec!["bootstrap_timeout"]));
+}
+
+#[test]
+fn a_restored_in_flight_action_is_recorded_interrupted() {
+    let mut d = data(ActionPending);
+    let fx = run(&mut d, Event::Restored);
+    assert_eq!(d.state, Stable);
+    assert!(fx.contains(&Effect::Settle {
+        seq: 9,
+        signal_id: "s".into(),
+        status: SignalStatus::Failed,
+        reason: Some("interrupted".into())
+    }));
+    assert_eq!(kinds(&fx), ["action_failed"]);
+}
+
+#[test]
+fn a_critical_signal_in_degraded_returns_to_degraded() {
+    let mut d = data(Degraded);
+    let crit = signal("payment", json!({"amount": 1}), true);
+    run(
+        &mut d,
+        Event::Signal {
+            seq: 1,
+            signal: &crit,
+        },
+    );
+    assert_eq!(d.state, ActionPending);
+    run(&mut d, Event::ActionDone { ok: true });
+    assert_eq!(d.state, Degraded);
+}
+
+fn arb_event() -> impl Strategy<Value = u8> {
+    0u8..9
+}
+
+proptest! {
+    /// Whatever happens: an action is in flight exactly in action_pending (or
+    /// halted during one), quota never exceeds the SKU's, every signal gets at
+    /// most one final outcome, and every state change has a receipt.
+    #[test]
+    fn invariants_hold_for_any_event_sequence(events in proptest::collection::vec(arb_event(), 1..60)) {
+        let sku = sku();
+        let mut d = Data::new(&sku, 0);
+        let (p, f, on, off) = (pay(), fraud(), ent(true), ent(false));
+        let crit = signal("payment", json!({"amount": 1}), true);
+        let mut now = 0;
+        let mut n = 0;
+        for (i, e) in events.into_iter().enumerate() {
+            now += 7_000;
+            let seq = i as u64;
+            let ev = match e {
+                0 => Event::Signal { seq, signal: &p },
+                1 => Event::Signal { seq, signal: &f },
+                2 => Event::Signal { seq, signal: &on },
+                3 => Event::Signal { seq, signal: &off },
+                4 => Event::Signal { seq, signal: &crit },
+                5 => Event::ActionDone { ok: true },
+                6 => Event::ActionFailed { reason: "x" },
+                7 => Event::Halt { reason: "op" },
+                _ => Event::Resume,
+            };
+            let before = d.state;
+            let fx = step(&mut d, &sku, ev, now, &mut || { n += 1; n.to_string() });
+            prop_assert!(d.quota_remaining <= sku.quota);
+            prop_assert_eq!(d.in_flight.is_some() && d.state != Halted, d.state == ActionPending);
+            let finals = fx.iter().filter(|e| matches!(e, Effect::Settle { seq: s, .. } | Effect::DeadLetter { seq: s, .. } if *s == seq)).count();
+            let postponed = fx.contains(&Effect::Postpone);
+            prop_assert!(finals <= 1);
+            if let Event::Signal { .. } = ev {
+                let processing = fx.iter().any(|e| matches!(e, Effect::Processing { .. }));
+                prop_assert_eq!(finals + usize::from(postponed) + usize::from(processing), 1, "each signal: one outcome");
+            }
+            if d.state != before {
+                let last = fx.iter().rev().find_map(|e| match e { Effect::Receipt { after, .. } => Some(*after), _ => None });
+                prop_assert_eq!(last, Some(d.state), "a state change has its receipt");
+            }
+        }
+    }
+}

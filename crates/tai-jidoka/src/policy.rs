@@ -1,0 +1,309 @@
+//! Policies as code: pure, deterministic functions of the signal, the
+//! policy's parameters and the engine's context. No I/O, no clock: the
+//! engine passes the time in.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde_json::Value;
+use tai_core::signal::Signal;
+
+/// A policy's verdict.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    pub allow: bool,
+    pub score: u32,
+    pub violations: Vec<String>,
+}
+
+/// What a policy may read of the engine besides the signal.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    pub now_ms: u64,
+    /// Per customer, the times of their recent payments (this one not included).
+    pub velocity: &'a BTreeMap<String, VecDeque<u64>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Policy {
+    PaymentFraud(PaymentFraud),
+}
+
+impl Policy {
+    /// Builds a policy from its name and the SKU's `params.<name>` table.
+    pub fn from_config(name: &str, params: Option<&Value>) -> Result<Policy, String> {
+        match name {
+            "payment_fraud" => Ok(Policy::PaymentFraud(PaymentFraud::from_params(params)?)),
+            other => Err(format!("unknown policy {other:?}")),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Policy::PaymentFraud(_) => "payment_fraud",
+        }
+    }
+
+    pub fn evaluate(&self, signal: &Signal, ctx: Context<'_>) -> Verdict {
+        match self {
+            Policy::PaymentFraud(p) => p.evaluate(signal, ctx),
+        }
+    }
+
+    /// The window within which the velocity context must be kept.
+    pub fn velocity_window_ms(&self) -> Option<u64> {
+        match self {
+            Policy::PaymentFraud(p) => Some(p.velocity_window_secs * 1000),
+        }
+    }
+}
+
+/// SPEC §5: blacklist +100, more than `velocity_limit` payments a minute from
+/// one customer +50, amount over `amount_threshold` +30, currency or geography
+/// anomaly +20; deny at `deny_score` or more.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PaymentFraud {
+    pub blacklist: Vec<String>,
+    pub velocity_limit: usize,
+    pub velocity_window_secs: u64,
+    pub amount_threshold: f64,
+    pub currencies: Vec<String>,
+    pub deny_score: u32,
+}
+
+impl Default for PaymentFraud {
+    fn default() -> Self {
+        PaymentFraud {
+            blacklist: Vec::new(),
+            velocity_limit: 5,
+            velocity_window_secs: 60,
+            amount_threshold: 5000.0,
+            currencies: vec!["USD".into(), "EUR".into(), "GBP".into()],
+            deny_score: 50,
+        }
+    }
+}
+
+fn strings(v: &Value, key: &str) -> Result<Vec<String>, String> {
+    v.as_array()
+        .ok_or_else(|| format!("{key} must be an array of strings"))?
+        .iter()
+        .map(|x| {
+            x.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| format!("{key} must be an array of strings"))
+        })
+        .collect()
+}
+
+impl PaymentFraud {
+    fn from_params(params: Option<&Value>) -> Result<Self, String> {
+        let mut p = PaymentFraud::default();
+        let Some(params) = params else {
+            return Ok(p);
+        };
+        let table = params
+            .as_object()
+            .ok_or("params.payment_fraud must be a table")?;
+        for (k, v) in table {
+            match k.as_str() {
+                "blacklist" => p.blacklist = strings(v, k)?,
+                "currencies" => p.currencies = strings(v, k)?,
+                "velocity_limit" => {
+                    p.velocity_limit =
+                        v.as_u64().ok_or("velocity_limit must be a whole number")? as usize
+                }
+                "velocity_window_secs" => {
+                    p.velocity_window_secs = v
+                        .as_u64()
+                        .ok_or("velocity_window_secs must be a whole number")?
+                }
+                "amount_threshold" => {
+                    p.amount_threshold = v.as_f64().ok_or("amount_threshold must be a number")?
+                }
+                "deny_score" => {
+                    p.deny_score = v.as_u64().ok_or("deny_score must be a whole number")? as u32
+                }
+                other => return Err(format!("unknown payment_fraud parameter {other:?}")),
+            }
+        }
+        Ok(p)
+    }
+
+    pub fn evaluate(&self, s: &Signal, ctx: Context<'_>) -> Verdict {
+        let mut score = 0;
+        let mut violations = Vec::new();
+        let customer = s.payload.get("customer_id").and_then(Value::as_str);
+        if let Some(c) = customer {
+            if self.blacklist.iter().any(|b| b == c) {
+                score += 100;
+                violations.push(format!("customer {c} is blacklisted (+100)"));
+            }
+            let window = self.velocity_window_secs * 1000;
+            let recent = ctx.velocity.get(c).map_or(0, |ts| {
+                ts.iter()
+                    .filter(|t| ctx.now_ms.saturating_sub(**t) < window)
+                    .count()
+            });
+            // This payment counts too.
+            if recent + 1 > self.velocity_limit {
+                score += 50;
+                violations.push(format!(
+                    "{} payments from {c} within {}s, more than {} (+50)",
+                    recent + 1,
+                    self.velocity_window_secs,
+                    self.velocity_limit
+                ));
+            }
+        }
+        if let Some(amount) = s.payload.get("amount").and_then(Value::as_f64) {
+            if amount > self.amount_threshold {
+                score += 30;
+                violations.push(format!(
+                    "amount {amount} over {} (+30)",
+                    self.amount_threshold
+                ));
+            }
+        }
+        let currency = s.payload.get("currency").and_then(Value::as_str);
+        let currency_odd = currency.is_some_and(|c| !self.currencies.iter().any(|x| x == c));
+        let country = s.payload.get("country").and_then(Value::as_str);
+        let card_country = s.payload.get("card_country").and_then(Value::as_str);
+        let geo_odd = matches!((country, card_country), (Some(a), Some(b)) if a != b);
+        if currency_odd || geo_odd {
+            score += 20;
+            let what = if currency_odd {
+                format!(
+                    "currency {} not in {:?}",
+                    currency.unwrap_or_default(),
+                    self.currencies
+                )
+            } else {
+                format!(
+                    "country {} differs from card country {}",
+                    country.unwrap_or_default(),
+                    card_country.unwrap_or_default()
+                )
+            };
+            violations.push(format!("{what} (+20)"));
+        }
+        let allow = score < self.deny_score;
+        Verdict {
+            allow,
+            score,
+            violations: if allow { Vec::new() } else { violations },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn payment(payload: Value) -> Signal {
+        Signal {
+            id: "p".into(),
+            tenant_id: "t".into(),
+            sku_id: "payments".into(),
+            kind: "payment".into(),
+            critical: false,
+            payload: payload.as_object().unwrap().clone(),
+            received_at_ms: 0,
+            trace_id: None,
+        }
+    }
+
+    #[test]
+    fn thresholds_score_as_specified() {
+        let p = PaymentFraud {
+            blacklist: vec!["bad".into()],
+            ..PaymentFraud::default()
+        };
+        let empty = BTreeMap::new();
+        let ctx = Context {
+            now_ms: 100_000,
+            velocity: &empty,
+        };
+        let cases = [
+            (
+                json!({"amount": 10.0, "currency": "USD", "customer_id": "c"}),
+                0,
+                true,
+            ),
+            (json!({"amount": 5000.0, "currency": "USD"}), 0, true),
+            (json!({"amount": 5000.01, "currency": "USD"}), 30, true),
+            (json!({"amount": 10, "currency": "XYZ"}), 20, true),
+            (json!({"amount": 6000, "currency": "XYZ"}), 50, false),
+            (
+                json!({"amount": 10, "country": "US", "card_country": "FR"}),
+                20,
+                true,
+            ),
+            (json!({"amount": 10, "customer_id": "bad"}), 100, false),
+        ];
+        for (payload, score, allow) in cases {
+            let v = p.evaluate(&payment(payload.clone()), ctx);
+            assert_eq!((v.score, v.allow), (score, allow), "{payload}");
+            assert_eq!(v.violations.is_empty(), allow, "{payload}");
+        }
+    }
+
+    #[test]
+    fn the_sixth_payment_within_a_minute_is_denied() {
+        let p = PaymentFraud::default();
+        let now = 1_000_000;
+        let mut velocity = BTreeMap::new();
+        velocity.insert(
+            "c".to_string(),
+            VecDeque::from(vec![now - 50_000, now - 40_000, now - 30_000, now - 20_000]),
+        );
+        let s = payment(json!({"amount": 1, "customer_id": "c"}));
+        assert!(
+            p.evaluate(
+                &s,
+                Context {
+                    now_ms: now,
+                    velocity: &velocity
+                }
+            )
+            .allow,
+            "fifth"
+        );
+        velocity.get_mut("c").unwrap().push_back(now - 10_000);
+        let v = p.evaluate(
+            &s,
+            Context {
+                now_ms: now,
+                velocity: &velocity,
+            },
+        );
+        assert!(!v.allow, "sixth");
+        assert_eq!(v.score, 50);
+        // Older than the window no longer counts.
+        assert!(
+            p.evaluate(
+                &s,
+                Context {
+                    now_ms: now + 55_000,
+                    velocity: &velocity
+                }
+            )
+            .allow
+        );
+    }
+
+    #[test]
+    fn params_are_checked() {
+        let ok = Policy::from_config(
+            "payment_fraud",
+            Some(&json!({"amount_threshold": 10, "blacklist": ["x"]})),
+        )
+        .unwrap();
+        assert_eq!(ok.name(), "payment_fraud");
+        assert!(
+            Policy::from_config("payment_fraud", Some(&json!({"amount_treshold": 10}))).is_err()
+        );
+        assert!(Policy::from_config("payment_fraud", Some(&json!({"blacklist": "x"}))).is_err());
+        assert!(Policy::from_config("astrology", None).is_err());
+    }
+}

@@ -1,0 +1,385 @@
+//! `engine_router`: delivers each signal to its engine, starting engines on
+//! demand under `engine_sup` and passivating them (checkpointed already, then
+//! drained and stopped) when idle or when too many are live, least recently
+//! used first. Memory follows the active tenants, not every tenant ever seen.
+//!
+//! Every start and stop of an engine goes through here, so an engine that is
+//! draining never races a new incarnation of itself: signals for it wait here.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tai_core::msg::{Delivery, KanbanMsg, RouterMsg, KANBAN_QUEUE};
+use tai_core::names::{engine_name, ENGINE_SUP};
+use tai_core::signal::{EngineInfo, EngineState};
+use tai_otp::{ChildSpec, Restart, SupervisorMsg};
+use tai_store::Store;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use crate::engine::{Engine, EngineArgs, EngineMsg};
+use crate::machine::{Data, Sku};
+
+const CALL: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Copy, Debug)]
+pub struct Router;
+
+pub struct RouterArgs {
+    pub store: Store,
+    pub skus: Arc<HashMap<String, Arc<Sku>>>,
+    pub default_sku: Arc<Sku>,
+    pub idle_timeout: Duration,
+    pub max_active: usize,
+}
+
+struct Entry {
+    tenant_id: String,
+    sku_id: String,
+    last_used: Instant,
+    /// Draining: signals wait here until it is gone.
+    waiting: Option<Vec<Delivery>>,
+}
+
+pub struct RouterState {
+    args: RouterArgs,
+    engines: HashMap<String, Entry>,
+    ticker: tokio::task::JoinHandle<()>,
+}
+
+fn engine_ref(name: &str) -> Option<ActorRef<EngineMsg>> {
+    ractor::registry::where_is(name).map(ActorRef::from)
+}
+
+impl Router {
+    fn sku(st: &RouterState, sku_id: &str) -> Arc<Sku> {
+        st.args
+            .skus
+            .get(sku_id)
+            .cloned()
+            .unwrap_or_else(|| st.args.default_sku.clone())
+    }
+
+    /// The running engine, started if need be (after passivating the least
+    /// recently used one when at the cap). `None` while it drains.
+    async fn ensure(
+        myself: &ActorRef<RouterMsg>,
+        st: &mut RouterState,
+        tenant: &str,
+        sku_id: &str,
+    ) -> Result<Option<ActorRef<EngineMsg>>, ActorProcessingErr> {
+        let name = engine_name(tenant, sku_id);
+        if let Some(e) = st.engines.get_mut(&name) {
+            if e.waiting.is_some() {
+                return Ok(None);
+            }
+            e.last_used = Instant::now();
+            if let Some(r) = engine_ref(&name) {
+                return Ok(Some(r));
+            }
+        }
+        let live = st.engines.values().filter(|e| e.waiting.is_none()).count();
+        if !st.engines.contains_key(&name) && live >= st.args.max_active {
+            let lru = st
+                .engines
+                .iter()
+                .filter(|(_, e)| e.waiting.is_none())
+                .min_by_key(|(_, e)| e.last_used)
+                .map(|(k, _)| k.clone());
+            if let Some(lru) = lru {
+                Self::passivate(myself, st, &lru);
+            }
+        }
+        let sup: ActorRef<SupervisorMsg> = ractor::registry::where_is(ENGINE_SUP)
+            .map(ActorRef::from)
+            .ok_or("engine_sup is not running")?;
+        let args_store = st.args.store.clone();
+        let sku = Self::sku(st, sku_id);
+        let (t, s) = (tenant.to_string(), sku_id.to_string());
+        let spec = ChildSpec::worker(name.clone(), Some(name.clone()), Engine, move || {
+            EngineArgs {
+                tenant_id: t.clone(),
+                sku_id: s.clone(),
+                sku: sku.clone(),
+                store: args_store.clone(),
+            }
+        })
+        .restart(Restart::Transient);
+        let cell = tai_otp::start_child(&sup, spec, CALL)
+            .await
+            .map_err(|e| format!("cannot start {name}: {e}"))?;
+        st.engines.insert(
+            name,
+            Entry {
+                tenant_id: tenant.to_string(),
+                sku_id: sku_id.to_string(),
+                last_used: Instant::now(),
+                waiting: None,
+            },
+        );
+        Ok(Some(cell.into()))
+    }
+
+    /// Drains the engine (it finishes what is in its mailbox) and stops it.
+    fn passivate(myself: &ActorRef<RouterMsg>, st: &mut RouterState, name: &str) {
+        let Some(e) = st.engines.get_mut(name) else {
+            return;
+        };
+        if e.waiting.is_some() {
+            return;
+        }
+        e.waiting = Some(Vec::new());
+        let me = myself.clone();
+        let name = name.to_string();
+        debug!(engine = %name, "passivating engine");
+        match ractor::registry::where_is(name.clone()) {
+            Some(cell) => {
+                tokio::spawn(async move {
+                    if cell.drain().is_ok() {
+                        let _ = cell.wait(None).await;
+                    }
+                    let _ = me.send_message(RouterMsg::Drained(name));
+                });
+            }
+            None => {
+                let _ = me.send_message(RouterMsg::Drained(name));
+            }
+        }
+    }
+
+    async fn deliver(
+        myself: &ActorRef<RouterMsg>,
+        st: &mut RouterState,
+        d: Delivery,
+    ) -> Result<(), ActorProcessingErr> {
+        let name = engine_name(&d.signal.tenant_id, &d.signal.sku_id);
+        match Self::ensure(myself, st, &d.signal.tenant_id, &d.signal.sku_id).await? {
+            Some(engine) => {
+                // A send to an engine that just died is lost; Kanban redelivers
+                // when the engine restarts.
+                let _ = engine.send_message(EngineMsg::Deliver(d));
+            }
+            None => {
+                if let Some(w) = st.engines.get_mut(&name).and_then(|e| e.waiting.as_mut()) {
+                    w.push(d);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks a running engine, or reads a passivated one's checkpoint.
+    async fn info(st: &RouterState, tenant: &str, sku_id: &str) -> Option<EngineInfo> {
+        let name = engine_name(tenant, sku_id);
+        if let Some(r) = engine_ref(&name) {
+            if let Ok(ractor::rpc::CallResult::Success(info)) =
+                r.call(EngineMsg::Info, Some(CALL)).await
+            {
+                return Some(info);
+            }
+        }
+        let bytes = st.args.store.checkpoint(tenant, sku_id).ok()??;
+        let data: Data = serde_json::from_slice(&bytes).ok()?;
+        Some(passive_info(tenant, sku_id, &data))
+    }
+}
+
+fn passive_info(tenant: &str, sku_id: &str, data: &Data) -> EngineInfo {
+    EngineInfo {
+        tenant_id: tenant.to_string(),
+        sku_id: sku_id.to_string(),
+        state: data.state,
+        quota_remaining: data.quota_remaining,
+        entitled: data.entitled,
+        in_flight_action: data.in_flight.as_ref().map(|f| f.action_id.clone()),
+        postponed: 0,
+        restarts: 0,
+        active: false,
+    }
+}
+
+/// Restart counts of engines, from `engine_sup`.
+async fn engine_restarts() -> HashMap<String, u64> {
+    let Some(sup) = ractor::registry::where_is(ENGINE_SUP) else {
+        return HashMap::new();
+    };
+    match tai_otp::which_children(&sup, CALL).await {
+        Ok(r) => r.children.into_iter().map(|c| (c.id, c.restarts)).collect(),
+        Err(_) => HashMap::new(),
+    }
+}
+
+impl Actor for Router {
+    type Msg = RouterMsg;
+    type State = RouterState;
+    type Arguments = RouterArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<RouterMsg>,
+        args: RouterArgs,
+    ) -> Result<RouterState, ActorProcessingErr> {
+        let me = myself.clone();
+        let tick =
+            (args.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let ticker = tokio::spawn(async move {
+            let mut every = tokio::time::interval(tick);
+            loop {
+                every.tick().await;
+                if me.send_message(RouterMsg::Tick).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(RouterState {
+            args,
+            engines: HashMap::new(),
+            ticker,
+        })
+    }
+
+    async fn post_start(
+        &self,
+        _myself: ActorRef<RouterMsg>,
+        _st: &mut RouterState,
+    ) -> Result<(), ActorProcessingErr> {
+        // Whatever was in flight went to engines of an earlier incarnation.
+        if let Some(q) = ractor::registry::where_is(KANBAN_QUEUE) {
+            let _ = q.send_message(KanbanMsg::RedeliverAll);
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<RouterMsg>,
+        st: &mut RouterState,
+    ) -> Result<(), ActorProcessingErr> {
+        st.ticker.abort();
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<RouterMsg>,
+        msg: RouterMsg,
+        st: &mut RouterState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            RouterMsg::Deliver(d) => {
+                if let Err(e) = Self::deliver(&myself, st, d).await {
+                    // The signal stays in flight; Kanban sends it again.
+                    warn!(error = %e, "delivery failed");
+                }
+            }
+            RouterMsg::Tick => {
+                let idle = st.args.idle_timeout;
+                let due: Vec<String> = st
+                    .engines
+                    .iter()
+                    .filter(|(_, e)| e.waiting.is_none() && e.last_used.elapsed() >= idle)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for name in due {
+                    // An engine with work pending stays.
+                    let busy = match engine_ref(&name) {
+                        Some(r) => match r.call(EngineMsg::Info, Some(CALL)).await {
+                            Ok(ractor::rpc::CallResult::Success(i)) => {
+                                i.postponed > 0 || i.state == EngineState::ActionPending
+                            }
+                            _ => false,
+                        },
+                        None => false,
+                    };
+                    if busy {
+                        if let Some(e) = st.engines.get_mut(&name) {
+                            e.last_used = Instant::now();
+                        }
+                    } else {
+                        Self::passivate(&myself, st, &name);
+                    }
+                }
+            }
+            RouterMsg::Drained(name) => {
+                if let Some(e) = st.engines.remove(&name) {
+                    for d in e.waiting.unwrap_or_default() {
+                        if let Err(err) = Self::deliver(&myself, st, d).await {
+                            warn!(error = %err, "delivery after passivation failed");
+                        }
+                    }
+                }
+            }
+            RouterMsg::Engines(reply) => {
+                let restarts = engine_restarts().await;
+                let mut seen = std::collections::HashSet::new();
+                let mut out = Vec::new();
+                for (name, e) in &st.engines {
+                    if let Some(mut i) = Self::info(st, &e.tenant_id, &e.sku_id).await {
+                        i.restarts = restarts.get(name).copied().unwrap_or(0);
+                        seen.insert((i.tenant_id.clone(), i.sku_id.clone()));
+                        out.push(i);
+                    }
+                }
+                for (t, s, bytes) in st.args.store.checkpoints().unwrap_or_default() {
+                    if seen.contains(&(t.clone(), s.clone())) {
+                        continue;
+                    }
+                    if let Ok(data) = serde_json::from_slice::<Data>(&bytes) {
+                        out.push(passive_info(&t, &s, &data));
+                    }
+                }
+                out.sort_by(|a, b| (&a.tenant_id, &a.sku_id).cmp(&(&b.tenant_id, &b.sku_id)));
+                let _ = reply.send(out);
+            }
+            RouterMsg::Engine {
+                tenant_id,
+                sku_id,
+                reply,
+            } => {
+                let mut info = Self::info(st, &tenant_id, &sku_id).await;
+                if let Some(i) = info.as_mut() {
+                    i.restarts = engine_restarts()
+                        .await
+                        .get(&engine_name(&tenant_id, &sku_id))
+                        .copied()
+                        .unwrap_or(0);
+                }
+                let _ = reply.send(info);
+            }
+            RouterMsg::Halt {
+                tenant_id,
+                sku_id,
+                reason,
+                reply,
+            } => {
+                let answer = match Self::ensure(&myself, st, &tenant_id, &sku_id).await {
+                    Ok(Some(e)) => match e.call(|r| EngineMsg::Halt(reason, r), Some(CALL)).await {
+                        Ok(ractor::rpc::CallResult::Success(i)) => Ok(i),
+                        _ => Err("the engine did not answer".to_string()),
+                    },
+                    Ok(None) => Err("the engine is being passivated; try again".to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                let _ = reply.send(answer);
+            }
+            RouterMsg::Resume {
+                tenant_id,
+                sku_id,
+                reply,
+            } => {
+                let answer = match Self::ensure(&myself, st, &tenant_id, &sku_id).await {
+                    Ok(Some(e)) => match e.call(EngineMsg::Resume, Some(CALL)).await {
+                        Ok(ractor::rpc::CallResult::Success(i)) => Ok(i),
+                        _ => Err("the engine did not answer".to_string()),
+                    },
+                    Ok(None) => Err("the engine is being passivated; try again".to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                let _ = reply.send(answer);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,254 @@
+//! The dispatch bookkeeping, apart from the actor so it can be tested alone:
+//! ready signals per tenant, a round-robin of tenants, what is in flight.
+
+use std::collections::{HashMap, VecDeque};
+
+use tai_core::msg::Delivery;
+use tokio::time::Instant;
+
+pub struct Flight {
+    pub delivery: Delivery,
+    pub sent_at: Instant,
+    pub attempts: u32,
+}
+
+/// Heijunka: each tenant has its own FIFO, and tenants take turns, so one hot
+/// tenant cannot starve the others; a tenant's own signals keep their order.
+#[derive(Default)]
+pub struct Dispatch {
+    ready: HashMap<String, VecDeque<Delivery>>,
+    turn: VecDeque<String>,
+    in_flight: HashMap<u64, Flight>,
+    per_engine: HashMap<(String, String), u32>,
+    ready_count: u64,
+}
+
+fn engine_of(d: &Delivery) -> (String, String) {
+    (d.signal.tenant_id.clone(), d.signal.sku_id.clone())
+}
+
+impl Dispatch {
+    pub fn push(&mut self, d: Delivery) {
+        let tenant = d.signal.tenant_id.clone();
+        let q = self.ready.entry(tenant.clone()).or_default();
+        if q.is_empty() {
+            self.turn.push_back(tenant);
+        }
+        q.push_back(d);
+        self.ready_count += 1;
+    }
+
+    pub fn ready_len(&self) -> u64 {
+        self.ready_count
+    }
+
+    pub fn in_flight_len(&self) -> u64 {
+        self.in_flight.len() as u64
+    }
+
+    /// Takes the next signals to send: tenants in turn, at most `prefetch`
+    /// in flight per engine, at most `wip_limit` in flight in all.
+    pub fn take(&mut self, wip_limit: u32, prefetch: u32, now: Instant) -> Vec<Delivery> {
+        let mut out = Vec::new();
+        let mut skipped = 0;
+        while (self.in_flight.len() as u64) < u64::from(wip_limit) && skipped < self.turn.len() {
+            let Some(tenant) = self.turn.pop_front() else {
+                break;
+            };
+            let Some(q) = self.ready.get_mut(&tenant) else {
+                continue;
+            };
+            let Some(head) = q.front() else {
+                self.ready.remove(&tenant);
+                continue;
+            };
+            let engine = engine_of(head);
+            if self.per_engine.get(&engine).copied().unwrap_or(0) >= prefetch {
+                // This tenant's next signal waits for its engine; keep its turn.
+                self.turn.push_back(tenant);
+                skipped += 1;
+                continue;
+            }
+            skipped = 0;
+            let d = q.pop_front().expect("head exists");
+            if q.is_empty() {
+                self.ready.remove(&tenant);
+            } else {
+                self.turn.push_back(tenant);
+            }
+            self.ready_count -= 1;
+            *self.per_engine.entry(engine).or_default() += 1;
+            self.in_flight.insert(
+                d.seq,
+                Flight {
+                    delivery: d.clone(),
+                    sent_at: now,
+                    attempts: 1,
+                },
+            );
+            out.push(d);
+        }
+        out
+    }
+
+    /// The decision is made: frees the slot. False if it was not in flight.
+    pub fn ack(&mut self, seq: u64) -> bool {
+        let Some(f) = self.in_flight.remove(&seq) else {
+            return false;
+        };
+        let engine = engine_of(&f.delivery);
+        if let Some(n) = self.per_engine.get_mut(&engine) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_engine.remove(&engine);
+            }
+        }
+        true
+    }
+
+    /// In-flight signals of one engine, oldest first, to send again. The
+    /// oldest is the one the engine was working on when it died: it alone
+    /// gets an attempt counted.
+    pub fn redeliver_engine(
+        &mut self,
+        tenant: &str,
+        sku: &str,
+        now: Instant,
+    ) -> Vec<(Delivery, u32)> {
+        let mut seqs: Vec<u64> = self
+            .in_flight
+            .iter()
+            .filter(|(_, f)| {
+                f.delivery.signal.tenant_id == tenant && f.delivery.signal.sku_id == sku
+            })
+            .map(|(s, _)| *s)
+            .collect();
+        seqs.sort_unstable();
+        let mut out = Vec::new();
+        for (i, seq) in seqs.into_iter().enumerate() {
+            let f = self.in_flight.get_mut(&seq).expect("listed");
+            if i == 0 {
+                f.attempts += 1;
+            }
+            f.sent_at = now;
+            out.push((f.delivery.clone(), f.attempts));
+        }
+        out
+    }
+
+    pub fn redeliver_all(&mut self, now: Instant) -> Vec<Delivery> {
+        let mut all: Vec<&mut Flight> = self.in_flight.values_mut().collect();
+        all.sort_by_key(|f| f.delivery.seq);
+        all.into_iter()
+            .map(|f| {
+                f.sent_at = now;
+                f.delivery.clone()
+            })
+            .collect()
+    }
+
+    /// In flight for longer than `visibility`: sent again, with an attempt counted.
+    pub fn expired(
+        &mut self,
+        visibility: std::time::Duration,
+        now: Instant,
+    ) -> Vec<(Delivery, u32)> {
+        let mut out: Vec<(Delivery, u32)> = self
+            .in_flight
+            .values_mut()
+            .filter(|f| now.duration_since(f.sent_at) >= visibility)
+            .map(|f| {
+                f.attempts += 1;
+                f.sent_at = now;
+                (f.delivery.clone(), f.attempts)
+            })
+            .collect();
+        out.sort_by_key(|(d, _)| d.seq);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tai_core::signal::Signal;
+
+    fn d(seq: u64, tenant: &str, sku: &str) -> Delivery {
+        Delivery {
+            seq,
+            signal: Signal {
+                id: format!("s{seq}"),
+                tenant_id: tenant.into(),
+                sku_id: sku.into(),
+                kind: "k".into(),
+                critical: false,
+                payload: Default::default(),
+                received_at_ms: 0,
+                trace_id: None,
+            },
+        }
+    }
+
+    fn seqs(v: &[Delivery]) -> Vec<u64> {
+        v.iter().map(|d| d.seq).collect()
+    }
+
+    #[test]
+    fn tenants_take_turns_and_keep_their_own_order() {
+        let mut q = Dispatch::default();
+        for s in 1..=6 {
+            q.push(d(s, "hot", "a"));
+        }
+        q.push(d(7, "calm", "a"));
+        q.push(d(8, "calm", "a"));
+        let now = Instant::now();
+        let out = q.take(4, 10, now);
+        assert_eq!(seqs(&out), [1, 7, 2, 8]);
+        assert_eq!(seqs(&q.take(100, 10, now)), [3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn wip_and_prefetch_bound_what_is_in_flight() {
+        let mut q = Dispatch::default();
+        for s in 1..=5 {
+            q.push(d(s, "t", "a"));
+        }
+        q.push(d(6, "u", "a"));
+        let now = Instant::now();
+        assert_eq!(seqs(&q.take(50, 2, now)), [1, 6, 2]);
+        assert_eq!(q.in_flight_len(), 3);
+        assert!(
+            q.take(50, 2, now).is_empty(),
+            "engine t/a is at its prefetch"
+        );
+        assert!(q.ack(1));
+        assert!(!q.ack(1));
+        assert_eq!(seqs(&q.take(50, 2, now)), [3]);
+        assert!(q.ack(2) && q.ack(3) && q.ack(6));
+        assert_eq!(seqs(&q.take(1, 2, now)), [4]);
+        assert_eq!(q.ready_len(), 1);
+    }
+
+    #[test]
+    fn redelivery_counts_an_attempt_on_the_oldest_only() {
+        let mut q = Dispatch::default();
+        for s in 1..=3 {
+            q.push(d(s, "t", "a"));
+        }
+        let now = Instant::now();
+        q.take(50, 10, now);
+        let again = q.redeliver_engine("t", "a", now);
+        assert_eq!(
+            again.iter().map(|(d, n)| (d.seq, *n)).collect::<Vec<_>>(),
+            [(1, 2), (2, 1), (3, 1)]
+        );
+        assert!(q
+            .expired(std::time::Duration::from_secs(60), now)
+            .is_empty());
+        let later = now + std::time::Duration::from_secs(61);
+        assert_eq!(
+            q.expired(std::time::Duration::from_secs(60), later).len(),
+            3
+        );
+    }
+}

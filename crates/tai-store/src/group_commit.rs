@@ -1,0 +1,86 @@
+//! Group commit: one thread calls `flush()`; writers wait for a flush that
+//! started after their write. Every write that lands while a flush runs is
+//! carried by the next one, so the flush rate adapts to the load.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+pub(crate) struct GroupCommit {
+    started: Arc<AtomicU64>,
+    pending: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    done: watch::Receiver<(u64, Option<String>)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl GroupCommit {
+    pub(crate) fn start(db: sled::Db) -> Self {
+        let started = Arc::new(AtomicU64::new(0));
+        let pending = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = watch::channel((0u64, None));
+        let (s, p, st) = (started.clone(), pending.clone(), stop.clone());
+        let thread = thread::Builder::new()
+            .name("tai-store-flusher".into())
+            .spawn(move || loop {
+                while !p.swap(false, Ordering::SeqCst) {
+                    if st.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    thread::park_timeout(Duration::from_millis(100));
+                }
+                let generation = s.fetch_add(1, Ordering::SeqCst) + 1;
+                let result = db.flush().err().map(|e| e.to_string());
+                if let Some(e) = &result {
+                    tracing::error!(error = %e, "group commit flush failed");
+                }
+                tx.send_replace((generation, result));
+            })
+            .expect("spawn the flusher thread");
+        GroupCommit {
+            started,
+            pending,
+            stop,
+            done: rx,
+            thread: Some(thread),
+        }
+    }
+
+    /// How many flushes have started.
+    #[cfg(test)]
+    pub(crate) fn flushes(&self) -> u64 {
+        self.started.load(Ordering::SeqCst)
+    }
+
+    pub(crate) async fn durable(&self) -> Result<(), String> {
+        // A flush numbered above the one started now began after our write.
+        let target = self.started.load(Ordering::SeqCst) + 1;
+        self.pending.store(true, Ordering::SeqCst);
+        if let Some(t) = &self.thread {
+            t.thread().unpark();
+        }
+        let mut rx = self.done.clone();
+        let seen = rx
+            .wait_for(|(generation, _)| *generation >= target)
+            .await
+            .map_err(|_| "the flusher stopped".to_string())?;
+        match &seen.1 {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for GroupCommit {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
