@@ -231,13 +231,23 @@ fn tai_tree_prints_the_live_tree() {
         lines[0].starts_with("tai_sup [supervisor] running restarts=0 rest_for_one 5/60s"),
         "{text}"
     );
-    assert!(
-        lines[1].starts_with("├─ ingress_sup [supervisor] running"),
-        "{text}"
-    );
-    assert!(
-        text.contains("│  └─ engine_sup [supervisor] running restarts=0 simple_one_for_one"),
-        "{text}"
-    );
-    assert!(lines.last().unwrap().starts_with("└─ andon_sup"), "{text}");
+    let expected_prefixes = [
+        "├─ ingress_sup [supervisor] running",
+        "│  └─ ingress_http [worker] running restarts=0",
+        "├─ kanban_sup [supervisor] running",
+        "│  └─ kanban_queue [worker] running restarts=0",
+        "├─ processor_sup [supervisor] running",
+        "│  ├─ engine_sup [supervisor] running restarts=0 simple_one_for_one",
+        "│  └─ engine_router [worker] running restarts=0",
+        "├─ kaizen_sup [supervisor] running",
+        "└─ andon_sup [supervisor] running",
+        "   └─ andon_ledger [worker] running restarts=0",
+    ];
+    assert_eq!(lines.len(), 1 + expected_prefixes.len(), "{text}");
+    for (line, want) in lines[1..].iter().zip(expected_prefixes) {
+        assert!(
+            line.starts_with(want),
+            "{want:?} expected, got {line:?} in\n{text}"
+        );
+    }
 }

@@ -22,6 +22,9 @@ use crate::spec::{ChildSpec, Exit, Restart, Shutdown, Strategy, SupervisorSpec};
 /// How long to wait for a killed actor to be gone before moving on.
 const KILL_WAIT: Duration = Duration::from_secs(5);
 
+/// How long a restart waits for a dying actor to release its registered name.
+const NAME_RELEASE_WAIT: Duration = Duration::from_secs(5);
+
 /// The supervisor behaviour. Start it with a [`SupervisorSpec`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Supervisor;
@@ -227,7 +230,19 @@ impl Supervisor {
     ) -> Result<ActorCell, String> {
         let child = state.children.get_mut(&seq).ok_or("child vanished")?;
         let start = child.spec.start.clone();
-        match start(myself.get_cell()).await {
+        let mut result = start(myself.get_cell()).await;
+        if let Err(ractor::SpawnErr::ActorAlreadyRegistered(name)) = &result {
+            // The previous holder of the name may still be dying: ractor kills
+            // a killed supervisor's children asynchronously, and a name is
+            // released only once its actor stops. Wait for it, then try again.
+            if let Some(old) = ractor::registry::where_is(name.clone()) {
+                if old.wait(Some(NAME_RELEASE_WAIT)).await.is_err() {
+                    warn!(name = %name, "registered name still held by a live actor");
+                }
+            }
+            result = start(myself.get_cell()).await;
+        }
+        match result {
             Ok(cell) => {
                 let child = state.children.get_mut(&seq).ok_or("child vanished")?;
                 child.cell = Some(cell.clone());

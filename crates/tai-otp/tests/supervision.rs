@@ -354,3 +354,53 @@ async fn failed_restart_is_retried_and_counts_against_intensity() {
     // One initial start, then the restarts OTP allows (3) and the one that exceeds.
     assert_eq!(starts.load(Ordering::SeqCst), 4);
 }
+
+#[tokio::test]
+async fn a_killed_supervisor_comes_back_with_its_named_children() {
+    // ractor kills a killed supervisor's children asynchronously; the restart
+    // must wait for their registered names instead of failing on them.
+    let log = new_log();
+    let named = ChildSpec::worker(
+        "named_w",
+        Some("named_w_kill_test".to_string()),
+        Probe {
+            id: "named_w".into(),
+            log: log.clone(),
+            slow_stop: None,
+        },
+        || (),
+    );
+    let mid = ChildSpec::supervisor(
+        "mid_kill_test",
+        SupervisorSpec::new(Strategy::OneForOne).child(named),
+    );
+    let spec = SupervisorSpec::new(Strategy::OneForOne)
+        .intensity(3, Duration::from_secs(5))
+        .child(mid);
+    let (top, _) = Actor::spawn(None, Supervisor, spec).await.unwrap();
+    for round in 1..=3u64 {
+        let old = ractor::registry::where_is("named_w_kill_test")
+            .unwrap()
+            .get_id();
+        ractor::registry::where_is("mid_kill_test").unwrap().kill();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let back =
+                ractor::registry::where_is("named_w_kill_test").is_some_and(|c| c.get_id() != old);
+            if back {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "round {round}: not restarted"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let report = tai_otp::which_children(&top.get_cell(), Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(report.children[0].restarts, round);
+        assert_eq!(report.children[0].status, ChildStatus::Running);
+    }
+    top.stop_and_wait(None, None).await.unwrap();
+}
