@@ -58,7 +58,63 @@ pub struct Node {
     pub child: Child,
     pub dir: tempfile::TempDir,
     pub operator: String,
+    pub ingress: String,
     pub log_path: PathBuf,
+    config: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+/// A config for signal tests: generous limits, and tenants and SKUs for
+/// each case. `extra` is appended (more tables).
+pub fn test_config(extra: &str) -> String {
+    format!(
+        r#"
+[node]
+mode = "dev"
+shutdown_grace_secs = 10
+
+[ingress.rate_limits]
+global_per_sec = 100000
+trial_per_sec = 5
+standard_per_sec = 100000
+enterprise_per_sec = 100000
+
+[andon]
+signing_key_id = "k2"
+signing_keys = {{ "k1" = "old-receipt-key", "k2" = "test-receipt-key" }}
+
+[[tenants]]
+id = "acme"
+secrets = ["acme-old-secret", "acme-secret"]
+tier = "enterprise"
+
+[[tenants]]
+id = "globex"
+secrets = ["globex-secret"]
+tier = "standard"
+
+[[tenants]]
+id = "tiny"
+secrets = ["tiny-secret"]
+tier = "trial"
+
+[skus.payments]
+policies = ["payment_fraud"]
+quota = 1000000
+quota_period_secs = 3600
+entitlement_timeout_secs = 30
+
+[skus.tight]
+policies = []
+quota = 1
+quota_period_secs = 3600
+
+[skus.slowboot]
+policies = []
+entitlement_timeout_secs = 1
+{extra}
+"#
+    )
 }
 
 impl Node {
@@ -69,42 +125,284 @@ impl Node {
     }
 
     pub fn start_in(dir: tempfile::TempDir, env: &[(&str, &str)]) -> Node {
-        let log_path = dir.path().join("node.log");
-        let log = std::fs::File::create(&log_path).expect("log file");
-        let endpoints = dir.path().join("data/endpoints.json");
-        let _ = std::fs::remove_file(&endpoints);
-        let mut cmd = Command::new(tai_bin());
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(dev_config())
-            .env("TAI_NODE__DATA_DIR", dir.path().join("data"))
-            .env("TAI_OPERATOR__LISTEN", "127.0.0.1:0")
-            .env("TAI_INGRESS__LISTEN", "127.0.0.1:0")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log));
-        for (k, v) in env {
-            cmd.env(k, v);
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self::launch(dir, dev_config(), env)
+    }
+
+    /// Starts a node on `config_text` (written into its temp dir).
+    pub fn start_with(config_text: &str, env: &[(&str, &str)]) -> Node {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, config_text).expect("write config");
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self::launch(dir, path, env)
+    }
+
+    /// `kill -9`: no shutdown, no flush; what was durable must survive.
+    pub fn kill_hard(&mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    /// Starts the node again on the same data dir and config (after an exit or a kill).
+    pub fn restart(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
-        let mut child = cmd.spawn().expect("spawn tai serve");
-        let operator = wait_for("the node's endpoints.json", Duration::from_secs(30), || {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "tai serve exited early with {status}: {}",
-                    std::fs::read_to_string(&log_path).unwrap_or_default()
-                );
-            }
-            let v: Value = serde_json::from_slice(&std::fs::read(&endpoints).ok()?).ok()?;
-            Some(v["operator"].as_str()?.to_string())
-        });
+        let old_log = self
+            .log_path
+            .with_extension(format!("log.{}", self.child.id()));
+        let _ = std::fs::rename(&self.log_path, old_log);
+        let (child, operator, ingress) =
+            spawn(self.dir.path(), &self.config, &self.env, &self.log_path);
+        self.child = child;
+        self.operator = operator;
+        self.ingress = ingress;
+    }
+
+    fn launch(dir: tempfile::TempDir, config: PathBuf, env: Vec<(String, String)>) -> Node {
+        let log_path = dir.path().join("node.log");
+        let (child, operator, ingress) = spawn(dir.path(), &config, &env, &log_path);
         Node {
             child,
             dir,
             operator,
+            ingress,
             log_path,
+            config,
+            env,
         }
     }
 
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    /// Polls an admin GET until `f` accepts its body.
+    pub async fn admin_until(
+        &self,
+        path: &str,
+        what: &str,
+        mut f: impl FnMut(&Value) -> bool,
+    ) -> Value {
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (status, body) = self.admin(reqwest::Method::GET, path).await;
+            if status == 200 && f(&body) {
+                return body;
+            }
+            assert!(
+                Instant::now() < end,
+                "timed out waiting for {what}: last {status} {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Every receipt, paging through the admin API.
+    pub async fn all_receipts(&self) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut after = 0;
+        loop {
+            let (status, page) = self
+                .admin(
+                    reqwest::Method::GET,
+                    &format!("/admin/receipts?after_seq={after}&limit=1000"),
+                )
+                .await;
+            assert_eq!(status, 200, "{page}");
+            let page = page.as_array().cloned().unwrap_or_default();
+            let Some(last) = page.last() else { return out };
+            after = last["seq"].as_u64().unwrap();
+            out.extend(page);
+        }
+    }
+
+    /// Waits until the queue is empty and nothing is in flight.
+    pub async fn drained(&self) {
+        self.admin_until("/admin/queue", "an empty queue", |q| {
+            q["depth"] == 0 && q["in_flight"] == 0
+        })
+        .await;
+    }
+}
+
+fn spawn(
+    dir: &Path,
+    config: &Path,
+    env: &[(String, String)],
+    log_path: &Path,
+) -> (Child, String, String) {
+    let log = std::fs::File::create(log_path).expect("log file");
+    let endpoints = dir.join("data/endpoints.json");
+    let _ = std::fs::remove_file(&endpoints);
+    let mut cmd = Command::new(tai_bin());
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(config)
+        .env("TAI_NODE__DATA_DIR", dir.join("data"))
+        .env("TAI_OPERATOR__LISTEN", "127.0.0.1:0")
+        .env("TAI_INGRESS__LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn tai serve");
+    let (operator, ingress) =
+        wait_for("the node's endpoints.json", Duration::from_secs(30), || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "tai serve exited early with {status}: {}",
+                    std::fs::read_to_string(log_path).unwrap_or_default()
+                );
+            }
+            let v: Value = serde_json::from_slice(&std::fs::read(&endpoints).ok()?).ok()?;
+            Some((
+                v["operator"].as_str()?.to_string(),
+                v["ingress"].as_str()?.to_string(),
+            ))
+        });
+    (child, operator, ingress)
+}
+
+/// A client that signs as SPEC §3 says, with its own HMAC (not the node's code).
+#[derive(Clone)]
+pub struct Client {
+    pub base: String,
+    pub tenant: String,
+    pub secret: String,
+    pub http: reqwest::Client,
+}
+
+pub struct Answer {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
+pub fn sign(secret: &str, ts: &str, method: &str, path: &str, body: &[u8]) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{ts}\n{method}\n{path}\n").as_bytes());
+    mac.update(body);
+    format!("v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+impl Client {
+    pub fn new(node: &Node, tenant: &str, secret: &str) -> Client {
+        Client {
+            base: format!("http://{}", node.ingress),
+            tenant: tenant.into(),
+            secret: secret.into(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(20))
+                .build()
+                .unwrap(),
+        }
+    }
+
+    /// Sends `body` with every header under the caller's control.
+    pub async fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+        headers: &[(&str, String)],
+    ) -> Result<Answer, reqwest::Error> {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .body(body.to_vec());
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        let resp = req.send().await?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.json().await.unwrap_or(Value::Null);
+        Ok(Answer {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    pub fn headers(
+        &self,
+        ts: u64,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Vec<(&'static str, String)> {
+        let ts = ts.to_string();
+        vec![
+            ("content-type", "application/json".to_string()),
+            ("x-tai-tenant", self.tenant.clone()),
+            (
+                "x-tai-signature",
+                sign(&self.secret, &ts, method, path, body),
+            ),
+            ("x-tai-timestamp", ts),
+        ]
+    }
+
+    pub async fn post(&self, body: &Value) -> Result<Answer, reqwest::Error> {
+        let bytes = serde_json::to_vec(body).unwrap();
+        let headers = self.headers(unix_now(), "POST", "/v1/signals", &bytes);
+        self.raw("POST", "/v1/signals", &bytes, &headers).await
+    }
+
+    pub async fn status(&self, id: &str) -> Answer {
+        let path = format!("/v1/signals/{id}");
+        let headers = self.headers(unix_now(), "GET", &path, b"");
+        self.raw("GET", &path, b"", &headers)
+            .await
+            .expect("status request")
+    }
+
+    /// Polls a signal until its status is final.
+    pub async fn decided(&self, id: &str) -> Value {
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let a = self.status(id).await;
+            let s = a.body["status"].as_str().unwrap_or_default().to_string();
+            if a.status == 200
+                && ["completed", "denied", "failed", "deadlettered"].contains(&s.as_str())
+            {
+                return a.body;
+            }
+            assert!(Instant::now() < end, "signal {id} not decided: {}", a.body);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+pub fn signal(tenant: &str, sku: &str, kind: &str, id: &str, payload: Value) -> Value {
+    serde_json::json!({"id": id, "tenant_id": tenant, "sku_id": sku, "kind": kind, "payload": payload})
+}
+
+impl Node {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.operator)
     }

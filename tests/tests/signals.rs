@@ -1,0 +1,595 @@
+//! The signal path end to end (SPEC §2, §3, §5, §7): real nodes, real HTTP,
+//! real sled, a client that signs with its own HMAC.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use tai_tests::*;
+
+fn pay(id: &str, customer: &str, amount: f64) -> Value {
+    signal(
+        "acme",
+        "payments",
+        "payment",
+        id,
+        json!({"amount": amount, "currency": "USD", "customer_id": customer}),
+    )
+}
+
+async fn entitle(c: &Client, sku: &str, id: &str) {
+    let a = c
+        .post(&signal(
+            &c.tenant,
+            sku,
+            "entitlement",
+            id,
+            json!({"active": true}),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(a.status, 202, "{}", a.body);
+}
+
+fn kinds_for(receipts: &[Value], signal_id: &str) -> Vec<String> {
+    receipts
+        .iter()
+        .filter(|r| r["signal_id"] == signal_id)
+        .map(|r| r["kind"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_payment_is_accepted_decided_and_proven() {
+    let node = Node::start_with(&test_config(""), &[]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    entitle(&c, "payments", "ent-1").await;
+    let a = c.post(&pay("pay-1", "cust_123", 99.99)).await.unwrap();
+    assert_eq!(a.status, 202, "{}", a.body);
+    assert_eq!(a.body, json!({"signal_id": "pay-1", "status": "accepted"}));
+    assert_eq!(a.headers["x-signal-id"], "pay-1");
+
+    let status = c.decided("pay-1").await;
+    assert_eq!(status["status"], "completed");
+    assert_eq!(status["tenant_id"], "acme");
+    assert_eq!(status["sku_id"], "payments");
+    assert_eq!(status["kind"], "payment");
+    assert_eq!(status["receipts"].as_array().unwrap().len(), 2);
+
+    let receipts = node.all_receipts().await;
+    assert_eq!(kinds_for(&receipts, "ent-1"), ["entitlement_activated"]);
+    assert_eq!(
+        kinds_for(&receipts, "pay-1"),
+        ["action_generated", "action_successful"]
+    );
+    let first = &receipts[0];
+    assert_eq!(first["seq"], 1);
+    assert_eq!(first["prev_hash"], "0".repeat(64));
+    assert_eq!(first["key_id"], "k2");
+    for pair in receipts.windows(2) {
+        assert_eq!(pair[1]["prev_hash"], pair[0]["hash"], "chained");
+    }
+    let (_, verify) = node.admin(Method::GET, "/admin/receipts/verify").await;
+    assert_eq!(verify["ok"], true, "{verify}");
+    assert_eq!(verify["count"], 3);
+
+    let (_, engine) = node
+        .admin(Method::GET, "/admin/tenants/acme/payments")
+        .await;
+    assert_eq!(engine["state"], "stable");
+    assert_eq!(engine["entitled"], true);
+    assert_eq!(engine["quota_remaining"], 999_999);
+    let tree = node.tree().await;
+    let e = find(&tree, "engine:acme:payments").expect("engine in the tree");
+    assert_eq!(e["kind"], "worker");
+
+    // A fraudulent payment is denied with its violations in the receipt.
+    let a = c.post(&pay("pay-2", "cust_9", 9000.0)).await.unwrap();
+    assert_eq!(a.status, 202);
+    let a = c
+        .post(&signal(
+            "acme",
+            "payments",
+            "payment",
+            "pay-3",
+            json!({"amount": 9000, "currency": "XYZ"}),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(a.status, 202);
+    assert_eq!(
+        c.decided("pay-2").await["status"],
+        "completed",
+        "score 30 < 50"
+    );
+    let denied = c.decided("pay-3").await;
+    assert_eq!(denied["status"], "denied");
+    assert!(
+        denied["reason"].as_str().unwrap().contains("payment_fraud"),
+        "{denied}"
+    );
+}
+
+#[tokio::test]
+async fn every_ingress_error_has_its_code() {
+    let node = Node::start_with(&test_config(""), &[]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    let body = serde_json::to_vec(&pay("e-1", "c", 1.0)).unwrap();
+    let now = unix_now();
+    let path = "/v1/signals";
+    let check = |a: &Answer, status: u16, code: &str| {
+        assert_eq!(a.status, status, "{}", a.body);
+        assert_eq!(a.body["error"]["code"], code, "{}", a.body);
+        assert!(a.body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+    };
+
+    // 401: missing signature, wrong secret, stale timestamp, unknown tenant.
+    let mut h = c.headers(now, "POST", path, &body);
+    h.retain(|(k, _)| *k != "x-tai-signature");
+    check(
+        &c.raw("POST", path, &body, &h).await.unwrap(),
+        401,
+        "unauthorized",
+    );
+    let bad = Client {
+        secret: "wrong".into(),
+        ..c.clone()
+    };
+    check(
+        &bad.raw("POST", path, &body, &bad.headers(now, "POST", path, &body))
+            .await
+            .unwrap(),
+        401,
+        "unauthorized",
+    );
+    check(
+        &c.raw(
+            "POST",
+            path,
+            &body,
+            &c.headers(now - 301, "POST", path, &body),
+        )
+        .await
+        .unwrap(),
+        401,
+        "unauthorized",
+    );
+    let stranger = Client {
+        tenant: "nobody".into(),
+        ..c.clone()
+    };
+    check(
+        &stranger
+            .raw(
+                "POST",
+                path,
+                &body,
+                &stranger.headers(now, "POST", path, &body),
+            )
+            .await
+            .unwrap(),
+        401,
+        "unauthorized",
+    );
+    // Body tenant differs from the header tenant.
+    let other =
+        serde_json::to_vec(&signal("globex", "payments", "payment", "e-2", json!({}))).unwrap();
+    check(
+        &c.raw("POST", path, &other, &c.headers(now, "POST", path, &other))
+            .await
+            .unwrap(),
+        401,
+        "unauthorized",
+    );
+
+    // The rotated (old) secret still signs.
+    let old = Client {
+        secret: "acme-old-secret".into(),
+        ..c.clone()
+    };
+    let a = old
+        .raw("POST", path, &body, &old.headers(now, "POST", path, &body))
+        .await
+        .unwrap();
+    assert_eq!(a.status, 202, "{}", a.body);
+
+    // Replay: the same signed request again, without an id, is refused...
+    let no_id =
+        serde_json::to_vec(&json!({"tenant_id": "acme", "sku_id": "payments", "kind": "payment"}))
+            .unwrap();
+    let h = c.headers(now, "POST", path, &no_id);
+    assert_eq!(c.raw("POST", path, &no_id, &h).await.unwrap().status, 202);
+    let again = c.raw("POST", path, &no_id, &h).await.unwrap();
+    check(&again, 401, "unauthorized");
+    assert!(again.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("replay"));
+    // ...but with an id already accepted it is the duplicate answer.
+    let dup = old
+        .raw("POST", path, &body, &old.headers(now, "POST", path, &body))
+        .await
+        .unwrap();
+    assert_eq!(dup.status, 200, "{}", dup.body);
+    assert_eq!(dup.body["duplicate"], true);
+    assert_eq!(dup.body["signal_id"], "e-1");
+
+    // 400: bad JSON and each schema problem, with a specific message.
+    for (bad_body, says) in [
+        (&b"{not json"[..], "not valid JSON"),
+        (
+            br#"{"tenant_id":"acme","sku_id":"payments"}"#,
+            "kind is required",
+        ),
+        (
+            br#"{"tenant_id":"acme","sku_id":"payments","kind":"k","payload":7}"#,
+            "payload must be a JSON object",
+        ),
+        (
+            br#"{"tenant_id":"acme","sku_id":"nope","kind":"k"}"#,
+            "unknown sku_id",
+        ),
+        (
+            br#"{"id":"has space","tenant_id":"acme","sku_id":"payments","kind":"k"}"#,
+            "id may only contain",
+        ),
+    ] {
+        let a = c
+            .raw(
+                "POST",
+                path,
+                bad_body,
+                &c.headers(now, "POST", path, bad_body),
+            )
+            .await
+            .unwrap();
+        check(&a, 400, "invalid_signal");
+        assert!(
+            a.body["error"]["message"].as_str().unwrap().contains(says),
+            "{}",
+            a.body
+        );
+    }
+
+    // 415: not JSON.
+    let mut h = c.headers(now, "POST", path, &body);
+    h[0].1 = "text/plain".into();
+    check(
+        &c.raw("POST", path, &body, &h).await.unwrap(),
+        415,
+        "unsupported_media_type",
+    );
+
+    // 413: over the 64 KiB default.
+    let big = serde_json::to_vec(&signal(
+        "acme",
+        "payments",
+        "payment",
+        "big",
+        json!({"blob": "x".repeat(70_000)}),
+    ))
+    .unwrap();
+    check(
+        &c.raw("POST", path, &big, &c.headers(now, "POST", path, &big))
+            .await
+            .unwrap(),
+        413,
+        "payload_too_large",
+    );
+
+    // 429 with Retry-After: the trial tier allows 5 a second.
+    let tiny = Client::new(&node, "tiny", "tiny-secret");
+    let mut limited = None;
+    for i in 0..20 {
+        let a = tiny
+            .post(&signal(
+                "tiny",
+                "payments",
+                "payment",
+                &format!("t{i}"),
+                json!({}),
+            ))
+            .await
+            .unwrap();
+        if a.status == 429 {
+            limited = Some(a);
+            break;
+        }
+        assert_eq!(a.status, 202, "{}", a.body);
+    }
+    let limited = limited.expect("the trial tier is rate limited");
+    check(&limited, 429, "rate_limited");
+    let retry: u64 = limited.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry >= 1);
+
+    // 404: unknown signal, and another tenant's signal.
+    assert_eq!(c.status("never-sent").await.status, 404);
+    let globex = Client::new(&node, "globex", "globex-secret");
+    let theirs = globex.status("e-1").await;
+    assert_eq!(
+        (theirs.status, theirs.body["error"]["code"].as_str()),
+        (404, Some("not_found"))
+    );
+}
+
+#[tokio::test]
+async fn halted_degraded_and_quota_signals_are_dead_lettered_and_replayed() {
+    let node = Node::start_with(&test_config(""), &[]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    entitle(&c, "payments", "ent").await;
+    c.decided("ent").await;
+
+    // Halted: an operator halt dead-letters what comes next.
+    let (status, halted) = node
+        .admin(Method::POST, "/admin/tenants/acme/payments/halt")
+        .await;
+    assert_eq!((status, halted["state"].as_str()), (200, Some("halted")));
+    assert_eq!(c.post(&pay("h-1", "c1", 5.0)).await.unwrap().status, 202);
+    let s = c.decided("h-1").await;
+    assert_eq!(
+        (s["status"].as_str(), s["reason"].as_str()),
+        (Some("deadlettered"), Some("halted"))
+    );
+    let (_, letters) = node.admin(Method::GET, "/admin/deadletter").await;
+    let letter = letters
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["signal"]["id"] == "h-1")
+        .unwrap();
+    assert_eq!(letter["reason"], "halted");
+    // Resume, replay: decided this time.
+    let (status, resumed) = node
+        .admin(Method::POST, "/admin/tenants/acme/payments/resume")
+        .await;
+    assert_eq!((status, resumed["state"].as_str()), (200, Some("stable")));
+    let (status, body) = node
+        .admin(Method::POST, "/admin/deadletter/h-1/replay")
+        .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(c.decided("h-1").await["status"], "completed");
+    let receipts = node.all_receipts().await;
+    assert_eq!(
+        kinds_for(&receipts, "h-1"),
+        ["signal_skipped", "action_generated", "action_successful"]
+    );
+    let (status, _) = node
+        .admin(Method::POST, "/admin/deadletter/h-1/replay")
+        .await;
+    assert_eq!(status, 404, "replayed once");
+
+    // Quota: the `tight` SKU allows one action; the next is dead-lettered.
+    entitle(&c, "tight", "ent-t").await;
+    for id in ["q-1", "q-2"] {
+        let a = c
+            .post(&signal("acme", "tight", "job", id, json!({})))
+            .await
+            .unwrap();
+        assert_eq!(a.status, 202);
+    }
+    assert_eq!(c.decided("q-1").await["status"], "completed");
+    let q2 = c.decided("q-2").await;
+    assert_eq!(
+        (q2["status"].as_str(), q2["reason"].as_str()),
+        (Some("deadlettered"), Some("quota_exhausted"))
+    );
+    let (_, e) = node.admin(Method::GET, "/admin/tenants/acme/tight").await;
+    assert_eq!(e["state"], "quota_exhausted");
+    node.admin(Method::POST, "/admin/tenants/acme/tight/resume")
+        .await;
+    node.admin(Method::POST, "/admin/deadletter/q-2/replay")
+        .await;
+    assert_eq!(c.decided("q-2").await["status"], "completed");
+
+    // Degraded: no entitlement within 1 s; non-critical skipped, critical decided.
+    let a = c
+        .post(&signal("acme", "slowboot", "job", "d-0", json!({})))
+        .await
+        .unwrap();
+    assert_eq!(
+        a.status, 202,
+        "postponed in boot, then skipped when degraded"
+    );
+    node.admin_until("/admin/tenants/acme/slowboot", "degraded", |e| {
+        e["state"] == "degraded"
+    })
+    .await;
+    let d0 = c.decided("d-0").await;
+    assert_eq!(
+        (d0["status"].as_str(), d0["reason"].as_str()),
+        (Some("deadlettered"), Some("degraded"))
+    );
+    let mut crit = signal("acme", "slowboot", "job", "d-1", json!({}));
+    crit["critical"] = json!(true);
+    c.post(&crit).await.unwrap();
+    assert_eq!(c.decided("d-1").await["status"], "completed");
+    let receipts = node.all_receipts().await;
+    assert!(receipts.iter().any(|r| r["kind"] == "bootstrap_timeout"));
+    let (_, e) = node
+        .admin(Method::GET, "/admin/tenants/acme/slowboot")
+        .await;
+    assert_eq!(
+        e["state"], "degraded",
+        "back to degraded after the critical signal"
+    );
+    let (_, q) = node.admin(Method::GET, "/admin/queue").await;
+    assert_eq!(q["backend"], "embedded");
+    assert_eq!(q["deadletter"], 1, "d-0 is still a dead letter");
+    let (_, verify) = node.admin(Method::GET, "/admin/receipts/verify").await;
+    assert_eq!(verify["ok"], true, "{verify}");
+}
+
+const DECISIONS: [&str; 4] = [
+    "action_generated",
+    "policy_denied",
+    "quota_exceeded",
+    "signal_skipped",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_burst_loses_nothing_and_decides_nothing_twice() {
+    let mut node = Node::start_with(&test_config(""), &[]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    entitle(&c, "payments", "ent").await;
+    c.decided("ent").await;
+
+    let accepted = Arc::new(Mutex::new(HashSet::new()));
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for w in 0..32 {
+        let (c, accepted, sent) = (c.clone(), accepted.clone(), sent.clone());
+        clients.push(tokio::spawn(async move {
+            for i in 0..63 {
+                let id = format!("burst-{w}-{i}");
+                sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                match c.post(&pay(&id, &format!("cust-{w}-{i}"), 10.0)).await {
+                    Ok(a) if a.status == 202 => {
+                        accepted.lock().unwrap().insert(id);
+                    }
+                    Ok(a) => panic!("unexpected {}: {}", a.status, a.body),
+                    // The node is gone: this client stops.
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    // Kill it hard in the middle of the burst.
+    wait_for("half the burst accepted", Duration::from_secs(60), || {
+        (accepted.lock().unwrap().len() >= 600).then_some(())
+    });
+    node.kill_hard();
+    for t in clients {
+        t.await.unwrap();
+    }
+    let accepted: HashSet<String> = accepted.lock().unwrap().clone();
+    assert!(
+        accepted.len() >= 600 && accepted.len() < 2016,
+        "killed mid-burst: {} accepted",
+        accepted.len()
+    );
+
+    node.restart();
+    node.drained().await;
+    let receipts = node.all_receipts().await;
+    let mut decisions: HashMap<String, usize> = HashMap::new();
+    for r in &receipts {
+        if DECISIONS.contains(&r["kind"].as_str().unwrap()) {
+            *decisions
+                .entry(r["signal_id"].as_str().unwrap().to_string())
+                .or_default() += 1;
+        }
+    }
+    for id in &accepted {
+        assert_eq!(decisions.get(id), Some(&1), "{id}: one decision receipt");
+    }
+    assert!(
+        decisions.values().all(|n| *n == 1),
+        "no signal was decided twice"
+    );
+    let c = Client::new(&node, "acme", "acme-secret");
+    for id in accepted.iter().take(50) {
+        let s = c.decided(id).await;
+        assert!(
+            ["completed", "failed"].contains(&s["status"].as_str().unwrap()),
+            "{s}"
+        );
+    }
+    let (_, verify) = node.admin(Method::GET, "/admin/receipts/verify").await;
+    assert_eq!(verify["ok"], true, "{verify}");
+    assert_eq!(verify["count"].as_u64().unwrap() as usize, receipts.len());
+}
+
+#[tokio::test]
+async fn the_ledger_verifies_offline_and_every_tampering_is_caught() {
+    let mut node = Node::start_with(&test_config(""), &[]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    entitle(&c, "payments", "ent").await;
+    for i in 0..4 {
+        c.post(&pay(&format!("t-{i}"), &format!("c{i}"), 1.0))
+            .await
+            .unwrap();
+    }
+    for i in 0..4 {
+        c.decided(&format!("t-{i}")).await;
+    }
+    let export = node.dir.path().join("receipts.jsonl");
+    let (config, operator) = (node.config_path().to_path_buf(), node.operator.clone());
+    let run = |args: &[&str]| {
+        std::process::Command::new(tai_bin())
+            .arg("receipts")
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .env("TAI_OPERATOR__LISTEN", &operator)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--verify"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // Stop the node; everything else works on its data dir and an export.
+    node.signal(libc::SIGTERM);
+    assert_eq!(node.wait_exit(Duration::from_secs(15)).code(), Some(0));
+    let data = node.data_dir();
+    let scratch = node.dir.path().to_path_buf();
+    let out = run(&["--verify", "--data-dir", data.to_str().unwrap()]);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (report["ok"].as_bool(), report["count"].as_u64()),
+        (Some(true), Some(9)),
+        "{report}"
+    );
+    let out = run(&[
+        "--export",
+        export.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    let intact = std::fs::read_to_string(&export).unwrap();
+    let lines: Vec<String> = intact.lines().map(str::to_string).collect();
+    assert_eq!(lines.len(), 10, "9 receipts and the signed head");
+
+    let verify_file = |lines: &[String]| -> Value {
+        let f = scratch.join("tampered.jsonl");
+        std::fs::write(&f, lines.join("\n")).unwrap();
+        let out = run(&["--verify", "--file", f.to_str().unwrap()]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(out.status.success(), v["ok"] == true);
+        v
+    };
+    assert_eq!(verify_file(&lines)["ok"], true);
+    let mut edited = lines.clone();
+    edited[4] = edited[4].replace("\"success\":true", "\"success\":false");
+    assert_eq!(verify_file(&edited)["first_bad_seq"], 5);
+    let mut deleted = lines.clone();
+    deleted.remove(2);
+    assert_eq!(verify_file(&deleted)["first_bad_seq"], 3);
+    let mut reordered = lines.clone();
+    reordered.swap(5, 6);
+    assert_eq!(verify_file(&reordered)["first_bad_seq"], 6);
+    let mut inserted = lines.clone();
+    // A forged receipt slipped in before seq 4, claiming to be seq 4.
+    inserted.insert(3, lines[3].replace("\"rcpt_", "\"rcpt_forged"));
+    assert_eq!(verify_file(&inserted)["first_bad_seq"], 4);
+    let mut truncated = lines[..7].to_vec();
+    truncated.push(lines[9].clone());
+    let v = verify_file(&truncated);
+    assert_eq!(
+        (v["ok"].as_bool(), v["first_bad_seq"].as_u64()),
+        (Some(false), Some(8)),
+        "a cut tail is caught by the signed head"
+    );
+}
