@@ -593,3 +593,130 @@ async fn the_ledger_verifies_offline_and_every_tampering_is_caught() {
         "a cut tail is caught by the signed head"
     );
 }
+
+fn engines_live(tree: &Value) -> Vec<String> {
+    find(tree, "engine_sup")
+        .map(|s| {
+            children(s)
+                .iter()
+                .map(|c| c["name"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn idle_engines_are_passivated_and_come_back_with_their_state() {
+    let node = Node::start_with(
+        &test_config(""),
+        &[
+            ("TAI_JIDOKA__IDLE_TIMEOUT_SECS", "1"),
+            ("TAI_JIDOKA__MAX_ACTIVE_ENGINES", "2"),
+        ],
+    );
+    let c = Client::new(&node, "acme", "acme-secret");
+    entitle(&c, "payments", "ent").await;
+    c.post(&pay("p-1", "c1", 1.0)).await.unwrap();
+    assert_eq!(c.decided("p-1").await["status"], "completed");
+    let tree = node.tree().await;
+    let engine = find(&tree, "engine:acme:payments").expect("live after a signal");
+    assert_eq!(
+        engine["state"], "stable",
+        "the tree shows the engine's state"
+    );
+
+    // Idle for its timeout: checkpointed already, stopped, gone from the tree.
+    let tree = node
+        .admin_until("/admin/tree", "passivation", |t| engines_live(t).is_empty())
+        .await;
+    assert!(find(&tree, "engine:acme:payments").is_none());
+    let (_, e) = node
+        .admin(Method::GET, "/admin/tenants/acme/payments")
+        .await;
+    assert_eq!(
+        (e["active"].as_bool(), e["state"].as_str()),
+        (Some(false), Some("stable"))
+    );
+    assert_eq!(e["quota_remaining"], 999_999);
+
+    // The next signal brings it back from its checkpoint.
+    c.post(&pay("p-2", "c2", 1.0)).await.unwrap();
+    assert_eq!(c.decided("p-2").await["status"], "completed");
+    let (_, e) = node
+        .admin(Method::GET, "/admin/tenants/acme/payments")
+        .await;
+    assert_eq!(
+        (e["active"].as_bool(), e["entitled"].as_bool()),
+        (Some(true), Some(true))
+    );
+    assert_eq!(e["quota_remaining"], 999_998, "state survived passivation");
+
+    // A cap of 2 live engines: a third passivates the least recently used.
+    entitle(&c, "tight", "ent-tight").await;
+    entitle(&c, "slowboot", "ent-slow").await;
+    for id in ["ent-tight", "ent-slow"] {
+        c.decided(id).await;
+    }
+    let tree = node.tree().await;
+    assert!(engines_live(&tree).len() <= 2, "{:?}", engines_live(&tree));
+    let (_, all) = node.admin(Method::GET, "/admin/tenants").await;
+    assert_eq!(
+        all.as_array().unwrap().len(),
+        3,
+        "passivated engines are still listed: {all}"
+    );
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_503_with_retry_after() {
+    let node = Node::start_with(&test_config(""), &[("TAI_KANBAN__MAX_DEPTH", "3")]);
+    // No entitlement yet: globex's payments wait in boot, so they stay queued.
+    let c = Client::new(&node, "globex", "globex-secret");
+    for i in 0..3 {
+        let a = c
+            .post(&signal(
+                "globex",
+                "payments",
+                "payment",
+                &format!("w{i}"),
+                json!({}),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(a.status, 202, "{}", a.body);
+    }
+    let full = c
+        .post(&signal("globex", "payments", "payment", "w3", json!({})))
+        .await
+        .unwrap();
+    assert_eq!(full.status, 503, "{}", full.body);
+    assert_eq!(full.body["error"]["code"], "unavailable");
+    assert!(full.headers.contains_key("retry-after"));
+    let (_, q) = node.admin(Method::GET, "/admin/queue").await;
+    assert_eq!(
+        (q["depth"].as_u64(), q["max_depth"].as_u64()),
+        (Some(3), Some(3))
+    );
+    let (_, e) = node
+        .admin(Method::GET, "/admin/tenants/globex/payments")
+        .await;
+    assert_eq!(
+        (e["state"].as_str(), e["postponed"].as_u64()),
+        (Some("boot"), Some(3))
+    );
+    // Entitled, the waiting signals are decided in order and the queue drains.
+    let ent = c
+        .post(&signal(
+            "globex",
+            "payments",
+            "entitlement",
+            "g-ent",
+            json!({"active": true}),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        ent.status, 503,
+        "still full: the entitlement cannot get in either"
+    );
+}

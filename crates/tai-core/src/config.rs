@@ -135,6 +135,8 @@ pub struct KanbanConfig {
     pub amqp_url: String,
     pub prefetch: u32,
     pub wip_limit: u32,
+    /// Signals queued beyond this are refused with 503 (back-pressure).
+    pub max_depth: u64,
 }
 
 impl Default for KanbanConfig {
@@ -144,6 +146,7 @@ impl Default for KanbanConfig {
             amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_string(),
             prefetch: 10,
             wip_limit: 50,
+            max_depth: 1_000_000,
         }
     }
 }
@@ -608,6 +611,9 @@ fn validate(c: &Config, errors: &mut Vec<ConfigError>) {
             "kanban.wip_limit",
             format!("must be at least kanban.prefetch ({})", c.kanban.prefetch),
         ));
+    }
+    if c.kanban.max_depth == 0 {
+        errors.push(err("kanban.max_depth", "must be greater than 0"));
     }
     if c.jidoka.max_active_engines == 0 {
         errors.push(err("jidoka.max_active_engines", "must be greater than 0"));

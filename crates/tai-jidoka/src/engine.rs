@@ -41,6 +41,7 @@ pub struct EngineArgs {
 }
 
 pub struct EngineActorState {
+    name: String,
     tenant_id: String,
     sku_id: String,
     sku: Arc<Sku>,
@@ -286,6 +287,7 @@ impl Engine {
             }
             let t = st.statem.transition(st.data.state);
             if t.changed {
+                crate::states::publish(&st.name, st.data.state);
                 debug!(tenant = %st.tenant_id, sku = %st.sku_id, from = before.as_str(), to = st.data.state.as_str(), "engine state change");
                 st.arm_state_timeout(myself);
                 inputs.extend(t.replay.into_iter().map(Input::Signal));
@@ -315,7 +317,10 @@ impl Actor for Engine {
             None => Data::new(&args.sku, now_ms()),
         };
         let state = data.state;
+        let name = tai_core::names::engine_name(&args.tenant_id, &args.sku_id);
+        crate::states::publish(&name, state);
         Ok(EngineActorState {
+            name,
             tenant_id: args.tenant_id,
             sku_id: args.sku_id,
             sku: args.sku,
@@ -342,6 +347,15 @@ impl Actor for Engine {
                 sku_id: st.sku_id.clone(),
             });
         }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<EngineMsg>,
+        st: &mut EngineActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        crate::states::forget(&st.name);
         Ok(())
     }
 

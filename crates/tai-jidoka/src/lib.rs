@@ -10,6 +10,7 @@ mod engine;
 pub mod machine;
 pub mod policy;
 mod router;
+mod states;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use tai_store::Store;
 
 pub use engine::{Engine, EngineMsg};
 pub use router::{Router, RouterArgs};
+pub use states::{engine_state, state_counts};
 
 use machine::Sku;
 use policy::Policy;

@@ -21,7 +21,7 @@ pub use queue::{Queue, QueueArgs};
 
 /// `kanban_sup`: the queue owner. (`rest_for_one`: what is added after it
 /// depends on it.)
-pub fn supervisor_spec(store: Store, config: KanbanConfig, max_depth: u64) -> SupervisorSpec {
+pub fn supervisor_spec(store: Store, config: KanbanConfig) -> SupervisorSpec {
     SupervisorSpec::new(Strategy::RestForOne)
         .intensity(5, Duration::from_secs(10))
         .child(ChildSpec::worker(
@@ -32,7 +32,7 @@ pub fn supervisor_spec(store: Store, config: KanbanConfig, max_depth: u64) -> Su
                 store: store.clone(),
                 wip_limit: config.wip_limit,
                 prefetch: config.prefetch,
-                max_depth,
+                max_depth: config.max_depth,
                 visibility: Duration::from_secs(60),
             },
         ))

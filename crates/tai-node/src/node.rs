@@ -32,7 +32,7 @@ pub fn root_spec(
         ))
         .child(ChildSpec::supervisor(
             KANBAN_SUP,
-            tai_kanban::supervisor_spec(store.clone(), config.kanban.clone(), MAX_QUEUE_DEPTH),
+            tai_kanban::supervisor_spec(store.clone(), config.kanban.clone()),
         ))
         .child(ChildSpec::supervisor(
             PROCESSOR_SUP,
@@ -47,9 +47,6 @@ pub fn root_spec(
             tai_andon::supervisor_spec(store.clone(), config.andon.clone()),
         )))
 }
-
-/// Signals queued beyond this are refused with 503 (back-pressure on clients).
-pub const MAX_QUEUE_DEPTH: u64 = 1_000_000;
 
 /// What the operator API needs of the running node.
 pub struct NodeState {

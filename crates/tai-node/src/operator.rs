@@ -105,7 +105,9 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
             error(ErrorCode::Unauthorized, "missing or invalid admin token")
         }
         (&Method::GET, ["admin", "tree"]) => {
-            let tree = tai_otp::tree(&state.root, Duration::from_secs(2), &|_| None).await;
+            let annotate =
+                |name: &str| tai_jidoka::engine_state(name).map(|s| s.as_str().to_string());
+            let tree = tai_otp::tree(&state.root, Duration::from_secs(2), &annotate).await;
             json_reply(StatusCode::OK, &tree)
         }
         (&Method::POST, ["admin", "actors", name, "kill"]) => kill(state, name),

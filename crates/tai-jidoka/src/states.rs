@@ -1,0 +1,39 @@
+//! Every live engine's current state, published by the engines themselves
+//! (like a public ETS table) so that introspection (`/admin/tree`, metrics)
+//! reads it without a round trip through thousands of mailboxes.
+
+use std::collections::HashMap;
+use std::sync::{LazyLock, RwLock};
+
+use tai_core::signal::EngineState;
+
+static STATES: LazyLock<RwLock<HashMap<String, EngineState>>> =
+    LazyLock::new(|| RwLock::new(HashMap::new()));
+
+pub(crate) fn publish(name: &str, state: EngineState) {
+    let mut map = STATES.write().expect("engine states");
+    match map.get_mut(name) {
+        Some(s) => *s = state,
+        None => {
+            map.insert(name.to_string(), state);
+        }
+    }
+}
+
+pub(crate) fn forget(name: &str) {
+    STATES.write().expect("engine states").remove(name);
+}
+
+/// The state of the live engine registered as `name`.
+pub fn engine_state(name: &str) -> Option<EngineState> {
+    STATES.read().expect("engine states").get(name).copied()
+}
+
+/// How many live engines are in each state.
+pub fn state_counts() -> HashMap<EngineState, usize> {
+    let mut out = HashMap::new();
+    for s in STATES.read().expect("engine states").values() {
+        *out.entry(*s).or_default() += 1;
+    }
+    out
+}
