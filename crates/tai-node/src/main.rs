@@ -1,6 +1,7 @@
 //! `tai`: the TAI node binary (SPEC §10). `tai serve` runs a node; the other
 //! commands are clients of a running node's APIs, configured by the same file.
 
+mod bench;
 mod client;
 mod node;
 mod operator;
@@ -100,6 +101,13 @@ enum Command {
         #[arg(long, default_value = "config/dev.toml")]
         config: PathBuf,
     },
+    /// Load generator: starts its own node unless --target (see BENCHMARKS.md).
+    Bench {
+        #[arg(long, default_value = "config/dev.toml")]
+        config: PathBuf,
+        #[command(flatten)]
+        args: bench::BenchArgs,
+    },
     /// List, export or verify receipts (online, or offline with --data-dir / --file).
     Receipts {
         #[arg(long, default_value = "config/dev.toml")]
@@ -167,7 +175,8 @@ fn main() -> ExitCode {
         | Command::Tenants { config, .. }
         | Command::Halt { config, .. }
         | Command::Resume { config, .. }
-        | Command::Receipts { config, .. } => config.clone(),
+        | Command::Receipts { config, .. }
+        | Command::Bench { config, .. } => config.clone(),
     };
     let config = match load_config(&config_path) {
         Ok(c) => c,
@@ -220,6 +229,7 @@ fn main() -> ExitCode {
             Command::Resume { tenant, sku, .. } => {
                 client::halt_resume(&config, false, &tenant, &sku, None).await
             }
+            Command::Bench { args, .. } => bench::run(&config, args).await,
             Command::Receipts {
                 tenant,
                 verify,

@@ -9,9 +9,15 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+/// After the first write of a batch, how long the flusher lets more writes
+/// join it before flushing, unless `BATCH_WRITES` are already waiting.
+const LINGER: Duration = Duration::from_micros(1000);
+const BATCH_WRITES: u64 = 256;
+
 pub(crate) struct GroupCommit {
     started: Arc<AtomicU64>,
     pending: Arc<AtomicBool>,
+    waiting: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     done: watch::Receiver<(u64, Option<String>)>,
     thread: Option<JoinHandle<()>>,
@@ -23,7 +29,13 @@ impl GroupCommit {
         let pending = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = watch::channel((0u64, None));
-        let (s, p, st) = (started.clone(), pending.clone(), stop.clone());
+        let waiting = Arc::new(AtomicU64::new(0));
+        let (s, p, st, w) = (
+            started.clone(),
+            pending.clone(),
+            stop.clone(),
+            waiting.clone(),
+        );
         let thread = thread::Builder::new()
             .name("tai-store-flusher".into())
             .spawn(move || loop {
@@ -33,6 +45,16 @@ impl GroupCommit {
                     }
                     thread::park_timeout(Duration::from_millis(100));
                 }
+                // Let the batch fill: one flush costs about the same for one
+                // write or hundreds.
+                let linger_until = std::time::Instant::now() + LINGER;
+                while w.load(Ordering::SeqCst) < BATCH_WRITES
+                    && std::time::Instant::now() < linger_until
+                {
+                    thread::park_timeout(Duration::from_micros(100));
+                }
+                p.store(false, Ordering::SeqCst);
+                w.store(0, Ordering::SeqCst);
                 let generation = s.fetch_add(1, Ordering::SeqCst) + 1;
                 let result = db.flush().err().map(|e| e.to_string());
                 if let Some(e) = &result {
@@ -44,6 +66,7 @@ impl GroupCommit {
         GroupCommit {
             started,
             pending,
+            waiting,
             stop,
             done: rx,
             thread: Some(thread),
@@ -51,7 +74,6 @@ impl GroupCommit {
     }
 
     /// How many flushes have started.
-    #[cfg(test)]
     pub(crate) fn flushes(&self) -> u64 {
         self.started.load(Ordering::SeqCst)
     }
@@ -60,8 +82,12 @@ impl GroupCommit {
         // A flush numbered above the one started now began after our write.
         let target = self.started.load(Ordering::SeqCst) + 1;
         self.pending.store(true, Ordering::SeqCst);
-        if let Some(t) = &self.thread {
-            t.thread().unpark();
+        if self.waiting.fetch_add(1, Ordering::SeqCst) == 0
+            || self.waiting.load(Ordering::Relaxed) >= BATCH_WRITES
+        {
+            if let Some(t) = &self.thread {
+                t.thread().unpark();
+            }
         }
         let mut rx = self.done.clone();
         let seen = rx

@@ -16,12 +16,18 @@
 //! | `r/` | receipt seq (u64 BE) | `Receipt` |
 //! | `d/` | tenant `\0` signal id | `DeadLetter` |
 //! | `m/` | name | meta: the signed ledger head, start count |
+//! | `w/` | redo id (u64 BE) | a write set being applied |
+//!
+//! Atomicity: a set of writes is first stored as one redo record (`w/`), then
+//! applied, then the record is removed; a record found at start is applied
+//! again (the writes are idempotent puts and deletes).
 //!
 //! Durability is by group commit ([`Store::durable`]): one flusher thread calls
 //! `flush()`; writers wait for a flush that began after their write. Never
 //! `flush_async` from many tasks (it deadlocked under concurrency, sled #1308).
 
 mod group_commit;
+mod redo;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -70,6 +76,7 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 pub struct Store {
     db: sled::Db,
     commit: Arc<GroupCommit>,
+    redo_seq: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Store {
@@ -120,18 +127,41 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Store> {
         let db = sled::Config::new()
             .path(dir.join("sled"))
+            // Durability is ours (group commit); sled's own timer would only
+            // add flushes that race ours.
+            .flush_every_ms(None)
             .open()
             .map_err(|source| StoreError::Open {
                 path: dir.display().to_string(),
                 source,
             })?;
         let commit = Arc::new(GroupCommit::start(db.clone()));
-        Ok(Store { db, commit })
+        let redo_seq = redo::recover(&db)?;
+        Ok(Store {
+            db,
+            commit,
+            redo_seq: Arc::new(std::sync::atomic::AtomicU64::new(redo_seq)),
+        })
+    }
+
+    /// Applies `ops` atomically (all or none survive a crash) through the redo
+    /// record: sled's own `apply_batch` forces a synchronous disk write per
+    /// batch, which would defeat group commit.
+    fn atomic(&self, ops: redo::Ops) -> Result<()> {
+        let id = self
+            .redo_seq
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        redo::apply(&self.db, id, ops)
     }
 
     /// Waits until everything written before this call is on disk.
     pub async fn durable(&self) -> Result<()> {
         self.commit.durable().await.map_err(StoreError::Flush)
+    }
+
+    /// Flushes started so far (group commit's batching shows as writes per flush).
+    pub fn flushes(&self) -> u64 {
+        self.commit.flushes()
     }
 
     /// Counts this start and returns the count (1 on a fresh data dir).
@@ -175,7 +205,7 @@ impl Store {
         if let Some(existing) = self.signal_record(&signal.tenant_id, &signal.id)? {
             return Ok(Some(existing));
         }
-        let mut batch = sled::Batch::default();
+        let mut batch = redo::Ops::default();
         batch.insert(
             pair_key(b's', &signal.tenant_id, &signal.id),
             encode(&SignalRecord::accepted(signal)),
@@ -187,7 +217,7 @@ impl Store {
                 signal: signal.clone(),
             }),
         );
-        self.db.apply_batch(batch)?;
+        self.atomic(batch)?;
         Ok(None)
     }
 
@@ -219,11 +249,11 @@ impl Store {
             .unwrap_or_else(|| SignalRecord::accepted(s));
         record.status = SignalStatus::Deadlettered;
         record.reason = Some(letter.reason.clone());
-        let mut batch = sled::Batch::default();
+        let mut batch = redo::Ops::default();
         batch.remove(seq_key(b'q', seq));
         batch.insert(pair_key(b'd', &s.tenant_id, &s.id), encode(letter));
         batch.insert(pair_key(b's', &s.tenant_id, &s.id), encode(&record));
-        self.db.apply_batch(batch)?;
+        self.atomic(batch)?;
         Ok(())
     }
 
@@ -254,7 +284,7 @@ impl Store {
             .unwrap_or_else(|| SignalRecord::accepted(&letter.signal));
         record.status = SignalStatus::Accepted;
         record.reason = None;
-        let mut batch = sled::Batch::default();
+        let mut batch = redo::Ops::default();
         batch.remove(key);
         batch.insert(pair_key(b's', tenant, id), encode(&record));
         batch.insert(
@@ -264,7 +294,7 @@ impl Store {
                 signal: letter.signal.clone(),
             }),
         );
-        self.db.apply_batch(batch)?;
+        self.atomic(batch)?;
         Ok(Some(letter.signal))
     }
 
@@ -305,7 +335,7 @@ impl Store {
         head: Option<&SignedHead>,
         writes: &WriteSet,
     ) -> Result<()> {
-        let mut batch = sled::Batch::default();
+        let mut batch = redo::Ops::default();
         for r in receipts {
             batch.insert(seq_key(b'r', r.seq), encode(r));
         }
@@ -324,7 +354,7 @@ impl Store {
         for d in &writes.dead_letters {
             batch.insert(pair_key(b'd', &d.signal.tenant_id, &d.signal.id), encode(d));
         }
-        self.db.apply_batch(batch)?;
+        self.atomic(batch)?;
         Ok(())
     }
 

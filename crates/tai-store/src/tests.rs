@@ -127,7 +127,7 @@ async fn many_writers_share_flushes() {
         t.await.unwrap();
     }
     assert_eq!(s.pending().unwrap().len(), 200);
-    let flushes = s.commit.flushes();
+    let flushes = s.flushes();
     assert!(
         flushes < 200,
         "writers were grouped: {flushes} flushes for 200 writes"

@@ -1,0 +1,477 @@
+//! `tai bench`: a load generator for the signal path.
+//!
+//! Unless given `--target`, it starts its own node (`tai serve`, this same
+//! binary) on a temporary data dir with N generated tenants, entitles them,
+//! then sends signed signals for `--duration` seconds, at `--rate` per second
+//! or as fast as `--concurrency` clients go. Decided/s and latency (send to
+//! decision) come from the receipts' timestamps. In the same run, with the
+//! same client, it measures a baseline: a bare warp endpoint that checks the
+//! HMAC and answers 202.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+use tai_core::signal::now_ms;
+use warp::Filter;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Distinct tenants sending signals.
+    #[arg(long, default_value_t = 100)]
+    pub tenants: usize,
+    /// Signals per second offered; 0 = as fast as the clients go.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Concurrent HTTP clients.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// WIP limit of the node the bench starts.
+    #[arg(long, default_value_t = 512)]
+    pub wip: u32,
+    /// Prefetch (per engine) of the node the bench starts.
+    #[arg(long, default_value_t = 10)]
+    pub prefetch: u32,
+    /// SKU to send to: `bench` (no policy) or `payments` (payment_fraud).
+    #[arg(long, default_value = "bench")]
+    pub sku: String,
+    /// Use the running node of --config instead of starting one.
+    #[arg(long)]
+    pub target: bool,
+    /// Skip the baseline measurement.
+    #[arg(long)]
+    pub no_baseline: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+struct Target {
+    ingress: String,
+    operator: String,
+    admin_token: String,
+    tenants: Vec<(String, String)>,
+    child: Option<std::process::Child>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn bench_config(a: &BenchArgs, dir: &std::path::Path) -> String {
+    let mut c = format!(
+        r#"[node]
+mode = "dev"
+data_dir = "{data}"
+[ingress]
+listen = "127.0.0.1:0"
+[ingress.rate_limits]
+global_per_sec = 10000000
+enterprise_per_sec = 10000000
+[operator]
+listen = "127.0.0.1:0"
+admin_token = "bench-admin-token"
+[kanban]
+wip_limit = {wip}
+prefetch = {prefetch}
+max_depth = 100000000
+[jidoka]
+max_active_engines = 10000
+[skus.bench]
+policies = []
+quota = 1000000000000
+[skus.payments]
+policies = ["payment_fraud"]
+quota = 1000000000000
+"#,
+        data = dir.join("data").display(),
+        wip = a.wip,
+        prefetch = a.prefetch,
+    );
+    for i in 0..a.tenants {
+        c.push_str(&format!(
+            "[[tenants]]\nid = \"bench-{i}\"\nsecrets = [\"bench-secret-{i}\"]\ntier = \"enterprise\"\n"
+        ));
+    }
+    c
+}
+
+fn start_node(a: &BenchArgs) -> anyhow::Result<Target> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("bench.toml");
+    std::fs::write(&config, bench_config(a, dir.path()))?;
+    let log = std::fs::File::create(dir.path().join("node.log"))?;
+    let child = std::process::Command::new(std::env::current_exe()?)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("cannot start tai serve")?;
+    let endpoints = dir.path().join("data/endpoints.json");
+    let started = Instant::now();
+    let v: Value = loop {
+        if let Ok(bytes) = std::fs::read(&endpoints) {
+            if let Ok(v) = serde_json::from_slice(&bytes) {
+                break v;
+            }
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "the bench node did not start; see {}",
+                dir.path().join("node.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ok(Target {
+        ingress: v["ingress"].as_str().unwrap_or_default().to_string(),
+        operator: v["operator"].as_str().unwrap_or_default().to_string(),
+        admin_token: "bench-admin-token".into(),
+        tenants: (0..a.tenants)
+            .map(|i| (format!("bench-{i}"), format!("bench-secret-{i}")))
+            .collect(),
+        child: Some(child),
+        _dir: Some(dir),
+    })
+}
+
+fn existing(config: &tai_core::config::Config) -> anyhow::Result<Target> {
+    let tenants: Vec<(String, String)> = config
+        .tenants
+        .iter()
+        .filter_map(|t| t.secrets.first().map(|s| (t.id.clone(), s.clone())))
+        .collect();
+    if tenants.is_empty() {
+        bail!("the config has no tenants to send as");
+    }
+    Ok(Target {
+        ingress: config.ingress.listen.to_string(),
+        operator: config.operator.listen.to_string(),
+        admin_token: config.operator.admin_token.clone(),
+        tenants,
+        child: None,
+        _dir: None,
+    })
+}
+
+/// One signed POST; true on 202.
+async fn post(
+    http: &reqwest::Client,
+    base: &str,
+    tenant: &str,
+    secret: &str,
+    body: Vec<u8>,
+) -> bool {
+    let ts = (now_ms() / 1000).to_string();
+    let sig = tai_ingress::auth::sign(secret.as_bytes(), &ts, "POST", "/v1/signals", &body);
+    let resp = http
+        .post(format!("{base}/v1/signals"))
+        .header("content-type", "application/json")
+        .header("x-tai-tenant", tenant)
+        .header("x-tai-timestamp", ts)
+        .header("x-tai-signature", sig)
+        .body(body)
+        .send()
+        .await;
+    matches!(resp, Ok(r) if r.status().as_u16() == 202)
+}
+
+/// Sends for `duration`; returns (id, send time ms) of every 202.
+async fn load(
+    base: &str,
+    tenants: &[(String, String)],
+    a: &BenchArgs,
+    sku: &str,
+    tag: &str,
+) -> anyhow::Result<(Vec<(String, u64)>, Duration)> {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(a.concurrency)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let tenants = Arc::new(tenants.to_vec());
+    let next = Arc::new(AtomicU64::new(0));
+    let end = Instant::now() + Duration::from_secs(a.duration);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..a.concurrency {
+        let (http, tenants, next, base, sku, tag) = (
+            http.clone(),
+            tenants.clone(),
+            next.clone(),
+            base.to_string(),
+            sku.to_string(),
+            tag.to_string(),
+        );
+        let per_client =
+            (a.rate > 0).then(|| Duration::from_secs_f64(a.concurrency as f64 / a.rate as f64));
+        tasks.push(tokio::spawn(async move {
+            let mut accepted = Vec::new();
+            let mut tick = per_client.map(tokio::time::interval);
+            while Instant::now() < end {
+                if let Some(t) = tick.as_mut() {
+                    t.tick().await;
+                }
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                let (tenant, secret) = &tenants[(n as usize) % tenants.len()];
+                let id = format!("{tag}-{n}");
+                let body = serde_json::to_vec(&json!({
+                    "id": id, "tenant_id": tenant, "sku_id": sku, "kind": "payment",
+                    "payload": {"amount": 42.0, "currency": "USD", "customer_id": format!("c{n}")}
+                }))
+                .expect("json");
+                let sent = now_ms();
+                if post(&http, &base, tenant, secret, body).await {
+                    accepted.push((id, sent));
+                }
+            }
+            accepted
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await?);
+    }
+    Ok((all, started.elapsed()))
+}
+
+async fn admin(t: &Target, path: &str) -> anyhow::Result<Value> {
+    Ok(reqwest::Client::new()
+        .get(format!("http://{}{path}", t.operator))
+        .bearer_auth(&t.admin_token)
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await?
+        .json()
+        .await?)
+}
+
+async fn drained(t: &Target, limit: Duration) -> anyhow::Result<()> {
+    let end = Instant::now() + limit;
+    loop {
+        let q = admin(t, "/admin/queue").await?;
+        if q["depth"] == 0 && q["in_flight"] == 0 {
+            return Ok(());
+        }
+        if Instant::now() > end {
+            bail!("the node did not drain its queue in {limit:?}: {q}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The decision time of each signal: its last receipt's timestamp.
+async fn decision_times(t: &Target, after_seq: u64) -> anyhow::Result<(HashMap<String, u64>, u64)> {
+    let mut out = HashMap::new();
+    let mut after = after_seq;
+    loop {
+        let page = admin(t, &format!("/admin/receipts?after_seq={after}&limit=1000")).await?;
+        let Some(list) = page.as_array().filter(|l| !l.is_empty()) else {
+            return Ok((out, after));
+        };
+        for r in list {
+            if let (Some(id), Some(ts)) = (r["signal_id"].as_str(), r["timestamp_ms"].as_u64()) {
+                out.insert(id.to_string(), ts);
+            }
+            after = r["seq"].as_u64().unwrap_or(after);
+        }
+    }
+}
+
+fn rss_mb(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+/// The baseline: HMAC check and 202, nothing else.
+async fn baseline_server(
+    tenants: &[(String, String)],
+) -> anyhow::Result<(SocketAddr, tokio::sync::oneshot::Sender<()>)> {
+    let configs: Vec<tai_core::config::TenantConfig> = tenants
+        .iter()
+        .map(|(id, s)| tai_core::config::TenantConfig {
+            id: id.clone(),
+            secrets: vec![s.clone()],
+            tier: tai_core::config::Tier::Enterprise,
+        })
+        .collect();
+    let map = Arc::new(tai_ingress::auth::tenants(&configs));
+    let route = warp::post()
+        .and(warp::path!("v1" / "signals"))
+        .and(warp::header::headers_cloned())
+        .and(warp::body::bytes())
+        .map(move |h: warp::http::HeaderMap, body: bytes::Bytes| {
+            let get = |k: &str| h.get(k).and_then(|v| v.to_str().ok());
+            let p = tai_ingress::auth::Presented {
+                tenant: get("x-tai-tenant"),
+                timestamp: get("x-tai-timestamp"),
+                signature: get("x-tai-signature"),
+            };
+            let ok = tai_ingress::auth::verify(
+                &map,
+                p,
+                "POST",
+                "/v1/signals",
+                &body,
+                now_ms() / 1000,
+                300,
+            )
+            .is_ok();
+            let status = if ok {
+                warp::http::StatusCode::ACCEPTED
+            } else {
+                warp::http::StatusCode::UNAUTHORIZED
+            };
+            warp::reply::with_status(warp::reply::json(&json!({"status": "accepted"})), status)
+        });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(
+        warp::serve(route)
+            .incoming(listener)
+            .graceful(async {
+                let _ = rx.await;
+            })
+            .run(),
+    );
+    Ok((addr, tx))
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize] as f64
+}
+
+pub async fn run(config: &tai_core::config::Config, a: BenchArgs) -> anyhow::Result<i32> {
+    let mut target = if a.target {
+        existing(config)?
+    } else {
+        start_node(&a)?
+    };
+    let base = format!("http://{}", target.ingress);
+    eprintln!(
+        "bench: {} tenants, node at {}",
+        target.tenants.len(),
+        target.ingress
+    );
+
+    // Entitle every tenant's engine first: each tenant/SKU starts in boot.
+    let http = reqwest::Client::new();
+    let entitled = Arc::new(AtomicU64::new(0));
+    let chunks: Vec<Vec<(String, String)>> = target
+        .tenants
+        .chunks(target.tenants.len().div_ceil(a.concurrency.max(1)))
+        .map(<[_]>::to_vec)
+        .collect();
+    let mut tasks = Vec::new();
+    for chunk in chunks {
+        let (http, base, sku, entitled) =
+            (http.clone(), base.clone(), a.sku.clone(), entitled.clone());
+        tasks.push(tokio::spawn(async move {
+            for (t, s) in chunk {
+                let body = serde_json::to_vec(&json!({"tenant_id": t, "sku_id": sku, "kind": "entitlement", "payload": {"active": true}})).expect("json");
+                if post(&http, &base, &t, &s, body).await {
+                    entitled.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    drained(&target, Duration::from_secs(300)).await?;
+    let (_, warm_seq) = decision_times(&target, 0).await?;
+    eprintln!(
+        "bench: {} tenants entitled; loading for {} s",
+        entitled.load(Ordering::Relaxed),
+        a.duration
+    );
+
+    let tag = format!("b{}", now_ms());
+    let (accepted, took) = load(&base, &target.tenants, &a, &a.sku, &tag).await?;
+    let load_end = now_ms();
+    drained(&target, Duration::from_secs(600)).await?;
+    let (decided_at, _) = decision_times(&target, warm_seq).await?;
+    let mut lat = Vec::with_capacity(accepted.len());
+    let first_send = accepted.iter().map(|(_, s)| *s).min().unwrap_or(0);
+    let mut last_decision = 0;
+    for (id, sent) in &accepted {
+        if let Some(at) = decided_at.get(id) {
+            lat.push(at.saturating_sub(*sent));
+            last_decision = last_decision.max(*at);
+        }
+    }
+    lat.sort_unstable();
+    let decided = lat.len();
+    let decided_secs = (last_decision.max(load_end).saturating_sub(first_send)) as f64 / 1000.0;
+    let rss = target.child.as_ref().and_then(|c| rss_mb(c.id()));
+
+    let baseline = if a.no_baseline {
+        None
+    } else {
+        let (addr, stop) = baseline_server(&target.tenants).await?;
+        let (ok, btook) = load(
+            &format!("http://{addr}"),
+            &target.tenants,
+            &a,
+            &a.sku,
+            "baseline",
+        )
+        .await?;
+        let _ = stop.send(());
+        Some(ok.len() as f64 / btook.as_secs_f64())
+    };
+
+    let report = json!({
+        "tenants": target.tenants.len(),
+        "offered_rate": a.rate,
+        "duration_secs": a.duration,
+        "concurrency": a.concurrency,
+        "sku": a.sku,
+        "accepted": accepted.len(),
+        "decided": decided,
+        "accepted_per_sec": accepted.len() as f64 / took.as_secs_f64(),
+        "decided_per_sec": decided as f64 / decided_secs.max(0.001),
+        "p50_ms": percentile(&lat, 0.50),
+        "p99_ms": percentile(&lat, 0.99),
+        "p999_ms": percentile(&lat, 0.999),
+        "baseline_per_sec": baseline,
+        "rss_mb": rss,
+    });
+    if let Some(mut child) = target.child.take() {
+        let _ = reqwest::Client::new()
+            .post(format!("http://{}/admin/shutdown", target.operator))
+            .bearer_auth(&target.admin_token)
+            .send()
+            .await;
+        let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+    }
+    if a.json {
+        println!("{report}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    if decided < accepted.len() {
+        eprintln!(
+            "bench: {} accepted signals have no decision receipt",
+            accepted.len() - decided
+        );
+        return Ok(1);
+    }
+    Ok(0)
+}

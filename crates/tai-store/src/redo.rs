@@ -1,0 +1,154 @@
+//! Atomic multi-key writes without `sled::Batch` (whose `apply_batch` rolls
+//! sled's I/O buffer with a synchronous disk write every time).
+//!
+//! A write set is inserted as one value under `w/{id}` (a single insert is
+//! atomic), applied key by key, and removed. sled recovers its log as a
+//! prefix, so after a crash either the record is gone (fully applied, or
+//! never written) or it is there and is applied again at open: puts and
+//! deletes of fixed values are idempotent, and writes to the same keys made
+//! after it are later in the log, so they cannot have survived without its
+//! removal.
+
+use crate::Result;
+
+/// Puts (`Some`) and deletes (`None`), applied in order.
+#[derive(Default, Debug)]
+pub(crate) struct Ops(Vec<(Vec<u8>, Option<Vec<u8>>)>);
+
+impl Ops {
+    pub(crate) fn insert(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
+        self.0
+            .push((key.as_ref().to_vec(), Some(value.as_ref().to_vec())));
+    }
+    pub(crate) fn remove(&mut self, key: impl AsRef<[u8]>) {
+        self.0.push((key.as_ref().to_vec(), None));
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (k, v) in &self.0 {
+            out.extend_from_slice(&(k.len() as u32).to_be_bytes());
+            out.extend_from_slice(k);
+            match v {
+                Some(v) => {
+                    out.push(1);
+                    out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+                    out.extend_from_slice(v);
+                }
+                None => out.push(0),
+            }
+        }
+        out
+    }
+
+    fn decode(mut b: &[u8]) -> Option<Ops> {
+        let mut ops = Vec::new();
+        let take = |b: &mut &[u8], n: usize| -> Option<Vec<u8>> {
+            let (head, rest) = (b.get(..n)?, b.get(n..)?);
+            *b = rest;
+            Some(head.to_vec())
+        };
+        while !b.is_empty() {
+            let klen = u32::from_be_bytes(take(&mut b, 4)?.try_into().ok()?) as usize;
+            let k = take(&mut b, klen)?;
+            let v = match take(&mut b, 1)?[0] {
+                1 => {
+                    let vlen = u32::from_be_bytes(take(&mut b, 4)?.try_into().ok()?) as usize;
+                    Some(take(&mut b, vlen)?)
+                }
+                _ => None,
+            };
+            ops.push((k, v));
+        }
+        Some(Ops(ops))
+    }
+}
+
+fn key(id: u64) -> [u8; 10] {
+    let mut k = [0u8; 10];
+    k[..2].copy_from_slice(b"w/");
+    k[2..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn apply_ops(db: &sled::Db, ops: &Ops) -> Result<()> {
+    for (k, v) in &ops.0 {
+        match v {
+            Some(v) => {
+                db.insert(k, v.as_slice())?;
+            }
+            None => {
+                db.remove(k)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn apply(db: &sled::Db, id: u64, ops: Ops) -> Result<()> {
+    if ops.0.len() == 1 {
+        // One write is atomic by itself.
+        return apply_ops(db, &ops);
+    }
+    let k = key(id);
+    db.insert(k, ops.encode())?;
+    apply_ops(db, &ops)?;
+    db.remove(k)?;
+    Ok(())
+}
+
+/// Re-applies write sets a crash interrupted; returns the next redo id.
+pub(crate) fn recover(db: &sled::Db) -> Result<u64> {
+    let mut next = 0;
+    let pending: Vec<_> = db
+        .scan_prefix(b"w/")
+        .collect::<std::result::Result<_, _>>()?;
+    for (k, v) in pending {
+        let ops = Ops::decode(&v).ok_or_else(|| crate::StoreError::Corrupt {
+            key: String::from_utf8_lossy(&k).into_owned(),
+            message: "undecodable redo record".into(),
+        })?;
+        tracing::warn!(
+            writes = ops.0.len(),
+            "re-applying a write set a crash interrupted"
+        );
+        apply_ops(db, &ops)?;
+        db.remove(&k)?;
+        next = next.max(u64::from_be_bytes(k[2..10].try_into().unwrap_or_default()) + 1);
+    }
+    db.flush()?;
+    Ok(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interrupted_write_set_is_applied_at_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        db.insert(b"gone", b"x".as_slice()).unwrap();
+        let mut ops = Ops::default();
+        ops.insert(b"a", b"1");
+        ops.insert(b"b", b"2");
+        ops.remove(b"gone");
+        // As if the process died right after the redo record was written.
+        db.insert(key(7), ops.encode()).unwrap();
+        assert_eq!(recover(&db).unwrap(), 8);
+        assert_eq!(db.get(b"a").unwrap().unwrap(), b"1".as_slice());
+        assert_eq!(db.get(b"b").unwrap().unwrap(), b"2".as_slice());
+        assert!(db.get(b"gone").unwrap().is_none());
+        assert_eq!(db.scan_prefix(b"w/").count(), 0);
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let mut ops = Ops::default();
+        ops.insert(b"k", vec![0u8; 300]);
+        ops.remove(b"q/1");
+        let back = Ops::decode(&ops.encode()).unwrap();
+        assert_eq!(back.0, ops.0);
+        assert!(Ops::decode(&[0, 0, 0, 9, 1]).is_none(), "truncated");
+    }
+}
