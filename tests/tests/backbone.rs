@@ -76,9 +76,10 @@ async fn killing_kanban_restarts_the_layers_after_it_and_leaves_ingress_alone() 
     let mut after = Value::Null;
     for _ in 0..250 {
         after = node.tree().await;
-        let done = LAYERS[1..]
-            .iter()
-            .all(|l| find(&after, l).unwrap()["restarts"] == 1);
+        let done = LAYERS[1..].iter().all(|l| {
+            let layer = find(&after, l).unwrap();
+            layer["restarts"] == 1 && layer["status"] == "running"
+        });
         if done {
             break;
         }

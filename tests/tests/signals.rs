@@ -487,8 +487,23 @@ async fn kill_9_mid_burst_loses_nothing_and_decides_nothing_twice() {
                 .or_default() += 1;
         }
     }
+    let c = Client::new(&node, "acme", "acme-secret");
     for id in &accepted {
-        assert_eq!(decisions.get(id), Some(&1), "{id}: one decision receipt");
+        if decisions.get(id) != Some(&1) {
+            let status = c.status(id).await.body;
+            let (_, letters) = node.admin(Method::GET, "/admin/deadletter").await;
+            let logs: Vec<String> = std::fs::read_dir(node.dir.path())
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with("node.log"))
+                .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+                .collect();
+            panic!(
+                "{id}: {:?} decision receipts; status {status}; dead letters {letters}; logs:\n{}",
+                decisions.get(id),
+                logs.join("\n----\n")
+            );
+        }
     }
     assert!(
         decisions.values().all(|n| *n == 1),

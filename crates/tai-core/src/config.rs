@@ -49,6 +49,8 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// How long a graceful shutdown may take before what is left is killed.
     pub shutdown_grace_secs: u64,
+    /// The store's page cache, in MiB.
+    pub store_cache_mb: u64,
 }
 
 impl Default for NodeConfig {
@@ -57,6 +59,7 @@ impl Default for NodeConfig {
             mode: Mode::Dev,
             data_dir: PathBuf::from("./data"),
             shutdown_grace_secs: 30,
+            store_cache_mb: 64,
         }
     }
 }
@@ -611,6 +614,9 @@ fn validate(c: &Config, errors: &mut Vec<ConfigError>) {
             "kanban.wip_limit",
             format!("must be at least kanban.prefetch ({})", c.kanban.prefetch),
         ));
+    }
+    if c.node.store_cache_mb == 0 {
+        errors.push(err("node.store_cache_mb", "must be greater than 0"));
     }
     if c.kanban.max_depth == 0 {
         errors.push(err("kanban.max_depth", "must be greater than 0"));

@@ -50,9 +50,12 @@ pub enum KanbanMsg {
         seq: u64,
     },
     /// Send again what is in flight for this engine (it restarted and lost its mailbox).
+    /// `after_crash`: the engine was restarted after a failure, which counts
+    /// an attempt against the signal it was most likely deciding.
     Redeliver {
         tenant_id: String,
         sku_id: String,
+        after_crash: bool,
     },
     /// Send again everything in flight (the router restarted).
     RedeliverAll,

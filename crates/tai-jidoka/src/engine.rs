@@ -34,6 +34,8 @@ pub enum EngineMsg {
 pub struct Engine;
 
 pub struct EngineArgs {
+    /// 0 when the router starts the engine; more when `engine_sup` restarts it after a crash.
+    pub incarnation: u32,
     pub tenant_id: String,
     pub sku_id: String,
     pub sku: Arc<Sku>,
@@ -41,6 +43,7 @@ pub struct EngineArgs {
 }
 
 pub struct EngineActorState {
+    incarnation: u32,
     name: String,
     tenant_id: String,
     sku_id: String,
@@ -112,8 +115,30 @@ async fn execute(action: &Action) -> Result<(), String> {
     }
 }
 
+/// How long an engine waits for a layer it needs that is (re)starting.
+const LAYER_WAIT: Duration = Duration::from_secs(15);
+
+/// The ledger by name, waiting while it is not registered: layers start in
+/// SPEC order (processor before andon) and restart independently, so a brief
+/// absence is normal and must not crash the engine (each crash would count
+/// an attempt against the signal it holds).
+async fn ledger() -> Result<ractor::ActorCell, ActorProcessingErr> {
+    let end = tokio::time::Instant::now() + LAYER_WAIT;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if let Some(cell) = ractor::registry::where_is(ANDON_LEDGER) {
+            return Ok(cell);
+        }
+        if tokio::time::Instant::now() >= end {
+            return Err(format!("andon_ledger not running for {LAYER_WAIT:?}").into());
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
+
 async fn commit(receipts: Vec<ReceiptDraft>, writes: WriteSet) -> Result<(), ActorProcessingErr> {
-    let ledger = ractor::registry::where_is(ANDON_LEDGER).ok_or("andon_ledger is not running")?;
+    let ledger = ledger().await?;
     let answer = ractor::rpc::call(
         &ledger,
         |reply| LedgerMsg::Commit {
@@ -140,7 +165,174 @@ fn ack(seq: u64) {
     }
 }
 
+/// The writes of one or more steps, committed together.
+#[derive(Default)]
+struct Pending {
+    drafts: Vec<ReceiptDraft>,
+    writes: WriteSet,
+    /// Per signal, in first-touched order: its final status and reason.
+    statuses: Vec<(String, SignalStatus, Option<String>)>,
+    /// The delivered signal of these steps, for records and dead letters.
+    delivery: Option<Delivery>,
+}
+
+impl Pending {
+    fn status(&mut self, signal_id: String, status: SignalStatus, reason: Option<String>) {
+        match self.statuses.iter_mut().find(|(id, _, _)| *id == signal_id) {
+            Some(entry) => {
+                entry.1 = status;
+                entry.2 = reason;
+            }
+            None => self.statuses.push((signal_id, status, reason)),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.drafts.is_empty() && self.statuses.is_empty() && self.writes.acks.is_empty()
+    }
+}
+
+/// Executors whose action has no effect outside the node run inline: their
+/// result joins the same commit as the decision. Any other executor runs
+/// only after the `action_generated` commit is durable.
+fn runs_inline(action: &Action) -> bool {
+    action.executor == "log"
+}
+
 impl Engine {
+    /// Applies one step's effects to `p`; returns the action to run, if any.
+    fn collect(
+        st: &mut EngineActorState,
+        fx: Vec<Effect>,
+        input: &Input,
+        p: &mut Pending,
+        now: u64,
+    ) -> Option<Action> {
+        let trace_id = p.delivery.as_ref().and_then(|d| d.signal.trace_id.clone());
+        let mut action = None;
+        for e in fx {
+            match e {
+                Effect::Receipt {
+                    kind,
+                    before,
+                    after,
+                    signal_id,
+                    action_id,
+                    success,
+                    reason,
+                } => {
+                    p.drafts.push(ReceiptDraft {
+                        receipt_id: format!("rcpt_{}", new_ulid()),
+                        kind: kind.to_string(),
+                        tenant_id: st.tenant_id.clone(),
+                        sku_id: st.sku_id.clone(),
+                        signal_id,
+                        action_id,
+                        state_before: before,
+                        state_after: after,
+                        success,
+                        reason,
+                        trace_id: trace_id.clone(),
+                        timestamp_ms: now,
+                    });
+                }
+                Effect::Postpone => {
+                    if let Input::Signal(d) = input {
+                        st.statem.postpone(d.clone());
+                    }
+                }
+                Effect::Processing { signal_id } => {
+                    p.status(signal_id, SignalStatus::Processing, None)
+                }
+                Effect::Settle {
+                    seq,
+                    signal_id,
+                    status,
+                    reason,
+                } => {
+                    p.status(signal_id, status, reason);
+                    p.writes.acks.push(seq);
+                }
+                Effect::DeadLetter { seq, reason } => {
+                    if let Some(d) = &p.delivery {
+                        p.writes.dead_letters.push(DeadLetter {
+                            signal: d.signal.clone(),
+                            reason: reason.to_string(),
+                            at_ms: now,
+                        });
+                        let id = d.signal.id.clone();
+                        p.status(id, SignalStatus::Deadlettered, Some(reason.to_string()));
+                    }
+                    p.writes.acks.push(seq);
+                }
+                Effect::Execute(a) => action = Some(a),
+            }
+        }
+        action
+    }
+
+    fn step_input(st: &mut EngineActorState, input: &Input, now: u64) -> Vec<Effect> {
+        let mut id = new_ulid;
+        match input {
+            Input::Signal(d) => step(
+                &mut st.data,
+                &st.sku,
+                Event::Signal {
+                    seq: d.seq,
+                    signal: &d.signal,
+                },
+                now,
+                &mut id,
+            ),
+            Input::Other(e) => {
+                let ev = match e {
+                    OwnedEvent::StateTimeout => Event::StateTimeout,
+                    OwnedEvent::ActionDone(Ok(())) => Event::ActionDone { ok: true },
+                    OwnedEvent::ActionDone(Err(r)) => Event::ActionFailed { reason: r },
+                    OwnedEvent::Halt(r) => Event::Halt { reason: r },
+                    OwnedEvent::Resume => Event::Resume,
+                    OwnedEvent::Restored => Event::Restored,
+                };
+                step(&mut st.data, &st.sku, ev, now, &mut id)
+            }
+        }
+    }
+
+    /// Writes `p` (with the checkpoint) in one atomic, durable commit, then
+    /// acknowledges its signals to Kanban.
+    async fn commit(st: &mut EngineActorState, mut p: Pending) -> Result<(), ActorProcessingErr> {
+        for (signal_id, status, reason) in std::mem::take(&mut p.statuses) {
+            let mut rec = match st.store.signal_record(&st.tenant_id, &signal_id)? {
+                Some(r) => r,
+                None => match &p.delivery {
+                    Some(d) if d.signal.id == signal_id => SignalRecord::accepted(&d.signal),
+                    _ => continue,
+                },
+            };
+            rec.status = status;
+            rec.reason = reason;
+            rec.receipts.extend(
+                p.drafts
+                    .iter()
+                    .filter(|r| r.signal_id.as_deref() == Some(signal_id.as_str()))
+                    .map(|r| r.receipt_id.clone()),
+            );
+            p.writes.signal_records.push(rec);
+        }
+        p.writes.checkpoint = Some((
+            st.tenant_id.clone(),
+            st.sku_id.clone(),
+            serde_json::to_vec(&st.data)?,
+        ));
+        let acks = p.writes.acks.clone();
+        commit(p.drafts, p.writes).await?;
+        for seq in acks {
+            st.seen.remove(&seq);
+            ack(seq);
+        }
+        Ok(())
+    }
+
     /// Runs `first` and everything it leads to: actions' results and the
     /// postponed signals a state change releases.
     async fn run(
@@ -152,134 +344,23 @@ impl Engine {
         while let Some(input) = inputs.pop_front() {
             let now = now_ms();
             let before = st.data.state;
-            let mut id = new_ulid;
-            let (fx, delivery) = match &input {
-                Input::Signal(d) => (
-                    step(
-                        &mut st.data,
-                        &st.sku,
-                        Event::Signal {
-                            seq: d.seq,
-                            signal: &d.signal,
-                        },
-                        now,
-                        &mut id,
-                    ),
-                    Some(d),
-                ),
-                Input::Other(e) => {
-                    let ev = match e {
-                        OwnedEvent::StateTimeout => Event::StateTimeout,
-                        OwnedEvent::ActionDone(Ok(())) => Event::ActionDone { ok: true },
-                        OwnedEvent::ActionDone(Err(r)) => Event::ActionFailed { reason: r },
-                        OwnedEvent::Halt(r) => Event::Halt { reason: r },
-                        OwnedEvent::Resume => Event::Resume,
-                        OwnedEvent::Restored => Event::Restored,
-                    };
-                    (step(&mut st.data, &st.sku, ev, now, &mut id), None)
-                }
+            let mut p = Pending {
+                delivery: match &input {
+                    Input::Signal(d) => Some(d.clone()),
+                    Input::Other(_) => None,
+                },
+                ..Pending::default()
             };
-            let trace_id = delivery.and_then(|d| d.signal.trace_id.clone());
-            let mut drafts = Vec::new();
-            let mut writes = WriteSet::default();
-            let mut updates: Vec<(String, SignalStatus, Option<String>)> = Vec::new();
-            let mut action = None;
-            for e in fx {
-                match e {
-                    Effect::Receipt {
-                        kind,
-                        before,
-                        after,
-                        signal_id,
-                        action_id,
-                        success,
-                        reason,
-                    } => {
-                        drafts.push(ReceiptDraft {
-                            receipt_id: format!("rcpt_{}", new_ulid()),
-                            kind: kind.to_string(),
-                            tenant_id: st.tenant_id.clone(),
-                            sku_id: st.sku_id.clone(),
-                            signal_id,
-                            action_id,
-                            state_before: before,
-                            state_after: after,
-                            success,
-                            reason,
-                            trace_id: trace_id.clone(),
-                            timestamp_ms: now,
-                        });
-                    }
-                    Effect::Postpone => {
-                        if let Input::Signal(d) = &input {
-                            st.statem.postpone(d.clone());
-                        }
-                    }
-                    Effect::Processing { signal_id } => {
-                        updates.push((signal_id, SignalStatus::Processing, None));
-                    }
-                    Effect::Settle {
-                        seq,
-                        signal_id,
-                        status,
-                        reason,
-                    } => {
-                        updates.push((signal_id, status, reason));
-                        writes.acks.push(seq);
-                    }
-                    Effect::DeadLetter { seq, reason } => {
-                        if let Some(d) = delivery {
-                            writes.dead_letters.push(DeadLetter {
-                                signal: d.signal.clone(),
-                                reason: reason.to_string(),
-                                at_ms: now,
-                            });
-                            updates.push((
-                                d.signal.id.clone(),
-                                SignalStatus::Deadlettered,
-                                Some(reason.to_string()),
-                            ));
-                        }
-                        writes.acks.push(seq);
-                    }
-                    Effect::Execute(a) => action = Some(a),
-                }
+            let fx = Self::step_input(st, &input, now);
+            let mut action = Self::collect(st, fx, &input, &mut p, now);
+            // A local action's result joins the decision's commit.
+            while let Some(a) = action.take_if(|a| runs_inline(a)) {
+                let done = Input::Other(OwnedEvent::ActionDone(execute(&a).await));
+                let fx = Self::step_input(st, &done, now);
+                action = Self::collect(st, fx, &done, &mut p, now);
             }
-            if drafts.is_empty()
-                && updates.is_empty()
-                && st.data.state == before
-                && action.is_none()
-            {
-                continue;
-            }
-            for (signal_id, status, reason) in updates {
-                let mut rec = match st.store.signal_record(&st.tenant_id, &signal_id)? {
-                    Some(r) => r,
-                    None => match delivery {
-                        Some(d) => SignalRecord::accepted(&d.signal),
-                        None => continue,
-                    },
-                };
-                rec.status = status;
-                rec.reason = reason;
-                rec.receipts.extend(
-                    drafts
-                        .iter()
-                        .filter(|r| r.signal_id.as_deref() == Some(signal_id.as_str()))
-                        .map(|r| r.receipt_id.clone()),
-                );
-                writes.signal_records.push(rec);
-            }
-            writes.checkpoint = Some((
-                st.tenant_id.clone(),
-                st.sku_id.clone(),
-                serde_json::to_vec(&st.data)?,
-            ));
-            let acks = writes.acks.clone();
-            commit(drafts, writes).await?;
-            for seq in acks {
-                st.seen.remove(&seq);
-                ack(seq);
+            if !p.is_empty() || st.data.state != before || action.is_some() {
+                Self::commit(st, p).await?;
             }
             if let Some(a) = action {
                 let result = execute(&a).await;
@@ -320,6 +401,7 @@ impl Actor for Engine {
         let name = tai_core::names::engine_name(&args.tenant_id, &args.sku_id);
         crate::states::publish(&name, state);
         Ok(EngineActorState {
+            incarnation: args.incarnation,
             name,
             tenant_id: args.tenant_id,
             sku_id: args.sku_id,
@@ -345,6 +427,7 @@ impl Actor for Engine {
             let _ = q.send_message(KanbanMsg::Redeliver {
                 tenant_id: st.tenant_id.clone(),
                 sku_id: st.sku_id.clone(),
+                after_crash: st.incarnation > 0,
             });
         }
         Ok(())

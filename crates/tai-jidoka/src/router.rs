@@ -98,8 +98,12 @@ impl Router {
         let args_store = st.args.store.clone();
         let sku = Self::sku(st, sku_id);
         let (t, s) = (tenant.to_string(), sku_id.to_string());
+        // Each call of the args closure is one start: the first is ours, any
+        // later one is engine_sup restarting the engine after a crash.
+        let starts = std::sync::atomic::AtomicU32::new(0);
         let spec = ChildSpec::worker(name.clone(), Some(name.clone()), Engine, move || {
             EngineArgs {
+                incarnation: starts.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
                 tenant_id: t.clone(),
                 sku_id: s.clone(),
                 sku: sku.clone(),

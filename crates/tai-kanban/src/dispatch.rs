@@ -106,13 +106,14 @@ impl Dispatch {
         true
     }
 
-    /// In-flight signals of one engine, oldest first, to send again. The
-    /// oldest is the one the engine was working on when it died: it alone
-    /// gets an attempt counted.
+    /// In-flight signals of one engine, oldest first, to send again. After a
+    /// crash the oldest is the one the engine was most likely deciding: it
+    /// alone gets an attempt counted.
     pub fn redeliver_engine(
         &mut self,
         tenant: &str,
         sku: &str,
+        after_crash: bool,
         now: Instant,
     ) -> Vec<(Delivery, u32)> {
         let mut seqs: Vec<u64> = self
@@ -127,7 +128,7 @@ impl Dispatch {
         let mut out = Vec::new();
         for (i, seq) in seqs.into_iter().enumerate() {
             let f = self.in_flight.get_mut(&seq).expect("listed");
-            if i == 0 {
+            if i == 0 && after_crash {
                 f.attempts += 1;
             }
             f.sent_at = now;
@@ -237,7 +238,14 @@ mod tests {
         }
         let now = Instant::now();
         q.take(50, 10, now);
-        let again = q.redeliver_engine("t", "a", now);
+        let fresh = q.redeliver_engine("t", "a", false, now);
+        let counted: Vec<_> = fresh.iter().map(|(d, n)| (d.seq, *n)).collect();
+        assert_eq!(
+            counted,
+            [(1, 1), (2, 1), (3, 1)],
+            "a plain start counts nothing"
+        );
+        let again = q.redeliver_engine("t", "a", true, now);
         assert_eq!(
             again.iter().map(|(d, n)| (d.seq, *n)).collect::<Vec<_>>(),
             [(1, 2), (2, 1), (3, 1)]

@@ -190,10 +190,14 @@ impl Actor for Queue {
                     Self::dispatch(st);
                 }
             }
-            KanbanMsg::Redeliver { tenant_id, sku_id } => {
-                let again = st
-                    .dispatch
-                    .redeliver_engine(&tenant_id, &sku_id, Instant::now());
+            KanbanMsg::Redeliver {
+                tenant_id,
+                sku_id,
+                after_crash,
+            } => {
+                let again =
+                    st.dispatch
+                        .redeliver_engine(&tenant_id, &sku_id, after_crash, Instant::now());
                 Self::resend(st, again);
                 Self::dispatch(st);
             }

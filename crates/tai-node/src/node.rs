@@ -108,7 +108,7 @@ pub async fn serve(config: Config) -> anyhow::Result<i32> {
     let data_dir = config.node.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create node.data_dir {}", data_dir.display()))?;
-    let store = Store::open(&data_dir)?;
+    let store = Store::open_with_cache(&data_dir, config.node.store_cache_mb * 1024 * 1024)?;
     let starts = store.record_start()?;
 
     let draining = Arc::new(AtomicBool::new(false));

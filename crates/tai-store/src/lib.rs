@@ -86,6 +86,7 @@ impl std::fmt::Debug for Store {
 }
 
 const NODE_STARTS: &[u8] = b"m/node_starts";
+const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 const HEAD: &[u8] = b"m/head";
 
 fn seq_key(prefix: u8, seq: u64) -> Vec<u8> {
@@ -125,8 +126,15 @@ impl Store {
     /// Opens (creating if needed) the store in `dir`. sled holds a lock on the
     /// directory: a second process on the same data dir is refused here.
     pub fn open(dir: &Path) -> Result<Store> {
+        Self::open_with_cache(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens with sled's page cache bounded to `cache_bytes` (sled's own
+    /// default is 1 GiB, which a node with many tenants would fill).
+    pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Store> {
         let db = sled::Config::new()
             .path(dir.join("sled"))
+            .cache_capacity(cache_bytes)
             // Durability is ours (group commit); sled's own timer would only
             // add flushes that race ours.
             .flush_every_ms(None)
@@ -205,19 +213,20 @@ impl Store {
         if let Some(existing) = self.signal_record(&signal.tenant_id, &signal.id)? {
             return Ok(Some(existing));
         }
-        let mut batch = redo::Ops::default();
-        batch.insert(
-            pair_key(b's', &signal.tenant_id, &signal.id),
-            encode(&SignalRecord::accepted(signal)),
-        );
-        batch.insert(
+        // Two single writes, queue entry first: a crash between them leaves
+        // a queued signal without a record (the engine creates it), never a
+        // record that claims a signal nobody will decide. No redo needed.
+        self.db.insert(
             seq_key(b'q', seq),
             encode(&Delivery {
                 seq,
                 signal: signal.clone(),
             }),
-        );
-        self.atomic(batch)?;
+        )?;
+        self.db.insert(
+            pair_key(b's', &signal.tenant_id, &signal.id),
+            encode(&SignalRecord::accepted(signal)),
+        )?;
         Ok(None)
     }
 
