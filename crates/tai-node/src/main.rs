@@ -12,6 +12,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use tai_core::config::{self, Config};
 
+/// mimalloc returns freed memory to the system far more readily than glibc's
+/// malloc (parsing a config of 100k tenants otherwise leaves ~200 MB resident)
+/// and is faster on the many small allocations of the signal path.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit status for a configuration error (sysexits EX_CONFIG).
 const EX_CONFIG: u8 = 78;
 
