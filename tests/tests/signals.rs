@@ -735,3 +735,55 @@ async fn a_full_queue_answers_503_with_retry_after() {
         "still full: the entitlement cannot get in either"
     );
 }
+
+#[tokio::test]
+async fn a_governance_policy_with_params_decides_through_the_node() {
+    let extra = r#"
+[skus.costs]
+policies = ["cost_governance", "compliance_audit"]
+params.cost_governance = { freeze_ratio = 1.5 }
+params.compliance_audit = { required_controls = ["mfa"] }
+"#;
+    let node = Node::start_with(&test_config(extra), &[]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    entitle(&c, "costs", "ent").await;
+    let send = |id: &str, spend: u32| {
+        signal(
+            "acme",
+            "costs",
+            "spend_report",
+            id,
+            json!({"spend": spend, "budget": 100, "controls": ["mfa"]}),
+        )
+    };
+    assert_eq!(c.post(&send("ok", 140)).await.unwrap().status, 202);
+    assert_eq!(c.post(&send("frozen", 151)).await.unwrap().status, 202);
+    assert_eq!(
+        c.decided("ok").await["status"],
+        "completed",
+        "140 is under 1.5 x 100"
+    );
+    let frozen = c.decided("frozen").await;
+    assert_eq!(frozen["status"], "denied");
+    let reason = frozen["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("cost_governance: spend 151 over 1.5x budget 100"),
+        "{reason}"
+    );
+    let missing = signal(
+        "acme",
+        "costs",
+        "spend_report",
+        "no-mfa",
+        json!({"spend": 1, "budget": 100, "controls": []}),
+    );
+    c.post(&missing).await.unwrap();
+    let denied = c.decided("no-mfa").await;
+    assert!(
+        denied["reason"]
+            .as_str()
+            .unwrap()
+            .contains("compliance_audit: missing controls: mfa"),
+        "{denied}"
+    );
+}

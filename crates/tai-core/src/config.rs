@@ -16,7 +16,14 @@ pub const DEV_RECEIPT_KEY: &str = "dev-receipt-key";
 pub const DEV_TENANT_SECRET: &str = "demo-secret";
 
 /// The policies a SKU may list.
-pub const KNOWN_POLICIES: &[&str] = &["payment_fraud"];
+pub const KNOWN_POLICIES: &[&str] = &[
+    "payment_fraud",
+    "cost_governance",
+    "permission_drift",
+    "change_management",
+    "compliance_audit",
+    "deployment_safety",
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "snake_case")]

@@ -417,6 +417,7 @@ fn decide(
     }
     let mut violations = Vec::new();
     let mut window = 0;
+    let mut asked = None;
     for p in &st.sku.policies {
         let v = p.evaluate(
             s,
@@ -430,6 +431,7 @@ fn decide(
                 .into_iter()
                 .map(|x| format!("{}: {x}", p.name())),
         );
+        asked = asked.or(v.action);
         window = window.max(p.velocity_window_ms().unwrap_or(0));
     }
     if window > 0 {
@@ -479,7 +481,7 @@ fn decide(
         tenant_id: s.tenant_id.clone(),
         sku_id: s.sku_id.clone(),
         signal_id: s.id.clone(),
-        kind: s.kind.clone(),
+        kind: asked.unwrap_or_else(|| s.kind.clone()),
         executor: st.sku.executor.clone(),
         payload: s.payload.clone(),
     }));

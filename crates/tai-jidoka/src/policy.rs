@@ -2,6 +2,8 @@
 //! policy's parameters and the engine's context. No I/O, no clock: the
 //! engine passes the time in.
 
+mod governance;
+
 use std::collections::{BTreeMap, VecDeque};
 
 use serde_json::Value;
@@ -13,6 +15,9 @@ pub struct Verdict {
     pub allow: bool,
     pub score: u32,
     pub violations: Vec<String>,
+    /// The action the policy asks for (e.g. `freeze`, `revoke`, `rollback`);
+    /// `None` leaves the signal's kind as the action.
+    pub action: Option<String>,
 }
 
 /// What a policy may read of the engine besides the signal.
@@ -23,9 +28,18 @@ pub struct Context<'a> {
     pub velocity: &'a BTreeMap<String, VecDeque<u64>>,
 }
 
+pub use governance::{
+    ChangeManagement, ComplianceAudit, CostGovernance, DeploymentSafety, PermissionDrift,
+};
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Policy {
     PaymentFraud(PaymentFraud),
+    CostGovernance(CostGovernance),
+    PermissionDrift(PermissionDrift),
+    ChangeManagement(ChangeManagement),
+    ComplianceAudit(ComplianceAudit),
+    DeploymentSafety(DeploymentSafety),
 }
 
 impl Policy {
@@ -33,6 +47,19 @@ impl Policy {
     pub fn from_config(name: &str, params: Option<&Value>) -> Result<Policy, String> {
         match name {
             "payment_fraud" => Ok(Policy::PaymentFraud(PaymentFraud::from_params(params)?)),
+            "cost_governance" => Ok(Policy::CostGovernance(CostGovernance::from_params(params)?)),
+            "permission_drift" => Ok(Policy::PermissionDrift(PermissionDrift::from_params(
+                params,
+            )?)),
+            "change_management" => Ok(Policy::ChangeManagement(ChangeManagement::from_params(
+                params,
+            )?)),
+            "compliance_audit" => Ok(Policy::ComplianceAudit(ComplianceAudit::from_params(
+                params,
+            )?)),
+            "deployment_safety" => Ok(Policy::DeploymentSafety(DeploymentSafety::from_params(
+                params,
+            )?)),
             other => Err(format!("unknown policy {other:?}")),
         }
     }
@@ -40,12 +67,22 @@ impl Policy {
     pub fn name(&self) -> &'static str {
         match self {
             Policy::PaymentFraud(_) => "payment_fraud",
+            Policy::CostGovernance(_) => "cost_governance",
+            Policy::PermissionDrift(_) => "permission_drift",
+            Policy::ChangeManagement(_) => "change_management",
+            Policy::ComplianceAudit(_) => "compliance_audit",
+            Policy::DeploymentSafety(_) => "deployment_safety",
         }
     }
 
     pub fn evaluate(&self, signal: &Signal, ctx: Context<'_>) -> Verdict {
         match self {
             Policy::PaymentFraud(p) => p.evaluate(signal, ctx),
+            Policy::CostGovernance(p) => p.evaluate(&signal.payload),
+            Policy::PermissionDrift(p) => p.evaluate(&signal.payload),
+            Policy::ChangeManagement(p) => p.evaluate(&signal.payload),
+            Policy::ComplianceAudit(p) => p.evaluate(&signal.payload),
+            Policy::DeploymentSafety(p) => p.evaluate(&signal.payload),
         }
     }
 
@@ -53,6 +90,7 @@ impl Policy {
     pub fn velocity_window_ms(&self) -> Option<u64> {
         match self {
             Policy::PaymentFraud(p) => Some(p.velocity_window_secs * 1000),
+            _ => None,
         }
     }
 }
@@ -191,6 +229,7 @@ impl PaymentFraud {
             allow,
             score,
             violations: if allow { Vec::new() } else { violations },
+            action: None,
         }
     }
 }
