@@ -10,6 +10,8 @@ if ! command -v cargo-nextest >/dev/null 2>&1; then
     cargo install cargo-nextest --locked
 fi
 
+bash scripts/install-test-tools.sh
+
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -88,6 +88,10 @@ impl Actor for Ledger {
                 }
                 st.head_seq = seq;
                 st.head_hash = prev;
+                for r in &sealed {
+                    metrics::counter!(tai_core::telemetry::RECEIPTS, "kind" => r.kind.clone())
+                        .increment(1);
+                }
                 // Durability is awaited off the actor, so commits keep flowing
                 // into the same group flush; the flush carries them in order.
                 let store = st.store.clone();

@@ -12,5 +12,6 @@ pub mod msg;
 pub mod names;
 pub mod receipt;
 pub mod signal;
+pub mod telemetry;
 
 pub use error::{ApiError, ErrorCode};

@@ -181,7 +181,23 @@ async fn route(
                 &json!({"ready": false, "reason": reason}),
             ),
         },
-        (&Method::POST, ["v1", "signals"]) => post_signal(s, path, headers, body).await,
+        (&Method::POST, ["v1", "signals"]) => {
+            let r = post_signal(s, path, headers, body).await;
+            let outcome = match r.status().as_u16() {
+                202 => "accepted",
+                200 => "duplicate",
+                400 => "invalid",
+                401 => "unauthorized",
+                413 => "too_large",
+                415 => "unsupported_media_type",
+                429 => "rate_limited",
+                503 => "unavailable",
+                _ => "error",
+            };
+            metrics::counter!(tai_core::telemetry::SIGNALS_RECEIVED, "outcome" => outcome)
+                .increment(1);
+            r
+        }
         (&Method::GET, ["v1", "signals", id]) => get_signal(s, path, headers, id),
         (_, ["v1", "signals", ..] | ["health"] | ["ready"]) => error_reply(
             ErrorCode::NotFound,
@@ -232,6 +248,7 @@ async fn post_signal(s: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) -
         Err(e) => return error_reply(ErrorCode::Unauthorized, e.to_string()),
     };
     if let Err(limited) = s.limits.check(tenant_id, tenant.tier) {
+        metrics::counter!(tai_core::telemetry::RATE_LIMITED, "scope" => limited.scope).increment(1);
         let r = error_reply(
             ErrorCode::RateLimited,
             format!(

@@ -325,7 +325,40 @@ impl Engine {
             serde_json::to_vec(&st.data)?,
         ));
         let acks = p.writes.acks.clone();
+        let decided: Vec<(SignalStatus, Option<u64>)> = p
+            .writes
+            .signal_records
+            .iter()
+            .filter(|r| r.status.is_final())
+            .map(|r| {
+                let received = p
+                    .delivery
+                    .as_ref()
+                    .filter(|d| d.signal.id == r.signal_id)
+                    .map(|d| d.signal.received_at_ms);
+                (r.status, received)
+            })
+            .collect();
+        let letters: Vec<String> = p
+            .writes
+            .dead_letters
+            .iter()
+            .map(|d| d.reason.clone())
+            .collect();
         commit(p.drafts, p.writes).await?;
+        // Counted once the decision is durable, so a retried commit is not counted twice.
+        let now = now_ms();
+        let tenant = tai_core::telemetry::tenant_label(&st.tenant_id);
+        for (status, received) in decided {
+            metrics::counter!(tai_core::telemetry::SIGNALS_PROCESSED, "tenant" => tenant.clone(), "sku" => st.sku_id.clone(), "outcome" => status.as_str()).increment(1);
+            if let Some(at) = received {
+                metrics::histogram!(tai_core::telemetry::SIGNAL_PROCESSING_SECONDS)
+                    .record(now.saturating_sub(at) as f64 / 1000.0);
+            }
+        }
+        for reason in letters {
+            metrics::counter!(tai_core::telemetry::DEADLETTER, "reason" => reason).increment(1);
+        }
         for seq in acks {
             st.seen.remove(&seq);
             ack(seq);

@@ -10,18 +10,26 @@ use tai_core::signal::EngineState;
 static STATES: LazyLock<RwLock<HashMap<String, EngineState>>> =
     LazyLock::new(|| RwLock::new(HashMap::new()));
 
+fn gauge(state: EngineState, delta: f64) {
+    metrics::gauge!(tai_core::telemetry::ENGINE_STATE, "state" => state.as_str()).increment(delta);
+}
+
 pub(crate) fn publish(name: &str, state: EngineState) {
     let mut map = STATES.write().expect("engine states");
-    match map.get_mut(name) {
-        Some(s) => *s = state,
-        None => {
-            map.insert(name.to_string(), state);
+    match map.insert(name.to_string(), state) {
+        Some(old) if old == state => {}
+        Some(old) => {
+            gauge(old, -1.0);
+            gauge(state, 1.0);
         }
+        None => gauge(state, 1.0),
     }
 }
 
 pub(crate) fn forget(name: &str) {
-    STATES.write().expect("engine states").remove(name);
+    if let Some(old) = STATES.write().expect("engine states").remove(name) {
+        gauge(old, -1.0);
+    }
 }
 
 /// The state of the live engine registered as `name`.

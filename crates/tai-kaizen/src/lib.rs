@@ -1,12 +1,103 @@
 //! tai-kaizen: layer 4, `kaizen_sup`.
 //!
-//! Measurement: Prometheus metrics, traces and the bottleneck report.
-//! Depends on tai-core, tai-otp and tai-store only.
+//! Measurement. The process-wide Prometheus recorder (the layers record
+//! through the `metrics` facade, which needs no I/O), the restart hook that
+//! counts supervisor restarts, and process metrics (RSS, CPU, open fds).
+//! Depends on tai-core and tai-otp only.
 
 use std::time::Duration;
 
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tai_core::telemetry as t;
 use tai_otp::{Strategy, SupervisorSpec};
 
 pub fn supervisor_spec() -> SupervisorSpec {
     SupervisorSpec::new(Strategy::OneForOne).intensity(5, Duration::from_secs(10))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("cannot install the metrics recorder: {0}")]
+    Install(String),
+}
+
+/// The installed recorder; `render` gives the Prometheus text exposition.
+pub struct Metrics {
+    handle: PrometheusHandle,
+    process: metrics_process::Collector,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// Latency buckets in seconds, from sub-millisecond to the slow tail.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+impl Metrics {
+    /// Installs the process-wide recorder (once per process) and describes
+    /// every SPEC §9 metric.
+    pub fn install(tenant_label_cap: usize) -> Result<Metrics, MetricsError> {
+        t::set_tenant_label_cap(tenant_label_cap);
+        let handle = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full(t::SIGNAL_PROCESSING_SECONDS.into()),
+                LATENCY_BUCKETS,
+            )
+            .map_err(|e| MetricsError::Install(e.to_string()))?
+            .install_recorder()
+            .map_err(|e| MetricsError::Install(e.to_string()))?;
+        describe();
+        tai_otp::set_restart_hook(|e| {
+            metrics::counter!(t::ACTOR_RESTARTS, "supervisor" => e.supervisor.to_string())
+                .increment(1);
+        });
+        let process = metrics_process::Collector::default();
+        process.describe();
+        Ok(Metrics { handle, process })
+    }
+
+    pub fn render(&self) -> String {
+        self.process.collect();
+        self.handle.render()
+    }
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        t::SIGNALS_RECEIVED,
+        "Signals received at ingress, by outcome"
+    );
+    describe_counter!(
+        t::SIGNALS_PROCESSED,
+        "Signals decided, by tenant, SKU and final status"
+    );
+    describe_histogram!(
+        t::SIGNAL_PROCESSING_SECONDS,
+        Unit::Seconds,
+        "Time from acceptance to decision"
+    );
+    describe_gauge!(t::QUEUE_DEPTH, "Signals queued (ready and in flight)");
+    describe_gauge!(
+        t::QUEUE_IN_FLIGHT,
+        "Signals handed to engines and not yet acknowledged"
+    );
+    describe_counter!(t::DEADLETTER, "Signals dead-lettered, by reason");
+    describe_gauge!(t::ENGINE_STATE, "Live policy engines per state");
+    describe_gauge!(
+        t::BREAKER_STATE,
+        "Circuit breaker state: 0 closed, 1 half-open, 2 open"
+    );
+    describe_counter!(t::ACTOR_RESTARTS, "Children restarted, by supervisor");
+    describe_counter!(t::RECEIPTS, "Receipts written, by kind");
+    describe_counter!(t::ALERTS, "Alerts raised, by severity");
+    describe_counter!(
+        t::RATE_LIMITED,
+        "Requests refused by a rate limit, by scope"
+    );
 }

@@ -72,6 +72,8 @@ impl Queue {
                 match st.args.store.dead_letter_queued(d.seq, &letter) {
                     Ok(()) => {
                         warn!(seq = d.seq, tenant = %d.signal.tenant_id, signal = %d.signal.id, attempts, "poison signal dead-lettered");
+                        metrics::counter!(tai_core::telemetry::DEADLETTER, "reason" => "poison")
+                            .increment(1);
                         st.dispatch.ack(d.seq);
                     }
                     Err(e) => {
@@ -264,6 +266,9 @@ impl Actor for Queue {
                 }
             }
         }
+        metrics::gauge!(tai_core::telemetry::QUEUE_DEPTH).set(st.depth() as f64);
+        metrics::gauge!(tai_core::telemetry::QUEUE_IN_FLIGHT)
+            .set(st.dispatch.in_flight_len() as f64);
         Ok(())
     }
 }

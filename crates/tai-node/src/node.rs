@@ -50,6 +50,7 @@ pub fn root_spec(
 
 /// What the operator API needs of the running node.
 pub struct NodeState {
+    pub metrics: tai_kaizen::Metrics,
     pub config: Config,
     pub store: Store,
     pub root: ractor::ActorCell,
@@ -110,6 +111,7 @@ pub async fn serve(config: Config) -> anyhow::Result<i32> {
         .with_context(|| format!("cannot create node.data_dir {}", data_dir.display()))?;
     let store = Store::open_with_cache(&data_dir, config.node.store_cache_mb * 1024 * 1024)?;
     let starts = store.record_start()?;
+    let metrics = tai_kaizen::Metrics::install(config.kaizen.tenant_label_cap)?;
 
     let draining = Arc::new(AtomicBool::new(false));
     let ingress_bound = Arc::new(Mutex::new(None));
@@ -136,6 +138,7 @@ pub async fn serve(config: Config) -> anyhow::Result<i32> {
     let operator_addr = listener.local_addr()?;
     let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
     let state = Arc::new(NodeState {
+        metrics,
         store: store.clone(),
         root: app.root.get_cell(),
         draining,

@@ -94,6 +94,14 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (method, segments.as_slice()) {
         (&Method::GET, ["health"]) => json_reply(StatusCode::OK, &json!({"status": "ok"})),
+        (&Method::GET, ["metrics"]) => {
+            let mut r = warp::reply::Response::new(state.metrics.render().into());
+            r.headers_mut().insert(
+                "content-type",
+                warp::http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
         (&Method::GET, ["ready"]) => match state.not_ready().await {
             None => json_reply(StatusCode::OK, &json!({"ready": true})),
             Some(reason) => json_reply(
@@ -182,7 +190,12 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
         }
         (
             _,
-            ["health"] | ["ready"] | ["admin", "tree"] | ["admin", "shutdown"] | ["admin", "queue"],
+            ["health"]
+            | ["ready"]
+            | ["metrics"]
+            | ["admin", "tree"]
+            | ["admin", "shutdown"]
+            | ["admin", "queue"],
         )
         | (
             _,

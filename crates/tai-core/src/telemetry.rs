@@ -1,0 +1,55 @@
+//! Metric names (SPEC §9, part of the contract) and the bounded tenant label.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{LazyLock, RwLock};
+
+pub const SIGNALS_RECEIVED: &str = "tai_signals_received_total";
+pub const SIGNALS_PROCESSED: &str = "tai_signals_processed_total";
+pub const SIGNAL_PROCESSING_SECONDS: &str = "tai_signal_processing_seconds";
+pub const QUEUE_DEPTH: &str = "tai_queue_depth";
+pub const QUEUE_IN_FLIGHT: &str = "tai_queue_in_flight";
+pub const DEADLETTER: &str = "tai_deadletter_total";
+pub const ENGINE_STATE: &str = "tai_engine_state";
+pub const BREAKER_STATE: &str = "tai_breaker_state";
+pub const ACTOR_RESTARTS: &str = "tai_actor_restarts_total";
+pub const RECEIPTS: &str = "tai_receipts_total";
+pub const ALERTS: &str = "tai_alerts_total";
+pub const RATE_LIMITED: &str = "tai_rate_limited_total";
+
+static CAP: AtomicUsize = AtomicUsize::new(100);
+static KNOWN: LazyLock<RwLock<HashSet<String>>> = LazyLock::new(|| RwLock::new(HashSet::new()));
+
+/// Sets how many distinct tenants get their own label (`kaizen.tenant_label_cap`).
+pub fn set_tenant_label_cap(cap: usize) {
+    CAP.store(cap, Ordering::SeqCst);
+}
+
+/// The `tenant` label for `tenant`: its id for the first `cap` tenants seen,
+/// `other` for the rest, so series stay bounded however many tenants come.
+pub fn tenant_label(tenant: &str) -> String {
+    if KNOWN.read().expect("tenant labels").contains(tenant) {
+        return tenant.to_string();
+    }
+    let mut known = KNOWN.write().expect("tenant labels");
+    if known.contains(tenant) || known.len() < CAP.load(Ordering::SeqCst) {
+        known.insert(tenant.to_string());
+        tenant.to_string()
+    } else {
+        "other".to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenant_labels_are_capped() {
+        set_tenant_label_cap(2);
+        assert_eq!(tenant_label("a"), "a");
+        assert_eq!(tenant_label("b"), "b");
+        assert_eq!(tenant_label("c"), "other");
+        assert_eq!(tenant_label("a"), "a", "a known tenant keeps its label");
+    }
+}

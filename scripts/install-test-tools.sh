@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs what the tests need beyond the Rust toolchain: promtool (Debian's
+# `prometheus` package) for the /metrics check. Idempotent.
+set -euo pipefail
+if ! command -v promtool >/dev/null 2>&1; then
+    echo "==> installing promtool (Debian package prometheus)"
+    # Keep the package from starting a Prometheus server (it would take port 9090).
+    guard=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+        chmod +x /usr/sbin/policy-rc.d
+        guard=1
+    fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    if [ "$guard" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
+fi
+promtool --version | head -1

@@ -1,0 +1,137 @@
+//! `/metrics` on a live node (SPEC §9): the contract's names and labels, and
+//! the exposition passes `promtool check metrics` (installed by scripts/test.sh).
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use reqwest::Method;
+use serde_json::json;
+use tai_tests::*;
+
+fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name_and_labels))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_name_the_contract_and_pass_promtool() {
+    let node = Node::start_with(&test_config(""), &[("TAI_KAIZEN__TENANT_LABEL_CAP", "1")]);
+    let acme = Client::new(&node, "acme", "acme-secret");
+    let globex = Client::new(&node, "globex", "globex-secret");
+    for c in [&acme, &globex] {
+        let ent = signal(
+            &c.tenant,
+            "payments",
+            "entitlement",
+            "ent",
+            json!({"active": true}),
+        );
+        assert_eq!(c.post(&ent).await.unwrap().status, 202);
+        let pay = signal(
+            &c.tenant,
+            "payments",
+            "payment",
+            "p1",
+            json!({"amount": 5, "currency": "USD"}),
+        );
+        assert_eq!(c.post(&pay).await.unwrap().status, 202);
+        c.decided("p1").await;
+    }
+    // One refused request, and a kill for a restart count.
+    let bad = Client {
+        secret: "wrong".into(),
+        ..acme.clone()
+    };
+    assert_eq!(
+        bad.post(&signal("acme", "payments", "payment", "x", json!({})))
+            .await
+            .unwrap()
+            .status,
+        401
+    );
+    let (status, _) = node
+        .admin(Method::POST, "/admin/actors/andon_sup/kill")
+        .await;
+    assert_eq!(status, 202);
+    node.admin_until("/admin/tree", "andon_sup back", |t| {
+        find(t, "andon_sup").is_some_and(|a| a["restarts"] == 1 && a["status"] == "running")
+    })
+    .await;
+
+    let resp = reqwest::get(node.url("/metrics")).await.unwrap();
+    assert_eq!(resp.status(), 200, "no auth on /metrics");
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let text = resp.text().await.unwrap();
+    assert_eq!(
+        sample(&text, "tai_signals_received_total{outcome=\"accepted\"}"),
+        Some(4.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "tai_signals_received_total{outcome=\"unauthorized\"}"
+        ),
+        Some(1.0)
+    );
+    // The label cap is 1: the first tenant keeps its name, the other is "other".
+    let processed: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("tai_signals_processed_total{"))
+        .collect();
+    assert_eq!(processed.len(), 2, "{processed:?}");
+    assert!(
+        processed.iter().any(|l| l.contains("tenant=\"other\"")),
+        "{processed:?}"
+    );
+    assert!(
+        text.contains("tai_signal_processing_seconds_bucket{le=\"0.005\"}"),
+        "a histogram"
+    );
+    assert_eq!(
+        sample(&text, "tai_engine_state{state=\"stable\"}"),
+        Some(2.0)
+    );
+    assert_eq!(sample(&text, "tai_queue_depth"), Some(0.0));
+    assert_eq!(sample(&text, "tai_queue_in_flight"), Some(0.0));
+    assert_eq!(
+        sample(&text, "tai_receipts_total{kind=\"action_successful\"}"),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(&text, "tai_actor_restarts_total{supervisor=\"tai_sup\"}"),
+        Some(1.0)
+    );
+    assert!(
+        text.contains("process_resident_memory_bytes"),
+        "process metrics"
+    );
+
+    let promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = promtool.expect(
+        "promtool not installed: scripts/test.sh installs it (scripts/install-test-tools.sh)",
+    );
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
