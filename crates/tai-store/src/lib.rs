@@ -24,7 +24,7 @@
 //!
 //! Durability is by group commit ([`Store::durable`]): one flusher thread calls
 //! `flush()`; writers wait for a flush that began after their write. Never
-//! `flush_async` from many tasks (it deadlocked under concurrency, sled #1308).
+//! sled's asynchronous flush from many tasks (it deadlocked under concurrency, sled #1308).
 
 mod group_commit;
 mod redo;
