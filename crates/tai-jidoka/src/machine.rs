@@ -337,32 +337,18 @@ fn on_signal(
             })
         };
         match s.payload.get("active").and_then(Value::as_bool) {
-            Some(true) => {
-                d.entitled = true;
-                if matches!(d.state, EngineState::Boot | EngineState::Degraded) {
-                    d.state = EngineState::Stable;
-                }
-                st.receipt(
-                    "entitlement_activated",
-                    before,
-                    d.state,
-                    Some(&s.id),
-                    true,
-                    None,
-                );
-                settle(st, SignalStatus::Completed, None);
-            }
-            Some(false) => {
-                d.entitled = false;
-                d.state = EngineState::Degraded;
-                st.receipt(
-                    "entitlement_revoked",
-                    before,
-                    d.state,
-                    Some(&s.id),
-                    true,
-                    None,
-                );
+            Some(active) => {
+                d.entitled = active;
+                let kind = if active {
+                    if matches!(d.state, EngineState::Boot | EngineState::Degraded) {
+                        d.state = EngineState::Stable;
+                    }
+                    "entitlement_activated"
+                } else {
+                    d.state = EngineState::Degraded;
+                    "entitlement_revoked"
+                };
+                st.receipt(kind, before, d.state, Some(&s.id), true, None);
                 settle(st, SignalStatus::Completed, None);
             }
             None => {

@@ -225,18 +225,9 @@ impl Actor for Router {
         myself: ActorRef<RouterMsg>,
         args: RouterArgs,
     ) -> Result<RouterState, ActorProcessingErr> {
-        let me = myself.clone();
         let tick =
             (args.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
-        let ticker = tokio::spawn(async move {
-            let mut every = tokio::time::interval(tick);
-            loop {
-                every.tick().await;
-                if me.send_message(RouterMsg::Tick).is_err() {
-                    return;
-                }
-            }
-        });
+        let ticker = myself.send_interval(tick, || RouterMsg::Tick);
         Ok(RouterState {
             args,
             engines: HashMap::new(),

@@ -104,16 +104,7 @@ impl Actor for Queue {
             dispatch.push(d);
         }
         let next_seq = args.store.last_queue_seq()? + 1;
-        let me = myself.clone();
-        let ticker = tokio::spawn(async move {
-            let mut every = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                every.tick().await;
-                if me.send_message(KanbanMsg::Tick).is_err() {
-                    return;
-                }
-            }
-        });
+        let ticker = myself.send_interval(Duration::from_secs(1), || KanbanMsg::Tick);
         info!(recovered = count, next_seq, "embedded queue open");
         Ok(QueueState {
             args,

@@ -14,11 +14,22 @@ fn http() -> anyhow::Result<reqwest::Client> {
         .build()?)
 }
 
-async fn admin_get(config: &Config, path: &str) -> anyhow::Result<Value> {
+/// Calls the operator API with the admin token; a non-2xx answer is an
+/// error carrying the node's message.
+async fn admin(
+    config: &Config,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> anyhow::Result<Value> {
     let url = format!("http://{}{path}", config.operator.listen);
-    let resp = http()?
-        .get(&url)
-        .bearer_auth(&config.operator.admin_token)
+    let mut req = http()?
+        .request(method, &url)
+        .bearer_auth(&config.operator.admin_token);
+    if let Some(body) = body {
+        req = req.json(&body);
+    }
+    let resp = req
         .send()
         .await
         .with_context(|| format!("cannot reach the node at {url} (is `tai serve` running?)"))?;
@@ -32,6 +43,10 @@ async fn admin_get(config: &Config, path: &str) -> anyhow::Result<Value> {
         bail!("{url}: {status}: {msg}");
     }
     Ok(body)
+}
+
+async fn admin_get(config: &Config, path: &str) -> anyhow::Result<Value> {
+    admin(config, reqwest::Method::GET, path, None).await
 }
 
 /// `tai tree`: the live supervision tree, drawn like `pstree`.
@@ -229,27 +244,6 @@ pub async fn status(config: &Config, tenant: Option<String>, id: &str) -> anyhow
 
 // ---- operator API -------------------------------------------------------------
 
-async fn admin_post(config: &Config, path: &str, body: Value) -> anyhow::Result<Value> {
-    let url = format!("http://{}{path}", config.operator.listen);
-    let resp = http()?
-        .post(&url)
-        .bearer_auth(&config.operator.admin_token)
-        .json(&body)
-        .send()
-        .await
-        .with_context(|| format!("cannot reach the node at {url} (is `tai serve` running?)"))?;
-    let status = resp.status();
-    let body: Value = resp
-        .json()
-        .await
-        .context("the node answered with invalid JSON")?;
-    if !status.is_success() {
-        let msg = body["error"]["message"].as_str().unwrap_or("no message");
-        bail!("{url}: {status}: {msg}");
-    }
-    Ok(body)
-}
-
 /// `tai tenants`: every engine, one line each.
 pub async fn tenants(config: &Config, json: bool) -> anyhow::Result<i32> {
     let list = admin_get(config, "/admin/tenants").await?;
@@ -293,12 +287,8 @@ pub async fn halt_resume(
     } else {
         ("resume", serde_json::json!({}))
     };
-    let info = admin_post(
-        config,
-        &format!("/admin/tenants/{tenant}/{sku}/{verb}"),
-        body,
-    )
-    .await?;
+    let path = format!("/admin/tenants/{tenant}/{sku}/{verb}");
+    let info = admin(config, reqwest::Method::POST, &path, Some(body)).await?;
     println!("{}", serde_json::to_string(&info)?);
     Ok(0)
 }
