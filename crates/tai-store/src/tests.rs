@@ -16,6 +16,22 @@ fn signal(tenant: &str, id: &str) -> Signal {
     }
 }
 
+/// Opens a store just closed in this process. sled's I/O threads let go of
+/// the directory lock shortly after the last handle is dropped, so the
+/// reopen waits for it (a new process, as in production, never has to).
+fn reopen(dir: &std::path::Path) -> Store {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Store::open(dir) {
+            Ok(s) => return s,
+            Err(StoreError::Open { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => panic!("reopen failed: {e}"),
+        }
+    }
+}
+
 fn receipt(seq: u64, prev: &str) -> Receipt {
     let d = ReceiptDraft {
         receipt_id: format!("r{seq}"),
@@ -48,7 +64,7 @@ async fn enqueue_dedupes_per_tenant_and_survives_reopen() {
         assert_eq!(dup.status, SignalStatus::Accepted);
         s.durable().await.unwrap();
     }
-    let s = Store::open(dir.path()).unwrap();
+    let s = reopen(dir.path());
     let pending = s.pending().unwrap();
     assert_eq!(pending.iter().map(|d| d.seq).collect::<Vec<_>>(), [1, 2]);
     assert_eq!(s.last_queue_seq().unwrap(), 2);
@@ -145,6 +161,6 @@ fn the_data_dir_is_locked_and_starts_are_counted() {
             Err(StoreError::Open { .. })
         ));
     }
-    let s = Store::open(dir.path()).unwrap();
+    let s = reopen(dir.path());
     assert_eq!(s.record_start().unwrap(), 2);
 }
