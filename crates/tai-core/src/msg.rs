@@ -65,7 +65,6 @@ pub enum KanbanMsg {
         signal_id: String,
         reply: RpcReplyPort<Result<(), String>>,
     },
-    DeadLetters(RpcReplyPort<Vec<DeadLetter>>),
     /// Internal: an enqueued signal is durable and may be dispatched.
     Ready(Delivery),
     /// Internal: periodic redelivery of what has been in flight too long.

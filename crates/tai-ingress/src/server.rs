@@ -258,7 +258,11 @@ async fn post_signal(s: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) -
         );
         return with_retry_after(r, limited.retry_after_secs);
     }
-    let mut signal = match parse_signal(body, now_ms(), || ulid::Ulid::new().to_string()) {
+    let mut assigned_id = false;
+    let mut signal = match parse_signal(body, now_ms(), || {
+        assigned_id = true;
+        ulid::Ulid::new().to_string()
+    }) {
         Ok(sig) => sig,
         Err(e) => return error_reply(ErrorCode::InvalidSignal, e),
     };
@@ -278,8 +282,8 @@ async fn post_signal(s: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) -
         .and_then(|tp| tp.split('-').nth(1))
         .filter(|t| t.len() == 32)
         .map(str::to_string);
-    let client_id = body_has_id(body);
-    if client_id {
+    // Only a client-chosen id can already be known.
+    if !assigned_id {
         match s.store.signal_record(tenant_id, &signal.id) {
             Ok(Some(existing)) => return duplicate(&existing.signal_id, existing.status.as_str()),
             Ok(None) => {}
@@ -323,12 +327,6 @@ async fn post_signal(s: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) -
         }
         EnqueueOutcome::Full(why) | EnqueueOutcome::Failed(why) => unavailable(why),
     }
-}
-
-fn body_has_id(body: &[u8]) -> bool {
-    serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .is_some_and(|v| v.get("id").is_some_and(|id| !id.is_null()))
 }
 
 fn duplicate(id: &str, status: &str) -> Response {

@@ -317,7 +317,11 @@ impl Actor for Router {
                         out.push(i);
                     }
                 }
-                for (t, s, bytes) in st.args.store.checkpoints().unwrap_or_default() {
+                let passive = st.args.store.checkpoints().unwrap_or_else(|e| {
+                    warn!(error = %e, "cannot list passivated engines");
+                    Vec::new()
+                });
+                for (t, s, bytes) in passive {
                     if seen.contains(&(t.clone(), s.clone())) {
                         continue;
                     }

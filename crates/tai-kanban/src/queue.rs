@@ -221,9 +221,6 @@ impl Actor for Queue {
                     max_depth: st.args.max_depth,
                 });
             }
-            KanbanMsg::DeadLetters(reply) => {
-                let _ = reply.send(st.args.store.dead_letters().unwrap_or_default());
-            }
             KanbanMsg::Replay {
                 tenant_id,
                 signal_id,

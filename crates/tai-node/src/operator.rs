@@ -170,12 +170,10 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
             Ok(stats) => json_reply(StatusCode::OK, &stats),
             Err(r) => r,
         },
-        (&Method::GET, ["admin", "deadletter"]) => {
-            match call(KANBAN_QUEUE, KanbanMsg::DeadLetters).await {
-                Ok(letters) => json_reply(StatusCode::OK, &letters),
-                Err(r) => r,
-            }
-        }
+        (&Method::GET, ["admin", "deadletter"]) => match state.store.dead_letters() {
+            Ok(letters) => json_reply(StatusCode::OK, &letters),
+            Err(e) => error(ErrorCode::Internal, format!("store: {e}")),
+        },
         (&Method::POST, ["admin", "deadletter", id, "replay"]) => {
             replay(state, &decode(id), req.query.get("tenant")).await
         }

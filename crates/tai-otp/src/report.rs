@@ -20,6 +20,16 @@ pub enum ChildStatus {
     Terminated,
 }
 
+impl ChildStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChildStatus::Running => "running",
+            ChildStatus::Restarting => "restarting",
+            ChildStatus::Terminated => "terminated",
+        }
+    }
+}
+
 /// One row of `which_children`.
 #[derive(Debug, Clone, Serialize)]
 pub struct ChildInfo {
@@ -152,10 +162,7 @@ fn fill<'a>(
         for child in report.children {
             let status = match (&child.cell, child.status) {
                 (Some(cell), ChildStatus::Running) => status_name(cell.get_status()).to_string(),
-                (_, other) => serde_json::to_value(other)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default(),
+                (_, other) => other.as_str().to_string(),
             };
             let mut sub = TreeNode {
                 state: if child.kind == ChildKind::Worker {
