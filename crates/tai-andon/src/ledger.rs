@@ -84,7 +84,9 @@ impl Actor for Ledger {
                 if let Err(e) = st.store.commit(&sealed, head.as_ref(), &writes) {
                     error!(error = %e, "ledger commit failed");
                     let _ = reply.send(Err(e.to_string()));
-                    return Ok(());
+                    // Part of the write may have landed: restart, so the chain
+                    // head is read back from the store rather than trusted.
+                    return Err(format!("ledger commit failed: {e}").into());
                 }
                 st.head_seq = seq;
                 st.head_hash = prev;
