@@ -5,9 +5,10 @@
 
 use std::collections::BTreeMap;
 
+use ractor::RpcReplyPort;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use tai_core::msg::LedgerMsg;
-use tai_core::receipt::{Receipt, SignedHead, GENESIS_HASH};
+use tai_core::msg::{LedgerMsg, WriteSet};
+use tai_core::receipt::{Receipt, ReceiptDraft, SignedHead, GENESIS_HASH};
 use tai_store::Store;
 use tracing::{error, info};
 
@@ -26,6 +27,8 @@ pub struct LedgerState {
     key: Vec<u8>,
     head_seq: u64,
     head_hash: String,
+    /// Commits received since the last flush.
+    batch: Vec<Pending>,
 }
 
 impl Actor for Ledger {
@@ -55,12 +58,13 @@ impl Actor for Ledger {
             key,
             head_seq,
             head_hash,
+            batch: Vec::new(),
         })
     }
 
     async fn handle(
         &self,
-        _myself: ActorRef<LedgerMsg>,
+        myself: ActorRef<LedgerMsg>,
         msg: LedgerMsg,
         st: &mut LedgerState,
     ) -> Result<(), ActorProcessingErr> {
@@ -70,43 +74,77 @@ impl Actor for Ledger {
                 writes,
                 reply,
             } => {
-                let mut seq = st.head_seq;
-                let mut prev = st.head_hash.clone();
-                let mut sealed = Vec::with_capacity(receipts.len());
-                for draft in receipts {
-                    seq += 1;
-                    let r = Receipt::seal(draft, seq, &prev, &st.key_id, &st.key);
-                    prev = r.hash.clone();
-                    sealed.push(r);
+                // Everything already in the mailbox joins this batch: the
+                // flush request queues behind it.
+                if st.batch.is_empty() {
+                    myself.send_message(LedgerMsg::Flush)?;
                 }
-                let head =
-                    (!sealed.is_empty()).then(|| SignedHead::new(seq, &prev, &st.key_id, &st.key));
-                if let Err(e) = st.store.commit(&sealed, head.as_ref(), &writes) {
-                    error!(error = %e, "ledger commit failed");
-                    let _ = reply.send(Err(e.to_string()));
-                    // Part of the write may have landed: restart, so the chain
-                    // head is read back from the store rather than trusted.
-                    return Err(format!("ledger commit failed: {e}").into());
-                }
-                st.head_seq = seq;
-                st.head_hash = prev;
-                for r in &sealed {
-                    metrics::counter!(tai_core::telemetry::RECEIPTS, "kind" => r.kind.clone())
-                        .increment(1);
-                }
-                // Durability is awaited off the actor, so commits keep flowing
-                // into the same group flush; the flush carries them in order.
-                let store = st.store.clone();
-                tokio::spawn(async move {
-                    let result = store
-                        .durable()
-                        .await
-                        .map(|()| seq)
-                        .map_err(|e| e.to_string());
-                    let _ = reply.send(result);
+                st.batch.push(Pending {
+                    receipts,
+                    writes,
+                    reply,
                 });
             }
+            LedgerMsg::Flush => Self::flush(st)?,
         }
+        Ok(())
+    }
+}
+
+struct Pending {
+    receipts: Vec<ReceiptDraft>,
+    writes: WriteSet,
+    reply: RpcReplyPort<Result<u64, String>>,
+}
+
+impl Ledger {
+    /// Seals every pending commit's receipts in arrival order and writes them
+    /// all, with one signed head, as one atomic batch; each commit is answered
+    /// once the batch is durable.
+    fn flush(st: &mut LedgerState) -> Result<(), ActorProcessingErr> {
+        let batch = std::mem::take(&mut st.batch);
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut seq = st.head_seq;
+        let mut prev = st.head_hash.clone();
+        let mut sealed = Vec::new();
+        let mut writes = WriteSet::default();
+        let mut replies = Vec::with_capacity(batch.len());
+        for p in batch {
+            for draft in p.receipts {
+                seq += 1;
+                let r = Receipt::seal(draft, seq, &prev, &st.key_id, &st.key);
+                prev = r.hash.clone();
+                sealed.push(r);
+            }
+            writes.extend(p.writes);
+            replies.push((p.reply, seq));
+        }
+        let head = (!sealed.is_empty()).then(|| SignedHead::new(seq, &prev, &st.key_id, &st.key));
+        if let Err(e) = st.store.commit(&sealed, head.as_ref(), &writes) {
+            error!(error = %e, commits = replies.len(), "ledger commit failed");
+            for (reply, _) in replies {
+                let _ = reply.send(Err(e.to_string()));
+            }
+            // Part of the write may have landed: restart, so the chain
+            // head is read back from the store rather than trusted.
+            return Err(format!("ledger commit failed: {e}").into());
+        }
+        st.head_seq = seq;
+        st.head_hash = prev;
+        for r in &sealed {
+            metrics::counter!(tai_core::telemetry::RECEIPTS, "kind" => r.kind.clone()).increment(1);
+        }
+        // Durability is awaited off the actor, so commits keep flowing
+        // into the same group flush; the flush carries them in order.
+        let store = st.store.clone();
+        tokio::spawn(async move {
+            let result = store.durable().await.map_err(|e| e.to_string());
+            for (reply, seq) in replies {
+                let _ = reply.send(result.clone().map(|()| seq));
+            }
+        });
         Ok(())
     }
 }

@@ -18,6 +18,10 @@ pub const INGRESS_HTTP: &str = "ingress_http";
 pub struct Delivery {
     pub seq: u64,
     pub signal: Signal,
+    /// Sent before (after a restart or a lost engine): it may already be
+    /// decided, so the engine checks the store before deciding it.
+    #[serde(default, skip_serializing)]
+    pub redelivered: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -65,8 +69,10 @@ pub enum KanbanMsg {
         signal_id: String,
         reply: RpcReplyPort<Result<(), String>>,
     },
-    /// Internal: an enqueued signal is durable and may be dispatched.
-    Ready(Delivery),
+    /// Internal: write the enqueues received so far as one queue block.
+    FlushEnqueues,
+    /// Internal: enqueued signals are durable and may be dispatched.
+    Ready(Vec<Delivery>),
     /// Internal: periodic redelivery of what has been in flight too long.
     Tick,
 }
@@ -101,9 +107,23 @@ pub enum RouterMsg {
 #[derive(Debug, Clone, Default)]
 pub struct WriteSet {
     pub signal_records: Vec<SignalRecord>,
-    pub checkpoint: Option<(String, String, Vec<u8>)>,
+    /// Engine checkpoints: (tenant, sku, bytes); a later one for the same
+    /// engine replaces an earlier one.
+    pub checkpoints: Vec<(String, String, Vec<u8>)>,
+    /// Queue seqs this commit decides or dead-letters (Kanban is told
+    /// once the commit is durable; nothing is written for them).
     pub acks: Vec<u64>,
     pub dead_letters: Vec<DeadLetter>,
+}
+
+impl WriteSet {
+    /// Adds `other`'s writes after this set's (they apply in order).
+    pub fn extend(&mut self, other: WriteSet) {
+        self.signal_records.extend(other.signal_records);
+        self.checkpoints.extend(other.checkpoints);
+        self.acks.extend(other.acks);
+        self.dead_letters.extend(other.dead_letters);
+    }
 }
 
 /// To `andon_ledger`: chain and sign `receipts`, write them with `writes` in
@@ -114,4 +134,7 @@ pub enum LedgerMsg {
         writes: WriteSet,
         reply: RpcReplyPort<Result<u64, String>>,
     },
+    /// Internal: write every commit received so far as one atomic batch
+    /// (group commit of decisions; one signed head per batch).
+    Flush,
 }

@@ -24,6 +24,8 @@ const LEDGER_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub enum EngineMsg {
     Deliver(Delivery),
+    /// Internal: decide the deliveries received so far, as one commit.
+    Drain,
     Timeout(TimeoutToken),
     Info(RpcReplyPort<EngineInfo>),
     Halt(String, RpcReplyPort<EngineInfo>),
@@ -53,6 +55,9 @@ pub struct EngineActorState {
     statem: Statem<EngineState, Delivery>,
     /// Deliveries held here (postponed or being decided): a redelivered copy is dropped.
     seen: HashSet<u64>,
+    /// Deliveries received and not yet decided: decided together on `Drain`,
+    /// so a busy engine writes one checkpoint for many signals.
+    inbox: Vec<Delivery>,
 }
 
 /// What one event asks the engine to do, in order.
@@ -172,8 +177,8 @@ struct Pending {
     writes: WriteSet,
     /// Per signal, in first-touched order: its final status and reason.
     statuses: Vec<(String, SignalStatus, Option<String>)>,
-    /// The delivered signal of these steps, for records and dead letters.
-    delivery: Option<Delivery>,
+    /// The delivered signals of these steps, for records and dead letters.
+    deliveries: Vec<Delivery>,
 }
 
 impl Pending {
@@ -189,6 +194,10 @@ impl Pending {
 
     fn is_empty(&self) -> bool {
         self.drafts.is_empty() && self.statuses.is_empty() && self.writes.acks.is_empty()
+    }
+
+    fn delivered(&self, signal_id: &str) -> Option<&Delivery> {
+        self.deliveries.iter().find(|d| d.signal.id == signal_id)
     }
 }
 
@@ -208,7 +217,11 @@ impl Engine {
         p: &mut Pending,
         now: u64,
     ) -> Option<Action> {
-        let trace_id = p.delivery.as_ref().and_then(|d| d.signal.trace_id.clone());
+        let current = match input {
+            Input::Signal(d) => Some(d),
+            Input::Other(_) => None,
+        };
+        let trace_id = current.and_then(|d| d.signal.trace_id.clone());
         let mut action = None;
         for e in fx {
             match e {
@@ -254,7 +267,7 @@ impl Engine {
                     p.writes.acks.push(seq);
                 }
                 Effect::DeadLetter { seq, reason } => {
-                    if let Some(d) = &p.delivery {
+                    if let Some(d) = current {
                         p.writes.dead_letters.push(DeadLetter {
                             signal: d.signal.clone(),
                             reason: reason.to_string(),
@@ -304,9 +317,9 @@ impl Engine {
         for (signal_id, status, reason) in std::mem::take(&mut p.statuses) {
             let mut rec = match st.store.signal_record(&st.tenant_id, &signal_id)? {
                 Some(r) => r,
-                None => match &p.delivery {
-                    Some(d) if d.signal.id == signal_id => SignalRecord::accepted(&d.signal),
-                    _ => continue,
+                None => match p.delivered(&signal_id) {
+                    Some(d) => SignalRecord::accepted(&d.signal),
+                    None => continue,
                 },
             };
             rec.status = status;
@@ -319,7 +332,7 @@ impl Engine {
             );
             p.writes.signal_records.push(rec);
         }
-        p.writes.checkpoint = Some((
+        p.writes.checkpoints.push((
             st.tenant_id.clone(),
             st.sku_id.clone(),
             serde_json::to_vec(&st.data)?,
@@ -331,11 +344,7 @@ impl Engine {
             .iter()
             .filter(|r| r.status.is_final())
             .map(|r| {
-                let received = p
-                    .delivery
-                    .as_ref()
-                    .filter(|d| d.signal.id == r.signal_id)
-                    .map(|d| d.signal.received_at_ms);
+                let received = p.delivered(&r.signal_id).map(|d| d.signal.received_at_ms);
                 (r.status, received)
             })
             .collect();
@@ -366,24 +375,24 @@ impl Engine {
         Ok(())
     }
 
-    /// Runs `first` and everything it leads to: actions' results and the
-    /// postponed signals a state change releases.
+    /// Runs `first` (in order) and everything it leads to: actions' results
+    /// and the postponed signals a state change releases. Their writes go
+    /// out as one commit, except that an action with effects outside the
+    /// node runs only after what led to it is durable.
     async fn run(
         myself: &ActorRef<EngineMsg>,
         st: &mut EngineActorState,
-        first: Input,
+        first: Vec<Input>,
     ) -> Result<(), ActorProcessingErr> {
-        let mut inputs = VecDeque::from([first]);
+        let mut inputs = VecDeque::from(first);
+        let mut p = Pending::default();
+        let mut changed = false;
         while let Some(input) = inputs.pop_front() {
             let now = now_ms();
             let before = st.data.state;
-            let mut p = Pending {
-                delivery: match &input {
-                    Input::Signal(d) => Some(d.clone()),
-                    Input::Other(_) => None,
-                },
-                ..Pending::default()
-            };
+            if let Input::Signal(d) = &input {
+                p.deliveries.push(d.clone());
+            }
             let fx = Self::step_input(st, &input, now);
             let mut action = Self::collect(st, fx, &input, &mut p, now);
             // A local action's result joins the decision's commit.
@@ -392,10 +401,10 @@ impl Engine {
                 let fx = Self::step_input(st, &done, now);
                 action = Self::collect(st, fx, &done, &mut p, now);
             }
-            if !p.is_empty() || st.data.state != before || action.is_some() {
-                Self::commit(st, p).await?;
-            }
+            changed |= st.data.state != before;
             if let Some(a) = action {
+                Self::commit(st, std::mem::take(&mut p)).await?;
+                changed = false;
                 let result = execute(&a).await;
                 inputs.push_front(Input::Other(OwnedEvent::ActionDone(result)));
             }
@@ -407,7 +416,44 @@ impl Engine {
                 inputs.extend(t.replay.into_iter().map(Input::Signal));
             }
         }
+        if !p.is_empty() || changed {
+            Self::commit(st, p).await?;
+        }
         Ok(())
+    }
+}
+
+impl Engine {
+    /// The inbox as inputs, in arrival order. A redelivered signal that is
+    /// already decided (its commit landed, its ack was lost) is only
+    /// acknowledged again.
+    fn take_inbox(st: &mut EngineActorState) -> Result<Vec<Input>, ActorProcessingErr> {
+        let mut inputs = Vec::with_capacity(st.inbox.len());
+        for d in std::mem::take(&mut st.inbox) {
+            let decided = d.redelivered
+                && st
+                    .store
+                    .signal_record(&d.signal.tenant_id, &d.signal.id)?
+                    .is_some_and(|r| r.status.is_final());
+            if decided {
+                st.seen.remove(&d.seq);
+                ack(d.seq);
+            } else {
+                inputs.push(Input::Signal(d));
+            }
+        }
+        Ok(inputs)
+    }
+
+    /// Runs `event` after the signals that arrived before it.
+    async fn run_after_inbox(
+        myself: &ActorRef<EngineMsg>,
+        st: &mut EngineActorState,
+        event: OwnedEvent,
+    ) -> Result<(), ActorProcessingErr> {
+        let mut inputs = Self::take_inbox(st)?;
+        inputs.push(Input::Other(event));
+        Self::run(myself, st, inputs).await
     }
 }
 
@@ -443,6 +489,7 @@ impl Actor for Engine {
             statem: Statem::new(state),
             data,
             seen: HashSet::new(),
+            inbox: Vec::new(),
         })
     }
 
@@ -452,7 +499,7 @@ impl Actor for Engine {
         st: &mut EngineActorState,
     ) -> Result<(), ActorProcessingErr> {
         if st.data.in_flight.is_some() {
-            Self::run(&myself, st, Input::Other(OwnedEvent::Restored)).await?;
+            Self::run(&myself, st, vec![Input::Other(OwnedEvent::Restored)]).await?;
         }
         st.arm_state_timeout(&myself);
         // Whatever Kanban had sent to an earlier incarnation died with its mailbox.
@@ -486,32 +533,31 @@ impl Actor for Engine {
                 if !st.seen.insert(d.seq) {
                     return Ok(());
                 }
-                // Already decided (a redelivery after a crash): acknowledge only.
-                let decided = st
-                    .store
-                    .signal_record(&d.signal.tenant_id, &d.signal.id)?
-                    .is_some_and(|r| r.status.is_final());
-                if decided {
-                    st.seen.remove(&d.seq);
-                    ack(d.seq);
-                    return Ok(());
+                if st.inbox.is_empty() {
+                    myself.send_message(EngineMsg::Drain)?;
                 }
-                Self::run(&myself, st, Input::Signal(d)).await?;
+                st.inbox.push(d);
+            }
+            EngineMsg::Drain => {
+                let inputs = Self::take_inbox(st)?;
+                if !inputs.is_empty() {
+                    Self::run(&myself, st, inputs).await?;
+                }
             }
             EngineMsg::Timeout(token) => {
                 if st.statem.take_timeout(token) {
-                    Self::run(&myself, st, Input::Other(OwnedEvent::StateTimeout)).await?;
+                    Self::run_after_inbox(&myself, st, OwnedEvent::StateTimeout).await?;
                 }
             }
             EngineMsg::Info(reply) => {
                 let _ = reply.send(st.info());
             }
             EngineMsg::Halt(reason, reply) => {
-                Self::run(&myself, st, Input::Other(OwnedEvent::Halt(reason))).await?;
+                Self::run_after_inbox(&myself, st, OwnedEvent::Halt(reason)).await?;
                 let _ = reply.send(st.info());
             }
             EngineMsg::Resume(reply) => {
-                Self::run(&myself, st, Input::Other(OwnedEvent::Resume)).await?;
+                Self::run_after_inbox(&myself, st, OwnedEvent::Resume).await?;
                 let _ = reply.send(st.info());
             }
         }

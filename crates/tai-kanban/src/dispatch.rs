@@ -132,6 +132,7 @@ impl Dispatch {
                 f.attempts += 1;
             }
             f.sent_at = now;
+            f.delivery.redelivered = true;
             out.push((f.delivery.clone(), f.attempts));
         }
         out
@@ -143,6 +144,7 @@ impl Dispatch {
         all.into_iter()
             .map(|f| {
                 f.sent_at = now;
+                f.delivery.redelivered = true;
                 f.delivery.clone()
             })
             .collect()
@@ -161,6 +163,7 @@ impl Dispatch {
             .map(|f| {
                 f.attempts += 1;
                 f.sent_at = now;
+                f.delivery.redelivered = true;
                 (f.delivery.clone(), f.attempts)
             })
             .collect();
@@ -176,6 +179,7 @@ mod tests {
 
     fn d(seq: u64, tenant: &str, sku: &str) -> Delivery {
         Delivery {
+            redelivered: false,
             seq,
             signal: Signal {
                 id: format!("s{seq}"),

@@ -2,11 +2,12 @@
 //! before the 202, dispatches to `engine_router` by name within the WIP
 //! limit, takes acks, redelivers what engines lost, dead-letters poison.
 
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tai_core::msg::{Delivery, EnqueueOutcome, KanbanMsg, QueueStats, RouterMsg, ENGINE_ROUTER};
-use tai_core::signal::{now_ms, DeadLetter};
+use tai_core::signal::{now_ms, DeadLetter, Signal, SignalRecord};
 use tai_store::Store;
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -35,12 +36,34 @@ pub struct QueueState {
     dispatch: Dispatch,
     /// Written but not yet durable.
     enqueuing: u64,
+    /// Enqueues waiting for the next block write, and their ids.
+    buffer: Vec<(Delivery, RpcReplyPort<EnqueueOutcome>)>,
+    buffered_ids: HashSet<(String, String)>,
+    /// Duplicates of buffered signals: answered once the block is durable.
+    buffered_dups: Vec<(RpcReplyPort<EnqueueOutcome>, SignalRecord)>,
+    /// Queue blocks (by first seq) and how many of their signals are undecided.
+    blocks: BTreeMap<u64, u32>,
     ticker: tokio::task::JoinHandle<()>,
 }
 
 impl QueueState {
     fn depth(&self) -> u64 {
         self.dispatch.ready_len() + self.dispatch.in_flight_len()
+    }
+
+    /// One signal of the block holding `seq` is done; the block goes with its last.
+    fn settle(&mut self, seq: u64) {
+        let Some((&block, open)) = self.blocks.range_mut(..=seq).next_back() else {
+            return;
+        };
+        *open = open.saturating_sub(1);
+        if *open == 0 {
+            self.blocks.remove(&block);
+            if let Err(e) = self.args.store.remove_block(block) {
+                // Harmless: a spent block left behind is dropped at the next start.
+                warn!(error = %e, block, "could not drop a spent queue block");
+            }
+        }
     }
 }
 
@@ -69,12 +92,14 @@ impl Queue {
                     at_ms: now_ms(),
                     signal: d.signal.clone(),
                 };
-                match st.args.store.dead_letter_queued(d.seq, &letter) {
+                match st.args.store.dead_letter_queued(&letter) {
                     Ok(()) => {
                         warn!(seq = d.seq, tenant = %d.signal.tenant_id, signal = %d.signal.id, attempts, "poison signal dead-lettered");
                         metrics::counter!(tai_core::telemetry::DEADLETTER, "reason" => "poison")
                             .increment(1);
-                        st.dispatch.ack(d.seq);
+                        if st.dispatch.ack(d.seq) {
+                            st.settle(d.seq);
+                        }
                     }
                     Err(e) => {
                         warn!(error = %e, seq = d.seq, "could not dead-letter a poison signal")
@@ -84,6 +109,99 @@ impl Queue {
                 send_to_router(d);
             }
         }
+    }
+}
+
+impl Queue {
+    /// Checks and buffers one enqueue; the first of a batch schedules the
+    /// block write behind everything already in the mailbox.
+    fn enqueue(
+        myself: &ActorRef<KanbanMsg>,
+        st: &mut QueueState,
+        signal: Signal,
+        reply: RpcReplyPort<EnqueueOutcome>,
+    ) -> Result<(), ActorProcessingErr> {
+        let waiting = st.depth() + st.enqueuing + st.buffer.len() as u64;
+        if waiting >= st.args.max_depth {
+            let _ = reply.send(EnqueueOutcome::Full(format!(
+                "queue is full ({} signals)",
+                st.args.max_depth
+            )));
+            return Ok(());
+        }
+        let id = (signal.tenant_id.clone(), signal.id.clone());
+        if st.buffered_ids.contains(&id) {
+            st.buffered_dups
+                .push((reply, SignalRecord::accepted(&signal)));
+            return Ok(());
+        }
+        match st.args.store.signal_record(&id.0, &id.1) {
+            Ok(Some(existing)) => {
+                let _ = reply.send(EnqueueOutcome::Duplicate(existing));
+                return Ok(());
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let _ = reply.send(EnqueueOutcome::Failed(e.to_string()));
+                return Ok(());
+            }
+        }
+        if st.buffer.is_empty() {
+            myself.send_message(KanbanMsg::FlushEnqueues)?;
+        }
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        st.buffered_ids.insert(id);
+        st.buffer.push((
+            Delivery {
+                seq,
+                signal,
+                redelivered: false,
+            },
+            reply,
+        ));
+        Ok(())
+    }
+
+    /// Writes the buffered enqueues as one queue block; each is answered
+    /// (202 or 503) once the group flush carrying the block is done.
+    fn write_block(myself: &ActorRef<KanbanMsg>, st: &mut QueueState) {
+        let buffered = std::mem::take(&mut st.buffer);
+        st.buffered_ids.clear();
+        let dups = std::mem::take(&mut st.buffered_dups);
+        if buffered.is_empty() {
+            return;
+        }
+        let (deliveries, replies): (Vec<Delivery>, Vec<_>) = buffered.into_iter().unzip();
+        if let Err(e) = st.args.store.enqueue_block(&deliveries) {
+            for reply in replies {
+                let _ = reply.send(EnqueueOutcome::Failed(e.to_string()));
+            }
+            for (reply, _) in dups {
+                let _ = reply.send(EnqueueOutcome::Failed(e.to_string()));
+            }
+            return;
+        }
+        st.blocks.insert(deliveries[0].seq, deliveries.len() as u32);
+        st.enqueuing += deliveries.len() as u64;
+        let store = st.args.store.clone();
+        let me = myself.clone();
+        tokio::spawn(async move {
+            let durable = store.durable().await.map_err(|e| e.to_string());
+            for reply in replies {
+                let _ = reply.send(match &durable {
+                    Ok(()) => EnqueueOutcome::Accepted,
+                    Err(e) => EnqueueOutcome::Failed(e.clone()),
+                });
+            }
+            for (reply, record) in dups {
+                let _ = reply.send(match &durable {
+                    Ok(()) => EnqueueOutcome::Duplicate(record),
+                    Err(e) => EnqueueOutcome::Failed(e.clone()),
+                });
+            }
+            let _ = me.send_message(KanbanMsg::Ready(deliveries));
+        });
     }
 }
 
@@ -100,7 +218,12 @@ impl Actor for Queue {
         let mut dispatch = Dispatch::default();
         let pending = args.store.pending()?;
         let count = pending.len();
-        for d in pending {
+        let mut blocks = BTreeMap::new();
+        for (block, mut d) in pending {
+            *blocks.entry(block).or_insert(0) += 1;
+            // Undecided by construction (acks commit with decisions), but
+            // checked again: recovery is where a bug would double-decide.
+            d.redelivered = true;
             dispatch.push(d);
         }
         let next_seq = args.store.last_queue_seq()? + 1;
@@ -111,6 +234,10 @@ impl Actor for Queue {
             next_seq,
             dispatch,
             enqueuing: 0,
+            buffer: Vec::new(),
+            buffered_ids: HashSet::new(),
+            buffered_dups: Vec::new(),
+            blocks,
             ticker,
         })
     }
@@ -140,46 +267,18 @@ impl Actor for Queue {
         st: &mut QueueState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            KanbanMsg::Enqueue(signal, reply) => {
-                if st.depth() + st.enqueuing >= st.args.max_depth {
-                    let _ = reply.send(EnqueueOutcome::Full(format!(
-                        "queue is full ({} signals)",
-                        st.args.max_depth
-                    )));
-                    return Ok(());
+            KanbanMsg::Enqueue(signal, reply) => Self::enqueue(&myself, st, signal, reply)?,
+            KanbanMsg::FlushEnqueues => Self::write_block(&myself, st),
+            KanbanMsg::Ready(ds) => {
+                st.enqueuing = st.enqueuing.saturating_sub(ds.len() as u64);
+                for d in ds {
+                    st.dispatch.push(d);
                 }
-                let seq = st.next_seq;
-                match st.args.store.enqueue(seq, &signal) {
-                    Ok(Some(existing)) => {
-                        let _ = reply.send(EnqueueOutcome::Duplicate(existing));
-                    }
-                    Ok(None) => {
-                        st.next_seq += 1;
-                        st.enqueuing += 1;
-                        let store = st.args.store.clone();
-                        let me = myself.clone();
-                        tokio::spawn(async move {
-                            // The 202 waits for the group flush that carries this write.
-                            let outcome = match store.durable().await {
-                                Ok(()) => EnqueueOutcome::Accepted,
-                                Err(e) => EnqueueOutcome::Failed(e.to_string()),
-                            };
-                            let _ = reply.send(outcome);
-                            let _ = me.send_message(KanbanMsg::Ready(Delivery { seq, signal }));
-                        });
-                    }
-                    Err(e) => {
-                        let _ = reply.send(EnqueueOutcome::Failed(e.to_string()));
-                    }
-                }
-            }
-            KanbanMsg::Ready(d) => {
-                st.enqueuing = st.enqueuing.saturating_sub(1);
-                st.dispatch.push(d);
                 Self::dispatch(st);
             }
             KanbanMsg::Ack { seq } => {
                 if st.dispatch.ack(seq) {
+                    st.settle(seq);
                     Self::dispatch(st);
                 }
             }
@@ -235,12 +334,17 @@ impl Actor for Queue {
                     Ok(Some(signal)) => {
                         st.next_seq += 1;
                         st.enqueuing += 1;
+                        st.blocks.insert(seq, 1);
                         let store = st.args.store.clone();
                         let me = myself.clone();
                         tokio::spawn(async move {
                             let result = store.durable().await.map_err(|e| e.to_string());
                             let _ = reply.send(result);
-                            let _ = me.send_message(KanbanMsg::Ready(Delivery { seq, signal }));
+                            let _ = me.send_message(KanbanMsg::Ready(vec![Delivery {
+                                seq,
+                                signal,
+                                redelivered: false,
+                            }]));
                         });
                     }
                     Ok(None) => {

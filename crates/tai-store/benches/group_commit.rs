@@ -45,7 +45,13 @@ fn main() {
                     let mut n = 0u64;
                     while Instant::now() < end {
                         let s = seq.fetch_add(1, Ordering::Relaxed);
-                        store.enqueue(s, &signal(s)).unwrap();
+                        store
+                            .enqueue_block(&[tai_core::msg::Delivery {
+                                seq: s,
+                                signal: signal(s),
+                                redelivered: false,
+                            }])
+                            .unwrap();
                         store.durable().await.unwrap();
                         n += 1;
                     }

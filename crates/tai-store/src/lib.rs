@@ -10,10 +10,10 @@
 //!
 //! | prefix | key | value |
 //! |---|---|---|
-//! | `q/` | queue seq (u64 BE) | `Delivery` |
-//! | `s/` | tenant `\0` signal id | `SignalRecord` (status, receipts; the dedupe key) |
+//! | `q/` | first queue seq of a block (u64 BE) | `[Delivery]`: signals enqueued together |
+//! | `s/` | tenant `\0` signal id | `SignalRecord` once the signal is past `accepted` (the dedupe key) |
 //! | `e/` | tenant `\0` sku | engine checkpoint (the engine's bytes) |
-//! | `r/` | receipt seq (u64 BE) | `Receipt` |
+//! | `r/` | last receipt seq of a block (u64 BE) | `[Receipt]`: one ledger batch, in seq order |
 //! | `d/` | tenant `\0` signal id | `DeadLetter` |
 //! | `m/` | name | meta: the signed ledger head, start count |
 //! | `w/` | redo id (u64 BE) | a write set being applied |
@@ -22,6 +22,14 @@
 //! applied, then the record is removed; a record found at start is applied
 //! again (the writes are idempotent puts and deletes).
 //!
+//! Writes per signal are what the node's throughput is made of (each sled
+//! insert copies a leaf), so the queue and the ledger write blocks: a queue
+//! block holds every signal one enqueue batch accepted and goes when all of
+//! them are decided (a block found at start is filtered by the `s/` records,
+//! so a decided signal is never delivered again); a receipt block holds one
+//! ledger batch. A queued signal's `accepted` record lives in memory (rebuilt
+//! from the queue blocks at open), so enqueueing writes no `s/` key.
+//!
 //! Durability is by group commit ([`Store::durable`]): one flusher thread calls
 //! `flush()`; writers wait for a flush that began after their write. Never
 //! sled's asynchronous flush from many tasks (it deadlocked under concurrency, sled #1308).
@@ -29,8 +37,9 @@
 mod group_commit;
 mod redo;
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -77,6 +86,8 @@ pub struct Store {
     db: sled::Db,
     commit: Arc<GroupCommit>,
     redo_seq: Arc<std::sync::atomic::AtomicU64>,
+    /// `accepted` records of queued signals, by their `s/` key.
+    queued: Arc<Mutex<HashMap<Vec<u8>, SignalRecord>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -145,11 +156,71 @@ impl Store {
             })?;
         let commit = Arc::new(GroupCommit::start(db.clone()));
         let redo_seq = redo::recover(&db)?;
-        Ok(Store {
+        let store = Store {
             db,
             commit,
             redo_seq: Arc::new(std::sync::atomic::AtomicU64::new(redo_seq)),
-        })
+            queued: Arc::default(),
+        };
+        store.recover_queue()?;
+        Ok(store)
+    }
+
+    /// Rebuilds the in-memory `accepted` records from the queue blocks and
+    /// drops blocks whose signals are all decided.
+    fn recover_queue(&self) -> Result<()> {
+        let mut queued = HashMap::new();
+        let mut spent = Vec::new();
+        for (block, deliveries) in self.blocks()? {
+            let mut open = 0;
+            for d in deliveries {
+                let key = pair_key(b's', &d.signal.tenant_id, &d.signal.id);
+                match self.disk_record(&key)? {
+                    Some(r) if r.status.is_final() => {}
+                    // A replayed dead letter keeps its record on disk.
+                    Some(_) => open += 1,
+                    None => {
+                        open += 1;
+                        queued.insert(key, SignalRecord::accepted(&d.signal));
+                    }
+                }
+            }
+            if open == 0 {
+                spent.push(block);
+            }
+        }
+        for block in spent {
+            self.db.remove(seq_key(b'q', block))?;
+        }
+        *self.queued.lock().expect("queued index") = queued;
+        Ok(())
+    }
+
+    fn blocks(&self) -> Result<Vec<(u64, Vec<Delivery>)>> {
+        self.db
+            .scan_prefix(b"q/")
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((seq_of(&k), decode(&k, &v)?))
+            })
+            .collect()
+    }
+
+    fn disk_record(&self, key: &[u8]) -> Result<Option<SignalRecord>> {
+        self.db.get(key)?.map(|v| decode(key, &v)).transpose()
+    }
+
+    fn decided_on_disk(&self, tenant: &str, id: &str) -> Result<bool> {
+        Ok(self
+            .disk_record(&pair_key(b's', tenant, id))?
+            .is_some_and(|r| r.status.is_final()))
+    }
+
+    fn forget_queued(&self, keys: impl IntoIterator<Item = Vec<u8>>) {
+        let mut q = self.queued.lock().expect("queued index");
+        for k in keys {
+            q.remove(&k);
+        }
     }
 
     /// Applies `ops` atomically (all or none survive a crash) through the redo
@@ -201,68 +272,89 @@ impl Store {
 
     // ---- signals and the queue -------------------------------------------
 
+    /// The record of a signal: its `s/` record, or `accepted` while it is queued.
     pub fn signal_record(&self, tenant: &str, id: &str) -> Result<Option<SignalRecord>> {
         let key = pair_key(b's', tenant, id);
-        self.db.get(&key)?.map(|v| decode(&key, &v)).transpose()
-    }
-
-    /// Records a new signal as accepted and queues it at `seq`, atomically;
-    /// or, when that tenant already sent this id, returns the existing record.
-    /// The caller (the queue owner) serialises calls, so check-then-insert is safe.
-    pub fn enqueue(&self, seq: u64, signal: &Signal) -> Result<Option<SignalRecord>> {
-        if let Some(existing) = self.signal_record(&signal.tenant_id, &signal.id)? {
-            return Ok(Some(existing));
+        // The queued index first: a decision writes `s/` before it forgets
+        // the index entry, so a miss here is never a miss on disk too.
+        if let Some(r) = self.queued.lock().expect("queued index").get(&key) {
+            return Ok(Some(r.clone()));
         }
-        // Two single writes, queue entry first: a crash between them leaves
-        // a queued signal without a record (the engine creates it), never a
-        // record that claims a signal nobody will decide. No redo needed.
-        self.db.insert(
-            seq_key(b'q', seq),
-            encode(&Delivery {
-                seq,
-                signal: signal.clone(),
-            }),
-        )?;
-        self.db.insert(
-            pair_key(b's', &signal.tenant_id, &signal.id),
-            encode(&SignalRecord::accepted(signal)),
-        )?;
-        Ok(None)
+        self.disk_record(&key)
     }
 
-    /// Every queued signal, in queue order.
-    pub fn pending(&self) -> Result<Vec<Delivery>> {
+    /// Queues `deliveries` (consecutive seqs, the first one names the block)
+    /// as one write. The caller (the queue owner) has checked for
+    /// duplicates and serialises calls. Call [`Store::durable`] before the 202.
+    pub fn enqueue_block(&self, deliveries: &[Delivery]) -> Result<()> {
+        let Some(first) = deliveries.first() else {
+            return Ok(());
+        };
         self.db
-            .scan_prefix(b"q/")
-            .map(|kv| {
-                let (k, v) = kv?;
-                decode(&k, &v)
-            })
-            .collect()
+            .insert(seq_key(b'q', first.seq), encode(&deliveries))?;
+        let mut q = self.queued.lock().expect("queued index");
+        for d in deliveries {
+            q.insert(
+                pair_key(b's', &d.signal.tenant_id, &d.signal.id),
+                SignalRecord::accepted(&d.signal),
+            );
+        }
+        Ok(())
+    }
+
+    /// Drops a queue block whose signals are all decided or dead-lettered.
+    /// Needs no durability of its own: a block that survives a crash is
+    /// filtered at open.
+    pub fn remove_block(&self, block: u64) -> Result<()> {
+        self.db.remove(seq_key(b'q', block))?;
+        Ok(())
+    }
+
+    /// Every undecided queued signal with its block, in queue order. A
+    /// replayed dead letter is also in the block it was first queued in:
+    /// only its latest place counts.
+    pub fn pending(&self) -> Result<Vec<(u64, Delivery)>> {
+        let mut out: Vec<Option<(u64, Delivery)>> = Vec::new();
+        let mut place = HashMap::new();
+        for (block, deliveries) in self.blocks()? {
+            for d in deliveries {
+                if self.decided_on_disk(&d.signal.tenant_id, &d.signal.id)? {
+                    continue;
+                }
+                let id = (d.signal.tenant_id.clone(), d.signal.id.clone());
+                if let Some(earlier) = place.insert(id, out.len()) {
+                    out[earlier] = None;
+                }
+                out.push(Some((block, d)));
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
     }
 
     pub fn last_queue_seq(&self) -> Result<u64> {
-        Ok(self
-            .db
-            .scan_prefix(b"q/")
-            .next_back()
-            .transpose()?
-            .map_or(0, |(k, _)| seq_of(&k)))
+        let Some(kv) = self.db.scan_prefix(b"q/").next_back().transpose()? else {
+            return Ok(0);
+        };
+        let (k, v) = kv;
+        let block: Vec<Delivery> = decode(&k, &v)?;
+        Ok(block.last().map_or(seq_of(&k), |d| d.seq))
     }
 
     /// Takes a queued signal out as a dead letter (no decision was made).
-    pub fn dead_letter_queued(&self, seq: u64, letter: &DeadLetter) -> Result<()> {
+    /// Its queue block goes when the rest of it is decided.
+    pub fn dead_letter_queued(&self, letter: &DeadLetter) -> Result<()> {
         let s = &letter.signal;
+        let key = pair_key(b's', &s.tenant_id, &s.id);
         let mut record = self
             .signal_record(&s.tenant_id, &s.id)?
             .unwrap_or_else(|| SignalRecord::accepted(s));
         record.status = SignalStatus::Deadlettered;
         record.reason = Some(letter.reason.clone());
         let mut batch = redo::Ops::default();
-        batch.remove(seq_key(b'q', seq));
         batch.insert(pair_key(b'd', &s.tenant_id, &s.id), encode(letter));
-        batch.insert(pair_key(b's', &s.tenant_id, &s.id), encode(&record));
+        batch.insert(&key, encode(&record));
         self.atomic(batch)?;
+        self.forget_queued([key]);
         Ok(())
     }
 
@@ -280,8 +372,9 @@ impl Store {
         self.db.scan_prefix(b"d/").keys().count() as u64
     }
 
-    /// Puts a dead letter back in the queue at `seq`, atomically: the letter
-    /// goes, the signal is `accepted` again. `None` if there is no such letter.
+    /// Puts a dead letter back in the queue as a block of one at `seq`,
+    /// atomically: the letter goes, the signal is `accepted` again. `None`
+    /// if there is no such letter.
     pub fn replay_dead_letter(&self, tenant: &str, id: &str, seq: u64) -> Result<Option<Signal>> {
         let key = pair_key(b'd', tenant, id);
         let Some(v) = self.db.get(&key)? else {
@@ -293,16 +386,15 @@ impl Store {
             .unwrap_or_else(|| SignalRecord::accepted(&letter.signal));
         record.status = SignalStatus::Accepted;
         record.reason = None;
+        let delivery = Delivery {
+            seq,
+            signal: letter.signal.clone(),
+            redelivered: false,
+        };
         let mut batch = redo::Ops::default();
         batch.remove(key);
         batch.insert(pair_key(b's', tenant, id), encode(&record));
-        batch.insert(
-            seq_key(b'q', seq),
-            encode(&Delivery {
-                seq,
-                signal: letter.signal.clone(),
-            }),
-        );
+        batch.insert(seq_key(b'q', seq), encode(&[delivery]));
         self.atomic(batch)?;
         Ok(Some(letter.signal))
     }
@@ -345,8 +437,8 @@ impl Store {
         writes: &WriteSet,
     ) -> Result<()> {
         let mut batch = redo::Ops::default();
-        for r in receipts {
-            batch.insert(seq_key(b'r', r.seq), encode(r));
+        if let Some(last) = receipts.last() {
+            batch.insert(seq_key(b'r', last.seq), encode(&receipts));
         }
         if let Some(h) = head {
             batch.insert(HEAD, encode(h));
@@ -354,16 +446,19 @@ impl Store {
         for rec in &writes.signal_records {
             batch.insert(pair_key(b's', &rec.tenant_id, &rec.signal_id), encode(rec));
         }
-        if let Some((t, s, bytes)) = &writes.checkpoint {
+        for (t, s, bytes) in &writes.checkpoints {
             batch.insert(pair_key(b'e', t, s), bytes.as_slice());
-        }
-        for seq in &writes.acks {
-            batch.remove(seq_key(b'q', *seq));
         }
         for d in &writes.dead_letters {
             batch.insert(pair_key(b'd', &d.signal.tenant_id, &d.signal.id), encode(d));
         }
         self.atomic(batch)?;
+        self.forget_queued(
+            writes
+                .signal_records
+                .iter()
+                .map(|r| pair_key(b's', &r.tenant_id, &r.signal_id)),
+        );
         Ok(())
     }
 
@@ -378,31 +473,35 @@ impl Store {
         limit: usize,
         tenant: Option<&str>,
     ) -> Result<Vec<Receipt>> {
+        // A block is keyed by its last seq: the first block at or after
+        // `after_seq + 1` holds the first receipt wanted.
         let start = seq_key(b'r', after_seq.saturating_add(1));
         let mut out = Vec::new();
         for kv in self.db.range(start..seq_key(b'r', u64::MAX)) {
             let (k, v) = kv?;
-            let r: Receipt = decode(&k, &v)?;
-            if tenant.is_none_or(|t| r.tenant_id == t) {
-                out.push(r);
-                if out.len() >= limit {
-                    break;
+            let block: Vec<Receipt> = decode(&k, &v)?;
+            for r in block {
+                if r.seq > after_seq && tenant.is_none_or(|t| r.tenant_id == t) {
+                    out.push(r);
+                    if out.len() >= limit {
+                        return Ok(out);
+                    }
                 }
             }
         }
         Ok(out)
     }
 
-    /// Every receipt in key order, for verification. A record that does not
+    /// Every receipt in seq order, for verification. A block that does not
     /// decode is an error naming its key.
     pub fn all_receipts(&self) -> Result<Vec<Receipt>> {
-        self.db
-            .scan_prefix(b"r/")
-            .map(|kv| {
-                let (k, v) = kv?;
-                decode(&k, &v)
-            })
-            .collect()
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix(b"r/") {
+            let (k, v) = kv?;
+            let block: Vec<Receipt> = decode(&k, &v)?;
+            out.extend(block);
+        }
+        Ok(out)
     }
 }
 

@@ -32,6 +32,14 @@ fn reopen(dir: &std::path::Path) -> Store {
     }
 }
 
+fn delivery(seq: u64, tenant: &str, id: &str) -> Delivery {
+    Delivery {
+        seq,
+        signal: signal(tenant, id),
+        redelivered: false,
+    }
+}
+
 fn receipt(seq: u64, prev: &str) -> Receipt {
     let d = ReceiptDraft {
         receipt_id: format!("r{seq}"),
@@ -51,64 +59,90 @@ fn receipt(seq: u64, prev: &str) -> Receipt {
 }
 
 #[tokio::test]
-async fn enqueue_dedupes_per_tenant_and_survives_reopen() {
+async fn queued_signals_are_known_and_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();
     {
         let s = Store::open(dir.path()).unwrap();
-        assert!(s.enqueue(1, &signal("acme", "a")).unwrap().is_none());
-        assert!(
-            s.enqueue(2, &signal("other", "a")).unwrap().is_none(),
-            "ids are per tenant"
-        );
-        let dup = s.enqueue(3, &signal("acme", "a")).unwrap().unwrap();
-        assert_eq!(dup.status, SignalStatus::Accepted);
+        s.enqueue_block(&[delivery(1, "acme", "a"), delivery(2, "other", "a")])
+            .unwrap();
+        s.enqueue_block(&[delivery(3, "acme", "b")]).unwrap();
+        let rec = s.signal_record("acme", "a").unwrap().unwrap();
+        assert_eq!(rec.status, SignalStatus::Accepted);
+        assert!(s.signal_record("acme", "zzz").unwrap().is_none());
         s.durable().await.unwrap();
     }
     let s = reopen(dir.path());
     let pending = s.pending().unwrap();
-    assert_eq!(pending.iter().map(|d| d.seq).collect::<Vec<_>>(), [1, 2]);
-    assert_eq!(s.last_queue_seq().unwrap(), 2);
+    assert_eq!(
+        pending.iter().map(|(b, d)| (*b, d.seq)).collect::<Vec<_>>(),
+        [(1, 1), (1, 2), (3, 3)]
+    );
+    assert_eq!(s.last_queue_seq().unwrap(), 3);
+    assert_eq!(
+        s.signal_record("other", "a").unwrap().unwrap().status,
+        SignalStatus::Accepted,
+        "the queued index is rebuilt at open"
+    );
 }
 
 #[tokio::test]
-async fn a_commit_is_atomic_and_acks_the_queue() {
+async fn a_commit_is_atomic_and_a_decided_signal_is_not_pending_again() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(dir.path()).unwrap();
-    s.enqueue(7, &signal("acme", "a")).unwrap();
-    let r1 = receipt(1, GENESIS_HASH);
-    let r2 = receipt(2, &r1.hash);
-    let head = SignedHead::new(2, &r2.hash, "k", b"key");
-    let mut rec = SignalRecord::accepted(&signal("acme", "a"));
-    rec.status = SignalStatus::Completed;
-    rec.receipts = vec!["r1".into(), "r2".into()];
-    let writes = WriteSet {
-        signal_records: vec![rec.clone()],
-        checkpoint: Some(("acme".into(), "payments".into(), b"{}".to_vec())),
-        acks: vec![7],
-        dead_letters: vec![],
-    };
-    s.commit(&[r1, r2], Some(&head), &writes).unwrap();
-    s.durable().await.unwrap();
+    {
+        let s = Store::open(dir.path()).unwrap();
+        s.enqueue_block(&[delivery(7, "acme", "a"), delivery(8, "acme", "b")])
+            .unwrap();
+        let r1 = receipt(1, GENESIS_HASH);
+        let r2 = receipt(2, &r1.hash);
+        let head = SignedHead::new(2, &r2.hash, "k", b"key");
+        let mut rec = SignalRecord::accepted(&signal("acme", "a"));
+        rec.status = SignalStatus::Completed;
+        rec.receipts = vec!["r1".into(), "r2".into()];
+        let writes = WriteSet {
+            signal_records: vec![rec.clone()],
+            checkpoints: vec![("acme".into(), "payments".into(), b"{}".to_vec())],
+            acks: vec![7],
+            dead_letters: vec![],
+        };
+        s.commit(&[r1.clone(), r2.clone()], Some(&head), &writes)
+            .unwrap();
+        s.durable().await.unwrap();
+        assert_eq!(s.pending().unwrap().len(), 1, "seq 7 is decided");
+        assert_eq!(s.signal_record("acme", "a").unwrap().unwrap(), rec);
+        assert_eq!(s.head().unwrap().unwrap(), head);
+        assert_eq!(s.receipts(0, 10, None).unwrap(), [r1.clone(), r2.clone()]);
+        assert_eq!(s.receipts(1, 10, None).unwrap(), std::slice::from_ref(&r2));
+        assert_eq!(s.receipts(0, 1, None).unwrap(), std::slice::from_ref(&r1));
+        assert_eq!(s.receipts(0, 10, Some("nobody")).unwrap().len(), 0);
+        let r3 = receipt(3, &r2.hash);
+        s.commit(std::slice::from_ref(&r3), None, &WriteSet::default()).unwrap();
+        assert_eq!(s.receipts(2, 10, None).unwrap(), std::slice::from_ref(&r3));
+        assert_eq!(s.all_receipts().unwrap(), [r1, r2, r3]);
+        assert_eq!(s.checkpoint("acme", "payments").unwrap().unwrap(), b"{}");
+        assert_eq!(s.checkpoints().unwrap()[0].1, "payments");
+        s.durable().await.unwrap();
+    }
+    // The block still holds seq 7 (the queue drops a block once all of it is
+    // decided); at open it is filtered out, never delivered twice.
+    let s = reopen(dir.path());
+    let pending = s.pending().unwrap();
+    assert_eq!(pending.iter().map(|(_, d)| d.seq).collect::<Vec<_>>(), [8]);
+    s.remove_block(7).unwrap();
     assert!(s.pending().unwrap().is_empty());
-    assert_eq!(s.signal_record("acme", "a").unwrap().unwrap(), rec);
-    assert_eq!(s.head().unwrap().unwrap(), head);
-    assert_eq!(s.receipts(1, 10, None).unwrap().len(), 1);
-    assert_eq!(s.receipts(0, 10, Some("nobody")).unwrap().len(), 0);
-    assert_eq!(s.checkpoint("acme", "payments").unwrap().unwrap(), b"{}");
-    assert_eq!(s.checkpoints().unwrap()[0].1, "payments");
+    assert_eq!(s.last_queue_seq().unwrap(), 0);
 }
 
 #[tokio::test]
 async fn dead_letters_are_replayed_into_the_queue() {
     let dir = tempfile::tempdir().unwrap();
     let s = Store::open(dir.path()).unwrap();
-    s.enqueue(1, &signal("acme", "a")).unwrap();
+    s.enqueue_block(&[delivery(1, "acme", "a")]).unwrap();
     let letter = DeadLetter {
         signal: signal("acme", "a"),
         reason: "poison".into(),
         at_ms: 5,
     };
-    s.dead_letter_queued(1, &letter).unwrap();
+    s.dead_letter_queued(&letter).unwrap();
     assert!(s.pending().unwrap().is_empty());
     assert_eq!(s.dead_letter_count(), 1);
     assert_eq!(
@@ -118,7 +152,12 @@ async fn dead_letters_are_replayed_into_the_queue() {
     assert!(s.replay_dead_letter("acme", "zzz", 2).unwrap().is_none());
     let again = s.replay_dead_letter("acme", "a", 2).unwrap().unwrap();
     assert_eq!(again.id, "a");
-    assert_eq!(s.pending().unwrap()[0].seq, 2);
+    let pending = s.pending().unwrap();
+    assert_eq!(
+        pending.iter().map(|(b, d)| (*b, d.seq)).collect::<Vec<_>>(),
+        [(2, 2)],
+        "only the replayed place of the signal is pending"
+    );
     assert_eq!(s.dead_letter_count(), 0);
     assert_eq!(
         s.signal_record("acme", "a").unwrap().unwrap().status,
@@ -134,7 +173,7 @@ async fn many_writers_share_flushes() {
     for i in 0..200u64 {
         let s = s.clone();
         tasks.push(tokio::spawn(async move {
-            s.enqueue(i + 1, &signal("acme", &format!("id{i}")))
+            s.enqueue_block(&[delivery(i + 1, "acme", &format!("id{i}"))])
                 .unwrap();
             s.durable().await.unwrap();
         }));
