@@ -469,3 +469,83 @@ pub fn find<'a>(node: &'a Value, name: &str) -> Option<&'a Value> {
     }
     children(node).into_iter().find_map(|c| find(c, name))
 }
+
+/// How the test gateway answers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum GatewayMode {
+    Ok,
+    /// 500 Internal Server Error.
+    Fail,
+    /// 200 after this many milliseconds.
+    Slow(u64),
+}
+
+/// One request the gateway received.
+#[derive(Debug, Clone)]
+pub struct GatewayHit {
+    pub headers: std::collections::HashMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+/// A real HTTP target on 127.0.0.1 (a payment gateway, a deploy hook) whose
+/// answers the test switches, recording what it receives.
+pub struct Gateway {
+    pub url: String,
+    mode: std::sync::Arc<std::sync::Mutex<GatewayMode>>,
+    hits: std::sync::Arc<std::sync::Mutex<Vec<GatewayHit>>>,
+}
+
+impl Gateway {
+    pub async fn start() -> Gateway {
+        use warp::Filter;
+        let mode = std::sync::Arc::new(std::sync::Mutex::new(GatewayMode::Ok));
+        let hits = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (m, h) = (mode.clone(), hits.clone());
+        let route = warp::post()
+            .and(warp::header::headers_cloned())
+            .and(warp::body::bytes())
+            .then(
+                move |headers: warp::http::HeaderMap, body: warp::hyper::body::Bytes| {
+                    let (m, h) = (m.clone(), h.clone());
+                    async move {
+                        h.lock().unwrap().push(GatewayHit {
+                            headers: headers
+                                .iter()
+                                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+                                .collect(),
+                            body: body.to_vec(),
+                        });
+                        let mode = *m.lock().unwrap();
+                        let status = match mode {
+                            GatewayMode::Ok => 200,
+                            GatewayMode::Fail => 500,
+                            GatewayMode::Slow(ms) => {
+                                tokio::time::sleep(Duration::from_millis(ms)).await;
+                                200
+                            }
+                        };
+                        warp::reply::with_status(
+                            "{}",
+                            warp::http::StatusCode::from_u16(status).unwrap(),
+                        )
+                    }
+                },
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(warp::serve(route).incoming(listener).run());
+        Gateway {
+            url: format!("http://{addr}/hook"),
+            mode,
+            hits,
+        }
+    }
+
+    pub fn set(&self, mode: GatewayMode) {
+        *self.mode.lock().unwrap() = mode;
+    }
+
+    pub fn hits(&self) -> Vec<GatewayHit> {
+        self.hits.lock().unwrap().clone()
+    }
+}

@@ -324,6 +324,20 @@ pub struct ExecutorConfig {
     pub reset_timeout_secs: u64,
     #[serde(default = "default_success_threshold")]
     pub success_threshold: u32,
+    /// Cap of the open time, which doubles on repeated trips (default 16 × `reset_timeout_secs`).
+    #[serde(default)]
+    pub max_reset_timeout_secs: Option<u64>,
+    /// Also open when this share of the last `window_calls` calls failed
+    /// (once `minimum_calls` are in the window). Off unless set.
+    #[serde(default)]
+    pub failure_rate_pct: Option<u32>,
+    #[serde(default = "default_window_calls")]
+    pub window_calls: u32,
+    #[serde(default = "default_minimum_calls")]
+    pub minimum_calls: u32,
+    /// A call at least this slow counts as a failure. Off unless set.
+    #[serde(default)]
+    pub slow_call_ms: Option<u64>,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -337,6 +351,12 @@ fn default_reset_timeout_secs() -> u64 {
 }
 fn default_success_threshold() -> u32 {
     3
+}
+fn default_window_calls() -> u32 {
+    20
+}
+fn default_minimum_calls() -> u32 {
+    10
 }
 
 impl Config {
@@ -735,10 +755,37 @@ fn validate(c: &Config, errors: &mut Vec<ConfigError>) {
         }
     }
     for (name, ex) in &c.executors {
-        if ex.kind == ExecutorKind::Webhook && ex.url.as_deref().is_none_or(str::is_empty) {
-            errors.push(err(
+        match (ex.kind, ex.url.as_deref()) {
+            (ExecutorKind::Webhook, None | Some("")) => errors.push(err(
                 format!("executors.{name}.url"),
                 "a webhook executor needs a url",
+            )),
+            (ExecutorKind::Webhook, Some(url))
+                if !(url.starts_with("http://") || url.starts_with("https://")) =>
+            {
+                errors.push(err(
+                    format!("executors.{name}.url"),
+                    format!("{url:?} is not an http:// or https:// URL"),
+                ))
+            }
+            _ => {}
+        }
+        if ex.timeout_ms == 0 {
+            errors.push(err(
+                format!("executors.{name}.timeout_ms"),
+                "must be greater than 0",
+            ));
+        }
+        if ex.failure_rate_pct.is_some_and(|p| p == 0 || p > 100) {
+            errors.push(err(
+                format!("executors.{name}.failure_rate_pct"),
+                "must be between 1 and 100",
+            ));
+        }
+        if ex.window_calls == 0 || ex.minimum_calls == 0 || ex.minimum_calls > ex.window_calls {
+            errors.push(err(
+                format!("executors.{name}.minimum_calls"),
+                "window_calls and minimum_calls must be greater than 0, minimum_calls at most window_calls",
             ));
         }
         if ex.failure_threshold == 0 {

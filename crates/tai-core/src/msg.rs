@@ -101,6 +101,13 @@ pub enum RouterMsg {
     Tick,
     /// Internal: an engine finished draining.
     Drained(String),
+    /// A circuit breaker changed: engines it halted resume when it is no longer open.
+    BreakerChanged {
+        breaker: String,
+        open: bool,
+    },
+    /// Internal: open breakers whose open time is over go half-open.
+    BreakerTick,
 }
 
 /// Everything one decision writes, applied atomically with its receipts.

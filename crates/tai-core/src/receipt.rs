@@ -8,7 +8,7 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::signal::EngineState;
+use crate::signal::ReceiptState;
 
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -21,8 +21,8 @@ pub struct ReceiptDraft {
     pub sku_id: String,
     pub signal_id: Option<String>,
     pub action_id: Option<String>,
-    pub state_before: EngineState,
-    pub state_after: EngineState,
+    pub state_before: ReceiptState,
+    pub state_after: ReceiptState,
     pub success: bool,
     pub reason: Option<String>,
     pub trace_id: Option<String>,
@@ -38,8 +38,8 @@ pub struct Receipt {
     pub sku_id: String,
     pub signal_id: Option<String>,
     pub action_id: Option<String>,
-    pub state_before: EngineState,
-    pub state_after: EngineState,
+    pub state_before: ReceiptState,
+    pub state_after: ReceiptState,
     pub success: bool,
     pub reason: Option<String>,
     pub trace_id: Option<String>,
@@ -60,8 +60,8 @@ struct Canonical<'a> {
     sku_id: &'a str,
     signal_id: &'a Option<String>,
     action_id: &'a Option<String>,
-    state_before: EngineState,
-    state_after: EngineState,
+    state_before: ReceiptState,
+    state_after: ReceiptState,
     success: bool,
     reason: &'a Option<String>,
     trace_id: &'a Option<String>,
@@ -307,6 +307,7 @@ pub fn verify_chain<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::signal::EngineState;
 
     fn keys() -> BTreeMap<String, String> {
         BTreeMap::from([
@@ -331,8 +332,8 @@ mod tests {
                 sku_id: "s".into(),
                 signal_id: Some(format!("sig{seq}")),
                 action_id: None,
-                state_before: EngineState::Stable,
-                state_after: EngineState::ActionPending,
+                state_before: EngineState::Stable.into(),
+                state_after: EngineState::ActionPending.into(),
                 success: true,
                 reason: None,
                 trace_id: None,

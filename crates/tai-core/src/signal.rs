@@ -201,6 +201,55 @@ impl EngineState {
     }
 }
 
+/// A circuit breaker's states (SPEC §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakerState {
+    Closed,
+    HalfOpen,
+    Open,
+}
+
+impl BreakerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::HalfOpen => "half_open",
+            BreakerState::Open => "open",
+        }
+    }
+
+    /// The `tai_breaker_state` gauge value (SPEC §9).
+    pub fn gauge(self) -> f64 {
+        match self {
+            BreakerState::Closed => 0.0,
+            BreakerState::HalfOpen => 1.0,
+            BreakerState::Open => 2.0,
+        }
+    }
+}
+
+/// The state a receipt records before and after: an engine's, or, for a
+/// breaker's own receipts (`breaker_open`, ...), the breaker's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ReceiptState {
+    Engine(EngineState),
+    Breaker(BreakerState),
+}
+
+impl From<EngineState> for ReceiptState {
+    fn from(s: EngineState) -> Self {
+        ReceiptState::Engine(s)
+    }
+}
+
+impl From<BreakerState> for ReceiptState {
+    fn from(s: BreakerState) -> Self {
+        ReceiptState::Breaker(s)
+    }
+}
+
 /// What `GET /admin/tenants` shows per engine.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EngineInfo {

@@ -16,8 +16,10 @@ use tai_core::receipt::ReceiptDraft;
 use tai_core::signal::{now_ms, DeadLetter, EngineInfo, EngineState, SignalRecord, SignalStatus};
 use tai_otp::statem::{Statem, TimeoutToken};
 use tai_store::Store;
-use tracing::{debug, info};
+use tracing::debug;
 
+use crate::breaker::{BreakerState, Transition};
+use crate::executor::{breaker_receipt, Executors, Outcome};
 use crate::machine::{step, Action, Data, Effect, Event, Sku};
 
 const LEDGER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -30,6 +32,11 @@ pub enum EngineMsg {
     Info(RpcReplyPort<EngineInfo>),
     Halt(String, RpcReplyPort<EngineInfo>),
     Resume(RpcReplyPort<EngineInfo>),
+    /// A breaker changed (from the router): resume if it halted this engine.
+    BreakerChanged {
+        breaker: String,
+        open: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -42,6 +49,7 @@ pub struct EngineArgs {
     pub sku_id: String,
     pub sku: Arc<Sku>,
     pub store: Store,
+    pub executors: Executors,
 }
 
 pub struct EngineActorState {
@@ -51,6 +59,7 @@ pub struct EngineActorState {
     sku_id: String,
     sku: Arc<Sku>,
     store: Store,
+    executors: Executors,
     data: Data,
     statem: Statem<EngineState, Delivery>,
     /// Deliveries held here (postponed or being decided): a redelivered copy is dropped.
@@ -68,10 +77,17 @@ enum Input {
 
 enum OwnedEvent {
     StateTimeout,
-    ActionDone(Result<(), String>),
+    ActionDone {
+        result: Result<(), String>,
+        tripped: Option<String>,
+    },
     Halt(String),
     Resume,
     Restored,
+    BreakerChanged {
+        breaker: String,
+        open: bool,
+    },
 }
 
 fn new_ulid() -> String {
@@ -99,24 +115,6 @@ impl EngineActorState {
             self.statem
                 .set_state_timeout(myself, after, EngineMsg::Timeout);
         }
-    }
-}
-
-/// The executors. `log` records only; webhooks arrive with the Jidoka issue.
-async fn execute(action: &Action) -> Result<(), String> {
-    match action.executor.as_str() {
-        "log" => {
-            info!(
-                tenant = %action.tenant_id,
-                sku = %action.sku_id,
-                action_id = %action.action_id,
-                signal = %action.signal_id,
-                kind = %action.kind,
-                "action executed (log executor)"
-            );
-            Ok(())
-        }
-        other => Err(format!("executor {other:?} is not available")),
     }
 }
 
@@ -201,13 +199,6 @@ impl Pending {
     }
 }
 
-/// Executors whose action has no effect outside the node run inline: their
-/// result joins the same commit as the decision. Any other executor runs
-/// only after the `action_generated` commit is durable.
-fn runs_inline(action: &Action) -> bool {
-    action.executor == "log"
-}
-
 impl Engine {
     /// Applies one step's effects to `p`; returns the action to run, if any.
     fn collect(
@@ -241,8 +232,8 @@ impl Engine {
                         sku_id: st.sku_id.clone(),
                         signal_id,
                         action_id,
-                        state_before: before,
-                        state_after: after,
+                        state_before: before.into(),
+                        state_after: after.into(),
                         success,
                         reason,
                         trace_id: trace_id.clone(),
@@ -300,8 +291,18 @@ impl Engine {
             Input::Other(e) => {
                 let ev = match e {
                     OwnedEvent::StateTimeout => Event::StateTimeout,
-                    OwnedEvent::ActionDone(Ok(())) => Event::ActionDone { ok: true },
-                    OwnedEvent::ActionDone(Err(r)) => Event::ActionFailed { reason: r },
+                    OwnedEvent::ActionDone { result: Ok(()), .. } => Event::ActionDone { ok: true },
+                    OwnedEvent::ActionDone {
+                        result: Err(r),
+                        tripped,
+                    } => Event::ActionFailed {
+                        reason: r,
+                        tripped: tripped.as_deref(),
+                    },
+                    OwnedEvent::BreakerChanged { breaker, open } => Event::BreakerChanged {
+                        breaker,
+                        open: *open,
+                    },
                     OwnedEvent::Halt(r) => Event::Halt { reason: r },
                     OwnedEvent::Resume => Event::Resume,
                     OwnedEvent::Restored => Event::Restored,
@@ -387,6 +388,8 @@ impl Engine {
         let mut inputs = VecDeque::from(first);
         let mut p = Pending::default();
         let mut changed = false;
+        // Breaker changes made by this run's calls: told to the engines once committed.
+        let mut breaker_changes = Vec::new();
         while let Some(input) = inputs.pop_front() {
             let now = now_ms();
             let before = st.data.state;
@@ -395,9 +398,11 @@ impl Engine {
             }
             let fx = Self::step_input(st, &input, now);
             let mut action = Self::collect(st, fx, &input, &mut p, now);
-            // A local action's result joins the decision's commit.
-            while let Some(a) = action.take_if(|a| runs_inline(a)) {
-                let done = Input::Other(OwnedEvent::ActionDone(execute(&a).await));
+            // An action with no effect outside the node runs inline: its
+            // result joins the decision's commit. Any other runs only once
+            // the `action_generated` commit is durable.
+            while let Some(a) = action.take_if(|a| !st.executors.is_external(&a.executor)) {
+                let done = Self::outcome(st.executors.run(&a).await, &mut p, &mut breaker_changes);
                 let fx = Self::step_input(st, &done, now);
                 action = Self::collect(st, fx, &done, &mut p, now);
             }
@@ -405,8 +410,8 @@ impl Engine {
             if let Some(a) = action {
                 Self::commit(st, std::mem::take(&mut p)).await?;
                 changed = false;
-                let result = execute(&a).await;
-                inputs.push_front(Input::Other(OwnedEvent::ActionDone(result)));
+                let done = Self::outcome(st.executors.run(&a).await, &mut p, &mut breaker_changes);
+                inputs.push_front(done);
             }
             let t = st.statem.transition(st.data.state);
             if t.changed {
@@ -419,7 +424,19 @@ impl Engine {
         if !p.is_empty() || changed {
             Self::commit(st, p).await?;
         }
+        crate::executor::notify_engines(&breaker_changes);
         Ok(())
+    }
+
+    /// An action's outcome as the engine's next input; the breaker changes
+    /// it caused get their receipts in the same commit.
+    fn outcome(o: Outcome, p: &mut Pending, changes: &mut Vec<Transition>) -> Input {
+        p.drafts.extend(o.transitions.iter().map(breaker_receipt));
+        changes.extend(o.transitions);
+        Input::Other(OwnedEvent::ActionDone {
+            result: o.result,
+            tripped: o.tripped,
+        })
     }
 }
 
@@ -486,6 +503,7 @@ impl Actor for Engine {
             sku_id: args.sku_id,
             sku: args.sku,
             store: args.store,
+            executors: args.executors,
             statem: Statem::new(state),
             data,
             seen: HashSet::new(),
@@ -500,6 +518,16 @@ impl Actor for Engine {
     ) -> Result<(), ActorProcessingErr> {
         if st.data.in_flight.is_some() {
             Self::run(&myself, st, vec![Input::Other(OwnedEvent::Restored)]).await?;
+        }
+        // Halted by a breaker that closed or half-opened while this engine was passive.
+        if let Some(b) = st.data.halted_by.clone() {
+            if st.executors.breakers.state(&b) != Some(BreakerState::Open) {
+                let ev = OwnedEvent::BreakerChanged {
+                    breaker: b,
+                    open: false,
+                };
+                Self::run(&myself, st, vec![Input::Other(ev)]).await?;
+            }
         }
         st.arm_state_timeout(&myself);
         // Whatever Kanban had sent to an earlier incarnation died with its mailbox.
@@ -559,6 +587,12 @@ impl Actor for Engine {
             EngineMsg::Resume(reply) => {
                 Self::run_after_inbox(&myself, st, OwnedEvent::Resume).await?;
                 let _ = reply.send(st.info());
+            }
+            EngineMsg::BreakerChanged { breaker, open } => {
+                if st.data.halted_by.as_deref() == Some(breaker.as_str()) {
+                    let ev = OwnedEvent::BreakerChanged { breaker, open };
+                    Self::run_after_inbox(&myself, st, ev).await?;
+                }
             }
         }
         Ok(())

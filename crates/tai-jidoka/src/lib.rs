@@ -6,7 +6,9 @@
 //! (`machine`), its policies pure functions (`policy`). Depends on tai-core,
 //! tai-otp and tai-store only.
 
+pub mod breaker;
 mod engine;
+pub mod executor;
 pub mod machine;
 pub mod policy;
 mod router;
@@ -23,6 +25,7 @@ use tai_otp::{ChildSpec, Strategy, SupervisorSpec};
 use tai_store::Store;
 
 pub use engine::{Engine, EngineMsg};
+pub use executor::{BreakerInfo, Breakers, Executors};
 pub use router::{Router, RouterArgs};
 pub use states::{engine_state, state_counts};
 
@@ -47,7 +50,11 @@ pub fn sku_from_config(c: &SkuConfig) -> Result<Sku, String> {
 
 /// `processor_sup` (`rest_for_one`): `engine_sup` first, then the router that
 /// starts engines under it: if `engine_sup` dies, the router restarts too.
-pub fn supervisor_spec(store: Store, config: &Config) -> Result<SupervisorSpec, String> {
+pub fn supervisor_spec(
+    store: Store,
+    config: &Config,
+    executors: Executors,
+) -> Result<SupervisorSpec, String> {
     let mut skus = HashMap::new();
     for (name, c) in &config.skus {
         skus.insert(
@@ -75,6 +82,7 @@ pub fn supervisor_spec(store: Store, config: &Config) -> Result<SupervisorSpec, 
                 default_sku: default_sku.clone(),
                 idle_timeout,
                 max_active,
+                executors: executors.clone(),
             },
         )))
 }

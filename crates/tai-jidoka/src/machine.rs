@@ -32,6 +32,10 @@ pub struct Data {
     /// Per customer, recent payment times (for velocity policies).
     #[serde(default)]
     pub velocity: BTreeMap<String, VecDeque<u64>>,
+    /// The breaker that halted the engine: it resumes when that breaker
+    /// is no longer open. `None` for an operator halt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub halted_by: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,6 +58,7 @@ impl Data {
             boot_started_ms: now_ms,
             in_flight: None,
             velocity: BTreeMap::new(),
+            halted_by: None,
         }
     }
 
@@ -80,6 +85,13 @@ pub enum Event<'a> {
     },
     ActionFailed {
         reason: &'a str,
+        /// The executor's breaker is open after this failure: stop the line.
+        tripped: Option<&'a str>,
+    },
+    /// A breaker changed; `open: false` resumes the engines it halted.
+    BreakerChanged {
+        breaker: &'a str,
+        open: bool,
     },
     Halt {
         reason: &'a str,
@@ -216,13 +228,36 @@ pub fn step(
         }
         Event::ActionDone { ok: true } => finish_action(d, &mut st, None),
         Event::ActionDone { ok: false } => finish_action(d, &mut st, Some("action failed".into())),
-        Event::ActionFailed { reason } => finish_action(d, &mut st, Some(reason.to_string())),
+        Event::ActionFailed { reason, tripped } => {
+            finish_action(d, &mut st, Some(reason.to_string()));
+            if let Some(breaker) = tripped {
+                if d.state != EngineState::Halted {
+                    let before = d.state;
+                    d.state = EngineState::Halted;
+                    d.halted_by = Some(breaker.to_string());
+                    st.receipt(
+                        "jidoka_halt",
+                        before,
+                        d.state,
+                        None,
+                        false,
+                        Some(format!("breaker {breaker} is open")),
+                    );
+                }
+            }
+        }
+        Event::BreakerChanged { breaker, open } => {
+            if !open && d.state == EngineState::Halted && d.halted_by.as_deref() == Some(breaker) {
+                resume(d, &mut st, format!("breaker {breaker} is no longer open"));
+            }
+        }
         Event::Restored => {
             if d.in_flight.is_some() {
                 finish_action(d, &mut st, Some("interrupted".into()));
             }
         }
         Event::Halt { reason } => {
+            d.halted_by = None;
             if d.state != EngineState::Halted {
                 d.state = EngineState::Halted;
                 st.receipt(
@@ -241,23 +276,23 @@ pub fn step(
                     d.quota_remaining = sku.quota;
                     d.period_start_ms = now;
                 }
-                d.state = if d.in_flight.is_some() {
-                    EngineState::ActionPending
-                } else {
-                    EngineState::Stable
-                };
-                st.receipt(
-                    "jidoka_resume",
-                    before,
-                    d.state,
-                    None,
-                    true,
-                    Some("operator resume".into()),
-                );
+                resume(d, &mut st, "operator resume".into());
             }
         }
     }
     st.fx
+}
+
+/// Back on the line: to the pending action if one is in flight, else stable.
+fn resume(d: &mut Data, st: &mut Step<'_>, reason: String) {
+    let before = d.state;
+    d.halted_by = None;
+    d.state = if d.in_flight.is_some() {
+        EngineState::ActionPending
+    } else {
+        EngineState::Stable
+    };
+    st.receipt("jidoka_resume", before, d.state, None, true, Some(reason));
 }
 
 fn finish_action(d: &mut Data, st: &mut Step<'_>, failure: Option<String>) {

@@ -13,13 +13,14 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tai_core::msg::{Delivery, KanbanMsg, RouterMsg, KANBAN_QUEUE};
 use tai_core::names::{engine_name, ENGINE_SUP};
-use tai_core::signal::{EngineInfo, EngineState};
+use tai_core::signal::{now_ms, EngineInfo, EngineState};
 use tai_otp::{ChildSpec, Restart, SupervisorMsg};
 use tai_store::Store;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::engine::{Engine, EngineArgs, EngineMsg};
+use crate::executor::Executors;
 use crate::machine::{Data, Sku};
 
 const CALL: Duration = Duration::from_secs(10);
@@ -33,6 +34,7 @@ pub struct RouterArgs {
     pub default_sku: Arc<Sku>,
     pub idle_timeout: Duration,
     pub max_active: usize,
+    pub executors: Executors,
 }
 
 struct Entry {
@@ -47,7 +49,11 @@ pub struct RouterState {
     args: RouterArgs,
     engines: HashMap<String, Entry>,
     ticker: tokio::task::JoinHandle<()>,
+    breaker_ticker: tokio::task::JoinHandle<()>,
 }
+
+/// How often open breakers are checked for their half-open time.
+const BREAKER_TICK: Duration = Duration::from_millis(200);
 
 fn engine_ref(name: &str) -> Option<ActorRef<EngineMsg>> {
     ractor::registry::where_is(name).map(ActorRef::from)
@@ -96,6 +102,7 @@ impl Router {
             .map(ActorRef::from)
             .ok_or("engine_sup is not running")?;
         let args_store = st.args.store.clone();
+        let executors = st.args.executors.clone();
         let sku = Self::sku(st, sku_id);
         let (t, s) = (tenant.to_string(), sku_id.to_string());
         // Each call of the args closure is one start: the first is ours, any
@@ -108,6 +115,7 @@ impl Router {
                 sku_id: s.clone(),
                 sku: sku.clone(),
                 store: args_store.clone(),
+                executors: executors.clone(),
             }
         })
         .restart(Restart::Transient);
@@ -228,10 +236,12 @@ impl Actor for Router {
         let tick =
             (args.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
         let ticker = myself.send_interval(tick, || RouterMsg::Tick);
+        let breaker_ticker = myself.send_interval(BREAKER_TICK, || RouterMsg::BreakerTick);
         Ok(RouterState {
             args,
             engines: HashMap::new(),
             ticker,
+            breaker_ticker,
         })
     }
 
@@ -253,6 +263,7 @@ impl Actor for Router {
         st: &mut RouterState,
     ) -> Result<(), ActorProcessingErr> {
         st.ticker.abort();
+        st.breaker_ticker.abort();
         Ok(())
     }
 
@@ -294,6 +305,20 @@ impl Actor for Router {
                         }
                     } else {
                         Self::passivate(&myself, st, &name);
+                    }
+                }
+            }
+            RouterMsg::BreakerTick => {
+                crate::executor::announce(st.args.executors.breakers.tick(now_ms()));
+            }
+            RouterMsg::BreakerChanged { breaker, open } => {
+                // Live engines hear it now; a passive one checks at its next start.
+                for name in st.engines.keys() {
+                    if let Some(r) = engine_ref(name) {
+                        let _ = r.send_message(EngineMsg::BreakerChanged {
+                            breaker: breaker.clone(),
+                            open,
+                        });
                     }
                 }
             }

@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 pub fn root_spec(
     config: &Config,
     store: &Store,
+    executors: &tai_jidoka::Executors,
     draining: Arc<AtomicBool>,
     ingress_bound: Arc<Mutex<Option<SocketAddr>>>,
 ) -> Result<SupervisorSpec, String> {
@@ -36,7 +37,7 @@ pub fn root_spec(
         ))
         .child(ChildSpec::supervisor(
             PROCESSOR_SUP,
-            tai_jidoka::supervisor_spec(store.clone(), config)?,
+            tai_jidoka::supervisor_spec(store.clone(), config, executors.clone())?,
         ))
         .child(ChildSpec::supervisor(
             KAIZEN_SUP,
@@ -53,6 +54,7 @@ pub struct NodeState {
     pub metrics: tai_kaizen::Metrics,
     pub config: Config,
     pub store: Store,
+    pub executors: tai_jidoka::Executors,
     pub root: ractor::ActorCell,
     pub draining: Arc<AtomicBool>,
     pub shutdown: watch::Sender<bool>,
@@ -115,7 +117,21 @@ pub async fn serve(config: Config) -> anyhow::Result<i32> {
 
     let draining = Arc::new(AtomicBool::new(false));
     let ingress_bound = Arc::new(Mutex::new(None));
-    let spec = match root_spec(&config, &store, draining.clone(), ingress_bound.clone()) {
+    // Node-wide like the store: breakers outlive the engines that use them.
+    let executors = match tai_jidoka::Executors::new(&config, store.clone()) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("config error: {e}");
+            return Ok(78);
+        }
+    };
+    let spec = match root_spec(
+        &config,
+        &store,
+        &executors,
+        draining.clone(),
+        ingress_bound.clone(),
+    ) {
         Ok(spec) => spec,
         Err(e) => {
             eprintln!("config error: {e}");
@@ -140,6 +156,7 @@ pub async fn serve(config: Config) -> anyhow::Result<i32> {
     let state = Arc::new(NodeState {
         metrics,
         store: store.clone(),
+        executors,
         root: app.root.get_cell(),
         draining,
         shutdown: shutdown_tx,

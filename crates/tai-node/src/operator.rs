@@ -166,6 +166,12 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
                 .await,
             )
         }
+        (&Method::GET, ["admin", "breakers"]) => {
+            json_reply(StatusCode::OK, &state.executors.breakers.list())
+        }
+        (&Method::POST, ["admin", "breakers", name, action @ ("reset" | "melt")]) => {
+            breaker_command(state, &decode(name), action).await
+        }
         (&Method::GET, ["admin", "queue"]) => match call(KANBAN_QUEUE, KanbanMsg::Stats).await {
             Ok(stats) => json_reply(StatusCode::OK, &stats),
             Err(r) => r,
@@ -200,12 +206,39 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
             ["admin", "actors", _, "kill"]
             | ["admin", "tenants", ..]
             | ["admin", "deadletter", ..]
+            | ["admin", "breakers", ..]
             | ["admin", "receipts", ..],
         ) => error(
             ErrorCode::NotFound,
             format!("{method} is not supported on {path}"),
         ),
         _ => error(ErrorCode::NotFound, format!("no such endpoint: {path}")),
+    }
+}
+
+/// `POST /admin/breakers/{name}/reset|melt`: the change is durable before
+/// the answer, recorded in the ledger, and (on reset) the engines it halted resume.
+async fn breaker_command(state: &NodeState, name: &str, action: &str) -> Response {
+    let now = tai_core::signal::now_ms();
+    let breakers = &state.executors.breakers;
+    let changed = match action {
+        "melt" => breakers.melt(name, now),
+        _ => breakers.reset(name, now),
+    };
+    let Some(transition) = changed else {
+        return error(
+            ErrorCode::NotFound,
+            format!("no breaker {name:?} (breakers guard webhook executors)"),
+        );
+    };
+    if let Err(e) = state.store.durable().await {
+        return error(ErrorCode::Internal, format!("store: {e}"));
+    }
+    tracing::warn!(breaker = %name, action, "breaker changed by the operator");
+    tai_jidoka::executor::announce(transition.into_iter().collect());
+    match breakers.list().into_iter().find(|b| b.name == name) {
+        Some(info) => json_reply(StatusCode::OK, &info),
+        None => error(ErrorCode::NotFound, format!("no breaker {name:?}")),
     }
 }
 

@@ -399,6 +399,30 @@ impl Store {
         Ok(Some(letter.signal))
     }
 
+    // ---- node records -------------------------------------------------------
+
+    /// Writes a small node-level record under `m/{name}` (circuit breakers).
+    /// Durable with the next group flush.
+    pub fn put_meta(&self, name: &str, value: &[u8]) -> Result<()> {
+        let mut k = b"m/".to_vec();
+        k.extend_from_slice(name.as_bytes());
+        self.db.insert(k, value)?;
+        Ok(())
+    }
+
+    /// Every node-level record whose name starts with `prefix`: (name, bytes).
+    pub fn metas(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let mut p = b"m/".to_vec();
+        p.extend_from_slice(prefix.as_bytes());
+        self.db
+            .scan_prefix(&p)
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((String::from_utf8_lossy(&k[2..]).into_owned(), v.to_vec()))
+            })
+            .collect()
+    }
+
     // ---- engines ------------------------------------------------------------
 
     pub fn checkpoint(&self, tenant: &str, sku: &str) -> Result<Option<Vec<u8>>> {

@@ -48,8 +48,8 @@ fn receipt(seq: u64, prev: &str) -> Receipt {
         sku_id: "payments".into(),
         signal_id: Some("s1".into()),
         action_id: None,
-        state_before: EngineState::Stable,
-        state_after: EngineState::ActionPending,
+        state_before: EngineState::Stable.into(),
+        state_after: EngineState::ActionPending.into(),
         success: true,
         reason: None,
         trace_id: None,
@@ -115,7 +115,8 @@ async fn a_commit_is_atomic_and_a_decided_signal_is_not_pending_again() {
         assert_eq!(s.receipts(0, 1, None).unwrap(), std::slice::from_ref(&r1));
         assert_eq!(s.receipts(0, 10, Some("nobody")).unwrap().len(), 0);
         let r3 = receipt(3, &r2.hash);
-        s.commit(std::slice::from_ref(&r3), None, &WriteSet::default()).unwrap();
+        s.commit(std::slice::from_ref(&r3), None, &WriteSet::default())
+            .unwrap();
         assert_eq!(s.receipts(2, 10, None).unwrap(), std::slice::from_ref(&r3));
         assert_eq!(s.all_receipts().unwrap(), [r1, r2, r3]);
         assert_eq!(s.checkpoint("acme", "payments").unwrap().unwrap(), b"{}");

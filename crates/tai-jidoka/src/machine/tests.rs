@@ -155,9 +155,22 @@ fn the_table_of_spec_section_5() {
         ),
         (
             ActionPending,
-            Event::ActionFailed { reason: "boom" },
+            Event::ActionFailed {
+                reason: "boom",
+                tripped: None,
+            },
             Stable,
             vec!["action_failed"],
+            None,
+        ),
+        (
+            ActionPending,
+            Event::ActionFailed {
+                reason: "boom",
+                tripped: Some("gateway"),
+            },
+            Halted,
+            vec!["action_failed", "jidoka_halt"],
             None,
         ),
         (
@@ -358,7 +371,7 @@ proptest! {
                 3 => Event::Signal { seq, signal: &off },
                 4 => Event::Signal { seq, signal: &crit },
                 5 => Event::ActionDone { ok: true },
-                6 => Event::ActionFailed { reason: "x" },
+                6 => Event::ActionFailed { reason: "x", tripped: None },
                 7 => Event::Halt { reason: "op" },
                 _ => Event::Resume,
             };
@@ -379,4 +392,67 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn a_breaker_halt_ends_when_that_breaker_is_no_longer_open() {
+    let mut d = data(ActionPending);
+    run(
+        &mut d,
+        Event::ActionFailed {
+            reason: "503",
+            tripped: Some("gateway"),
+        },
+    );
+    assert_eq!((d.state, d.halted_by.as_deref()), (Halted, Some("gateway")));
+    // Another breaker, or the same one still open: nothing.
+    for ev in [
+        Event::BreakerChanged {
+            breaker: "other",
+            open: false,
+        },
+        Event::BreakerChanged {
+            breaker: "gateway",
+            open: true,
+        },
+    ] {
+        assert!(run(&mut d, ev).is_empty());
+        assert_eq!(d.state, Halted);
+    }
+    let fx = run(
+        &mut d,
+        Event::BreakerChanged {
+            breaker: "gateway",
+            open: false,
+        },
+    );
+    assert_eq!(kinds(&fx), ["jidoka_resume"]);
+    assert_eq!((d.state, d.halted_by.as_deref()), (Stable, None));
+}
+
+#[test]
+fn an_operator_halt_is_not_lifted_by_a_breaker() {
+    let mut d = data(ActionPending);
+    run(
+        &mut d,
+        Event::ActionFailed {
+            reason: "503",
+            tripped: Some("gateway"),
+        },
+    );
+    run(
+        &mut d,
+        Event::Halt {
+            reason: "maintenance",
+        },
+    );
+    let fx = run(
+        &mut d,
+        Event::BreakerChanged {
+            breaker: "gateway",
+            open: false,
+        },
+    );
+    assert!(fx.is_empty());
+    assert_eq!(d.state, Halted);
 }

@@ -1,0 +1,303 @@
+//! Jidoka end to end (SPEC §5, §6): webhook actions against a real local
+//! HTTP gateway, the breaker stopping the line and starting it again.
+
+use hmac::{Hmac, Mac};
+use reqwest::Method;
+use serde_json::{json, Value};
+use sha2::Sha256;
+use tai_tests::*;
+
+fn config(gateway: &str, extra: &str) -> String {
+    test_config(&format!(
+        r#"
+[executors.gateway]
+kind = "webhook"
+url = "{gateway}"
+timeout_ms = 1000
+failure_threshold = 5
+reset_timeout_secs = 1
+success_threshold = 3
+
+[skus.checkout]
+policies = ["payment_fraud"]
+quota = 1000000
+executor = "gateway"
+{extra}
+"#
+    ))
+}
+
+fn pay(sku: &str, id: &str) -> Value {
+    signal(
+        "acme",
+        sku,
+        "payment",
+        id,
+        json!({"amount": 20, "currency": "USD", "customer_id": id}),
+    )
+}
+
+async fn send(c: &Client, body: &Value) {
+    let a = c.post(body).await.unwrap();
+    assert_eq!(a.status, 202, "{}", a.body);
+}
+
+async fn entitle(c: &Client, sku: &str) {
+    send(
+        c,
+        &signal(
+            "acme",
+            sku,
+            "entitlement",
+            &format!("ent-{sku}"),
+            json!({"active": true}),
+        ),
+    )
+    .await;
+}
+
+async fn breaker(node: &Node, name: &str) -> Value {
+    let (status, list) = node.admin(Method::GET, "/admin/breakers").await;
+    assert_eq!(status, 200, "{list}");
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no breaker {name} in {list}"))
+}
+
+async fn engine_state(node: &Node, sku: &str) -> String {
+    let (_, e) = node
+        .admin(Method::GET, &format!("/admin/tenants/acme/{sku}"))
+        .await;
+    e["state"].as_str().unwrap_or_default().to_string()
+}
+
+fn kinds(receipts: &[Value]) -> Vec<String> {
+    receipts
+        .iter()
+        .map(|r| r["kind"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_failing_gateway_stops_the_line_and_a_healed_one_starts_it_again() {
+    let gw = Gateway::start().await;
+    let node = Node::start_with(&config(&gw.url, ""), &[]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    entitle(&c, "checkout").await;
+
+    // A healthy call first: the action JSON arrives signed with the node's key.
+    send(&c, &pay("checkout", "ok-0")).await;
+    assert_eq!(c.decided("ok-0").await["status"], "completed");
+    let hit = &gw.hits()[0];
+    let action: Value = serde_json::from_slice(&hit.body).unwrap();
+    assert_eq!(action["signal_id"], "ok-0");
+    assert_eq!(action["executor"], "gateway");
+    assert_eq!(hit.headers["x-tai-key-id"], "k2");
+    let mut mac = Hmac::<Sha256>::new_from_slice(b"test-receipt-key").unwrap();
+    mac.update(format!("{}\n", hit.headers["x-tai-timestamp"]).as_bytes());
+    mac.update(&hit.body);
+    assert_eq!(
+        hit.headers["x-tai-signature"],
+        format!("v1={}", hex::encode(mac.finalize().into_bytes()))
+    );
+
+    // Five failures in a row open the breaker and halt the engine.
+    gw.set(GatewayMode::Fail);
+    for i in 1..=5 {
+        let id = format!("fail-{i}");
+        send(&c, &pay("checkout", &id)).await;
+        let s = c.decided(&id).await;
+        assert_eq!(s["status"], "failed", "{s}");
+        let b = breaker(&node, "gateway").await;
+        let expected = if i < 5 { "closed" } else { "open" };
+        assert_eq!(b["state"], expected, "after {i} failures: {b}");
+    }
+    assert_eq!(engine_state(&node, "checkout").await, "halted");
+    assert_eq!(gw.hits().len(), 6);
+
+    // Halted: signals are dead-lettered, the gateway is not called.
+    for id in ["held-1", "held-2"] {
+        send(&c, &pay("checkout", id)).await;
+        let s = c.decided(id).await;
+        assert_eq!(s["status"], "deadlettered", "{s}");
+        assert_eq!(s["reason"], "halted");
+    }
+    assert_eq!(gw.hits().len(), 6, "no call while open");
+
+    // The gateway heals; after the open time the breaker half-opens and the
+    // engine resumes by itself.
+    gw.set(GatewayMode::Ok);
+    node.admin_until(
+        "/admin/tenants/acme/checkout",
+        "the engine to resume",
+        |e| e["state"] == "stable",
+    )
+    .await;
+    assert_eq!(breaker(&node, "gateway").await["state"], "half_open");
+    for i in 1..=3 {
+        let id = format!("probe-{i}");
+        send(&c, &pay("checkout", &id)).await;
+        assert_eq!(c.decided(&id).await["status"], "completed");
+    }
+    let b = breaker(&node, "gateway").await;
+    assert_eq!(b["state"], "closed", "three successful probes: {b}");
+    assert_eq!(b["trips"], 0);
+
+    // The held signals replay and complete.
+    for id in ["held-1", "held-2"] {
+        let (status, body) = node
+            .admin(
+                Method::POST,
+                &format!("/admin/deadletter/{id}/replay?tenant=acme"),
+            )
+            .await;
+        assert_eq!(status, 202, "{body}");
+        assert_eq!(c.decided(id).await["status"], "completed");
+    }
+
+    let receipts = node.all_receipts().await;
+    let line: Vec<String> = kinds(&receipts)
+        .into_iter()
+        .filter(|k| k.starts_with("breaker_") || k.starts_with("jidoka_"))
+        .collect();
+    assert_eq!(
+        line,
+        [
+            "breaker_open",
+            "jidoka_halt",
+            "breaker_half_open",
+            "jidoka_resume",
+            "breaker_closed"
+        ]
+    );
+    let open = receipts
+        .iter()
+        .find(|r| r["kind"] == "breaker_open")
+        .unwrap();
+    assert_eq!(open["tenant_id"], "*");
+    assert_eq!(open["sku_id"], "gateway");
+    assert_eq!(open["state_before"], "closed");
+    assert_eq!(open["state_after"], "open");
+    let (_, verify) = node.admin(Method::GET, "/admin/receipts/verify").await;
+    assert_eq!(verify["ok"], true, "{verify}");
+    let metrics = reqwest::get(node.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tai_breaker_state{breaker=\"gateway\"} 0"),
+        "closed again in the gauge"
+    );
+}
+
+#[tokio::test]
+async fn slow_calls_trip_the_breaker_and_the_next_action_halts_the_engine() {
+    let gw = Gateway::start().await;
+    let extra = format!(
+        r#"
+[executors.slowgw]
+kind = "webhook"
+url = "{}"
+timeout_ms = 2000
+failure_threshold = 2
+slow_call_ms = 100
+reset_timeout_secs = 60
+
+[skus.slowpay]
+policies = []
+executor = "slowgw"
+"#,
+        gw.url
+    );
+    let node = Node::start_with(&config(&gw.url, &extra), &[]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    entitle(&c, "slowpay").await;
+    gw.set(GatewayMode::Slow(250));
+    for id in ["slow-1", "slow-2"] {
+        send(&c, &pay("slowpay", id)).await;
+        // The calls succeed: the actions complete.
+        assert_eq!(c.decided(id).await["status"], "completed");
+    }
+    let b = breaker(&node, "slowgw").await;
+    assert_eq!(b["state"], "open", "{b}");
+    assert_eq!(b["slow_calls"], 2);
+    assert_eq!(b["failures"], 0);
+    send(&c, &pay("slowpay", "slow-3")).await;
+    let s = c.decided("slow-3").await;
+    assert_eq!(s["status"], "failed");
+    assert!(
+        s["reason"]
+            .as_str()
+            .unwrap()
+            .contains("breaker slowgw is open"),
+        "{s}"
+    );
+    assert_eq!(engine_state(&node, "slowpay").await, "halted");
+    assert_eq!(gw.hits().len(), 2, "the open breaker made no call");
+    let receipts = node.all_receipts().await;
+    let open = receipts
+        .iter()
+        .find(|r| r["kind"] == "breaker_open")
+        .unwrap();
+    assert!(
+        open["reason"].as_str().unwrap().contains("slow call"),
+        "{open}"
+    );
+}
+
+#[tokio::test]
+async fn a_melted_breaker_stays_open_across_a_restart_until_reset() {
+    let gw = Gateway::start().await;
+    let mut node = Node::start_with(&config(&gw.url, ""), &[]);
+    let (status, b) = node
+        .admin(Method::POST, "/admin/breakers/gateway/melt")
+        .await;
+    assert_eq!(status, 200, "{b}");
+    assert_eq!(
+        (b["state"].as_str(), b["melted"].as_bool()),
+        (Some("open"), Some(true))
+    );
+    let (status, body) = node
+        .admin(Method::POST, "/admin/breakers/nosuch/reset")
+        .await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"]["code"], "not_found", "{body}");
+
+    node.restart();
+    let b = breaker(&node, "gateway").await;
+    assert_eq!(
+        (b["state"].as_str(), b["melted"].as_bool()),
+        (Some("open"), Some(true))
+    );
+    // While melted, an action is refused without a call.
+    let c = Client::new(&node, "acme", "acme-secret");
+    entitle(&c, "checkout").await;
+    send(&c, &pay("checkout", "m-1")).await;
+    assert_eq!(c.decided("m-1").await["status"], "failed");
+    assert!(gw.hits().is_empty());
+    assert_eq!(engine_state(&node, "checkout").await, "halted");
+
+    // Reset closes it and resumes the engine it halted.
+    let (status, b) = node
+        .admin(Method::POST, "/admin/breakers/gateway/reset")
+        .await;
+    assert_eq!(status, 200, "{b}");
+    assert_eq!(b["state"], "closed");
+    node.admin_until(
+        "/admin/tenants/acme/checkout",
+        "the engine to resume",
+        |e| e["state"] == "stable",
+    )
+    .await;
+    send(&c, &pay("checkout", "m-2")).await;
+    assert_eq!(c.decided("m-2").await["status"], "completed");
+    assert_eq!(gw.hits().len(), 1);
+    let k = kinds(&node.all_receipts().await);
+    assert!(k.contains(&"breaker_open".to_string()), "{k:?}");
+    assert!(k.contains(&"breaker_closed".to_string()), "{k:?}");
+}
