@@ -248,7 +248,10 @@ fn spawn(
     let endpoints = dir.join("data/endpoints.json");
     let _ = std::fs::remove_file(&endpoints);
     let mut cmd = Command::new(tai_bin());
-    cmd.arg("serve")
+    // Relative paths in a config (Rego files) resolve from the repository
+    // root, as when an operator runs `tai serve` there.
+    cmd.current_dir(workspace_root())
+        .arg("serve")
         .arg("--config")
         .arg(config)
         .env("TAI_NODE__DATA_DIR", dir.join("data"))

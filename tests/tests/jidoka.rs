@@ -301,3 +301,91 @@ async fn a_melted_breaker_stays_open_across_a_restart_until_reset() {
     assert!(k.contains(&"breaker_open".to_string()), "{k:?}");
     assert!(k.contains(&"breaker_closed".to_string()), "{k:?}");
 }
+
+const RULES_V1: &str = r#"package tai.custom
+default decision := {"allow": true}
+decision := {"allow": false, "violations": [sprintf("amount %v over 1000", [input.signal.payload.amount])]} if {
+    input.signal.payload.amount > 1000
+}
+"#;
+
+#[tokio::test]
+async fn a_rego_policy_decides_and_a_broken_reload_keeps_the_working_one() {
+    let scratch = tempfile::tempdir().unwrap();
+    let file = scratch.path().join("custom.rego");
+    std::fs::write(&file, RULES_V1).unwrap();
+    let file_name = file.display().to_string();
+    let extra = format!(
+        r#"
+[skus.custom]
+policies = []
+rego = ["{file_name}"]
+"#
+    );
+    let node = Node::start_with(&test_config(&extra), &[]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    entitle(&c, "custom").await;
+    let big = |id: &str| {
+        signal(
+            "acme",
+            "custom",
+            "payment",
+            id,
+            json!({"amount": 5000, "customer_id": "c"}),
+        )
+    };
+    send(&c, &pay("custom", "small-1")).await;
+    assert_eq!(c.decided("small-1").await["status"], "completed");
+    send(&c, &big("big-1")).await;
+    let s = c.decided("big-1").await;
+    assert_eq!(s["status"], "denied", "{s}");
+    assert_eq!(
+        s["reason"],
+        format!("{file_name}: amount 5000 over 1000"),
+        "the violation names its policy"
+    );
+    let (_, listed) = node.admin(Method::GET, "/admin/policies").await;
+    assert_eq!(listed["rego"], json!([file_name]));
+
+    // A broken file is refused with its line; the working version stays.
+    std::fs::write(&file, "package tai.custom\n\ndecision := {\"allow\": \n").unwrap();
+    let (status, body) = node.admin(Method::POST, "/admin/policies/reload").await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_policy");
+    assert_eq!(body["errors"][0]["file"], file_name);
+    assert!(body["errors"][0]["line"].as_u64().is_some(), "{body}");
+    send(&c, &big("big-2")).await;
+    assert_eq!(c.decided("big-2").await["status"], "denied");
+
+    // A valid new version replaces it at once.
+    std::fs::write(&file, "package tai.custom\ndecision := {\"allow\": true}\n").unwrap();
+    let (status, body) = node.admin(Method::POST, "/admin/policies/reload").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["reloaded"], json!([file_name]));
+    send(&c, &big("big-3")).await;
+    assert_eq!(c.decided("big-3").await["status"], "completed");
+}
+
+#[test]
+fn a_node_with_a_broken_rego_file_refuses_to_start_naming_it() {
+    let scratch = tempfile::tempdir().unwrap();
+    let file = scratch.path().join("broken.rego");
+    std::fs::write(&file, "package broken\n\ndecision := {\n").unwrap();
+    let config = scratch.path().join("config.toml");
+    let extra = format!("[skus.custom]\nrego = [\"{}\"]\n", file.display());
+    std::fs::write(&config, test_config(&extra)).unwrap();
+    let out = std::process::Command::new(tai_bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("TAI_NODE__DATA_DIR", scratch.path().join("data"))
+        .env("TAI_OPERATOR__LISTEN", "127.0.0.1:0")
+        .env("TAI_INGRESS__LISTEN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("skus.custom.rego[0]: {}:", file.display())),
+        "{err}"
+    );
+}

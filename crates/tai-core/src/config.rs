@@ -288,6 +288,8 @@ pub struct SkuConfig {
     pub executor: String,
     /// Policy thresholds, e.g. `params.payment_fraud = { amount_threshold = 5000 }`.
     pub params: BTreeMap<String, serde_json::Value>,
+    /// Custom policies: `.rego` files, relative to the node's working directory.
+    pub rego: Vec<String>,
 }
 
 impl Default for SkuConfig {
@@ -299,6 +301,7 @@ impl Default for SkuConfig {
             entitlement_timeout_secs: 30,
             executor: "log".to_string(),
             params: BTreeMap::new(),
+            rego: Vec::new(),
         }
     }
 }

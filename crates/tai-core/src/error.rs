@@ -13,6 +13,8 @@ pub enum ErrorCode {
     PayloadTooLarge,
     UnsupportedMediaType,
     RateLimited,
+    /// A policy file that does not compile (operator API).
+    InvalidPolicy,
     Unavailable,
     Internal,
 }
@@ -27,6 +29,7 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::InvalidPolicy => "invalid_policy",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
         }
@@ -41,6 +44,7 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::UnsupportedMediaType => 415,
             ErrorCode::RateLimited => 429,
+            ErrorCode::InvalidPolicy => 422,
             ErrorCode::Unavailable => 503,
             ErrorCode::Internal => 500,
         }

@@ -30,15 +30,21 @@ pub use router::{Router, RouterArgs};
 pub use states::{engine_state, state_counts};
 
 use machine::Sku;
+pub use policy::rego::{RegoSet, ReloadReport};
 use policy::Policy;
 
-/// A SKU's runtime rules from its config.
-pub fn sku_from_config(c: &SkuConfig) -> Result<Sku, String> {
-    let policies = c
+/// A SKU's runtime rules from its config; its Rego files come from `rego`.
+pub fn sku_from_config(c: &SkuConfig, rego: &RegoSet) -> Result<Sku, String> {
+    let mut policies = c
         .policies
         .iter()
         .map(|p| Policy::from_config(p, c.params.get(p)))
         .collect::<Result<Vec<_>, _>>()?;
+    for (i, file) in c.rego.iter().enumerate() {
+        policies.push(Policy::Rego(
+            rego.load(file).map_err(|e| format!("rego[{i}]: {e}"))?,
+        ));
+    }
     Ok(Sku {
         quota: c.quota,
         period_ms: c.quota_period_secs.saturating_mul(1000),
@@ -54,16 +60,17 @@ pub fn supervisor_spec(
     store: Store,
     config: &Config,
     executors: Executors,
+    rego: &RegoSet,
 ) -> Result<SupervisorSpec, String> {
     let mut skus = HashMap::new();
     for (name, c) in &config.skus {
         skus.insert(
             name.clone(),
-            Arc::new(sku_from_config(c).map_err(|e| format!("skus.{name}: {e}"))?),
+            Arc::new(sku_from_config(c, rego).map_err(|e| format!("skus.{name}.{e}"))?),
         );
     }
     let skus = Arc::new(skus);
-    let default_sku = Arc::new(sku_from_config(&SkuConfig::default())?);
+    let default_sku = Arc::new(sku_from_config(&SkuConfig::default(), rego)?);
     let idle_timeout = Duration::from_secs(config.jidoka.idle_timeout_secs.max(1));
     let max_active = config.jidoka.max_active_engines;
     Ok(SupervisorSpec::new(Strategy::RestForOne)

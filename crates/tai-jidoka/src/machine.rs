@@ -437,6 +437,7 @@ fn decide(
         return;
     }
     let mut violations = Vec::new();
+    let mut denied = false;
     let mut window = 0;
     let mut asked = None;
     for p in &st.sku.policies {
@@ -447,19 +448,31 @@ fn decide(
                 velocity: &d.velocity,
             },
         );
-        violations.extend(
-            v.violations
-                .into_iter()
-                .map(|x| format!("{}: {x}", p.name())),
-        );
+        // All must allow; a denying policy's violations go into the receipt.
+        if !v.allow {
+            denied = true;
+            if v.violations.is_empty() {
+                violations.push(format!("{}: denied", p.name()));
+            }
+            violations.extend(
+                v.violations
+                    .into_iter()
+                    .map(|x| format!("{}: {x}", p.name())),
+            );
+        }
         asked = asked.or(v.action);
         window = window.max(p.velocity_window_ms().unwrap_or(0));
     }
     if window > 0 {
         record_velocity(d, s, now, window);
     }
-    if !violations.is_empty() {
-        let reason = violations.join("; ");
+    if denied {
+        let mut reason = violations.join("; ");
+        // SPEC §5: a denial stays in place; the remedy a policy asks for
+        // (freeze, revoke, rollback, ...) is recorded for the operator.
+        if let Some(a) = &asked {
+            reason.push_str(&format!("; requested action: {a}"));
+        }
         st.receipt(
             "policy_denied",
             before,

@@ -3,6 +3,7 @@
 //! engine passes the time in.
 
 mod governance;
+pub mod rego;
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -40,6 +41,7 @@ pub enum Policy {
     ChangeManagement(ChangeManagement),
     ComplianceAudit(ComplianceAudit),
     DeploymentSafety(DeploymentSafety),
+    Rego(rego::RegoPolicy),
 }
 
 impl Policy {
@@ -64,8 +66,9 @@ impl Policy {
         }
     }
 
-    pub fn name(&self) -> &'static str {
+    pub fn name(&self) -> &str {
         match self {
+            Policy::Rego(p) => &p.file,
             Policy::PaymentFraud(_) => "payment_fraud",
             Policy::CostGovernance(_) => "cost_governance",
             Policy::PermissionDrift(_) => "permission_drift",
@@ -83,6 +86,7 @@ impl Policy {
             Policy::ChangeManagement(p) => p.evaluate(&signal.payload),
             Policy::ComplianceAudit(p) => p.evaluate(&signal.payload),
             Policy::DeploymentSafety(p) => p.evaluate(&signal.payload),
+            Policy::Rego(p) => p.evaluate(signal, ctx),
         }
     }
 
@@ -90,6 +94,8 @@ impl Policy {
     pub fn velocity_window_ms(&self) -> Option<u64> {
         match self {
             Policy::PaymentFraud(p) => Some(p.velocity_window_secs * 1000),
+            // Rego policies read `payments_last_minute`.
+            Policy::Rego(_) => Some(60_000),
             _ => None,
         }
     }

@@ -22,6 +22,7 @@ pub fn root_spec(
     config: &Config,
     store: &Store,
     executors: &tai_jidoka::Executors,
+    rego: &tai_jidoka::RegoSet,
     draining: Arc<AtomicBool>,
     ingress_bound: Arc<Mutex<Option<SocketAddr>>>,
 ) -> Result<SupervisorSpec, String> {
@@ -37,7 +38,7 @@ pub fn root_spec(
         ))
         .child(ChildSpec::supervisor(
             PROCESSOR_SUP,
-            tai_jidoka::supervisor_spec(store.clone(), config, executors.clone())?,
+            tai_jidoka::supervisor_spec(store.clone(), config, executors.clone(), rego)?,
         ))
         .child(ChildSpec::supervisor(
             KAIZEN_SUP,
@@ -55,6 +56,7 @@ pub struct NodeState {
     pub config: Config,
     pub store: Store,
     pub executors: tai_jidoka::Executors,
+    pub rego: tai_jidoka::RegoSet,
     pub root: ractor::ActorCell,
     pub draining: Arc<AtomicBool>,
     pub shutdown: watch::Sender<bool>,
@@ -125,10 +127,12 @@ pub async fn serve(config: Config) -> anyhow::Result<i32> {
             return Ok(78);
         }
     };
+    let rego = tai_jidoka::RegoSet::new(&std::env::current_dir()?);
     let spec = match root_spec(
         &config,
         &store,
         &executors,
+        &rego,
         draining.clone(),
         ingress_bound.clone(),
     ) {
@@ -157,6 +161,7 @@ pub async fn serve(config: Config) -> anyhow::Result<i32> {
         metrics,
         store: store.clone(),
         executors,
+        rego,
         root: app.root.get_cell(),
         draining,
         shutdown: shutdown_tx,

@@ -166,6 +166,10 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
                 .await,
             )
         }
+        (&Method::GET, ["admin", "policies"]) => {
+            json_reply(StatusCode::OK, &json!({"rego": state.rego.files()}))
+        }
+        (&Method::POST, ["admin", "policies", "reload"]) => reload_policies(state),
         (&Method::GET, ["admin", "breakers"]) => {
             json_reply(StatusCode::OK, &state.executors.breakers.list())
         }
@@ -207,6 +211,7 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
             | ["admin", "tenants", ..]
             | ["admin", "deadletter", ..]
             | ["admin", "breakers", ..]
+            | ["admin", "policies", ..]
             | ["admin", "receipts", ..],
         ) => error(
             ErrorCode::NotFound,
@@ -214,6 +219,24 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
         ),
         _ => error(ErrorCode::NotFound, format!("no such endpoint: {path}")),
     }
+}
+
+/// `POST /admin/policies/reload`: every Rego file read again; a file that
+/// does not compile is reported (422) and its working version stays.
+fn reload_policies(state: &NodeState) -> Response {
+    let report = state.rego.reload();
+    if report.errors.is_empty() {
+        tracing::info!(reloaded = ?report.reloaded, "policies reloaded");
+        return json_reply(StatusCode::OK, &report);
+    }
+    let first = &report.errors[0];
+    tracing::warn!(errors = ?report.errors, "policy reload refused for invalid files");
+    let mut body = serde_json::to_value(&report).unwrap_or_default();
+    body["error"] = json!({
+        "code": ErrorCode::InvalidPolicy.as_str(),
+        "message": format!("{first} (the working version stays in force)"),
+    });
+    json_reply(StatusCode::UNPROCESSABLE_ENTITY, &body)
 }
 
 /// `POST /admin/breakers/{name}/reset|melt`: the change is durable before

@@ -1,0 +1,171 @@
+//! The seeds' reference systems, shipped as `config/examples/*.toml`, run
+//! as shipped (only ports, data dir and the webhook URLs are overridden).
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use tai_tests::*;
+
+fn example(name: &str) -> String {
+    std::fs::read_to_string(workspace_root().join(format!("config/examples/{name}.toml")))
+        .expect("example config")
+}
+
+async fn send(c: &Client, sku: &str, kind: &str, id: &str, payload: Value) {
+    let a = c
+        .post(&signal(&c.tenant, sku, kind, id, payload))
+        .await
+        .unwrap();
+    assert_eq!(a.status, 202, "{}", a.body);
+}
+
+async fn entitle(c: &Client, sku: &str) {
+    send(
+        c,
+        sku,
+        "entitlement",
+        &format!("ent-{sku}"),
+        json!({"active": true}),
+    )
+    .await;
+}
+
+async fn expect(c: &Client, id: &str, status: &str, reason: Option<&str>) -> Value {
+    let s = c.decided(id).await;
+    assert_eq!(s["status"], status, "{id}: {s}");
+    if let Some(r) = reason {
+        let got = s["reason"].as_str().unwrap_or_default();
+        assert!(got.contains(r), "{id}: reason {got:?} lacks {r:?}");
+    }
+    s
+}
+
+#[tokio::test]
+async fn payments_charges_through_the_gateway_and_denies_fraud_velocity_and_limits() {
+    let gw = Gateway::start().await;
+    let node = Node::start_with(
+        &example("payments"),
+        &[("TAI_EXECUTORS__GATEWAY__URL", gw.url.as_str())],
+    );
+    let c = Client::new(&node, "demo", "demo-secret");
+    entitle(&c, "payments").await;
+    let pay = |amount: f64, customer: &str| json!({"amount": amount, "currency": "USD", "customer_id": customer});
+    send(&c, "payments", "payment", "p-ok", pay(99.5, "cust_1")).await;
+    expect(&c, "p-ok", "completed", None).await;
+    let charged: Value = serde_json::from_slice(&gw.hits()[0].body).unwrap();
+    assert_eq!(charged["signal_id"], "p-ok");
+    assert_eq!(charged["payload"]["amount"], 99.5);
+
+    send(
+        &c,
+        "payments",
+        "payment",
+        "p-black",
+        pay(10.0, "cust_blocked"),
+    )
+    .await;
+    expect(
+        &c,
+        "p-black",
+        "denied",
+        Some("payment_fraud: customer cust_blocked is blacklisted"),
+    )
+    .await;
+    send(
+        &c,
+        "payments",
+        "payment",
+        "p-ceiling",
+        pay(12000.0, "cust_2"),
+    )
+    .await;
+    expect(
+        &c,
+        "p-ceiling",
+        "denied",
+        Some("config/policies/payment_limits.rego: amount 12000 over the 10000 ceiling"),
+    )
+    .await;
+
+    // Fraud velocity: the sixth payment within a minute from one customer is denied.
+    for i in 1..=5 {
+        let id = format!("v-{i}");
+        send(&c, "payments", "payment", &id, pay(5.0, "cust_fast")).await;
+        expect(&c, &id, "completed", None).await;
+    }
+    send(&c, "payments", "payment", "v-6", pay(5.0, "cust_fast")).await;
+    expect(
+        &c,
+        "v-6",
+        "denied",
+        Some("6 payments from cust_fast within 60s"),
+    )
+    .await;
+    assert_eq!(gw.hits().len(), 6, "denied payments are not charged");
+    let (_, breakers) = node.admin(Method::GET, "/admin/breakers").await;
+    assert_eq!(breakers[0]["name"], "gateway");
+    assert_eq!(breakers[0]["calls"], 6);
+}
+
+#[tokio::test]
+async fn governance_runs_the_four_blueprint_policies() {
+    let node = Node::start_with(&example("governance"), &[]);
+    let c = Client::new(&node, "demo", "demo-secret");
+    let cases = [
+        (
+            "cost",
+            json!({"spend": 80, "budget": 100}),
+            json!({"spend": 130, "budget": 100}),
+            "requested action: freeze",
+        ),
+        (
+            "permissions",
+            json!({"baseline": ["read"], "granted": ["read"]}),
+            json!({"baseline": ["read"], "granted": ["read", "admin"]}),
+            "requested action: revoke",
+        ),
+        (
+            "changes",
+            json!({"hour": 10, "approvals": ["ana", "bo"]}),
+            json!({"hour": 22, "approvals": ["ana"]}),
+            "requested action: deny",
+        ),
+        (
+            "compliance",
+            json!({"controls": ["encryption_at_rest", "mfa", "audit_logging"]}),
+            json!({"controls": ["mfa"]}),
+            "requested action: remediate",
+        ),
+    ];
+    for (sku, good, bad, remedy) in cases {
+        entitle(&c, sku).await;
+        let (ok, no) = (format!("{sku}-ok"), format!("{sku}-no"));
+        send(&c, sku, "check", &ok, good).await;
+        send(&c, sku, "check", &no, bad).await;
+        expect(&c, &ok, "completed", None).await;
+        expect(&c, &no, "denied", Some(remedy)).await;
+    }
+    let (_, verify) = node.admin(Method::GET, "/admin/receipts/verify").await;
+    assert_eq!(verify["ok"], true, "{verify}");
+}
+
+#[tokio::test]
+async fn deployments_deploys_safe_changes_and_refuses_unhealthy_ones() {
+    let hook = Gateway::start().await;
+    let node = Node::start_with(
+        &example("deployments"),
+        &[("TAI_EXECUTORS__DEPLOYER__URL", hook.url.as_str())],
+    );
+    let c = Client::new(&node, "demo", "demo-secret");
+    entitle(&c, "deployments").await;
+    let deploy = |error_rate: f64, p99: f64| {
+        json!({"service": "api", "image": "api:1.2", "image_exists": true, "capacity_ok": true,
+               "rollback_plan": true, "error_rate": error_rate, "p99_ms": p99})
+    };
+    send(&c, "deployments", "deploy", "d-ok", deploy(0.01, 200.0)).await;
+    expect(&c, "d-ok", "completed", None).await;
+    let sent: Value = serde_json::from_slice(&hook.hits()[0].body).unwrap();
+    assert_eq!(sent["kind"], "deploy");
+    send(&c, "deployments", "deploy", "d-bad", deploy(0.12, 1500.0)).await;
+    expect(&c, "d-bad", "denied", Some("requested action: rollback")).await;
+    assert_eq!(hook.hits().len(), 1);
+}
