@@ -494,8 +494,12 @@ pub struct GatewayHit {
 /// answers the test switches, recording what it receives.
 pub struct Gateway {
     pub url: String,
+    /// `GET` here answers `{"error_rate", "p99_ms"}` (a rollout's health check).
+    pub health_url: String,
     mode: std::sync::Arc<std::sync::Mutex<GatewayMode>>,
     hits: std::sync::Arc<std::sync::Mutex<Vec<GatewayHit>>>,
+    /// Per stage name, the health it reports (default: healthy).
+    health: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Value>>>,
 }
 
 impl Gateway {
@@ -534,14 +538,38 @@ impl Gateway {
                     }
                 },
             );
+        let health = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
+            String,
+            Value,
+        >::new()));
+        let hl = health.clone();
+        let health_route =
+            warp::get()
+                .and(warp::path("health"))
+                .and(warp::query::<std::collections::HashMap<String, String>>())
+                .map(move |q: std::collections::HashMap<String, String>| {
+                    let stage = q.get("stage").cloned().unwrap_or_default();
+                    let doc =
+                        hl.lock().unwrap().get(&stage).cloned().unwrap_or_else(
+                            || serde_json::json!({"error_rate": 0.01, "p99_ms": 120}),
+                        );
+                    warp::reply::json(&doc)
+                });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(warp::serve(route).incoming(listener).run());
+        tokio::spawn(warp::serve(health_route.or(route)).incoming(listener).run());
         Gateway {
             url: format!("http://{addr}/hook"),
+            health_url: format!("http://{addr}/health"),
             mode,
             hits,
+            health,
         }
+    }
+
+    /// Makes the health check of `stage` report `doc`.
+    pub fn set_health(&self, stage: &str, doc: Value) {
+        self.health.lock().unwrap().insert(stage.to_string(), doc);
     }
 
     pub fn set(&self, mode: GatewayMode) {

@@ -149,11 +149,17 @@ async fn governance_runs_the_four_blueprint_policies() {
 }
 
 #[tokio::test]
-async fn deployments_deploys_safe_changes_and_refuses_unhealthy_ones() {
+async fn deployments_roll_out_stage_by_stage_and_roll_back_a_bad_canary() {
     let hook = Gateway::start().await;
     let node = Node::start_with(
         &example("deployments"),
-        &[("TAI_EXECUTORS__DEPLOYER__URL", hook.url.as_str())],
+        &[
+            ("TAI_EXECUTORS__DEPLOYER__URL", hook.url.as_str()),
+            (
+                "TAI_EXECUTORS__DEPLOYER__HEALTH_URL",
+                hook.health_url.as_str(),
+            ),
+        ],
     );
     let c = Client::new(&node, "demo", "demo-secret");
     entitle(&c, "deployments").await;
@@ -161,11 +167,86 @@ async fn deployments_deploys_safe_changes_and_refuses_unhealthy_ones() {
         json!({"service": "api", "image": "api:1.2", "image_exists": true, "capacity_ok": true,
                "rollback_plan": true, "error_rate": error_rate, "p99_ms": p99})
     };
+    let stages = |hits: &[GatewayHit]| -> Vec<String> {
+        hits.iter()
+            .map(|h| {
+                let b: Value = serde_json::from_slice(&h.body).unwrap();
+                format!(
+                    "{}:{}",
+                    b["region"].as_str().unwrap(),
+                    b["stage"].as_str().unwrap()
+                )
+            })
+            .collect()
+    };
+
+    // Healthy: every stage in every region, in order.
     send(&c, "deployments", "deploy", "d-ok", deploy(0.01, 200.0)).await;
     expect(&c, "d-ok", "completed", None).await;
-    let sent: Value = serde_json::from_slice(&hook.hits()[0].body).unwrap();
-    assert_eq!(sent["kind"], "deploy");
-    send(&c, "deployments", "deploy", "d-bad", deploy(0.12, 1500.0)).await;
-    expect(&c, "d-bad", "denied", Some("requested action: rollback")).await;
-    assert_eq!(hook.hits().len(), 1);
+    assert_eq!(
+        stages(&hook.hits()),
+        [
+            "eu-west:canary",
+            "eu-west:staging",
+            "eu-west:prod",
+            "us-east:canary",
+            "us-east:staging",
+            "us-east:prod"
+        ]
+    );
+    let receipts = node.all_receipts().await;
+    let steps: Vec<&Value> = receipts
+        .iter()
+        .filter(|r| r["signal_id"] == "d-ok" && r["kind"] == "rollout_stage")
+        .collect();
+    assert_eq!(steps.len(), 6);
+    assert!(steps[0]["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("canary 5% in eu-west healthy"));
+
+    // An unsafe change never starts.
+    send(
+        &c,
+        "deployments",
+        "deploy",
+        "d-unsafe",
+        deploy(0.12, 1500.0),
+    )
+    .await;
+    expect(&c, "d-unsafe", "denied", Some("requested action: rollback")).await;
+    assert_eq!(hook.hits().len(), 6);
+
+    // A canary whose health goes bad (error rate over 5 %) is rolled back.
+    hook.set_health("canary", json!({"error_rate": 0.09, "p99_ms": 300}));
+    send(&c, "deployments", "deploy", "d-bad", deploy(0.01, 200.0)).await;
+    expect(
+        &c,
+        "d-bad",
+        "failed",
+        Some("rolled back: canary 5% in eu-west unhealthy: error rate 0.090 over 0.050"),
+    )
+    .await;
+    assert_eq!(
+        stages(&hook.hits()[6..]),
+        ["eu-west:canary", "eu-west:rollback"]
+    );
+    let receipts = node.all_receipts().await;
+    let kinds: Vec<&str> = receipts
+        .iter()
+        .filter(|r| r["signal_id"] == "d-bad")
+        .map(|r| r["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "action_generated",
+            "rollout_stage",
+            "rollout_rollback",
+            "action_failed"
+        ]
+    );
+    // Bad health is not the deploy hook failing: the breaker stays closed.
+    let (_, breakers) = node.admin(Method::GET, "/admin/breakers").await;
+    assert_eq!(breakers[0]["state"], "closed", "{breakers}");
 }

@@ -389,3 +389,60 @@ fn a_node_with_a_broken_rego_file_refuses_to_start_naming_it() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn quota_refills_by_itself_and_a_revoked_entitlement_degrades_the_engine() {
+    let extra = r#"
+[skus.refill]
+policies = []
+quota = 1
+quota_period_secs = 1
+"#;
+    let node = Node::start_with(&config("http://127.0.0.1:9/unused", extra), &[]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    entitle(&c, "refill").await;
+    send(&c, &pay("refill", "r-1")).await;
+    send(&c, &pay("refill", "r-2")).await;
+    assert_eq!(c.decided("r-1").await["status"], "completed");
+    let r2 = c.decided("r-2").await;
+    assert_eq!(r2["reason"], "quota_exhausted", "{r2}");
+    // The period ends: the engine refills and is stable again on its own.
+    node.admin_until("/admin/tenants/acme/refill", "the quota to refill", |e| {
+        e["state"] == "stable" && e["quota_remaining"] == 1
+    })
+    .await;
+    send(&c, &pay("refill", "r-3")).await;
+    assert_eq!(c.decided("r-3").await["status"], "completed");
+
+    // Revocation degrades; a non-critical signal is skipped; re-entitled, stable.
+    let entitlement = |id: &str, active: bool| {
+        signal(
+            "acme",
+            "refill",
+            "entitlement",
+            id,
+            json!({"active": active}),
+        )
+    };
+    send(&c, &entitlement("revoke-1", false)).await;
+    node.admin_until("/admin/tenants/acme/refill", "degraded", |e| {
+        e["state"] == "degraded" && e["entitled"] == false
+    })
+    .await;
+    send(&c, &pay("refill", "r-4")).await;
+    assert_eq!(c.decided("r-4").await["reason"], "degraded");
+    send(&c, &entitlement("ent-again", true)).await;
+    node.admin_until("/admin/tenants/acme/refill", "stable", |e| {
+        e["state"] == "stable"
+    })
+    .await;
+    let k = kinds(&node.all_receipts().await);
+    for kind in [
+        "quota_exceeded",
+        "quota_refilled",
+        "entitlement_revoked",
+        "signal_skipped",
+    ] {
+        assert!(k.contains(&kind.to_string()), "{kind} missing from {k:?}");
+    }
+}

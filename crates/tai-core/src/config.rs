@@ -311,6 +311,32 @@ impl Default for SkuConfig {
 pub enum ExecutorKind {
     Log,
     Webhook,
+    /// A staged rollout through a deploy webhook, each stage health-checked.
+    Rollout,
+}
+
+/// One stage of a rollout: its name and the share of traffic it takes.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageConfig {
+    pub name: String,
+    pub percent: u32,
+}
+
+fn default_stages() -> Vec<StageConfig> {
+    [("canary", 5), ("staging", 25), ("prod", 100)]
+        .into_iter()
+        .map(|(name, percent)| StageConfig {
+            name: name.into(),
+            percent,
+        })
+        .collect()
+}
+fn default_max_error_rate() -> f64 {
+    0.05
+}
+fn default_max_p99_ms() -> f64 {
+    1000.0
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -341,6 +367,21 @@ pub struct ExecutorConfig {
     /// A call at least this slow counts as a failure. Off unless set.
     #[serde(default)]
     pub slow_call_ms: Option<u64>,
+    /// Rollout: where each stage's health is read (`GET`, answers
+    /// `{"error_rate", "p99_ms"}`).
+    #[serde(default)]
+    pub health_url: Option<String>,
+    /// Rollout: the stages, in order (default canary 5 % → staging 25 % → prod 100 %).
+    #[serde(default = "default_stages")]
+    pub stages: Vec<StageConfig>,
+    /// Rollout: regions, one after another (default: one region, `default`).
+    #[serde(default)]
+    pub regions: Vec<String>,
+    /// Rollout: a stage over either threshold is rolled back.
+    #[serde(default = "default_max_error_rate")]
+    pub max_error_rate: f64,
+    #[serde(default = "default_max_p99_ms")]
+    pub max_p99_ms: f64,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -758,20 +799,31 @@ fn validate(c: &Config, errors: &mut Vec<ConfigError>) {
         }
     }
     for (name, ex) in &c.executors {
-        match (ex.kind, ex.url.as_deref()) {
-            (ExecutorKind::Webhook, None | Some("")) => errors.push(err(
-                format!("executors.{name}.url"),
-                "a webhook executor needs a url",
-            )),
-            (ExecutorKind::Webhook, Some(url))
-                if !(url.starts_with("http://") || url.starts_with("https://")) =>
-            {
+        let mut urls = vec![("url", ex.url.as_deref())];
+        if ex.kind == ExecutorKind::Rollout {
+            urls.push(("health_url", ex.health_url.as_deref()));
+            if ex.stages.is_empty() || ex.stages.iter().any(|s| s.percent == 0 || s.percent > 100) {
                 errors.push(err(
-                    format!("executors.{name}.url"),
-                    format!("{url:?} is not an http:// or https:// URL"),
-                ))
+                    format!("executors.{name}.stages"),
+                    "a rollout needs stages with percent between 1 and 100",
+                ));
             }
-            _ => {}
+        }
+        for (key, url) in urls {
+            match (ex.kind, url) {
+                (ExecutorKind::Log, _) => {}
+                (_, None | Some("")) => errors.push(err(
+                    format!("executors.{name}.{key}"),
+                    format!("a {:?} executor needs {key}", ex.kind).to_lowercase(),
+                )),
+                (_, Some(url)) if !(url.starts_with("http://") || url.starts_with("https://")) => {
+                    errors.push(err(
+                        format!("executors.{name}.{key}"),
+                        format!("{url:?} is not an http:// or https:// URL"),
+                    ))
+                }
+                _ => {}
+            }
         }
         if ex.timeout_ms == 0 {
             errors.push(err(

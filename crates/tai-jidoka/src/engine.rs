@@ -402,7 +402,8 @@ impl Engine {
             // result joins the decision's commit. Any other runs only once
             // the `action_generated` commit is durable.
             while let Some(a) = action.take_if(|a| !st.executors.is_external(&a.executor)) {
-                let done = Self::outcome(st.executors.run(&a).await, &mut p, &mut breaker_changes);
+                let done =
+                    Self::outcome(&a, st.executors.run(&a).await, &mut p, &mut breaker_changes);
                 let fx = Self::step_input(st, &done, now);
                 action = Self::collect(st, fx, &done, &mut p, now);
             }
@@ -410,7 +411,8 @@ impl Engine {
             if let Some(a) = action {
                 Self::commit(st, std::mem::take(&mut p)).await?;
                 changed = false;
-                let done = Self::outcome(st.executors.run(&a).await, &mut p, &mut breaker_changes);
+                let done =
+                    Self::outcome(&a, st.executors.run(&a).await, &mut p, &mut breaker_changes);
                 inputs.push_front(done);
             }
             let t = st.statem.transition(st.data.state);
@@ -430,7 +432,22 @@ impl Engine {
 
     /// An action's outcome as the engine's next input; the breaker changes
     /// it caused get their receipts in the same commit.
-    fn outcome(o: Outcome, p: &mut Pending, changes: &mut Vec<Transition>) -> Input {
+    fn outcome(a: &Action, o: Outcome, p: &mut Pending, changes: &mut Vec<Transition>) -> Input {
+        let now = now_ms();
+        p.drafts.extend(o.steps.into_iter().map(|s| ReceiptDraft {
+            receipt_id: format!("rcpt_{}", new_ulid()),
+            kind: s.kind.to_string(),
+            tenant_id: a.tenant_id.clone(),
+            sku_id: a.sku_id.clone(),
+            signal_id: Some(a.signal_id.clone()),
+            action_id: Some(a.action_id.clone()),
+            state_before: EngineState::ActionPending.into(),
+            state_after: EngineState::ActionPending.into(),
+            success: s.success,
+            reason: Some(s.reason),
+            trace_id: None,
+            timestamp_ms: now,
+        }));
         p.drafts.extend(o.transitions.iter().map(breaker_receipt));
         changes.extend(o.transitions);
         Input::Other(OwnedEvent::ActionDone {

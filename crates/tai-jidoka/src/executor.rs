@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
 use serde::Serialize;
+use serde_json::json;
 use sha2::Sha256;
-use tai_core::config::{Config, ExecutorConfig, ExecutorKind};
+use tai_core::config::{Config, ExecutorConfig, ExecutorKind, StageConfig};
 use tai_core::msg::{LedgerMsg, RouterMsg, WriteSet, ANDON_LEDGER, ENGINE_ROUTER};
 use tai_core::receipt::ReceiptDraft;
 use tai_core::signal::now_ms;
@@ -69,7 +70,7 @@ impl Breakers {
     ) -> Result<Self, String> {
         let configs: BTreeMap<String, BreakerConfig> = executors
             .iter()
-            .filter(|(_, c)| c.kind == ExecutorKind::Webhook)
+            .filter(|(_, c)| c.kind != ExecutorKind::Log)
             .map(|(n, c)| (n.clone(), BreakerConfig::from_executor(c)))
             .collect();
         let mut saved: BTreeMap<String, Breaker> = BTreeMap::new();
@@ -247,40 +248,61 @@ pub fn notify_engines(transitions: &[Transition]) {
 }
 
 /// Records transitions that no decision carries (the half-open timer, the
-/// operator) in the ledger, then tells the engines (so a `jidoka_resume`
-/// follows the breaker's own receipt in the chain).
-pub fn announce(transitions: Vec<Transition>) {
+/// operator) in the ledger and waits until they are durable, then tells the
+/// engines (so a `jidoka_resume` follows the breaker's own receipt).
+pub async fn record_transitions(transitions: Vec<Transition>) -> Result<(), String> {
     if transitions.is_empty() {
-        return;
+        return Ok(());
     }
     let receipts: Vec<ReceiptDraft> = transitions.iter().map(breaker_receipt).collect();
-    tokio::spawn(async move {
-        match ractor::registry::where_is(ANDON_LEDGER) {
-            Some(ledger) => {
-                let sent = ractor::rpc::call(
-                    &ledger,
-                    |reply| LedgerMsg::Commit {
-                        receipts,
-                        writes: WriteSet::default(),
-                        reply,
-                    },
-                    Some(Duration::from_secs(30)),
-                )
-                .await;
-                if !matches!(sent, Ok(ractor::rpc::CallResult::Success(Ok(_)))) {
-                    error!("breaker receipts were not recorded");
-                }
+    let result = match ractor::registry::where_is(ANDON_LEDGER) {
+        Some(ledger) => {
+            let sent = ractor::rpc::call(
+                &ledger,
+                |reply| LedgerMsg::Commit {
+                    receipts,
+                    writes: WriteSet::default(),
+                    reply,
+                },
+                Some(Duration::from_secs(30)),
+            )
+            .await;
+            match sent {
+                Ok(ractor::rpc::CallResult::Success(Ok(_))) => Ok(()),
+                Ok(ractor::rpc::CallResult::Success(Err(e))) => Err(e),
+                _ => Err("andon_ledger did not answer".to_string()),
             }
-            None => warn!("andon_ledger not running: breaker receipts not recorded"),
         }
-        notify_engines(&transitions);
-    });
+        None => Err("andon_ledger is not running".to_string()),
+    };
+    if let Err(e) = &result {
+        error!(error = %e, "breaker receipts were not recorded");
+    }
+    notify_engines(&transitions);
+    result
+}
+
+/// [`record_transitions`] in the background (the breaker timer).
+pub fn announce(transitions: Vec<Transition>) {
+    if !transitions.is_empty() {
+        tokio::spawn(record_transitions(transitions));
+    }
+}
+
+/// A step of an action worth its own receipt (a rollout stage, a rollback).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepReceipt {
+    pub kind: &'static str,
+    pub success: bool,
+    pub reason: String,
 }
 
 /// What running an action came to.
 #[derive(Debug)]
 pub struct Outcome {
     pub result: Result<(), String>,
+    /// Receipts of the action's own steps, in order.
+    pub steps: Vec<StepReceipt>,
     /// Breaker changes this call caused (their receipts go with the decision).
     pub transitions: Vec<Transition>,
     /// The breaker that is open after this call: the engine halts.
@@ -295,6 +317,17 @@ pub struct Executors {
     key_id: String,
     key: Arc<Vec<u8>>,
     pub breakers: Breakers,
+}
+
+impl Default for Outcome {
+    fn default() -> Self {
+        Outcome {
+            result: Ok(()),
+            steps: Vec::new(),
+            transitions: Vec::new(),
+            tripped: None,
+        }
+    }
 }
 
 impl std::fmt::Debug for Executors {
@@ -346,7 +379,7 @@ impl Executors {
     pub fn is_external(&self, executor: &str) -> bool {
         self.targets
             .get(executor)
-            .is_some_and(|t| t.kind == ExecutorKind::Webhook)
+            .is_some_and(|t| t.kind != ExecutorKind::Log)
     }
 
     pub async fn run(&self, a: &Action) -> Outcome {
@@ -356,13 +389,12 @@ impl Executors {
             }
             return Outcome {
                 result: Err(format!("executor {:?} is not configured", a.executor)),
-                transitions: Vec::new(),
-                tripped: None,
+                ..Outcome::default()
             };
         };
         match target.kind {
             ExecutorKind::Log => Self::log(a),
-            ExecutorKind::Webhook => self.webhook(a, target).await,
+            ExecutorKind::Webhook | ExecutorKind::Rollout => self.guarded(a, target).await,
         }
     }
 
@@ -377,51 +409,192 @@ impl Executors {
         );
         Outcome {
             result: Ok(()),
-            transitions: Vec::new(),
-            tripped: None,
+            ..Outcome::default()
         }
     }
 
-    async fn webhook(&self, a: &Action, target: &ExecutorConfig) -> Outcome {
+    /// Runs a webhook or rollout action through its target's breaker.
+    async fn guarded(&self, a: &Action, target: &ExecutorConfig) -> Outcome {
         let name = a.executor.as_str();
-        let mut transitions = Vec::new();
-        let Some((admission, t)) = self.breakers.admit(name, now_ms()) else {
-            return Outcome {
-                result: Err(format!("no breaker for executor {name:?}")),
-                transitions,
-                tripped: None,
-            };
+        let mut out = Outcome {
+            result: Ok(()),
+            ..Outcome::default()
         };
-        transitions.extend(t);
+        let Some((admission, t)) = self.breakers.admit(name, now_ms()) else {
+            out.result = Err(format!("no breaker for executor {name:?}"));
+            return out;
+        };
+        out.transitions.extend(t);
         if admission == Admission::Reject {
-            return Outcome {
-                result: Err(format!("breaker {name} is open: call not made")),
-                transitions,
-                tripped: Some(name.to_string()),
-            };
+            out.result = Err(format!("breaker {name} is open: call not made"));
+            out.tripped = Some(name.to_string());
+            return out;
         }
         let started = Instant::now();
-        let result = self.post(a, target).await;
+        // Whether the target itself answered (what the breaker counts); a
+        // rollout rolled back for bad health still had a working target.
+        let target_ok = match target.kind {
+            ExecutorKind::Rollout => {
+                let (target_ok, result, steps) = self.rollout(a, target).await;
+                out.result = result;
+                out.steps = steps;
+                target_ok
+            }
+            _ => {
+                out.result = self.post(a, target, &json!(a)).await;
+                out.result.is_ok()
+            }
+        };
         let elapsed = started.elapsed().as_millis() as u64;
-        transitions.extend(
-            self.breakers
-                .record(name, result.is_ok(), elapsed, now_ms()),
-        );
-        let tripped =
+        out.transitions
+            .extend(self.breakers.record(name, target_ok, elapsed, now_ms()));
+        out.tripped =
             (self.breakers.state(name) == Some(BreakerState::Open)).then(|| name.to_string());
-        if let Err(e) = &result {
-            warn!(executor = name, action_id = %a.action_id, error = %e, elapsed_ms = elapsed, probe = admission == Admission::Probe, "webhook action failed");
+        if let Err(e) = &out.result {
+            warn!(executor = name, action_id = %a.action_id, error = %e, elapsed_ms = elapsed, probe = admission == Admission::Probe, "action failed");
         }
-        Outcome {
-            result,
-            transitions,
-            tripped,
-        }
+        out
     }
 
-    async fn post(&self, a: &Action, target: &ExecutorConfig) -> Result<(), String> {
+    /// A staged rollout: region by region, stage by stage, a deploy call
+    /// then a health check; a stage over `max_error_rate` or `max_p99_ms`
+    /// (or whose health cannot be read) is rolled back in every region it
+    /// reached, newest first. Returns (the deploy target answered, the
+    /// action's result, the step receipts).
+    async fn rollout(
+        &self,
+        a: &Action,
+        target: &ExecutorConfig,
+    ) -> (bool, Result<(), String>, Vec<StepReceipt>) {
+        let regions = if target.regions.is_empty() {
+            vec!["default".to_string()]
+        } else {
+            target.regions.clone()
+        };
+        let mut steps = Vec::new();
+        let mut touched: Vec<&str> = Vec::new();
+        for region in &regions {
+            touched.push(region);
+            for stage in &target.stages {
+                let at = format!("{} {}% in {region}", stage.name, stage.percent);
+                let body = json!({
+                    "action": a, "kind": a.kind, "region": region,
+                    "stage": stage.name, "percent": stage.percent,
+                });
+                if let Err(e) = self.post(a, target, &body).await {
+                    steps.push(StepReceipt {
+                        kind: "rollout_stage",
+                        success: false,
+                        reason: format!("{at}: deploy call failed: {e}"),
+                    });
+                    return (false, Err(format!("{at}: deploy call failed: {e}")), steps);
+                }
+                let verdict = match self.health(target, region, stage, a).await {
+                    Ok((rate, _)) if rate > target.max_error_rate => Err(format!(
+                        "error rate {rate:.3} over {:.3}",
+                        target.max_error_rate
+                    )),
+                    Ok((_, p99)) if p99 > target.max_p99_ms => {
+                        Err(format!("p99 {p99:.0} ms over {:.0} ms", target.max_p99_ms))
+                    }
+                    Ok((rate, p99)) => Ok(format!("error rate {rate:.3}, p99 {p99:.0} ms")),
+                    Err(e) => Err(format!("health unknown: {e}")),
+                };
+                match verdict {
+                    Ok(h) => steps.push(StepReceipt {
+                        kind: "rollout_stage",
+                        success: true,
+                        reason: format!("{at} healthy: {h}"),
+                    }),
+                    Err(why) => {
+                        let why = format!("{at} unhealthy: {why}");
+                        steps.push(StepReceipt {
+                            kind: "rollout_stage",
+                            success: false,
+                            reason: why.clone(),
+                        });
+                        let target_ok = self.roll_back(a, target, &touched, &why, &mut steps).await;
+                        return (target_ok, Err(format!("rolled back: {why}")), steps);
+                    }
+                }
+            }
+        }
+        (true, Ok(()), steps)
+    }
+
+    /// Rolls back every region the rollout reached, newest first.
+    async fn roll_back(
+        &self,
+        a: &Action,
+        target: &ExecutorConfig,
+        touched: &[&str],
+        why: &str,
+        steps: &mut Vec<StepReceipt>,
+    ) -> bool {
+        let mut all_ok = true;
+        for region in touched.iter().rev() {
+            let body = json!({
+                "action": a, "kind": "rollback", "region": region,
+                "stage": "rollback", "percent": 0, "reason": why,
+            });
+            let result = self.post(a, target, &body).await;
+            all_ok &= result.is_ok();
+            steps.push(StepReceipt {
+                kind: "rollout_rollback",
+                success: result.is_ok(),
+                reason: match result {
+                    Ok(()) => format!("{region} rolled back ({why})"),
+                    Err(e) => format!("{region} rollback call failed: {e}"),
+                },
+            });
+        }
+        all_ok
+    }
+
+    /// `GET health_url?region=&stage=&percent=&action_id=` → (error rate, p99 ms).
+    async fn health(
+        &self,
+        target: &ExecutorConfig,
+        region: &str,
+        stage: &StageConfig,
+        a: &Action,
+    ) -> Result<(f64, f64), String> {
+        let url = target.health_url.as_deref().unwrap_or_default();
+        let percent = stage.percent.to_string();
+        let doc: serde_json::Value = self
+            .client
+            .get(url)
+            .timeout(Duration::from_millis(target.timeout_ms))
+            .query(&[
+                ("region", region),
+                ("stage", stage.name.as_str()),
+                ("percent", percent.as_str()),
+                ("action_id", a.action_id.as_str()),
+            ])
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .map_err(|e| format!("health check failed: {e}"))?
+            .json()
+            .await
+            .map_err(|e| format!("health answer is not JSON: {e}"))?;
+        let field = |k: &str| {
+            doc.get(k)
+                .and_then(serde_json::Value::as_f64)
+                .ok_or_else(|| format!("health answer lacks a numeric {k:?}: {doc}"))
+        };
+        Ok((field("error_rate")?, field("p99_ms")?))
+    }
+
+    /// POSTs `body`, signed, to the target's `url`; 2xx is success.
+    async fn post(
+        &self,
+        a: &Action,
+        target: &ExecutorConfig,
+        body: &serde_json::Value,
+    ) -> Result<(), String> {
         let url = target.url.as_deref().unwrap_or_default();
-        let body = serde_json::to_vec(a).map_err(|e| e.to_string())?;
+        let body = serde_json::to_vec(body).map_err(|e| e.to_string())?;
         let ts = now_ms() / 1000;
         let response = self
             .client

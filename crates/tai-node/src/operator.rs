@@ -258,7 +258,13 @@ async fn breaker_command(state: &NodeState, name: &str, action: &str) -> Respons
         return error(ErrorCode::Internal, format!("store: {e}"));
     }
     tracing::warn!(breaker = %name, action, "breaker changed by the operator");
-    tai_jidoka::executor::announce(transition.into_iter().collect());
+    if let Err(e) = tai_jidoka::executor::record_transitions(transition.into_iter().collect()).await
+    {
+        return error(
+            ErrorCode::Unavailable,
+            format!("breaker changed but its receipt was not recorded: {e}"),
+        );
+    }
     match breakers.list().into_iter().find(|b| b.name == name) {
         Some(info) => json_reply(StatusCode::OK, &info),
         None => error(ErrorCode::NotFound, format!("no breaker {name:?}")),
