@@ -121,6 +121,8 @@ pub struct WriteSet {
     /// once the commit is durable; nothing is written for them).
     pub acks: Vec<u64>,
     pub dead_letters: Vec<DeadLetter>,
+    /// Per-customer payment windows: (tenant, sku, customer, bytes).
+    pub velocity: Vec<(String, String, String, Vec<u8>)>,
 }
 
 impl WriteSet {
@@ -130,6 +132,7 @@ impl WriteSet {
         self.checkpoints.extend(other.checkpoints);
         self.acks.extend(other.acks);
         self.dead_letters.extend(other.dead_letters);
+        self.velocity.extend(other.velocity);
     }
 }
 

@@ -270,13 +270,53 @@ impl Engine {
                     p.writes.acks.push(seq);
                 }
                 Effect::Execute(a) => action = Some(a),
+                Effect::Velocity { customer, times } => {
+                    p.writes.velocity.push((
+                        st.tenant_id.clone(),
+                        st.sku_id.clone(),
+                        customer,
+                        serde_json::to_vec(&times).unwrap_or_default(),
+                    ));
+                }
             }
         }
         action
     }
 
+    /// Loads the signal's customer window into the cache if a policy needs it.
+    fn load_velocity(st: &mut EngineActorState, d: &Delivery) {
+        if !st
+            .sku
+            .policies
+            .iter()
+            .any(|p| p.velocity_window_ms().is_some())
+        {
+            return;
+        }
+        let Some(c) = d.signal.payload.get("customer_id").and_then(|v| v.as_str()) else {
+            return;
+        };
+        if st.data.velocity.contains_key(c) {
+            return;
+        }
+        match st.store.velocity(&st.tenant_id, &st.sku_id, c) {
+            Ok(Some(bytes)) => {
+                if let Ok(times) = serde_json::from_slice::<VecDeque<u64>>(&bytes) {
+                    st.data.velocity.insert(c.to_string(), times);
+                }
+            }
+            Ok(None) => {}
+            // A store that cannot read will not commit either: the commit
+            // fails, the engine restarts and the signal is redelivered.
+            Err(e) => tracing::warn!(error = %e, customer = c, "cannot read a payment window"),
+        }
+    }
+
     fn step_input(st: &mut EngineActorState, input: &Input, now: u64) -> Vec<Effect> {
         let mut id = new_ulid;
+        if let Input::Signal(d) = input {
+            Self::load_velocity(st, d);
+        }
         match input {
             Input::Signal(d) => step(
                 &mut st.data,

@@ -76,8 +76,10 @@ impl Breakers {
         let mut saved: BTreeMap<String, Breaker> = BTreeMap::new();
         for (key, bytes) in store.metas(META_PREFIX).map_err(|e| e.to_string())? {
             let name = key.trim_start_matches(META_PREFIX).to_string();
-            match serde_json::from_slice(&bytes) {
-                Ok(b) => {
+            match serde_json::from_slice::<Breaker>(&bytes) {
+                Ok(mut b) => {
+                    // State survives; the call counters count since this start.
+                    (b.calls, b.failures, b.slow_calls, b.rejected) = (0, 0, 0, 0);
                     saved.insert(name, b);
                 }
                 Err(e) => {
@@ -426,8 +428,18 @@ impl Executors {
         };
         out.transitions.extend(t);
         if admission == Admission::Reject {
-            out.result = Err(format!("breaker {name} is open: call not made"));
-            out.tripped = Some(name.to_string());
+            // Open: the line stops. Half-open with another call's probe in
+            // flight: this action fails, the engine stays up to try again
+            // (a lost probe's lease expires; an engine halted here would
+            // wait for a transition that might never come).
+            if self.breakers.state(name) == Some(BreakerState::Open) {
+                out.result = Err(format!("breaker {name} is open: call not made"));
+                out.tripped = Some(name.to_string());
+            } else {
+                out.result = Err(format!(
+                    "breaker {name} is half-open and its probe is out: call not made"
+                ));
+            }
             return out;
         }
         let started = Instant::now();

@@ -29,8 +29,11 @@ pub struct Data {
     pub entitled: bool,
     pub boot_started_ms: u64,
     pub in_flight: Option<InFlight>,
-    /// Per customer, recent payment times (for velocity policies).
-    #[serde(default)]
+    /// Per customer, recent payment times (for velocity policies): a cache.
+    /// Each customer's window is stored under its own key when it changes
+    /// ([`Effect::Velocity`]) and loaded by the engine before a decision
+    /// needs it, so a checkpoint stays small however many customers pay.
+    #[serde(skip)]
     pub velocity: BTreeMap<String, VecDeque<u64>>,
     /// The breaker that halted the engine: it resumes when that breaker
     /// is no longer open. `None` for an operator halt.
@@ -143,6 +146,11 @@ pub enum Effect {
         reason: &'static str,
     },
     Execute(Action),
+    /// A customer's payment window changed: store it with the decision.
+    Velocity {
+        customer: String,
+        times: Vec<u64>,
+    },
 }
 
 struct Step<'s> {
@@ -464,7 +472,7 @@ fn decide(
         window = window.max(p.velocity_window_ms().unwrap_or(0));
     }
     if window > 0 {
-        record_velocity(d, s, now, window);
+        record_velocity(d, st, s, now, window);
     }
     if denied {
         let mut reason = violations.join("; ");
@@ -521,7 +529,7 @@ fn decide(
     }));
 }
 
-fn record_velocity(d: &mut Data, s: &Signal, now: u64, window: u64) {
+fn record_velocity(d: &mut Data, st: &mut Step<'_>, s: &Signal, now: u64, window: u64) {
     let Some(c) = s.payload.get("customer_id").and_then(Value::as_str) else {
         return;
     };
@@ -530,6 +538,10 @@ fn record_velocity(d: &mut Data, s: &Signal, now: u64, window: u64) {
     while ts.front().is_some_and(|t| now.saturating_sub(*t) >= window) {
         ts.pop_front();
     }
+    st.fx.push(Effect::Velocity {
+        customer: c.to_string(),
+        times: ts.iter().copied().collect(),
+    });
     if d.velocity.len() > VELOCITY_CUSTOMERS_CAP {
         d.velocity
             .retain(|_, ts| ts.back().is_some_and(|t| now.saturating_sub(*t) < window));

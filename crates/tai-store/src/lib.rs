@@ -15,6 +15,7 @@
 //! | `e/` | tenant `\0` sku | engine checkpoint (the engine's bytes) |
 //! | `r/` | last receipt seq of a block (u64 BE) | `[Receipt]`: one ledger batch, in seq order |
 //! | `d/` | tenant `\0` signal id | `DeadLetter` |
+//! | `v/` | tenant `\0` sku `\0` customer | a customer's recent payment times |
 //! | `m/` | name | meta: the signed ledger head, start count |
 //! | `w/` | redo id (u64 BE) | a write set being applied |
 //!
@@ -113,6 +114,13 @@ fn pair_key(prefix: u8, a: &str, b: &str) -> Vec<u8> {
     k.extend_from_slice(a.as_bytes());
     k.push(0);
     k.extend_from_slice(b.as_bytes());
+    k
+}
+
+fn velocity_key(tenant: &str, sku: &str, customer: &str) -> Vec<u8> {
+    let mut k = pair_key(b'v', tenant, sku);
+    k.push(0);
+    k.extend_from_slice(customer.as_bytes());
     k
 }
 
@@ -399,6 +407,14 @@ impl Store {
         Ok(Some(letter.signal))
     }
 
+    /// A customer's stored payment window (see `WriteSet::velocity`).
+    pub fn velocity(&self, tenant: &str, sku: &str, customer: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .db
+            .get(velocity_key(tenant, sku, customer))?
+            .map(|v| v.to_vec()))
+    }
+
     // ---- node records -------------------------------------------------------
 
     /// Writes a small node-level record under `m/{name}` (circuit breakers).
@@ -472,6 +488,9 @@ impl Store {
         }
         for (t, s, bytes) in &writes.checkpoints {
             batch.insert(pair_key(b'e', t, s), bytes.as_slice());
+        }
+        for (t, s, customer, bytes) in &writes.velocity {
+            batch.insert(velocity_key(t, s, customer), bytes.as_slice());
         }
         for d in &writes.dead_letters {
             batch.insert(pair_key(b'd', &d.signal.tenant_id, &d.signal.id), encode(d));

@@ -103,6 +103,12 @@ async fn a_commit_is_atomic_and_a_decided_signal_is_not_pending_again() {
             checkpoints: vec![("acme".into(), "payments".into(), b"{}".to_vec())],
             acks: vec![7],
             dead_letters: vec![],
+            velocity: vec![(
+                "acme".into(),
+                "payments".into(),
+                "c1".into(),
+                b"[5]".to_vec(),
+            )],
         };
         s.commit(&[r1.clone(), r2.clone()], Some(&head), &writes)
             .unwrap();
@@ -121,6 +127,11 @@ async fn a_commit_is_atomic_and_a_decided_signal_is_not_pending_again() {
         assert_eq!(s.all_receipts().unwrap(), [r1, r2, r3]);
         assert_eq!(s.checkpoint("acme", "payments").unwrap().unwrap(), b"{}");
         assert_eq!(s.checkpoints().unwrap()[0].1, "payments");
+        assert_eq!(
+            s.velocity("acme", "payments", "c1").unwrap().unwrap(),
+            b"[5]"
+        );
+        assert!(s.velocity("acme", "payments", "c2").unwrap().is_none());
         s.durable().await.unwrap();
     }
     // The block still holds seq 7 (the queue drops a block once all of it is
