@@ -446,3 +446,84 @@ quota_period_secs = 1
         assert!(k.contains(&kind.to_string()), "{kind} missing from {k:?}");
     }
 }
+
+#[tokio::test]
+async fn a_lost_probe_does_not_stick_the_breaker() {
+    let gw = Gateway::start().await;
+    let extra = format!(
+        r#"
+[executors.lossy]
+kind = "webhook"
+url = "{}"
+timeout_ms = 1500
+failure_threshold = 1
+reset_timeout_secs = 1
+success_threshold = 1
+
+[skus.lossypay]
+policies = []
+executor = "lossy"
+"#,
+        gw.url
+    );
+    let node = Node::start_with(&config(&gw.url, &extra), &[]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    entitle(&c, "lossypay").await;
+    gw.set(GatewayMode::Fail);
+    send(&c, &pay("lossypay", "l-1")).await;
+    assert_eq!(c.decided("l-1").await["status"], "failed");
+    assert_eq!(breaker(&node, "lossy").await["state"], "open");
+
+    // Half-open: the probe goes out to a gateway that never answers in time,
+    // and its engine is killed mid-call: the probe's result is lost.
+    gw.set(GatewayMode::Slow(20_000));
+    node.admin_until(
+        "/admin/tenants/acme/lossypay",
+        "the engine to resume",
+        |e| e["state"] == "stable",
+    )
+    .await;
+    send(&c, &pay("lossypay", "l-probe")).await;
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while gw.hits().len() < 2 {
+        assert!(
+            std::time::Instant::now() < end,
+            "the probe never reached the gateway"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let (status, body) = node
+        .admin(Method::POST, "/admin/actors/engine:acme:lossypay/kill")
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let lost = c.decided("l-probe").await;
+    assert_eq!(lost["reason"], "interrupted", "{lost}");
+    assert_eq!(breaker(&node, "lossy").await["state"], "half_open");
+
+    // The gateway is fine again. While the lost probe's lease lasts, calls
+    // are refused without halting the engine; once it expires a new probe
+    // goes out and closes the breaker.
+    gw.set(GatewayMode::Ok);
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let id = format!("l-after-{n}");
+        send(&c, &pay("lossypay", &id)).await;
+        let s = c.decided(&id).await;
+        if s["status"] == "completed" {
+            break;
+        }
+        assert!(
+            s["reason"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("probe is out"),
+            "{s}"
+        );
+        assert_eq!(engine_state(&node, "lossypay").await, "stable");
+        assert!(std::time::Instant::now() < end, "the breaker stayed stuck");
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    assert_eq!(breaker(&node, "lossy").await["state"], "closed");
+}
