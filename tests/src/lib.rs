@@ -426,6 +426,16 @@ impl Node {
         (status, resp.json().await.unwrap_or(Value::Null))
     }
 
+    /// The Prometheus text of `GET /metrics`.
+    pub async fn metrics_text(&self) -> String {
+        reqwest::get(self.url("/metrics"))
+            .await
+            .expect("metrics request")
+            .text()
+            .await
+            .expect("metrics body")
+    }
+
     pub async fn tree(&self) -> Value {
         let (status, tree) = self.admin(reqwest::Method::GET, "/admin/tree").await;
         assert_eq!(status, 200, "{tree}");

@@ -242,7 +242,8 @@ fn tai_tree_prints_the_live_tree() {
         "│  └─ engine_router [worker] running restarts=0",
         "├─ kaizen_sup [supervisor] running",
         "└─ andon_sup [supervisor] running",
-        "   └─ andon_ledger [worker] running restarts=0",
+        "   ├─ andon_ledger [worker] running restarts=0",
+        "   └─ andon_alerts [worker] running restarts=0",
     ];
     assert_eq!(lines.len(), 1 + expected_prefixes.len(), "{text}");
     for (line, want) in lines[1..].iter().zip(expected_prefixes) {

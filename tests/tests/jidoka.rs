@@ -183,12 +183,7 @@ async fn a_failing_gateway_stops_the_line_and_a_healed_one_starts_it_again() {
     assert_eq!(open["state_after"], "open");
     let (_, verify) = node.admin(Method::GET, "/admin/receipts/verify").await;
     assert_eq!(verify["ok"], true, "{verify}");
-    let metrics = reqwest::get(node.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = node.metrics_text().await;
     assert!(
         metrics.contains("tai_breaker_state{breaker=\"gateway\"} 0"),
         "closed again in the gauge"

@@ -4,20 +4,23 @@
 //! verification, and (later) alert routing and the board feed. Depends on
 //! tai-core, tai-otp and tai-store only.
 
+mod alerts;
 mod ledger;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use tai_core::config::AndonConfig;
-use tai_core::msg::ANDON_LEDGER;
+use tai_core::config::{AlertsConfig, AndonConfig};
+use tai_core::msg::{ANDON_ALERTS, ANDON_LEDGER};
 use tai_core::receipt::{verify_chain, VerifyReport};
 use tai_otp::{ChildSpec, Strategy, SupervisorSpec};
 use tai_store::Store;
 
+pub use alerts::Alerts;
 pub use ledger::{Ledger, LedgerArgs};
 
-pub fn supervisor_spec(store: Store, config: AndonConfig) -> SupervisorSpec {
+/// `andon_sup` (`one_for_one`): the receipt ledger and the alert router.
+pub fn supervisor_spec(store: Store, config: AndonConfig, alerts: AlertsConfig) -> SupervisorSpec {
     SupervisorSpec::new(Strategy::OneForOne)
         .intensity(5, Duration::from_secs(10))
         .child(ChildSpec::worker(
@@ -29,6 +32,12 @@ pub fn supervisor_spec(store: Store, config: AndonConfig) -> SupervisorSpec {
                 key_id: config.signing_key_id.clone(),
                 keys: config.signing_keys.clone(),
             },
+        ))
+        .child(ChildSpec::worker(
+            ANDON_ALERTS,
+            Some(ANDON_ALERTS.to_string()),
+            Alerts,
+            move || alerts.clone(),
         ))
 }
 

@@ -238,6 +238,9 @@ pub struct ChannelConfig {
     pub url: Option<String>,
     #[serde(default = "all_severities")]
     pub severities: Vec<Severity>,
+    /// PagerDuty: the integration's routing key.
+    #[serde(default)]
+    pub routing_key: Option<String>,
 }
 
 fn all_severities() -> Vec<Severity> {

@@ -6,6 +6,7 @@
 //! `load(text, env)`). Depends on
 //! no other TAI crate; every other TAI crate may depend on it.
 
+pub mod alert;
 pub mod config;
 pub mod error;
 pub mod msg;

@@ -11,6 +11,7 @@ use crate::signal::{DeadLetter, EngineInfo, Signal, SignalRecord};
 pub const KANBAN_QUEUE: &str = "kanban_queue";
 pub const ENGINE_ROUTER: &str = "engine_router";
 pub const ANDON_LEDGER: &str = "andon_ledger";
+pub const ANDON_ALERTS: &str = "andon_alerts";
 pub const INGRESS_HTTP: &str = "ingress_http";
 
 /// One queued signal handed out for a decision.

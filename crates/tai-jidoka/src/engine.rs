@@ -18,6 +18,8 @@ use tai_otp::statem::{Statem, TimeoutToken};
 use tai_store::Store;
 use tracing::debug;
 
+use tai_core::alert::{Alert, Severity};
+
 use crate::breaker::{BreakerState, Transition};
 use crate::executor::{breaker_receipt, Executors, Outcome};
 use crate::machine::{step, Action, Data, Effect, Event, Sku};
@@ -407,7 +409,15 @@ impl Engine {
             }
         }
         for reason in letters {
-            metrics::counter!(tai_core::telemetry::DEADLETTER, "reason" => reason).increment(1);
+            metrics::counter!(tai_core::telemetry::DEADLETTER, "reason" => reason.clone())
+                .increment(1);
+            tai_core::alert::raise(Alert::new(
+                Severity::Warning,
+                "deadletter",
+                format!("deadletter:{}:{reason}", st.name),
+                st.name.clone(),
+                format!("{} dead-lettered a signal ({reason})", st.name),
+            ));
         }
         for seq in acks {
             st.seen.remove(&seq);
@@ -458,6 +468,7 @@ impl Engine {
             let t = st.statem.transition(st.data.state);
             if t.changed {
                 crate::states::publish(&st.name, st.data.state);
+                Self::alert_state(st, before);
                 debug!(tenant = %st.tenant_id, sku = %st.sku_id, from = before.as_str(), to = st.data.state.as_str(), "engine state change");
                 st.arm_state_timeout(myself);
                 inputs.extend(t.replay.into_iter().map(Input::Signal));
@@ -468,6 +479,46 @@ impl Engine {
         }
         crate::executor::notify_engines(&breaker_changes);
         Ok(())
+    }
+
+    /// Andon: halted (critical) and quota exhausted (warning) raise an
+    /// alert; leaving those states resolves it.
+    fn alert_state(st: &EngineActorState, before: EngineState) {
+        let after = st.data.state;
+        for (state, severity, kind) in [
+            (EngineState::Halted, Severity::Critical, "engine_halted"),
+            (
+                EngineState::QuotaExhausted,
+                Severity::Warning,
+                "quota_exhausted",
+            ),
+        ] {
+            let key = format!("{}:{}", st.name, state.as_str());
+            if after == state && before != state {
+                let why = match (&st.data.halted_by, state) {
+                    (Some(b), EngineState::Halted) => format!(": breaker {b} is open"),
+                    _ => String::new(),
+                };
+                tai_core::alert::raise(Alert::new(
+                    severity,
+                    kind,
+                    key,
+                    st.name.clone(),
+                    format!("{} is {}{why}", st.name, state.as_str()),
+                ));
+            } else if before == state && after != state {
+                tai_core::alert::raise(
+                    Alert::new(
+                        severity,
+                        kind,
+                        key,
+                        st.name.clone(),
+                        format!("{} is {}", st.name, after.as_str()),
+                    )
+                    .resolved(),
+                );
+            }
+        }
     }
 
     /// An action's outcome as the engine's next input; the breaker changes

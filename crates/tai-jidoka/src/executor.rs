@@ -15,6 +15,7 @@ use hmac::{Hmac, Mac};
 use serde::Serialize;
 use serde_json::json;
 use sha2::Sha256;
+use tai_core::alert::{Alert, Severity};
 use tai_core::config::{Config, ExecutorConfig, ExecutorKind, StageConfig};
 use tai_core::msg::{LedgerMsg, RouterMsg, WriteSet, ANDON_LEDGER, ENGINE_ROUTER};
 use tai_core::receipt::ReceiptDraft;
@@ -123,6 +124,32 @@ impl Breakers {
         metrics::gauge!(tai_core::telemetry::BREAKER_STATE, "breaker" => name.to_string())
             .set(b.state.gauge());
         if let Some(t) = t {
+            let key = format!("breaker:{name}");
+            let alert = match t.to {
+                BreakerState::Open => Alert::new(
+                    Severity::Critical,
+                    "breaker_open",
+                    key,
+                    name,
+                    format!("breaker {name} opened: {}", t.reason),
+                ),
+                BreakerState::HalfOpen => Alert::new(
+                    Severity::Warning,
+                    "breaker_half_open",
+                    format!("{key}:half_open"),
+                    name,
+                    format!("breaker {name} half-open: {}", t.reason),
+                ),
+                BreakerState::Closed => Alert::new(
+                    Severity::Critical,
+                    "breaker_closed",
+                    key,
+                    name,
+                    format!("breaker {name} closed: {}", t.reason),
+                )
+                .resolved(),
+            };
+            tai_core::alert::raise(alert);
             match t.to {
                 BreakerState::Open => {
                     error!(breaker = %name, from = t.from.as_str(), reason = %t.reason, "breaker open: the line stops for this target")

@@ -55,6 +55,19 @@ impl Metrics {
         tai_otp::set_restart_hook(|e| {
             metrics::counter!(t::ACTOR_RESTARTS, "supervisor" => e.supervisor.to_string())
                 .increment(1);
+            // A whole layer restarting stops the line (SPEC §8: red).
+            let severity = if e.supervisor == tai_core::names::TAI_SUP {
+                tai_core::alert::Severity::Critical
+            } else {
+                tai_core::alert::Severity::Warning
+            };
+            tai_core::alert::raise(tai_core::alert::Alert::new(
+                severity,
+                "layer_restart",
+                format!("restart:{}:{}", e.supervisor, e.child),
+                e.supervisor,
+                format!("{} restarted {}: {}", e.supervisor, e.child, e.reason),
+            ));
         });
         let process = metrics_process::Collector::default();
         process.describe();

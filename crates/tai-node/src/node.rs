@@ -46,7 +46,7 @@ pub fn root_spec(
         ))
         .child(ChildSpec::supervisor(
             ANDON_SUP,
-            tai_andon::supervisor_spec(store.clone(), config.andon.clone()),
+            tai_andon::supervisor_spec(store.clone(), config.andon.clone(), config.alerts.clone()),
         )))
 }
 

@@ -170,6 +170,17 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
             json_reply(StatusCode::OK, &json!({"rego": state.rego.files()}))
         }
         (&Method::POST, ["admin", "policies", "reload"]) => reload_policies(state),
+        (&Method::GET, ["admin", "alerts"]) => {
+            match call(
+                tai_core::msg::ANDON_ALERTS,
+                tai_core::alert::AlertMsg::Recent,
+            )
+            .await
+            {
+                Ok(list) => json_reply(StatusCode::OK, &list),
+                Err(r) => r,
+            }
+        }
         (&Method::GET, ["admin", "breakers"]) => {
             json_reply(StatusCode::OK, &state.executors.breakers.list())
         }
@@ -211,6 +222,7 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
             | ["admin", "tenants", ..]
             | ["admin", "deadletter", ..]
             | ["admin", "breakers", ..]
+            | ["admin", "alerts"]
             | ["admin", "policies", ..]
             | ["admin", "receipts", ..],
         ) => error(

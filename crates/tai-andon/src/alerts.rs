@@ -1,0 +1,243 @@
+//! `andon_alerts`: routes alerts (SPEC §8) by severity to the configured
+//! channels (`log`, `webhook`, `slack`, `pagerduty`), drops repeats of a key
+//! within the dedupe window, and keeps the recent ones for
+//! `GET /admin/alerts`. Each delivery runs in its own task with retries and
+//! backoff, so a slow or dead channel never holds up the actor, another
+//! channel, or the signal path; a critical alert goes out at once.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use serde_json::{json, Value};
+use tai_core::alert::{Alert, AlertMsg, Severity};
+use tai_core::config::{AlertsConfig, ChannelConfig, ChannelKind};
+use tracing::{error, info, warn};
+
+/// Alerts kept for `GET /admin/alerts`.
+const RECENT: usize = 200;
+const ATTEMPTS: u32 = 4;
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Copy, Debug)]
+pub struct Alerts;
+
+pub struct AlertsState {
+    config: AlertsConfig,
+    client: reqwest::Client,
+    next_id: u64,
+    /// When each key last went out (a resolve clears it).
+    last_sent: HashMap<String, u64>,
+    recent: VecDeque<Record>,
+}
+
+struct Record {
+    id: u64,
+    alert: Alert,
+    deduplicated: bool,
+    /// Per channel: `pending`, `delivered` or the last error.
+    deliveries: Vec<(String, String)>,
+}
+
+impl Record {
+    fn json(&self) -> Value {
+        let mut v = serde_json::to_value(&self.alert).unwrap_or_default();
+        v["id"] = json!(self.id);
+        v["deduplicated"] = json!(self.deduplicated);
+        v["deliveries"] = self
+            .deliveries
+            .iter()
+            .map(|(c, s)| json!({"channel": c, "status": s}))
+            .collect();
+        v
+    }
+}
+
+/// The request body a channel expects.
+fn body(kind: ChannelKind, ch: &ChannelConfig, a: &Alert) -> Value {
+    match kind {
+        ChannelKind::Slack => {
+            let mark = if a.resolve {
+                "RESOLVED"
+            } else {
+                a.severity.as_str()
+            };
+            json!({"text": format!("[{}] {}: {} ({})", mark.to_uppercase(), a.kind, a.summary, a.source)})
+        }
+        ChannelKind::Pagerduty => json!({
+            "routing_key": ch.routing_key.clone().unwrap_or_default(),
+            "event_action": if a.resolve { "resolve" } else { "trigger" },
+            "dedup_key": a.key,
+            "payload": {
+                "summary": a.summary,
+                "source": a.source,
+                "severity": a.severity.as_str(),
+                "component": "tai-node",
+                "class": a.kind,
+                "timestamp_ms": a.at_ms,
+            },
+        }),
+        ChannelKind::Webhook | ChannelKind::Log => serde_json::to_value(a).unwrap_or_default(),
+    }
+}
+
+async fn deliver(client: reqwest::Client, url: String, body: Value) -> Result<(), String> {
+    let mut backoff = FIRST_BACKOFF;
+    let mut last = String::new();
+    for attempt in 1..=ATTEMPTS {
+        match client
+            .post(&url)
+            .timeout(SEND_TIMEOUT)
+            .json(&body)
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => return Ok(()),
+            Ok(r) => last = format!("answered {}", r.status()),
+            Err(e) => last = format!("request failed: {e}"),
+        }
+        if attempt < ATTEMPTS {
+            tokio::time::sleep(backoff).await;
+            backoff *= 2;
+        }
+    }
+    Err(format!("{last} after {ATTEMPTS} attempts"))
+}
+
+impl Alerts {
+    fn raise(myself: &ActorRef<AlertMsg>, st: &mut AlertsState, alert: Alert) {
+        st.next_id += 1;
+        let id = st.next_id;
+        let window = st.config.dedupe_window_secs.saturating_mul(1000);
+        let repeat = !alert.resolve
+            && st
+                .last_sent
+                .get(&alert.key)
+                .is_some_and(|t| alert.at_ms.saturating_sub(*t) < window);
+        let mut record = Record {
+            id,
+            alert,
+            deduplicated: repeat,
+            deliveries: Vec::new(),
+        };
+        if !repeat {
+            let a = &record.alert;
+            metrics::counter!(tai_core::telemetry::ALERTS, "severity" => a.severity.as_str())
+                .increment(1);
+            if a.resolve {
+                st.last_sent.remove(&a.key);
+            } else {
+                st.last_sent.insert(a.key.clone(), a.at_ms);
+            }
+            Self::log(a);
+            for ch in st
+                .config
+                .channels
+                .iter()
+                .filter(|c| c.severities.contains(&a.severity))
+            {
+                let Some(url) = ch.url.clone().filter(|_| ch.kind != ChannelKind::Log) else {
+                    record
+                        .deliveries
+                        .push((ch.name.clone(), "delivered".into()));
+                    continue;
+                };
+                record.deliveries.push((ch.name.clone(), "pending".into()));
+                let (client, body, me, name) = (
+                    st.client.clone(),
+                    body(ch.kind, ch, a),
+                    myself.clone(),
+                    ch.name.clone(),
+                );
+                tokio::spawn(async move {
+                    let result = deliver(client, url, body).await;
+                    let _ = me.send_message(AlertMsg::Delivered {
+                        id,
+                        channel: name,
+                        result,
+                    });
+                });
+            }
+        }
+        st.recent.push_back(record);
+        while st.recent.len() > RECENT {
+            st.recent.pop_front();
+        }
+        // Bounded: keys whose window has passed are forgotten.
+        if st.last_sent.len() > 10_000 {
+            let now = tai_core::signal::now_ms();
+            st.last_sent.retain(|_, t| now.saturating_sub(*t) < window);
+        }
+    }
+
+    fn log(a: &Alert) {
+        let what = if a.resolve { "alert resolved" } else { "alert" };
+        match (a.severity, a.resolve) {
+            (_, true) | (Severity::Info, _) => {
+                info!(key = %a.key, kind = %a.kind, source = %a.source, summary = %a.summary, "{what}")
+            }
+            (Severity::Warning, _) => {
+                warn!(key = %a.key, kind = %a.kind, source = %a.source, summary = %a.summary, "{what}")
+            }
+            (Severity::Critical, _) => {
+                error!(key = %a.key, kind = %a.kind, source = %a.source, summary = %a.summary, "{what}")
+            }
+        }
+    }
+}
+
+impl Actor for Alerts {
+    type Msg = AlertMsg;
+    type State = AlertsState;
+    type Arguments = AlertsConfig;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<AlertMsg>,
+        config: AlertsConfig,
+    ) -> Result<AlertsState, ActorProcessingErr> {
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("tai-node/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(AlertsState {
+            config,
+            client,
+            next_id: 0,
+            last_sent: HashMap::new(),
+            recent: VecDeque::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<AlertMsg>,
+        msg: AlertMsg,
+        st: &mut AlertsState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            AlertMsg::Raise(a) => Self::raise(&myself, st, a),
+            AlertMsg::Recent(reply) => {
+                let _ = reply.send(st.recent.iter().map(Record::json).collect());
+            }
+            AlertMsg::Delivered {
+                id,
+                channel,
+                result,
+            } => {
+                if let Err(e) = &result {
+                    error!(alert = id, channel = %channel, error = %e, "alert not delivered");
+                }
+                if let Some(r) = st.recent.iter_mut().find(|r| r.id == id) {
+                    if let Some(d) = r.deliveries.iter_mut().find(|(c, _)| *c == channel) {
+                        d.1 = match result {
+                            Ok(()) => "delivered".into(),
+                            Err(e) => e,
+                        };
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

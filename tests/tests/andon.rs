@@ -1,0 +1,201 @@
+//! Andon alerts (SPEC §8) end to end: a breaker trips, the engine halts,
+//! signals are dead-lettered; the alerts reach real local PagerDuty, Slack
+//! and webhook receivers, repeats are de-duplicated, a reset resolves.
+
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use tai_tests::*;
+
+fn bodies(g: &Gateway) -> Vec<Value> {
+    g.hits()
+        .iter()
+        .map(|h| serde_json::from_slice(&h.body).unwrap())
+        .collect()
+}
+
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn alerts_are_routed_by_severity_deduplicated_and_resolved() {
+    let gateway = Gateway::start().await;
+    let (pager, chat, hook) = (
+        Gateway::start().await,
+        Gateway::start().await,
+        Gateway::start().await,
+    );
+    let extra = format!(
+        r#"
+[alerts]
+dedupe_window_secs = 60
+
+[[alerts.channels]]
+name = "oncall"
+kind = "pagerduty"
+url = "{}"
+routing_key = "rk-123"
+severities = ["critical"]
+
+[[alerts.channels]]
+name = "chat"
+kind = "slack"
+url = "{}"
+
+[[alerts.channels]]
+name = "ops"
+kind = "webhook"
+url = "{}"
+severities = ["warning"]
+
+[[alerts.channels]]
+name = "journal"
+kind = "log"
+
+[executors.gateway]
+kind = "webhook"
+url = "{}"
+failure_threshold = 2
+reset_timeout_secs = 600
+
+[skus.checkout]
+policies = []
+executor = "gateway"
+"#,
+        pager.url, chat.url, hook.url, gateway.url
+    );
+    let node = Node::start_with(&test_config(&extra), &[]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    let send = |id: &str, kind: &str, payload: Value| {
+        let body = signal("acme", "checkout", kind, id, payload);
+        let c = &c;
+        async move {
+            let a = c.post(&body).await.unwrap();
+            assert_eq!(a.status, 202, "{}", a.body);
+        }
+    };
+    send("ent", "entitlement", json!({"active": true})).await;
+    gateway.set(GatewayMode::Fail);
+    for id in ["f-1", "f-2"] {
+        send(id, "payment", json!({"amount": 1})).await;
+        assert_eq!(c.decided(id).await["status"], "failed");
+    }
+
+    // Critical: the breaker opened and the engine halted; PagerDuty gets
+    // Events API v2 triggers, Slack its text, the warning-only webhook nothing.
+    until("two PagerDuty triggers", || pager.hits().len() >= 2).await;
+    let pd = bodies(&pager);
+    let open = pd
+        .iter()
+        .find(|b| b["dedup_key"] == "breaker:gateway")
+        .unwrap();
+    assert_eq!(open["event_action"], "trigger");
+    assert_eq!(open["routing_key"], "rk-123");
+    assert_eq!(open["payload"]["severity"], "critical");
+    assert_eq!(open["payload"]["source"], "gateway");
+    assert!(
+        open["payload"]["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with("breaker gateway opened: 2 consecutive failures"),
+        "{open}"
+    );
+    let halted = pd
+        .iter()
+        .find(|b| b["dedup_key"] == "engine:acme:checkout:halted")
+        .unwrap();
+    assert_eq!(
+        halted["payload"]["summary"],
+        "engine:acme:checkout is halted: breaker gateway is open"
+    );
+    until("Slack", || chat.hits().len() >= 2).await;
+    assert!(bodies(&chat).iter().any(|b| b["text"]
+        .as_str()
+        .unwrap()
+        .starts_with("[CRITICAL] breaker_open: breaker gateway opened")));
+
+    // Warnings: two dead letters of the same kind within the window go out once.
+    for id in ["h-1", "h-2"] {
+        send(id, "payment", json!({"amount": 1})).await;
+        assert_eq!(c.decided(id).await["reason"], "halted");
+    }
+    until("the dead-letter warning", || {
+        bodies(&hook).iter().any(|b| b["kind"] == "deadletter")
+    })
+    .await;
+    let alerts = node
+        .admin_until("/admin/alerts", "both dead-letter alerts", |list| {
+            list.as_array()
+                .unwrap()
+                .iter()
+                .filter(|a| a["kind"] == "deadletter")
+                .count()
+                == 2
+        })
+        .await;
+    let letters: Vec<&Value> = alerts
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["kind"] == "deadletter")
+        .collect();
+    assert_eq!(letters[0]["deduplicated"], false);
+    assert_eq!(letters[1]["deduplicated"], true);
+    assert_eq!(
+        bodies(&hook)
+            .iter()
+            .filter(|b| b["kind"] == "deadletter")
+            .count(),
+        1
+    );
+    let delivered = node
+        .admin_until("/admin/alerts", "deliveries to finish", |list| {
+            list.as_array().unwrap().iter().all(|a| {
+                a["deliveries"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|d| d["status"] != "pending")
+            })
+        })
+        .await;
+    let first = &delivered.as_array().unwrap()[0];
+    assert!(
+        first["deliveries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["status"] == "delivered"),
+        "{first}"
+    );
+
+    // The operator resets the breaker: PagerDuty gets the resolve.
+    gateway.set(GatewayMode::Ok);
+    let (status, _) = node
+        .admin(Method::POST, "/admin/breakers/gateway/reset")
+        .await;
+    assert_eq!(status, 200);
+    until("the PagerDuty resolve", || {
+        bodies(&pager)
+            .iter()
+            .any(|b| b["dedup_key"] == "breaker:gateway" && b["event_action"] == "resolve")
+    })
+    .await;
+    until("the halt resolved", || {
+        bodies(&pager).iter().any(|b| {
+            b["dedup_key"] == "engine:acme:checkout:halted" && b["event_action"] == "resolve"
+        })
+    })
+    .await;
+    let metrics = node.metrics_text().await;
+    assert!(
+        metrics.contains("tai_alerts_total{severity=\"critical\"}"),
+        "alerts are counted"
+    );
+}
