@@ -50,7 +50,12 @@ pub struct RouterState {
     engines: HashMap<String, Entry>,
     ticker: tokio::task::JoinHandle<()>,
     breaker_ticker: tokio::task::JoinHandle<()>,
+    /// Where the sweep of stale payment windows goes on at the next tick.
+    sweep_cursor: Option<Vec<u8>>,
 }
+
+/// Payment windows looked at per tick.
+const SWEEP_KEYS: usize = 10_000;
 
 /// How often open breakers are checked for their half-open time.
 const BREAKER_TICK: Duration = Duration::from_millis(200);
@@ -223,6 +228,34 @@ async fn engine_restarts() -> HashMap<String, u64> {
     }
 }
 
+impl Router {
+    /// Deletes stored payment windows no policy can need any more, a slice
+    /// of the keys per tick (customers who stopped paying would otherwise
+    /// keep their key for ever).
+    fn sweep_velocity(st: &mut RouterState) {
+        let window = st
+            .args
+            .skus
+            .values()
+            .flat_map(|s| s.policies.iter().filter_map(|p| p.velocity_window_ms()))
+            .max();
+        let Some(window) = window else { return };
+        match st
+            .args
+            .store
+            .sweep_velocity(st.sweep_cursor.as_deref(), SWEEP_KEYS, now_ms(), window)
+        {
+            Ok((removed, next)) => {
+                if removed > 0 {
+                    debug!(removed, "stale payment windows swept");
+                }
+                st.sweep_cursor = next;
+            }
+            Err(e) => warn!(error = %e, "payment window sweep failed"),
+        }
+    }
+}
+
 impl Actor for Router {
     type Msg = RouterMsg;
     type State = RouterState;
@@ -242,6 +275,7 @@ impl Actor for Router {
             engines: HashMap::new(),
             ticker,
             breaker_ticker,
+            sweep_cursor: None,
         })
     }
 
@@ -281,6 +315,7 @@ impl Actor for Router {
                 }
             }
             RouterMsg::Tick => {
+                Self::sweep_velocity(st);
                 let idle = st.args.idle_timeout;
                 let due: Vec<String> = st
                     .engines

@@ -415,6 +415,44 @@ impl Store {
             .map(|v| v.to_vec()))
     }
 
+    /// Deletes stored payment windows whose newest payment is `window_ms` or
+    /// more before `now_ms`, looking at up to `limit` keys after `cursor`.
+    /// Returns how many went and where to go on (`None`: the end was reached).
+    /// A window rewritten meanwhile is kept (compare-and-swap).
+    pub fn sweep_velocity(
+        &self,
+        cursor: Option<&[u8]>,
+        limit: usize,
+        now_ms: u64,
+        window_ms: u64,
+    ) -> Result<(usize, Option<Vec<u8>>)> {
+        let start = match cursor {
+            Some(c) => std::ops::Bound::Excluded(c.to_vec()),
+            None => std::ops::Bound::Included(b"v/".to_vec()),
+        };
+        let end = std::ops::Bound::Excluded(b"v0".to_vec());
+        let (mut removed, mut scanned) = (0, 0);
+        let mut last = None;
+        for kv in self.db.range::<Vec<u8>, _>((start, end)).take(limit) {
+            let (k, v) = kv?;
+            scanned += 1;
+            let newest = serde_json::from_slice::<Vec<u64>>(&v)
+                .ok()
+                .and_then(|t| t.last().copied())
+                .unwrap_or(0);
+            if now_ms.saturating_sub(newest) >= window_ms
+                && self
+                    .db
+                    .compare_and_swap(&k, Some(&v), None as Option<&[u8]>)?
+                    .is_ok()
+            {
+                removed += 1;
+            }
+            last = Some(k.to_vec());
+        }
+        Ok((removed, if scanned == limit { last } else { None }))
+    }
+
     // ---- node records -------------------------------------------------------
 
     /// Writes a small node-level record under `m/{name}` (circuit breakers).

@@ -215,3 +215,36 @@ fn the_data_dir_is_locked_and_starts_are_counted() {
     let s = reopen(dir.path());
     assert_eq!(s.record_start().unwrap(), 2);
 }
+
+#[tokio::test]
+async fn stale_payment_windows_are_swept_in_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let window = |customer: &str, newest: u64| {
+        (
+            "acme".to_string(),
+            "payments".to_string(),
+            customer.to_string(),
+            format!("[1,{newest}]").into_bytes(),
+        )
+    };
+    let writes = WriteSet {
+        velocity: vec![
+            window("a", 100),
+            window("b", 59_000),
+            window("c", 100),
+            window("d", 100),
+        ],
+        ..WriteSet::default()
+    };
+    s.commit(&[], None, &writes).unwrap();
+    // At 60 s with a 60 s window: a, c and d are stale, b is not.
+    let (gone, cursor) = s.sweep_velocity(None, 2, 60_100, 60_000).unwrap();
+    assert_eq!(gone, 1, "a went; b stays");
+    let cursor = cursor.expect("more to scan");
+    let (gone, cursor) = s.sweep_velocity(Some(&cursor), 10, 60_100, 60_000).unwrap();
+    assert_eq!((gone, cursor), (2, None));
+    assert!(s.velocity("acme", "payments", "a").unwrap().is_none());
+    assert!(s.velocity("acme", "payments", "b").unwrap().is_some());
+    assert!(s.velocity("acme", "payments", "d").unwrap().is_none());
+}
