@@ -712,13 +712,13 @@ async fn a_full_queue_answers_503_with_retry_after() {
         (q["depth"].as_u64(), q["max_depth"].as_u64()),
         (Some(3), Some(3))
     );
-    let (_, e) = node
-        .admin(Method::GET, "/admin/tenants/globex/payments")
-        .await;
-    assert_eq!(
-        (e["state"].as_str(), e["postponed"].as_u64()),
-        (Some("boot"), Some(3))
-    );
+    // Delivery to the engine follows the 202 asynchronously.
+    node.admin_until(
+        "/admin/tenants/globex/payments",
+        "three signals postponed in boot",
+        |e| e["state"] == "boot" && e["postponed"] == 3,
+    )
+    .await;
     // Entitled, the waiting signals are decided in order and the queue drains.
     let ent = c
         .post(&signal(
