@@ -590,3 +590,108 @@ impl Gateway {
         self.hits.lock().unwrap().clone()
     }
 }
+
+// ---- RabbitMQ (the amqp backend's tests) -----------------------------------
+
+/// The local broker's address; loopback only.
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+fn broker_listening() -> bool {
+    std::net::TcpStream::connect_timeout(
+        &"127.0.0.1:5672".parse().expect("address"),
+        Duration::from_millis(500),
+    )
+    .is_ok()
+}
+
+/// Makes sure RabbitMQ runs on 127.0.0.1:5672: started with
+/// `rabbitmq-server -detached` if it is not, else the test fails saying why.
+pub fn ensure_broker() {
+    if broker_listening() && rabbitmqctl(&["await_startup"]).is_ok() {
+        return;
+    }
+    let started = Command::new("rabbitmq-server").arg("-detached").status();
+    if let Err(e) = &started {
+        panic!(
+            "RabbitMQ is not running on 127.0.0.1:5672 and `rabbitmq-server -detached` failed: {e}"
+        );
+    }
+    // `start_app` too, in case only the application was stopped.
+    let end = Instant::now() + Duration::from_secs(90);
+    loop {
+        let _ = rabbitmqctl(&["start_app"]);
+        if broker_listening() && rabbitmqctl(&["await_startup"]).is_ok() {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "RabbitMQ did not come up on 127.0.0.1:5672 within 90 s after `rabbitmq-server -detached`"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Runs `rabbitmqctl` with `args`; its stdout, or why it failed.
+pub fn rabbitmqctl(args: &[&str]) -> Result<String, String> {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .map_err(|e| format!("rabbitmqctl: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "rabbitmqctl {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// A queue name of its own for one test (tests share the broker).
+pub fn unique_queue(test: &str) -> String {
+    format!("tai-test.{test}.{}.{}", std::process::id(), unix_now())
+}
+
+/// The `[kanban]` table of a node on the amqp backend with queue `queue`.
+pub fn amqp_kanban(queue: &str) -> String {
+    format!(
+        "\n[kanban]\nbackend = \"amqp\"\namqp_url = \"{AMQP_URL}\"\namqp_queue = \"{queue}\"\nprefetch = 10\nwip_limit = 50\n"
+    )
+}
+
+/// Deletes a test's queues when the test ends, however it ends.
+pub struct QueueCleanup(pub String);
+
+impl Drop for QueueCleanup {
+    fn drop(&mut self) {
+        let queue = self.0.clone();
+        // Its own thread and runtime: drop may run inside a test's runtime.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let Ok(conn) =
+                    lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+                        .await
+                else {
+                    return;
+                };
+                let Ok(ch) = conn.create_channel().await else {
+                    return;
+                };
+                let dl = format!("{queue}.deadletter");
+                for q in [&queue, &dl] {
+                    let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+                }
+                let _ = ch
+                    .exchange_delete(dl.as_str().into(), Default::default())
+                    .await;
+                let _ = conn.close(200, "done".into()).await;
+            });
+        })
+        .join();
+    }
+}

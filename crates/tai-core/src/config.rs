@@ -138,11 +138,26 @@ pub enum QueueBackend {
     Amqp,
 }
 
+/// RabbitMQ queue type of the work queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AmqpQueueType {
+    Classic,
+    Quorum,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KanbanConfig {
     pub backend: QueueBackend,
     pub amqp_url: String,
+    /// The work queue's name; its dead-letter exchange and queue are this
+    /// name with `.deadletter`.
+    pub amqp_queue: String,
+    pub amqp_queue_type: AmqpQueueType,
+    /// Signals held in the local fallback buffer while the broker is down;
+    /// past this, ingress answers 503.
+    pub buffer_max: u64,
     pub prefetch: u32,
     pub wip_limit: u32,
     /// Signals queued beyond this are refused with 503 (back-pressure).
@@ -154,6 +169,9 @@ impl Default for KanbanConfig {
         KanbanConfig {
             backend: QueueBackend::Embedded,
             amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_string(),
+            amqp_queue: "tai2030.signals".to_string(),
+            amqp_queue_type: AmqpQueueType::Classic,
+            buffer_max: 100_000,
             prefetch: 10,
             wip_limit: 50,
             max_depth: 1_000_000,
@@ -709,6 +727,29 @@ fn validate(c: &Config, errors: &mut Vec<ConfigError>) {
     if c.kanban.max_depth == 0 {
         errors.push(err("kanban.max_depth", "must be greater than 0"));
     }
+    if c.kanban.backend == QueueBackend::Amqp {
+        if !c.kanban.amqp_url.starts_with("amqp://") {
+            errors.push(err(
+                "kanban.amqp_url",
+                format!(
+                    "{:?} is not an amqp:// URL (amqps is not built into this node)",
+                    c.kanban.amqp_url
+                ),
+            ));
+        }
+        if c.kanban.amqp_queue.is_empty() || c.kanban.amqp_queue.len() > 200 {
+            errors.push(err("kanban.amqp_queue", "must be 1 to 200 characters"));
+        }
+        if c.kanban.buffer_max == 0 {
+            errors.push(err("kanban.buffer_max", "must be greater than 0"));
+        }
+        if c.kanban.prefetch > u32::from(u16::MAX) {
+            errors.push(err(
+                "kanban.prefetch",
+                "must be at most 65535 with the amqp backend (basic.qos)",
+            ));
+        }
+    }
     if c.jidoka.max_active_engines == 0 {
         errors.push(err("jidoka.max_active_engines", "must be greater than 0"));
     }
@@ -1013,5 +1054,27 @@ mod tests {
             shown.iter().any(|e| e.starts_with("andon.signing_key_id")),
             "{shown:?}"
         );
+    }
+
+    #[test]
+    fn amqp_settings_are_checked_when_the_backend_is_amqp() {
+        let text =
+            "[kanban]\nbackend = \"amqp\"\namqp_url = \"http://broker\"\namqp_queue = \"\"\n";
+        let errors = load(text, no_env()).unwrap_err();
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["kanban.amqp_url", "kanban.amqp_queue"],
+            "{errors:?}"
+        );
+        let c = load(
+            "[kanban]\nbackend = \"amqp\"\namqp_queue_type = \"quorum\"\n",
+            no_env(),
+        )
+        .unwrap();
+        assert_eq!(c.kanban.amqp_queue_type, AmqpQueueType::Quorum);
+        assert_eq!(c.kanban.amqp_queue, "tai2030.signals");
+        let errors = load("[kanban]\namqp_queue_type = \"stream\"\n", no_env()).unwrap_err();
+        assert_eq!(errors[0].path, "kanban.amqp_queue_type", "{errors:?}");
     }
 }

@@ -45,6 +45,31 @@ pub struct QueueStats {
     pub prefetch: u32,
     pub deadletter: u64,
     pub max_depth: u64,
+    /// Why the queue cannot take work now (broker unreachable), for `/ready`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_ready: Option<String>,
+    /// The amqp backend: broker link and fallback buffer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker: Option<BrokerStats>,
+}
+
+/// What `GET /admin/queue` shows of the RabbitMQ link.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BrokerStats {
+    /// `connected`, `connecting` or `closed`.
+    pub connection: String,
+    pub queue: String,
+    pub queue_type: String,
+    /// Messages ready in the broker's queue (last probe, at most 1 s old).
+    pub broker_depth: Option<u64>,
+    /// Signals written to the local fallback buffer and not yet published.
+    pub buffered: u64,
+    pub buffer_max: u64,
+    pub consumer_tag: Option<String>,
+    /// Messages received from the broker since the node started.
+    pub delivered: u64,
+    pub reconnects: u64,
+    pub last_error: Option<String>,
 }
 
 /// To `kanban_queue`.
@@ -76,6 +101,11 @@ pub enum KanbanMsg {
     Ready(Vec<Delivery>),
     /// Internal: periodic redelivery of what has been in flight too long.
     Tick,
+    /// Graceful shutdown: take no more work, and answer (with what is still
+    /// in flight) once nothing is; the caller bounds the wait.
+    Quiesce(RpcReplyPort<u64>),
+    /// Internal to a queue backend (the amqp backend's broker events).
+    Backend(Box<dyn std::any::Any + Send>),
 }
 
 /// To `engine_router`.

@@ -236,6 +236,22 @@ impl BreakerState {
 pub enum ReceiptState {
     Engine(EngineState),
     Breaker(BreakerState),
+    Queue(QueuedState),
+}
+
+/// Where a signal is when the queue itself writes its receipt (a poison
+/// message taken out of the queue never reached an engine).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueuedState {
+    Queued,
+    Deadlettered,
+}
+
+impl From<QueuedState> for ReceiptState {
+    fn from(s: QueuedState) -> Self {
+        ReceiptState::Queue(s)
+    }
 }
 
 impl From<EngineState> for ReceiptState {

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tai_core::config::Config;
-use tai_core::msg::INGRESS_HTTP;
+use tai_core::msg::{KanbanMsg, INGRESS_HTTP, KANBAN_QUEUE};
 use tai_core::names::{LAYERS, TAI_SUP};
 use tai_otp::{ChildSpec, ChildStatus, Strategy, SupervisorSpec};
 use tai_store::Store;
@@ -85,5 +85,10 @@ pub async fn not_ready(store: &Store, draining: &AtomicBool) -> Option<String> {
             None => return Some(format!("{layer} is missing")),
         }
     }
-    None
+    // The queue backend's own view (the amqp backend: is the broker reachable?).
+    let queue = ractor::registry::where_is(KANBAN_QUEUE)?;
+    match ractor::rpc::call(&queue, KanbanMsg::Stats, Some(Duration::from_secs(2))).await {
+        Ok(ractor::rpc::CallResult::Success(stats)) => stats.not_ready,
+        _ => Some(format!("{KANBAN_QUEUE} did not answer")),
+    }
 }

@@ -138,6 +138,13 @@ impl Dispatch {
         out
     }
 
+    /// Forgets every signal not yet sent (their source sends them again).
+    pub fn clear_ready(&mut self) -> Vec<Delivery> {
+        self.turn.clear();
+        self.ready_count = 0;
+        self.ready.drain().flat_map(|(_, q)| q).collect()
+    }
+
     pub fn redeliver_all(&mut self, now: Instant) -> Vec<Delivery> {
         let mut all: Vec<&mut Flight> = self.in_flight.values_mut().collect();
         all.sort_by_key(|f| f.delivery.seq);

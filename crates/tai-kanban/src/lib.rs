@@ -6,34 +6,60 @@
 //! detection and dead letters. Depends on tai-core, tai-otp and tai-store
 //! only; the only crate that will name lapin.
 
+pub mod amqp;
 mod dispatch;
+mod poison;
 mod queue;
 
 use std::time::Duration;
 
-use tai_core::config::KanbanConfig;
-use tai_core::msg::KANBAN_QUEUE;
+use tai_core::config::{KanbanConfig, QueueBackend};
+use tai_core::msg::{Delivery, RouterMsg, ENGINE_ROUTER, KANBAN_QUEUE};
 use tai_otp::{ChildSpec, Strategy, SupervisorSpec};
 use tai_store::Store;
 
 pub use dispatch::Dispatch;
 pub use queue::{Queue, QueueArgs};
 
-/// `kanban_sup`: the queue owner. (`rest_for_one`: what is added after it
-/// depends on it.)
+/// How long an engine may hold a signal without deciding it before it is
+/// sent again.
+const VISIBILITY: Duration = Duration::from_secs(60);
+
+/// Sends a signal to `engine_router`, found by name at send time (a
+/// restarted router is found the same way). If it is down, the signal stays
+/// in flight and is sent again on redelivery.
+pub(crate) fn send_to_router(d: Delivery) {
+    if let Some(router) = ractor::registry::where_is(ENGINE_ROUTER) {
+        let _ = router.send_message(RouterMsg::Deliver(d));
+    }
+}
+
+/// `kanban_sup`: the queue owner, on the configured backend. (`rest_for_one`:
+/// what is added after it depends on it.)
 pub fn supervisor_spec(store: Store, config: KanbanConfig) -> SupervisorSpec {
-    SupervisorSpec::new(Strategy::RestForOne)
-        .intensity(5, Duration::from_secs(10))
-        .child(ChildSpec::worker(
+    let sup = SupervisorSpec::new(Strategy::RestForOne).intensity(5, Duration::from_secs(10));
+    if config.backend == QueueBackend::Amqp {
+        return sup.child(ChildSpec::worker(
             KANBAN_QUEUE,
             Some(KANBAN_QUEUE.to_string()),
-            Queue,
-            move || QueueArgs {
+            amqp::AmqpQueue,
+            move || amqp::AmqpArgs {
                 store: store.clone(),
-                wip_limit: config.wip_limit,
-                prefetch: config.prefetch,
-                max_depth: config.max_depth,
-                visibility: Duration::from_secs(60),
+                config: config.clone(),
+                visibility: VISIBILITY,
             },
-        ))
+        ));
+    }
+    sup.child(ChildSpec::worker(
+        KANBAN_QUEUE,
+        Some(KANBAN_QUEUE.to_string()),
+        Queue,
+        move || QueueArgs {
+            store: store.clone(),
+            wip_limit: config.wip_limit,
+            prefetch: config.prefetch,
+            max_depth: config.max_depth,
+            visibility: VISIBILITY,
+        },
+    ))
 }

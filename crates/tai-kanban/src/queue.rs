@@ -6,13 +6,15 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use tai_core::msg::{Delivery, EnqueueOutcome, KanbanMsg, QueueStats, RouterMsg, ENGINE_ROUTER};
+use tai_core::msg::{Delivery, EnqueueOutcome, KanbanMsg, QueueStats};
 use tai_core::signal::{now_ms, DeadLetter, Signal, SignalRecord};
 use tai_store::Store;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::dispatch::Dispatch;
+use crate::poison::{self, Poisoned};
+use crate::send_to_router;
 
 /// Attempts after which a signal that keeps killing its engine is poison.
 const MAX_ATTEMPTS: u32 = 3;
@@ -44,11 +46,21 @@ pub struct QueueState {
     /// Queue blocks (by first seq) and how many of their signals are undecided.
     blocks: BTreeMap<u64, u32>,
     ticker: tokio::task::JoinHandle<()>,
+    quiescing: bool,
+    quiesce_waiters: Vec<RpcReplyPort<u64>>,
 }
 
 impl QueueState {
     fn depth(&self) -> u64 {
         self.dispatch.ready_len() + self.dispatch.in_flight_len()
+    }
+
+    fn answer_quiesce(&mut self) {
+        if self.quiescing && self.dispatch.in_flight_len() == 0 {
+            for w in self.quiesce_waiters.drain(..) {
+                let _ = w.send(0);
+            }
+        }
     }
 
     /// One signal of the block holding `seq` is done; the block goes with its last.
@@ -67,50 +79,60 @@ impl QueueState {
     }
 }
 
-fn send_to_router(d: Delivery) {
-    // Found by name at send time: a restarted router is found the same way.
-    // If it is down, the signal stays in flight and is sent again on redelivery.
-    if let Some(router) = ractor::registry::where_is(ENGINE_ROUTER) {
-        let _ = router.send_message(RouterMsg::Deliver(d));
-    }
-}
-
 impl Queue {
     fn dispatch(st: &mut QueueState) {
+        if st.quiescing {
+            return;
+        }
         let now = Instant::now();
         for d in st.dispatch.take(st.args.wip_limit, st.args.prefetch, now) {
             send_to_router(d);
         }
     }
 
-    /// Sends again, or dead-letters as poison past the attempt limit.
-    fn resend(st: &mut QueueState, again: Vec<(Delivery, u32)>) {
+    /// Sends again, or dead-letters as poison past the attempt limit: the
+    /// dead letter and its receipt are one ledger commit; the queue entry
+    /// goes once that is durable.
+    fn resend(myself: &ActorRef<KanbanMsg>, st: &mut QueueState, again: Vec<(Delivery, u32)>) {
         for (d, attempts) in again {
-            if attempts > MAX_ATTEMPTS {
-                let letter = DeadLetter {
+            if attempts <= MAX_ATTEMPTS {
+                send_to_router(d);
+                continue;
+            }
+            // Out of flight now, so it is neither resent nor counted twice.
+            st.dispatch.ack(d.seq);
+            warn!(seq = d.seq, tenant = %d.signal.tenant_id, signal = %d.signal.id, attempts, "poison signal: dead-lettering");
+            let (store, me, seq) = (st.args.store.clone(), myself.clone(), d.seq);
+            let s = d.signal;
+            let p = Poisoned {
+                tenant_id: s.tenant_id.clone(),
+                sku_id: s.sku_id.clone(),
+                signal_id: Some(s.id.clone()),
+                trace_id: s.trace_id.clone(),
+                reason: "poison".into(),
+                letter: Some(DeadLetter {
                     reason: "poison".into(),
                     at_ms: now_ms(),
-                    signal: d.signal.clone(),
-                };
-                match st.args.store.dead_letter_queued(&letter) {
+                    signal: s,
+                }),
+            };
+            tokio::spawn(async move {
+                match poison::commit(&store, p).await {
                     Ok(()) => {
-                        warn!(seq = d.seq, tenant = %d.signal.tenant_id, signal = %d.signal.id, attempts, "poison signal dead-lettered");
                         metrics::counter!(tai_core::telemetry::DEADLETTER, "reason" => "poison")
                             .increment(1);
-                        if st.dispatch.ack(d.seq) {
-                            st.settle(d.seq);
-                        }
+                        let _ = me.send_message(KanbanMsg::Backend(Box::new(Settled(seq))));
                     }
-                    Err(e) => {
-                        warn!(error = %e, seq = d.seq, "could not dead-letter a poison signal")
-                    }
+                    // Still in its queue block: delivered again at the next start.
+                    Err(e) => warn!(error = %e, seq, "could not dead-letter a poison signal"),
                 }
-            } else {
-                send_to_router(d);
-            }
+            });
         }
     }
 }
+
+/// Internal: a poison signal's dead letter is durable; its queue entry may go.
+struct Settled(u64);
 
 impl Queue {
     /// Checks and buffers one enqueue; the first of a batch schedules the
@@ -239,6 +261,8 @@ impl Actor for Queue {
             buffered_dups: Vec::new(),
             blocks,
             ticker,
+            quiescing: false,
+            quiesce_waiters: Vec::new(),
         })
     }
 
@@ -281,6 +305,23 @@ impl Actor for Queue {
                     st.settle(seq);
                     Self::dispatch(st);
                 }
+                st.answer_quiesce();
+            }
+            KanbanMsg::Quiesce(reply) => {
+                if !st.quiescing {
+                    info!(
+                        in_flight = st.dispatch.in_flight_len(),
+                        "embedded queue quiescing: dispatching no more"
+                    );
+                }
+                st.quiescing = true;
+                st.quiesce_waiters.push(reply);
+                st.answer_quiesce();
+            }
+            KanbanMsg::Backend(any) => {
+                if let Ok(settled) = any.downcast::<Settled>() {
+                    st.settle(settled.0);
+                }
             }
             KanbanMsg::Redeliver {
                 tenant_id,
@@ -290,7 +331,7 @@ impl Actor for Queue {
                 let again =
                     st.dispatch
                         .redeliver_engine(&tenant_id, &sku_id, after_crash, Instant::now());
-                Self::resend(st, again);
+                Self::resend(&myself, st, again);
                 Self::dispatch(st);
             }
             KanbanMsg::RedeliverAll => {
@@ -306,7 +347,7 @@ impl Actor for Queue {
                         "redelivering signals in flight too long"
                     );
                 }
-                Self::resend(st, again);
+                Self::resend(&myself, st, again);
                 Self::dispatch(st);
             }
             KanbanMsg::Stats(reply) => {
@@ -318,6 +359,8 @@ impl Actor for Queue {
                     prefetch: st.args.prefetch,
                     deadletter: st.args.store.dead_letter_count(),
                     max_depth: st.args.max_depth,
+                    not_ready: None,
+                    broker: None,
                 });
             }
             KanbanMsg::Replay {

@@ -42,6 +42,12 @@ pub struct BenchArgs {
     /// SKU to send to: `bench` (no policy) or `payments` (payment_fraud).
     #[arg(long, default_value = "bench")]
     pub sku: String,
+    /// Queue backend of the node the bench starts: `embedded` or `amqp`
+    /// (RabbitMQ at --amqp-url; the baseline is then also a bare lapin loop).
+    #[arg(long, default_value = "embedded", value_parser = ["embedded", "amqp"])]
+    pub backend: String,
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_url: String,
     /// Use the running node of --config instead of starting one.
     #[arg(long)]
     pub target: bool,
@@ -79,6 +85,9 @@ admin_token = "bench-admin-token"
 wip_limit = {wip}
 prefetch = {prefetch}
 max_depth = 100000000
+backend = "{backend}"
+amqp_url = "{amqp_url}"
+amqp_queue = "{amqp_queue}"
 [jidoka]
 max_active_engines = 10000
 [skus.bench]
@@ -91,6 +100,9 @@ quota = 1000000000000
         data = dir.join("data").display(),
         wip = a.wip,
         prefetch = a.prefetch,
+        backend = a.backend,
+        amqp_url = a.amqp_url,
+        amqp_queue = bench_queue(),
     );
     for i in 0..a.tenants {
         c.push_str(&format!(
@@ -98,6 +110,11 @@ quota = 1000000000000
         ));
     }
     c
+}
+
+/// The work queue of a bench node on the amqp backend (deleted afterwards).
+fn bench_queue() -> String {
+    format!("tai-bench.{}", std::process::id())
 }
 
 fn start_node(a: &BenchArgs) -> anyhow::Result<Target> {
@@ -437,7 +454,30 @@ pub async fn run(config: &tai_core::config::Config, a: BenchArgs) -> anyhow::Res
         Some(ok.len() as f64 / btook.as_secs_f64())
     };
 
+    // The broker alone, in the same run: a bare lapin loop at the node's prefetch.
+    let broker = if a.backend == "amqp" && !a.no_baseline {
+        let payload = serde_json::to_vec(&json!({
+            "id": "01KBENCHBENCHBENCHBENCHBENC", "tenant_id": "bench-0", "sku_id": a.sku,
+            "kind": "payment", "critical": false, "received_at_ms": now_ms(),
+            "payload": {"amount": 25.0, "currency": "USD", "customer_id": "cust-0"},
+        }))?;
+        let bare = tai_kanban::amqp::bare_loop(
+            &a.amqp_url,
+            &format!("tai-bench.bare.{}", std::process::id()),
+            u16::try_from(a.prefetch).unwrap_or(u16::MAX),
+            1000,
+            Duration::from_secs(a.duration),
+            &payload,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("bare broker loop: {e}"))?;
+        Some(bare.consumed as f64 / bare.secs)
+    } else {
+        None
+    };
+    let decided_per_sec = decided as f64 / decided_secs.max(0.001);
     let report = json!({
+        "backend": a.backend,
         "tenants": target.tenants.len(),
         "offered_rate": a.rate,
         "duration_secs": a.duration,
@@ -446,12 +486,14 @@ pub async fn run(config: &tai_core::config::Config, a: BenchArgs) -> anyhow::Res
         "accepted": accepted.len(),
         "decided": decided,
         "accepted_per_sec": accepted.len() as f64 / took.as_secs_f64(),
-        "decided_per_sec": decided as f64 / decided_secs.max(0.001),
+        "decided_per_sec": decided_per_sec,
         "p50_ms": percentile(&lat, 0.50),
         "p99_ms": percentile(&lat, 0.99),
         "p999_ms": percentile(&lat, 0.999),
         "baseline_per_sec": baseline,
         "rss_mb": rss,
+        "broker_baseline_per_sec": broker,
+        "broker_ratio": broker.map(|b| decided_per_sec / b),
     });
     if let Some(mut child) = target.child.take() {
         let _ = reqwest::Client::new()
@@ -460,6 +502,11 @@ pub async fn run(config: &tai_core::config::Config, a: BenchArgs) -> anyhow::Res
             .send()
             .await;
         let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+        if a.backend == "amqp" {
+            if let Err(e) = tai_kanban::amqp::delete_topology(&a.amqp_url, &bench_queue()).await {
+                eprintln!("bench: could not delete the bench queue: {e}");
+            }
+        }
     }
     if a.json {
         println!("{report}");

@@ -202,9 +202,11 @@ pub async fn serve(config: Config) -> anyhow::Result<i32> {
         }
         why = os_signal() => {
             state.request_shutdown(why);
+            quiesce(grace).await;
             stop_tree(app, grace).await
         }
         _ = shutdown_rx.wait_for(|v| *v) => {
+            quiesce(grace).await;
             stop_tree(app, grace).await
         }
     };
@@ -221,6 +223,28 @@ pub async fn serve(config: Config) -> anyhow::Result<i32> {
     }
     info!(code, "tai node stopped");
     Ok(code)
+}
+
+/// Before the tree stops: the queue hands out no more work (the amqp
+/// backend cancels its consumer) and in-flight signals are decided and
+/// acknowledged, for at most a third of the grace period (what is left in
+/// flight then is delivered again at the next start).
+async fn quiesce(grace: Duration) {
+    let Some(queue) = ractor::registry::where_is(tai_core::msg::KANBAN_QUEUE) else {
+        return;
+    };
+    let limit = (grace / 3).min(Duration::from_secs(10));
+    let started = std::time::Instant::now();
+    match ractor::rpc::call(&queue, tai_core::msg::KanbanMsg::Quiesce, Some(limit)).await {
+        Ok(ractor::rpc::CallResult::Success(_)) => info!(
+            took_ms = started.elapsed().as_millis() as u64,
+            "queue quiesced: nothing in flight"
+        ),
+        _ => warn!(
+            ?limit,
+            "signals still in flight at shutdown; they are delivered again at the next start"
+        ),
+    }
 }
 
 async fn stop_tree(app: Application, grace: Duration) -> i32 {

@@ -18,6 +18,7 @@
 //! | `v/` | tenant `\0` sku `\0` customer | a customer's recent payment times |
 //! | `m/` | name | meta: the signed ledger head, start count |
 //! | `w/` | redo id (u64 BE) | a write set being applied |
+//! | `f/` | buffer seq (u64 BE) | `Signal`: the amqp backend's fallback buffer (broker down) |
 //!
 //! Atomicity: a set of writes is first stored as one redo record (`w/`), then
 //! applied, then the record is removed; a record found at start is applied
@@ -89,6 +90,14 @@ pub struct Store {
     redo_seq: Arc<std::sync::atomic::AtomicU64>,
     /// `accepted` records of queued signals, by their `s/` key.
     queued: Arc<Mutex<HashMap<Vec<u8>, SignalRecord>>>,
+    /// The fallback buffer: next seq and how many signals it holds.
+    buffer: Arc<Mutex<BufferCursor>>,
+}
+
+#[derive(Debug, Default)]
+struct BufferCursor {
+    next: u64,
+    count: u64,
 }
 
 impl std::fmt::Debug for Store {
@@ -169,8 +178,10 @@ impl Store {
             commit,
             redo_seq: Arc::new(std::sync::atomic::AtomicU64::new(redo_seq)),
             queued: Arc::default(),
+            buffer: Arc::default(),
         };
         store.recover_queue()?;
+        store.recover_buffer()?;
         Ok(store)
     }
 
@@ -380,6 +391,17 @@ impl Store {
         self.db.scan_prefix(b"d/").keys().count() as u64
     }
 
+    /// A replayed dead letter's record: `accepted` again, its receipts kept.
+    fn replayed_record(&self, letter: &DeadLetter) -> Result<SignalRecord> {
+        let s = &letter.signal;
+        let mut record = self
+            .signal_record(&s.tenant_id, &s.id)?
+            .unwrap_or_else(|| SignalRecord::accepted(s));
+        record.status = SignalStatus::Accepted;
+        record.reason = None;
+        Ok(record)
+    }
+
     /// Puts a dead letter back in the queue as a block of one at `seq`,
     /// atomically: the letter goes, the signal is `accepted` again. `None`
     /// if there is no such letter.
@@ -389,11 +411,7 @@ impl Store {
             return Ok(None);
         };
         let letter: DeadLetter = decode(&key, &v)?;
-        let mut record = self
-            .signal_record(tenant, id)?
-            .unwrap_or_else(|| SignalRecord::accepted(&letter.signal));
-        record.status = SignalStatus::Accepted;
-        record.reason = None;
+        let record = self.replayed_record(&letter)?;
         let delivery = Delivery {
             seq,
             signal: letter.signal.clone(),
@@ -404,6 +422,132 @@ impl Store {
         batch.insert(pair_key(b's', tenant, id), encode(&record));
         batch.insert(seq_key(b'q', seq), encode(&[delivery]));
         self.atomic(batch)?;
+        Ok(Some(letter.signal))
+    }
+
+    // ---- the amqp backend ----------------------------------------------------
+
+    /// Records signals handed to the broker as `accepted` (`s/`), the dedupe
+    /// key until their decision replaces it. Durable with the next group flush.
+    pub fn record_accepted(&self, signals: &[Signal]) -> Result<()> {
+        for s in signals {
+            self.db.insert(
+                pair_key(b's', &s.tenant_id, &s.id),
+                encode(&SignalRecord::accepted(s)),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Forgets `accepted` records of signals that were refused after all
+    /// (neither the broker nor the buffer took them), so a retry is not a duplicate.
+    pub fn forget_accepted(&self, signals: &[Signal]) -> Result<()> {
+        for s in signals {
+            let key = pair_key(b's', &s.tenant_id, &s.id);
+            let Some(old) = self.db.get(&key)? else {
+                continue;
+            };
+            if decode::<SignalRecord>(&key, &old)?.status == SignalStatus::Accepted {
+                // Compare-and-swap: a decision landing meanwhile stays.
+                let _ = self
+                    .db
+                    .compare_and_swap(&key, Some(old), None as Option<&[u8]>)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn recover_buffer(&self) -> Result<()> {
+        let mut cur = self.buffer.lock().expect("buffer cursor");
+        cur.count = self.db.scan_prefix(b"f/").keys().count() as u64;
+        cur.next = match self.db.scan_prefix(b"f/").keys().next_back() {
+            Some(k) => seq_of(&k?) + 1,
+            None => 1,
+        };
+        Ok(())
+    }
+
+    /// Appends signals to the fallback buffer, in order, with their
+    /// `accepted` records unless `recorded` (written before publishing);
+    /// refused (false) if that would pass `max`. A signal already past
+    /// `accepted` is left out: an engine has it, so the broker had it (its
+    /// publisher confirm was lost, not the message); and a record is never
+    /// overwritten here, so a decision landing meanwhile is not undone.
+    /// Call [`Store::durable`] before the 202.
+    pub fn buffer_append(&self, signals: &[Signal], max: u64, recorded: bool) -> Result<bool> {
+        let mut fresh = Vec::with_capacity(signals.len());
+        for s in signals {
+            let key = pair_key(b's', &s.tenant_id, &s.id);
+            if self
+                .disk_record(&key)?
+                .is_none_or(|r| r.status == SignalStatus::Accepted)
+            {
+                fresh.push((key, s));
+            }
+        }
+        let mut cur = self.buffer.lock().expect("buffer cursor");
+        if cur.count + fresh.len() as u64 > max {
+            return Ok(false);
+        }
+        let mut batch = redo::Ops::default();
+        for (i, (key, s)) in fresh.iter().enumerate() {
+            batch.insert(seq_key(b'f', cur.next + i as u64), encode(s));
+            if !recorded {
+                batch.insert(key, encode(&SignalRecord::accepted(s)));
+            }
+        }
+        self.atomic(batch)?;
+        cur.next += fresh.len() as u64;
+        cur.count += fresh.len() as u64;
+        Ok(true)
+    }
+
+    /// The oldest `limit` buffered signals with their buffer seqs.
+    pub fn buffered(&self, limit: usize) -> Result<Vec<(u64, Signal)>> {
+        self.db
+            .scan_prefix(b"f/")
+            .take(limit)
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((seq_of(&k), decode(&k, &v)?))
+            })
+            .collect()
+    }
+
+    /// Drops buffered signals the broker has confirmed. No durability of its
+    /// own: one that survives a crash is published again and deduplicated.
+    pub fn unbuffer(&self, seqs: &[u64]) -> Result<()> {
+        let mut cur = self.buffer.lock().expect("buffer cursor");
+        for &seq in seqs {
+            if self.db.remove(seq_key(b'f', seq))?.is_some() {
+                cur.count = cur.count.saturating_sub(1);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn buffered_count(&self) -> u64 {
+        self.buffer.lock().expect("buffer cursor").count
+    }
+
+    /// Moves a dead letter into the fallback buffer (which publishes it to the
+    /// broker), atomically: the letter goes, the signal is `accepted` again.
+    /// `None` if there is no such letter.
+    pub fn replay_dead_letter_to_buffer(&self, tenant: &str, id: &str) -> Result<Option<Signal>> {
+        let key = pair_key(b'd', tenant, id);
+        let Some(v) = self.db.get(&key)? else {
+            return Ok(None);
+        };
+        let letter: DeadLetter = decode(&key, &v)?;
+        let record = self.replayed_record(&letter)?;
+        let mut cur = self.buffer.lock().expect("buffer cursor");
+        let mut batch = redo::Ops::default();
+        batch.remove(key);
+        batch.insert(pair_key(b's', tenant, id), encode(&record));
+        batch.insert(seq_key(b'f', cur.next), encode(&letter.signal));
+        self.atomic(batch)?;
+        cur.next += 1;
+        cur.count += 1;
         Ok(Some(letter.signal))
     }
 

@@ -1,0 +1,1430 @@
+//! `kanban_queue` on RabbitMQ (`kanban.backend = "amqp"`), the only module
+//! that names lapin.
+//!
+//! The promise is the embedded queue's: a 202 is sent only once the broker
+//! confirmed the message (publisher confirms, pipelined) or, while the broker
+//! is down, once it is in the local fallback buffer (sled, bounded); a
+//! message is acknowledged to the broker only after its decision, checkpoint
+//! and receipts are durable. Dispatch to the engines goes through the same
+//! [`Dispatch`] as the embedded queue (WIP limit, per-engine prefetch,
+//! tenants in turn).
+//!
+//! One actor owns the state; tasks do the waiting: one connect attempt at a
+//! time (exponential backoff with jitter between attempts), a consumer task
+//! per connection forwarding deliveries, a publish task per batch (chained,
+//! so batches reach the broker in order), one buffer drain at a time, and one
+//! acker. Everything the tasks report comes back as
+//! [`KanbanMsg::Backend`] events tagged with the connection generation, so a
+//! late report from a dead connection is recognised and ignored.
+//!
+//! Exactly once: every delivery is treated as possibly decided (the engine
+//! checks the store first), and a second copy of a signal already held here
+//! (republished after a lost confirm, or redelivered after a reconnect while
+//! the engine still holds the first) is not dispatched: it is acknowledged
+//! with the first one's decision.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{
+    Acker, BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tai_core::alert::{Alert, Severity};
+use tai_core::config::{AmqpQueueType, KanbanConfig};
+use tai_core::msg::{BrokerStats, Delivery, EnqueueOutcome, KanbanMsg, QueueStats};
+use tai_core::signal::{now_ms, DeadLetter, Signal, SignalRecord};
+use tai_store::Store;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+use crate::dispatch::Dispatch;
+use crate::poison::{self, Poisoned};
+use crate::send_to_router;
+
+/// Header with the reason a dead-lettered message carries.
+pub const REASON_HEADER: &str = "x-tai-deadletter-reason";
+/// Signals the drain publishes per confirm round.
+const DRAIN_BATCH: usize = 512;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Copy, Debug)]
+pub struct AmqpQueue;
+
+pub struct AmqpArgs {
+    pub store: Store,
+    pub config: KanbanConfig,
+    /// In flight longer than this without an ack: sent to the engine again.
+    pub visibility: Duration,
+}
+
+/// The names the node declares.
+#[derive(Clone, Debug)]
+pub struct Topology {
+    pub queue: String,
+    pub deadletter: String,
+    pub queue_type: AmqpQueueType,
+    pub prefetch: u16,
+}
+
+impl Topology {
+    pub fn new(config: &KanbanConfig) -> Self {
+        Topology {
+            queue: config.amqp_queue.clone(),
+            deadletter: format!("{}.deadletter", config.amqp_queue),
+            queue_type: config.amqp_queue_type,
+            prefetch: u16::try_from(config.prefetch).unwrap_or(u16::MAX),
+        }
+    }
+
+    /// The work queue's arguments (a redeclare must repeat them exactly).
+    fn queue_args(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(LongString::from(self.deadletter.as_str())),
+        );
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        let kind = match self.queue_type {
+            AmqpQueueType::Classic => "classic",
+            AmqpQueueType::Quorum => "quorum",
+        };
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from(kind)),
+        );
+        args
+    }
+
+    /// Declares the work queue, the dead-letter exchange and queue, bound
+    /// (idempotent: at start and after every reconnect).
+    pub async fn declare(&self, ch: &Channel) -> lapin::Result<()> {
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ch.exchange_declare(
+            self.deadletter.as_str().into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+        ch.queue_declare(
+            self.deadletter.as_str().into(),
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+        ch.queue_bind(
+            self.deadletter.as_str().into(),
+            self.deadletter.as_str().into(),
+            self.queue.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        ch.queue_declare(self.queue.as_str().into(), durable, self.queue_args())
+            .await?;
+        Ok(())
+    }
+}
+
+/// A signal as the node publishes it: JSON body, persistent, its metadata in headers.
+pub fn message(signal: &Signal) -> (Vec<u8>, BasicProperties) {
+    let body = serde_json::to_vec(signal).expect("a signal serializes");
+    let mut headers = FieldTable::default();
+    for (k, v) in [
+        ("tai-tenant", signal.tenant_id.as_str()),
+        ("tai-sku", signal.sku_id.as_str()),
+        ("tai-kind", signal.kind.as_str()),
+    ] {
+        headers.insert(k.into(), AMQPValue::LongString(LongString::from(v)));
+    }
+    if let Some(t) = &signal.trace_id {
+        headers.insert(
+            "tai-trace-id".into(),
+            AMQPValue::LongString(LongString::from(t.as_str())),
+        );
+    }
+    let props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_message_id(ShortString::from(signal.id.as_str()))
+        .with_timestamp(signal.received_at_ms / 1000)
+        .with_headers(headers);
+    (body, props)
+}
+
+/// Publishes a signal to the default exchange (routed to `queue`).
+async fn publish(
+    ch: &Channel,
+    queue: &str,
+    signal: &Signal,
+) -> lapin::Result<lapin::PublisherConfirm> {
+    let (body, props) = message(signal);
+    publish_raw(ch, "", queue, &body, props).await
+}
+
+/// A mandatory publish: an unroutable message comes back instead of vanishing.
+async fn publish_raw(
+    ch: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    props: BasicProperties,
+) -> lapin::Result<lapin::PublisherConfirm> {
+    ch.basic_publish(
+        exchange.into(),
+        routing_key.into(),
+        BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        },
+        body,
+        props,
+    )
+    .await
+}
+
+/// Whether a confirm means the broker has the message.
+fn confirmed(c: &lapin::Result<Confirmation>) -> bool {
+    matches!(c, Ok(Confirmation::Ack(None)))
+}
+
+/// One live connection.
+struct Link {
+    gen: u64,
+    conn: Connection,
+    publish: Channel,
+    consume: Channel,
+    probe: Channel,
+    consumer_tag: String,
+    /// Handed to [`forward`] when the actor takes the link.
+    consumer: Option<lapin::Consumer>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// What tasks report to the actor.
+enum Event {
+    Connected(Box<Link>),
+    Lost {
+        gen: u64,
+        reason: String,
+    },
+    Reconnect,
+    Delivered {
+        gen: u64,
+        delivery: Box<lapin::message::Delivery>,
+    },
+    /// A publish batch is answered: waiting duplicates get the same answer.
+    Published(Vec<((String, String), Option<SignalRecord>)>),
+    /// The buffer drain ended (`Err`: the broker went away meanwhile).
+    Drained {
+        gen: u64,
+        result: Result<u64, String>,
+    },
+    Depth {
+        gen: u64,
+        depth: u64,
+    },
+    /// A poison message is dead-lettered (or could not be: it stays).
+    PoisonDone {
+        key: (String, String),
+        result: Result<(), String>,
+    },
+}
+
+fn event(e: Event) -> KanbanMsg {
+    KanbanMsg::Backend(Box::new(e))
+}
+
+/// A delivery held here: its engine key and every broker copy to ack with it.
+struct Entry {
+    key: (String, String),
+    ackers: Vec<Acker>,
+}
+
+pub struct AmqpState {
+    store: Store,
+    config: KanbanConfig,
+    topology: Topology,
+    visibility: Duration,
+    gen: u64,
+    link: Option<Box<Link>>,
+    connecting: bool,
+    backoff: ExponentialBackoff,
+    last_error: Option<String>,
+    reconnects: u64,
+    lost_gen: u64,
+    down_since: Option<Instant>,
+    dispatch: Dispatch,
+    next_seq: u64,
+    entries: HashMap<u64, Entry>,
+    by_key: HashMap<(String, String), u64>,
+    /// Enqueues waiting for the next publish batch.
+    batch: Vec<(Signal, RpcReplyPort<EnqueueOutcome>)>,
+    /// Signals being published, with duplicates waiting for their answer.
+    publishing: HashMap<(String, String), Vec<RpcReplyPort<EnqueueOutcome>>>,
+    /// Done when the previous publish batch has handed its messages to the channel.
+    chain: Option<oneshot::Receiver<()>>,
+    draining_buffer: bool,
+    /// Messages that failed once (requeued), by signal or by body hash.
+    failures: HashMap<(String, String), u32>,
+    poisoning: std::collections::HashSet<(String, String)>,
+    broker_depth: Option<u64>,
+    delivered: u64,
+    acks: mpsc::UnboundedSender<(Acker, bool)>,
+    acker: tokio::task::JoinHandle<()>,
+    ticker: tokio::task::JoinHandle<()>,
+    quiescing: bool,
+    quiesce_waiters: Vec<RpcReplyPort<u64>>,
+}
+
+fn backoff() -> ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Connects, declares the topology, opens the channels and starts consuming.
+async fn connect(
+    me: ActorRef<KanbanMsg>,
+    url: String,
+    topology: Topology,
+    gen: u64,
+) -> Result<Box<Link>, String> {
+    let props = ConnectionProperties::default()
+        .with_connection_name(format!("tai-node-{}", std::process::id()).into());
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&url, props))
+        .await
+        .map_err(|_| format!("no answer from the broker in {CONNECT_TIMEOUT:?}"))?
+        .map_err(|e| e.to_string())?;
+    let setup = async {
+        let publish = conn.create_channel().await?;
+        topology.declare(&publish).await?;
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let probe = conn.create_channel().await?;
+        let consume = conn.create_channel().await?;
+        consume
+            .basic_qos(topology.prefetch, BasicQosOptions::default())
+            .await?;
+        let tag = format!("tai-{}-{gen}", std::process::id());
+        let consumer = consume
+            .basic_consume(
+                topology.queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok::<_, lapin::Error>((publish, probe, consume, consumer, tag))
+    };
+    let (publish, probe, consume, consumer, consumer_tag) =
+        match tokio::time::timeout(CONNECT_TIMEOUT, setup).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                let _ = conn.close(200, "setup failed".into()).await;
+                return Err(e.to_string());
+            }
+            Err(_) => return Err(format!("broker setup took over {CONNECT_TIMEOUT:?}")),
+        };
+    let mut events = conn.events_listener();
+    let to_actor = me.clone();
+    let watching = tokio::spawn(async move {
+        while let Some(e) = events.next().await {
+            if let lapin::Event::Error(err) = e {
+                let _ = to_actor.send_message(event(Event::Lost {
+                    gen,
+                    reason: err.to_string(),
+                }));
+                return;
+            }
+        }
+    });
+    Ok(Box::new(Link {
+        gen,
+        conn,
+        publish,
+        consume,
+        probe,
+        consumer_tag,
+        consumer: Some(consumer),
+        tasks: vec![watching],
+    }))
+}
+
+/// Forwards a connection's deliveries to the actor; started by the actor
+/// once it holds the link, so no delivery arrives before its connection.
+fn forward(
+    me: ActorRef<KanbanMsg>,
+    gen: u64,
+    mut consumer: lapin::Consumer,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let to_actor = me;
+        let reason = loop {
+            match consumer.next().await {
+                Some(Ok(delivery)) => {
+                    let msg = event(Event::Delivered {
+                        gen,
+                        delivery: Box::new(delivery),
+                    });
+                    if to_actor.send_message(msg).is_err() {
+                        return;
+                    }
+                }
+                Some(Err(e)) => break e.to_string(),
+                None => break "the broker cancelled the consumer".to_string(),
+            }
+        };
+        let _ = to_actor.send_message(event(Event::Lost { gen, reason }));
+    })
+}
+
+/// Publishes the oldest buffered signals until the buffer is empty.
+async fn drain_buffer(ch: Channel, store: Store, queue: String) -> Result<u64, String> {
+    let mut sent = 0;
+    loop {
+        let batch = store.buffered(DRAIN_BATCH).map_err(|e| e.to_string())?;
+        if batch.is_empty() {
+            return Ok(sent);
+        }
+        let mut confirms = Vec::with_capacity(batch.len());
+        for (seq, s) in &batch {
+            let c = publish(&ch, &queue, s).await.map_err(|e| e.to_string())?;
+            confirms.push((*seq, c));
+        }
+        let mut done = Vec::with_capacity(confirms.len());
+        let mut failed = None;
+        for (seq, c) in confirms {
+            let c = c.await;
+            if confirmed(&c) {
+                done.push(seq);
+            } else {
+                failed = Some(format!("the broker did not confirm: {c:?}"));
+                break;
+            }
+        }
+        store.unbuffer(&done).map_err(|e| e.to_string())?;
+        sent += done.len() as u64;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+    }
+}
+
+/// Answers a publish batch: what the broker confirmed is accepted; the rest
+/// goes to the fallback buffer (or, past its bound, is refused).
+async fn settle_batch(
+    store: Store,
+    buffer_max: u64,
+    recorded: bool,
+    signals: Vec<Signal>,
+    replies: Vec<RpcReplyPort<EnqueueOutcome>>,
+    confirmed: Vec<bool>,
+) -> Vec<((String, String), Option<SignalRecord>)> {
+    let unconfirmed: Vec<Signal> = signals
+        .iter()
+        .zip(&confirmed)
+        .filter(|(_, ok)| !**ok)
+        .map(|(s, _)| s.clone())
+        .collect();
+    let fallback: Result<(), EnqueueOutcome> = if unconfirmed.is_empty() {
+        Ok(())
+    } else {
+        match store.buffer_append(&unconfirmed, buffer_max, recorded) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(EnqueueOutcome::Full(format!(
+                "the broker is unreachable and the fallback buffer is full ({buffer_max} signals)"
+            ))),
+            Err(e) => Err(EnqueueOutcome::Failed(e.to_string())),
+        }
+    };
+    let durable = store.durable().await.map_err(|e| e.to_string());
+    if fallback.is_err() {
+        if let Err(e) = store.forget_accepted(&unconfirmed) {
+            warn!(error = %e, "could not forget refused signals");
+        }
+    }
+    let mut answers = Vec::with_capacity(signals.len());
+    for ((s, reply), ok) in signals.into_iter().zip(replies).zip(confirmed) {
+        let outcome = match (&durable, ok, &fallback) {
+            (Err(e), _, _) => EnqueueOutcome::Failed(e.clone()),
+            (Ok(()), true, _) | (Ok(()), false, Ok(())) => EnqueueOutcome::Accepted,
+            (Ok(()), false, Err(refusal)) => refusal.clone(),
+        };
+        let record =
+            matches!(outcome, EnqueueOutcome::Accepted).then(|| SignalRecord::accepted(&s));
+        let _ = reply.send(outcome);
+        answers.push(((s.tenant_id, s.id), record));
+    }
+    answers
+}
+
+impl AmqpState {
+    fn current_gen(&self) -> Option<u64> {
+        self.link.as_ref().map(|l| l.gen)
+    }
+
+    fn start_connect(&mut self, myself: &ActorRef<KanbanMsg>) {
+        if self.connecting || self.link.is_some() || self.quiescing {
+            return;
+        }
+        self.connecting = true;
+        self.gen += 1;
+        let (me, url, topology, gen) = (
+            myself.clone(),
+            self.config.amqp_url.clone(),
+            self.topology.clone(),
+            self.gen,
+        );
+        tokio::spawn(async move {
+            let msg = match connect(me.clone(), url, topology, gen).await {
+                Ok(link) => Event::Connected(link),
+                Err(reason) => Event::Lost { gen, reason },
+            };
+            let _ = me.send_message(event(msg));
+        });
+    }
+
+    fn dispatch(&mut self) {
+        if self.quiescing {
+            return;
+        }
+        let now = Instant::now();
+        for d in self
+            .dispatch
+            .take(self.config.wip_limit, self.config.prefetch, now)
+        {
+            send_to_router(d);
+        }
+    }
+
+    fn maybe_drain(&mut self, myself: &ActorRef<KanbanMsg>) {
+        if self.draining_buffer || self.store.buffered_count() == 0 {
+            return;
+        }
+        let Some(link) = &self.link else {
+            return;
+        };
+        self.draining_buffer = true;
+        let (ch, store, queue, gen, me) = (
+            link.publish.clone(),
+            self.store.clone(),
+            self.topology.queue.clone(),
+            link.gen,
+            myself.clone(),
+        );
+        info!(
+            buffered = store.buffered_count(),
+            "draining the fallback buffer to the broker"
+        );
+        tokio::spawn(async move {
+            let result = drain_buffer(ch, store, queue).await;
+            let _ = me.send_message(event(Event::Drained { gen, result }));
+        });
+    }
+
+    fn enqueue(
+        &mut self,
+        myself: &ActorRef<KanbanMsg>,
+        signal: Signal,
+        reply: RpcReplyPort<EnqueueOutcome>,
+    ) -> Result<(), ActorProcessingErr> {
+        let key = (signal.tenant_id.clone(), signal.id.clone());
+        if let Some(waiting) = self.publishing.get_mut(&key) {
+            waiting.push(reply);
+            return Ok(());
+        }
+        match self.store.signal_record(&key.0, &key.1) {
+            Ok(Some(existing)) => {
+                let _ = reply.send(EnqueueOutcome::Duplicate(existing));
+                return Ok(());
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let _ = reply.send(EnqueueOutcome::Failed(e.to_string()));
+                return Ok(());
+            }
+        }
+        if self
+            .broker_depth
+            .is_some_and(|d| d >= self.config.max_depth)
+        {
+            let _ = reply.send(EnqueueOutcome::Full(format!(
+                "queue is full ({} signals)",
+                self.config.max_depth
+            )));
+            return Ok(());
+        }
+        if self.batch.is_empty() {
+            myself.send_message(KanbanMsg::FlushEnqueues)?;
+        }
+        self.publishing.insert(key, Vec::new());
+        self.batch.push((signal, reply));
+        Ok(())
+    }
+
+    /// Publishes the batch (in order after the previous one), or writes it to
+    /// the fallback buffer while the broker is away or the buffer still holds
+    /// older signals (so a tenant's signals keep their order).
+    fn flush_batch(&mut self, myself: &ActorRef<KanbanMsg>) {
+        let batch = std::mem::take(&mut self.batch);
+        if batch.is_empty() {
+            return;
+        }
+        let (signals, replies): (Vec<Signal>, Vec<_>) = batch.into_iter().unzip();
+        let (store, me, max) = (self.store.clone(), myself.clone(), self.config.buffer_max);
+        let direct = self.store.buffered_count() == 0 && !self.draining_buffer;
+        match (&self.link, direct) {
+            (Some(link), true) => {
+                if let Err(e) = self.store.record_accepted(&signals) {
+                    let answers = signals
+                        .iter()
+                        .map(|s| ((s.tenant_id.clone(), s.id.clone()), None))
+                        .collect();
+                    for r in replies {
+                        let _ = r.send(EnqueueOutcome::Failed(e.to_string()));
+                    }
+                    let _ = me.send_message(event(Event::Published(answers)));
+                    return;
+                }
+                let ch = link.publish.clone();
+                let queue = self.topology.queue.clone();
+                let previous = self.chain.take();
+                let (sent_tx, sent_rx) = oneshot::channel();
+                self.chain = Some(sent_rx);
+                tokio::spawn(async move {
+                    if let Some(previous) = previous {
+                        let _ = previous.await;
+                    }
+                    let mut confirms = Vec::with_capacity(signals.len());
+                    for s in &signals {
+                        match publish(&ch, &queue, s).await {
+                            Ok(c) => confirms.push(Some(c)),
+                            Err(e) => {
+                                debug!(error = %e, "publish failed; to the fallback buffer");
+                                confirms.push(None);
+                            }
+                        }
+                    }
+                    let _ = sent_tx.send(());
+                    let mut ok = Vec::with_capacity(confirms.len());
+                    for c in confirms {
+                        ok.push(match c {
+                            Some(c) => confirmed(&c.await),
+                            None => false,
+                        });
+                    }
+                    let answers = settle_batch(store, max, true, signals, replies, ok).await;
+                    let _ = me.send_message(event(Event::Published(answers)));
+                });
+            }
+            _ => {
+                let none = vec![false; signals.len()];
+                tokio::spawn(async move {
+                    let answers = settle_batch(store, max, false, signals, replies, none).await;
+                    let _ = me.send_message(event(Event::Published(answers)));
+                });
+            }
+        }
+    }
+
+    fn on_delivery(&mut self, myself: &ActorRef<KanbanMsg>, gen: u64, d: lapin::message::Delivery) {
+        if self.current_gen() != Some(gen) {
+            // From a connection that is gone: the broker sends it again.
+            return;
+        }
+        self.delivered += 1;
+        let signal = match serde_json::from_slice::<Signal>(&d.data) {
+            Ok(s) => s,
+            Err(e) => {
+                self.malformed(myself, d, e.to_string());
+                return;
+            }
+        };
+        let key = (signal.tenant_id.clone(), signal.id.clone());
+        if self.poisoning.contains(&key) {
+            // Being dead-lettered from an earlier copy: this one goes with it.
+            let _ = self.acks.send((d.acker, true));
+            return;
+        }
+        if let Some(seq) = self.by_key.get(&key) {
+            if let Some(entry) = self.entries.get_mut(seq) {
+                entry.ackers.push(d.acker);
+                return;
+            }
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.by_key.insert(key.clone(), seq);
+        self.entries.insert(
+            seq,
+            Entry {
+                key,
+                ackers: vec![d.acker],
+            },
+        );
+        self.dispatch.push(Delivery {
+            seq,
+            signal,
+            // Possibly decided already (a copy republished or redelivered):
+            // the engine checks the store before deciding.
+            redelivered: true,
+        });
+        self.dispatch();
+    }
+
+    /// A message that is not a signal: requeued once, then dead-lettered.
+    fn malformed(
+        &mut self,
+        myself: &ActorRef<KanbanMsg>,
+        d: lapin::message::Delivery,
+        error: String,
+    ) {
+        let mut h = DefaultHasher::new();
+        d.data.hash(&mut h);
+        let key = (String::new(), format!("{:016x}", h.finish()));
+        let header = |name: &str| {
+            d.properties
+                .headers()
+                .as_ref()
+                .and_then(|t| t.inner().get(name))
+                .and_then(|v| match v {
+                    AMQPValue::LongString(s) => Some(s.to_string()),
+                    AMQPValue::ShortString(s) => Some(s.to_string()),
+                    _ => None,
+                })
+        };
+        let p = Poisoned {
+            tenant_id: header("tai-tenant").unwrap_or_else(|| "unknown".into()),
+            sku_id: header("tai-sku").unwrap_or_else(|| "unknown".into()),
+            signal_id: d.properties.message_id().as_ref().map(|m| m.to_string()),
+            trace_id: None,
+            letter: None,
+            reason: format!("poison: malformed message: {error}"),
+        };
+        warn!(error = %error, "malformed message from the broker");
+        self.fail(myself, key, vec![d.acker], Some((d.data, d.properties)), p);
+    }
+
+    /// A message failed: the first time it is requeued at the broker; the
+    /// second, it is published to the dead-letter exchange with the reason
+    /// and a receipt, then acknowledged, so a poison message never loops.
+    fn fail(
+        &mut self,
+        myself: &ActorRef<KanbanMsg>,
+        key: (String, String),
+        ackers: Vec<Acker>,
+        raw: Option<(Vec<u8>, BasicProperties)>,
+        p: Poisoned,
+    ) {
+        let failures = self.failures.entry(key.clone()).or_insert(0);
+        *failures += 1;
+        if *failures < 2 {
+            warn!(tenant = %p.tenant_id, signal = ?p.signal_id, "message failed; requeued once");
+            for a in ackers {
+                let _ = self.acks.send((a, false));
+            }
+            return;
+        }
+        let Some(link) = &self.link else {
+            // The broker has it back already (the channel is gone).
+            return;
+        };
+        self.failures.remove(&key);
+        self.poisoning.insert(key.clone());
+        let (body, props) = match raw {
+            Some(m) => m,
+            None => match &p.letter {
+                Some(l) => message(&l.signal),
+                None => (Vec::new(), BasicProperties::default()),
+            },
+        };
+        let mut headers = props.headers().clone().unwrap_or_default();
+        headers.insert(
+            REASON_HEADER.into(),
+            AMQPValue::LongString(LongString::from(p.reason.as_str())),
+        );
+        let props = props.with_headers(headers);
+        let (ch, exchange, routing, store, acks, me) = (
+            link.publish.clone(),
+            self.topology.deadletter.clone(),
+            self.topology.queue.clone(),
+            self.store.clone(),
+            self.acks.clone(),
+            myself.clone(),
+        );
+        tokio::spawn(async move {
+            let result = async {
+                let confirm = publish_raw(&ch, &exchange, &routing, &body, props)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .await;
+                if !confirmed(&confirm) {
+                    return Err(format!("dead-letter exchange did not confirm: {confirm:?}"));
+                }
+                let reason = p.reason.clone();
+                poison::commit(&store, p).await?;
+                metrics::counter!(tai_core::telemetry::DEADLETTER, "reason" => "poison")
+                    .increment(1);
+                warn!(reason = %reason, "poison message dead-lettered");
+                Ok(())
+            }
+            .await;
+            // Dead-lettered: gone from the work queue. If not, back to the
+            // queue to be tried again.
+            for a in ackers {
+                let _ = acks.send((a, result.is_ok()));
+            }
+            let _ = me.send_message(event(Event::PoisonDone { key, result }));
+        });
+    }
+
+    /// A delivery that failed in an engine (it crashed on it, or never answered).
+    fn failed_delivery(&mut self, myself: &ActorRef<KanbanMsg>, d: Delivery) {
+        self.dispatch.ack(d.seq);
+        let Some(entry) = self.entries.remove(&d.seq) else {
+            return;
+        };
+        self.by_key.remove(&entry.key);
+        let s = &d.signal;
+        let reason = "poison".to_string();
+        let p = Poisoned {
+            tenant_id: s.tenant_id.clone(),
+            sku_id: s.sku_id.clone(),
+            signal_id: Some(s.id.clone()),
+            trace_id: s.trace_id.clone(),
+            letter: Some(DeadLetter {
+                signal: d.signal.clone(),
+                reason: reason.clone(),
+                at_ms: now_ms(),
+            }),
+            reason,
+        };
+        self.fail(myself, entry.key, entry.ackers, None, p);
+    }
+
+    fn resend(&mut self, myself: &ActorRef<KanbanMsg>, again: Vec<(Delivery, u32)>) {
+        for (d, attempts) in again {
+            if attempts > 1 {
+                self.failed_delivery(myself, d);
+            } else {
+                send_to_router(d);
+            }
+        }
+    }
+
+    fn ack(&mut self, seq: u64) {
+        if !self.dispatch.ack(seq) {
+            return;
+        }
+        if let Some(entry) = self.entries.remove(&seq) {
+            self.by_key.remove(&entry.key);
+            self.failures.remove(&entry.key);
+            for a in entry.ackers {
+                let _ = self.acks.send((a, true));
+            }
+        }
+    }
+
+    fn lost(&mut self, myself: &ActorRef<KanbanMsg>, gen: u64, reason: String) {
+        // Reported once per connection (its consumer and its watcher may both tell).
+        if gen != self.gen || self.lost_gen == gen {
+            return;
+        }
+        if self.quiescing {
+            // Our own consumer cancel, or the end: the channel stays for the acks.
+            debug!(reason = %reason, "broker consumer ended while quiescing");
+            return;
+        }
+        self.lost_gen = gen;
+        let was_up = self.link.is_some();
+        if let Some(link) = self.link.take() {
+            for t in &link.tasks {
+                t.abort();
+            }
+        }
+        self.connecting = false;
+        self.chain = None;
+        // Not yet sent to an engine: the broker has them back. What engines
+        // hold stays in flight and is matched with its redelivered copy.
+        for d in self.dispatch.clear_ready() {
+            if let Some(e) = self.entries.remove(&d.seq) {
+                self.by_key.remove(&e.key);
+            }
+        }
+        self.broker_depth = None;
+        if self.down_since.is_none() {
+            self.down_since = Some(Instant::now());
+        }
+        if was_up || self.last_error.as_deref() != Some(reason.as_str()) {
+            error!(reason = %reason, "broker unreachable; accepting into the fallback buffer");
+            tai_core::alert::raise(Alert::new(
+                Severity::Critical,
+                "broker_down",
+                "broker_down",
+                KANBAN_SOURCE,
+                format!("RabbitMQ unreachable: {reason}"),
+            ));
+        }
+        self.last_error = Some(reason);
+        if self.quiescing {
+            return;
+        }
+        let delay = self.backoff.next().unwrap_or(Duration::from_secs(5));
+        myself.send_after(delay, || event(Event::Reconnect));
+    }
+
+    fn connected_link(&mut self, myself: &ActorRef<KanbanMsg>, mut link: Box<Link>) {
+        self.connecting = false;
+        if link.gen != self.gen || self.quiescing {
+            for t in &link.tasks {
+                t.abort();
+            }
+            tokio::spawn(async move {
+                let _ = link.conn.close(200, "superseded".into()).await;
+            });
+            return;
+        }
+        if self.down_since.take().is_some() && self.reconnects > 0 {
+            tai_core::alert::raise(
+                Alert::new(
+                    Severity::Critical,
+                    "broker_down",
+                    "broker_down",
+                    KANBAN_SOURCE,
+                    "RabbitMQ is reachable again",
+                )
+                .resolved(),
+            );
+        }
+        self.reconnects += 1;
+        self.backoff = backoff();
+        info!(
+            queue = %self.topology.queue,
+            consumer = %link.consumer_tag,
+            buffered = self.store.buffered_count(),
+            "connected to the broker"
+        );
+        if let Some(consumer) = link.consumer.take() {
+            link.tasks.push(forward(myself.clone(), link.gen, consumer));
+        }
+        self.link = Some(link);
+        self.maybe_drain(myself);
+    }
+
+    fn depth(&self) -> u64 {
+        self.broker_depth.unwrap_or(0)
+            + self.dispatch.ready_len()
+            + self.dispatch.in_flight_len()
+            + self.store.buffered_count()
+    }
+
+    fn stats(&self) -> QueueStats {
+        let broker = BrokerStats {
+            connection: match (&self.link, self.quiescing) {
+                (Some(_), _) => "connected",
+                (None, true) => "closed",
+                (None, false) => "connecting",
+            }
+            .into(),
+            queue: self.topology.queue.clone(),
+            queue_type: match self.topology.queue_type {
+                AmqpQueueType::Classic => "classic",
+                AmqpQueueType::Quorum => "quorum",
+            }
+            .into(),
+            broker_depth: self.broker_depth,
+            buffered: self.store.buffered_count(),
+            buffer_max: self.config.buffer_max,
+            consumer_tag: self.link.as_ref().map(|l| l.consumer_tag.clone()),
+            delivered: self.delivered,
+            reconnects: self.reconnects.saturating_sub(1),
+            last_error: self.last_error.clone(),
+        };
+        QueueStats {
+            backend: "amqp".into(),
+            depth: self.depth(),
+            in_flight: self.dispatch.in_flight_len(),
+            wip_limit: self.config.wip_limit,
+            prefetch: self.config.prefetch,
+            deadletter: self.store.dead_letter_count(),
+            max_depth: self.config.max_depth,
+            not_ready: match &self.link {
+                Some(_) => None,
+                None => Some(format!(
+                    "broker unreachable ({}): signals go to the fallback buffer",
+                    self.last_error.as_deref().unwrap_or("connecting")
+                )),
+            },
+            broker: Some(broker),
+        }
+    }
+
+    fn answer_quiesce(&mut self) {
+        if self.quiescing && self.dispatch.in_flight_len() == 0 {
+            for w in self.quiesce_waiters.drain(..) {
+                let _ = w.send(0);
+            }
+        }
+    }
+}
+
+const KANBAN_SOURCE: &str = "kanban_queue";
+
+/// Delivery seqs must not repeat across starts (an engine's checkpoint may
+/// name the seq of an action in flight): each start takes a fresh range.
+fn seq_base(store: &Store) -> Result<u64, ActorProcessingErr> {
+    const NAME: &str = "amqp_seq_base";
+    let last = store
+        .metas(NAME)?
+        .into_iter()
+        .find(|(n, _)| n == NAME)
+        .and_then(|(_, v)| <[u8; 8]>::try_from(v.as_slice()).ok())
+        .map_or(0, u64::from_be_bytes);
+    let base = last + (1 << 40);
+    store.put_meta(NAME, &base.to_be_bytes())?;
+    store.flush()?;
+    Ok(base)
+}
+
+impl Actor for AmqpQueue {
+    type Msg = KanbanMsg;
+    type State = AmqpState;
+    type Arguments = AmqpArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<KanbanMsg>,
+        args: AmqpArgs,
+    ) -> Result<AmqpState, ActorProcessingErr> {
+        let next_seq = seq_base(&args.store)?;
+        let (acks, mut ack_rx) = mpsc::unbounded_channel::<(Acker, bool)>();
+        // Acks keep their order; one on a channel that is gone fails
+        // harmlessly (the broker has requeued that message).
+        let acker = tokio::spawn(async move {
+            while let Some((a, ack)) = ack_rx.recv().await {
+                let r = if ack {
+                    a.ack(BasicAckOptions::default()).await
+                } else {
+                    a.nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await
+                };
+                if let Err(e) = r {
+                    debug!(error = %e, "ack on a closed channel");
+                }
+            }
+        });
+        let ticker = myself.send_interval(Duration::from_secs(1), || KanbanMsg::Tick);
+        let topology = Topology::new(&args.config);
+        info!(
+            queue = %topology.queue,
+            buffered = args.store.buffered_count(),
+            "amqp queue starting"
+        );
+        Ok(AmqpState {
+            topology,
+            visibility: args.visibility,
+            gen: 0,
+            link: None,
+            connecting: false,
+            backoff: backoff(),
+            last_error: None,
+            reconnects: 0,
+            lost_gen: 0,
+            down_since: None,
+            dispatch: Dispatch::default(),
+            next_seq,
+            entries: HashMap::new(),
+            by_key: HashMap::new(),
+            batch: Vec::new(),
+            publishing: HashMap::new(),
+            chain: None,
+            draining_buffer: false,
+            failures: HashMap::new(),
+            poisoning: Default::default(),
+            broker_depth: None,
+            delivered: 0,
+            acks,
+            acker,
+            ticker,
+            quiescing: false,
+            quiesce_waiters: Vec::new(),
+            store: args.store,
+            config: args.config,
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<KanbanMsg>,
+        st: &mut AmqpState,
+    ) -> Result<(), ActorProcessingErr> {
+        st.start_connect(&myself);
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<KanbanMsg>,
+        st: &mut AmqpState,
+    ) -> Result<(), ActorProcessingErr> {
+        st.ticker.abort();
+        if let Some(link) = st.link.take() {
+            // Unacked messages go back to the queue when the channel closes.
+            let close = async {
+                let _ = link
+                    .consume
+                    .basic_cancel(
+                        link.consumer_tag.as_str().into(),
+                        BasicCancelOptions::default(),
+                    )
+                    .await;
+                let _ = link.conn.close(200, "node stopping".into()).await;
+            };
+            if tokio::time::timeout(Duration::from_secs(3), close)
+                .await
+                .is_err()
+            {
+                warn!("the broker connection did not close in time");
+            }
+            for t in &link.tasks {
+                t.abort();
+            }
+        }
+        st.acker.abort();
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<KanbanMsg>,
+        msg: KanbanMsg,
+        st: &mut AmqpState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            KanbanMsg::Enqueue(signal, reply) => st.enqueue(&myself, signal, reply)?,
+            KanbanMsg::FlushEnqueues => st.flush_batch(&myself),
+            KanbanMsg::Ready(_) => {}
+            KanbanMsg::Ack { seq } => {
+                st.ack(seq);
+                st.dispatch();
+                st.answer_quiesce();
+            }
+            KanbanMsg::Redeliver {
+                tenant_id,
+                sku_id,
+                after_crash,
+            } => {
+                let again =
+                    st.dispatch
+                        .redeliver_engine(&tenant_id, &sku_id, after_crash, Instant::now());
+                st.resend(&myself, again);
+                st.dispatch();
+            }
+            KanbanMsg::RedeliverAll => {
+                for d in st.dispatch.redeliver_all(Instant::now()) {
+                    send_to_router(d);
+                }
+            }
+            KanbanMsg::Tick => {
+                let again = st.dispatch.expired(st.visibility, Instant::now());
+                if !again.is_empty() {
+                    warn!(
+                        count = again.len(),
+                        "redelivering signals in flight too long"
+                    );
+                }
+                st.resend(&myself, again);
+                st.dispatch();
+                if let Some(link) = &st.link {
+                    let (ch, queue, gen, me) = (
+                        link.probe.clone(),
+                        st.topology.queue.clone(),
+                        link.gen,
+                        myself.clone(),
+                    );
+                    tokio::spawn(async move {
+                        let passive = QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        };
+                        if let Ok(Ok(q)) = tokio::time::timeout(
+                            Duration::from_secs(1),
+                            ch.queue_declare(queue.as_str().into(), passive, FieldTable::default()),
+                        )
+                        .await
+                        {
+                            let _ = me.send_message(event(Event::Depth {
+                                gen,
+                                depth: u64::from(q.message_count()),
+                            }));
+                        }
+                    });
+                }
+                st.maybe_drain(&myself);
+            }
+            KanbanMsg::Stats(reply) => {
+                let _ = reply.send(st.stats());
+            }
+            KanbanMsg::Replay {
+                tenant_id,
+                signal_id,
+                reply,
+            } => match st
+                .store
+                .replay_dead_letter_to_buffer(&tenant_id, &signal_id)
+            {
+                Ok(Some(_)) => {
+                    let store = st.store.clone();
+                    tokio::spawn(async move {
+                        let _ = reply.send(store.durable().await.map_err(|e| e.to_string()));
+                    });
+                    st.maybe_drain(&myself);
+                }
+                Ok(None) => {
+                    let _ = reply.send(Err(format!(
+                        "no dead letter {signal_id:?} for tenant {tenant_id:?}"
+                    )));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.to_string()));
+                }
+            },
+            KanbanMsg::Quiesce(reply) => {
+                if !st.quiescing {
+                    st.quiescing = true;
+                    info!(
+                        in_flight = st.dispatch.in_flight_len(),
+                        "amqp queue quiescing: no more deliveries"
+                    );
+                    if let Some(link) = &st.link {
+                        let (ch, tag) = (link.consume.clone(), link.consumer_tag.clone());
+                        tokio::spawn(async move {
+                            let _ = ch
+                                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                                .await;
+                        });
+                    }
+                }
+                st.quiesce_waiters.push(reply);
+                st.answer_quiesce();
+            }
+            KanbanMsg::Backend(any) => {
+                let Ok(ev) = any.downcast::<Event>() else {
+                    return Ok(());
+                };
+                match *ev {
+                    Event::Connected(link) => st.connected_link(&myself, link),
+                    Event::Lost { gen, reason } => st.lost(&myself, gen, reason),
+                    Event::Reconnect => st.start_connect(&myself),
+                    Event::Delivered { gen, delivery } => st.on_delivery(&myself, gen, *delivery),
+                    Event::Published(answers) => {
+                        for (key, record) in answers {
+                            for w in st.publishing.remove(&key).unwrap_or_default() {
+                                let _ = w.send(match &record {
+                                    Some(r) => EnqueueOutcome::Duplicate(r.clone()),
+                                    None => EnqueueOutcome::Failed(
+                                        "the first copy of this signal was not accepted".into(),
+                                    ),
+                                });
+                            }
+                        }
+                        st.maybe_drain(&myself);
+                    }
+                    Event::Drained { gen, result } => {
+                        st.draining_buffer = false;
+                        match result {
+                            Ok(n) => {
+                                info!(published = n, "fallback buffer drained");
+                                if st.current_gen() == Some(gen) {
+                                    st.maybe_drain(&myself);
+                                }
+                            }
+                            Err(e) => warn!(error = %e, "fallback buffer drain stopped"),
+                        }
+                    }
+                    Event::Depth { gen, depth } => {
+                        if st.current_gen() == Some(gen) {
+                            st.broker_depth = Some(depth);
+                        }
+                    }
+                    Event::PoisonDone { key, result } => {
+                        st.poisoning.remove(&key);
+                        if let Err(e) = result {
+                            error!(error = %e, "could not dead-letter a poison message; the broker keeps it");
+                        }
+                    }
+                }
+            }
+        }
+        metrics::gauge!(tai_core::telemetry::QUEUE_DEPTH).set(st.depth() as f64);
+        metrics::gauge!(tai_core::telemetry::QUEUE_IN_FLIGHT)
+            .set(st.dispatch.in_flight_len() as f64);
+        Ok(())
+    }
+}
+
+/// What the bare broker loop of `tai bench` measured.
+#[derive(Debug, Clone, Copy)]
+pub struct BareLoop {
+    pub published: u64,
+    pub consumed: u64,
+    pub secs: f64,
+}
+
+/// The broker alone, for `tai bench`: for `duration`, publish persistent
+/// `payload`s to a durable classic queue of its own with pipelined publisher
+/// confirms (`window` outstanding) while a consumer at `prefetch` acks each
+/// delivery by hand; the rate is what went through both ends. The queue is
+/// deleted afterwards.
+pub async fn bare_loop(
+    url: &str,
+    queue: &str,
+    prefetch: u16,
+    window: usize,
+    duration: Duration,
+    payload: &[u8],
+) -> Result<BareLoop, String> {
+    let e = |e: lapin::Error| e.to_string();
+    let conn = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .map_err(e)?;
+    let publish_ch = conn.create_channel().await.map_err(e)?;
+    let consume_ch = conn.create_channel().await.map_err(e)?;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    publish_ch
+        .queue_declare(queue.into(), durable, FieldTable::default())
+        .await
+        .map_err(e)?;
+    publish_ch
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(e)?;
+    consume_ch
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .map_err(e)?;
+    let mut consumer = consume_ch
+        .basic_consume(
+            queue.into(),
+            "tai-bench-bare".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(e)?;
+    let published = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let started = std::time::Instant::now();
+    let consuming = {
+        let (published, done) = (published.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut consumed = 0u64;
+            while !(done.load(std::sync::atomic::Ordering::SeqCst)
+                && consumed >= published.load(std::sync::atomic::Ordering::SeqCst))
+            {
+                match tokio::time::timeout(Duration::from_secs(10), consumer.next()).await {
+                    Ok(Some(Ok(d))) => {
+                        d.ack(BasicAckOptions::default()).await.map_err(e)?;
+                        consumed += 1;
+                    }
+                    Ok(Some(Err(err))) => return Err(err.to_string()),
+                    Ok(None) => return Err("the consumer was cancelled".to_string()),
+                    Err(_) => return Err("no delivery for 10 s".to_string()),
+                }
+            }
+            Ok::<_, String>((consumed, started.elapsed().as_secs_f64()))
+        })
+    };
+    let props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into());
+    let mut outstanding = std::collections::VecDeque::with_capacity(window);
+    while started.elapsed() < duration {
+        let confirm = publish_ch
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                payload,
+                props.clone(),
+            )
+            .await
+            .map_err(e)?;
+        outstanding.push_back(confirm);
+        if outstanding.len() >= window {
+            let c = outstanding.pop_front().expect("outstanding").await;
+            if !confirmed(&c) {
+                return Err(format!("the broker did not confirm: {c:?}"));
+            }
+            published.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    while let Some(c) = outstanding.pop_front() {
+        if !confirmed(&c.await) {
+            return Err("the broker did not confirm".to_string());
+        }
+        published.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (consumed, secs) = consuming.await.map_err(|e| e.to_string())??;
+    let _ = publish_ch
+        .queue_delete(queue.into(), Default::default())
+        .await;
+    let _ = conn.close(200, "bench done".into()).await;
+    Ok(BareLoop {
+        published: published.load(std::sync::atomic::Ordering::SeqCst),
+        consumed,
+        secs,
+    })
+}
+
+/// Deletes a work queue with its dead-letter queue and exchange (`tai bench`
+/// cleans up the queues it made).
+pub async fn delete_topology(url: &str, queue: &str) -> Result<(), String> {
+    let e = |e: lapin::Error| e.to_string();
+    let conn = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .map_err(e)?;
+    let ch = conn.create_channel().await.map_err(e)?;
+    let dl = format!("{queue}.deadletter");
+    for q in [queue, dl.as_str()] {
+        ch.queue_delete(q.into(), Default::default())
+            .await
+            .map_err(e)?;
+    }
+    ch.exchange_delete(dl.as_str().into(), Default::default())
+        .await
+        .map_err(e)?;
+    let _ = conn.close(200, "done".into()).await;
+    Ok(())
+}

@@ -1,0 +1,529 @@
+//! Kanban on RabbitMQ (SPEC §3.1, §3.3, §4; `kanban.backend = "amqp"`): real
+//! nodes against the real broker on 127.0.0.1:5672, each test on queues of
+//! its own. The tests of this binary run one at a time (`.config/nextest.toml`):
+//! one of them stops the broker's application.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use reqwest::Method;
+use serde_json::{json, Value};
+use tai_tests::*;
+
+fn pay(id: &str) -> Value {
+    signal(
+        "acme",
+        "payments",
+        "payment",
+        id,
+        json!({"amount": 25.0, "currency": "USD", "customer_id": format!("cust-{id}")}),
+    )
+}
+
+async fn entitle(c: &Client, id: &str) {
+    let a = c
+        .post(&signal(
+            "acme",
+            "payments",
+            "entitlement",
+            id,
+            json!({"active": true}),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(a.status, 202, "{}", a.body);
+}
+
+fn amqp_node(queue: &str) -> Node {
+    Node::start_with(&test_config(&amqp_kanban(queue)), &[])
+}
+
+async fn connected(node: &Node) -> Value {
+    node.admin_until("/admin/queue", "a broker connection", |q| {
+        q["backend"] == "amqp" && q["broker"]["connection"] == "connected"
+    })
+    .await
+}
+
+/// Decision receipts (`action_generated`) per signal id.
+fn decisions(receipts: &[Value]) -> HashMap<String, usize> {
+    let mut n = HashMap::new();
+    for r in receipts.iter().filter(|r| r["kind"] == "action_generated") {
+        *n.entry(r["signal_id"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    n
+}
+
+/// Lines of a `rabbitmqctl list_*` table without headers.
+fn table(args: &[&str]) -> Vec<Vec<String>> {
+    let mut all = vec![args[0], "-q", "--no-table-headers"];
+    all.extend(&args[1..]);
+    rabbitmqctl(&all)
+        .unwrap()
+        .lines()
+        .map(|l| l.split('\t').map(str::to_string).collect())
+        .collect()
+}
+
+async fn verify_ok(node: &Node) {
+    let (status, v) = node.admin(Method::GET, "/admin/receipts/verify").await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["ok"], true, "{v}");
+}
+
+#[tokio::test]
+async fn the_topology_is_declared_and_200_signals_are_decided_through_the_broker() {
+    ensure_broker();
+    let queue = unique_queue("flow");
+    let _cleanup = QueueCleanup(queue.clone());
+    let node = amqp_node(&queue);
+    connected(&node).await;
+
+    let dlx = format!("{queue}.deadletter");
+    let queues = table(&["list_queues", "name", "durable", "arguments"]);
+    let work = queues
+        .iter()
+        .find(|l| l[0] == queue)
+        .unwrap_or_else(|| panic!("no queue {queue}: {queues:?}"));
+    assert_eq!(work[1], "true", "durable: {work:?}");
+    for arg in [
+        format!("{{\"x-dead-letter-exchange\",\"{dlx}\"}}"),
+        "{\"x-single-active-consumer\",true}".to_string(),
+        "{\"x-queue-type\",\"classic\"}".to_string(),
+    ] {
+        assert!(work[2].contains(&arg), "{arg} in {work:?}");
+    }
+    assert!(
+        queues.iter().any(|l| l[0] == dlx && l[1] == "true"),
+        "a durable dead-letter queue: {queues:?}"
+    );
+    let exchanges = table(&["list_exchanges", "name", "type", "durable"]);
+    assert!(
+        exchanges.contains(&vec![dlx.clone(), "direct".into(), "true".into()]),
+        "a durable direct dead-letter exchange: {exchanges:?}"
+    );
+    let bindings = table(&[
+        "list_bindings",
+        "source_name",
+        "destination_name",
+        "routing_key",
+    ]);
+    assert!(
+        bindings.contains(&vec![dlx.clone(), dlx.clone(), queue.clone()]),
+        "the dead-letter queue is bound: {bindings:?}"
+    );
+
+    let c = Client::new(&node, "acme", "acme-secret");
+    entitle(&c, "ent-1").await;
+    let mut senders = Vec::new();
+    for w in 0..8 {
+        let c = c.clone();
+        senders.push(tokio::spawn(async move {
+            for i in 0..25 {
+                let a = c.post(&pay(&format!("p-{w}-{i}"))).await.unwrap();
+                assert_eq!(a.status, 202, "{}", a.body);
+            }
+        }));
+    }
+    for s in senders {
+        s.await.unwrap();
+    }
+    let dup = c.post(&pay("p-0-0")).await.unwrap();
+    assert_eq!(dup.status, 200, "{}", dup.body);
+    assert_eq!(dup.body["duplicate"], true);
+
+    for w in 0..8 {
+        for i in 0..25 {
+            let s = c.decided(&format!("p-{w}-{i}")).await;
+            assert_eq!(s["status"], "completed", "{s}");
+        }
+    }
+    let d = decisions(&node.all_receipts().await);
+    assert_eq!(d.len(), 200, "{d:?}");
+    assert!(d.values().all(|&n| n == 1), "one decision each: {d:?}");
+    verify_ok(&node).await;
+    let q = node
+        .admin_until("/admin/queue", "the broker queue empty", |q| {
+            q["broker"]["broker_depth"] == 0 && q["in_flight"] == 0
+        })
+        .await;
+    assert_eq!(q["broker"]["queue"], queue.as_str());
+    assert!(q["broker"]["delivered"].as_u64().unwrap() >= 201, "{q}");
+    assert_eq!(q["broker"]["buffered"], 0);
+    let (status, ready) = reqwest_get(&node.url("/ready")).await;
+    assert_eq!(status, 200, "{ready}");
+}
+
+async fn reqwest_get(url: &str) -> (u16, Value) {
+    let r = reqwest::get(url).await.expect("GET");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Starts the broker's application again when the test ends, however it ends.
+struct BrokerBack;
+
+impl Drop for BrokerBack {
+    fn drop(&mut self) {
+        let _ = rabbitmqctl(&["start_app"]);
+    }
+}
+
+#[tokio::test]
+async fn a_broker_outage_is_buffered_locally_and_every_signal_is_decided_once() {
+    ensure_broker();
+    let queue = unique_queue("outage");
+    let _cleanup = QueueCleanup(queue.clone());
+    let node = amqp_node(&queue);
+    connected(&node).await;
+    let c = Client::new(&node, "acme", "acme-secret");
+    entitle(&c, "ent-1").await;
+
+    let accepted = Arc::new(Mutex::new(Vec::<String>::new()));
+    let refused = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut senders = Vec::new();
+    for w in 0..6 {
+        let (c, accepted, refused, stop) =
+            (c.clone(), accepted.clone(), refused.clone(), stop.clone());
+        senders.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let id = format!("o-{w}-{i}");
+                i += 1;
+                match c.post(&pay(&id)).await {
+                    Ok(a) if a.status == 202 => accepted.lock().unwrap().push(id),
+                    Ok(a) => refused
+                        .lock()
+                        .unwrap()
+                        .push(format!("{id}: {} {}", a.status, a.body)),
+                    Err(e) => refused.lock().unwrap().push(format!("{id}: {e}")),
+                }
+            }
+        }));
+    }
+    let count = |v: &Arc<Mutex<Vec<String>>>| v.lock().unwrap().len();
+    let until = |n: usize, what: &str| {
+        let accepted = accepted.clone();
+        let what = what.to_string();
+        async move {
+            let end = Instant::now() + Duration::from_secs(60);
+            while accepted.lock().unwrap().len() < n {
+                assert!(Instant::now() < end, "timed out waiting for {what}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+
+    until(100, "100 signals through the broker").await;
+    let _back = BrokerBack;
+    tokio::task::spawn_blocking(|| rabbitmqctl(&["stop_app"]))
+        .await
+        .unwrap()
+        .expect("stop_app");
+    let at_stop = count(&accepted);
+    // Still 202 (into the local buffer), and not ready, with the reason.
+    until(
+        at_stop + 100,
+        "100 signals accepted while the broker is down",
+    )
+    .await;
+    let (status, ready) = reqwest_get(&node.url("/ready")).await;
+    assert_eq!(status, 503, "{ready}");
+    assert!(
+        ready["reason"]
+            .as_str()
+            .unwrap()
+            .contains("broker unreachable"),
+        "{ready}"
+    );
+    let q = node
+        .admin_until("/admin/queue", "signals in the fallback buffer", |q| {
+            q["broker"]["buffered"].as_u64().unwrap_or(0) > 0
+        })
+        .await;
+    assert_eq!(q["broker"]["connection"], "connecting", "{q}");
+
+    tokio::task::spawn_blocking(|| rabbitmqctl(&["start_app"]))
+        .await
+        .unwrap()
+        .expect("start_app");
+    let at_start = count(&accepted);
+    until(at_start + 100, "100 signals after the broker is back").await;
+    stop.store(true, Ordering::SeqCst);
+    for s in senders {
+        s.await.unwrap();
+    }
+    assert!(
+        refused.lock().unwrap().is_empty(),
+        "refused: {:?}",
+        refused.lock().unwrap()
+    );
+
+    node.admin_until(
+        "/admin/queue",
+        "the buffer drained and everything decided",
+        |q| {
+            q["broker"]["connection"] == "connected"
+                && q["broker"]["buffered"] == 0
+                && q["broker"]["broker_depth"] == 0
+                && q["in_flight"] == 0
+        },
+    )
+    .await;
+    let ids = accepted.lock().unwrap().clone();
+    for id in &ids {
+        let s = c.decided(id).await;
+        assert_eq!(s["status"], "completed", "{s}");
+    }
+    let receipts = node.all_receipts().await;
+    let d = decisions(&receipts);
+    for id in &ids {
+        assert_eq!(
+            d.get(id),
+            Some(&1),
+            "{id} decided exactly once: {:?}\n{}",
+            receipts
+                .iter()
+                .filter(|r| r["signal_id"] == id.as_str())
+                .collect::<Vec<_>>(),
+            node.log()
+        );
+    }
+    assert_eq!(d.len(), ids.len(), "nothing else was decided");
+    verify_ok(&node).await;
+    assert!(
+        node.log().contains("fallback buffer drained"),
+        "{}",
+        node.log()
+    );
+    let (status, _) = reqwest_get(&node.url("/ready")).await;
+    assert_eq!(status, 200);
+}
+
+fn header(props: &BasicProperties, name: &str) -> Option<String> {
+    match props.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn a_poison_message_is_requeued_once_then_dead_lettered_with_its_reason() {
+    ensure_broker();
+    let queue = unique_queue("poison");
+    let _cleanup = QueueCleanup(queue.clone());
+    let node = amqp_node(&queue);
+    connected(&node).await;
+
+    // Published straight to the queue, as a foreign producer would: not a signal.
+    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "tai-tenant".into(),
+        AMQPValue::LongString(LongString::from("acme")),
+    );
+    let body = b"{\"id\": \"poison-1\", \"not\": \"a signal\"}";
+    ch.basic_publish(
+        "".into(),
+        queue.as_str().into(),
+        BasicPublishOptions::default(),
+        body,
+        BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_message_id("poison-1".into())
+            .with_headers(headers),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+
+    let dlq = format!("{queue}.deadletter");
+    let end = Instant::now() + Duration::from_secs(30);
+    let dead = loop {
+        if let Some(m) = ch
+            .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            break m;
+        }
+        assert!(Instant::now() < end, "nothing reached {dlq}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(dead.delivery.data, body);
+    let reason = header(&dead.delivery.properties, "x-tai-deadletter-reason").unwrap();
+    assert!(reason.starts_with("poison: malformed message"), "{reason}");
+    assert_eq!(
+        header(&dead.delivery.properties, "tai-tenant").as_deref(),
+        Some("acme")
+    );
+
+    // Delivered twice (the first time requeued), then out of the work queue.
+    let q = node
+        .admin_until("/admin/queue", "the poison message out of the queue", |q| {
+            q["broker"]["broker_depth"] == 0 && q["in_flight"] == 0
+        })
+        .await;
+    assert_eq!(q["broker"]["delivered"], 2, "{q}");
+    assert!(node.log().contains("requeued once"), "{}", node.log());
+    let receipts = node.all_receipts().await;
+    let r = receipts
+        .iter()
+        .find(|r| r["kind"] == "signal_deadlettered")
+        .unwrap_or_else(|| panic!("a receipt: {receipts:?}"));
+    assert_eq!(r["tenant_id"], "acme");
+    assert_eq!(r["signal_id"], "poison-1");
+    assert_eq!(r["state_before"], "queued");
+    assert_eq!(r["state_after"], "deadlettered");
+    assert!(r["reason"].as_str().unwrap().contains("malformed"), "{r}");
+    verify_ok(&node).await;
+    assert!(node
+        .metrics_text()
+        .await
+        .contains("tai_deadletter_total{reason=\"poison\"} 1"));
+
+    // The queue goes on: a signal after it is decided.
+    let c = Client::new(&node, "acme", "acme-secret");
+    entitle(&c, "ent-1").await;
+    c.post(&pay("after-poison")).await.unwrap();
+    assert_eq!(c.decided("after-poison").await["status"], "completed");
+    let _ = conn.close(200, "done".into()).await;
+}
+
+#[tokio::test]
+async fn a_second_node_on_the_same_queue_stays_standby_until_the_first_stops() {
+    ensure_broker();
+    let queue = unique_queue("standby");
+    let _cleanup = QueueCleanup(queue.clone());
+    let mut first = amqp_node(&queue);
+    let tag_first = connected(&first).await["broker"]["consumer_tag"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let second = amqp_node(&queue);
+    let tag_second = connected(&second).await["broker"]["consumer_tag"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut consumers: Vec<Vec<String>> =
+        table(&["list_consumers", "queue_name", "consumer_tag", "active"])
+            .into_iter()
+            .filter(|l| l[0] == queue)
+            .map(|l| l[1..].to_vec())
+            .collect();
+    consumers.sort_by_key(|c| c[1] != "true");
+    assert_eq!(
+        consumers,
+        vec![
+            vec![tag_first.clone(), "true".into()],
+            vec![tag_second.clone(), "false".into()],
+        ],
+        "single active consumer: the first node"
+    );
+
+    // Signals posted to the second node are decided by the first.
+    let via_second = Client::new(&second, "acme", "acme-secret");
+    let at_first = Client::new(&first, "acme", "acme-secret");
+    entitle(&via_second, "ent-1").await;
+    for i in 0..20 {
+        let a = via_second.post(&pay(&format!("s-{i}"))).await.unwrap();
+        assert_eq!(a.status, 202, "{}", a.body);
+    }
+    for i in 0..20 {
+        assert_eq!(
+            at_first.decided(&format!("s-{i}")).await["status"],
+            "completed"
+        );
+    }
+    let (_, q) = second.admin(Method::GET, "/admin/queue").await;
+    assert_eq!(q["broker"]["delivered"], 0, "the standby consumed: {q}");
+    assert!(second.all_receipts().await.is_empty());
+
+    // The first stops gracefully: the second takes over.
+    let (status, _) = first.admin(Method::POST, "/admin/shutdown").await;
+    assert_eq!(status, 202);
+    assert!(first.wait_exit(Duration::from_secs(30)).success());
+    assert!(
+        first.log().contains("queue quiesced: nothing in flight"),
+        "{}",
+        first.log()
+    );
+    entitle(&via_second, "ent-2").await;
+    via_second.post(&pay("after-failover")).await.unwrap();
+    assert_eq!(
+        via_second.decided("after-failover").await["status"],
+        "completed"
+    );
+    let consumers: Vec<Vec<String>> =
+        table(&["list_consumers", "queue_name", "consumer_tag", "active"])
+            .into_iter()
+            .filter(|l| l[0] == queue)
+            .map(|l| l[1..].to_vec())
+            .collect();
+    assert_eq!(consumers, vec![vec![tag_second, "true".to_string()]]);
+}
+
+#[tokio::test]
+async fn a_quorum_queue_works_and_dead_letters_replay_through_the_broker() {
+    ensure_broker();
+    let queue = unique_queue("quorum");
+    let _cleanup = QueueCleanup(queue.clone());
+    let config = test_config(&format!(
+        "{}amqp_queue_type = \"quorum\"\n",
+        amqp_kanban(&queue)
+    ));
+    let node = Node::start_with(&config, &[]);
+    let q = connected(&node).await;
+    assert_eq!(q["broker"]["queue_type"], "quorum");
+    let types = table(&["list_queues", "name", "type"]);
+    assert!(
+        types.contains(&vec![queue.clone(), "quorum".into()]),
+        "{types:?}"
+    );
+
+    let c = Client::new(&node, "acme", "acme-secret");
+    entitle(&c, "ent-1").await;
+    c.decided("ent-1").await;
+    let (status, halted) = node
+        .admin(Method::POST, "/admin/tenants/acme/payments/halt")
+        .await;
+    assert_eq!((status, halted["state"].as_str()), (200, Some("halted")));
+    assert_eq!(c.post(&pay("h-1")).await.unwrap().status, 202);
+    let s = c.decided("h-1").await;
+    assert_eq!(
+        (s["status"].as_str(), s["reason"].as_str()),
+        (Some("deadlettered"), Some("halted"))
+    );
+    let (status, _) = node
+        .admin(Method::POST, "/admin/tenants/acme/payments/resume")
+        .await;
+    assert_eq!(status, 200);
+    // The replay goes out through the fallback buffer to the broker and back.
+    let (status, body) = node
+        .admin(Method::POST, "/admin/deadletter/h-1/replay")
+        .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(c.decided("h-1").await["status"], "completed");
+    let (status, _) = node
+        .admin(Method::POST, "/admin/deadletter/h-1/replay")
+        .await;
+    assert_eq!(status, 404, "replayed once");
+    let d = decisions(&node.all_receipts().await);
+    assert_eq!(d.get("h-1"), Some(&1));
+    verify_ok(&node).await;
+}
