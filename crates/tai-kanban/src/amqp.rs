@@ -37,7 +37,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
-    Acker, BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tai_core::alert::{Alert, Severity};
@@ -256,7 +256,22 @@ fn event(e: Event) -> KanbanMsg {
 /// A delivery held here: its engine key and every broker copy to ack with it.
 struct Entry {
     key: (String, String),
-    ackers: Vec<Acker>,
+    ackers: Vec<Tag>,
+}
+
+/// A delivery as the broker knows it: its channel's generation and tag.
+#[derive(Clone, Copy, Debug)]
+struct Tag {
+    gen: u64,
+    tag: u64,
+}
+
+/// To the acker task.
+enum AckOp {
+    /// The consume channel of a new connection.
+    Link(u64, Channel),
+    /// Done with a delivery: ack it (true) or requeue it (false).
+    Settle(Tag, bool),
 }
 
 pub struct AmqpState {
@@ -288,7 +303,7 @@ pub struct AmqpState {
     poisoning: std::collections::HashSet<(String, String)>,
     broker_depth: Option<u64>,
     delivered: u64,
-    acks: mpsc::UnboundedSender<(Acker, bool)>,
+    acks: mpsc::UnboundedSender<AckOp>,
     acker: tokio::task::JoinHandle<()>,
     ticker: tokio::task::JoinHandle<()>,
     quiescing: bool,
@@ -657,22 +672,26 @@ impl AmqpState {
             return;
         }
         self.delivered += 1;
+        let tag = Tag {
+            gen,
+            tag: d.delivery_tag,
+        };
         let signal = match serde_json::from_slice::<Signal>(&d.data) {
             Ok(s) => s,
             Err(e) => {
-                self.malformed(myself, d, e.to_string());
+                self.malformed(myself, tag, d, e.to_string());
                 return;
             }
         };
         let key = (signal.tenant_id.clone(), signal.id.clone());
         if self.poisoning.contains(&key) {
             // Being dead-lettered from an earlier copy: this one goes with it.
-            let _ = self.acks.send((d.acker, true));
+            let _ = self.acks.send(AckOp::Settle(tag, true));
             return;
         }
         if let Some(seq) = self.by_key.get(&key) {
             if let Some(entry) = self.entries.get_mut(seq) {
-                entry.ackers.push(d.acker);
+                entry.ackers.push(tag);
                 return;
             }
         }
@@ -683,7 +702,7 @@ impl AmqpState {
             seq,
             Entry {
                 key,
-                ackers: vec![d.acker],
+                ackers: vec![tag],
             },
         );
         self.dispatch.push(Delivery {
@@ -700,6 +719,7 @@ impl AmqpState {
     fn malformed(
         &mut self,
         myself: &ActorRef<KanbanMsg>,
+        tag: Tag,
         d: lapin::message::Delivery,
         error: String,
     ) {
@@ -726,7 +746,7 @@ impl AmqpState {
             reason: format!("poison: malformed message: {error}"),
         };
         warn!(error = %error, "malformed message from the broker");
-        self.fail(myself, key, vec![d.acker], Some((d.data, d.properties)), p);
+        self.fail(myself, key, vec![tag], Some((d.data, d.properties)), p);
     }
 
     /// A message failed: the first time it is requeued at the broker; the
@@ -736,7 +756,7 @@ impl AmqpState {
         &mut self,
         myself: &ActorRef<KanbanMsg>,
         key: (String, String),
-        ackers: Vec<Acker>,
+        ackers: Vec<Tag>,
         raw: Option<(Vec<u8>, BasicProperties)>,
         p: Poisoned,
     ) {
@@ -745,7 +765,7 @@ impl AmqpState {
         if *failures < 2 {
             warn!(tenant = %p.tenant_id, signal = ?p.signal_id, "message failed; requeued once");
             for a in ackers {
-                let _ = self.acks.send((a, false));
+                let _ = self.acks.send(AckOp::Settle(a, false));
             }
             return;
         }
@@ -796,7 +816,7 @@ impl AmqpState {
             // Dead-lettered: gone from the work queue. If not, back to the
             // queue to be tried again.
             for a in ackers {
-                let _ = acks.send((a, result.is_ok()));
+                let _ = acks.send(AckOp::Settle(a, result.is_ok()));
             }
             let _ = me.send_message(event(Event::PoisonDone { key, result }));
         });
@@ -844,7 +864,7 @@ impl AmqpState {
             self.by_key.remove(&entry.key);
             self.failures.remove(&entry.key);
             for a in entry.ackers {
-                let _ = self.acks.send((a, true));
+                let _ = self.acks.send(AckOp::Settle(a, true));
             }
         }
     }
@@ -928,6 +948,7 @@ impl AmqpState {
             buffered = self.store.buffered_count(),
             "connected to the broker"
         );
+        let _ = self.acks.send(AckOp::Link(link.gen, link.consume.clone()));
         if let Some(consumer) = link.consumer.take() {
             link.tasks.push(forward(myself.clone(), link.gen, consumer));
         }
@@ -994,6 +1015,88 @@ impl AmqpState {
 
 const KANBAN_SOURCE: &str = "kanban_queue";
 
+/// What the acker knows of one consume channel: every tag up to `upto` is
+/// settled; `settled` holds the settled tags above it.
+struct AckWindow {
+    ch: Channel,
+    upto: u64,
+    settled: std::collections::BTreeSet<u64>,
+}
+
+/// Sends acks and requeues in the order they come. Acks waiting together
+/// are coalesced: the settled prefix of the channel's tags goes as one
+/// `multiple` ack, the rest one by one (never held back: an unacked message
+/// holds a prefetch slot). One on a channel that is gone fails harmlessly
+/// (the broker has requeued that message).
+async fn acker(mut rx: mpsc::UnboundedReceiver<AckOp>) {
+    let mut windows: HashMap<u64, AckWindow> = HashMap::new();
+    while let Some(first) = rx.recv().await {
+        let mut ops = vec![first];
+        while ops.len() < 4096 {
+            match rx.try_recv() {
+                Ok(op) => ops.push(op),
+                Err(_) => break,
+            }
+        }
+        let mut fresh: HashMap<u64, Vec<u64>> = HashMap::new();
+        for op in ops {
+            match op {
+                AckOp::Link(gen, ch) => {
+                    windows.retain(|g, _| *g + 2 > gen);
+                    windows.insert(
+                        gen,
+                        AckWindow {
+                            ch,
+                            upto: 0,
+                            settled: Default::default(),
+                        },
+                    );
+                }
+                AckOp::Settle(t, ack) => {
+                    let Some(w) = windows.get_mut(&t.gen) else {
+                        continue;
+                    };
+                    if t.tag <= w.upto || !w.settled.insert(t.tag) {
+                        continue;
+                    }
+                    if ack {
+                        fresh.entry(t.gen).or_default().push(t.tag);
+                    } else {
+                        let requeue = BasicNackOptions {
+                            requeue: true,
+                            ..Default::default()
+                        };
+                        if let Err(e) = w.ch.basic_nack(t.tag, requeue).await {
+                            debug!(error = %e, "requeue on a closed channel");
+                        }
+                    }
+                }
+            }
+        }
+        for (gen, mut tags) in fresh {
+            let Some(w) = windows.get_mut(&gen) else {
+                continue;
+            };
+            while w.settled.remove(&(w.upto + 1)) {
+                w.upto += 1;
+            }
+            tags.sort_unstable();
+            let split = tags.partition_point(|t| *t <= w.upto);
+            let mut sends = Vec::with_capacity(tags.len() - split + 1);
+            if let Some(&last) = tags[..split].last() {
+                sends.push((last, true));
+            }
+            sends.extend(tags[split..].iter().map(|t| (*t, false)));
+            for (tag, multiple) in sends {
+                if let Err(e) = w.ch.basic_ack(tag, BasicAckOptions { multiple }).await {
+                    debug!(error = %e, "ack on a closed channel");
+                    break;
+                }
+            }
+        }
+    }
+}
+
 /// Delivery seqs must not repeat across starts (an engine's checkpoint may
 /// name the seq of an action in flight): each start takes a fresh range.
 fn seq_base(store: &Store) -> Result<u64, ActorProcessingErr> {
@@ -1021,25 +1124,8 @@ impl Actor for AmqpQueue {
         args: AmqpArgs,
     ) -> Result<AmqpState, ActorProcessingErr> {
         let next_seq = seq_base(&args.store)?;
-        let (acks, mut ack_rx) = mpsc::unbounded_channel::<(Acker, bool)>();
-        // Acks keep their order; one on a channel that is gone fails
-        // harmlessly (the broker has requeued that message).
-        let acker = tokio::spawn(async move {
-            while let Some((a, ack)) = ack_rx.recv().await {
-                let r = if ack {
-                    a.ack(BasicAckOptions::default()).await
-                } else {
-                    a.nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await
-                };
-                if let Err(e) = r {
-                    debug!(error = %e, "ack on a closed channel");
-                }
-            }
-        });
+        let (acks, ack_rx) = mpsc::unbounded_channel::<AckOp>();
+        let acker = tokio::spawn(acker(ack_rx));
         let ticker = myself.send_interval(Duration::from_secs(1), || KanbanMsg::Tick);
         let topology = Topology::new(&args.config);
         info!(

@@ -68,6 +68,16 @@ struct Target {
     _dir: Option<tempfile::TempDir>,
 }
 
+impl Drop for Target {
+    /// A bench that ends early (an error) does not leave its node running.
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 fn bench_config(a: &BenchArgs, dir: &std::path::Path) -> String {
     let mut c = format!(
         r#"[node]
