@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests need beyond the Rust toolchain: promtool (Debian's
-# `prometheus` package) for the /metrics check. Idempotent.
+# `prometheus` package) for the /metrics, config and alert-rule checks, and
+# systemd-analyze (Debian's `systemd`) for the unit file. The amqp tests start
+# RabbitMQ themselves if it is down. Idempotent.
 set -euo pipefail
 if ! command -v promtool >/dev/null 2>&1; then
     echo "==> installing promtool (Debian package prometheus)"
@@ -15,4 +17,10 @@ if ! command -v promtool >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
     if [ "$guard" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
 fi
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+    echo "==> installing systemd-analyze (Debian package systemd)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd >/dev/null
+fi
 promtool --version | head -1
+systemd-analyze --version | head -1

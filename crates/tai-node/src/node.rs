@@ -186,6 +186,9 @@ pub async fn serve(config: Config) -> anyhow::Result<i32> {
         "tai node running"
     );
 
+    systemd_ready();
+    let watchdog = systemd_watchdog();
+
     let grace = Duration::from_secs(state.config.node.shutdown_grace_secs);
     let code = tokio::select! {
         exit = app.wait() => {
@@ -210,6 +213,9 @@ pub async fn serve(config: Config) -> anyhow::Result<i32> {
             stop_tree(app, grace).await
         }
     };
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     let _ = server_stop_tx.send(());
     if tokio::time::timeout(Duration::from_secs(5), server)
         .await
@@ -225,11 +231,45 @@ pub async fn serve(config: Config) -> anyhow::Result<i32> {
     Ok(code)
 }
 
+/// systemd `Type=notify`: the node is up (both ports listen, the tree runs).
+/// Without `NOTIFY_SOCKET` (not under systemd) this does nothing.
+fn systemd_ready() {
+    if let Err(e) = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status("running"),
+    ]) {
+        warn!(error = %e, "could not notify systemd");
+    }
+}
+
+fn systemd_stopping() {
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("stopping"),
+    ]);
+}
+
+/// With `WatchdogSec=` in the unit: pings at half the interval while the
+/// root supervisor is alive, so systemd restarts a node that hangs.
+fn systemd_watchdog() -> Option<tokio::task::JoinHandle<()>> {
+    let every = sd_notify::watchdog_enabled()? / 2;
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            if ractor::registry::where_is(TAI_SUP.to_string()).is_some() {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+        }
+    }))
+}
+
 /// Before the tree stops: the queue hands out no more work (the amqp
 /// backend cancels its consumer) and in-flight signals are decided and
 /// acknowledged, for at most a third of the grace period (what is left in
 /// flight then is delivered again at the next start).
 async fn quiesce(grace: Duration) {
+    systemd_stopping();
     let Some(queue) = ractor::registry::where_is(tai_core::msg::KANBAN_QUEUE) else {
         return;
     };
