@@ -257,7 +257,7 @@ fn systemd_watchdog() -> Option<tokio::task::JoinHandle<()>> {
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
-            if ractor::registry::where_is(TAI_SUP.to_string()).is_some() {
+            if ractor::registry::where_is(TAI_SUP).is_some() {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
             }
         }
