@@ -205,3 +205,34 @@ executor = "gateway"
         "alerts are counted"
     );
 }
+
+#[tokio::test]
+async fn memory_over_80_percent_of_the_limit_raises_memory_high_once() {
+    // A 1 MB limit: any live node is over it.
+    let node = Node::start_with(&test_config("[kaizen]\nmemory_limit_mb = 1\n"), &[]);
+    let alerts = node
+        .admin_until("/admin/alerts", "the memory_high alert", |list| {
+            list.as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a["kind"] == "memory_high")
+        })
+        .await;
+    let high: Vec<&Value> = alerts
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["kind"] == "memory_high")
+        .collect();
+    assert_eq!(high.len(), 1, "raised once, not every tick: {alerts}");
+    assert_eq!(high[0]["severity"], "warning");
+    assert_eq!(high[0]["source"], "kaizen_health");
+    assert!(
+        high[0]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("of the 1 MB limit"),
+        "{}",
+        high[0]
+    );
+}

@@ -241,6 +241,7 @@ fn tai_tree_prints_the_live_tree() {
         "│  ├─ engine_sup [supervisor] running restarts=0 simple_one_for_one",
         "│  └─ engine_router [worker] running restarts=0",
         "├─ kaizen_sup [supervisor] running",
+        "│  └─ kaizen_health [worker] running restarts=0",
         "└─ andon_sup [supervisor] running",
         "   ├─ andon_ledger [worker] running restarts=0",
         "   └─ andon_alerts [worker] running restarts=0",

@@ -203,6 +203,9 @@ pub struct KaizenConfig {
     pub otlp_endpoint: Option<String>,
     /// Distinct tenant label values kept in metrics; the rest become "other".
     pub tenant_label_cap: usize,
+    /// The node's memory limit (e.g. the unit's `MemoryMax=`): RSS over 80 %
+    /// of it raises the `memory_high` alert. 0 turns the check off.
+    pub memory_limit_mb: u64,
 }
 
 impl Default for KaizenConfig {
@@ -210,6 +213,7 @@ impl Default for KaizenConfig {
         KaizenConfig {
             otlp_endpoint: None,
             tenant_label_cap: 100,
+            memory_limit_mb: 2048,
         }
     }
 }

@@ -2,17 +2,33 @@
 //!
 //! Measurement. The process-wide Prometheus recorder (the layers record
 //! through the `metrics` facade, which needs no I/O), the restart hook that
-//! counts supervisor restarts, and process metrics (RSS, CPU, open fds).
+//! counts supervisor restarts, process metrics (RSS, CPU, open fds), and
+//! the health monitor (`kaizen_health`: memory against its limit).
 //! Depends on tai-core and tai-otp only.
 
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tai_core::telemetry as t;
-use tai_otp::{Strategy, SupervisorSpec};
+use tai_otp::{ChildSpec, Strategy, SupervisorSpec};
 
-pub fn supervisor_spec() -> SupervisorSpec {
-    SupervisorSpec::new(Strategy::OneForOne).intensity(5, Duration::from_secs(10))
+pub mod health;
+
+pub use health::{Health, HealthArgs, KAIZEN_HEALTH};
+
+/// `kaizen_sup` with the health monitor (`memory_limit_mb` 0: no memory check).
+pub fn supervisor_spec(memory_limit_mb: u64) -> SupervisorSpec {
+    SupervisorSpec::new(Strategy::OneForOne)
+        .intensity(5, Duration::from_secs(10))
+        .child(ChildSpec::worker(
+            KAIZEN_HEALTH,
+            Some(KAIZEN_HEALTH.to_string()),
+            Health,
+            move || HealthArgs {
+                memory_limit_bytes: memory_limit_mb * 1024 * 1024,
+                every: Duration::from_secs(2),
+            },
+        ))
 }
 
 #[derive(Debug, thiserror::Error)]

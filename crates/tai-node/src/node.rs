@@ -42,7 +42,7 @@ pub fn root_spec(
         ))
         .child(ChildSpec::supervisor(
             KAIZEN_SUP,
-            tai_kaizen::supervisor_spec(),
+            tai_kaizen::supervisor_spec(config.kaizen.memory_limit_mb),
         ))
         .child(ChildSpec::supervisor(
             ANDON_SUP,
