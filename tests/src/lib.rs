@@ -405,6 +405,17 @@ pub fn signal(tenant: &str, sku: &str, kind: &str, id: &str, payload: Value) -> 
     serde_json::json!({"id": id, "tenant_id": tenant, "sku_id": sku, "kind": kind, "payload": payload})
 }
 
+/// The entitlement that takes a tenant × SKU engine out of `boot`.
+pub fn entitlement(tenant: &str, sku: &str, id: &str) -> Value {
+    signal(
+        tenant,
+        sku,
+        "entitlement",
+        id,
+        serde_json::json!({"active": true}),
+    )
+}
+
 impl Node {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.operator)

@@ -108,13 +108,7 @@ async fn dashboards_and_alert_rules_name_metrics_the_node_exports() {
         &[],
     );
     let c = Client::new(&node, "acme", "acme-secret");
-    let ent = signal(
-        "acme",
-        "payments",
-        "entitlement",
-        "e1",
-        json!({"active": true}),
-    );
+    let ent = entitlement("acme", "payments", "e1");
     assert_eq!(c.post(&ent).await.unwrap().status, 202);
     c.decided("e1").await;
     let (status, _) = node

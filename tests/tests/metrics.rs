@@ -5,7 +5,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 
 use reqwest::Method;
-use serde_json::json;
+use serde_json::{json, Value};
 use tai_tests::*;
 
 fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
@@ -133,5 +133,74 @@ async fn metrics_name_the_contract_and_pass_promtool() {
         "promtool check metrics failed:\n{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn the_kaizen_report_shows_stage_shares_the_slowest_fifth_and_a_baseline() {
+    let node = Node::start_with(&test_config(""), &[]);
+    let (status, body) = node.admin(Method::POST, "/admin/kaizen/baseline").await;
+    assert_eq!(status, 503, "no baseline without timings: {body}");
+    let c = Client::new(&node, "acme", "acme-secret");
+    let ent = entitlement("acme", "payments", "e1");
+    assert_eq!(c.post(&ent).await.unwrap().status, 202);
+    for i in 0..20 {
+        let pay = signal(
+            "acme",
+            "payments",
+            "payment",
+            &format!("p{i}"),
+            json!({"amount": 5.0, "currency": "USD", "customer_id": format!("c{i}")}),
+        );
+        assert_eq!(c.post(&pay).await.unwrap().status, 202);
+    }
+    c.decided("p19").await;
+    let report = node
+        .admin_until("/admin/kaizen", "timings of every stage", |r| {
+            r["stages"].as_array().is_some_and(|s| s.len() == 5)
+        })
+        .await;
+    let stages: Vec<&str> = report["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(stages, ["ingress", "queue", "policy", "action", "receipt"]);
+    let share: f64 = report["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["share"].as_f64().unwrap())
+        .sum();
+    assert!((share - 1.0).abs() < 1e-6, "shares add up: {report}");
+    let policy = report["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == "policy")
+        .unwrap();
+    assert_eq!(policy["count"], 21, "{report}");
+    let slow = &report["slowest_20_percent"];
+    assert!(slow["operations"].as_u64().unwrap() >= 1);
+    assert!(slow["by_policy"].as_array().unwrap().iter().any(|p| [
+        "payment_fraud",
+        "log",
+        "post_signal",
+        "ledger"
+    ]
+    .contains(&p["name"].as_str().unwrap())));
+    assert_eq!(slow["by_tenant"][0]["name"], "acme");
+    assert_eq!(report["health"]["status"], "green");
+    assert_eq!(report["baseline"], Value::Null);
+
+    let (status, saved) = node.admin(Method::POST, "/admin/kaizen/baseline").await;
+    assert_eq!(status, 200, "{saved}");
+    assert_eq!(saved["stages"]["policy"]["count"], 21);
+    let (_, report) = node.admin(Method::GET, "/admin/kaizen").await;
+    assert_eq!(report["baseline"]["saved_at_ms"], saved["saved_at_ms"]);
+    assert!(
+        report["regressions"].as_array().unwrap().is_empty(),
+        "{report}"
     );
 }

@@ -9,6 +9,7 @@
 pub mod alert;
 pub mod config;
 pub mod error;
+pub mod kaizen;
 pub mod msg;
 pub mod names;
 pub mod receipt;

@@ -182,7 +182,15 @@ async fn route(
             ),
         },
         (&Method::POST, ["v1", "signals"]) => {
+            let started = std::time::Instant::now();
             let r = post_signal(s, path, headers, body).await;
+            if r.status() == StatusCode::ACCEPTED {
+                let tenant = headers
+                    .get("x-tai-tenant")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                tai_core::kaizen::record("ingress", "post_signal", tenant, started.elapsed());
+            }
             let outcome = match r.status().as_u16() {
                 202 => "accepted",
                 200 => "duplicate",

@@ -60,6 +60,8 @@ pub struct EngineActorState {
     tenant_id: String,
     sku_id: String,
     sku: Arc<Sku>,
+    /// The SKU's policies, as the Kaizen report names them.
+    policy_label: String,
     store: Store,
     executors: Executors,
     data: Data,
@@ -397,7 +399,9 @@ impl Engine {
             .iter()
             .map(|d| d.reason.clone())
             .collect();
+        let committing = std::time::Instant::now();
         commit(p.drafts, p.writes).await?;
+        tai_core::kaizen::record("receipt", "ledger", &st.tenant_id, committing.elapsed());
         // Counted once the decision is durable, so a retried commit is not counted twice.
         let now = now_ms();
         let tenant = tai_core::telemetry::tenant_label(&st.tenant_id);
@@ -446,14 +450,21 @@ impl Engine {
             if let Input::Signal(d) = &input {
                 p.deliveries.push(d.clone());
             }
+            let stepped = std::time::Instant::now();
             let fx = Self::step_input(st, &input, now);
+            if let Input::Signal(d) = &input {
+                let (tenant, label) = (&st.tenant_id, &st.policy_label);
+                let queued = now.saturating_sub(d.signal.received_at_ms);
+                tai_core::kaizen::record("queue", label, tenant, Duration::from_millis(queued));
+                tai_core::kaizen::record("policy", label, tenant, stepped.elapsed());
+            }
             let mut action = Self::collect(st, fx, &input, &mut p, now);
             // An action with no effect outside the node runs inline: its
             // result joins the decision's commit. Any other runs only once
             // the `action_generated` commit is durable.
             while let Some(a) = action.take_if(|a| !st.executors.is_external(&a.executor)) {
-                let done =
-                    Self::outcome(&a, st.executors.run(&a).await, &mut p, &mut breaker_changes);
+                let result = Self::timed_action(st, &a).await;
+                let done = Self::outcome(&a, result, &mut p, &mut breaker_changes);
                 let fx = Self::step_input(st, &done, now);
                 action = Self::collect(st, fx, &done, &mut p, now);
             }
@@ -461,8 +472,8 @@ impl Engine {
             if let Some(a) = action {
                 Self::commit(st, std::mem::take(&mut p)).await?;
                 changed = false;
-                let done =
-                    Self::outcome(&a, st.executors.run(&a).await, &mut p, &mut breaker_changes);
+                let result = Self::timed_action(st, &a).await;
+                let done = Self::outcome(&a, result, &mut p, &mut breaker_changes);
                 inputs.push_front(done);
             }
             let t = st.statem.transition(st.data.state);
@@ -523,6 +534,14 @@ impl Engine {
 
     /// An action's outcome as the engine's next input; the breaker changes
     /// it caused get their receipts in the same commit.
+    /// Runs an action, timed for the Kaizen report (by executor).
+    async fn timed_action(st: &EngineActorState, a: &Action) -> Outcome {
+        let started = std::time::Instant::now();
+        let o = st.executors.run(a).await;
+        tai_core::kaizen::record("action", &a.executor, &st.tenant_id, started.elapsed());
+        o
+    }
+
     fn outcome(a: &Action, o: Outcome, p: &mut Pending, changes: &mut Vec<Transition>) -> Input {
         let now = now_ms();
         p.drafts.extend(o.steps.into_iter().map(|s| ReceiptDraft {
@@ -609,6 +628,16 @@ impl Actor for Engine {
             name,
             tenant_id: args.tenant_id,
             sku_id: args.sku_id,
+            policy_label: match args.sku.policies.len() {
+                0 => "none".to_string(),
+                _ => args
+                    .sku
+                    .policies
+                    .iter()
+                    .map(|p| p.name())
+                    .collect::<Vec<_>>()
+                    .join("+"),
+            },
             sku: args.sku,
             store: args.store,
             executors: args.executors,

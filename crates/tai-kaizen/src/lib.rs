@@ -13,6 +13,7 @@ use tai_core::telemetry as t;
 use tai_otp::{ChildSpec, Strategy, SupervisorSpec};
 
 pub mod health;
+pub mod report;
 
 pub use health::{Health, HealthArgs, KAIZEN_HEALTH};
 

@@ -181,6 +181,8 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
                 Err(r) => r,
             }
         }
+        (&Method::GET, ["admin", "kaizen"]) => kaizen_report(state),
+        (&Method::POST, ["admin", "kaizen", "baseline"]) => save_kaizen_baseline(state),
         (&Method::GET, ["admin", "breakers"]) => {
             json_reply(StatusCode::OK, &state.executors.breakers.list())
         }
@@ -223,6 +225,7 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
             | ["admin", "deadletter", ..]
             | ["admin", "breakers", ..]
             | ["admin", "alerts"]
+            | ["admin", "kaizen", ..]
             | ["admin", "policies", ..]
             | ["admin", "receipts", ..],
         ) => error(
@@ -230,6 +233,55 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
             format!("{method} is not supported on {path}"),
         ),
         _ => error(ErrorCode::NotFound, format!("no such endpoint: {path}")),
+    }
+}
+
+/// Where the Kaizen baseline is kept (store meta), so it outlives restarts.
+const KAIZEN_BASELINE: &str = "kaizen_baseline";
+
+fn kaizen_baseline(state: &NodeState) -> Option<serde_json::Value> {
+    let metas = state.store.metas(KAIZEN_BASELINE).ok()?;
+    let (_, bytes) = metas.into_iter().find(|(n, _)| n == KAIZEN_BASELINE)?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// `GET /admin/kaizen`: the bottleneck report over the recent samples.
+fn kaizen_report(state: &NodeState) -> Response {
+    let health = tai_kaizen::report::health(
+        tai_kaizen::health::rss_bytes(),
+        state.config.kaizen.memory_limit_mb,
+    );
+    let samples = tai_core::kaizen::samples();
+    let report = tai_kaizen::report::report(&samples, kaizen_baseline(state).as_ref(), health);
+    json_reply(StatusCode::OK, &report)
+}
+
+/// `POST /admin/kaizen/baseline`: the current per-stage figures become the
+/// baseline later reports compare against.
+fn save_kaizen_baseline(state: &NodeState) -> Response {
+    let samples = tai_core::kaizen::samples();
+    if samples.is_empty() {
+        return error(
+            ErrorCode::Unavailable,
+            "no timings yet: send signals before saving a baseline",
+        );
+    }
+    let baseline = json!({
+        "saved_at_ms": tai_core::signal::now_ms(),
+        "samples": samples.len(),
+        "stages": tai_kaizen::report::stage_summary(&samples),
+    });
+    let bytes = serde_json::to_vec(&baseline).expect("json");
+    match state
+        .store
+        .put_meta(KAIZEN_BASELINE, &bytes)
+        .and_then(|()| state.store.flush())
+    {
+        Ok(()) => json_reply(StatusCode::OK, &baseline),
+        Err(e) => error(
+            ErrorCode::Internal,
+            format!("cannot save the baseline: {e}"),
+        ),
     }
 }
 

@@ -1,0 +1,54 @@
+//! Kaizen timings: how long each stage of the signal path took, kept as a
+//! bounded window of recent samples per stage (no I/O; the layers record,
+//! `/admin/kaizen` reads). Stages, in path order: `ingress` (request to
+//! 202), `queue` (accepted to the engine taking it), `policy` (the engine's
+//! decision step), `action` (the executor), `receipt` (the ledger commit
+//! until durable).
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Duration;
+
+pub const STAGES: [&str; 5] = ["ingress", "queue", "policy", "action", "receipt"];
+/// Samples kept per stage.
+const WINDOW: usize = 2048;
+
+/// One timed operation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub stage: &'static str,
+    /// What ran: the policies of the SKU, the executor, ...
+    pub label: String,
+    pub tenant: String,
+    pub micros: u64,
+}
+
+static WINDOWS: Mutex<Vec<VecDeque<Sample>>> = Mutex::new(Vec::new());
+
+/// Records one operation of `stage` (one of [`STAGES`]; others are ignored).
+pub fn record(stage: &'static str, label: &str, tenant: &str, took: Duration) {
+    let Some(i) = STAGES.iter().position(|s| *s == stage) else {
+        return;
+    };
+    let sample = Sample {
+        stage,
+        label: label.to_string(),
+        tenant: tenant.to_string(),
+        micros: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+    };
+    let mut w = WINDOWS.lock().expect("kaizen windows");
+    if w.is_empty() {
+        w.resize_with(STAGES.len(), || VecDeque::with_capacity(WINDOW));
+    }
+    let q = &mut w[i];
+    if q.len() == WINDOW {
+        q.pop_front();
+    }
+    q.push_back(sample);
+}
+
+/// Every sample in the windows, stage by stage.
+pub fn samples() -> Vec<Sample> {
+    let w = WINDOWS.lock().expect("kaizen windows");
+    w.iter().flat_map(|q| q.iter().cloned()).collect()
+}
