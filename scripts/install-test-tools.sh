@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests need beyond the Rust toolchain: promtool (Debian's
 # `prometheus` package) for the /metrics, config and alert-rule checks, and
-# systemd-analyze (Debian's `systemd`) for the unit file. The amqp tests start
+# systemd-analyze (Debian's `systemd`) for the unit file, and headless
+# chromium for the board. The amqp tests start
 # RabbitMQ themselves if it is down. Idempotent.
 set -euo pipefail
 if ! command -v promtool >/dev/null 2>&1; then
@@ -21,6 +22,11 @@ if ! command -v systemd-analyze >/dev/null 2>&1; then
     echo "==> installing systemd-analyze (Debian package systemd)"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd >/dev/null
+fi
+if ! command -v chromium >/dev/null 2>&1; then
+    echo "==> installing chromium (headless, for the board test)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
 fi
 promtool --version | head -1
 systemd-analyze --version | head -1

@@ -75,6 +75,7 @@ pub enum AlertMsg {
 /// Raises an alert. If the alert router is not running (it restarts with
 /// its layer), the alert is logged here instead of being lost silently.
 pub fn raise(alert: Alert) {
+    crate::kaizen::ALERTS_RAISED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     match ractor::registry::where_is(ANDON_ALERTS) {
         Some(a) if a.send_message(AlertMsg::Raise(alert.clone())).is_ok() => {}
         _ => {

@@ -52,3 +52,45 @@ pub fn samples() -> Vec<Sample> {
     let w = WINDOWS.lock().expect("kaizen windows");
     w.iter().flat_map(|q| q.iter().cloned()).collect()
 }
+
+/// Decision latencies (ms, acceptance to durable decision) and ingress
+/// outcomes (ok: 2xx), recent ones only: the board's latency and error rate.
+struct Recent {
+    latencies: VecDeque<u64>,
+    outcomes: VecDeque<bool>,
+}
+
+static RECENT: Mutex<Recent> = Mutex::new(Recent {
+    latencies: VecDeque::new(),
+    outcomes: VecDeque::new(),
+});
+
+fn push<T>(q: &mut VecDeque<T>, v: T) {
+    if q.len() == WINDOW {
+        q.pop_front();
+    }
+    q.push_back(v);
+}
+
+pub fn record_decision(latency_ms: u64) {
+    push(
+        &mut RECENT.lock().expect("kaizen recent").latencies,
+        latency_ms,
+    );
+}
+
+pub fn record_ingress(ok: bool) {
+    push(&mut RECENT.lock().expect("kaizen recent").outcomes, ok);
+}
+
+/// Recent decision latencies (ms) and ingress outcomes.
+pub fn recent() -> (Vec<u64>, Vec<bool>) {
+    let r = RECENT.lock().expect("kaizen recent");
+    (
+        r.latencies.iter().copied().collect(),
+        r.outcomes.iter().copied().collect(),
+    )
+}
+
+/// Alerts raised since the start: the board pushes at once when it moves.
+pub static ALERTS_RAISED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

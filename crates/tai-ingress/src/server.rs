@@ -191,6 +191,7 @@ async fn route(
                     .unwrap_or("");
                 tai_core::kaizen::record("ingress", "post_signal", tenant, started.elapsed());
             }
+            tai_core::kaizen::record_ingress(r.status().is_success());
             let outcome = match r.status().as_u16() {
                 202 => "accepted",
                 200 => "duplicate",

@@ -410,6 +410,7 @@ impl Engine {
             if let Some(at) = received {
                 metrics::histogram!(tai_core::telemetry::SIGNAL_PROCESSING_SECONDS)
                     .record(now.saturating_sub(at) as f64 / 1000.0);
+                tai_core::kaizen::record_decision(now.saturating_sub(at));
             }
         }
         for reason in letters {

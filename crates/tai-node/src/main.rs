@@ -2,6 +2,7 @@
 //! commands are clients of a running node's APIs, configured by the same file.
 
 mod bench;
+mod board;
 mod client;
 mod node;
 mod operator;

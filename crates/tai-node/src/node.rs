@@ -15,6 +15,7 @@ use tai_otp::{Application, ChildSpec, Exit, Strategy, SupervisorSpec};
 use tai_store::Store;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
+use warp::Filter;
 
 /// The root supervisor (SPEC §1): `rest_for_one`, 5 restarts in 60 s, the five
 /// layers in start order.
@@ -169,12 +170,16 @@ pub async fn serve(config: Config) -> anyhow::Result<i32> {
     });
     let (server_stop_tx, server_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
-        warp::serve(crate::operator::routes(state.clone()))
-            .incoming(listener)
-            .graceful(async {
-                let _ = server_stop_rx.await;
-            })
-            .run(),
+        warp::serve(
+            crate::board::ws(state.clone())
+                .or(crate::operator::routes(state.clone()))
+                .unify(),
+        )
+        .incoming(listener)
+        .graceful(async {
+            let _ = server_stop_rx.await;
+        })
+        .run(),
     );
     write_endpoints(&data_dir, operator_addr, ingress_addr)?;
     info!(

@@ -109,6 +109,17 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
                 &json!({"ready": false, "reason": reason}),
             ),
         },
+        (&Method::GET, ["board"]) => match req.query.get("token") {
+            Some(t) if crate::board::token_ok(state, t) => crate::board::login(state),
+            Some(_) => error(ErrorCode::Unauthorized, "invalid admin token"),
+            None if authorized(state, headers) || crate::board::cookie_ok(state, headers) => {
+                crate::board::page(state).await
+            }
+            None => error(
+                ErrorCode::Unauthorized,
+                "open /board?token=<admin token> to sign in",
+            ),
+        },
         (_, ["admin", ..]) if !authorized(state, headers) => {
             error(ErrorCode::Unauthorized, "missing or invalid admin token")
         }
@@ -216,7 +227,8 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
             | ["metrics"]
             | ["admin", "tree"]
             | ["admin", "shutdown"]
-            | ["admin", "queue"],
+            | ["admin", "queue"]
+            | ["board"],
         )
         | (
             _,
@@ -368,7 +380,7 @@ fn decode(s: &str) -> String {
 
 /// Calls a layer's worker by its registered name; a worker that is down or
 /// slow is a 503, as it is for a restarting layer.
-async fn call<M, R>(
+pub(crate) async fn call<M, R>(
     name: &str,
     build: impl FnOnce(ractor::RpcReplyPort<R>) -> M,
 ) -> Result<R, Response>
