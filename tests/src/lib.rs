@@ -706,3 +706,120 @@ impl Drop for QueueCleanup {
         .join();
     }
 }
+
+// ---- OpenTelemetry (the traces tests) --------------------------------------
+
+/// A local OTLP/HTTP receiver: keeps every span posted to `/v1/traces`
+/// (OTLP JSON), flattened to `{traceId, spanId, parentSpanId, name, links}`.
+pub struct Collector {
+    /// The base URL to give as `kaizen.otlp_endpoint`.
+    pub url: String,
+    spans: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+}
+
+impl Collector {
+    pub async fn start() -> Collector {
+        use warp::Filter;
+        let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let store = spans.clone();
+        let route = warp::post()
+            .and(warp::path!("v1" / "traces"))
+            .and(warp::body::bytes())
+            .map(move |body: bytes::Bytes| {
+                let v: Value = serde_json::from_slice(&body).expect("OTLP JSON");
+                let mut out = store.lock().unwrap();
+                for rs in v["resourceSpans"].as_array().into_iter().flatten() {
+                    for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
+                        out.extend(ss["spans"].as_array().into_iter().flatten().cloned());
+                    }
+                }
+                warp::reply::json(&serde_json::json!({}))
+            });
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        tokio::spawn(warp::serve(route).incoming(listener).run());
+        Collector {
+            url: format!("http://{addr}"),
+            spans,
+        }
+    }
+
+    /// The spans of one trace received so far.
+    pub fn trace(&self, trace_id: &str) -> Vec<Value> {
+        self.spans
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| {
+                s["traceId"]
+                    .as_str()
+                    .is_some_and(|t| t.eq_ignore_ascii_case(trace_id))
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Waits until the trace has a span of each name in `names`.
+    pub async fn until_spans(&self, trace_id: &str, names: &[&str]) -> Vec<Value> {
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let spans = self.trace(trace_id);
+            if names.iter().all(|n| spans.iter().any(|s| s["name"] == *n)) {
+                return spans;
+            }
+            assert!(
+                Instant::now() < end,
+                "trace {trace_id} lacks some of {names:?}: {spans:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The span named `name` in `spans` (the first, if several).
+pub fn span<'a>(spans: &'a [Value], name: &str) -> &'a Value {
+    spans
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} span in {spans:?}"))
+}
+
+/// Checks the tree of one signal's spans: the client's span → ingress →
+/// enqueue → (the queue) → dequeue → policy, action, receipt.
+pub fn assert_signal_span_tree(spans: &[Value], client_span: &str) {
+    let id = |n: &str| span(spans, n)["spanId"].as_str().unwrap().to_lowercase();
+    let parent = |n: &str| {
+        span(spans, n)["parentSpanId"]
+            .as_str()
+            .unwrap_or_default()
+            .to_lowercase()
+    };
+    assert_eq!(
+        parent("ingress"),
+        client_span,
+        "ingress continues the client's span"
+    );
+    assert_eq!(parent("enqueue"), id("ingress"));
+    assert_eq!(
+        parent("dequeue"),
+        id("enqueue"),
+        "the trace crosses the queue"
+    );
+    for child in ["policy", "action", "receipt"] {
+        assert_eq!(parent(child), id("dequeue"), "{child} under dequeue");
+    }
+}
+
+impl Client {
+    /// Posts a signal with a W3C `traceparent` header.
+    pub async fn post_traced(&self, body: &Value, traceparent: &str) -> Answer {
+        let bytes = serde_json::to_vec(body).unwrap();
+        let mut headers = self.headers(unix_now(), "POST", "/v1/signals", &bytes);
+        headers.push(("traceparent", traceparent.to_string()));
+        self.raw("POST", "/v1/signals", &bytes, &headers)
+            .await
+            .expect("POST /v1/signals")
+    }
+}

@@ -527,3 +527,41 @@ async fn a_quorum_queue_works_and_dead_letters_replay_through_the_broker() {
     assert_eq!(d.get("h-1"), Some(&1));
     verify_ok(&node).await;
 }
+
+#[tokio::test]
+async fn the_trace_context_crosses_the_broker() {
+    ensure_broker();
+    let queue = unique_queue("trace");
+    let _cleanup = QueueCleanup(queue.clone());
+    let collector = Collector::start().await;
+    let config = test_config(&format!(
+        "{}\n[kaizen]\notlp_endpoint = \"{}\"\n",
+        amqp_kanban(&queue),
+        collector.url
+    ));
+    let node = Node::start_with(&config, &[]);
+    connected(&node).await;
+    let c = Client::new(&node, "acme", "acme-secret");
+    entitle(&c, "ent-1").await;
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let client_span = "b7ad6b7169203331";
+    let a = c
+        .post_traced(&pay("traced"), &format!("00-{trace}-{client_span}-01"))
+        .await;
+    assert_eq!(a.status, 202, "{}", a.body);
+    assert_eq!(c.decided("traced").await["status"], "completed");
+    let spans = collector
+        .until_spans(
+            trace,
+            &[
+                "ingress", "enqueue", "dequeue", "policy", "action", "receipt",
+            ],
+        )
+        .await;
+    assert_signal_span_tree(&spans, client_span);
+    let receipts = node.all_receipts().await;
+    assert!(receipts
+        .iter()
+        .filter(|r| r["signal_id"] == "traced")
+        .all(|r| r["trace_id"] == trace));
+}

@@ -15,5 +15,6 @@ pub mod names;
 pub mod receipt;
 pub mod signal;
 pub mod telemetry;
+pub mod trace;
 
 pub use error::{ApiError, ErrorCode};

@@ -16,6 +16,9 @@ pub struct Signal {
     pub received_at_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
+    /// W3C trace context to continue after the queue (`tai_core::trace`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -95,6 +98,7 @@ pub fn parse_signal(
         payload,
         received_at_ms,
         trace_id: None,
+        traceparent: None,
     })
 }
 

@@ -16,6 +16,7 @@ use tai_core::signal::{now_ms, parse_signal};
 use tai_core::ErrorCode;
 use tai_store::Store;
 use tokio::sync::oneshot;
+use tracing::Instrument;
 use tracing::{info, warn};
 use warp::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use warp::reply::Response;
@@ -183,7 +184,20 @@ async fn route(
         },
         (&Method::POST, ["v1", "signals"]) => {
             let started = std::time::Instant::now();
-            let r = post_signal(s, path, headers, body).await;
+            let span = tracing::info_span!(
+                "ingress",
+                tenant = header(headers, "x-tai-tenant").unwrap_or_default(),
+                trace_id = tracing::field::Empty,
+            );
+            if let Some(tp) = header(headers, "traceparent") {
+                tai_core::trace::continue_from(&span, tp);
+            }
+            let tp = tai_core::trace::traceparent_of(&span)
+                .or_else(|| header(headers, "traceparent").map(str::to_string));
+            if let Some(t) = tp.as_deref().and_then(tai_core::trace::trace_id) {
+                span.record("trace_id", t.as_str());
+            }
+            let r = post_signal(s, path, headers, body).instrument(span).await;
             if r.status() == StatusCode::ACCEPTED {
                 let tenant = headers
                     .get("x-tai-tenant")
@@ -287,9 +301,10 @@ async fn post_signal(s: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) -
             format!("unknown sku_id {:?}", signal.sku_id),
         );
     }
-    signal.trace_id = header(headers, "traceparent")
-        .and_then(|tp| tp.split('-').nth(1))
-        .filter(|t| t.len() == 32)
+    // The client's trace context, continued by the `ingress` span (if
+    // tracing is on) and passed on through the queue either way.
+    signal.traceparent = header(headers, "traceparent")
+        .filter(|tp| tai_core::trace::valid(tp))
         .map(str::to_string);
     // Only a client-chosen id can already be known.
     if !assigned_id {
@@ -313,7 +328,15 @@ async fn post_signal(s: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) -
             "replayed request: this signature was already used",
         );
     }
-    let outcome = enqueue(signal.clone()).await;
+    let span = tracing::info_span!("enqueue", signal = %signal.id, tenant = %signal.tenant_id);
+    if let Some(tp) = tai_core::trace::traceparent_of(&span) {
+        signal.traceparent = Some(tp);
+    }
+    signal.trace_id = signal
+        .traceparent
+        .as_deref()
+        .and_then(tai_core::trace::trace_id);
+    let outcome = enqueue(signal.clone()).instrument(span).await;
     if !matches!(outcome, EnqueueOutcome::Accepted) {
         s.replay
             .lock()
@@ -322,6 +345,7 @@ async fn post_signal(s: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) -
     }
     match outcome {
         EnqueueOutcome::Accepted => {
+            tracing::debug!(signal = %signal.id, tenant = %signal.tenant_id, "signal accepted");
             let mut r = json_reply(
                 StatusCode::ACCEPTED,
                 &json!({"signal_id": signal.id, "status": "accepted"}),

@@ -22,6 +22,7 @@ fn signal(payload: serde_json::Value) -> Signal {
         payload: payload.as_object().cloned().unwrap_or_default(),
         received_at_ms: 0,
         trace_id: None,
+        traceparent: None,
     }
 }
 

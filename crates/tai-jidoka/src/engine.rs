@@ -16,7 +16,7 @@ use tai_core::receipt::ReceiptDraft;
 use tai_core::signal::{now_ms, DeadLetter, EngineInfo, EngineState, SignalRecord, SignalStatus};
 use tai_otp::statem::{Statem, TimeoutToken};
 use tai_store::Store;
-use tracing::debug;
+use tracing::{debug, Instrument};
 
 use tai_core::alert::{Alert, Severity};
 
@@ -62,6 +62,9 @@ pub struct EngineActorState {
     sku: Arc<Sku>,
     /// The SKU's policies, as the Kaizen report names them.
     policy_label: String,
+    /// Trace ids of the signals this engine holds (until they settle), so
+    /// every receipt of a signal carries its trace id.
+    traces: std::collections::HashMap<String, String>,
     store: Store,
     executors: Executors,
     data: Data,
@@ -166,6 +169,21 @@ async fn commit(receipts: Vec<ReceiptDraft>, writes: WriteSet) -> Result<(), Act
     }
 }
 
+/// The span of a commit: a child of the last signal's `dequeue` span,
+/// linked to the others it carries.
+fn receipt_span(spans: &[tracing::Span]) -> tracing::Span {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let Some(last) = spans.last() else {
+        return tracing::info_span!("receipt");
+    };
+    let span = tracing::info_span!(parent: last, "receipt", signals = spans.len());
+    for other in &spans[..spans.len() - 1] {
+        use opentelemetry::trace::TraceContextExt;
+        span.add_link(other.context().span().span_context().clone());
+    }
+    span
+}
+
 fn ack(seq: u64) {
     if let Some(q) = ractor::registry::where_is(KANBAN_QUEUE) {
         let _ = q.send_message(KanbanMsg::Ack { seq });
@@ -216,7 +234,6 @@ impl Engine {
             Input::Signal(d) => Some(d),
             Input::Other(_) => None,
         };
-        let trace_id = current.and_then(|d| d.signal.trace_id.clone());
         let mut action = None;
         for e in fx {
             match e {
@@ -229,6 +246,7 @@ impl Engine {
                     success,
                     reason,
                 } => {
+                    let trace_id = signal_id.as_ref().and_then(|id| st.traces.get(id).cloned());
                     p.drafts.push(ReceiptDraft {
                         receipt_id: format!("rcpt_{}", new_ulid()),
                         kind: kind.to_string(),
@@ -240,7 +258,7 @@ impl Engine {
                         state_after: after.into(),
                         success,
                         reason,
-                        trace_id: trace_id.clone(),
+                        trace_id,
                         timestamp_ms: now,
                     });
                 }
@@ -258,6 +276,7 @@ impl Engine {
                     status,
                     reason,
                 } => {
+                    st.traces.remove(&signal_id);
                     p.status(signal_id, status, reason);
                     p.writes.acks.push(seq);
                 }
@@ -269,6 +288,7 @@ impl Engine {
                             at_ms: now,
                         });
                         let id = d.signal.id.clone();
+                        st.traces.remove(&id);
                         p.status(id, SignalStatus::Deadlettered, Some(reason.to_string()));
                     }
                     p.writes.acks.push(seq);
@@ -445,14 +465,36 @@ impl Engine {
         let mut changed = false;
         // Breaker changes made by this run's calls: told to the engines once committed.
         let mut breaker_changes = Vec::new();
+        // The `dequeue` span of each signal this run decides, continuing the
+        // trace its ingress started; policy, action and receipt spans hang off it.
+        let mut spans: Vec<tracing::Span> = Vec::new();
         while let Some(input) = inputs.pop_front() {
             let now = now_ms();
             let before = st.data.state;
             if let Input::Signal(d) = &input {
                 p.deliveries.push(d.clone());
+                if let Some(t) = &d.signal.trace_id {
+                    st.traces.insert(d.signal.id.clone(), t.clone());
+                }
+                let span = tracing::info_span!(
+                    "dequeue",
+                    signal = %d.signal.id,
+                    engine = %st.name,
+                    trace_id = d.signal.trace_id.as_deref().unwrap_or(""),
+                );
+                if let Some(tp) = &d.signal.traceparent {
+                    tai_core::trace::continue_from(&span, tp);
+                }
+                spans.push(span);
             }
             let stepped = std::time::Instant::now();
-            let fx = Self::step_input(st, &input, now);
+            let fx = match (&input, spans.last()) {
+                (Input::Signal(_), Some(span)) => {
+                    tracing::info_span!(parent: span, "policy", policies = %st.policy_label)
+                        .in_scope(|| Self::step_input(st, &input, now))
+                }
+                _ => Self::step_input(st, &input, now),
+            };
             if let Input::Signal(d) = &input {
                 let (tenant, label) = (&st.tenant_id, &st.policy_label);
                 let queued = now.saturating_sub(d.signal.received_at_ms);
@@ -464,17 +506,21 @@ impl Engine {
             // result joins the decision's commit. Any other runs only once
             // the `action_generated` commit is durable.
             while let Some(a) = action.take_if(|a| !st.executors.is_external(&a.executor)) {
-                let result = Self::timed_action(st, &a).await;
-                let done = Self::outcome(&a, result, &mut p, &mut breaker_changes);
+                let result = Self::timed_action(st, &a, spans.last()).await;
+                let trace = st.traces.get(&a.signal_id).cloned();
+                let done = Self::outcome(&a, result, trace, &mut p, &mut breaker_changes);
                 let fx = Self::step_input(st, &done, now);
                 action = Self::collect(st, fx, &done, &mut p, now);
             }
             changed |= st.data.state != before;
             if let Some(a) = action {
-                Self::commit(st, std::mem::take(&mut p)).await?;
+                Self::commit(st, std::mem::take(&mut p))
+                    .instrument(receipt_span(&spans))
+                    .await?;
                 changed = false;
-                let result = Self::timed_action(st, &a).await;
-                let done = Self::outcome(&a, result, &mut p, &mut breaker_changes);
+                let result = Self::timed_action(st, &a, spans.last()).await;
+                let trace = st.traces.get(&a.signal_id).cloned();
+                let done = Self::outcome(&a, result, trace, &mut p, &mut breaker_changes);
                 inputs.push_front(done);
             }
             let t = st.statem.transition(st.data.state);
@@ -487,7 +533,7 @@ impl Engine {
             }
         }
         if !p.is_empty() || changed {
-            Self::commit(st, p).await?;
+            Self::commit(st, p).instrument(receipt_span(&spans)).await?;
         }
         crate::executor::notify_engines(&breaker_changes);
         Ok(())
@@ -533,17 +579,32 @@ impl Engine {
         }
     }
 
-    /// An action's outcome as the engine's next input; the breaker changes
-    /// it caused get their receipts in the same commit.
-    /// Runs an action, timed for the Kaizen report (by executor).
-    async fn timed_action(st: &EngineActorState, a: &Action) -> Outcome {
+    /// Runs an action, timed for the Kaizen report (by executor) and traced
+    /// under the signal's span.
+    async fn timed_action(
+        st: &EngineActorState,
+        a: &Action,
+        signal: Option<&tracing::Span>,
+    ) -> Outcome {
         let started = std::time::Instant::now();
-        let o = st.executors.run(a).await;
+        let span = match signal {
+            Some(parent) => tracing::info_span!(parent: parent, "action", executor = %a.executor),
+            None => tracing::info_span!("action", executor = %a.executor),
+        };
+        let o = st.executors.run(a).instrument(span).await;
         tai_core::kaizen::record("action", &a.executor, &st.tenant_id, started.elapsed());
         o
     }
 
-    fn outcome(a: &Action, o: Outcome, p: &mut Pending, changes: &mut Vec<Transition>) -> Input {
+    /// An action's outcome as the engine's next input; the breaker changes
+    /// it caused get their receipts in the same commit.
+    fn outcome(
+        a: &Action,
+        o: Outcome,
+        trace_id: Option<String>,
+        p: &mut Pending,
+        changes: &mut Vec<Transition>,
+    ) -> Input {
         let now = now_ms();
         p.drafts.extend(o.steps.into_iter().map(|s| ReceiptDraft {
             receipt_id: format!("rcpt_{}", new_ulid()),
@@ -556,7 +617,7 @@ impl Engine {
             state_after: EngineState::ActionPending.into(),
             success: s.success,
             reason: Some(s.reason),
-            trace_id: None,
+            trace_id: trace_id.clone(),
             timestamp_ms: now,
         }));
         p.drafts.extend(o.transitions.iter().map(breaker_receipt));
@@ -640,6 +701,7 @@ impl Actor for Engine {
                     .join("+"),
             },
             sku: args.sku,
+            traces: Default::default(),
             store: args.store,
             executors: args.executors,
             statem: Statem::new(state),

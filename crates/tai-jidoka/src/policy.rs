@@ -255,6 +255,7 @@ mod tests {
             payload: payload.as_object().unwrap().clone(),
             received_at_ms: 0,
             trace_id: None,
+            traceparent: None,
         }
     }
 

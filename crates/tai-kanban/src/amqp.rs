@@ -161,6 +161,12 @@ pub fn message(signal: &Signal) -> (Vec<u8>, BasicProperties) {
             AMQPValue::LongString(LongString::from(t.as_str())),
         );
     }
+    if let Some(tp) = &signal.traceparent {
+        headers.insert(
+            "traceparent".into(),
+            AMQPValue::LongString(LongString::from(tp.as_str())),
+        );
+    }
     let props = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type("application/json".into())

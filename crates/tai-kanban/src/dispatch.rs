@@ -197,6 +197,7 @@ mod tests {
                 payload: Default::default(),
                 received_at_ms: 0,
                 trace_id: None,
+                traceparent: None,
             },
         }
     }

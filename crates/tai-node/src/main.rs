@@ -135,17 +135,67 @@ enum Command {
     },
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs to stderr and, with `otlp` (a collector's base URL, `tai serve`
+/// only), spans to OpenTelemetry: OTLP over HTTP (JSON) to `{otlp}/v1/traces`,
+/// batched on the SDK's own thread so exporting never blocks the signal
+/// path (a full batch queue drops spans, never waits). The provider is
+/// returned to be shut down (flushed) at exit.
+fn init_logging(
+    format: LogFormat,
+    otlp: Option<&str>,
+) -> Result<Option<opentelemetry_sdk::trace::SdkTracerProvider>, String> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
+    };
+    let provider = match otlp {
+        Some(endpoint) => {
+            use opentelemetry_otlp::WithExportConfig;
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_protocol(opentelemetry_otlp::Protocol::HttpJson)
+                .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
+                .with_timeout(std::time::Duration::from_secs(5))
+                .build()
+                .map_err(|e| format!("kaizen.otlp_endpoint: {e}"))?;
+            let batch = opentelemetry_sdk::trace::BatchSpanProcessor::builder(exporter)
+                .with_batch_config(
+                    opentelemetry_sdk::trace::BatchConfigBuilder::default()
+                        .with_scheduled_delay(std::time::Duration::from_millis(500))
+                        .with_max_queue_size(65_536)
+                        .build(),
+                )
+                .build();
+            let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+                .with_span_processor(batch)
+                .with_resource(
+                    opentelemetry_sdk::Resource::builder()
+                        .with_service_name("tai-node")
+                        .build(),
+                )
+                .build();
+            Some(provider)
+        }
+        None => None,
+    };
+    let otel = provider.as_ref().map(|p| {
+        use opentelemetry::trace::TracerProvider as _;
+        tracing_opentelemetry::layer().with_tracer(p.tracer("tai-node"))
+    });
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .init();
+    Ok(provider)
 }
 
 /// Reads and checks the config file with the process environment applied;
@@ -173,7 +223,6 @@ fn load_config(path: &PathBuf) -> Result<Config, ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
     let config_path = match &cli.command {
         Command::Serve { config }
         | Command::Tree { config, .. }
@@ -188,6 +237,17 @@ fn main() -> ExitCode {
     let config = match load_config(&config_path) {
         Ok(c) => c,
         Err(code) => return code,
+    };
+    let otlp = match &cli.command {
+        Command::Serve { .. } => config.kaizen.otlp_endpoint.as_deref(),
+        _ => None,
+    };
+    let tracer = match init_logging(cli.log_format, otlp) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("config error: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -259,6 +319,13 @@ fn main() -> ExitCode {
             }
         }
     });
+    drop(runtime);
+    if let Some(provider) = tracer {
+        // Sends what the batch still holds.
+        if let Err(e) = provider.shutdown() {
+            eprintln!("tracing: could not flush the last spans: {e}");
+        }
+    }
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {

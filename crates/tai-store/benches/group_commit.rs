@@ -22,6 +22,7 @@ fn signal(n: u64) -> Signal {
         payload: payload.as_object().unwrap().clone(),
         received_at_ms: 0,
         trace_id: None,
+        traceparent: None,
     }
 }
 

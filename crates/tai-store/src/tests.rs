@@ -13,6 +13,7 @@ fn signal(tenant: &str, id: &str) -> Signal {
         payload: Map::new(),
         received_at_ms: 1,
         trace_id: None,
+        traceparent: None,
     }
 }
 

@@ -26,6 +26,7 @@ fn signal(kind: &str, payload: Value, critical: bool) -> Signal {
         payload: payload.as_object().cloned().unwrap_or_default(),
         received_at_ms: 0,
         trace_id: None,
+        traceparent: None,
     }
 }
 

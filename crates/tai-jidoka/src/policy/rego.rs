@@ -327,6 +327,7 @@ decision := {"allow": false, "violations": [msg], "score": 80, "action": "review
                 .unwrap(),
             received_at_ms: 0,
             trace_id: None,
+            traceparent: None,
         }
     }
 
