@@ -218,3 +218,22 @@ async fn the_kaizen_report_shows_stage_shares_the_slowest_fifth_and_a_baseline()
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn metrics_can_be_turned_off() {
+    let node = Node::start_with(&test_config("[kaizen]\nmetrics = false\n"), &[]);
+    let r = reqwest::get(node.url("/metrics")).await.unwrap();
+    assert_eq!(r.status(), 404);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "not_found");
+    // The node still works.
+    let c = Client::new(&node, "acme", "acme-secret");
+    assert_eq!(
+        c.post(&entitlement("acme", "payments", "e1"))
+            .await
+            .unwrap()
+            .status,
+        202
+    );
+    c.decided("e1").await;
+}

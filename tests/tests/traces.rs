@@ -15,7 +15,7 @@ async fn a_traceparent_is_continued_through_the_queue_and_exported_over_otlp() {
     let collector = Collector::start().await;
     let node = Node::start_with(
         &test_config(&format!(
-            "[kaizen]\notlp_endpoint = \"{}\"\n",
+            "[kaizen]\notlp_endpoint = \"{}\"\ntrace_sample_ratio = 1.0\n",
             collector.url
         )),
         &[("RUST_LOG", "info,tai_ingress=debug")],

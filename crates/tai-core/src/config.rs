@@ -201,6 +201,12 @@ impl Default for JidokaConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct KaizenConfig {
     pub otlp_endpoint: Option<String>,
+    /// Share of new traces exported (0 to 1); a client's sampled
+    /// `traceparent` is always followed.
+    pub trace_sample_ratio: f64,
+    /// Prometheus metrics at `/metrics` (off: no recorder, `/metrics` 404;
+    /// for measuring what metrics cost).
+    pub metrics: bool,
     /// Distinct tenant label values kept in metrics; the rest become "other".
     pub tenant_label_cap: usize,
     /// The node's memory limit (e.g. the unit's `MemoryMax=`): RSS over 80 %
@@ -212,6 +218,8 @@ impl Default for KaizenConfig {
     fn default() -> Self {
         KaizenConfig {
             otlp_endpoint: None,
+            trace_sample_ratio: 0.1,
+            metrics: true,
             tenant_label_cap: 100,
             memory_limit_mb: 2048,
         }
@@ -730,6 +738,9 @@ fn validate(c: &Config, errors: &mut Vec<ConfigError>) {
     }
     if c.kanban.max_depth == 0 {
         errors.push(err("kanban.max_depth", "must be greater than 0"));
+    }
+    if !(0.0..=1.0).contains(&c.kaizen.trace_sample_ratio) {
+        errors.push(err("kaizen.trace_sample_ratio", "must be between 0 and 1"));
     }
     if c.kanban.backend == QueueBackend::Amqp {
         if !c.kanban.amqp_url.starts_with("amqp://") {

@@ -40,6 +40,20 @@ pub fn trace_id(traceparent: &str) -> Option<String> {
     span_context(traceparent).map(|sc| sc.trace_id().to_string())
 }
 
+/// Whether the trace of `traceparent` is sampled (exported): spans of an
+/// unsampled trace are not worth making.
+pub fn sampled(traceparent: &str) -> bool {
+    span_context(traceparent).is_some_and(|sc| sc.is_sampled())
+}
+
+/// A new, unsampled trace context (random ids, flags `00`): the trace id of
+/// a signal no span records.
+pub fn unsampled_root() -> String {
+    let trace = fastrand::u128(1..);
+    let span = fastrand::u64(1..);
+    format!("00-{trace:032x}-{span:016x}-00")
+}
+
 /// Makes `span` a child of the remote span in `traceparent`.
 pub fn continue_from(span: &tracing::Span, traceparent: &str) {
     if let Some(sc) = span_context(traceparent) {
@@ -69,6 +83,10 @@ mod tests {
     fn traceparents_are_parsed_strictly() {
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         assert!(valid(tp));
+        assert!(sampled(tp));
+        assert!(!sampled(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+        ));
         assert_eq!(
             trace_id(tp).as_deref(),
             Some("4bf92f3577b34da6a3ce929d0e0e4736")
@@ -83,6 +101,9 @@ mod tests {
         ] {
             assert!(!valid(bad), "{bad:?}");
         }
+        let root = unsampled_root();
+        assert!(valid(&root) && !sampled(&root), "{root}");
+        assert_ne!(trace_id(&root), trace_id(&unsampled_root()));
         // Without an OpenTelemetry layer a span has no context to give.
         assert_eq!(traceparent_of(&tracing::Span::none()), None);
     }

@@ -43,6 +43,11 @@ pub fn supervisor_spec(
             2_000_000,
         )),
         draining,
+        trace_sampling: config
+            .kaizen
+            .otlp_endpoint
+            .as_ref()
+            .map(|_| config.kaizen.trace_sample_ratio),
     });
     let listen = config.ingress.listen;
     SupervisorSpec::new(Strategy::OneForOne)

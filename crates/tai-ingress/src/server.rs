@@ -40,6 +40,8 @@ pub struct Shared {
     pub replay: Mutex<ReplayCache>,
     /// Set by the node when it starts a graceful shutdown.
     pub draining: Arc<AtomicBool>,
+    /// Share of new traces sampled when tracing is on (`None`: off).
+    pub trace_sampling: Option<f64>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -184,19 +186,33 @@ async fn route(
         },
         (&Method::POST, ["v1", "signals"]) => {
             let started = std::time::Instant::now();
-            let span = tracing::info_span!(
-                "ingress",
-                tenant = header(headers, "x-tai-tenant").unwrap_or_default(),
-                trace_id = tracing::field::Empty,
-            );
-            if let Some(tp) = header(headers, "traceparent") {
-                tai_core::trace::continue_from(&span, tp);
-            }
-            let tp = tai_core::trace::traceparent_of(&span)
-                .or_else(|| header(headers, "traceparent").map(str::to_string));
-            if let Some(t) = tp.as_deref().and_then(tai_core::trace::trace_id) {
-                span.record("trace_id", t.as_str());
-            }
+            // Head sampling here, before any span exists: a client's
+            // sampled traceparent is followed, new traces are sampled at
+            // the configured ratio, and an unsampled signal costs no span.
+            let incoming = header(headers, "traceparent").filter(|tp| tai_core::trace::valid(tp));
+            let sampled = s.trace_sampling.is_some_and(|ratio| match incoming {
+                Some(tp) => tai_core::trace::sampled(tp),
+                None => fastrand::f64() < ratio,
+            });
+            let span = if sampled {
+                let span = tracing::info_span!(
+                    "ingress",
+                    tenant = header(headers, "x-tai-tenant").unwrap_or_default(),
+                    trace_id = tracing::field::Empty,
+                );
+                if let Some(tp) = incoming {
+                    tai_core::trace::continue_from(&span, tp);
+                }
+                if let Some(t) = tai_core::trace::traceparent_of(&span)
+                    .as_deref()
+                    .and_then(tai_core::trace::trace_id)
+                {
+                    span.record("trace_id", t.as_str());
+                }
+                span
+            } else {
+                tracing::Span::none()
+            };
             let r = post_signal(s, path, headers, body).instrument(span).await;
             if r.status() == StatusCode::ACCEPTED {
                 let tenant = headers
@@ -306,6 +322,10 @@ async fn post_signal(s: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) -
     signal.traceparent = header(headers, "traceparent")
         .filter(|tp| tai_core::trace::valid(tp))
         .map(str::to_string);
+    if signal.traceparent.is_none() {
+        // Every signal has a trace id for its receipts and logs, traced or not.
+        signal.traceparent = Some(tai_core::trace::unsampled_root());
+    }
     // Only a client-chosen id can already be known.
     if !assigned_id {
         match s.store.signal_record(tenant_id, &signal.id) {
@@ -328,7 +348,11 @@ async fn post_signal(s: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) -
             "replayed request: this signature was already used",
         );
     }
-    let span = tracing::info_span!("enqueue", signal = %signal.id, tenant = %signal.tenant_id);
+    let span = if tracing::Span::current().is_none() {
+        tracing::Span::none()
+    } else {
+        tracing::info_span!("enqueue", signal = %signal.id, tenant = %signal.tenant_id)
+    };
     if let Some(tp) = tai_core::trace::traceparent_of(&span) {
         signal.traceparent = Some(tp);
     }
@@ -345,7 +369,12 @@ async fn post_signal(s: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) -
     }
     match outcome {
         EnqueueOutcome::Accepted => {
-            tracing::debug!(signal = %signal.id, tenant = %signal.tenant_id, "signal accepted");
+            tracing::debug!(
+                signal = %signal.id,
+                tenant = %signal.tenant_id,
+                trace_id = signal.trace_id.as_deref().unwrap_or(""),
+                "signal accepted"
+            );
             let mut r = json_reply(
                 StatusCode::ACCEPTED,
                 &json!({"signal_id": signal.id, "status": "accepted"}),

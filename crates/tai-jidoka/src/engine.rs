@@ -173,11 +173,11 @@ async fn commit(receipts: Vec<ReceiptDraft>, writes: WriteSet) -> Result<(), Act
 /// linked to the others it carries.
 fn receipt_span(spans: &[tracing::Span]) -> tracing::Span {
     use tracing_opentelemetry::OpenTelemetrySpanExt;
-    let Some(last) = spans.last() else {
-        return tracing::info_span!("receipt");
+    let Some(last) = spans.iter().rev().find(|s| !s.is_none()) else {
+        return tracing::Span::none();
     };
     let span = tracing::info_span!(parent: last, "receipt", signals = spans.len());
-    for other in &spans[..spans.len() - 1] {
+    for other in spans.iter().filter(|s| !s.is_none() && s.id() != last.id()) {
         use opentelemetry::trace::TraceContextExt;
         span.add_link(other.context().span().span_context().clone());
     }
@@ -476,20 +476,25 @@ impl Engine {
                 if let Some(t) = &d.signal.trace_id {
                     st.traces.insert(d.signal.id.clone(), t.clone());
                 }
-                let span = tracing::info_span!(
-                    "dequeue",
-                    signal = %d.signal.id,
-                    engine = %st.name,
-                    trace_id = d.signal.trace_id.as_deref().unwrap_or(""),
-                );
-                if let Some(tp) = &d.signal.traceparent {
-                    tai_core::trace::continue_from(&span, tp);
-                }
+                // Spans only for a sampled trace: the rest would be made to be dropped.
+                let span = match &d.signal.traceparent {
+                    Some(tp) if tai_core::trace::sampled(tp) => {
+                        let span = tracing::info_span!(
+                            "dequeue",
+                            signal = %d.signal.id,
+                            engine = %st.name,
+                            trace_id = d.signal.trace_id.as_deref().unwrap_or(""),
+                        );
+                        tai_core::trace::continue_from(&span, tp);
+                        span
+                    }
+                    _ => tracing::Span::none(),
+                };
                 spans.push(span);
             }
             let stepped = std::time::Instant::now();
             let fx = match (&input, spans.last()) {
-                (Input::Signal(_), Some(span)) => {
+                (Input::Signal(_), Some(span)) if !span.is_none() => {
                     tracing::info_span!(parent: span, "policy", policies = %st.policy_label)
                         .in_scope(|| Self::step_input(st, &input, now))
                 }
@@ -588,8 +593,10 @@ impl Engine {
     ) -> Outcome {
         let started = std::time::Instant::now();
         let span = match signal {
-            Some(parent) => tracing::info_span!(parent: parent, "action", executor = %a.executor),
-            None => tracing::info_span!("action", executor = %a.executor),
+            Some(parent) if !parent.is_none() => {
+                tracing::info_span!(parent: parent, "action", executor = %a.executor)
+            }
+            _ => tracing::Span::none(),
         };
         let o = st.executors.run(a).instrument(span).await;
         tai_core::kaizen::record("action", &a.executor, &st.tenant_id, started.elapsed());

@@ -48,6 +48,16 @@ pub struct BenchArgs {
     pub backend: String,
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     pub amqp_url: String,
+    /// Start the node with Prometheus metrics off (`kaizen.metrics = false`).
+    #[arg(long)]
+    pub no_metrics: bool,
+    /// Start the node with tracing on, exporting over OTLP to a local
+    /// receiver the bench runs (which counts and discards what it gets).
+    #[arg(long)]
+    pub otlp: bool,
+    /// With --otlp: the node's `kaizen.trace_sample_ratio`.
+    #[arg(long, default_value_t = 0.1)]
+    pub trace_sample_ratio: f64,
     /// Use the running node of --config instead of starting one.
     #[arg(long)]
     pub target: bool,
@@ -78,7 +88,7 @@ impl Drop for Target {
     }
 }
 
-fn bench_config(a: &BenchArgs, dir: &std::path::Path) -> String {
+fn bench_config(a: &BenchArgs, dir: &std::path::Path, otlp: Option<SocketAddr>) -> String {
     let mut c = format!(
         r#"[node]
 mode = "dev"
@@ -98,6 +108,9 @@ max_depth = 100000000
 backend = "{backend}"
 amqp_url = "{amqp_url}"
 amqp_queue = "{amqp_queue}"
+[kaizen]
+metrics = {metrics}
+{otlp}
 [jidoka]
 max_active_engines = 10000
 [skus.bench]
@@ -113,6 +126,13 @@ quota = 1000000000000
         backend = a.backend,
         amqp_url = a.amqp_url,
         amqp_queue = bench_queue(),
+        metrics = !a.no_metrics,
+        otlp = otlp
+            .map(|addr| format!(
+                "otlp_endpoint = \"http://{addr}\"\ntrace_sample_ratio = {}",
+                a.trace_sample_ratio
+            ))
+            .unwrap_or_default(),
     );
     for i in 0..a.tenants {
         c.push_str(&format!(
@@ -127,10 +147,10 @@ fn bench_queue() -> String {
     format!("tai-bench.{}", std::process::id())
 }
 
-fn start_node(a: &BenchArgs) -> anyhow::Result<Target> {
+fn start_node(a: &BenchArgs, otlp: Option<SocketAddr>) -> anyhow::Result<Target> {
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("bench.toml");
-    std::fs::write(&config, bench_config(a, dir.path()))?;
+    std::fs::write(&config, bench_config(a, dir.path(), otlp))?;
     let log = std::fs::File::create(dir.path().join("node.log"))?;
     let child = std::process::Command::new(std::env::current_exe()?)
         .args(["serve", "--config"])
@@ -377,6 +397,28 @@ async fn baseline_server(
     Ok((addr, tx))
 }
 
+/// A local OTLP/HTTP receiver for `--otlp`: counts the spans it gets.
+async fn otlp_sink() -> anyhow::Result<(SocketAddr, Arc<AtomicU64>)> {
+    let spans = Arc::new(AtomicU64::new(0));
+    let count = spans.clone();
+    let route = warp::post()
+        .and(warp::path!("v1" / "traces"))
+        .and(warp::body::bytes())
+        .map(move |body: bytes::Bytes| {
+            // Counted, not parsed: the receiver shares the machine with the node.
+            let n = body
+                .windows(b"\"spanId\"".len())
+                .filter(|w| *w == b"\"spanId\"")
+                .count();
+            count.fetch_add(n as u64, Ordering::Relaxed);
+            warp::reply::json(&json!({}))
+        });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(warp::serve(route).incoming(listener).run());
+    Ok((addr, spans))
+}
+
 fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -385,10 +427,16 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 }
 
 pub async fn run(config: &tai_core::config::Config, a: BenchArgs) -> anyhow::Result<i32> {
+    let (otlp, spans) = if a.otlp && !a.target {
+        let (addr, spans) = otlp_sink().await?;
+        (Some(addr), Some(spans))
+    } else {
+        (None, None)
+    };
     let mut target = if a.target {
         existing(config)?
     } else {
-        start_node(&a)?
+        start_node(&a, otlp)?
     };
     let base = format!("http://{}", target.ingress);
     eprintln!(
@@ -502,6 +550,8 @@ pub async fn run(config: &tai_core::config::Config, a: BenchArgs) -> anyhow::Res
         "p999_ms": percentile(&lat, 0.999),
         "baseline_per_sec": baseline,
         "rss_mb": rss,
+        "metrics": !a.no_metrics,
+        "otlp_spans_received": spans.map(|s| s.load(Ordering::Relaxed)),
         "broker_baseline_per_sec": broker,
         "broker_ratio": broker.map(|b| decided_per_sec / b),
     });

@@ -152,9 +152,11 @@ fn init_logging(
     let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
+    // RUST_LOG filters the log lines only: spans for traces have their own
+    // filter, so a quiet log level does not turn tracing off.
     let fmt = match format {
-        LogFormat::Text => fmt.boxed(),
-        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
+        LogFormat::Text => fmt.with_filter(filter).boxed(),
+        LogFormat::Json => fmt.json().flatten_event(true).with_filter(filter).boxed(),
     };
     let provider = match otlp {
         Some(endpoint) => {
@@ -174,8 +176,12 @@ fn init_logging(
                         .build(),
                 )
                 .build();
+            use opentelemetry_sdk::trace::Sampler;
             let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
                 .with_span_processor(batch)
+                // Ingress samples (at `ratio`) before it makes a span: every
+                // span that exists is wanted.
+                .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
                 .with_resource(
                     opentelemetry_sdk::Resource::builder()
                         .with_service_name("tai-node")
@@ -188,13 +194,15 @@ fn init_logging(
     };
     let otel = provider.as_ref().map(|p| {
         use opentelemetry::trace::TracerProvider as _;
-        tracing_opentelemetry::layer().with_tracer(p.tracer("tai-node"))
+        // The signal path's spans (ingress, enqueue, dequeue, policy, action, receipt).
+        let spans = tracing_subscriber::filter::Targets::new()
+            .with_target("tai_ingress", tracing::Level::INFO)
+            .with_target("tai_jidoka", tracing::Level::INFO);
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("tai-node"))
+            .with_filter(spans)
     });
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt)
-        .with(otel)
-        .init();
+    tracing_subscriber::registry().with(fmt).with(otel).init();
     Ok(provider)
 }
 

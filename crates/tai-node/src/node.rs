@@ -53,7 +53,8 @@ pub fn root_spec(
 
 /// What the operator API needs of the running node.
 pub struct NodeState {
-    pub metrics: tai_kaizen::Metrics,
+    /// `None` with `kaizen.metrics = false`.
+    pub metrics: Option<tai_kaizen::Metrics>,
     pub config: Config,
     pub store: Store,
     pub executors: tai_jidoka::Executors,
@@ -116,7 +117,13 @@ pub async fn serve(config: Config) -> anyhow::Result<i32> {
         .with_context(|| format!("cannot create node.data_dir {}", data_dir.display()))?;
     let store = Store::open_with_cache(&data_dir, config.node.store_cache_mb * 1024 * 1024)?;
     let starts = store.record_start()?;
-    let metrics = tai_kaizen::Metrics::install(config.kaizen.tenant_label_cap)?;
+    let metrics = if config.kaizen.metrics {
+        Some(tai_kaizen::Metrics::install(
+            config.kaizen.tenant_label_cap,
+        )?)
+    } else {
+        None
+    };
 
     let draining = Arc::new(AtomicBool::new(false));
     let ingress_bound = Arc::new(Mutex::new(None));

@@ -95,7 +95,13 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
     match (method, segments.as_slice()) {
         (&Method::GET, ["health"]) => json_reply(StatusCode::OK, &json!({"status": "ok"})),
         (&Method::GET, ["metrics"]) => {
-            let mut r = warp::reply::Response::new(state.metrics.render().into());
+            let Some(metrics) = &state.metrics else {
+                return error(
+                    ErrorCode::NotFound,
+                    "metrics are off (kaizen.metrics = false)",
+                );
+            };
+            let mut r = warp::reply::Response::new(metrics.render().into());
             r.headers_mut().insert(
                 "content-type",
                 warp::http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
