@@ -482,7 +482,16 @@ async fn settle_batch(
             Err(e) => Err(EnqueueOutcome::Failed(e.to_string())),
         }
     };
-    let durable = store.durable().await.map_err(|e| e.to_string());
+    // The broker's confirm is the promise for what it took: the `accepted`
+    // records written before publishing are only a dedupe hint (a record
+    // lost in a crash lets a retry publish a second copy, which the engine
+    // acknowledges without deciding), so only the fallback buffer waits for
+    // the group flush.
+    let durable = if unconfirmed.is_empty() && recorded {
+        Ok(())
+    } else {
+        store.durable().await.map_err(|e| e.to_string())
+    };
     if fallback.is_err() {
         if let Err(e) = store.forget_accepted(&unconfirmed) {
             warn!(error = %e, "could not forget refused signals");
