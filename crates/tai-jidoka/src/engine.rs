@@ -455,7 +455,21 @@ impl Engine {
     /// and the postponed signals a state change releases. Their writes go
     /// out as one commit, except that an action with effects outside the
     /// node runs only after what led to it is durable.
-    async fn run(
+    ///
+    /// Boxed: its future is large, and an actor's task holds the futures of
+    /// its handlers inline for its whole life, so every idle engine would
+    /// carry it; boxed, it exists only while a run is under way.
+    fn run<'a>(
+        myself: &'a ActorRef<EngineMsg>,
+        st: &'a mut EngineActorState,
+        first: Vec<Input>,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<(), ActorProcessingErr>> + Send + 'a>,
+    > {
+        Box::pin(Self::run_inline(myself, st, first))
+    }
+
+    async fn run_inline(
         myself: &ActorRef<EngineMsg>,
         st: &mut EngineActorState,
         first: Vec<Input>,

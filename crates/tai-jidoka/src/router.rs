@@ -6,7 +6,7 @@
 //! Every start and stop of an engine goes through here, so an engine that is
 //! draining never races a new incarnation of itself: signals for it wait here.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +41,8 @@ struct Entry {
     tenant_id: String,
     sku_id: String,
     last_used: Instant,
+    /// Its key in `RouterState::recency` while it is live.
+    touch: u64,
     /// Draining: signals wait here until it is gone.
     waiting: Option<Vec<Delivery>>,
 }
@@ -48,6 +50,10 @@ struct Entry {
 pub struct RouterState {
     args: RouterArgs,
     engines: HashMap<String, Entry>,
+    /// The live (not draining) engines, least recently used first, so the
+    /// cap and the idle sweep find their victims without a scan.
+    recency: BTreeMap<u64, String>,
+    next_touch: u64,
     ticker: tokio::task::JoinHandle<()>,
     breaker_ticker: tokio::task::JoinHandle<()>,
     /// Where the sweep of stale payment windows goes on at the next tick.
@@ -62,6 +68,20 @@ const BREAKER_TICK: Duration = Duration::from_millis(200);
 
 fn engine_ref(name: &str) -> Option<ActorRef<EngineMsg>> {
     ractor::registry::where_is(name).map(ActorRef::from)
+}
+
+impl RouterState {
+    /// Marks a live engine as just used.
+    fn touch(&mut self, name: &str) {
+        let Some(e) = self.engines.get_mut(name) else {
+            return;
+        };
+        e.last_used = Instant::now();
+        self.recency.remove(&e.touch);
+        self.next_touch += 1;
+        e.touch = self.next_touch;
+        self.recency.insert(e.touch, name.to_string());
+    }
 }
 
 impl Router {
@@ -82,24 +102,17 @@ impl Router {
         sku_id: &str,
     ) -> Result<Option<ActorRef<EngineMsg>>, ActorProcessingErr> {
         let name = engine_name(tenant, sku_id);
-        if let Some(e) = st.engines.get_mut(&name) {
+        if let Some(e) = st.engines.get(&name) {
             if e.waiting.is_some() {
                 return Ok(None);
             }
-            e.last_used = Instant::now();
+            st.touch(&name);
             if let Some(r) = engine_ref(&name) {
                 return Ok(Some(r));
             }
         }
-        let live = st.engines.values().filter(|e| e.waiting.is_none()).count();
-        if !st.engines.contains_key(&name) && live >= st.args.max_active {
-            let lru = st
-                .engines
-                .iter()
-                .filter(|(_, e)| e.waiting.is_none())
-                .min_by_key(|(_, e)| e.last_used)
-                .map(|(k, _)| k.clone());
-            if let Some(lru) = lru {
+        if !st.engines.contains_key(&name) && st.recency.len() >= st.args.max_active {
+            if let Some(lru) = st.recency.values().next().cloned() {
                 Self::passivate(myself, st, &lru);
             }
         }
@@ -127,15 +140,19 @@ impl Router {
         let cell = tai_otp::start_child(&sup, spec, CALL)
             .await
             .map_err(|e| format!("cannot start {name}: {e}"))?;
-        st.engines.insert(
-            name,
-            Entry {
-                tenant_id: tenant.to_string(),
-                sku_id: sku_id.to_string(),
-                last_used: Instant::now(),
-                waiting: None,
-            },
-        );
+        if !st.engines.contains_key(&name) {
+            st.engines.insert(
+                name.clone(),
+                Entry {
+                    tenant_id: tenant.to_string(),
+                    sku_id: sku_id.to_string(),
+                    last_used: Instant::now(),
+                    touch: 0,
+                    waiting: None,
+                },
+            );
+        }
+        st.touch(&name);
         Ok(Some(cell.into()))
     }
 
@@ -148,6 +165,8 @@ impl Router {
             return;
         }
         e.waiting = Some(Vec::new());
+        let touch = e.touch;
+        st.recency.remove(&touch);
         let me = myself.clone();
         let name = name.to_string();
         debug!(engine = %name, "passivating engine");
@@ -273,6 +292,8 @@ impl Actor for Router {
         Ok(RouterState {
             args,
             engines: HashMap::new(),
+            recency: BTreeMap::new(),
+            next_touch: 0,
             ticker,
             breaker_ticker,
             sweep_cursor: None,
@@ -318,10 +339,14 @@ impl Actor for Router {
                 Self::sweep_velocity(st);
                 let idle = st.args.idle_timeout;
                 let due: Vec<String> = st
-                    .engines
-                    .iter()
-                    .filter(|(_, e)| e.waiting.is_none() && e.last_used.elapsed() >= idle)
-                    .map(|(k, _)| k.clone())
+                    .recency
+                    .values()
+                    .take_while(|name| {
+                        st.engines
+                            .get(*name)
+                            .is_some_and(|e| e.last_used.elapsed() >= idle)
+                    })
+                    .cloned()
                     .collect();
                 for name in due {
                     // An engine with work pending stays.
@@ -335,9 +360,7 @@ impl Actor for Router {
                         None => false,
                     };
                     if busy {
-                        if let Some(e) = st.engines.get_mut(&name) {
-                            e.last_used = Instant::now();
-                        }
+                        st.touch(&name);
                     } else {
                         Self::passivate(&myself, st, &name);
                     }

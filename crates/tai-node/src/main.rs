@@ -229,6 +229,17 @@ fn load_config(path: &PathBuf) -> Result<Config, ExitCode> {
     })
 }
 
+/// Gives this thread's freed memory back to the system. Parsing a large
+/// config (100k tenants) leaves ~175 MB freed but resident in the main
+/// thread's heap: mimalloc purges a heap when its thread allocates again,
+/// and this thread is about to block for the life of the node.
+#[allow(unsafe_code)]
+fn release_free_memory() {
+    // SAFETY: `mi_collect` has no preconditions: it only releases memory
+    // that is already free, and any thread may call it at any time.
+    unsafe { libmimalloc_sys::mi_collect(true) };
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config_path = match &cli.command {
@@ -246,6 +257,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    release_free_memory();
     let otlp = match &cli.command {
         Command::Serve { .. } => config.kaizen.otlp_endpoint.as_deref(),
         _ => None,
