@@ -683,6 +683,35 @@ async fn idle_engines_are_passivated_and_come_back_with_their_state() {
 }
 
 #[tokio::test]
+async fn past_the_cap_the_least_recently_used_engine_is_passivated() {
+    let node = Node::start_with(&test_config(""), &[("TAI_JIDOKA__MAX_ACTIVE_ENGINES", "2")]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    entitle(&c, "payments", "lru-ent-p").await;
+    c.decided("lru-ent-p").await;
+    entitle(&c, "tight", "lru-ent-t").await;
+    c.decided("lru-ent-t").await;
+    // payments is used again, so tight is now the least recently used.
+    c.post(&pay("lru-p-1", "c1", 1.0)).await.unwrap();
+    c.decided("lru-p-1").await;
+    entitle(&c, "slowboot", "lru-ent-s").await;
+    c.decided("lru-ent-s").await;
+    let mut live = Vec::new();
+    node.admin_until("/admin/tree", "tight passivated", |t| {
+        live = engines_live(t);
+        live.sort();
+        live == ["engine:acme:payments", "engine:acme:slowboot"]
+    })
+    .await;
+    // The passivated one comes back on its next signal, state intact.
+    let (_, e) = node.admin(Method::GET, "/admin/tenants/acme/tight").await;
+    assert_eq!(
+        (e["active"].as_bool(), e["entitled"].as_bool()),
+        (Some(false), Some(true)),
+        "{e}"
+    );
+}
+
+#[tokio::test]
 async fn a_full_queue_answers_503_with_retry_after() {
     let node = Node::start_with(&test_config(""), &[("TAI_KANBAN__MAX_DEPTH", "3")]);
     // No entitlement yet: globex's payments wait in boot, so they stay queued.
