@@ -376,6 +376,15 @@ impl Client {
         self.raw("POST", "/v1/signals", &bytes, &headers).await
     }
 
+    /// Posts the entitlement of this client's tenant for `sku`; it must be accepted.
+    pub async fn entitle(&self, sku: &str, id: &str) {
+        let a = self
+            .post(&entitlement(&self.tenant, sku, id))
+            .await
+            .expect("entitlement request");
+        assert_eq!(a.status, 202, "{}", a.body);
+    }
+
     pub async fn status(&self, id: &str) -> Answer {
         let path = format!("/v1/signals/{id}");
         let headers = self.headers(unix_now(), "GET", &path, b"");

@@ -25,20 +25,6 @@ fn pay(id: &str) -> Value {
     )
 }
 
-async fn entitle(c: &Client, id: &str) {
-    let a = c
-        .post(&signal(
-            "acme",
-            "payments",
-            "entitlement",
-            id,
-            json!({"active": true}),
-        ))
-        .await
-        .unwrap();
-    assert_eq!(a.status, 202, "{}", a.body);
-}
-
 fn amqp_node(queue: &str) -> Node {
     Node::start_with(&test_config(&amqp_kanban(queue)), &[])
 }
@@ -120,7 +106,7 @@ async fn the_topology_is_declared_and_200_signals_are_decided_through_the_broker
     );
 
     let c = Client::new(&node, "acme", "acme-secret");
-    entitle(&c, "ent-1").await;
+    c.entitle("payments", "ent-1").await;
     let mut senders = Vec::new();
     for w in 0..8 {
         let c = c.clone();
@@ -183,7 +169,7 @@ async fn a_broker_outage_is_buffered_locally_and_every_signal_is_decided_once() 
     let node = amqp_node(&queue);
     connected(&node).await;
     let c = Client::new(&node, "acme", "acme-secret");
-    entitle(&c, "ent-1").await;
+    c.entitle("payments", "ent-1").await;
 
     let accepted = Arc::new(Mutex::new(Vec::<String>::new()));
     let refused = Arc::new(Mutex::new(Vec::<String>::new()));
@@ -399,7 +385,7 @@ async fn a_poison_message_is_requeued_once_then_dead_lettered_with_its_reason() 
 
     // The queue goes on: a signal after it is decided.
     let c = Client::new(&node, "acme", "acme-secret");
-    entitle(&c, "ent-1").await;
+    c.entitle("payments", "ent-1").await;
     c.post(&pay("after-poison")).await.unwrap();
     assert_eq!(c.decided("after-poison").await["status"], "completed");
     let _ = conn.close(200, "done".into()).await;
@@ -439,7 +425,7 @@ async fn a_second_node_on_the_same_queue_stays_standby_until_the_first_stops() {
     // Signals posted to the second node are decided by the first.
     let via_second = Client::new(&second, "acme", "acme-secret");
     let at_first = Client::new(&first, "acme", "acme-secret");
-    entitle(&via_second, "ent-1").await;
+    via_second.entitle("payments", "ent-1").await;
     for i in 0..20 {
         let a = via_second.post(&pay(&format!("s-{i}"))).await.unwrap();
         assert_eq!(a.status, 202, "{}", a.body);
@@ -463,7 +449,7 @@ async fn a_second_node_on_the_same_queue_stays_standby_until_the_first_stops() {
         "{}",
         first.log()
     );
-    entitle(&via_second, "ent-2").await;
+    via_second.entitle("payments", "ent-2").await;
     via_second.post(&pay("after-failover")).await.unwrap();
     assert_eq!(
         via_second.decided("after-failover").await["status"],
@@ -497,7 +483,7 @@ async fn a_quorum_queue_works_and_dead_letters_replay_through_the_broker() {
     );
 
     let c = Client::new(&node, "acme", "acme-secret");
-    entitle(&c, "ent-1").await;
+    c.entitle("payments", "ent-1").await;
     c.decided("ent-1").await;
     let (status, halted) = node
         .admin(Method::POST, "/admin/tenants/acme/payments/halt")
@@ -542,7 +528,7 @@ async fn the_trace_context_crosses_the_broker() {
     let node = Node::start_with(&config, &[]);
     connected(&node).await;
     let c = Client::new(&node, "acme", "acme-secret");
-    entitle(&c, "ent-1").await;
+    c.entitle("payments", "ent-1").await;
     let trace = "0af7651916cd43dd8448eb211c80319c";
     let client_span = "b7ad6b7169203331";
     let a = c

@@ -19,14 +19,7 @@ async fn send(c: &Client, sku: &str, kind: &str, id: &str, payload: Value) {
 }
 
 async fn entitle(c: &Client, sku: &str) {
-    send(
-        c,
-        sku,
-        "entitlement",
-        &format!("ent-{sku}"),
-        json!({"active": true}),
-    )
-    .await;
+    c.entitle(sku, &format!("ent-{sku}")).await;
 }
 
 async fn expect(c: &Client, id: &str, status: &str, reason: Option<&str>) -> Value {

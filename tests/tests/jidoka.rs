@@ -43,17 +43,7 @@ async fn send(c: &Client, body: &Value) {
 }
 
 async fn entitle(c: &Client, sku: &str) {
-    send(
-        c,
-        &signal(
-            "acme",
-            sku,
-            "entitlement",
-            &format!("ent-{sku}"),
-            json!({"active": true}),
-        ),
-    )
-    .await;
+    c.entitle(sku, &format!("ent-{sku}")).await;
 }
 
 async fn breaker(node: &Node, name: &str) -> Value {

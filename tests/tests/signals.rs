@@ -19,20 +19,6 @@ fn pay(id: &str, customer: &str, amount: f64) -> Value {
     )
 }
 
-async fn entitle(c: &Client, sku: &str, id: &str) {
-    let a = c
-        .post(&signal(
-            &c.tenant,
-            sku,
-            "entitlement",
-            id,
-            json!({"active": true}),
-        ))
-        .await
-        .unwrap();
-    assert_eq!(a.status, 202, "{}", a.body);
-}
-
 fn kinds_for(receipts: &[Value], signal_id: &str) -> Vec<String> {
     receipts
         .iter()
@@ -45,7 +31,7 @@ fn kinds_for(receipts: &[Value], signal_id: &str) -> Vec<String> {
 async fn a_payment_is_accepted_decided_and_proven() {
     let node = Node::start_with(&test_config(""), &[]);
     let c = Client::new(&node, "acme", "acme-secret");
-    entitle(&c, "payments", "ent-1").await;
+    c.entitle("payments", "ent-1").await;
     let a = c.post(&pay("pay-1", "cust_123", 99.99)).await.unwrap();
     assert_eq!(a.status, 202, "{}", a.body);
     assert_eq!(a.body, json!({"signal_id": "pay-1", "status": "accepted"}));
@@ -324,7 +310,7 @@ async fn every_ingress_error_has_its_code() {
 async fn halted_degraded_and_quota_signals_are_dead_lettered_and_replayed() {
     let node = Node::start_with(&test_config(""), &[]);
     let c = Client::new(&node, "acme", "acme-secret");
-    entitle(&c, "payments", "ent").await;
+    c.entitle("payments", "ent").await;
     c.decided("ent").await;
 
     // Halted: an operator halt dead-letters what comes next.
@@ -367,7 +353,7 @@ async fn halted_degraded_and_quota_signals_are_dead_lettered_and_replayed() {
     assert_eq!(status, 404, "replayed once");
 
     // Quota: the `tight` SKU allows one action; the next is dead-lettered.
-    entitle(&c, "tight", "ent-t").await;
+    c.entitle("tight", "ent-t").await;
     for id in ["q-1", "q-2"] {
         let a = c
             .post(&signal("acme", "tight", "job", id, json!({})))
@@ -438,7 +424,7 @@ const DECISIONS: [&str; 4] = [
 async fn kill_9_mid_burst_loses_nothing_and_decides_nothing_twice() {
     let mut node = Node::start_with(&test_config(""), &[]);
     let c = Client::new(&node, "acme", "acme-secret");
-    entitle(&c, "payments", "ent").await;
+    c.entitle("payments", "ent").await;
     c.decided("ent").await;
 
     let accepted = Arc::new(Mutex::new(HashSet::new()));
@@ -526,7 +512,7 @@ async fn kill_9_mid_burst_loses_nothing_and_decides_nothing_twice() {
 async fn the_ledger_verifies_offline_and_every_tampering_is_caught() {
     let mut node = Node::start_with(&test_config(""), &[]);
     let c = Client::new(&node, "acme", "acme-secret");
-    entitle(&c, "payments", "ent").await;
+    c.entitle("payments", "ent").await;
     for i in 0..4 {
         c.post(&pay(&format!("t-{i}"), &format!("c{i}"), 1.0))
             .await
@@ -630,7 +616,7 @@ async fn idle_engines_are_passivated_and_come_back_with_their_state() {
         ],
     );
     let c = Client::new(&node, "acme", "acme-secret");
-    entitle(&c, "payments", "ent").await;
+    c.entitle("payments", "ent").await;
     c.post(&pay("p-1", "c1", 1.0)).await.unwrap();
     assert_eq!(c.decided("p-1").await["status"], "completed");
     let tree = node.tree().await;
@@ -667,8 +653,8 @@ async fn idle_engines_are_passivated_and_come_back_with_their_state() {
     assert_eq!(e["quota_remaining"], 999_998, "state survived passivation");
 
     // A cap of 2 live engines: a third passivates the least recently used.
-    entitle(&c, "tight", "ent-tight").await;
-    entitle(&c, "slowboot", "ent-slow").await;
+    c.entitle("tight", "ent-tight").await;
+    c.entitle("slowboot", "ent-slow").await;
     for id in ["ent-tight", "ent-slow"] {
         c.decided(id).await;
     }
@@ -686,14 +672,14 @@ async fn idle_engines_are_passivated_and_come_back_with_their_state() {
 async fn past_the_cap_the_least_recently_used_engine_is_passivated() {
     let node = Node::start_with(&test_config(""), &[("TAI_JIDOKA__MAX_ACTIVE_ENGINES", "2")]);
     let c = Client::new(&node, "acme", "acme-secret");
-    entitle(&c, "payments", "lru-ent-p").await;
+    c.entitle("payments", "lru-ent-p").await;
     c.decided("lru-ent-p").await;
-    entitle(&c, "tight", "lru-ent-t").await;
+    c.entitle("tight", "lru-ent-t").await;
     c.decided("lru-ent-t").await;
     // payments is used again, so tight is now the least recently used.
     c.post(&pay("lru-p-1", "c1", 1.0)).await.unwrap();
     c.decided("lru-p-1").await;
-    entitle(&c, "slowboot", "lru-ent-s").await;
+    c.entitle("slowboot", "lru-ent-s").await;
     c.decided("lru-ent-s").await;
     let mut live = Vec::new();
     node.admin_until("/admin/tree", "tight passivated", |t| {
@@ -775,7 +761,7 @@ params.compliance_audit = { required_controls = ["mfa"] }
 "#;
     let node = Node::start_with(&test_config(extra), &[]);
     let c = Client::new(&node, "acme", "acme-secret");
-    entitle(&c, "costs", "ent").await;
+    c.entitle("costs", "ent").await;
     let send = |id: &str, spend: u32| {
         signal(
             "acme",

@@ -21,13 +21,7 @@ async fn a_traceparent_is_continued_through_the_queue_and_exported_over_otlp() {
         &[("RUST_LOG", "info,tai_ingress=debug")],
     );
     let c = Client::new(&node, "acme", "acme-secret");
-    assert_eq!(
-        c.post(&entitlement("acme", "payments", "e1"))
-            .await
-            .unwrap()
-            .status,
-        202
-    );
+    c.entitle("payments", "e1").await;
     c.decided("e1").await;
     let pay = signal(
         "acme",
