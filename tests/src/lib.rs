@@ -821,6 +821,46 @@ pub fn assert_signal_span_tree(spans: &[Value], client_span: &str) {
     }
 }
 
+/// Sends the payment `body` (signal `id`) inside the client's trace
+/// (`trace`, parent span `client_span`), waits for its decision, checks
+/// the exported span tree, and that both receipts of the decision carry
+/// the trace id.
+pub async fn assert_traced_payment(
+    node: &Node,
+    c: &Client,
+    collector: &Collector,
+    body: &Value,
+    trace: &str,
+    client_span: &str,
+) {
+    let id = body["id"].as_str().expect("the signal has an id");
+    let a = c
+        .post_traced(body, &format!("00-{trace}-{client_span}-01"))
+        .await;
+    assert_eq!(a.status, 202, "{}", a.body);
+    assert_eq!(c.decided(id).await["status"], "completed");
+    let spans = collector
+        .until_spans(
+            trace,
+            &[
+                "ingress", "enqueue", "dequeue", "policy", "action", "receipt",
+            ],
+        )
+        .await;
+    assert_signal_span_tree(&spans, client_span);
+    let receipts: Vec<_> = node
+        .all_receipts()
+        .await
+        .into_iter()
+        .filter(|r| r["signal_id"] == id)
+        .collect();
+    assert_eq!(receipts.len(), 2, "action_generated and action_successful");
+    assert!(
+        receipts.iter().all(|r| r["trace_id"] == trace),
+        "{receipts:?}"
+    );
+}
+
 impl Client {
     /// Posts a signal with a W3C `traceparent` header.
     pub async fn post_traced(&self, body: &Value, traceparent: &str) -> Answer {

@@ -531,23 +531,5 @@ async fn the_trace_context_crosses_the_broker() {
     c.entitle("payments", "ent-1").await;
     let trace = "0af7651916cd43dd8448eb211c80319c";
     let client_span = "b7ad6b7169203331";
-    let a = c
-        .post_traced(&pay("traced"), &format!("00-{trace}-{client_span}-01"))
-        .await;
-    assert_eq!(a.status, 202, "{}", a.body);
-    assert_eq!(c.decided("traced").await["status"], "completed");
-    let spans = collector
-        .until_spans(
-            trace,
-            &[
-                "ingress", "enqueue", "dequeue", "policy", "action", "receipt",
-            ],
-        )
-        .await;
-    assert_signal_span_tree(&spans, client_span);
-    let receipts = node.all_receipts().await;
-    assert!(receipts
-        .iter()
-        .filter(|r| r["signal_id"] == "traced")
-        .all(|r| r["trace_id"] == trace));
+    assert_traced_payment(&node, &c, &collector, &pay("traced"), trace, client_span).await;
 }

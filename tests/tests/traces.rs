@@ -30,33 +30,7 @@ async fn a_traceparent_is_continued_through_the_queue_and_exported_over_otlp() {
         "traced-1",
         json!({"amount": 10.0, "currency": "USD", "customer_id": "c1"}),
     );
-    let a = c
-        .post_traced(&pay, &format!("00-{TRACE}-{CLIENT_SPAN}-01"))
-        .await;
-    assert_eq!(a.status, 202, "{}", a.body);
-    assert_eq!(c.decided("traced-1").await["status"], "completed");
-
-    let spans = collector
-        .until_spans(
-            TRACE,
-            &[
-                "ingress", "enqueue", "dequeue", "policy", "action", "receipt",
-            ],
-        )
-        .await;
-    assert_signal_span_tree(&spans, CLIENT_SPAN);
-
-    let receipts: Vec<_> = node
-        .all_receipts()
-        .await
-        .into_iter()
-        .filter(|r| r["signal_id"] == "traced-1")
-        .collect();
-    assert_eq!(receipts.len(), 2);
-    assert!(
-        receipts.iter().all(|r| r["trace_id"] == TRACE),
-        "{receipts:?}"
-    );
+    assert_traced_payment(&node, &c, &collector, &pay, TRACE, CLIENT_SPAN).await;
     let log = node.log();
     assert!(
         log.lines()
