@@ -33,28 +33,22 @@ fn chromium(url: &str, screenshot: &std::path::Path) -> String {
         "--window-size=1400,1000",
         "--virtual-time-budget=1500",
     ];
-    let dom = Command::new("chromium")
-        .args(common)
-        .arg("--dump-dom")
-        .arg(url)
-        .output()
-        .expect("chromium (scripts/test.sh installs it)");
-    assert!(
-        dom.status.success(),
-        "{}",
-        String::from_utf8_lossy(&dom.stderr)
-    );
-    let shot = Command::new("chromium")
-        .args(common)
-        .arg(format!("--screenshot={}", screenshot.display()))
-        .arg(url)
-        .output()
-        .expect("chromium");
-    assert!(
-        shot.status.success(),
-        "{}",
-        String::from_utf8_lossy(&shot.stderr)
-    );
+    let chromium = |mode: &str| {
+        let out = Command::new("chromium")
+            .args(common)
+            .arg(mode)
+            .arg(url)
+            .output()
+            .expect("chromium (scripts/test.sh installs it)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+    let dom = chromium("--dump-dom");
+    chromium(&format!("--screenshot={}", screenshot.display()));
     assert!(
         std::fs::metadata(screenshot).map(|m| m.len()).unwrap_or(0) > 10_000,
         "a screenshot at {}",
