@@ -215,10 +215,7 @@ async fn route(
             };
             let r = post_signal(s, path, headers, body).instrument(span).await;
             if r.status() == StatusCode::ACCEPTED {
-                let tenant = headers
-                    .get("x-tai-tenant")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("");
+                let tenant = header(headers, "x-tai-tenant").unwrap_or_default();
                 tai_core::kaizen::record("ingress", "post_signal", tenant, started.elapsed());
             }
             tai_core::kaizen::record_ingress(r.status().is_success());

@@ -257,10 +257,18 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
 /// Where the Kaizen baseline is kept (store meta), so it outlives restarts.
 const KAIZEN_BASELINE: &str = "kaizen_baseline";
 
+/// The saved baseline; one that cannot be read is logged and the report
+/// goes on without it.
 fn kaizen_baseline(state: &NodeState) -> Option<serde_json::Value> {
-    let metas = state.store.metas(KAIZEN_BASELINE).ok()?;
+    let metas = state
+        .store
+        .metas(KAIZEN_BASELINE)
+        .map_err(|e| tracing::warn!(error = %e, "cannot read the Kaizen baseline"))
+        .ok()?;
     let (_, bytes) = metas.into_iter().find(|(n, _)| n == KAIZEN_BASELINE)?;
-    serde_json::from_slice(&bytes).ok()
+    serde_json::from_slice(&bytes)
+        .map_err(|e| tracing::warn!(error = %e, "the saved Kaizen baseline is unreadable"))
+        .ok()
 }
 
 /// `GET /admin/kaizen`: the bottleneck report over the recent samples.
