@@ -1,7 +1,93 @@
 //! Signals (SPEC §2), their records and the engine states (SPEC §5).
 
+use std::sync::OnceLock;
+
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+
+/// A signal's payload: the JSON object as the client sent it, kept as text
+/// while the signal is queued and parsed once, on first read, when a policy
+/// or the engine looks into it. A queued signal then costs its bytes, not a
+/// parsed map (a `serde_json::Map` allocates a B-tree node per object), and
+/// the queue writes it out verbatim.
+#[derive(Clone)]
+pub struct Payload {
+    raw: Box<RawValue>,
+    parsed: OnceLock<Map<String, Value>>,
+}
+
+impl Payload {
+    /// `raw` must be a JSON object (checked where signals come in).
+    fn from_raw(raw: Box<RawValue>) -> Payload {
+        Payload {
+            raw,
+            parsed: OnceLock::new(),
+        }
+    }
+
+    /// The JSON text, as received.
+    pub fn raw(&self) -> &str {
+        self.raw.get()
+    }
+
+    /// The parsed object (parsed on first use). Text that is not an object
+    /// (only possible from a hand-edited store) reads as an empty object.
+    pub fn map(&self) -> &Map<String, Value> {
+        self.parsed
+            .get_or_init(|| serde_json::from_str(self.raw.get()).unwrap_or_default())
+    }
+}
+
+impl Default for Payload {
+    fn default() -> Payload {
+        Payload::from_raw(RawValue::from_string("{}".into()).expect("{} is JSON"))
+    }
+}
+
+impl From<Map<String, Value>> for Payload {
+    fn from(m: Map<String, Value>) -> Payload {
+        let raw = serde_json::value::to_raw_value(&m).expect("a JSON map serializes");
+        let p = Payload::from_raw(raw);
+        let _ = p.parsed.set(m);
+        p
+    }
+}
+
+impl std::ops::Deref for Payload {
+    type Target = Map<String, Value>;
+    fn deref(&self) -> &Map<String, Value> {
+        self.map()
+    }
+}
+
+impl PartialEq for Payload {
+    fn eq(&self, other: &Payload) -> bool {
+        self.raw.get() == other.raw.get() || self.map() == other.map()
+    }
+}
+
+impl std::fmt::Debug for Payload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.raw.get())
+    }
+}
+
+impl Serialize for Payload {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.raw.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Payload {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Payload, D::Error> {
+        let raw = Box::<RawValue>::deserialize(d)?;
+        if !raw.get().starts_with('{') {
+            return Err(serde::de::Error::custom("payload must be a JSON object"));
+        }
+        Ok(Payload::from_raw(raw))
+    }
+}
 
 /// A signal as accepted: validated, with its id assigned.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -12,7 +98,7 @@ pub struct Signal {
     pub kind: String,
     #[serde(default)]
     pub critical: bool,
-    pub payload: Map<String, Value>,
+    pub payload: Payload,
     pub received_at_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
@@ -29,7 +115,7 @@ struct SignalIn {
     sku_id: Option<Value>,
     kind: Option<Value>,
     critical: Option<Value>,
-    payload: Option<Value>,
+    payload: Option<Box<RawValue>>,
 }
 
 fn id_chars(s: &str, extra: &[u8]) -> bool {
@@ -58,13 +144,17 @@ pub fn parse_signal(
     received_at_ms: u64,
     new_id: impl FnOnce() -> String,
 ) -> Result<Signal, String> {
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| format!("body is not valid JSON: {e}"))?;
-    if !value.is_object() {
+    let not_json = |e: serde_json::Error| format!("body is not valid JSON: {e}");
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        // Valid JSON of another kind, or not JSON at all.
+        serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(not_json)?;
         return Err("body must be a JSON object".into());
     }
-    let raw: SignalIn =
-        serde_json::from_value(value).map_err(|e| format!("body is not a valid signal: {e}"))?;
+    // Straight from the bytes: the payload stays text (see `Payload`).
+    let raw: SignalIn = serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => format!("body is not a valid signal: {e}"),
+        _ => not_json(e),
+    })?;
     let id = match raw.id {
         None | Some(Value::Null) => new_id(),
         Some(Value::String(s)) if s.is_empty() || s.len() > 128 => {
@@ -85,8 +175,9 @@ pub fn parse_signal(
         Some(_) => return Err("critical must be true or false".into()),
     };
     let payload = match raw.payload {
-        None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(m)) => m,
+        // `null` arrives as `None` (serde's Option).
+        None => Payload::default(),
+        Some(p) if p.get().starts_with('{') => Payload::from_raw(p),
         Some(_) => return Err("payload must be a JSON object".into()),
     };
     Ok(Signal {
@@ -310,6 +401,32 @@ mod tests {
     }
 
     #[test]
+    fn the_payload_stays_text_until_read_and_round_trips() {
+        let s = parse(
+            r#"{"tenant_id":"a","sku_id":"s","kind":"k","payload": {"amount": 1.5, "n": [1,2]}}"#,
+        )
+        .unwrap();
+        assert_eq!(s.payload.raw(), r#"{"amount": 1.5, "n": [1,2]}"#);
+        assert!(s.payload.parsed.get().is_none(), "not parsed by ingress");
+        assert_eq!(s.payload["amount"], 1.5);
+        let stored = serde_json::to_string(&s).unwrap();
+        assert!(
+            stored.contains(r#""payload":{"amount": 1.5, "n": [1,2]}"#),
+            "{stored}"
+        );
+        let back: Signal = serde_json::from_str(&stored).unwrap();
+        assert_eq!(back, s);
+        let null = parse(r#"{"tenant_id":"a","sku_id":"s","kind":"k","payload":null}"#).unwrap();
+        assert_eq!(null.payload.raw(), "{}");
+        let stored_bad = stored.replace(r#"{"amount": 1.5, "n": [1,2]}"#, "[1]");
+        let e = serde_json::from_str::<Signal>(&stored_bad).unwrap_err();
+        assert!(
+            e.to_string().contains("payload must be a JSON object"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn each_schema_error_says_what_is_wrong() {
         let cases = [
             ("[1]", "body must be a JSON object"),
@@ -343,6 +460,16 @@ mod tests {
                 r#"{"tenant_id":"a","sku_id":"s","kind":"k","colour":1}"#,
                 "unknown field `colour`",
             ),
+            (
+                r#"{"tenant_id":"a","tenant_id":"b","sku_id":"s","kind":"k"}"#,
+                "duplicate field `tenant_id`",
+            ),
+            (
+                r#"{"tenant_id":"a","sku_id":"s","kind":"k","payload":{"a":}}"#,
+                "body is not valid JSON",
+            ),
+            ("  \"text\"", "body must be a JSON object"),
+            ("", "body is not valid JSON"),
         ];
         for (body, want) in cases {
             let e = parse(body).unwrap_err();

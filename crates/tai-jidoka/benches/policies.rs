@@ -19,7 +19,7 @@ fn signal(payload: serde_json::Value) -> Signal {
         sku_id: "payments".into(),
         kind: "payment".into(),
         critical: false,
-        payload: payload.as_object().cloned().unwrap_or_default(),
+        payload: payload.as_object().cloned().unwrap_or_default().into(),
         received_at_ms: 0,
         trace_id: None,
         traceparent: None,

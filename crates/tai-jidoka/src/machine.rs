@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tai_core::signal::{EngineState, Signal, SignalStatus};
 
 use crate::policy::{Context, Policy};
@@ -113,7 +113,7 @@ pub struct Action {
     pub signal_id: String,
     pub kind: String,
     pub executor: String,
-    pub payload: Map<String, Value>,
+    pub payload: tai_core::signal::Payload,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -252,7 +252,7 @@ mod tests {
             sku_id: "payments".into(),
             kind: "payment".into(),
             critical: false,
-            payload: payload.as_object().unwrap().clone(),
+            payload: payload.as_object().unwrap().clone().into(),
             received_at_ms: 0,
             trace_id: None,
             traceparent: None,

@@ -19,7 +19,7 @@ fn signal(n: u64) -> Signal {
         sku_id: "bench".into(),
         kind: "payment".into(),
         critical: false,
-        payload: payload.as_object().unwrap().clone(),
+        payload: payload.as_object().unwrap().clone().into(),
         received_at_ms: 0,
         trace_id: None,
         traceparent: None,

@@ -1,5 +1,4 @@
 use super::*;
-use serde_json::Map;
 use tai_core::receipt::{ReceiptDraft, GENESIS_HASH};
 use tai_core::signal::EngineState;
 
@@ -10,7 +9,7 @@ fn signal(tenant: &str, id: &str) -> Signal {
         sku_id: "payments".into(),
         kind: "payment".into(),
         critical: false,
-        payload: Map::new(),
+        payload: Default::default(),
         received_at_ms: 1,
         trace_id: None,
         traceparent: None,

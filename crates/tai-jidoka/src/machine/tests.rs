@@ -23,7 +23,7 @@ fn signal(kind: &str, payload: Value, critical: bool) -> Signal {
         sku_id: "payments".into(),
         kind: kind.into(),
         critical,
-        payload: payload.as_object().cloned().unwrap_or_default(),
+        payload: payload.as_object().cloned().unwrap_or_default().into(),
         received_at_ms: 0,
         trace_id: None,
         traceparent: None,

@@ -324,7 +324,8 @@ decision := {"allow": false, "violations": [msg], "score": 80, "action": "review
             payload: json!({"amount": amount, "customer_id": "c"})
                 .as_object()
                 .cloned()
-                .unwrap(),
+                .unwrap()
+                .into(),
             received_at_ms: 0,
             trace_id: None,
             traceparent: None,
