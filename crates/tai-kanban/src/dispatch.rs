@@ -16,7 +16,9 @@ pub struct Flight {
 /// tenant cannot starve the others; a tenant's own signals keep their order.
 #[derive(Default)]
 pub struct Dispatch {
-    ready: HashMap<String, VecDeque<Delivery>>,
+    /// Boxed: most tenants have one or two signals waiting, and a deque
+    /// reserves four slots at its first push.
+    ready: HashMap<String, VecDeque<Box<Delivery>>>,
     turn: VecDeque<String>,
     in_flight: HashMap<u64, Flight>,
     per_engine: HashMap<(String, String), u32>,
@@ -34,7 +36,7 @@ impl Dispatch {
         if q.is_empty() {
             self.turn.push_back(tenant);
         }
-        q.push_back(d);
+        q.push_back(Box::new(d));
         self.ready_count += 1;
     }
 
@@ -70,7 +72,7 @@ impl Dispatch {
                 continue;
             }
             skipped = 0;
-            let d = q.pop_front().expect("head exists");
+            let d = *q.pop_front().expect("head exists");
             if q.is_empty() {
                 self.ready.remove(&tenant);
             } else {
@@ -142,7 +144,11 @@ impl Dispatch {
     pub fn clear_ready(&mut self) -> Vec<Delivery> {
         self.turn.clear();
         self.ready_count = 0;
-        self.ready.drain().flat_map(|(_, q)| q).collect()
+        self.ready
+            .drain()
+            .flat_map(|(_, q)| q)
+            .map(|d| *d)
+            .collect()
     }
 
     pub fn redeliver_all(&mut self, now: Instant) -> Vec<Delivery> {

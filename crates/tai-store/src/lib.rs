@@ -88,10 +88,42 @@ pub struct Store {
     db: sled::Db,
     commit: Arc<GroupCommit>,
     redo_seq: Arc<std::sync::atomic::AtomicU64>,
-    /// `accepted` records of queued signals, by their `s/` key.
-    queued: Arc<Mutex<HashMap<Vec<u8>, SignalRecord>>>,
+    /// Queued signals not yet past `accepted`, by their `s/` key: what their
+    /// `accepted` record is made of (one entry per waiting signal, so kept small).
+    queued: Arc<Mutex<HashMap<Box<[u8]>, Queued>>>,
     /// The fallback buffer: next seq and how many signals it holds.
     buffer: Arc<Mutex<BufferCursor>>,
+}
+
+/// The rest of a queued signal's `accepted` record (its key holds the tenant and id).
+struct Queued {
+    sku_id: Box<str>,
+    kind: Box<str>,
+}
+
+impl Queued {
+    fn of(s: &Signal) -> Queued {
+        Queued {
+            sku_id: s.sku_id.as_str().into(),
+            kind: s.kind.as_str().into(),
+        }
+    }
+
+    /// The `accepted` record of the signal under `key` (`s/` tenant `\0` id).
+    fn record(&self, key: &[u8]) -> SignalRecord {
+        let rest = &key[2..];
+        let split = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        SignalRecord {
+            signal_id: text(rest.get(split + 1..).unwrap_or_default()),
+            tenant_id: text(&rest[..split]),
+            sku_id: self.sku_id.to_string(),
+            kind: self.kind.to_string(),
+            status: SignalStatus::Accepted,
+            receipts: Vec::new(),
+            reason: None,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -200,7 +232,7 @@ impl Store {
                     Some(_) => open += 1,
                     None => {
                         open += 1;
-                        queued.insert(key, SignalRecord::accepted(&d.signal));
+                        queued.insert(key.into(), Queued::of(&d.signal));
                     }
                 }
             }
@@ -238,7 +270,7 @@ impl Store {
     fn forget_queued(&self, keys: impl IntoIterator<Item = Vec<u8>>) {
         let mut q = self.queued.lock().expect("queued index");
         for k in keys {
-            q.remove(&k);
+            q.remove(&k[..]);
         }
     }
 
@@ -296,8 +328,8 @@ impl Store {
         let key = pair_key(b's', tenant, id);
         // The queued index first: a decision writes `s/` before it forgets
         // the index entry, so a miss here is never a miss on disk too.
-        if let Some(r) = self.queued.lock().expect("queued index").get(&key) {
-            return Ok(Some(r.clone()));
+        if let Some(q) = self.queued.lock().expect("queued index").get(&key[..]) {
+            return Ok(Some(q.record(&key)));
         }
         self.disk_record(&key)
     }
@@ -314,8 +346,8 @@ impl Store {
         let mut q = self.queued.lock().expect("queued index");
         for d in deliveries {
             q.insert(
-                pair_key(b's', &d.signal.tenant_id, &d.signal.id),
-                SignalRecord::accepted(&d.signal),
+                pair_key(b's', &d.signal.tenant_id, &d.signal.id).into(),
+                Queued::of(&d.signal),
             );
         }
         Ok(())
