@@ -66,7 +66,7 @@ impl Default for NodeConfig {
             mode: Mode::Dev,
             data_dir: PathBuf::from("./data"),
             shutdown_grace_secs: 30,
-            store_cache_mb: 64,
+            store_cache_mb: 32,
         }
     }
 }
@@ -192,7 +192,7 @@ impl Default for JidokaConfig {
     fn default() -> Self {
         JidokaConfig {
             idle_timeout_secs: 300,
-            max_active_engines: 10_000,
+            max_active_engines: 2_000,
         }
     }
 }

@@ -39,6 +39,14 @@ pub struct BenchArgs {
     /// Prefetch (per engine) of the node the bench starts.
     #[arg(long, default_value_t = 10)]
     pub prefetch: u32,
+    /// `jidoka.max_active_engines` of the node the bench starts (default:
+    /// the node's own default).
+    #[arg(long)]
+    pub max_active_engines: Option<usize>,
+    /// `node.store_cache_mb` of the node the bench starts (default: the
+    /// node's own default).
+    #[arg(long)]
+    pub store_cache_mb: Option<u64>,
     /// SKU to send to: `bench` (no policy) or `payments` (payment_fraud).
     #[arg(long, default_value = "bench")]
     pub sku: String,
@@ -93,6 +101,7 @@ fn bench_config(a: &BenchArgs, dir: &std::path::Path, otlp: Option<SocketAddr>) 
         r#"[node]
 mode = "dev"
 data_dir = "{data}"
+store_cache_mb = {cache_mb}
 [ingress]
 listen = "127.0.0.1:0"
 [ingress.rate_limits]
@@ -112,7 +121,7 @@ amqp_queue = "{amqp_queue}"
 metrics = {metrics}
 {otlp}
 [jidoka]
-max_active_engines = 10000
+max_active_engines = {engines}
 [skus.bench]
 policies = []
 quota = 1000000000000
@@ -122,6 +131,12 @@ quota = 1000000000000
 "#,
         data = dir.join("data").display(),
         wip = a.wip,
+        cache_mb = a
+            .store_cache_mb
+            .unwrap_or(tai_core::config::NodeConfig::default().store_cache_mb),
+        engines = a
+            .max_active_engines
+            .unwrap_or(tai_core::config::JidokaConfig::default().max_active_engines),
         prefetch = a.prefetch,
         backend = a.backend,
         amqp_url = a.amqp_url,
