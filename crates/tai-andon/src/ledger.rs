@@ -29,6 +29,11 @@ pub struct LedgerState {
     head_hash: String,
     /// Commits received since the last flush.
     batch: Vec<Pending>,
+    /// The group flush the last written batch waits for, until it is
+    /// durable. Once that flush has begun, new commits gather and go in as
+    /// one batch when it ends: they could not be durable any sooner (they
+    /// need the next flush), and fewer, larger batches cost fewer writes.
+    awaiting_flush: Option<u64>,
 }
 
 impl Actor for Ledger {
@@ -59,6 +64,7 @@ impl Actor for Ledger {
             head_seq,
             head_hash,
             batch: Vec::new(),
+            awaiting_flush: None,
         })
     }
 
@@ -85,7 +91,11 @@ impl Actor for Ledger {
                     reply,
                 });
             }
-            LedgerMsg::Flush => Self::flush(st)?,
+            LedgerMsg::Flush => Self::flush(&myself, st)?,
+            LedgerMsg::Durable => {
+                st.awaiting_flush = None;
+                Self::flush(&myself, st)?;
+            }
         }
         Ok(())
     }
@@ -101,11 +111,14 @@ impl Ledger {
     /// Seals every pending commit's receipts in arrival order and writes them
     /// all, with one signed head, as one atomic batch; each commit is answered
     /// once the batch is durable.
-    fn flush(st: &mut LedgerState) -> Result<(), ActorProcessingErr> {
-        let batch = std::mem::take(&mut st.batch);
-        if batch.is_empty() {
+    fn flush(myself: &ActorRef<LedgerMsg>, st: &mut LedgerState) -> Result<(), ActorProcessingErr> {
+        let flush_begun = st
+            .awaiting_flush
+            .is_some_and(|generation| st.store.flushes() >= generation);
+        if flush_begun || st.batch.is_empty() {
             return Ok(());
         }
+        let batch = std::mem::take(&mut st.batch);
         let mut seq = st.head_seq;
         let mut prev = st.head_hash.clone();
         let mut sealed = Vec::new();
@@ -137,10 +150,14 @@ impl Ledger {
             metrics::counter!(tai_core::telemetry::RECEIPTS, "kind" => r.kind.clone()).increment(1);
         }
         // Durability is awaited off the actor, so commits keep flowing
-        // into the same group flush; the flush carries them in order.
+        // into the same group flush while it has not begun; the flush
+        // carries them in order.
         let store = st.store.clone();
+        let ledger = myself.clone();
+        st.awaiting_flush = Some(st.store.flushes() + 1);
         tokio::spawn(async move {
             let result = store.durable().await.map_err(|e| e.to_string());
+            let _ = ledger.send_message(LedgerMsg::Durable);
             for (reply, seq) in replies {
                 let _ = reply.send(result.clone().map(|()| seq));
             }
