@@ -114,7 +114,7 @@ impl Ledger {
     fn flush(myself: &ActorRef<LedgerMsg>, st: &mut LedgerState) -> Result<(), ActorProcessingErr> {
         let flush_begun = st
             .awaiting_flush
-            .is_some_and(|generation| st.store.flushes() >= generation);
+            .is_some_and(|generation| st.store.flush_begun(generation));
         if flush_begun || st.batch.is_empty() {
             return Ok(());
         }
@@ -154,7 +154,7 @@ impl Ledger {
         // carries them in order.
         let store = st.store.clone();
         let ledger = myself.clone();
-        st.awaiting_flush = Some(st.store.flushes() + 1);
+        st.awaiting_flush = Some(st.store.next_flush());
         tokio::spawn(async move {
             let result = store.durable().await.map_err(|e| e.to_string());
             let _ = ledger.send_message(LedgerMsg::Durable);

@@ -294,6 +294,18 @@ impl Store {
         self.commit.flushes()
     }
 
+    /// The group flush that will carry a write made now.
+    pub fn next_flush(&self) -> u64 {
+        self.commit.flushes() + 1
+    }
+
+    /// Whether flush `generation` has begun: a write made now is durable
+    /// only with a later one. A writer whose last write waits for a flush
+    /// that has begun can gather what comes meanwhile into one write.
+    pub fn flush_begun(&self, generation: u64) -> bool {
+        self.commit.flushes() >= generation
+    }
+
     /// Counts this start and returns the count (1 on a fresh data dir).
     pub fn record_start(&self) -> Result<u64> {
         let next = self
