@@ -18,11 +18,19 @@ pub struct Payload {
 }
 
 impl Payload {
-    /// `raw` must be a JSON object (checked where signals come in).
     fn from_raw(raw: Box<RawValue>) -> Payload {
         Payload {
             raw,
             parsed: OnceLock::new(),
+        }
+    }
+
+    /// A payload from JSON text, which must be an object.
+    fn object(raw: Box<RawValue>) -> Result<Payload, String> {
+        if raw.get().starts_with('{') {
+            Ok(Payload::from_raw(raw))
+        } else {
+            Err("payload must be a JSON object".into())
         }
     }
 
@@ -81,11 +89,7 @@ impl Serialize for Payload {
 
 impl<'de> Deserialize<'de> for Payload {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Payload, D::Error> {
-        let raw = Box::<RawValue>::deserialize(d)?;
-        if !raw.get().starts_with('{') {
-            return Err(serde::de::Error::custom("payload must be a JSON object"));
-        }
-        Ok(Payload::from_raw(raw))
+        Payload::object(Box::<RawValue>::deserialize(d)?).map_err(serde::de::Error::custom)
     }
 }
 
@@ -177,8 +181,7 @@ pub fn parse_signal(
     let payload = match raw.payload {
         // `null` arrives as `None` (serde's Option).
         None => Payload::default(),
-        Some(p) if p.get().starts_with('{') => Payload::from_raw(p),
-        Some(_) => return Err("payload must be a JSON object".into()),
+        Some(p) => Payload::object(p)?,
     };
     Ok(Signal {
         id,
