@@ -92,8 +92,11 @@ impl Actor for Ledger {
                 });
             }
             LedgerMsg::Flush => Self::flush(&myself, st)?,
-            LedgerMsg::Durable => {
-                st.awaiting_flush = None;
+            LedgerMsg::Durable(generation) => {
+                // An earlier batch's answer must not release a later one's wait.
+                if st.awaiting_flush == Some(generation) {
+                    st.awaiting_flush = None;
+                }
                 Self::flush(&myself, st)?;
             }
         }
@@ -154,10 +157,11 @@ impl Ledger {
         // carries them in order.
         let store = st.store.clone();
         let ledger = myself.clone();
-        st.awaiting_flush = Some(st.store.next_flush());
+        let generation = st.store.next_flush();
+        st.awaiting_flush = Some(generation);
         tokio::spawn(async move {
             let result = store.durable().await.map_err(|e| e.to_string());
-            let _ = ledger.send_message(LedgerMsg::Durable);
+            let _ = ledger.send_message(LedgerMsg::Durable(generation));
             for (reply, seq) in replies {
                 let _ = reply.send(result.clone().map(|()| seq));
             }

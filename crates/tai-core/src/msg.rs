@@ -178,7 +178,7 @@ pub enum LedgerMsg {
     /// Internal: write every commit received so far as one atomic batch
     /// (group commit of decisions; one signed head per batch).
     Flush,
-    /// Internal: the last batch written is durable (or failed to be); the
-    /// commits that arrived meanwhile can be written.
-    Durable,
+    /// Internal: the batch that waited for this group flush is durable (or
+    /// failed to be); the commits that arrived meanwhile can be written.
+    Durable(u64),
 }
