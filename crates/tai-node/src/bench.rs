@@ -244,6 +244,71 @@ async fn post(
     matches!(resp, Ok(r) if r.status().as_u16() == 202)
 }
 
+/// One kept-alive HTTP/1.1 connection of a load client: a bare hyper
+/// client connection (no pool, no URL parsing per request), so the load
+/// generator's own CPU, which shares this machine's cores with the node,
+/// stays small. Reconnects when the server closes.
+struct Conn {
+    addr: String,
+    sender: Option<hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>>,
+}
+
+impl Conn {
+    fn new(base: &str) -> Self {
+        Conn {
+            addr: base.trim_start_matches("http://").to_string(),
+            sender: None,
+        }
+    }
+
+    /// Posts a signed signal; true on a 202.
+    async fn post(&mut self, tenant: &str, secret: &str, body: Vec<u8>) -> bool {
+        let ts = (now_ms() / 1000).to_string();
+        let sig = tai_ingress::auth::sign(secret.as_bytes(), &ts, "POST", "/v1/signals", &body);
+        let req = hyper::Request::post("/v1/signals")
+            .header("host", self.addr.as_str())
+            .header("content-type", "application/json")
+            .header("x-tai-tenant", tenant)
+            .header("x-tai-timestamp", ts)
+            .header("x-tai-signature", sig)
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)));
+        let Ok(req) = req else { return false };
+        let sender = match self.sender.as_mut() {
+            Some(s) if !s.is_closed() => s,
+            _ => {
+                let Ok(stream) = tokio::net::TcpStream::connect(&self.addr).await else {
+                    return false;
+                };
+                let _ = stream.set_nodelay(true);
+                let Ok((sender, conn)) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                        .await
+                else {
+                    return false;
+                };
+                tokio::spawn(conn);
+                self.sender.insert(sender)
+            }
+        };
+        if sender.ready().await.is_err() {
+            self.sender = None;
+            return false;
+        }
+        match sender.send_request(req).await {
+            Ok(resp) => {
+                let accepted = resp.status().as_u16() == 202;
+                // Read the body to the end so the connection can be reused.
+                let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+                accepted
+            }
+            Err(_) => {
+                self.sender = None;
+                false
+            }
+        }
+    }
+}
+
 /// Sends for `duration`; returns (id, send time ms) of every 202.
 async fn load(
     base: &str,
@@ -252,18 +317,13 @@ async fn load(
     sku: &str,
     tag: &str,
 ) -> anyhow::Result<(Vec<(String, u64)>, Duration)> {
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(a.concurrency)
-        .timeout(Duration::from_secs(30))
-        .build()?;
     let tenants = Arc::new(tenants.to_vec());
     let next = Arc::new(AtomicU64::new(0));
     let end = Instant::now() + Duration::from_secs(a.duration);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..a.concurrency {
-        let (http, tenants, next, base, sku, tag) = (
-            http.clone(),
+        let (tenants, next, base, sku, tag) = (
             tenants.clone(),
             next.clone(),
             base.to_string(),
@@ -274,6 +334,7 @@ async fn load(
             (a.rate > 0).then(|| Duration::from_secs_f64(a.concurrency as f64 / a.rate as f64));
         tasks.push(tokio::spawn(async move {
             let mut accepted = Vec::new();
+            let mut conn = Conn::new(&base);
             let mut tick = per_client.map(tokio::time::interval);
             while Instant::now() < end {
                 if let Some(t) = tick.as_mut() {
@@ -288,7 +349,7 @@ async fn load(
                 }))
                 .expect("json");
                 let sent = now_ms();
-                if post(&http, &base, tenant, secret, body).await {
+                if conn.post(tenant, secret, body).await {
                     accepted.push((id, sent));
                 }
             }
@@ -434,6 +495,17 @@ async fn otlp_sink() -> anyhow::Result<(SocketAddr, Arc<AtomicU64>)> {
     Ok((addr, spans))
 }
 
+/// CPU time (user + system) a process has used, in µs, from `/proc`.
+fn cpu_us(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // Linux reports these in USER_HZ, 100 per second on every supported platform.
+    Some(ticks * 10_000)
+}
+
 fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -493,9 +565,18 @@ pub async fn run(config: &tai_core::config::Config, a: BenchArgs) -> anyhow::Res
     );
 
     let tag = format!("b{}", now_ms());
+    let node_pid = target.child.as_ref().map(|c| c.id().to_string());
+    let node_cpu0 = node_pid.as_deref().and_then(cpu_us);
+    let client_cpu0 = cpu_us("self");
     let (accepted, took) = load(&base, &target.tenants, &a, &a.sku, &tag).await?;
     let load_end = now_ms();
     drained(&target, Duration::from_secs(600)).await?;
+    let client_cpu = cpu_us("self").zip(client_cpu0).map(|(b, a)| b - a);
+    let node_cpu = node_pid
+        .as_deref()
+        .and_then(cpu_us)
+        .zip(node_cpu0)
+        .map(|(b, a)| b - a);
     let (decided_at, _) = decision_times(&target, warm_seq).await?;
     let mut lat = Vec::with_capacity(accepted.len());
     let first_send = accepted.iter().map(|(_, s)| *s).min().unwrap_or(0);
@@ -565,6 +646,10 @@ pub async fn run(config: &tai_core::config::Config, a: BenchArgs) -> anyhow::Res
         "p999_ms": percentile(&lat, 0.999),
         "baseline_per_sec": baseline,
         "rss_mb": rss,
+        // CPU per decided signal from the first send to the queue drained:
+        // the node's (when the bench started it) and this load generator's.
+        "node_cpu_us_per_signal": node_cpu.map(|us| us as f64 / decided.max(1) as f64),
+        "client_cpu_us_per_signal": client_cpu.map(|us| us as f64 / decided.max(1) as f64),
         "metrics": !a.no_metrics,
         "otlp_spans_received": spans.map(|s| s.load(Ordering::Relaxed)),
         "broker_baseline_per_sec": broker,
