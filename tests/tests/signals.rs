@@ -722,6 +722,13 @@ async fn a_full_queue_answers_503_with_retry_after() {
     assert_eq!(full.status, 503, "{}", full.body);
     assert_eq!(full.body["error"]["code"], "unavailable");
     assert!(full.headers.contains_key("retry-after"));
+    // A signal already queued is still answered as a duplicate, full or not.
+    let dup = c
+        .post(&signal("globex", "payments", "payment", "w0", json!({})))
+        .await
+        .unwrap();
+    assert_eq!(dup.status, 200, "{}", dup.body);
+    assert_eq!(dup.body["duplicate"], true);
     let (_, q) = node.admin(Method::GET, "/admin/queue").await;
     assert_eq!(
         (q["depth"].as_u64(), q["max_depth"].as_u64()),

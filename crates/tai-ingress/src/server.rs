@@ -323,16 +323,23 @@ async fn post_signal(s: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) -
         // Every signal has a trace id for its receipts and logs, traced or not.
         signal.traceparent = Some(tai_core::trace::unsampled_root());
     }
-    // Only a client-chosen id can already be known.
-    if !assigned_id {
-        match s.store.signal_record(tenant_id, &signal.id) {
-            Ok(Some(existing)) => return duplicate(&existing.signal_id, existing.status.as_str()),
-            Ok(None) => {}
-            Err(e) => return unavailable(format!("store: {e}")),
+    // A known id is answered as a duplicate (200) even when the request
+    // would otherwise be refused as a replay or for draining, so a client can
+    // retry an identical request safely. A new signal is not looked up here:
+    // the queue checks every enqueue against the store anyway.
+    let known = || -> Option<Response> {
+        // Only a client-chosen id can already be known.
+        if assigned_id {
+            return None;
         }
-    }
+        match s.store.signal_record(tenant_id, &signal.id) {
+            Ok(Some(existing)) => Some(duplicate(&existing.signal_id, existing.status.as_str())),
+            Ok(None) => None,
+            Err(e) => Some(unavailable(format!("store: {e}"))),
+        }
+    };
     if s.draining.load(Ordering::SeqCst) {
-        return unavailable("node is draining".into());
+        return known().unwrap_or_else(|| unavailable("node is draining".into()));
     }
     if !s
         .replay
@@ -340,10 +347,12 @@ async fn post_signal(s: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) -
         .expect("replay cache")
         .check_and_insert(tenant_id, signature, now)
     {
-        return error_reply(
-            ErrorCode::Unauthorized,
-            "replayed request: this signature was already used",
-        );
+        return known().unwrap_or_else(|| {
+            error_reply(
+                ErrorCode::Unauthorized,
+                "replayed request: this signature was already used",
+            )
+        });
     }
     let span = if tracing::Span::current().is_none() {
         tracing::Span::none()

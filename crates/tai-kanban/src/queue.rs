@@ -143,14 +143,6 @@ impl Queue {
         signal: Signal,
         reply: RpcReplyPort<EnqueueOutcome>,
     ) -> Result<(), ActorProcessingErr> {
-        let waiting = st.depth() + st.enqueuing + st.buffer.len() as u64;
-        if waiting >= st.args.max_depth {
-            let _ = reply.send(EnqueueOutcome::Full(format!(
-                "queue is full ({} signals)",
-                st.args.max_depth
-            )));
-            return Ok(());
-        }
         let id = (signal.tenant_id.clone(), signal.id.clone());
         if st.buffered_ids.contains(&id) {
             st.buffered_dups
@@ -167,6 +159,16 @@ impl Queue {
                 let _ = reply.send(EnqueueOutcome::Failed(e.to_string()));
                 return Ok(());
             }
+        }
+        // After the duplicate checks: a known signal is answered as such
+        // even when the queue is full.
+        let waiting = st.depth() + st.enqueuing + st.buffer.len() as u64;
+        if waiting >= st.args.max_depth {
+            let _ = reply.send(EnqueueOutcome::Full(format!(
+                "queue is full ({} signals)",
+                st.args.max_depth
+            )));
+            return Ok(());
         }
         if st.buffer.is_empty() {
             myself.send_message(KanbanMsg::FlushEnqueues)?;
