@@ -30,20 +30,30 @@ pub fn record(stage: &'static str, label: &str, tenant: &str, took: Duration) {
     let Some(i) = STAGES.iter().position(|s| *s == stage) else {
         return;
     };
-    let sample = Sample {
-        stage,
-        label: label.to_string(),
-        tenant: tenant.to_string(),
-        micros: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
-    };
+    let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
     let mut w = WINDOWS.lock().expect("kaizen windows");
     if w.is_empty() {
         w.resize_with(STAGES.len(), || VecDeque::with_capacity(WINDOW));
     }
     let q = &mut w[i];
-    if q.len() == WINDOW {
-        q.pop_front();
-    }
+    // A full window recycles its oldest sample's strings: recording is on
+    // the path of every signal, so it allocates nothing once warm.
+    let sample = match (q.len() == WINDOW).then(|| q.pop_front()).flatten() {
+        Some(mut old) => {
+            old.label.clear();
+            old.label.push_str(label);
+            old.tenant.clear();
+            old.tenant.push_str(tenant);
+            old.micros = micros;
+            old
+        }
+        None => Sample {
+            stage,
+            label: label.to_string(),
+            tenant: tenant.to_string(),
+            micros,
+        },
+    };
     q.push_back(sample);
 }
 
@@ -94,3 +104,38 @@ pub fn recent() -> (Vec<u64>, Vec<bool>) {
 
 /// Alerts raised since the start: the board pushes at once when it moves.
 pub static ALERTS_RAISED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_window_keeps_the_latest_samples_with_their_own_text() {
+        for n in 0..WINDOW + 5 {
+            record(
+                "action",
+                &format!("exec-{n}"),
+                &format!("t{}", n % 3),
+                Duration::from_micros(n as u64),
+            );
+        }
+        record("nope", "ignored", "t", Duration::ZERO);
+        let action: Vec<Sample> = samples()
+            .into_iter()
+            .filter(|s| s.stage == "action")
+            .collect();
+        assert_eq!(action.len(), WINDOW);
+        assert_eq!(action[0].label, "exec-5", "the oldest five went");
+        let last = action.last().unwrap();
+        let n = WINDOW + 4;
+        assert_eq!(
+            (last.label.as_str(), last.tenant.as_str(), last.micros),
+            (
+                format!("exec-{n}").as_str(),
+                format!("t{}", n % 3).as_str(),
+                n as u64
+            )
+        );
+        assert!(samples().iter().all(|s| s.label != "ignored"));
+    }
+}

@@ -49,11 +49,14 @@ impl GroupCommit {
                 }
                 // Let the batch fill: one flush costs about the same for one
                 // write or hundreds.
+                // Writers unpark this thread once `BATCH_WRITES` wait.
                 let linger_until = std::time::Instant::now() + LINGER;
-                while w.load(Ordering::SeqCst) < BATCH_WRITES
-                    && std::time::Instant::now() < linger_until
-                {
-                    thread::park_timeout(Duration::from_micros(100));
+                while w.load(Ordering::SeqCst) < BATCH_WRITES {
+                    let now = std::time::Instant::now();
+                    if now >= linger_until {
+                        break;
+                    }
+                    thread::park_timeout(linger_until - now);
                 }
                 p.store(false, Ordering::SeqCst);
                 w.store(0, Ordering::SeqCst);

@@ -13,7 +13,7 @@
 //! | `q/` | first queue seq of a block (u64 BE) | `[Delivery]`: signals enqueued together |
 //! | `s/` | tenant `\0` signal id | `SignalRecord` once the signal is past `accepted` (the dedupe key) |
 //! | `e/` | tenant `\0` sku | engine checkpoint (the engine's bytes) |
-//! | `r/` | last receipt seq of a block (u64 BE) | `[Receipt]`: one ledger batch, in seq order |
+//! | `r/` | last receipt seq of a block (u64 BE) | `[Receipt]`: one ledger batch, in seq order (version byte 1 + bincode; older blocks JSON) |
 //! | `d/` | tenant `\0` signal id | `DeadLetter` |
 //! | `v/` | tenant `\0` sku `\0` customer | a customer's recent payment times |
 //! | `m/` | name | meta: the signed ledger head, start count |
@@ -37,6 +37,7 @@
 //! sled's asynchronous flush from many tasks (it deadlocked under concurrency, sled #1308).
 
 mod group_commit;
+mod receipts;
 mod redo;
 
 use std::collections::HashMap;
@@ -704,7 +705,7 @@ impl Store {
     ) -> Result<()> {
         let mut batch = redo::Ops::default();
         if let Some(last) = receipts.last() {
-            batch.insert(seq_key(b'r', last.seq), encode(&receipts));
+            batch.insert(seq_key(b'r', last.seq), receipts::encode(receipts));
         }
         if let Some(h) = head {
             batch.insert(HEAD, encode(h));
@@ -748,7 +749,7 @@ impl Store {
         let mut out = Vec::new();
         for kv in self.db.range(start..seq_key(b'r', u64::MAX)) {
             let (k, v) = kv?;
-            let block: Vec<Receipt> = decode(&k, &v)?;
+            let block = receipts::decode_block(&k, &v)?;
             for r in block {
                 if r.seq > after_seq && tenant.is_none_or(|t| r.tenant_id == t) {
                     out.push(r);
@@ -767,7 +768,7 @@ impl Store {
         let mut out = Vec::new();
         for kv in self.db.scan_prefix(b"r/") {
             let (k, v) = kv?;
-            let block: Vec<Receipt> = decode(&k, &v)?;
+            let block = receipts::decode_block(&k, &v)?;
             out.extend(block);
         }
         Ok(out)
