@@ -163,7 +163,7 @@ mod tests {
             tenant_id: "acme".into(),
             sku_id: "payments".into(),
             signal_id: Some("s1".into()),
-            action_id: (seq % 2 == 0).then(|| "a1".into()),
+            action_id: seq.is_multiple_of(2).then(|| "a1".into()),
             state_before: EngineState::Stable.into(),
             state_after,
             success: reason.is_none(),
