@@ -11,9 +11,9 @@
 //! | prefix | key | value |
 //! |---|---|---|
 //! | `q/` | first queue seq of a block (u64 BE) | `[Delivery]`: signals enqueued together |
-//! | `s/` | tenant `\0` signal id | `SignalRecord` once the signal is past `accepted` (the dedupe key) |
+//! | `s/` | tenant `\0` signal id | `SignalRecord` once the signal is past `accepted` (the dedupe key; version byte 1 + bincode, older ones JSON) |
 //! | `e/` | tenant `\0` sku | engine checkpoint (the engine's bytes) |
-//! | `r/` | last receipt seq of a block (u64 BE) | `[Receipt]`: one ledger batch, in seq order (version byte 1 + bincode; older blocks JSON) |
+//! | `r/` | last receipt seq of a block (u64 BE) | `[Receipt]`: one ledger batch, in seq order (version byte 1 + bincode, older ones JSON) |
 //! | `d/` | tenant `\0` signal id | `DeadLetter` |
 //! | `v/` | tenant `\0` sku `\0` customer | a customer's recent payment times |
 //! | `m/` | name | meta: the signed ledger head, start count |
@@ -36,6 +36,7 @@
 //! `flush()`; writers wait for a flush that began after their write. Never
 //! sled's asynchronous flush from many tasks (it deadlocked under concurrency, sled #1308).
 
+mod codec;
 mod group_commit;
 mod receipts;
 mod redo;
@@ -259,7 +260,10 @@ impl Store {
     }
 
     fn disk_record(&self, key: &[u8]) -> Result<Option<SignalRecord>> {
-        self.db.get(key)?.map(|v| decode(key, &v)).transpose()
+        self.db
+            .get(key)?
+            .map(|v| codec::decode_record(key, &v))
+            .transpose()
     }
 
     fn decided_on_disk(&self, tenant: &str, id: &str) -> Result<bool> {
@@ -416,7 +420,7 @@ impl Store {
         record.reason = Some(letter.reason.clone());
         let mut batch = redo::Ops::default();
         batch.insert(pair_key(b'd', &s.tenant_id, &s.id), encode(letter));
-        batch.insert(&key, encode(&record));
+        batch.insert(&key, codec::encode_record(&record));
         self.atomic(batch)?;
         self.forget_queued([key]);
         Ok(())
@@ -464,7 +468,7 @@ impl Store {
         };
         let mut batch = redo::Ops::default();
         batch.remove(key);
-        batch.insert(pair_key(b's', tenant, id), encode(&record));
+        batch.insert(pair_key(b's', tenant, id), codec::encode_record(&record));
         batch.insert(seq_key(b'q', seq), encode(&[delivery]));
         self.atomic(batch)?;
         Ok(Some(letter.signal))
@@ -478,7 +482,7 @@ impl Store {
         for s in signals {
             self.db.insert(
                 pair_key(b's', &s.tenant_id, &s.id),
-                encode(&SignalRecord::accepted(s)),
+                codec::encode_record(&SignalRecord::accepted(s)),
             )?;
         }
         Ok(())
@@ -492,7 +496,7 @@ impl Store {
             let Some(old) = self.db.get(&key)? else {
                 continue;
             };
-            if decode::<SignalRecord>(&key, &old)?.status == SignalStatus::Accepted {
+            if codec::decode_record(&key, &old)?.status == SignalStatus::Accepted {
                 // Compare-and-swap: a decision landing meanwhile stays.
                 let _ = self
                     .db
@@ -538,7 +542,7 @@ impl Store {
         for (i, (key, s)) in fresh.iter().enumerate() {
             batch.insert(seq_key(b'f', cur.next + i as u64), encode(s));
             if !recorded {
-                batch.insert(key, encode(&SignalRecord::accepted(s)));
+                batch.insert(key, codec::encode_record(&SignalRecord::accepted(s)));
             }
         }
         self.atomic(batch)?;
@@ -588,7 +592,7 @@ impl Store {
         let mut cur = self.buffer.lock().expect("buffer cursor");
         let mut batch = redo::Ops::default();
         batch.remove(key);
-        batch.insert(pair_key(b's', tenant, id), encode(&record));
+        batch.insert(pair_key(b's', tenant, id), codec::encode_record(&record));
         batch.insert(seq_key(b'f', cur.next), encode(&letter.signal));
         self.atomic(batch)?;
         cur.next += 1;
@@ -711,7 +715,10 @@ impl Store {
             batch.insert(HEAD, encode(h));
         }
         for rec in &writes.signal_records {
-            batch.insert(pair_key(b's', &rec.tenant_id, &rec.signal_id), encode(rec));
+            batch.insert(
+                pair_key(b's', &rec.tenant_id, &rec.signal_id),
+                codec::encode_record(rec),
+            );
         }
         for (t, s, bytes) in &writes.checkpoints {
             batch.insert(pair_key(b'e', t, s), bytes.as_slice());

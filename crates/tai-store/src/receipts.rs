@@ -1,8 +1,6 @@
-//! The stored form of a receipt block (`r/`): a version byte, then the
-//! receipts in bincode. Receipt blocks are the bulk of what the ledger
-//! writes, and sled copies every byte several times (leaf clones, the log,
-//! consolidations), so they are kept compact; JSON blocks written before
-//! (they start with `[`) still read.
+//! The stored form of a receipt block (`r/`), through [`crate::codec`]:
+//! receipt blocks are the bulk of what the ledger writes. JSON blocks
+//! written before (they start with `[`) still read.
 //!
 //! The stored struct mirrors [`Receipt`] field for field, with the states
 //! externally tagged: `ReceiptState` is untagged in JSON, which a
@@ -14,9 +12,7 @@ use serde::{Deserialize, Serialize};
 use tai_core::receipt::Receipt;
 use tai_core::signal::{BreakerState, EngineState, QueuedState, ReceiptState};
 
-use crate::{decode, Result, StoreError};
-
-const V1: u8 = 1;
+use crate::{codec, Result};
 
 #[derive(Serialize, Deserialize)]
 enum State {
@@ -125,35 +121,21 @@ impl From<Stored<'_>> for Receipt {
 
 pub(crate) fn encode(receipts: &[Receipt]) -> Vec<u8> {
     let stored: Vec<Stored<'_>> = receipts.iter().map(Stored::from).collect();
-    let mut out = vec![V1];
-    bincode::serde::encode_into_std_write(&stored, &mut out, bincode::config::standard())
-        .expect("receipts serialize");
-    out
+    codec::encode_v1(&stored)
 }
 
 pub(crate) fn decode_block(key: &[u8], bytes: &[u8]) -> Result<Vec<Receipt>> {
-    let corrupt = |message: String| StoreError::Corrupt {
-        key: String::from_utf8_lossy(key).into_owned(),
-        message,
-    };
-    match bytes.split_first() {
-        Some((&V1, rest)) => {
-            let (stored, used): (Vec<Stored<'_>>, usize) =
-                bincode::serde::decode_from_slice(rest, bincode::config::standard())
-                    .map_err(|e| corrupt(e.to_string()))?;
-            if used != rest.len() {
-                return Err(corrupt("trailing bytes after a receipt block".into()));
-            }
-            Ok(stored.into_iter().map(Receipt::from).collect())
-        }
-        Some((b'[', _)) => decode(key, bytes),
-        _ => Err(corrupt("not a receipt block".into())),
+    if bytes.first() == Some(&b'[') {
+        return crate::decode(key, bytes);
     }
+    let stored: Vec<Stored<'static>> = codec::decode_v1(key, bytes)?;
+    Ok(stored.into_iter().map(Receipt::from).collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::StoreError;
     use tai_core::receipt::ReceiptDraft;
 
     fn sealed(seq: u64, prev: &str, state_after: ReceiptState, reason: Option<&str>) -> Receipt {
@@ -186,7 +168,7 @@ mod tests {
         let c = sealed(3, &b.hash, QueuedState::Deadlettered.into(), None);
         let block = vec![a, b, c];
         let bytes = encode(&block);
-        assert_eq!(bytes[0], V1);
+        assert_eq!(bytes[0], 1, "the version byte");
         let back = decode_block(b"r/x", &bytes).unwrap();
         assert_eq!(back, block);
         for r in &back {

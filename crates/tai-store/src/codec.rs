@@ -1,0 +1,138 @@
+//! Compact stored forms: a version byte, then bincode. The values written
+//! for every signal (receipt blocks, signal records) are most of what sled
+//! copies (leaf clones, its log, consolidations), so they are kept small;
+//! values written before as JSON still read. Each stored form mirrors its
+//! type field for field, so a non-self-describing format can read it back
+//! (no untagged enums, no skipped fields).
+
+use std::borrow::Cow;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tai_core::signal::{SignalRecord, SignalStatus};
+
+use crate::{decode, Result, StoreError};
+
+const V1: u8 = 1;
+
+pub(crate) fn encode_v1<T: Serialize>(v: &T) -> Vec<u8> {
+    let mut out = vec![V1];
+    bincode::serde::encode_into_std_write(v, &mut out, bincode::config::standard())
+        .expect("store values serialize");
+    out
+}
+
+/// Reads a value written by [`encode_v1`]; anything else is corrupt, named
+/// by its key. (Callers read their JSON-era values before calling this.)
+pub(crate) fn decode_v1<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T> {
+    let corrupt = |message: String| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        message,
+    };
+    match bytes.split_first() {
+        Some((&V1, rest)) => {
+            let (v, used) = bincode::serde::decode_from_slice(rest, bincode::config::standard())
+                .map_err(|e| corrupt(e.to_string()))?;
+            if used != rest.len() {
+                return Err(corrupt("trailing bytes after the value".into()));
+            }
+            Ok(v)
+        }
+        _ => Err(corrupt("not a value of this kind".into())),
+    }
+}
+
+/// A signal record (`s/`), borrowed to write, owned when read.
+#[derive(Serialize, Deserialize)]
+struct StoredRecord<'a> {
+    signal_id: Cow<'a, str>,
+    tenant_id: Cow<'a, str>,
+    sku_id: Cow<'a, str>,
+    kind: Cow<'a, str>,
+    status: SignalStatus,
+    receipts: Vec<Cow<'a, str>>,
+    reason: Option<Cow<'a, str>>,
+}
+
+pub(crate) fn encode_record(r: &SignalRecord) -> Vec<u8> {
+    encode_v1(&StoredRecord {
+        signal_id: Cow::Borrowed(&r.signal_id),
+        tenant_id: Cow::Borrowed(&r.tenant_id),
+        sku_id: Cow::Borrowed(&r.sku_id),
+        kind: Cow::Borrowed(&r.kind),
+        status: r.status,
+        receipts: r
+            .receipts
+            .iter()
+            .map(|s| Cow::Borrowed(s.as_str()))
+            .collect(),
+        reason: r.reason.as_deref().map(Cow::Borrowed),
+    })
+}
+
+pub(crate) fn decode_record(key: &[u8], bytes: &[u8]) -> Result<SignalRecord> {
+    if bytes.first() == Some(&b'{') {
+        return decode(key, bytes);
+    }
+    let s: StoredRecord<'static> = decode_v1(key, bytes)?;
+    Ok(SignalRecord {
+        signal_id: s.signal_id.into_owned(),
+        tenant_id: s.tenant_id.into_owned(),
+        sku_id: s.sku_id.into_owned(),
+        kind: s.kind.into_owned(),
+        status: s.status,
+        receipts: s.receipts.into_iter().map(Cow::into_owned).collect(),
+        reason: s.reason.map(Cow::into_owned),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(reason: Option<&str>) -> SignalRecord {
+        SignalRecord {
+            signal_id: "pay-1".into(),
+            tenant_id: "acme".into(),
+            sku_id: "payments".into(),
+            kind: "payment".into(),
+            status: SignalStatus::Denied,
+            receipts: vec!["01KA".into(), "01KB".into()],
+            reason: reason.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn records_round_trip_compactly_and_json_ones_still_read() {
+        for r in [record(None), record(Some("velocity"))] {
+            let bytes = encode_record(&r);
+            assert_eq!(decode_record(b"s/x", &bytes).unwrap(), r);
+            let json = serde_json::to_vec(&r).unwrap();
+            assert!(
+                bytes.len() * 2 < json.len(),
+                "{} vs {}",
+                bytes.len(),
+                json.len()
+            );
+            assert_eq!(decode_record(b"s/x", &json).unwrap(), r);
+        }
+    }
+
+    #[test]
+    fn a_damaged_record_is_reported_with_its_key() {
+        let bytes = encode_record(&record(None));
+        let mut longer = bytes.clone();
+        longer.push(0);
+        for bad in [
+            &bytes[..bytes.len() - 2],
+            &[9u8, 1][..],
+            &[][..],
+            &longer[..],
+        ] {
+            match decode_record(b"s/x", bad) {
+                Err(StoreError::Corrupt { key, .. }) => assert_eq!(key, "s/x"),
+                other => panic!("not reported: {other:?}"),
+            }
+        }
+    }
+}
