@@ -156,6 +156,11 @@ mod tests {
         Receipt::seal(d, seq, prev, "k", b"key")
     }
 
+    fn one() -> Vec<Receipt> {
+        let genesis = tai_core::receipt::GENESIS_HASH;
+        vec![sealed(1, genesis, EngineState::Stable.into(), None)]
+    }
+
     #[test]
     fn every_kind_of_state_round_trips_and_still_verifies() {
         let a = sealed(
@@ -185,24 +190,14 @@ mod tests {
 
     #[test]
     fn json_blocks_written_before_still_read() {
-        let block = vec![sealed(
-            1,
-            tai_core::receipt::GENESIS_HASH,
-            EngineState::Stable.into(),
-            None,
-        )];
+        let block = one();
         let json = serde_json::to_vec(&block).unwrap();
         assert_eq!(decode_block(b"r/x", &json).unwrap(), block);
     }
 
     #[test]
     fn a_damaged_block_is_reported_with_its_key() {
-        let block = vec![sealed(
-            1,
-            tai_core::receipt::GENESIS_HASH,
-            EngineState::Stable.into(),
-            None,
-        )];
+        let block = one();
         let bytes = encode(&block);
         for bad in [&bytes[..bytes.len() - 3], &[7u8, 1, 2][..], &[][..]] {
             match decode_block(b"r/x", bad) {
