@@ -366,7 +366,9 @@ async fn post_signal(s: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) -
         .traceparent
         .as_deref()
         .and_then(tai_core::trace::trace_id);
-    let outcome = enqueue(signal.clone()).instrument(span).await;
+    // The signal moves to the queue; the answer needs only its id.
+    let (id, trace_id) = (signal.id.clone(), signal.trace_id.clone());
+    let outcome = enqueue(signal).instrument(span).await;
     if !matches!(outcome, EnqueueOutcome::Accepted) {
         s.replay
             .lock()
@@ -376,16 +378,16 @@ async fn post_signal(s: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) -
     match outcome {
         EnqueueOutcome::Accepted => {
             tracing::debug!(
-                signal = %signal.id,
-                tenant = %signal.tenant_id,
-                trace_id = signal.trace_id.as_deref().unwrap_or(""),
+                signal = %id,
+                tenant = %tenant_id,
+                trace_id = trace_id.as_deref().unwrap_or(""),
                 "signal accepted"
             );
             let mut r = json_reply(
                 StatusCode::ACCEPTED,
-                &json!({"signal_id": signal.id, "status": "accepted"}),
+                &json!({"signal_id": id, "status": "accepted"}),
             );
-            if let Ok(v) = HeaderValue::from_str(&signal.id) {
+            if let Ok(v) = HeaderValue::from_str(&id) {
                 r.headers_mut().insert("x-signal-id", v);
             }
             r
