@@ -872,3 +872,38 @@ impl Client {
             .expect("POST /v1/signals")
     }
 }
+
+/// Runs `tai bench ARGS --json` (short runs: the figures belong to
+/// BENCHMARKS.md) and returns its report after checking that it succeeded
+/// and decided every signal it got a 202 for.
+pub fn bench_report(args: &[&str]) -> Value {
+    let out = Command::new(tai_bin())
+        .current_dir(workspace_root())
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("run tai bench");
+    assert!(
+        out.status.success(),
+        "tai bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: Value = serde_json::from_str(stdout.lines().last().expect("a JSON line"))
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"));
+    let accepted = report["accepted"].as_u64().unwrap();
+    assert!(accepted > 0, "{report}");
+    assert_eq!(report["decided"], accepted, "every 202 decided: {report}");
+    report
+}
+
+/// Asserts that each of `keys` is a positive number in a bench report.
+pub fn assert_positive(report: &Value, keys: &[&str]) {
+    for key in keys {
+        assert!(
+            report[*key].as_f64().is_some_and(|v| v > 0.0),
+            "{key} missing or zero: {report}"
+        );
+    }
+}

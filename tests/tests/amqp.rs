@@ -539,40 +539,18 @@ fn tai_bench_on_the_amqp_backend_reports_the_bare_broker_loop() {
     // Checks the amqp bench runs end to end, bare lapin loop included;
     // how fast is BENCHMARKS.md's business.
     ensure_broker();
-    let out = std::process::Command::new(tai_bin())
-        .current_dir(workspace_root())
-        .args([
-            "bench",
-            "--backend",
-            "amqp",
-            "--tenants",
-            "2",
-            "--duration",
-            "1",
-            "--concurrency",
-            "4",
-            "--prefetch",
-            "50",
-            "--json",
-        ])
-        .output()
-        .expect("run tai bench");
-    assert!(
-        out.status.success(),
-        "tai bench failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let report: Value = serde_json::from_str(stdout.lines().last().expect("a JSON line"))
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"));
+    let report = bench_report(&[
+        "--backend",
+        "amqp",
+        "--tenants",
+        "2",
+        "--duration",
+        "1",
+        "--concurrency",
+        "4",
+        "--prefetch",
+        "50",
+    ]);
     assert_eq!(report["backend"], "amqp");
-    let accepted = report["accepted"].as_u64().unwrap();
-    assert!(accepted > 0, "{report}");
-    assert_eq!(report["decided"], accepted, "every 202 decided: {report}");
-    for key in ["broker_baseline_per_sec", "broker_ratio"] {
-        assert!(
-            report[key].as_f64().is_some_and(|v| v > 0.0),
-            "{key} missing or zero: {report}"
-        );
-    }
+    assert_positive(&report, &["broker_baseline_per_sec", "broker_ratio"]);
 }

@@ -815,45 +815,19 @@ fn tai_bench_decides_what_it_sends_and_reports_its_figures() {
     // Short on purpose: this checks the load generator works end to end
     // (its own node, entitlement, signed load, decisions from receipts,
     // baseline), not how fast; the figures are BENCHMARKS.md's business.
-    let out = std::process::Command::new(tai_bin())
-        .current_dir(workspace_root())
-        .args([
-            "bench",
-            "--tenants",
-            "3",
-            "--duration",
-            "1",
-            "--concurrency",
-            "4",
-            "--json",
-        ])
-        .output()
-        .expect("run tai bench");
-    assert!(
-        out.status.success(),
-        "tai bench failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let report = bench_report(&["--tenants", "3", "--duration", "1", "--concurrency", "4"]);
+    assert_positive(
+        &report,
+        &[
+            "accepted_per_sec",
+            "decided_per_sec",
+            "p50_ms",
+            "p99_ms",
+            "p999_ms",
+            "baseline_per_sec",
+            "rss_mb",
+            "node_cpu_us_per_signal",
+            "client_cpu_us_per_signal",
+        ],
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let report: Value = serde_json::from_str(stdout.lines().last().expect("a JSON line"))
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"));
-    let accepted = report["accepted"].as_u64().unwrap();
-    assert!(accepted > 0, "{report}");
-    assert_eq!(report["decided"], accepted, "every 202 decided: {report}");
-    for key in [
-        "accepted_per_sec",
-        "decided_per_sec",
-        "p50_ms",
-        "p99_ms",
-        "p999_ms",
-        "baseline_per_sec",
-        "rss_mb",
-        "node_cpu_us_per_signal",
-        "client_cpu_us_per_signal",
-    ] {
-        assert!(
-            report[key].as_f64().is_some_and(|v| v > 0.0),
-            "{key} missing or zero: {report}"
-        );
-    }
 }

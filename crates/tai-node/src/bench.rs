@@ -223,26 +223,8 @@ fn existing(config: &tai_core::config::Config) -> anyhow::Result<Target> {
 }
 
 /// One signed POST; true on 202.
-async fn post(
-    http: &reqwest::Client,
-    base: &str,
-    tenant: &str,
-    secret: &str,
-    body: Vec<u8>,
-) -> bool {
-    let ts = (now_ms() / 1000).to_string();
-    let sig = tai_ingress::auth::sign(secret.as_bytes(), &ts, "POST", "/v1/signals", &body);
-    let resp = http
-        .post(format!("{base}/v1/signals"))
-        .header("content-type", "application/json")
-        .header("x-tai-tenant", tenant)
-        .header("x-tai-timestamp", ts)
-        .header("x-tai-signature", sig)
-        .body(body)
-        .send()
-        .await;
-    matches!(resp, Ok(r) if r.status().as_u16() == 202)
-}
+/// A request the node has not answered in this long counts as refused.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One kept-alive HTTP/1.1 connection of a load client: a bare hyper
 /// client connection (no pool, no URL parsing per request), so the load
@@ -294,14 +276,19 @@ impl Conn {
             self.sender = None;
             return false;
         }
-        match sender.send_request(req).await {
-            Ok(resp) => {
-                let accepted = resp.status().as_u16() == 202;
-                // Read the body to the end so the connection can be reused.
-                let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
-                accepted
-            }
-            Err(_) => {
+        let exchange = async {
+            let resp = sender.send_request(req).await.ok()?;
+            let accepted = resp.status().as_u16() == 202;
+            // Read the body to the end so the connection can be reused.
+            http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .ok()?;
+            Some(accepted)
+        };
+        match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
+            Ok(Some(accepted)) => accepted,
+            // Failed or hung: this connection is dropped, the next post opens another.
+            _ => {
                 self.sender = None;
                 false
             }
@@ -533,7 +520,6 @@ pub async fn run(config: &tai_core::config::Config, a: BenchArgs) -> anyhow::Res
     );
 
     // Entitle every tenant's engine first: each tenant/SKU starts in boot.
-    let http = reqwest::Client::new();
     let entitled = Arc::new(AtomicU64::new(0));
     let chunks: Vec<Vec<(String, String)>> = target
         .tenants
@@ -542,12 +528,12 @@ pub async fn run(config: &tai_core::config::Config, a: BenchArgs) -> anyhow::Res
         .collect();
     let mut tasks = Vec::new();
     for chunk in chunks {
-        let (http, base, sku, entitled) =
-            (http.clone(), base.clone(), a.sku.clone(), entitled.clone());
+        let (base, sku, entitled) = (base.clone(), a.sku.clone(), entitled.clone());
         tasks.push(tokio::spawn(async move {
+            let mut conn = Conn::new(&base);
             for (t, s) in chunk {
                 let body = serde_json::to_vec(&json!({"tenant_id": t, "sku_id": sku, "kind": "entitlement", "payload": {"active": true}})).expect("json");
-                if post(&http, &base, &t, &s, body).await {
+                if conn.post(&t, &s, body).await {
                     entitled.fetch_add(1, Ordering::Relaxed);
                 }
             }

@@ -48,8 +48,8 @@ impl GroupCommit {
                     thread::park_timeout(Duration::from_millis(100));
                 }
                 // Let the batch fill: one flush costs about the same for one
-                // write or hundreds.
-                // Writers unpark this thread once `BATCH_WRITES` wait.
+                // write or hundreds. Writers unpark this thread once
+                // `BATCH_WRITES` wait.
                 let linger_until = std::time::Instant::now() + LINGER;
                 while w.load(Ordering::SeqCst) < BATCH_WRITES {
                     let now = std::time::Instant::now();
