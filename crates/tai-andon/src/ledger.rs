@@ -52,6 +52,9 @@ impl Actor for Ledger {
             .ok_or_else(|| format!("signing key {:?} is not configured", args.key_id))?
             .as_bytes()
             .to_vec();
+        // A restart after a failed commit: its receipt block may be on
+        // disk past the head; those seqs are numbered again from the head.
+        args.store.drop_uncommitted_receipts()?;
         let (head_seq, head_hash) = match args.store.head()? {
             Some(h) => (h.seq, h.hash),
             None => (0, GENESIS_HASH.to_string()),

@@ -22,7 +22,10 @@
 //!
 //! Atomicity: a set of writes is first stored as one redo record (`w/`), then
 //! applied, then the record is removed; a record found at start is applied
-//! again (the writes are idempotent puts and deletes).
+//! again (the writes are idempotent puts and deletes). A ledger batch writes
+//! its receipt block first, by itself, and the signed head in the redo
+//! record: a receipt block past the head at start never committed and is
+//! dropped (so the receipts are not written twice).
 //!
 //! Writes per signal are what the node's throughput is made of (each sled
 //! insert copies a leaf), so the queue and the ledger write blocks: a queue
@@ -216,6 +219,7 @@ impl Store {
         };
         store.recover_queue()?;
         store.recover_buffer()?;
+        store.drop_uncommitted_receipts()?;
         Ok(store)
     }
 
@@ -699,18 +703,30 @@ impl Store {
 
     // ---- the ledger ---------------------------------------------------------
 
-    /// Writes sealed receipts, the new signed head and a decision's writes in
-    /// one atomic batch. Call [`Store::durable`] before relying on it.
+    /// Writes sealed receipts, the new signed head and a decision's writes
+    /// atomically. Call [`Store::durable`] before relying on it.
+    ///
+    /// The receipt block goes first, as one insert of its own; the head
+    /// (which must cover the receipts) and the other writes follow as one
+    /// redo record. The head is what commits the block: a block past the
+    /// stored head (its write set never landed) is dropped at open and by
+    /// [`Store::drop_uncommitted_receipts`]. So the redo record does not
+    /// carry a second copy of the receipts, the largest part of a batch.
     pub fn commit(
         &self,
         receipts: &[Receipt],
         head: Option<&SignedHead>,
         writes: &WriteSet,
     ) -> Result<()> {
-        let mut batch = redo::Ops::default();
         if let Some(last) = receipts.last() {
-            batch.insert(seq_key(b'r', last.seq), receipts::encode(receipts));
+            debug_assert!(
+                head.is_some_and(|h| h.seq >= last.seq),
+                "a head covers the receipts"
+            );
+            self.db
+                .insert(seq_key(b'r', last.seq), receipts::encode(receipts))?;
         }
+        let mut batch = redo::Ops::default();
         if let Some(h) = head {
             batch.insert(HEAD, encode(h));
         }
@@ -737,6 +753,31 @@ impl Store {
                 .map(|r| pair_key(b's', &r.tenant_id, &r.signal_id)),
         );
         Ok(())
+    }
+
+    /// Drops receipt blocks past the signed head: written ahead of a batch
+    /// whose head and writes never landed (a crash or a failed write in
+    /// between), so nothing they record was decided. The ledger calls this
+    /// before it numbers receipts again from the head. Returns how many went.
+    pub fn drop_uncommitted_receipts(&self) -> Result<usize> {
+        let head = self.head()?.map_or(0, |h| h.seq);
+        let past: Vec<sled::IVec> = self
+            .db
+            .range(seq_key(b'r', head.saturating_add(1))..=seq_key(b'r', u64::MAX))
+            .keys()
+            .collect::<std::result::Result<_, _>>()?;
+        for k in &past {
+            self.db.remove(k)?;
+        }
+        if !past.is_empty() {
+            tracing::warn!(
+                blocks = past.len(),
+                head_seq = head,
+                "dropped receipt blocks past the signed head (their batch never committed)"
+            );
+            self.db.flush()?;
+        }
+        Ok(past.len())
     }
 
     pub fn head(&self) -> Result<Option<SignedHead>> {

@@ -121,8 +121,13 @@ async fn a_commit_is_atomic_and_a_decided_signal_is_not_pending_again() {
         assert_eq!(s.receipts(0, 1, None).unwrap(), std::slice::from_ref(&r1));
         assert_eq!(s.receipts(0, 10, Some("nobody")).unwrap().len(), 0);
         let r3 = receipt(3, &r2.hash);
-        s.commit(std::slice::from_ref(&r3), None, &WriteSet::default())
-            .unwrap();
+        let head3 = SignedHead::new(3, &r3.hash, "k", b"key");
+        s.commit(
+            std::slice::from_ref(&r3),
+            Some(&head3),
+            &WriteSet::default(),
+        )
+        .unwrap();
         assert_eq!(s.receipts(2, 10, None).unwrap(), std::slice::from_ref(&r3));
         assert_eq!(s.all_receipts().unwrap(), [r1, r2, r3]);
         assert_eq!(s.checkpoint("acme", "payments").unwrap().unwrap(), b"{}");
@@ -247,4 +252,31 @@ async fn stale_payment_windows_are_swept_in_steps() {
     assert!(s.velocity("acme", "payments", "a").unwrap().is_none());
     assert!(s.velocity("acme", "payments", "b").unwrap().is_some());
     assert!(s.velocity("acme", "payments", "d").unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_receipt_block_whose_batch_never_committed_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let r1 = receipt(1, GENESIS_HASH);
+    let r2 = receipt(2, &r1.hash);
+    {
+        let s = Store::open(dir.path()).unwrap();
+        let head = SignedHead::new(1, &r1.hash, "k", b"key");
+        s.commit(std::slice::from_ref(&r1), Some(&head), &WriteSet::default())
+            .unwrap();
+        // As if the process died after a batch's receipt block was written
+        // and before its redo record (head and decisions) was.
+        s.db.insert(
+            seq_key(b'r', 2),
+            receipts::encode(std::slice::from_ref(&r2)),
+        )
+        .unwrap();
+        s.durable().await.unwrap();
+        assert_eq!(s.all_receipts().unwrap().len(), 2);
+    }
+    let s = reopen(dir.path());
+    assert_eq!(s.all_receipts().unwrap(), std::slice::from_ref(&r1));
+    assert_eq!(s.head().unwrap().unwrap().seq, 1);
+    // The ledger numbers from the head again; nothing more to drop.
+    assert_eq!(s.drop_uncommitted_receipts().unwrap(), 0);
 }
