@@ -34,6 +34,12 @@ impl Payload {
         }
     }
 
+    /// A payload from stored JSON text (as [`Payload::raw`] gave it), which
+    /// must be an object.
+    pub fn from_text(text: String) -> Result<Payload, String> {
+        Payload::object(RawValue::from_string(text).map_err(|e| e.to_string())?)
+    }
+
     /// The JSON text, as received.
     pub fn raw(&self) -> &str {
         self.raw.get()

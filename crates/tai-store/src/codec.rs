@@ -9,7 +9,8 @@ use std::borrow::Cow;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tai_core::signal::{SignalRecord, SignalStatus};
+use tai_core::msg::Delivery;
+use tai_core::signal::{Payload, Signal, SignalRecord, SignalStatus};
 
 use crate::{decode, Result, StoreError};
 
@@ -86,6 +87,78 @@ pub(crate) fn decode_record(key: &[u8], bytes: &[u8]) -> Result<SignalRecord> {
     })
 }
 
+/// A queued signal (`q/` blocks hold a list of them), borrowed to write,
+/// owned when read. The payload is kept as its JSON text.
+#[derive(Serialize, Deserialize)]
+struct StoredDelivery<'a> {
+    seq: u64,
+    id: Cow<'a, str>,
+    tenant_id: Cow<'a, str>,
+    sku_id: Cow<'a, str>,
+    kind: Cow<'a, str>,
+    critical: bool,
+    payload: Cow<'a, str>,
+    received_at_ms: u64,
+    trace_id: Option<Cow<'a, str>>,
+    traceparent: Option<Cow<'a, str>>,
+}
+
+pub(crate) fn encode_block(deliveries: &[Delivery]) -> Vec<u8> {
+    let stored: Vec<StoredDelivery<'_>> = deliveries
+        .iter()
+        .map(|d| {
+            let s = &d.signal;
+            StoredDelivery {
+                seq: d.seq,
+                id: Cow::Borrowed(&s.id),
+                tenant_id: Cow::Borrowed(&s.tenant_id),
+                sku_id: Cow::Borrowed(&s.sku_id),
+                kind: Cow::Borrowed(&s.kind),
+                critical: s.critical,
+                payload: Cow::Borrowed(s.payload.raw()),
+                received_at_ms: s.received_at_ms,
+                trace_id: s.trace_id.as_deref().map(Cow::Borrowed),
+                traceparent: s.traceparent.as_deref().map(Cow::Borrowed),
+            }
+        })
+        .collect();
+    encode_v1(&stored)
+}
+
+/// Reads a queue block; one written before as JSON still reads.
+pub(crate) fn decode_block(key: &[u8], bytes: &[u8]) -> Result<Vec<Delivery>> {
+    if bytes.first() == Some(&b'[') {
+        return decode(key, bytes);
+    }
+    let stored: Vec<StoredDelivery<'static>> = decode_v1(key, bytes)?;
+    stored
+        .into_iter()
+        .map(|d| {
+            let payload = Payload::from_text(d.payload.into_owned()).map_err(|message| {
+                StoreError::Corrupt {
+                    key: String::from_utf8_lossy(key).into_owned(),
+                    message: format!("payload of signal {:?}: {message}", d.id),
+                }
+            })?;
+            Ok(Delivery {
+                seq: d.seq,
+                signal: Signal {
+                    id: d.id.into_owned(),
+                    tenant_id: d.tenant_id.into_owned(),
+                    sku_id: d.sku_id.into_owned(),
+                    kind: d.kind.into_owned(),
+                    critical: d.critical,
+                    payload,
+                    received_at_ms: d.received_at_ms,
+                    trace_id: d.trace_id.map(Cow::into_owned),
+                    traceparent: d.traceparent.map(Cow::into_owned),
+                },
+                redelivered: false,
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,6 +188,70 @@ mod tests {
                 json.len()
             );
             assert_eq!(decode_record(b"s/x", &json).unwrap(), r);
+        }
+    }
+
+    fn block() -> Vec<Delivery> {
+        let payload: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(r#"{"amount": 25.5, "customer_id": "c-1", "tags": ["a"]}"#)
+                .unwrap();
+        (1..=2)
+            .map(|seq| Delivery {
+                seq,
+                signal: Signal {
+                    id: format!("pay-{seq}"),
+                    tenant_id: "acme".into(),
+                    sku_id: "payments".into(),
+                    kind: "payment".into(),
+                    critical: seq == 2,
+                    payload: payload.clone().into(),
+                    received_at_ms: 1_700_000_000_000 + seq,
+                    trace_id: (seq == 1).then(|| "4bf92f3577b34da6a3ce929d0e0e4736".into()),
+                    traceparent: (seq == 1)
+                        .then(|| "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+                },
+                redelivered: false,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn queue_blocks_round_trip_compactly_and_json_ones_still_read() {
+        let ds = block();
+        let bytes = encode_block(&ds);
+        let back = decode_block(b"q/x", &bytes).unwrap();
+        assert_eq!(back, ds);
+        assert_eq!(back[0].signal.payload.raw(), ds[0].signal.payload.raw());
+        let json = serde_json::to_vec(&ds).unwrap();
+        assert!(
+            bytes.len() < json.len() * 3 / 4,
+            "{} vs {}",
+            bytes.len(),
+            json.len()
+        );
+        assert_eq!(decode_block(b"q/x", &json).unwrap(), ds);
+    }
+
+    #[test]
+    fn a_damaged_queue_block_is_reported_with_its_key() {
+        let bytes = encode_block(&block());
+        let not_an_object = encode_v1(&vec![StoredDelivery {
+            seq: 1,
+            id: "a".into(),
+            tenant_id: "acme".into(),
+            sku_id: "payments".into(),
+            kind: "payment".into(),
+            critical: false,
+            payload: "[1]".into(),
+            received_at_ms: 1,
+            trace_id: None,
+            traceparent: None,
+        }]);
+        for bad in [&bytes[..bytes.len() - 3], &[7u8][..], &not_an_object[..]] {
+            match decode_block(b"q/x", bad) {
+                Err(StoreError::Corrupt { key, .. }) => assert_eq!(key, "q/x"),
+                other => panic!("not reported: {other:?}"),
+            }
         }
     }
 

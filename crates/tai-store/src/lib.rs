@@ -10,7 +10,7 @@
 //!
 //! | prefix | key | value |
 //! |---|---|---|
-//! | `q/` | first queue seq of a block (u64 BE) | `[Delivery]`: signals enqueued together |
+//! | `q/` | first queue seq of a block (u64 BE) | `[Delivery]`: signals enqueued together (version byte 1 + bincode, older ones JSON) |
 //! | `s/` | tenant `\0` signal id | `SignalRecord` once the signal is past `accepted` (the dedupe key; version byte 1 + bincode, older ones JSON) |
 //! | `e/` | tenant `\0` sku | engine checkpoint (the engine's bytes) |
 //! | `r/` | last receipt seq of a block (u64 BE) | `[Receipt]`: one ledger batch, in seq order (version byte 1 + bincode, older ones JSON) |
@@ -258,7 +258,7 @@ impl Store {
             .scan_prefix(b"q/")
             .map(|kv| {
                 let (k, v) = kv?;
-                Ok((seq_of(&k), decode(&k, &v)?))
+                Ok((seq_of(&k), codec::decode_block(&k, &v)?))
             })
             .collect()
     }
@@ -363,7 +363,7 @@ impl Store {
             return Ok(());
         };
         self.db
-            .insert(seq_key(b'q', first.seq), encode(&deliveries))?;
+            .insert(seq_key(b'q', first.seq), codec::encode_block(deliveries))?;
         let mut q = self.queued.lock().expect("queued index");
         for d in deliveries {
             q.insert(
@@ -408,7 +408,7 @@ impl Store {
             return Ok(0);
         };
         let (k, v) = kv;
-        let block: Vec<Delivery> = decode(&k, &v)?;
+        let block = codec::decode_block(&k, &v)?;
         Ok(block.last().map_or(seq_of(&k), |d| d.seq))
     }
 
@@ -473,7 +473,7 @@ impl Store {
         let mut batch = redo::Ops::default();
         batch.remove(key);
         batch.insert(pair_key(b's', tenant, id), codec::encode_record(&record));
-        batch.insert(seq_key(b'q', seq), encode(&[delivery]));
+        batch.insert(seq_key(b'q', seq), codec::encode_block(&[delivery]));
         self.atomic(batch)?;
         Ok(Some(letter.signal))
     }
