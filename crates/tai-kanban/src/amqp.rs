@@ -1482,46 +1482,66 @@ pub async fn bare_loop(
     let props = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type("application/json".into());
-    let mut outstanding = std::collections::VecDeque::with_capacity(window);
-    let mut sent = 0u64;
-    while started.elapsed() < duration {
-        sent += 1;
-        if sent.is_multiple_of(64) {
-            // Publishing and confirms can complete without ever waiting;
-            // let the consumer (maybe on this same worker) run.
-            tokio::task::yield_now().await;
+    let publishing = async {
+        let mut outstanding = std::collections::VecDeque::with_capacity(window);
+        let mut sent = 0u64;
+        while started.elapsed() < duration {
+            sent += 1;
+            if sent.is_multiple_of(64) {
+                // Publishing and confirms can complete without ever waiting;
+                // let the consumer (maybe on this same worker) run.
+                tokio::task::yield_now().await;
+            }
+            let confirm = publish_ch
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    payload,
+                    props.clone(),
+                )
+                .await
+                .map_err(e)?;
+            outstanding.push_back(confirm);
+            if outstanding.len() >= window {
+                let c = outstanding.pop_front().expect("outstanding").await;
+                if !confirmed(&c) {
+                    return Err(format!("the broker did not confirm: {c:?}"));
+                }
+                published.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
         }
-        let confirm = publish_ch
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions::default(),
-                payload,
-                props.clone(),
-            )
-            .await
-            .map_err(e)?;
-        outstanding.push_back(confirm);
-        if outstanding.len() >= window {
-            let c = outstanding.pop_front().expect("outstanding").await;
-            if !confirmed(&c) {
-                return Err(format!("the broker did not confirm: {c:?}"));
+        while let Some(c) = outstanding.pop_front() {
+            if !confirmed(&c.await) {
+                return Err("the broker did not confirm".to_string());
             }
             published.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
-    }
-    while let Some(c) = outstanding.pop_front() {
-        if !confirmed(&c.await) {
-            return Err("the broker did not confirm".to_string());
+        Ok(())
+    };
+    let result = match publishing.await {
+        Ok(()) => {
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            consuming.await.map_err(|e| e.to_string()).and_then(|r| r)
         }
-        published.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    }
-    done.store(true, std::sync::atomic::Ordering::SeqCst);
-    let (consumed, secs) = consuming.await.map_err(|e| e.to_string())??;
-    let _ = publish_ch
+        Err(err) => {
+            consuming.abort();
+            Err(err)
+        }
+    };
+    // Success or not, the loop's queue goes with it (through a new channel
+    // if the broker closed the publishing one over the failure).
+    if publish_ch
         .queue_delete(queue.into(), Default::default())
-        .await;
+        .await
+        .is_err()
+    {
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = ch.queue_delete(queue.into(), Default::default()).await;
+        }
+    }
     let _ = conn.close(200, "bench done".into()).await;
+    let (consumed, secs) = result?;
     Ok(BareLoop {
         published: published.load(std::sync::atomic::Ordering::SeqCst),
         consumed,
