@@ -24,8 +24,8 @@
 //! applied, then the record is removed; a record found at start is applied
 //! again (the writes are idempotent puts and deletes). A ledger batch writes
 //! its receipt block first, by itself, and the signed head in the redo
-//! record: a receipt block past the head at start never committed and is
-//! dropped (so the receipts are not written twice).
+//! record: a receipt block at start that chains onto the head but is past
+//! it never committed and is dropped (so the receipts are not written twice).
 //!
 //! Writes per signal are what the node's throughput is made of (each sled
 //! insert copies a leaf), so the queue and the ledger write blocks: a queue
@@ -51,7 +51,7 @@ use std::sync::{Arc, Mutex};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tai_core::msg::{Delivery, WriteSet};
-use tai_core::receipt::{Receipt, SignedHead};
+use tai_core::receipt::{Receipt, SignedHead, GENESIS_HASH};
 use tai_core::signal::{DeadLetter, Signal, SignalRecord, SignalStatus};
 use thiserror::Error;
 
@@ -755,29 +755,52 @@ impl Store {
         Ok(())
     }
 
-    /// Drops receipt blocks past the signed head: written ahead of a batch
-    /// whose head and writes never landed (a crash or a failed write in
-    /// between), so nothing they record was decided. The ledger calls this
-    /// before it numbers receipts again from the head. Returns how many went.
+    /// Drops the receipt block written ahead of a batch whose head and
+    /// writes never landed (a crash or a failed write in between): nothing
+    /// it records was decided. The ledger writes one batch at a time, so
+    /// only one block can be left that way, and it chains onto the head
+    /// (its first receipt follows the head's seq and hash). Anything else
+    /// past the head is not a crash's leftover but damage: it is kept for
+    /// verification to report. The ledger calls this before it numbers
+    /// receipts again from the head. Returns how many blocks went (0 or 1).
     pub fn drop_uncommitted_receipts(&self) -> Result<usize> {
-        let head = self.head()?.map_or(0, |h| h.seq);
-        let past: Vec<sled::IVec> = self
+        let (head_seq, head_hash) = self
+            .head()?
+            .map_or((0, GENESIS_HASH.to_string()), |h| (h.seq, h.hash));
+        let past: Vec<(sled::IVec, sled::IVec)> = self
             .db
-            .range(seq_key(b'r', head.saturating_add(1))..=seq_key(b'r', u64::MAX))
-            .keys()
+            .range(seq_key(b'r', head_seq.saturating_add(1))..=seq_key(b'r', u64::MAX))
             .collect::<std::result::Result<_, _>>()?;
-        for k in &past {
-            self.db.remove(k)?;
-        }
-        if !past.is_empty() {
+        let [(key, value)] = past.as_slice() else {
+            if !past.is_empty() {
+                tracing::warn!(
+                    blocks = past.len(),
+                    head_seq,
+                    "receipt blocks past the signed head: kept (verification reports them)"
+                );
+            }
+            return Ok(0);
+        };
+        let chains = receipts::decode_block(key, value).is_ok_and(|block| {
+            block
+                .first()
+                .is_some_and(|r| r.seq == head_seq + 1 && r.prev_hash == head_hash)
+        });
+        if !chains {
             tracing::warn!(
-                blocks = past.len(),
-                head_seq = head,
-                "dropped receipt blocks past the signed head (their batch never committed)"
+                head_seq,
+                "a receipt block past the signed head does not follow it: kept (verification reports it)"
             );
-            self.db.flush()?;
+            return Ok(0);
         }
-        Ok(past.len())
+        self.db.remove(key)?;
+        self.db.flush()?;
+        tracing::warn!(
+            head_seq,
+            last_seq = seq_of(key),
+            "dropped the receipt block of a batch that never committed"
+        );
+        Ok(1)
     }
 
     pub fn head(&self) -> Result<Option<SignedHead>> {

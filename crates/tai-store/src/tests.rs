@@ -280,3 +280,30 @@ async fn a_receipt_block_whose_batch_never_committed_is_dropped() {
     // The ledger numbers from the head again; nothing more to drop.
     assert_eq!(s.drop_uncommitted_receipts().unwrap(), 0);
 }
+
+#[test]
+fn receipts_past_the_head_that_no_crash_explains_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let r1 = receipt(1, GENESIS_HASH);
+    let r2 = receipt(2, &r1.hash);
+    let r3 = receipt(3, &r2.hash);
+    let put = |r: &Receipt| {
+        s.db.insert(
+            seq_key(b'r', r.seq),
+            receipts::encode(std::slice::from_ref(r)),
+        )
+        .unwrap();
+    };
+    // No head at all (deleted, say) and two blocks: not one batch's leftover.
+    put(&r1);
+    put(&r2);
+    assert_eq!(s.drop_uncommitted_receipts().unwrap(), 0);
+    // One block past the head that does not chain onto it.
+    let head = SignedHead::new(1, &r1.hash, "k", b"key");
+    s.db.insert(HEAD, encode(&head)).unwrap();
+    s.db.remove(seq_key(b'r', 2)).unwrap();
+    put(&r3);
+    assert_eq!(s.drop_uncommitted_receipts().unwrap(), 0);
+    assert_eq!(s.all_receipts().unwrap(), [r1, r3]);
+}
