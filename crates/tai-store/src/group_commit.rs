@@ -41,17 +41,20 @@ impl GroupCommit {
         let thread = thread::Builder::new()
             .name("tai-store-flusher".into())
             .spawn(move || loop {
+                let mut idle = false;
                 while !p.swap(false, Ordering::SeqCst) {
                     if st.load(Ordering::SeqCst) {
                         return;
                     }
+                    idle = true;
                     thread::park_timeout(Duration::from_millis(100));
                 }
                 // Let the batch fill: one flush costs about the same for one
                 // write or hundreds. Writers unpark this thread once
-                // `BATCH_WRITES` wait.
+                // `BATCH_WRITES` wait. Not after a flush that writes were
+                // already waiting for: the flush itself was their linger.
                 let linger_until = std::time::Instant::now() + LINGER;
-                while w.load(Ordering::SeqCst) < BATCH_WRITES {
+                while idle && w.load(Ordering::SeqCst) < BATCH_WRITES {
                     let now = std::time::Instant::now();
                     if now >= linger_until {
                         break;
