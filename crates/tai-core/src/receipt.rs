@@ -72,7 +72,11 @@ struct Canonical<'a> {
 
 impl Receipt {
     pub fn canonical_bytes(&self) -> Vec<u8> {
-        serde_json::to_vec(&Canonical {
+        serde_json::to_vec(&self.canonical()).expect("receipt serializes")
+    }
+
+    fn canonical(&self) -> Canonical<'_> {
+        Canonical {
             seq: self.seq,
             receipt_id: &self.receipt_id,
             kind: &self.kind,
@@ -88,8 +92,7 @@ impl Receipt {
             timestamp_ms: self.timestamp_ms,
             prev_hash: &self.prev_hash,
             key_id: &self.key_id,
-        })
-        .expect("receipt serializes")
+        }
     }
 
     /// hex SHA-256 over `prev_hash` and the canonical bytes.
@@ -97,8 +100,10 @@ impl Receipt {
         let mut h = Sha256::new();
         h.update(self.prev_hash.as_bytes());
         h.update(b"\n");
-        h.update(self.canonical_bytes());
-        hex::encode(h.finalize())
+        // Serialized straight into the hash: the same bytes as
+        // `canonical_bytes`, without building them (once per receipt).
+        serde_json::to_writer(DigestWriter(&mut h), &self.canonical()).expect("receipt serializes");
+        hex32(&h.finalize().into())
     }
 
     /// Chains and signs a draft after `prev_hash`.
@@ -138,7 +143,27 @@ impl Receipt {
 pub fn sign(key: &[u8], message: &str) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("hmac takes any key length");
     mac.update(message.as_bytes());
-    hex::encode(mac.finalize().into_bytes())
+    hex32(&mac.finalize().into_bytes().into())
+}
+
+/// Lower-case hex of a 32-byte digest (`hex::encode` goes char by char).
+fn hex32(bytes: &[u8; 32]) -> String {
+    let mut out = [0u8; 64];
+    hex::encode_to_slice(bytes, &mut out).expect("64 hex digits for 32 bytes");
+    String::from_utf8(out.to_vec()).expect("hex is ASCII")
+}
+
+/// Feeds what serde_json writes into a digest.
+struct DigestWriter<'a>(&'a mut Sha256);
+
+impl std::io::Write for DigestWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Constant-time check of a hex HMAC-SHA256.
@@ -345,6 +370,24 @@ mod tests {
         }
         let head = SignedHead::new(n, &prev, "k2", b"secret-2");
         (out, head)
+    }
+
+    #[test]
+    fn the_hash_and_signature_are_the_spec_formulas() {
+        let (c, _) = chain(2);
+        let r = &c[1];
+        let mut h = Sha256::new();
+        h.update(format!("{}\n", r.prev_hash).as_bytes());
+        h.update(r.canonical_bytes());
+        assert_eq!(r.hash, hex::encode(h.finalize()));
+        let mut mac = Hmac::<Sha256>::new_from_slice(b"secret-2").unwrap(); // seq 2 of 2: the second key
+        mac.update(r.hash.as_bytes());
+        assert_eq!(r.signature, hex::encode(mac.finalize().into_bytes()));
+        assert_eq!(r.hash.len(), 64);
+        assert!(r
+            .hash
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
     }
 
     #[test]
