@@ -75,9 +75,10 @@ pub struct BrokerStats {
 /// To `kanban_queue`.
 pub enum KanbanMsg {
     Enqueue(Signal, RpcReplyPort<EnqueueOutcome>),
-    /// The decision is durable and the queue entry gone: free the WIP slot.
+    /// These decisions are durable and their queue entries gone: free their
+    /// WIP slots (an engine sends every ack of one commit together).
     Ack {
-        seq: u64,
+        seqs: Vec<u64>,
     },
     /// Send again what is in flight for this engine (it restarted and lost its mailbox).
     /// `after_crash`: the engine was restarted after a failure, which counts

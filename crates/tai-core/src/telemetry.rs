@@ -21,6 +21,19 @@ static CAP: AtomicUsize = AtomicUsize::new(100);
 static KNOWN: LazyLock<RwLock<HashSet<String>>> = LazyLock::new(|| RwLock::new(HashSet::new()));
 
 /// Sets how many distinct tenants get their own label (`kaizen.tenant_label_cap`).
+/// Counts equal items, in first-seen order: a batch's counter increments
+/// as one lookup per label value instead of one per item.
+pub fn tally<K: PartialEq>(items: impl IntoIterator<Item = K>) -> Vec<(K, u64)> {
+    let mut out: Vec<(K, u64)> = Vec::new();
+    for k in items {
+        match out.iter_mut().find(|(seen, _)| *seen == k) {
+            Some((_, n)) => *n += 1,
+            None => out.push((k, 1)),
+        }
+    }
+    out
+}
+
 pub fn set_tenant_label_cap(cap: usize) {
     CAP.store(cap, Ordering::SeqCst);
 }
@@ -43,6 +56,15 @@ pub fn tenant_label(tenant: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tally_counts_in_first_seen_order() {
+        assert_eq!(
+            tally(["b", "a", "b", "b", "c"]),
+            [("b", 3), ("a", 1), ("c", 1)]
+        );
+        assert!(tally(Vec::<u8>::new()).is_empty());
+    }
 
     #[test]
     fn tenant_labels_are_capped() {

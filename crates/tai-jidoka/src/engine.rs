@@ -184,9 +184,12 @@ fn receipt_span(spans: &[tracing::Span]) -> tracing::Span {
     span
 }
 
-fn ack(seq: u64) {
+fn ack(seqs: Vec<u64>) {
+    if seqs.is_empty() {
+        return;
+    }
     if let Some(q) = ractor::registry::where_is(KANBAN_QUEUE) {
-        let _ = q.send_message(KanbanMsg::Ack { seq });
+        let _ = q.send_message(KanbanMsg::Ack { seqs });
     }
 }
 
@@ -425,13 +428,15 @@ impl Engine {
         // Counted once the decision is durable, so a retried commit is not counted twice.
         let now = now_ms();
         let tenant = tai_core::telemetry::tenant_label(&st.tenant_id);
-        for (status, received) in decided {
-            metrics::counter!(tai_core::telemetry::SIGNALS_PROCESSED, "tenant" => tenant.clone(), "sku" => st.sku_id.clone(), "outcome" => status.as_str()).increment(1);
-            if let Some(at) = received {
-                metrics::histogram!(tai_core::telemetry::SIGNAL_PROCESSING_SECONDS)
-                    .record(now.saturating_sub(at) as f64 / 1000.0);
-                tai_core::kaizen::record_decision(now.saturating_sub(at));
-            }
+        // One counter lookup per outcome and one histogram lookup per
+        // commit, not per signal.
+        let latency = metrics::histogram!(tai_core::telemetry::SIGNAL_PROCESSING_SECONDS);
+        for at in decided.iter().filter_map(|(_, received)| *received) {
+            latency.record(now.saturating_sub(at) as f64 / 1000.0);
+            tai_core::kaizen::record_decision(now.saturating_sub(at));
+        }
+        for (status, n) in tai_core::telemetry::tally(decided.iter().map(|(s, _)| *s)) {
+            metrics::counter!(tai_core::telemetry::SIGNALS_PROCESSED, "tenant" => tenant.clone(), "sku" => st.sku_id.clone(), "outcome" => status.as_str()).increment(n);
         }
         for reason in letters {
             metrics::counter!(tai_core::telemetry::DEADLETTER, "reason" => reason.clone())
@@ -444,10 +449,10 @@ impl Engine {
                 format!("{} dead-lettered a signal ({reason})", st.name),
             ));
         }
-        for seq in acks {
-            st.seen.remove(&seq);
-            ack(seq);
+        for seq in &acks {
+            st.seen.remove(seq);
         }
+        ack(acks);
         Ok(())
     }
 
@@ -656,19 +661,24 @@ impl Engine {
     /// acknowledged again.
     fn take_inbox(st: &mut EngineActorState) -> Result<Vec<Input>, ActorProcessingErr> {
         let mut inputs = Vec::with_capacity(st.inbox.len());
+        let mut acks = Vec::new();
         for d in std::mem::take(&mut st.inbox) {
             let decided = d.redelivered
-                && st
-                    .store
-                    .signal_record(&d.signal.tenant_id, &d.signal.id)?
-                    .is_some_and(|r| r.status.is_final());
+                && match st.store.signal_record(&d.signal.tenant_id, &d.signal.id) {
+                    Ok(r) => r.is_some_and(|r| r.status.is_final()),
+                    Err(e) => {
+                        ack(acks);
+                        return Err(e.into());
+                    }
+                };
             if decided {
                 st.seen.remove(&d.seq);
-                ack(d.seq);
+                acks.push(d.seq);
             } else {
                 inputs.push(Input::Signal(d));
             }
         }
+        ack(acks);
         Ok(inputs)
     }
 

@@ -51,7 +51,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::dispatch::Dispatch;
 use crate::poison::{self, Poisoned};
-use crate::send_to_router;
+use crate::{send_to_router, QueueGauges};
 
 /// Header with the reason a dead-lettered message carries.
 pub const REASON_HEADER: &str = "x-tai-deadletter-reason";
@@ -314,6 +314,7 @@ pub struct AmqpState {
     ticker: tokio::task::JoinHandle<()>,
     quiescing: bool,
     quiesce_waiters: Vec<RpcReplyPort<u64>>,
+    gauges: QueueGauges,
 }
 
 fn backoff() -> ExponentialBackoff {
@@ -1176,6 +1177,7 @@ impl Actor for AmqpQueue {
             ticker,
             quiescing: false,
             quiesce_waiters: Vec::new(),
+            gauges: QueueGauges::new(),
             store: args.store,
             config: args.config,
         })
@@ -1232,8 +1234,10 @@ impl Actor for AmqpQueue {
             KanbanMsg::Enqueue(signal, reply) => st.enqueue(&myself, signal, reply)?,
             KanbanMsg::FlushEnqueues => st.flush_batch(&myself),
             KanbanMsg::Ready(_) => {}
-            KanbanMsg::Ack { seq } => {
-                st.ack(seq);
+            KanbanMsg::Ack { seqs } => {
+                for seq in seqs {
+                    st.ack(seq);
+                }
                 st.dispatch();
                 st.answer_quiesce();
             }
@@ -1384,9 +1388,7 @@ impl Actor for AmqpQueue {
                 }
             }
         }
-        metrics::gauge!(tai_core::telemetry::QUEUE_DEPTH).set(st.depth() as f64);
-        metrics::gauge!(tai_core::telemetry::QUEUE_IN_FLIGHT)
-            .set(st.dispatch.in_flight_len() as f64);
+        st.gauges.set(st.depth(), st.dispatch.in_flight_len());
         Ok(())
     }
 }

@@ -34,6 +34,28 @@ pub(crate) fn send_to_router(d: Delivery) {
     }
 }
 
+/// The queue's depth and in-flight gauges, looked up once per queue actor
+/// (the actor sets them after every message; the metrics recorder is
+/// installed before the tree starts).
+pub(crate) struct QueueGauges {
+    depth: metrics::Gauge,
+    in_flight: metrics::Gauge,
+}
+
+impl QueueGauges {
+    pub(crate) fn new() -> QueueGauges {
+        QueueGauges {
+            depth: metrics::gauge!(tai_core::telemetry::QUEUE_DEPTH),
+            in_flight: metrics::gauge!(tai_core::telemetry::QUEUE_IN_FLIGHT),
+        }
+    }
+
+    pub(crate) fn set(&self, depth: u64, in_flight: u64) {
+        self.depth.set(depth as f64);
+        self.in_flight.set(in_flight as f64);
+    }
+}
+
 /// `kanban_sup`: the queue owner, on the configured backend. (`rest_for_one`:
 /// what is added after it depends on it.)
 pub fn supervisor_spec(store: Store, config: KanbanConfig) -> SupervisorSpec {

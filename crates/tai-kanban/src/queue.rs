@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use crate::dispatch::Dispatch;
 use crate::poison::{self, Poisoned};
-use crate::send_to_router;
+use crate::{send_to_router, QueueGauges};
 
 /// Attempts after which a signal that keeps killing its engine is poison.
 const MAX_ATTEMPTS: u32 = 3;
@@ -48,6 +48,7 @@ pub struct QueueState {
     ticker: tokio::task::JoinHandle<()>,
     quiescing: bool,
     quiesce_waiters: Vec<RpcReplyPort<u64>>,
+    gauges: QueueGauges,
 }
 
 impl QueueState {
@@ -265,6 +266,7 @@ impl Actor for Queue {
             ticker,
             quiescing: false,
             quiesce_waiters: Vec::new(),
+            gauges: QueueGauges::new(),
         })
     }
 
@@ -302,9 +304,15 @@ impl Actor for Queue {
                 }
                 Self::dispatch(st);
             }
-            KanbanMsg::Ack { seq } => {
-                if st.dispatch.ack(seq) {
-                    st.settle(seq);
+            KanbanMsg::Ack { seqs } => {
+                let mut freed = false;
+                for seq in seqs {
+                    if st.dispatch.ack(seq) {
+                        st.settle(seq);
+                        freed = true;
+                    }
+                }
+                if freed {
                     Self::dispatch(st);
                 }
                 st.answer_quiesce();
@@ -403,9 +411,7 @@ impl Actor for Queue {
                 }
             }
         }
-        metrics::gauge!(tai_core::telemetry::QUEUE_DEPTH).set(st.depth() as f64);
-        metrics::gauge!(tai_core::telemetry::QUEUE_IN_FLIGHT)
-            .set(st.dispatch.in_flight_len() as f64);
+        st.gauges.set(st.depth(), st.dispatch.in_flight_len());
         Ok(())
     }
 }
