@@ -20,7 +20,6 @@ pub const RATE_LIMITED: &str = "tai_rate_limited_total";
 static CAP: AtomicUsize = AtomicUsize::new(100);
 static KNOWN: LazyLock<RwLock<HashSet<String>>> = LazyLock::new(|| RwLock::new(HashSet::new()));
 
-/// Sets how many distinct tenants get their own label (`kaizen.tenant_label_cap`).
 /// Counts equal items, in first-seen order: a batch's counter increments
 /// as one lookup per label value instead of one per item.
 pub fn tally<K: PartialEq>(items: impl IntoIterator<Item = K>) -> Vec<(K, u64)> {
@@ -34,6 +33,7 @@ pub fn tally<K: PartialEq>(items: impl IntoIterator<Item = K>) -> Vec<(K, u64)> 
     out
 }
 
+/// Sets how many distinct tenants get their own label (`kaizen.tenant_label_cap`).
 pub fn set_tenant_label_cap(cap: usize) {
     CAP.store(cap, Ordering::SeqCst);
 }
