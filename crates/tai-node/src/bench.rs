@@ -51,7 +51,8 @@ pub struct BenchArgs {
     #[arg(long, default_value = "bench")]
     pub sku: String,
     /// Queue backend of the node the bench starts: `embedded` or `amqp`
-    /// (RabbitMQ at --amqp-url; the baseline is then also a bare lapin loop).
+    /// (RabbitMQ at --amqp-url; the baseline is then also a bare lapin loop,
+    /// run just before and just after the node's load, and averaged).
     #[arg(long, default_value = "embedded", value_parser = ["embedded", "amqp"])]
     pub backend: String,
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
@@ -460,6 +461,28 @@ async fn baseline_server(
     Ok((addr, tx))
 }
 
+/// One bare lapin loop at the node's prefetch on a queue of its own:
+/// persistent publishes with 1,000 confirms in flight and a consumer acking
+/// each delivery by hand; returns what went through both ends per second.
+async fn bare_broker_loop(a: &BenchArgs) -> anyhow::Result<f64> {
+    let payload = serde_json::to_vec(&json!({
+        "id": "01KBENCHBENCHBENCHBENCHBENC", "tenant_id": "bench-0", "sku_id": a.sku,
+        "kind": "payment", "critical": false, "received_at_ms": now_ms(),
+        "payload": {"amount": 25.0, "currency": "USD", "customer_id": "cust-0"},
+    }))?;
+    let bare = tai_kanban::amqp::bare_loop(
+        &a.amqp_url,
+        &format!("tai-bench.bare.{}", std::process::id()),
+        u16::try_from(a.prefetch).unwrap_or(u16::MAX),
+        1000,
+        Duration::from_secs(a.duration),
+        &payload,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("bare broker loop: {e}"))?;
+    Ok(bare.consumed as f64 / bare.secs)
+}
+
 /// A local OTLP/HTTP receiver for `--otlp`: counts the spans it gets.
 async fn otlp_sink() -> anyhow::Result<(SocketAddr, Arc<AtomicU64>)> {
     let spans = Arc::new(AtomicU64::new(0));
@@ -550,6 +573,12 @@ pub async fn run(config: &tai_core::config::Config, a: BenchArgs) -> anyhow::Res
         a.duration
     );
 
+    let broker_before = if a.backend == "amqp" && !a.no_baseline {
+        Some(bare_broker_loop(&a).await?)
+    } else {
+        None
+    };
+
     let tag = format!("b{}", now_ms());
     let node_pid = target.child.as_ref().map(|c| c.id().to_string());
     let node_cpu0 = node_pid.as_deref().and_then(cpu_us);
@@ -594,27 +623,18 @@ pub async fn run(config: &tai_core::config::Config, a: BenchArgs) -> anyhow::Res
         Some(ok.len() as f64 / btook.as_secs_f64())
     };
 
-    // The broker alone, in the same run: a bare lapin loop at the node's prefetch.
-    let broker = if a.backend == "amqp" && !a.no_baseline {
-        let payload = serde_json::to_vec(&json!({
-            "id": "01KBENCHBENCHBENCHBENCHBENC", "tenant_id": "bench-0", "sku_id": a.sku,
-            "kind": "payment", "critical": false, "received_at_ms": now_ms(),
-            "payload": {"amount": 25.0, "currency": "USD", "customer_id": "cust-0"},
-        }))?;
-        let bare = tai_kanban::amqp::bare_loop(
-            &a.amqp_url,
-            &format!("tai-bench.bare.{}", std::process::id()),
-            u16::try_from(a.prefetch).unwrap_or(u16::MAX),
-            1000,
-            Duration::from_secs(a.duration),
-            &payload,
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("bare broker loop: {e}"))?;
-        Some(bare.consumed as f64 / bare.secs)
+    // The broker alone, in the same run, after the node's load as before it
+    // (the two bracket the node's run, so a machine that speeds up or slows
+    // down during the run moves the baseline with it).
+    let broker_after = if broker_before.is_some() {
+        Some(bare_broker_loop(&a).await?)
     } else {
         None
     };
+    let broker_runs: Option<Vec<f64>> = broker_before.zip(broker_after).map(|(b, a)| vec![b, a]);
+    let broker = broker_runs
+        .as_ref()
+        .map(|r| r.iter().sum::<f64>() / r.len() as f64);
     let decided_per_sec = decided as f64 / decided_secs.max(0.001);
     let report = json!({
         "backend": a.backend,
@@ -639,6 +659,7 @@ pub async fn run(config: &tai_core::config::Config, a: BenchArgs) -> anyhow::Res
         "metrics": !a.no_metrics,
         "otlp_spans_received": spans.map(|s| s.load(Ordering::Relaxed)),
         "broker_baseline_per_sec": broker,
+        "broker_baseline_runs": broker_runs,
         "broker_ratio": broker.map(|b| decided_per_sec / b),
     });
     if let Some(mut child) = target.child.take() {
