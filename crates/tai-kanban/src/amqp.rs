@@ -11,8 +11,9 @@
 //!
 //! One actor owns the state; tasks do the waiting: one connect attempt at a
 //! time (exponential backoff with jitter between attempts), a consumer task
-//! per connection forwarding deliveries, a publish task per batch (chained,
-//! so batches reach the broker in order), one buffer drain at a time, and one
+//! per connection forwarding deliveries, a publish task per batch (one at a
+//! time, so batches reach the broker in order; the next batch gathers
+//! enqueues until the one before has handed its messages to the channel), one buffer drain at a time, and one
 //! acker. Everything the tasks report comes back as
 //! [`KanbanMsg::Backend`] events tagged with the connection generation, so a
 //! late report from a dead connection is recognised and ignored.
@@ -45,7 +46,7 @@ use tai_core::config::{AmqpQueueType, KanbanConfig};
 use tai_core::msg::{BrokerStats, Delivery, EnqueueOutcome, KanbanMsg, QueueStats};
 use tai_core::signal::{now_ms, DeadLetter, Signal, SignalRecord};
 use tai_store::Store;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
@@ -239,6 +240,8 @@ enum Event {
     },
     /// A publish batch is answered: waiting duplicates get the same answer.
     Published(Vec<((String, String), Option<SignalRecord>)>),
+    /// Publish batch `n` has handed all its messages to the channel.
+    Sent(u64),
     /// The buffer drain ended (`Err`: the broker went away meanwhile).
     Drained {
         gen: u64,
@@ -257,6 +260,15 @@ enum Event {
 
 fn event(e: Event) -> KanbanMsg {
     KanbanMsg::Backend(Box::new(e))
+}
+
+/// Reports a publish batch sent when dropped (its task ended, one way or another).
+struct SentGuard(ActorRef<KanbanMsg>, u64);
+
+impl Drop for SentGuard {
+    fn drop(&mut self) {
+        let _ = self.0.send_message(event(Event::Sent(self.1)));
+    }
 }
 
 /// A delivery held here: its engine key and every broker copy to ack with it.
@@ -301,8 +313,11 @@ pub struct AmqpState {
     batch: Vec<(Signal, RpcReplyPort<EnqueueOutcome>)>,
     /// Signals being published, with duplicates waiting for their answer.
     publishing: HashMap<(String, String), Vec<RpcReplyPort<EnqueueOutcome>>>,
-    /// Done when the previous publish batch has handed its messages to the channel.
-    chain: Option<oneshot::Receiver<()>>,
+    /// The publish batch whose messages are being handed to the channel
+    /// (its number): the next batch waits, and grows, until it is done.
+    sending: Option<u64>,
+    /// Publish batches started (numbers them).
+    batches: u64,
     draining_buffer: bool,
     /// Messages that failed once (requeued), by signal or by body hash.
     failures: HashMap<(String, String), u32>,
@@ -621,13 +636,19 @@ impl AmqpState {
     /// the fallback buffer while the broker is away or the buffer still holds
     /// older signals (so a tenant's signals keep their order).
     fn flush_batch(&mut self, myself: &ActorRef<KanbanMsg>) {
+        let direct = self.store.buffered_count() == 0 && !self.draining_buffer;
+        if direct && self.link.is_some() && self.sending.is_some() {
+            // Published when the batch before it is sent ([`Event::Sent`]),
+            // with whatever arrives meanwhile: one hand-off to lapin's I/O
+            // thread for many messages instead of one each.
+            return;
+        }
         let batch = std::mem::take(&mut self.batch);
         if batch.is_empty() {
             return;
         }
         let (signals, replies): (Vec<Signal>, Vec<_>) = batch.into_iter().unzip();
         let (store, me, max) = (self.store.clone(), myself.clone(), self.config.buffer_max);
-        let direct = self.store.buffered_count() == 0 && !self.draining_buffer;
         match (&self.link, direct) {
             (Some(link), true) => {
                 if let Err(e) = self.store.record_accepted(&signals) {
@@ -643,16 +664,23 @@ impl AmqpState {
                 }
                 let ch = link.publish.clone();
                 let queue = self.topology.queue.clone();
-                let previous = self.chain.take();
-                let (sent_tx, sent_rx) = oneshot::channel();
-                self.chain = Some(sent_rx);
+                self.batches += 1;
+                let n = self.batches;
+                self.sending = Some(n);
                 tokio::spawn(async move {
-                    if let Some(previous) = previous {
-                        let _ = previous.await;
-                    }
-                    let mut confirms = Vec::with_capacity(signals.len());
-                    for s in &signals {
-                        match publish(&ch, &queue, s).await {
+                    // Reported however this task ends, so the next batch goes.
+                    let sent = SentGuard(me.clone(), n);
+                    // All the batch's publishes are started before any is
+                    // awaited: each takes its delivery tag and queues its
+                    // frames at its first poll, in order, so lapin's I/O
+                    // thread is woken once for the lot.
+                    let results =
+                        futures::future::join_all(signals.iter().map(|s| publish(&ch, &queue, s)))
+                            .await;
+                    drop(sent);
+                    let mut confirms = Vec::with_capacity(results.len());
+                    for r in results {
+                        match r {
                             Ok(c) => confirms.push(Some(c)),
                             Err(e) => {
                                 debug!(error = %e, "publish failed; to the fallback buffer");
@@ -660,7 +688,6 @@ impl AmqpState {
                             }
                         }
                     }
-                    let _ = sent_tx.send(());
                     let mut ok = Vec::with_capacity(confirms.len());
                     for c in confirms {
                         ok.push(match c {
@@ -903,7 +930,10 @@ impl AmqpState {
             }
         }
         self.connecting = false;
-        self.chain = None;
+        if self.sending.take().is_some() && !self.batch.is_empty() {
+            // Held behind a batch of the lost connection: to the buffer now.
+            let _ = myself.send_message(KanbanMsg::FlushEnqueues);
+        }
         // Not yet sent to an engine: the broker has them back. What engines
         // hold stays in flight and is matched with its redelivered copy.
         for d in self.dispatch.clear_ready() {
@@ -1166,7 +1196,8 @@ impl Actor for AmqpQueue {
             by_key: HashMap::new(),
             batch: Vec::new(),
             publishing: HashMap::new(),
-            chain: None,
+            sending: None,
+            batches: 0,
             draining_buffer: false,
             failures: HashMap::new(),
             poisoning: Default::default(),
@@ -1349,6 +1380,12 @@ impl Actor for AmqpQueue {
                     Event::Lost { gen, reason } => st.lost(&myself, gen, reason),
                     Event::Reconnect => st.start_connect(&myself),
                     Event::Delivered { gen, delivery } => st.on_delivery(&myself, gen, *delivery),
+                    Event::Sent(n) => {
+                        if st.sending == Some(n) {
+                            st.sending = None;
+                            st.flush_batch(&myself);
+                        }
+                    }
                     Event::Published(answers) => {
                         for (key, record) in answers {
                             for w in st.publishing.remove(&key).unwrap_or_default() {
