@@ -13,10 +13,11 @@
 //! time (exponential backoff with jitter between attempts), a consumer task
 //! per connection forwarding deliveries, a publish task per batch (one at a
 //! time, so batches reach the broker in order; the next batch gathers
-//! enqueues until the one before has handed its messages to the channel), one buffer drain at a time, and one
-//! acker. Everything the tasks report comes back as
-//! [`KanbanMsg::Backend`] events tagged with the connection generation, so a
-//! late report from a dead connection is recognised and ignored.
+//! enqueues until the one before has handed its messages to the channel),
+//! one buffer drain at a time, and one acker. Everything the tasks report
+//! comes back as [`KanbanMsg::Backend`] events tagged with the connection
+//! generation, so a late report from a dead connection is recognised and
+//! ignored.
 //!
 //! Exactly once: every delivery is treated as possibly decided (the engine
 //! checks the store first), and a second copy of a signal already held here
