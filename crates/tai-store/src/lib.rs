@@ -146,6 +146,10 @@ impl std::fmt::Debug for Store {
 const NODE_STARTS: &[u8] = b"m/node_starts";
 const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 const HEAD: &[u8] = b"m/head";
+/// At most this many `accepted` records the amqp backend wrote are also kept
+/// in memory ([`Store::record_accepted`]): a node that publishes what
+/// another node decides (a standby taking HTTP traffic) never drops them.
+pub const ACCEPTED_INDEX_MAX: usize = 65_536;
 
 fn seq_key(prefix: u8, seq: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(10);
@@ -482,12 +486,27 @@ impl Store {
 
     /// Records signals handed to the broker as `accepted` (`s/`), the dedupe
     /// key until their decision replaces it. Durable with the next group flush.
+    ///
+    /// The records are also kept in the in-memory index a queued signal's
+    /// `accepted` record lives in on the embedded queue (up to
+    /// [`ACCEPTED_INDEX_MAX`] entries), so the engine that decides the signal
+    /// reads it from memory, not from the tree; its decision (or
+    /// [`Store::forget_accepted`]) drops it. Past the cap, and after a
+    /// restart, the record is read from disk: the same record either way.
     pub fn record_accepted(&self, signals: &[Signal]) -> Result<()> {
+        let mut keys = Vec::with_capacity(signals.len());
         for s in signals {
-            self.db.insert(
-                pair_key(b's', &s.tenant_id, &s.id),
-                codec::encode_record(&SignalRecord::accepted(s)),
-            )?;
+            let key = pair_key(b's', &s.tenant_id, &s.id);
+            self.db
+                .insert(&key, codec::encode_record(&SignalRecord::accepted(s)))?;
+            keys.push(key);
+        }
+        let mut q = self.queued.lock().expect("queued index");
+        for (key, s) in keys.into_iter().zip(signals) {
+            if q.len() >= ACCEPTED_INDEX_MAX {
+                break;
+            }
+            q.insert(key.into(), Queued::of(s));
         }
         Ok(())
     }
@@ -497,6 +516,7 @@ impl Store {
     pub fn forget_accepted(&self, signals: &[Signal]) -> Result<()> {
         for s in signals {
             let key = pair_key(b's', &s.tenant_id, &s.id);
+            self.forget_queued([key.clone()]);
             let Some(old) = self.db.get(&key)? else {
                 continue;
             };

@@ -307,3 +307,62 @@ fn receipts_past_the_head_that_no_crash_explains_are_kept() {
     assert_eq!(s.drop_uncommitted_receipts().unwrap(), 0);
     assert_eq!(s.all_receipts().unwrap(), [r1, r3]);
 }
+
+#[tokio::test]
+async fn accepted_records_of_the_amqp_backend_read_the_same_from_memory_and_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = Store::open(dir.path()).unwrap();
+        s.record_accepted(&[
+            signal("acme", "a"),
+            signal("acme", "b"),
+            signal("acme", "c"),
+        ])
+        .unwrap();
+        let accepted = SignalRecord::accepted(&signal("acme", "a"));
+        assert_eq!(s.signal_record("acme", "a").unwrap().unwrap(), accepted);
+        assert_eq!(
+            s.disk_record(&pair_key(b's', "acme", "a"))
+                .unwrap()
+                .unwrap(),
+            accepted,
+            "the in-memory copy is the record on disk"
+        );
+        let in_memory = |id: &str| {
+            s.queued
+                .lock()
+                .unwrap()
+                .contains_key(&pair_key(b's', "acme", id)[..])
+        };
+        assert!(in_memory("a") && in_memory("b") && in_memory("c"));
+        // A decision replaces it, in memory too.
+        let r1 = receipt(1, GENESIS_HASH);
+        let head = SignedHead::new(1, &r1.hash, "k", b"key");
+        let mut done = accepted.clone();
+        done.status = SignalStatus::Completed;
+        done.receipts = vec!["r1".into()];
+        let writes = WriteSet {
+            signal_records: vec![done.clone()],
+            ..WriteSet::default()
+        };
+        s.commit(&[r1], Some(&head), &writes).unwrap();
+        assert_eq!(s.signal_record("acme", "a").unwrap().unwrap(), done);
+        assert!(!in_memory("a"), "a decision drops the in-memory copy");
+        // A refused signal is forgotten in memory and on disk.
+        s.forget_accepted(&[signal("acme", "b")]).unwrap();
+        assert!(s.signal_record("acme", "b").unwrap().is_none());
+        assert!(!in_memory("b"));
+        s.durable().await.unwrap();
+    }
+    let s = reopen(dir.path());
+    assert_eq!(
+        s.signal_record("acme", "a").unwrap().unwrap().status,
+        SignalStatus::Completed
+    );
+    assert!(s.signal_record("acme", "b").unwrap().is_none());
+    assert_eq!(
+        s.signal_record("acme", "c").unwrap().unwrap(),
+        SignalRecord::accepted(&signal("acme", "c")),
+        "after a restart the record comes from disk"
+    );
+}
