@@ -95,10 +95,19 @@ done
 curl -sf "http://127.0.0.1:$operator/ready" > /dev/null \
   || { echo "instructions.sh: the node did not become ready" >&2; tail -20 "$dir/serve.log" >&2; exit 1; }
 
-"$bin" bench --target --config "$dir/node.toml" --rate "$rate" --duration 3 --no-baseline --json > /dev/null 2>&1
+# A bench that fails says why (its log), instead of leaving an empty report.
+bench() {
+  if ! "$bin" bench --target --config "$dir/node.toml" --rate "$rate" --duration "$1" \
+    --no-baseline --json > "$dir/bench.out" 2> "$dir/bench.log"; then
+    echo "instructions.sh: tai bench failed:" >&2
+    tail -20 "$dir/bench.log" >&2
+    exit 1
+  fi
+}
+bench 3
 callgrind_control -z "$vpid" > /dev/null 2>&1
-"$bin" bench --target --config "$dir/node.toml" --rate "$rate" --duration "$duration" --no-baseline --json \
-  2> "$dir/bench.log" | tail -1 > "$dir/bench.json"
+bench "$duration"
+tail -1 "$dir/bench.out" > "$dir/bench.json"
 callgrind_control -d "$vpid" > /dev/null 2>&1
 
 python3 - "$dir/bench.json" "$dir"/callgrind.out.* << 'EOF'
