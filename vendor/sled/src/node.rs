@@ -2,6 +2,10 @@ use std::{num::NonZeroU64, ops::Bound};
 
 use super::*;
 
+/// Keys the right half of an appended-to leaf gets at a split (more than
+/// `should_merge`'s threshold for leaves, so it is not merged back at once).
+const APPEND_SPLIT_RIGHT: usize = 4;
+
 #[derive(Default, Debug, Clone, PartialEq)]
 pub struct Node {
     pub(crate) prefix_len: u8,
@@ -163,18 +167,29 @@ impl Node {
         true
     }
 
-    pub(crate) fn split(mut self) -> (Node, Node) {
+    /// Splits a leaf that is being appended to (the key that found it full
+    /// sorts after all its keys) near its end, not in the middle: the left
+    /// half, which such a workload never writes again, stays nearly full,
+    /// and the right half gets `APPEND_SPLIT_RIGHT` keys. A middle split
+    /// would leave both halves half full and the right one split again
+    /// after half as many appends, writing every key about twice more.
+    pub(crate) fn split_appending(mut self, appending: bool) -> (Node, Node) {
         fn split_inner<T>(
             keys: &mut Vec<IVec>,
             values: &mut Vec<T>,
             old_prefix: &[u8],
             old_hi: &[u8],
             suffix_truncation: bool,
+            appending: bool,
         ) -> (IVec, u8, Vec<IVec>, Vec<T>)
         where
             T: Clone + Ord,
         {
-            let split_point = keys.len() / 2 + 1;
+            let split_point = if appending && keys.len() > 2 * APPEND_SPLIT_RIGHT {
+                keys.len() - APPEND_SPLIT_RIGHT
+            } else {
+                keys.len() / 2 + 1
+            };
             let right_keys = keys.split_off(split_point);
             let right_values = values.split_off(split_point);
             let right_min = &right_keys[0];
@@ -252,6 +267,7 @@ impl Node {
                         prefixed_lo,
                         prefixed_hi,
                         false,
+                        false,
                     );
 
                 (
@@ -271,6 +287,7 @@ impl Node {
                         prefixed_lo,
                         prefixed_hi,
                         true,
+                        appending,
                     );
 
                 (
@@ -609,6 +626,23 @@ impl Node {
         let safety_checks = self.merging_child.is_none() && !self.merging;
 
         size_checks && safety_checks
+    }
+
+    /// Whether `key` (the key whose traversal found this node) sorts after
+    /// every key of this leaf: the node is being appended to.
+    pub(crate) fn is_appended_by(&self, key: &[u8]) -> bool {
+        let leaf = match &self.data {
+            Data::Leaf(leaf) => leaf,
+            Data::Index(_) => return false,
+        };
+        if !self.hi.is_empty() && key >= &*self.hi {
+            return true;
+        }
+        let prefix_len = self.prefix_len as usize;
+        match (leaf.keys.last(), key.get(prefix_len..)) {
+            (Some(last), Some(suffix)) => suffix > &**last,
+            _ => false,
+        }
     }
 
     pub(crate) fn should_merge(&self) -> bool {
