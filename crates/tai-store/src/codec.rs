@@ -12,12 +12,19 @@ use serde::{Deserialize, Serialize};
 use tai_core::msg::Delivery;
 use tai_core::signal::{Payload, Signal, SignalRecord, SignalStatus};
 
+use crate::packed::{self, pack, Packed};
 use crate::{decode, Result, StoreError};
 
-const V1: u8 = 1;
+pub(crate) const V1: u8 = 1;
+/// Packed values ([`crate::packed`]).
+pub(crate) const V2: u8 = 2;
 
 pub(crate) fn encode_v1<T: Serialize>(v: &T) -> Vec<u8> {
-    let mut out = vec![V1];
+    encode_versioned(V1, v)
+}
+
+pub(crate) fn encode_versioned<T: Serialize>(version: u8, v: &T) -> Vec<u8> {
+    let mut out = vec![version];
     bincode::serde::encode_into_std_write(v, &mut out, bincode::config::standard())
         .expect("store values serialize");
     out
@@ -26,12 +33,21 @@ pub(crate) fn encode_v1<T: Serialize>(v: &T) -> Vec<u8> {
 /// Reads a value written by [`encode_v1`]; anything else is corrupt, named
 /// by its key. (Callers read their JSON-era values before calling this.)
 pub(crate) fn decode_v1<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T> {
+    decode_versioned(V1, key, bytes)
+}
+
+/// Reads a value written by [`encode_versioned`] with `version`.
+pub(crate) fn decode_versioned<T: DeserializeOwned>(
+    version: u8,
+    key: &[u8],
+    bytes: &[u8],
+) -> Result<T> {
     let corrupt = |message: String| StoreError::Corrupt {
         key: String::from_utf8_lossy(key).into_owned(),
         message,
     };
     match bytes.split_first() {
-        Some((&V1, rest)) => {
+        Some((&v, rest)) if v == version => {
             let (v, used) = bincode::serde::decode_from_slice(rest, bincode::config::standard())
                 .map_err(|e| corrupt(e.to_string()))?;
             if used != rest.len() {
@@ -55,7 +71,20 @@ struct StoredRecord<'a> {
     reason: Option<Cow<'a, str>>,
 }
 
-pub(crate) fn encode_record(r: &SignalRecord) -> Vec<u8> {
+/// A signal record in version 2: its key (`s/` tenant `\0` id) holds
+/// the tenant and the signal id, so they are not written again, and the
+/// receipt ids are packed.
+#[derive(Serialize, Deserialize)]
+struct PackedRecord<'a> {
+    sku_id: Packed<'a>,
+    kind: Packed<'a>,
+    status: SignalStatus,
+    receipts: Vec<Packed<'a>>,
+    reason: Option<Packed<'a>>,
+}
+
+/// A record in version 1, whole.
+fn encode_record_v1(r: &SignalRecord) -> Vec<u8> {
     encode_v1(&StoredRecord {
         signal_id: Cow::Borrowed(&r.signal_id),
         tenant_id: Cow::Borrowed(&r.tenant_id),
@@ -71,20 +100,69 @@ pub(crate) fn encode_record(r: &SignalRecord) -> Vec<u8> {
     })
 }
 
-pub(crate) fn decode_record(key: &[u8], bytes: &[u8]) -> Result<SignalRecord> {
-    if bytes.first() == Some(&b'{') {
-        return decode(key, bytes);
+pub(crate) fn encode_record(r: &SignalRecord) -> Vec<u8> {
+    if r.tenant_id.contains('\0') {
+        // Its key could not be split back into tenant and id.
+        return encode_record_v1(r);
     }
-    let s: StoredRecord<'static> = decode_v1(key, bytes)?;
-    Ok(SignalRecord {
-        signal_id: s.signal_id.into_owned(),
-        tenant_id: s.tenant_id.into_owned(),
-        sku_id: s.sku_id.into_owned(),
-        kind: s.kind.into_owned(),
-        status: s.status,
-        receipts: s.receipts.into_iter().map(Cow::into_owned).collect(),
-        reason: s.reason.map(Cow::into_owned),
-    })
+    encode_versioned(
+        V2,
+        &PackedRecord {
+            sku_id: pack(&r.sku_id),
+            kind: pack(&r.kind),
+            status: r.status,
+            receipts: r.receipts.iter().map(|s| pack(s)).collect(),
+            reason: r.reason.as_deref().map(pack),
+        },
+    )
+}
+
+/// Reads the record stored under `key` (`s/` tenant `\0` id).
+pub(crate) fn decode_record(key: &[u8], bytes: &[u8]) -> Result<SignalRecord> {
+    let corrupt = |message: String| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        message,
+    };
+    match bytes.first() {
+        Some(b'{') => decode(key, bytes),
+        Some(&V2) => {
+            let p: PackedRecord<'static> = decode_versioned(V2, key, bytes)?;
+            let (tenant, id) = key
+                .strip_prefix(b"s/")
+                .and_then(|rest| {
+                    let split = rest.iter().position(|b| *b == 0)?;
+                    Some((&rest[..split], &rest[split + 1..]))
+                })
+                .ok_or_else(|| corrupt("a record under a key that names no signal".into()))?;
+            let text = |b: &[u8]| {
+                std::str::from_utf8(b)
+                    .map(str::to_string)
+                    .map_err(|e| corrupt(e.to_string()))
+            };
+            let unpack = |p| packed::unpack(p, &[]).map_err(corrupt);
+            Ok(SignalRecord {
+                signal_id: text(id)?,
+                tenant_id: text(tenant)?,
+                sku_id: unpack(p.sku_id)?,
+                kind: unpack(p.kind)?,
+                status: p.status,
+                receipts: p.receipts.into_iter().map(unpack).collect::<Result<_>>()?,
+                reason: p.reason.map(unpack).transpose()?,
+            })
+        }
+        _ => {
+            let s: StoredRecord<'static> = decode_v1(key, bytes)?;
+            Ok(SignalRecord {
+                signal_id: s.signal_id.into_owned(),
+                tenant_id: s.tenant_id.into_owned(),
+                sku_id: s.sku_id.into_owned(),
+                kind: s.kind.into_owned(),
+                status: s.status,
+                receipts: s.receipts.into_iter().map(Cow::into_owned).collect(),
+                reason: s.reason.map(Cow::into_owned),
+            })
+        }
+    }
 }
 
 /// A queued signal (`q/` blocks hold a list of them), borrowed to write,
@@ -170,24 +248,48 @@ mod tests {
             sku_id: "payments".into(),
             kind: "payment".into(),
             status: SignalStatus::Denied,
-            receipts: vec!["01KA".into(), "01KB".into()],
+            receipts: vec![
+                format!("rcpt_{}", ulid::Ulid::new()),
+                format!("rcpt_{}", ulid::Ulid::new()),
+                "01KB".into(),
+            ],
             reason: reason.map(str::to_string),
         }
     }
 
+    const KEY: &[u8] = b"s/acme\0pay-1";
+
     #[test]
-    fn records_round_trip_compactly_and_json_ones_still_read() {
+    fn records_round_trip_compactly_and_older_ones_still_read() {
         for r in [record(None), record(Some("velocity"))] {
             let bytes = encode_record(&r);
-            assert_eq!(decode_record(b"s/x", &bytes).unwrap(), r);
+            assert_eq!(bytes[0], V2);
+            assert_eq!(decode_record(KEY, &bytes).unwrap(), r);
             let json = serde_json::to_vec(&r).unwrap();
+            let older = encode_record_v1(&r);
             assert!(
-                bytes.len() * 2 < json.len(),
-                "{} vs {}",
+                bytes.len() * 2 < json.len() && bytes.len() * 4 < older.len() * 3,
+                "{} vs {} (JSON) and {} (version 1)",
                 bytes.len(),
-                json.len()
+                json.len(),
+                older.len()
             );
-            assert_eq!(decode_record(b"s/x", &json).unwrap(), r);
+            assert_eq!(decode_record(KEY, &json).unwrap(), r);
+            assert_eq!(decode_record(KEY, &older).unwrap(), r);
+        }
+    }
+
+    #[test]
+    fn a_record_whose_key_cannot_be_split_is_kept_whole() {
+        let mut r = record(None);
+        r.tenant_id = "ac\0me".into();
+        let bytes = encode_record(&r);
+        assert_eq!(bytes[0], V1);
+        assert_eq!(decode_record(b"s/ac\0me\0pay-1", &bytes).unwrap(), r);
+        // A packed record under a key that names no signal is corrupt.
+        match decode_record(b"s/x", &encode_record(&record(None))) {
+            Err(StoreError::Corrupt { key, .. }) => assert_eq!(key, "s/x"),
+            other => panic!("not reported: {other:?}"),
         }
     }
 
@@ -266,8 +368,8 @@ mod tests {
             &[][..],
             &longer[..],
         ] {
-            match decode_record(b"s/x", bad) {
-                Err(StoreError::Corrupt { key, .. }) => assert_eq!(key, "s/x"),
+            match decode_record(KEY, bad) {
+                Err(StoreError::Corrupt { key, .. }) => assert_eq!(key, "s/acme\0pay-1"),
                 other => panic!("not reported: {other:?}"),
             }
         }

@@ -11,9 +11,9 @@
 //! | prefix | key | value |
 //! |---|---|---|
 //! | `q/` | first queue seq of a block (u64 BE) | `[Delivery]`: signals enqueued together (version byte 1 + bincode, older ones JSON) |
-//! | `s/` | tenant `\0` signal id | `SignalRecord` once the signal is past `accepted` (the dedupe key; version byte 1 + bincode, older ones JSON) |
+//! | `s/` | tenant `\0` signal id | `SignalRecord` once the signal is past `accepted` (the dedupe key; version byte 2 + bincode, packed: tenant and id from the key, receipt ids as bytes; older ones version 1 or JSON) |
 //! | `e/` | tenant `\0` sku | engine checkpoint (the engine's bytes) |
-//! | `r/` | last receipt seq of a block (u64 BE) | `[Receipt]`: one ledger batch, in seq order (version byte 1 + bincode, older ones JSON) |
+//! | `r/` | last receipt seq of a block (u64 BE) | `[Receipt]`: one ledger batch, in seq order (version byte 2 + bincode, packed: ids, hashes and signatures as bytes, repeated texts once per block, `prev_hash` implied by the receipt before; older ones version 1 or JSON) |
 //! | `d/` | tenant `\0` signal id | `DeadLetter` |
 //! | `v/` | tenant `\0` sku `\0` customer | a customer's recent payment times |
 //! | `m/` | name | meta: the signed ledger head, start count |
@@ -41,6 +41,7 @@
 
 mod codec;
 mod group_commit;
+mod packed;
 mod receipts;
 mod redo;
 
