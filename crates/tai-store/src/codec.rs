@@ -84,7 +84,7 @@ struct PackedRecord<'a> {
 }
 
 /// A record in version 1, whole.
-fn encode_record_v1(r: &SignalRecord) -> Vec<u8> {
+pub(crate) fn encode_record_v1(r: &SignalRecord) -> Vec<u8> {
     encode_v1(&StoredRecord {
         signal_id: Cow::Borrowed(&r.signal_id),
         tenant_id: Cow::Borrowed(&r.tenant_id),

@@ -156,6 +156,13 @@ struct Packed2<'a> {
     signature: Packed<'a>,
 }
 
+/// A block as builds before the packed form wrote it (for tests of data
+/// dirs those builds left).
+#[cfg(test)]
+pub(crate) fn encode_v1(receipts: &[Receipt]) -> Vec<u8> {
+    codec::encode_v1(&receipts.iter().map(Stored::from).collect::<Vec<_>>())
+}
+
 pub(crate) fn encode(receipts: &[Receipt]) -> Vec<u8> {
     let mut texts = Interner::default();
     let mut before: Option<&Receipt> = None;
@@ -342,17 +349,13 @@ mod tests {
             .collect()
     }
 
-    fn v1(block: &[Receipt]) -> Vec<u8> {
-        codec::encode_v1(&block.iter().map(Stored::from).collect::<Vec<_>>())
-    }
-
     #[test]
     fn a_batch_packs_to_well_under_version_1_and_reads_back_the_same() {
         let block = batch();
         let bytes = encode(&block);
         assert_eq!(bytes[0], codec::V2);
         assert_eq!(decode_block(b"r/x", &bytes).unwrap(), block);
-        let older = v1(&block);
+        let older = encode_v1(&block);
         assert!(
             bytes.len() * 2 < older.len(),
             "{} vs {} in version 1",

@@ -455,3 +455,44 @@ async fn a_long_ledger_and_scattered_records_read_back_whole_after_reopen() {
         );
     }
 }
+
+/// A data dir an earlier build wrote (receipt blocks and records in
+/// version 1) goes on under this one: the ledger verifies across both
+/// forms and old records read as they were.
+#[tokio::test]
+async fn a_ledger_begun_by_an_earlier_build_goes_on_and_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = std::collections::BTreeMap::from([("k".to_string(), "key".to_string())]);
+    let r1 = receipt(1, GENESIS_HASH);
+    let r2 = receipt(2, &r1.hash);
+    let r3 = receipt(3, &r2.hash);
+    let mut old = SignalRecord::accepted(&signal("acme", "pay-1"));
+    old.status = SignalStatus::Completed;
+    old.receipts = vec![r1.receipt_id.clone(), r2.receipt_id.clone()];
+    {
+        let s = Store::open(dir.path()).unwrap();
+        // As the earlier build left them: version 1 block and record.
+        s.db.insert(
+            seq_key(b'r', 2),
+            receipts::encode_v1(&[r1.clone(), r2.clone()]),
+        )
+        .unwrap();
+        s.db.insert(
+            pair_key(b's', "acme", "pay-1"),
+            codec::encode_record_v1(&old),
+        )
+        .unwrap();
+        s.db.insert(HEAD, encode(&SignedHead::new(2, &r2.hash, "k", b"key")))
+            .unwrap();
+        s.durable().await.unwrap();
+    }
+    let s = reopen(dir.path());
+    let head = SignedHead::new(3, &r3.hash, "k", b"key");
+    s.commit(std::slice::from_ref(&r3), Some(&head), &WriteSet::default())
+        .unwrap();
+    let all = s.all_receipts().unwrap();
+    assert_eq!(all, vec![r1, r2, r3]);
+    let report = tai_core::receipt::verify_chain(&all, &keys, s.head().unwrap().as_ref());
+    assert!(report.ok && report.count == 3, "{report:?}");
+    assert_eq!(s.signal_record("acme", "pay-1").unwrap(), Some(old));
+}
