@@ -103,7 +103,7 @@ impl Receipt {
         // Serialized straight into the hash: the same bytes as
         // `canonical_bytes`, without building them (once per receipt).
         serde_json::to_writer(DigestWriter(&mut h), &self.canonical()).expect("receipt serializes");
-        hex32(&h.finalize().into())
+        lower_hex::<32>(&h.finalize().into())
     }
 
     /// Chains and signs a draft after `prev_hash`.
@@ -143,14 +143,15 @@ impl Receipt {
 pub fn sign(key: &[u8], message: &str) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("hmac takes any key length");
     mac.update(message.as_bytes());
-    hex32(&mac.finalize().into_bytes().into())
+    lower_hex::<32>(&mac.finalize().into_bytes().into())
 }
 
-/// Lower-case hex of a 32-byte digest (`hex::encode` goes char by char).
-fn hex32(bytes: &[u8; 32]) -> String {
-    let mut out = [0u8; 64];
-    hex::encode_to_slice(bytes, &mut out).expect("64 hex digits for 32 bytes");
-    String::from_utf8(out.to_vec()).expect("hex is ASCII")
+/// Lower-case hex of up to 32 bytes (`hex::encode` goes char by char).
+pub fn lower_hex<const N: usize>(bytes: &[u8; N]) -> String {
+    let mut buf = [0u8; 64];
+    let digits = &mut buf[..2 * N];
+    hex::encode_to_slice(bytes, digits).expect("two hex digits per byte");
+    String::from_utf8(digits.to_vec()).expect("hex is ASCII")
 }
 
 /// Feeds what serde_json writes into a digest.

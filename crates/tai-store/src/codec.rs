@@ -128,11 +128,9 @@ pub(crate) fn decode_record(key: &[u8], bytes: &[u8]) -> Result<SignalRecord> {
         Some(&V2) => {
             let p: PackedRecord<'static> = decode_versioned(V2, key, bytes)?;
             let (tenant, id) = key
-                .strip_prefix(b"s/")
-                .and_then(|rest| {
-                    let split = rest.iter().position(|b| *b == 0)?;
-                    Some((&rest[..split], &rest[split + 1..]))
-                })
+                .starts_with(b"s/")
+                .then(|| crate::split_pair_key(key))
+                .flatten()
                 .ok_or_else(|| corrupt("a record under a key that names no signal".into()))?;
             let text = |b: &[u8]| {
                 std::str::from_utf8(b)

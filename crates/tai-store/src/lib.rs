@@ -117,12 +117,11 @@ impl Queued {
 
     /// The `accepted` record of the signal under `key` (`s/` tenant `\0` id).
     fn record(&self, key: &[u8]) -> SignalRecord {
-        let rest = &key[2..];
-        let split = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
+        let (tenant, id) = split_pair_key(key).unwrap_or((key.get(2..).unwrap_or_default(), &[]));
         let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
         SignalRecord {
-            signal_id: text(rest.get(split + 1..).unwrap_or_default()),
-            tenant_id: text(&rest[..split]),
+            signal_id: text(id),
+            tenant_id: text(tenant),
             sku_id: self.sku_id.to_string(),
             kind: self.kind.to_string(),
             status: SignalStatus::Accepted,
@@ -166,6 +165,14 @@ fn pair_key(prefix: u8, a: &str, b: &str) -> Vec<u8> {
     k.push(0);
     k.extend_from_slice(b.as_bytes());
     k
+}
+
+/// The two parts of a key [`pair_key`] made (after its two-byte prefix):
+/// the first up to the first `\0`, the rest after it.
+pub(crate) fn split_pair_key(key: &[u8]) -> Option<(&[u8], &[u8])> {
+    let rest = key.get(2..)?;
+    let split = rest.iter().position(|b| *b == 0)?;
+    Some((&rest[..split], &rest[split + 1..]))
 }
 
 fn velocity_key(tenant: &str, sku: &str, customer: &str) -> Vec<u8> {
@@ -709,13 +716,12 @@ impl Store {
         let mut out = Vec::new();
         for kv in self.db.scan_prefix(b"e/") {
             let (k, v) = kv?;
-            let rest = &k[2..];
-            let Some(split) = rest.iter().position(|b| *b == 0) else {
+            let Some((tenant, sku)) = split_pair_key(&k) else {
                 continue;
             };
             out.push((
-                String::from_utf8_lossy(&rest[..split]).into_owned(),
-                String::from_utf8_lossy(&rest[split + 1..]).into_owned(),
+                String::from_utf8_lossy(tenant).into_owned(),
+                String::from_utf8_lossy(sku).into_owned(),
                 v.to_vec(),
             ));
         }

@@ -12,6 +12,7 @@
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
+use tai_core::receipt::lower_hex;
 
 /// The prefixes of ids stored as [`Packed::Ulid`], by index.
 const ULID_PREFIXES: [&str; 3] = ["", "rcpt_", "act_"];
@@ -78,7 +79,7 @@ const HEX: [u8; 256] = {
 };
 const BAD: u8 = 0x80;
 
-fn lower_hex<const N: usize>(s: &str) -> Option<Bytes<N>> {
+fn from_lower_hex<const N: usize>(s: &str) -> Option<Bytes<N>> {
     let digits = s.as_bytes();
     if digits.len() != 2 * N {
         return None;
@@ -91,14 +92,6 @@ fn lower_hex<const N: usize>(s: &str) -> Option<Bytes<N>> {
         *o = (hi << 4) | lo;
     }
     (bad & BAD == 0).then_some(Bytes(out))
-}
-
-/// Lowercase hex of `bytes`.
-fn to_hex<const N: usize>(bytes: &[u8; N], out: &mut String) {
-    let mut buf = [0u8; 64];
-    let digits = &mut buf[..2 * N];
-    hex::encode_to_slice(bytes, digits).expect("two digits per byte");
-    out.push_str(std::str::from_utf8(digits).expect("hex is ASCII"));
 }
 
 /// Digit values by byte in a ULID's canonical text (Crockford's base 32,
@@ -137,8 +130,8 @@ fn ulid(s: &str) -> Option<(u8, Bytes<16>)> {
 /// The compact form of `s`, if it has one.
 fn compact(s: &str) -> Option<Packed<'static>> {
     match s.len() {
-        64 => lower_hex(s).map(Packed::Hex32),
-        32 => lower_hex(s).map(Packed::Hex16),
+        64 => from_lower_hex(s).map(Packed::Hex32),
+        32 => from_lower_hex(s).map(Packed::Hex16),
         _ => ulid(s).map(|(p, b)| Packed::Ulid(p, b)),
     }
 }
@@ -198,16 +191,8 @@ pub(crate) fn unpack(p: Packed<'_>, table: &[Cow<'_, str>]) -> Result<String, St
             out.push_str(id.array_to_str(&mut buf));
             out
         }
-        Packed::Hex16(Bytes(b)) => {
-            let mut out = String::with_capacity(32);
-            to_hex(&b, &mut out);
-            out
-        }
-        Packed::Hex32(Bytes(b)) => {
-            let mut out = String::with_capacity(64);
-            to_hex(&b, &mut out);
-            out
-        }
+        Packed::Hex16(Bytes(b)) => lower_hex(&b),
+        Packed::Hex32(Bytes(b)) => lower_hex(&b),
     })
 }
 
