@@ -907,3 +907,18 @@ pub fn assert_positive(report: &Value, keys: &[&str]) {
         );
     }
 }
+
+/// Asserts that a bench report's baseline `mean_key` is the mean of its two
+/// runs under `runs_key` (one before the node's load, one after), both positive.
+pub fn assert_bracketed(report: &Value, runs_key: &str, mean_key: &str) {
+    let runs: Vec<f64> = report[runs_key]
+        .as_array()
+        .unwrap_or_else(|| panic!("{runs_key} missing: {report}"))
+        .iter()
+        .map(|r| r.as_f64().expect("a rate"))
+        .collect();
+    assert_eq!(runs.len(), 2, "{report}");
+    assert!(runs.iter().all(|r| *r > 0.0), "{report}");
+    let mean = report[mean_key].as_f64().expect("baseline");
+    assert!((mean - (runs[0] + runs[1]) / 2.0).abs() < 1e-6, "{report}");
+}

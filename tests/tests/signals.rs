@@ -830,4 +830,7 @@ fn tai_bench_decides_what_it_sends_and_reports_its_figures() {
             "client_cpu_us_per_signal",
         ],
     );
+    // The bare endpoint ran before and after the node's load; the baseline
+    // is their mean.
+    assert_bracketed(&report, "baseline_runs", "baseline_per_sec");
 }

@@ -1,6 +1,8 @@
 //! Messages between layers. Layers never hold each other's actor refs: they
 //! look up the registered name (`names`) when they send.
 
+use std::sync::Arc;
+
 use ractor::RpcReplyPort;
 use serde::{Deserialize, Serialize};
 
@@ -18,7 +20,9 @@ pub const INGRESS_HTTP: &str = "ingress_http";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Delivery {
     pub seq: u64,
-    pub signal: Signal,
+    /// Shared: the queue keeps what it sent in flight (to send again) while
+    /// an engine decides it, and a copy would cost every string again.
+    pub signal: Arc<Signal>,
     /// Sent before (after a restart or a lost engine): it may already be
     /// decided, so the engine checks the store before deciding it.
     #[serde(default, skip_serializing)]

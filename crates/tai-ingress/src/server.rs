@@ -385,7 +385,11 @@ async fn post_signal(s: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) -
             );
             let mut r = json_reply(
                 StatusCode::ACCEPTED,
-                &json!({"signal_id": id, "status": "accepted"}),
+                &Answer {
+                    duplicate: None,
+                    signal_id: &id,
+                    status: "accepted",
+                },
             );
             if let Ok(v) = HeaderValue::from_str(&id) {
                 r.headers_mut().insert("x-signal-id", v);
@@ -399,10 +403,24 @@ async fn post_signal(s: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) -
     }
 }
 
+/// The answer to a post (fields in the order `json!` printed them): built
+/// for every signal, so no JSON tree in between.
+#[derive(serde::Serialize)]
+struct Answer<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duplicate: Option<bool>,
+    signal_id: &'a str,
+    status: &'a str,
+}
+
 fn duplicate(id: &str, status: &str) -> Response {
     let mut r = json_reply(
         StatusCode::OK,
-        &json!({"signal_id": id, "status": status, "duplicate": true}),
+        &Answer {
+            duplicate: Some(true),
+            signal_id: id,
+            status,
+        },
     );
     if let Ok(v) = HeaderValue::from_str(id) {
         r.headers_mut().insert("x-signal-id", v);

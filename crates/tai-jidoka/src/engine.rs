@@ -286,7 +286,7 @@ impl Engine {
                 Effect::DeadLetter { seq, reason } => {
                     if let Some(d) = current {
                         p.writes.dead_letters.push(DeadLetter {
-                            signal: d.signal.clone(),
+                            signal: (*d.signal).clone(),
                             reason: reason.to_string(),
                             at_ms: now,
                         });

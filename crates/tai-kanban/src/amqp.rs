@@ -751,7 +751,7 @@ impl AmqpState {
         );
         self.dispatch.push(Delivery {
             seq,
-            signal,
+            signal: std::sync::Arc::new(signal),
             // Possibly decided already (a copy republished or redelivered):
             // the engine checks the store before deciding.
             redelivered: true,
@@ -881,7 +881,7 @@ impl AmqpState {
             signal_id: Some(s.id.clone()),
             trace_id: s.trace_id.clone(),
             letter: Some(DeadLetter {
-                signal: d.signal.clone(),
+                signal: (*d.signal).clone(),
                 reason: reason.clone(),
                 at_ms: now_ms(),
             }),

@@ -1,9 +1,13 @@
 //! The dispatch bookkeeping, apart from the actor so it can be tested alone:
 //! ready signals per tenant, a round-robin of tenants, what is in flight.
 
+use std::borrow::Borrow;
 use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
 use tai_core::msg::Delivery;
+use tai_core::signal::Signal;
 use tokio::time::Instant;
 
 pub struct Flight {
@@ -12,26 +16,71 @@ pub struct Flight {
     pub attempts: u32,
 }
 
+/// A signal's tenant as a map key: the shared signal itself, so keying
+/// costs a reference count, not a copy of the name.
+#[derive(Clone)]
+struct TenantKey(Arc<Signal>);
+
+impl PartialEq for TenantKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.tenant_id == other.0.tenant_id
+    }
+}
+
+impl Eq for TenantKey {}
+
+impl Hash for TenantKey {
+    // As `str` hashes, so `Borrow<str>` look-ups find it.
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        self.0.tenant_id.as_str().hash(h);
+    }
+}
+
+impl Borrow<str> for TenantKey {
+    fn borrow(&self) -> &str {
+        &self.0.tenant_id
+    }
+}
+
+/// A signal's engine (tenant, SKU) as a map key, the same way.
+#[derive(Clone)]
+struct EngineKey(Arc<Signal>);
+
+impl PartialEq for EngineKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.tenant_id == other.0.tenant_id && self.0.sku_id == other.0.sku_id
+    }
+}
+
+impl Eq for EngineKey {}
+
+impl Hash for EngineKey {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        self.0.tenant_id.hash(h);
+        self.0.sku_id.hash(h);
+    }
+}
+
 /// Heijunka: each tenant has its own FIFO, and tenants take turns, so one hot
 /// tenant cannot starve the others; a tenant's own signals keep their order.
 #[derive(Default)]
 pub struct Dispatch {
     /// Boxed: most tenants have one or two signals waiting, and a deque
     /// reserves four slots at its first push.
-    ready: HashMap<String, VecDeque<Box<Delivery>>>,
-    turn: VecDeque<String>,
+    ready: HashMap<TenantKey, VecDeque<Box<Delivery>>>,
+    turn: VecDeque<TenantKey>,
     in_flight: HashMap<u64, Flight>,
-    per_engine: HashMap<(String, String), u32>,
+    per_engine: HashMap<EngineKey, u32>,
     ready_count: u64,
 }
 
-fn engine_of(d: &Delivery) -> (String, String) {
-    (d.signal.tenant_id.clone(), d.signal.sku_id.clone())
+fn engine_of(d: &Delivery) -> EngineKey {
+    EngineKey(d.signal.clone())
 }
 
 impl Dispatch {
     pub fn push(&mut self, d: Delivery) {
-        let tenant = d.signal.tenant_id.clone();
+        let tenant = TenantKey(d.signal.clone());
         let q = self.ready.entry(tenant.clone()).or_default();
         if q.is_empty() {
             self.turn.push_back(tenant);
@@ -57,11 +106,11 @@ impl Dispatch {
             let Some(tenant) = self.turn.pop_front() else {
                 break;
             };
-            let Some(q) = self.ready.get_mut(&tenant) else {
+            let Some(q) = self.ready.get_mut::<str>(&tenant.0.tenant_id) else {
                 continue;
             };
             let Some(head) = q.front() else {
-                self.ready.remove(&tenant);
+                self.ready.remove::<str>(&tenant.0.tenant_id);
                 continue;
             };
             let engine = engine_of(head);
@@ -74,7 +123,7 @@ impl Dispatch {
             skipped = 0;
             let d = *q.pop_front().expect("head exists");
             if q.is_empty() {
-                self.ready.remove(&tenant);
+                self.ready.remove::<str>(&tenant.0.tenant_id);
             } else {
                 self.turn.push_back(tenant);
             }
@@ -188,13 +237,12 @@ impl Dispatch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tai_core::signal::Signal;
 
     fn d(seq: u64, tenant: &str, sku: &str) -> Delivery {
         Delivery {
             redelivered: false,
             seq,
-            signal: Signal {
+            signal: Arc::new(Signal {
                 id: format!("s{seq}"),
                 tenant_id: tenant.into(),
                 sku_id: sku.into(),
@@ -204,7 +252,7 @@ mod tests {
                 received_at_ms: 0,
                 trace_id: None,
                 traceparent: None,
-            },
+            }),
         }
     }
 

@@ -104,7 +104,7 @@ impl Queue {
             st.dispatch.ack(d.seq);
             warn!(seq = d.seq, tenant = %d.signal.tenant_id, signal = %d.signal.id, attempts, "poison signal: dead-lettering");
             let (store, me, seq) = (st.args.store.clone(), myself.clone(), d.seq);
-            let s = d.signal;
+            let s = std::sync::Arc::unwrap_or_clone(d.signal);
             let p = Poisoned {
                 tenant_id: s.tenant_id.clone(),
                 sku_id: s.sku_id.clone(),
@@ -180,7 +180,7 @@ impl Queue {
         st.buffer.push((
             Delivery {
                 seq,
-                signal,
+                signal: std::sync::Arc::new(signal),
                 redelivered: false,
             },
             reply,

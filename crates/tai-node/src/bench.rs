@@ -406,6 +406,15 @@ fn rss_mb(pid: u32) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// One baseline run: the same load, with the same client, against the bare
+/// endpoint; requests answered 202 per second.
+async fn baseline_run(tenants: &[(String, String)], a: &BenchArgs) -> anyhow::Result<f64> {
+    let (addr, stop) = baseline_server(tenants).await?;
+    let (ok, took) = load(&format!("http://{addr}"), tenants, a, &a.sku, "baseline").await?;
+    let _ = stop.send(());
+    Ok(ok.len() as f64 / took.as_secs_f64())
+}
+
 /// The baseline: HMAC check and 202, nothing else.
 async fn baseline_server(
     tenants: &[(String, String)],
@@ -573,6 +582,11 @@ pub async fn run(config: &tai_core::config::Config, a: BenchArgs) -> anyhow::Res
         a.duration
     );
 
+    let baseline_before = if a.no_baseline {
+        None
+    } else {
+        Some(baseline_run(&target.tenants, &a).await?)
+    };
     let broker_before = if a.backend == "amqp" && !a.no_baseline {
         Some(bare_broker_loop(&a).await?)
     } else {
@@ -607,21 +621,19 @@ pub async fn run(config: &tai_core::config::Config, a: BenchArgs) -> anyhow::Res
     let decided_secs = (last_decision.max(load_end).saturating_sub(first_send)) as f64 / 1000.0;
     let rss = target.child.as_ref().and_then(|c| rss_mb(c.id()));
 
-    let baseline = if a.no_baseline {
+    // The bare endpoint after the node's load as before it: the two bracket
+    // the node's run, so a machine that speeds up or slows down during the
+    // run moves the baseline with it.
+    let baseline_after = if a.no_baseline {
         None
     } else {
-        let (addr, stop) = baseline_server(&target.tenants).await?;
-        let (ok, btook) = load(
-            &format!("http://{addr}"),
-            &target.tenants,
-            &a,
-            &a.sku,
-            "baseline",
-        )
-        .await?;
-        let _ = stop.send(());
-        Some(ok.len() as f64 / btook.as_secs_f64())
+        Some(baseline_run(&target.tenants, &a).await?)
     };
+    let baseline_runs: Option<Vec<f64>> =
+        baseline_before.zip(baseline_after).map(|(b, a)| vec![b, a]);
+    let baseline = baseline_runs
+        .as_ref()
+        .map(|r| r.iter().sum::<f64>() / r.len() as f64);
 
     // The broker alone, in the same run, after the node's load as before it
     // (the two bracket the node's run, so a machine that speeds up or slows
@@ -651,6 +663,7 @@ pub async fn run(config: &tai_core::config::Config, a: BenchArgs) -> anyhow::Res
         "p99_ms": percentile(&lat, 0.99),
         "p999_ms": percentile(&lat, 0.999),
         "baseline_per_sec": baseline,
+        "baseline_runs": baseline_runs,
         "rss_mb": rss,
         // CPU per decided signal from the first send to the queue drained:
         // the node's (when the bench started it) and this load generator's.

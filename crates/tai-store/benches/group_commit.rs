@@ -49,7 +49,7 @@ fn main() {
                         store
                             .enqueue_block(&[tai_core::msg::Delivery {
                                 seq: s,
-                                signal: signal(s),
+                                signal: std::sync::Arc::new(signal(s)),
                                 redelivered: false,
                             }])
                             .unwrap();

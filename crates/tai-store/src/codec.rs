@@ -218,7 +218,7 @@ pub(crate) fn decode_block(key: &[u8], bytes: &[u8]) -> Result<Vec<Delivery>> {
             })?;
             Ok(Delivery {
                 seq: d.seq,
-                signal: Signal {
+                signal: std::sync::Arc::new(Signal {
                     id: d.id.into_owned(),
                     tenant_id: d.tenant_id.into_owned(),
                     sku_id: d.sku_id.into_owned(),
@@ -228,7 +228,7 @@ pub(crate) fn decode_block(key: &[u8], bytes: &[u8]) -> Result<Vec<Delivery>> {
                     received_at_ms: d.received_at_ms,
                     trace_id: d.trace_id.map(Cow::into_owned),
                     traceparent: d.traceparent.map(Cow::into_owned),
-                },
+                }),
                 redelivered: false,
             })
         })
@@ -298,7 +298,7 @@ mod tests {
         (1..=2)
             .map(|seq| Delivery {
                 seq,
-                signal: Signal {
+                signal: std::sync::Arc::new(Signal {
                     id: format!("pay-{seq}"),
                     tenant_id: "acme".into(),
                     sku_id: "payments".into(),
@@ -309,7 +309,7 @@ mod tests {
                     trace_id: (seq == 1).then(|| "4bf92f3577b34da6a3ce929d0e0e4736".into()),
                     traceparent: (seq == 1)
                         .then(|| "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
-                },
+                }),
                 redelivered: false,
             })
             .collect()

@@ -470,7 +470,12 @@ impl Store {
     /// Puts a dead letter back in the queue as a block of one at `seq`,
     /// atomically: the letter goes, the signal is `accepted` again. `None`
     /// if there is no such letter.
-    pub fn replay_dead_letter(&self, tenant: &str, id: &str, seq: u64) -> Result<Option<Signal>> {
+    pub fn replay_dead_letter(
+        &self,
+        tenant: &str,
+        id: &str,
+        seq: u64,
+    ) -> Result<Option<std::sync::Arc<Signal>>> {
         let key = pair_key(b'd', tenant, id);
         let Some(v) = self.db.get(&key)? else {
             return Ok(None);
@@ -479,15 +484,16 @@ impl Store {
         let record = self.replayed_record(&letter)?;
         let delivery = Delivery {
             seq,
-            signal: letter.signal.clone(),
+            signal: std::sync::Arc::new(letter.signal),
             redelivered: false,
         };
         let mut batch = redo::Ops::default();
         batch.remove(key);
         batch.insert(pair_key(b's', tenant, id), codec::encode_record(&record));
+        let signal = delivery.signal.clone();
         batch.insert(seq_key(b'q', seq), codec::encode_block(&[delivery]));
         self.atomic(batch)?;
-        Ok(Some(letter.signal))
+        Ok(Some(signal))
     }
 
     // ---- the amqp backend ----------------------------------------------------

@@ -35,7 +35,7 @@ fn reopen(dir: &std::path::Path) -> Store {
 fn delivery(seq: u64, tenant: &str, id: &str) -> Delivery {
     Delivery {
         seq,
-        signal: signal(tenant, id),
+        signal: std::sync::Arc::new(signal(tenant, id)),
         redelivered: false,
     }
 }
