@@ -13,7 +13,9 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tai_core::msg::{Delivery, KanbanMsg, LedgerMsg, WriteSet, ANDON_LEDGER, KANBAN_QUEUE};
 use tai_core::receipt::ReceiptDraft;
-use tai_core::signal::{now_ms, DeadLetter, EngineInfo, EngineState, SignalRecord, SignalStatus};
+use tai_core::signal::{
+    now_ms, DeadLetter, EngineInfo, EngineState, Signal, SignalRecord, SignalStatus,
+};
 use tai_otp::statem::{Statem, TimeoutToken};
 use tai_store::Store;
 use tracing::{debug, Instrument};
@@ -62,9 +64,12 @@ pub struct EngineActorState {
     sku: Arc<Sku>,
     /// The SKU's policies, as the Kaizen report names them.
     policy_label: String,
-    /// Trace ids of the signals this engine holds (until they settle), so
+    /// The traced signals this engine holds (until they settle), by id, so
     /// every receipt of a signal carries its trace id.
-    traces: std::collections::HashMap<String, String>,
+    traces: HashSet<ById>,
+    /// `signals_processed_total` for this engine, by outcome: looked up
+    /// once, not at every commit.
+    processed: Vec<(SignalStatus, metrics::Counter)>,
     store: Store,
     executors: Executors,
     data: Data,
@@ -97,11 +102,62 @@ enum OwnedEvent {
     },
 }
 
+/// A held signal as a set member keyed by its id: the shared signal, so
+/// holding it costs no copy of the id or the trace id.
+struct ById(Arc<Signal>);
+
+impl PartialEq for ById {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.id == other.0.id
+    }
+}
+
+impl Eq for ById {}
+
+impl std::hash::Hash for ById {
+    // As `str` hashes, so `Borrow<str>` look-ups find it.
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.0.id.as_str().hash(h);
+    }
+}
+
+impl std::borrow::Borrow<str> for ById {
+    fn borrow(&self) -> &str {
+        &self.0.id
+    }
+}
+
+/// The trace id of a held signal.
+// `ById` hashes and compares by the signal's id, which never changes; the
+// interior mutability clippy sees is the payload's parse cache.
+#[allow(clippy::mutable_key_type)]
+fn trace_of(traces: &HashSet<ById>, signal_id: &str) -> Option<String> {
+    traces.get(signal_id).and_then(|h| h.0.trace_id.clone())
+}
+
 fn new_ulid() -> String {
     ulid::Ulid::new().to_string()
 }
 
 impl EngineActorState {
+    /// This engine's `signals_processed_total` counter for `status`.
+    fn processed_counter(&mut self, status: SignalStatus) -> &metrics::Counter {
+        let i = match self.processed.iter().position(|(s, _)| *s == status) {
+            Some(i) => i,
+            None => {
+                let counter = metrics::counter!(
+                    tai_core::telemetry::SIGNALS_PROCESSED,
+                    "tenant" => tai_core::telemetry::tenant_label(&self.tenant_id),
+                    "sku" => self.sku_id.clone(),
+                    "outcome" => status.as_str()
+                );
+                self.processed.push((status, counter));
+                self.processed.len() - 1
+            }
+        };
+        &self.processed[i].1
+    }
+
     fn info(&self) -> EngineInfo {
         EngineInfo {
             tenant_id: self.tenant_id.clone(),
@@ -249,7 +305,7 @@ impl Engine {
                     success,
                     reason,
                 } => {
-                    let trace_id = signal_id.as_ref().and_then(|id| st.traces.get(id).cloned());
+                    let trace_id = signal_id.as_deref().and_then(|id| trace_of(&st.traces, id));
                     p.drafts.push(ReceiptDraft {
                         receipt_id: format!("rcpt_{}", new_ulid()),
                         kind: kind.to_string(),
@@ -279,7 +335,7 @@ impl Engine {
                     status,
                     reason,
                 } => {
-                    st.traces.remove(&signal_id);
+                    st.traces.remove(signal_id.as_str());
                     p.status(signal_id, status, reason);
                     p.writes.acks.push(seq);
                 }
@@ -291,7 +347,7 @@ impl Engine {
                             at_ms: now,
                         });
                         let id = d.signal.id.clone();
-                        st.traces.remove(&id);
+                        st.traces.remove(id.as_str());
                         p.status(id, SignalStatus::Deadlettered, Some(reason.to_string()));
                     }
                     p.writes.acks.push(seq);
@@ -427,16 +483,15 @@ impl Engine {
         tai_core::kaizen::record("receipt", "ledger", &st.tenant_id, committing.elapsed());
         // Counted once the decision is durable, so a retried commit is not counted twice.
         let now = now_ms();
-        let tenant = tai_core::telemetry::tenant_label(&st.tenant_id);
-        // One counter lookup per outcome and one histogram lookup per
-        // commit, not per signal.
+        // One histogram lookup per commit, not per signal; the outcome
+        // counters are the engine's own handles.
         let latency = metrics::histogram!(tai_core::telemetry::SIGNAL_PROCESSING_SECONDS);
         for at in decided.iter().filter_map(|(_, received)| *received) {
             latency.record(now.saturating_sub(at) as f64 / 1000.0);
             tai_core::kaizen::record_decision(now.saturating_sub(at));
         }
         for (status, n) in tai_core::telemetry::tally(decided.iter().map(|(s, _)| *s)) {
-            metrics::counter!(tai_core::telemetry::SIGNALS_PROCESSED, "tenant" => tenant.clone(), "sku" => st.sku_id.clone(), "outcome" => status.as_str()).increment(n);
+            st.processed_counter(status).increment(n);
         }
         for reason in letters {
             metrics::counter!(tai_core::telemetry::DEADLETTER, "reason" => reason.clone())
@@ -492,8 +547,8 @@ impl Engine {
             let before = st.data.state;
             if let Input::Signal(d) = &input {
                 p.deliveries.push(d.clone());
-                if let Some(t) = &d.signal.trace_id {
-                    st.traces.insert(d.signal.id.clone(), t.clone());
+                if d.signal.trace_id.is_some() {
+                    st.traces.replace(ById(d.signal.clone()));
                 }
                 // Spans only for a sampled trace: the rest would be made to be dropped.
                 let span = match &d.signal.traceparent {
@@ -531,7 +586,7 @@ impl Engine {
             // the `action_generated` commit is durable.
             while let Some(a) = action.take_if(|a| !st.executors.is_external(&a.executor)) {
                 let result = Self::timed_action(st, &a, spans.last()).await;
-                let trace = st.traces.get(&a.signal_id).cloned();
+                let trace = trace_of(&st.traces, a.signal_id());
                 let done = Self::outcome(&a, result, trace, &mut p, &mut breaker_changes);
                 let fx = Self::step_input(st, &done, now);
                 action = Self::collect(st, fx, &done, &mut p, now);
@@ -543,7 +598,7 @@ impl Engine {
                     .await?;
                 changed = false;
                 let result = Self::timed_action(st, &a, spans.last()).await;
-                let trace = st.traces.get(&a.signal_id).cloned();
+                let trace = trace_of(&st.traces, a.signal_id());
                 let done = Self::outcome(&a, result, trace, &mut p, &mut breaker_changes);
                 inputs.push_front(done);
             }
@@ -635,9 +690,9 @@ impl Engine {
         p.drafts.extend(o.steps.into_iter().map(|s| ReceiptDraft {
             receipt_id: format!("rcpt_{}", new_ulid()),
             kind: s.kind.to_string(),
-            tenant_id: a.tenant_id.clone(),
-            sku_id: a.sku_id.clone(),
-            signal_id: Some(a.signal_id.clone()),
+            tenant_id: a.tenant_id().to_string(),
+            sku_id: a.sku_id().to_string(),
+            signal_id: Some(a.signal_id().to_string()),
             action_id: Some(a.action_id.clone()),
             state_before: EngineState::ActionPending.into(),
             state_after: EngineState::ActionPending.into(),
@@ -733,6 +788,7 @@ impl Actor for Engine {
             },
             sku: args.sku,
             traces: Default::default(),
+            processed: Vec::new(),
             store: args.store,
             executors: args.executors,
             statem: Statem::new(state),

@@ -429,11 +429,11 @@ impl Executors {
 
     fn log(a: &Action) -> Outcome {
         info!(
-            tenant = %a.tenant_id,
-            sku = %a.sku_id,
+            tenant = %a.tenant_id(),
+            sku = %a.sku_id(),
             action_id = %a.action_id,
-            signal = %a.signal_id,
-            kind = %a.kind,
+            signal = %a.signal_id(),
+            kind = %a.kind(),
             "action executed (log executor)"
         );
         Outcome {
@@ -517,7 +517,7 @@ impl Executors {
             for stage in &target.stages {
                 let at = format!("{} {}% in {region}", stage.name, stage.percent);
                 let body = json!({
-                    "action": a, "kind": a.kind, "region": region,
+                    "action": a, "kind": a.kind(), "region": region,
                     "stage": stage.name, "percent": stage.percent,
                 });
                 if let Err(e) = self.post(a, target, &body).await {

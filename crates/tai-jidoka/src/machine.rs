@@ -3,6 +3,7 @@
 //! performs the effects (one atomic commit, then the action).
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -79,7 +80,7 @@ impl Data {
 pub enum Event<'a> {
     Signal {
         seq: u64,
-        signal: &'a Signal,
+        signal: &'a Arc<Signal>,
     },
     /// The state's timeout (boot: no entitlement in time; quota_exhausted: refill due).
     StateTimeout,
@@ -104,16 +105,51 @@ pub enum Event<'a> {
     Restored,
 }
 
-/// An action for an executor.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// An action for an executor: on the signal it was decided for (shared
+/// with the queue and the engine, not copied).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Action {
     pub action_id: String,
-    pub tenant_id: String,
-    pub sku_id: String,
-    pub signal_id: String,
-    pub kind: String,
+    pub signal: Arc<Signal>,
+    /// What a policy asked for, when not the signal's own kind.
+    pub asked: Option<String>,
     pub executor: String,
-    pub payload: tai_core::signal::Payload,
+}
+
+impl Action {
+    pub fn tenant_id(&self) -> &str {
+        &self.signal.tenant_id
+    }
+    pub fn sku_id(&self) -> &str {
+        &self.signal.sku_id
+    }
+    pub fn signal_id(&self) -> &str {
+        &self.signal.id
+    }
+    /// What to do: the policy's request, else the signal's kind.
+    pub fn kind(&self) -> &str {
+        self.asked.as_deref().unwrap_or(&self.signal.kind)
+    }
+    pub fn payload(&self) -> &tai_core::signal::Payload {
+        &self.signal.payload
+    }
+}
+
+/// As a webhook receives it: `action_id`, `tenant_id`, `sku_id`,
+/// `signal_id`, `kind`, `executor`, `payload`.
+impl Serialize for Action {
+    fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = ser.serialize_struct("Action", 7)?;
+        st.serialize_field("action_id", &self.action_id)?;
+        st.serialize_field("tenant_id", self.tenant_id())?;
+        st.serialize_field("sku_id", self.sku_id())?;
+        st.serialize_field("signal_id", self.signal_id())?;
+        st.serialize_field("kind", self.kind())?;
+        st.serialize_field("executor", &self.executor)?;
+        st.serialize_field("payload", self.payload())?;
+        st.end()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -356,7 +392,7 @@ fn on_signal(
     d: &mut Data,
     st: &mut Step<'_>,
     seq: u64,
-    s: &Signal,
+    s: &Arc<Signal>,
     now: u64,
     new_id: &mut dyn FnMut() -> String,
 ) {
@@ -423,7 +459,7 @@ fn decide(
     d: &mut Data,
     st: &mut Step<'_>,
     seq: u64,
-    s: &Signal,
+    s: &Arc<Signal>,
     now: u64,
     new_id: &mut dyn FnMut() -> String,
 ) {
@@ -520,12 +556,9 @@ fn decide(
     });
     st.fx.push(Effect::Execute(Action {
         action_id,
-        tenant_id: s.tenant_id.clone(),
-        sku_id: s.sku_id.clone(),
-        signal_id: s.id.clone(),
-        kind: asked.unwrap_or_else(|| s.kind.clone()),
+        signal: s.clone(),
+        asked,
         executor: st.sku.executor.clone(),
-        payload: s.payload.clone(),
     }));
 }
 

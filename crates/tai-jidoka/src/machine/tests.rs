@@ -16,8 +16,8 @@ fn sku() -> Sku {
     }
 }
 
-fn signal(kind: &str, payload: Value, critical: bool) -> Signal {
-    Signal {
+fn signal(kind: &str, payload: Value, critical: bool) -> Arc<Signal> {
+    Arc::new(Signal {
         id: format!("{kind}-1"),
         tenant_id: "t".into(),
         sku_id: "payments".into(),
@@ -27,20 +27,20 @@ fn signal(kind: &str, payload: Value, critical: bool) -> Signal {
         received_at_ms: 0,
         trace_id: None,
         traceparent: None,
-    }
+    })
 }
 
-fn pay() -> Signal {
+fn pay() -> Arc<Signal> {
     signal(
         "payment",
         json!({"amount": 10, "currency": "USD", "customer_id": "c"}),
         false,
     )
 }
-fn fraud() -> Signal {
+fn fraud() -> Arc<Signal> {
     signal("payment", json!({"amount": 9000, "currency": "XYZ"}), false)
 }
-fn ent(active: bool) -> Signal {
+fn ent(active: bool) -> Arc<Signal> {
     signal("entitlement", json!({"active": active}), false)
 }
 
