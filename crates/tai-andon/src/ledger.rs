@@ -126,21 +126,23 @@ impl Ledger {
         }
         let batch = std::mem::take(&mut st.batch);
         let mut seq = st.head_seq;
-        let mut prev = st.head_hash.clone();
-        let mut sealed = Vec::new();
+        let mut sealed: Vec<Receipt> = Vec::new();
         let mut writes = WriteSet::default();
         let mut replies = Vec::with_capacity(batch.len());
         for p in batch {
             for draft in p.receipts {
                 seq += 1;
-                let r = Receipt::seal(draft, seq, &prev, &st.key_id, &st.key);
-                prev = r.hash.clone();
+                // Chained onto the receipt sealed just before (or the head).
+                let prev = sealed.last().map_or(st.head_hash.as_str(), |r| &r.hash);
+                let r = Receipt::seal(draft, seq, prev, &st.key_id, &st.key);
                 sealed.push(r);
             }
             writes.extend(p.writes);
             replies.push((p.reply, seq));
         }
-        let head = (!sealed.is_empty()).then(|| SignedHead::new(seq, &prev, &st.key_id, &st.key));
+        let head = sealed
+            .last()
+            .map(|last| SignedHead::new(seq, &last.hash, &st.key_id, &st.key));
         if let Err(e) = st.store.commit(&sealed, head.as_ref(), &writes) {
             error!(error = %e, commits = replies.len(), "ledger commit failed");
             for (reply, _) in replies {
@@ -151,7 +153,9 @@ impl Ledger {
             return Err(format!("ledger commit failed: {e}").into());
         }
         st.head_seq = seq;
-        st.head_hash = prev;
+        if let Some(last) = sealed.last() {
+            st.head_hash.clone_from(&last.hash);
+        }
         // One counter lookup per kind in the batch, not per receipt.
         for (kind, n) in tai_core::telemetry::tally(sealed.iter().map(|r| r.kind.as_str())) {
             metrics::counter!(tai_core::telemetry::RECEIPTS, "kind" => kind.to_string())

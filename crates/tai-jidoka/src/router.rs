@@ -38,6 +38,8 @@ pub struct RouterArgs {
 }
 
 struct Entry {
+    /// `engine:{tenant}:{sku}`, shared with `RouterState::recency`.
+    name: Arc<str>,
     tenant_id: String,
     sku_id: String,
     last_used: Instant,
@@ -52,7 +54,7 @@ pub struct RouterState {
     engines: HashMap<String, Entry>,
     /// The live (not draining) engines, least recently used first, so the
     /// cap and the idle sweep find their victims without a scan.
-    recency: BTreeMap<u64, String>,
+    recency: BTreeMap<u64, Arc<str>>,
     next_touch: u64,
     ticker: tokio::task::JoinHandle<()>,
     breaker_ticker: tokio::task::JoinHandle<()>,
@@ -80,7 +82,7 @@ impl RouterState {
         self.recency.remove(&e.touch);
         self.next_touch += 1;
         e.touch = self.next_touch;
-        self.recency.insert(e.touch, name.to_string());
+        self.recency.insert(e.touch, e.name.clone());
     }
 }
 
@@ -144,6 +146,7 @@ impl Router {
             st.engines.insert(
                 name.clone(),
                 Entry {
+                    name: name.as_str().into(),
                     tenant_id: tenant.to_string(),
                     sku_id: sku_id.to_string(),
                     last_used: Instant::now(),
@@ -190,7 +193,6 @@ impl Router {
         st: &mut RouterState,
         d: Delivery,
     ) -> Result<(), ActorProcessingErr> {
-        let name = engine_name(&d.signal.tenant_id, &d.signal.sku_id);
         match Self::ensure(myself, st, &d.signal.tenant_id, &d.signal.sku_id).await? {
             Some(engine) => {
                 // A send to an engine that just died is lost; Kanban redelivers
@@ -198,6 +200,7 @@ impl Router {
                 let _ = engine.send_message(EngineMsg::Deliver(d));
             }
             None => {
+                let name = engine_name(&d.signal.tenant_id, &d.signal.sku_id);
                 if let Some(w) = st.engines.get_mut(&name).and_then(|e| e.waiting.as_mut()) {
                     w.push(d);
                 }
@@ -343,10 +346,10 @@ impl Actor for Router {
                     .values()
                     .take_while(|name| {
                         st.engines
-                            .get(*name)
+                            .get(&***name)
                             .is_some_and(|e| e.last_used.elapsed() >= idle)
                     })
-                    .cloned()
+                    .map(|name| name.to_string())
                     .collect();
                 for name in due {
                     // An engine with work pending stays.
