@@ -6,7 +6,8 @@
 //! or as fast as `--concurrency` clients go. Decided/s and latency (send to
 //! decision) come from the receipts' timestamps. In the same run, with the
 //! same client, it measures a baseline: a bare warp endpoint that checks the
-//! HMAC and answers 202.
+//! HMAC and answers 202, once before the node's load and once after (their
+//! mean is the baseline).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
