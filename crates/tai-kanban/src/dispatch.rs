@@ -17,7 +17,9 @@ pub struct Flight {
 }
 
 /// A signal's tenant as a map key: the shared signal itself, so keying
-/// costs a reference count, not a copy of the name.
+/// costs a reference count, not a copy of the name. (A key keeps the
+/// signal it was made from alive while its entry lasts: at most one signal
+/// per tenant, and per engine for `EngineKey`, beyond those queued.)
 #[derive(Clone)]
 struct TenantKey(Arc<Signal>);
 

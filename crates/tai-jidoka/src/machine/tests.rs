@@ -457,3 +457,28 @@ fn an_operator_halt_is_not_lifted_by_a_breaker() {
     assert!(fx.is_empty());
     assert_eq!(d.state, Halted);
 }
+
+#[test]
+fn an_action_reaches_an_executor_with_every_field_of_its_signal() {
+    let s = pay();
+    let a = Action {
+        action_id: "act_1".into(),
+        signal: s.clone(),
+        asked: None,
+        executor: "hooks".into(),
+    };
+    assert_eq!(
+        serde_json::to_value(&a).unwrap(),
+        json!({
+            "action_id": "act_1", "tenant_id": "t", "sku_id": "payments",
+            "signal_id": "payment-1", "kind": "payment", "executor": "hooks",
+            "payload": {"amount": 10, "currency": "USD", "customer_id": "c"},
+        })
+    );
+    let asked = Action {
+        asked: Some("freeze".into()),
+        ..a
+    };
+    assert_eq!(asked.kind(), "freeze", "a policy's request wins");
+    assert_eq!(serde_json::to_value(&asked).unwrap()["kind"], "freeze");
+}
