@@ -117,6 +117,51 @@ pub struct Signal {
     pub traceparent: Option<String>,
 }
 
+/// A shared signal as a set member or map key by one of its text fields:
+/// keying costs a reference count, not a copy of the text. It hashes as
+/// `str` does, so `Borrow<str>` look-ups by the bare text find it. (A key
+/// keeps the signal it was made from alive while it is held.) Clippy's
+/// `mutable_key_type` sees the payload's parse cache inside; the key's hash
+/// and equality read only the field, which never changes.
+macro_rules! signal_keyed_by {
+    ($(#[$doc:meta])* $name:ident, $field:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug)]
+        pub struct $name(pub std::sync::Arc<Signal>);
+
+        impl PartialEq for $name {
+            fn eq(&self, other: &Self) -> bool {
+                self.0.$field == other.0.$field
+            }
+        }
+
+        impl Eq for $name {}
+
+        impl std::hash::Hash for $name {
+            fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+                self.0.$field.as_str().hash(h);
+            }
+        }
+
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0.$field
+            }
+        }
+    };
+}
+
+signal_keyed_by!(
+    /// A shared signal keyed by its id.
+    ById,
+    id
+);
+signal_keyed_by!(
+    /// A shared signal keyed by its tenant.
+    ByTenant,
+    tenant_id
+);
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SignalIn {
@@ -484,5 +529,23 @@ mod tests {
             let e = parse(body).unwrap_err();
             assert!(e.contains(want), "{body}: {e}");
         }
+    }
+
+    #[test]
+    #[allow(clippy::mutable_key_type)] // see `signal_keyed_by`
+    fn a_keyed_signal_is_found_by_its_bare_text() {
+        let signal = |id: &str, tenant: &str| {
+            let body = format!(r#"{{"id":"{id}","tenant_id":"{tenant}","sku_id":"s","kind":"k"}}"#);
+            std::sync::Arc::new(parse(&body).unwrap())
+        };
+        let (a, b) = (signal("a", "acme"), signal("b", "acme"));
+        let ids: std::collections::HashSet<ById> = [ById(a.clone()), ById(b.clone())].into();
+        assert!(ids.contains("a") && ids.contains("b") && !ids.contains("acme"));
+        let mut tenants = std::collections::HashMap::new();
+        tenants.insert(ByTenant(a), 1);
+        *tenants.entry(ByTenant(b)).or_insert(0) += 1;
+        assert_eq!(tenants.len(), 1, "one key per tenant");
+        assert_eq!(tenants.get("acme"), Some(&2));
+        assert_eq!(tenants.get("a"), None);
     }
 }

@@ -14,7 +14,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tai_core::msg::{Delivery, KanbanMsg, LedgerMsg, WriteSet, ANDON_LEDGER, KANBAN_QUEUE};
 use tai_core::receipt::ReceiptDraft;
 use tai_core::signal::{
-    now_ms, DeadLetter, EngineInfo, EngineState, Signal, SignalRecord, SignalStatus,
+    now_ms, ById, DeadLetter, EngineInfo, EngineState, SignalRecord, SignalStatus,
 };
 use tai_otp::statem::{Statem, TimeoutToken};
 use tai_store::Store;
@@ -102,35 +102,8 @@ enum OwnedEvent {
     },
 }
 
-/// A held signal as a set member keyed by its id: the shared signal, so
-/// holding it costs no copy of the id or the trace id.
-struct ById(Arc<Signal>);
-
-impl PartialEq for ById {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.id == other.0.id
-    }
-}
-
-impl Eq for ById {}
-
-impl std::hash::Hash for ById {
-    // As `str` hashes, so `Borrow<str>` look-ups find it.
-    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
-        self.0.id.as_str().hash(h);
-    }
-}
-
-impl std::borrow::Borrow<str> for ById {
-    fn borrow(&self) -> &str {
-        &self.0.id
-    }
-}
-
 /// The trace id of a held signal.
-// `ById` hashes and compares by the signal's id, which never changes; the
-// interior mutability clippy sees is the payload's parse cache.
-#[allow(clippy::mutable_key_type)]
+#[allow(clippy::mutable_key_type)] // see `signal_keyed_by` in tai_core::signal
 fn trace_of(traces: &HashSet<ById>, signal_id: &str) -> Option<String> {
     traces.get(signal_id).and_then(|h| h.0.trace_id.clone())
 }

@@ -346,7 +346,7 @@ impl Actor for Router {
                     .values()
                     .take_while(|name| {
                         st.engines
-                            .get(&***name)
+                            .get(&name[..])
                             .is_some_and(|e| e.last_used.elapsed() >= idle)
                     })
                     .map(|name| name.to_string())

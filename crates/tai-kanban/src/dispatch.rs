@@ -1,13 +1,12 @@
 //! The dispatch bookkeeping, apart from the actor so it can be tested alone:
 //! ready signals per tenant, a round-robin of tenants, what is in flight.
 
-use std::borrow::Borrow;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use tai_core::msg::Delivery;
-use tai_core::signal::Signal;
+use tai_core::signal::{ByTenant, Signal};
 use tokio::time::Instant;
 
 pub struct Flight {
@@ -16,35 +15,8 @@ pub struct Flight {
     pub attempts: u32,
 }
 
-/// A signal's tenant as a map key: the shared signal itself, so keying
-/// costs a reference count, not a copy of the name. (A key keeps the
-/// signal it was made from alive while its entry lasts: at most one signal
-/// per tenant, and per engine for `EngineKey`, beyond those queued.)
-#[derive(Clone)]
-struct TenantKey(Arc<Signal>);
-
-impl PartialEq for TenantKey {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.tenant_id == other.0.tenant_id
-    }
-}
-
-impl Eq for TenantKey {}
-
-impl Hash for TenantKey {
-    // As `str` hashes, so `Borrow<str>` look-ups find it.
-    fn hash<H: Hasher>(&self, h: &mut H) {
-        self.0.tenant_id.as_str().hash(h);
-    }
-}
-
-impl Borrow<str> for TenantKey {
-    fn borrow(&self) -> &str {
-        &self.0.tenant_id
-    }
-}
-
-/// A signal's engine (tenant, SKU) as a map key, the same way.
+/// A signal's engine (tenant, SKU) as a map key, the way [`ByTenant`] keys
+/// by tenant: the shared signal, hashed and compared by the two names.
 #[derive(Clone)]
 struct EngineKey(Arc<Signal>);
 
@@ -69,8 +41,8 @@ impl Hash for EngineKey {
 pub struct Dispatch {
     /// Boxed: most tenants have one or two signals waiting, and a deque
     /// reserves four slots at its first push.
-    ready: HashMap<TenantKey, VecDeque<Box<Delivery>>>,
-    turn: VecDeque<TenantKey>,
+    ready: HashMap<ByTenant, VecDeque<Box<Delivery>>>,
+    turn: VecDeque<ByTenant>,
     in_flight: HashMap<u64, Flight>,
     per_engine: HashMap<EngineKey, u32>,
     ready_count: u64,
@@ -82,7 +54,7 @@ fn engine_of(d: &Delivery) -> EngineKey {
 
 impl Dispatch {
     pub fn push(&mut self, d: Delivery) {
-        let tenant = TenantKey(d.signal.clone());
+        let tenant = ByTenant(d.signal.clone());
         let q = self.ready.entry(tenant.clone()).or_default();
         if q.is_empty() {
             self.turn.push_back(tenant);

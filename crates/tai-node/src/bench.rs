@@ -407,6 +407,13 @@ fn rss_mb(pid: u32) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// A baseline measured before and after the node's load: both runs, and
+/// their mean as the baseline.
+fn bracket(before: Option<f64>, after: Option<f64>) -> (Option<[f64; 2]>, Option<f64>) {
+    let runs = before.zip(after).map(|(b, a)| [b, a]);
+    (runs, runs.map(|[b, a]| (b + a) / 2.0))
+}
+
 /// One baseline run: the same load, with the same client, against the bare
 /// endpoint; requests answered 202 per second.
 async fn baseline_run(tenants: &[(String, String)], a: &BenchArgs) -> anyhow::Result<f64> {
@@ -630,11 +637,7 @@ pub async fn run(config: &tai_core::config::Config, a: BenchArgs) -> anyhow::Res
     } else {
         Some(baseline_run(&target.tenants, &a).await?)
     };
-    let baseline_runs: Option<Vec<f64>> =
-        baseline_before.zip(baseline_after).map(|(b, a)| vec![b, a]);
-    let baseline = baseline_runs
-        .as_ref()
-        .map(|r| r.iter().sum::<f64>() / r.len() as f64);
+    let (baseline_runs, baseline) = bracket(baseline_before, baseline_after);
 
     // The broker alone, in the same run, after the node's load as before it
     // (the two bracket the node's run, so a machine that speeds up or slows
@@ -644,10 +647,7 @@ pub async fn run(config: &tai_core::config::Config, a: BenchArgs) -> anyhow::Res
     } else {
         None
     };
-    let broker_runs: Option<Vec<f64>> = broker_before.zip(broker_after).map(|(b, a)| vec![b, a]);
-    let broker = broker_runs
-        .as_ref()
-        .map(|r| r.iter().sum::<f64>() / r.len() as f64);
+    let (broker_runs, broker) = bracket(broker_before, broker_after);
     let decided_per_sec = decided as f64 / decided_secs.max(0.001);
     let report = json!({
         "backend": a.backend,
