@@ -188,8 +188,9 @@ impl Queue {
         Ok(())
     }
 
-    /// Writes the buffered enqueues as one queue block; each is answered
-    /// (202 or 503) once the group flush carrying the block is done.
+    /// Stages the buffered enqueues for the next group flush, which writes
+    /// them (with whatever else it carries) as one queue block; each is
+    /// answered (202 or 503) once that flush is done.
     fn write_block(myself: &ActorRef<KanbanMsg>, st: &mut QueueState) {
         let buffered = std::mem::take(&mut st.buffer);
         st.buffered_ids.clear();
@@ -198,21 +199,19 @@ impl Queue {
             return;
         }
         let (deliveries, replies): (Vec<Delivery>, Vec<_>) = buffered.into_iter().unzip();
-        if let Err(e) = st.args.store.enqueue_block(&deliveries) {
-            for reply in replies {
-                let _ = reply.send(EnqueueOutcome::Failed(e.to_string()));
-            }
-            for (reply, _) in dups {
-                let _ = reply.send(EnqueueOutcome::Failed(e.to_string()));
-            }
+        let n = deliveries.len();
+        let Some(staged) = st.args.store.stage_enqueue(deliveries.clone()) else {
             return;
-        }
-        st.blocks.insert(deliveries[0].seq, deliveries.len() as u32);
-        st.enqueuing += deliveries.len() as u64;
+        };
+        *st.blocks.entry(staged.block).or_insert(0) += n as u32;
+        st.enqueuing += n as u64;
         let store = st.args.store.clone();
         let me = myself.clone();
         tokio::spawn(async move {
-            let durable = store.durable().await.map_err(|e| e.to_string());
+            let durable = store
+                .durable_at(staged.flush)
+                .await
+                .map_err(|e| e.to_string());
             for reply in replies {
                 let _ = reply.send(match &durable {
                     Ok(()) => EnqueueOutcome::Accepted,

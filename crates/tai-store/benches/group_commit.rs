@@ -46,14 +46,14 @@ fn main() {
                     let mut n = 0u64;
                     while Instant::now() < end {
                         let s = seq.fetch_add(1, Ordering::Relaxed);
-                        store
-                            .enqueue_block(&[tai_core::msg::Delivery {
+                        let staged = store
+                            .stage_enqueue(vec![tai_core::msg::Delivery {
                                 seq: s,
                                 signal: std::sync::Arc::new(signal(s)),
                                 redelivered: false,
                             }])
                             .unwrap();
-                        store.durable().await.unwrap();
+                        store.durable_at(staged.flush).await.unwrap();
                         n += 1;
                     }
                     n

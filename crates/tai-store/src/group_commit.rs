@@ -1,13 +1,49 @@
 //! Group commit: one thread calls `flush()`; writers wait for a flush that
 //! started after their write. Every write that lands while a flush runs is
 //! carried by the next one, so the flush rate adapts to the load.
+//!
+//! Queue blocks are staged rather than written: the flusher writes
+//! everything staged since its last flush as one block per run of
+//! consecutive seqs, just before it flushes, so a block holds what one flush
+//! carries (not what one mailbox drain of the queue held: ~2.5 signals at
+//! load, BENCHMARKS.md session 15), and each block is one sled insert and
+//! one removal.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
+use tai_core::msg::Delivery;
 use tokio::sync::watch;
+
+/// Runs of consecutive queue deliveries waiting for the next flush, each
+/// to be written as one block keyed by its first seq.
+#[derive(Default)]
+pub(crate) struct Staged {
+    runs: Vec<Vec<Delivery>>,
+}
+
+impl Staged {
+    /// Adds `deliveries` (consecutive seqs) and returns the block they will
+    /// be written in: the run they continue, or a new one.
+    fn push(&mut self, deliveries: Vec<Delivery>) -> Option<u64> {
+        let first = deliveries.first()?.seq;
+        match self.runs.last_mut() {
+            Some(run) if run.last().is_some_and(|d| d.seq + 1 == first) => {
+                run.extend(deliveries);
+                Some(run[0].seq)
+            }
+            _ => {
+                self.runs.push(deliveries);
+                Some(first)
+            }
+        }
+    }
+}
+
+/// What the flusher calls with the staged runs before each flush.
+pub(crate) type WriteStaged = Box<dyn Fn(Vec<Vec<Delivery>>) -> Result<(), String> + Send>;
 
 /// After the first write of a batch, how long the flusher lets more writes
 /// join it before flushing, unless `BATCH_WRITES` are already waiting.
@@ -23,10 +59,13 @@ pub(crate) struct GroupCommit {
     stop: Arc<AtomicBool>,
     done: watch::Receiver<(u64, Option<String>)>,
     thread: Option<JoinHandle<()>>,
+    staged: Arc<Mutex<Staged>>,
 }
 
 impl GroupCommit {
-    pub(crate) fn start(db: sled::Db) -> Self {
+    pub(crate) fn start(db: sled::Db, write_staged: WriteStaged) -> Self {
+        let staged = Arc::new(Mutex::new(Staged::default()));
+        let stage = staged.clone();
         let started = Arc::new(AtomicU64::new(0));
         let pending = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
@@ -63,8 +102,22 @@ impl GroupCommit {
                 }
                 p.store(false, Ordering::SeqCst);
                 w.store(0, Ordering::SeqCst);
-                let generation = s.fetch_add(1, Ordering::SeqCst) + 1;
-                let result = db.flush().err().map(|e| e.to_string());
+                // Under the staging lock, so that a stager learns which
+                // flush carries what it staged.
+                let (generation, runs) = {
+                    let mut staged = stage.lock().expect("staged queue blocks");
+                    let runs = std::mem::take(&mut staged.runs);
+                    (s.fetch_add(1, Ordering::SeqCst) + 1, runs)
+                };
+                let written = if runs.is_empty() {
+                    Ok(())
+                } else {
+                    write_staged(runs)
+                };
+                let result = match written {
+                    Ok(()) => db.flush().err().map(|e| e.to_string()),
+                    Err(e) => Some(e),
+                };
                 if let Some(e) = &result {
                     tracing::error!(error = %e, "group commit flush failed");
                 }
@@ -78,7 +131,22 @@ impl GroupCommit {
             stop,
             done: rx,
             thread: Some(thread),
+            staged,
         }
+    }
+
+    /// Stages queue deliveries (consecutive seqs) for the next flush;
+    /// returns the block they will be written in and the flush that will
+    /// carry them (pass it to [`GroupCommit::durable_at`]).
+    pub(crate) fn stage(&self, deliveries: Vec<Delivery>) -> Option<(u64, u64)> {
+        let block = {
+            let mut staged = self.staged.lock().expect("staged queue blocks");
+            let block = staged.push(deliveries)?;
+            (block, self.started.load(Ordering::SeqCst) + 1)
+        };
+        // Staged blocks are written even if nobody waits for them.
+        self.pending.store(true, Ordering::SeqCst);
+        Some(block)
     }
 
     /// How many flushes have started.
@@ -88,7 +156,12 @@ impl GroupCommit {
 
     pub(crate) async fn durable(&self) -> Result<(), String> {
         // A flush numbered above the one started now began after our write.
-        let target = self.started.load(Ordering::SeqCst) + 1;
+        self.durable_at(self.started.load(Ordering::SeqCst) + 1)
+            .await
+    }
+
+    /// Waits for flush `target` (and asks for it).
+    pub(crate) async fn durable_at(&self, target: u64) -> Result<(), String> {
         self.pending.store(true, Ordering::SeqCst);
         if self.waiting.fetch_add(1, Ordering::SeqCst) == 0
             || self.waiting.load(Ordering::Relaxed) >= BATCH_WRITES
@@ -116,5 +189,37 @@ impl Drop for GroupCommit {
             t.thread().unpark();
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Staged;
+    use tai_core::msg::Delivery;
+
+    fn run(seqs: std::ops::Range<u64>) -> Vec<Delivery> {
+        seqs.map(|seq| Delivery {
+            seq,
+            signal: std::sync::Arc::new(crate::tests::signal("acme", &format!("s{seq}"))),
+            redelivered: false,
+        })
+        .collect()
+    }
+
+    #[test]
+    fn staged_deliveries_join_the_run_they_continue() {
+        let mut staged = Staged::default();
+        assert_eq!(staged.push(Vec::new()), None, "nothing to stage");
+        assert_eq!(staged.push(run(5..7)), Some(5));
+        assert_eq!(staged.push(run(7..8)), Some(5), "continues 5..7");
+        // A seq taken elsewhere (a replayed dead letter writes its own block).
+        assert_eq!(staged.push(run(9..11)), Some(9));
+        assert_eq!(staged.push(run(11..12)), Some(9));
+        let runs: Vec<Vec<u64>> = staged
+            .runs
+            .iter()
+            .map(|r| r.iter().map(|d| d.seq).collect())
+            .collect();
+        assert_eq!(runs, [vec![5, 6, 7], vec![9, 10, 11]]);
     }
 }

@@ -10,7 +10,7 @@
 //!
 //! | prefix | key | value |
 //! |---|---|---|
-//! | `q/` | first queue seq of a block (u64 BE) | `[Delivery]`: signals enqueued together (version byte 1 + bincode, older ones JSON) |
+//! | `q/` | first queue seq of a block (u64 BE) | `[Delivery]`: the consecutive signals one group flush carried (version byte 1 + bincode, older ones JSON) |
 //! | `s/` | tenant `\0` signal id | `SignalRecord` once the signal is past `accepted` (the dedupe key; version byte 2 + bincode, packed: tenant and id from the key, receipt ids as bytes; older ones version 1 or JSON) |
 //! | `e/` | tenant `\0` sku | engine checkpoint (the engine's bytes) |
 //! | `r/` | last receipt seq of a block (u64 BE) | `[Receipt]`: one ledger batch, in seq order (version byte 2 + bincode, packed: ids, hashes and signatures as bytes, repeated texts once per block, `prev_hash` implied by the receipt before; older ones version 1 or JSON) |
@@ -29,7 +29,8 @@
 //!
 //! Writes per signal are what the node's throughput is made of (each sled
 //! insert copies a leaf), so the queue and the ledger write blocks: a queue
-//! block holds every signal one enqueue batch accepted and goes when all of
+//! block holds every signal staged for one group flush (the flusher writes
+//! it just before it flushes, [`Store::stage_enqueue`]) and goes when all of
 //! them are decided (a block found at start is filtered by the `s/` records,
 //! so a decided signal is never delivered again); a receipt block holds one
 //! ledger batch. A queued signal's `accepted` record lives in memory (rebuilt
@@ -131,6 +132,15 @@ impl Queued {
     }
 }
 
+/// Where [`Store::stage_enqueue`] put deliveries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Staged {
+    /// The queue block they are in (its first seq).
+    pub block: u64,
+    /// The group flush that writes and carries them.
+    pub flush: u64,
+}
+
 #[derive(Debug, Default)]
 struct BufferCursor {
     next: u64,
@@ -220,7 +230,19 @@ impl Store {
                 path: dir.display().to_string(),
                 source,
             })?;
-        let commit = Arc::new(GroupCommit::start(db.clone()));
+        let blocks = db.clone();
+        let commit = Arc::new(GroupCommit::start(
+            db.clone(),
+            Box::new(move |runs| {
+                for run in runs {
+                    let first = run.first().map_or(0, |d| d.seq);
+                    blocks
+                        .insert(seq_key(b'q', first), codec::encode_block(&run))
+                        .map_err(|e| format!("could not write a queue block: {e}"))?;
+                }
+                Ok(())
+            }),
+        ));
         let redo_seq = redo::recover(&db)?;
         let store = Store {
             db,
@@ -367,23 +389,32 @@ impl Store {
         self.disk_record(&key)
     }
 
-    /// Queues `deliveries` (consecutive seqs, the first one names the block)
-    /// as one write. The caller (the queue owner) has checked for
-    /// duplicates and serialises calls. Call [`Store::durable`] before the 202.
-    pub fn enqueue_block(&self, deliveries: &[Delivery]) -> Result<()> {
-        let Some(first) = deliveries.first() else {
-            return Ok(());
-        };
-        self.db
-            .insert(seq_key(b'q', first.seq), codec::encode_block(deliveries))?;
-        let mut q = self.queued.lock().expect("queued index");
-        for d in deliveries {
-            q.insert(
-                pair_key(b's', &d.signal.tenant_id, &d.signal.id).into(),
-                Queued::of(&d.signal),
-            );
+    /// Stages `deliveries` (consecutive seqs, after any staged before) for
+    /// the next group flush, which writes every run of consecutive staged
+    /// deliveries as one queue block just before it flushes. Returns the
+    /// block they will be in (its first seq) and the flush to wait for with
+    /// [`Store::durable_at`] before the 202. The caller (the queue owner)
+    /// has checked for duplicates and serialises calls.
+    pub fn stage_enqueue(&self, deliveries: Vec<Delivery>) -> Option<Staged> {
+        {
+            let mut q = self.queued.lock().expect("queued index");
+            for d in &deliveries {
+                q.insert(
+                    pair_key(b's', &d.signal.tenant_id, &d.signal.id).into(),
+                    Queued::of(&d.signal),
+                );
+            }
         }
-        Ok(())
+        let (block, flush) = self.commit.stage(deliveries)?;
+        Some(Staged { block, flush })
+    }
+
+    /// Waits until flush `generation` (from [`Store::stage_enqueue`]) is done.
+    pub async fn durable_at(&self, generation: u64) -> Result<()> {
+        self.commit
+            .durable_at(generation)
+            .await
+            .map_err(StoreError::Flush)
     }
 
     /// Drops a queue block whose signals are all decided or dead-lettered.

@@ -2,7 +2,7 @@ use super::*;
 use tai_core::receipt::{ReceiptDraft, GENESIS_HASH};
 use tai_core::signal::EngineState;
 
-fn signal(tenant: &str, id: &str) -> Signal {
+pub(crate) fn signal(tenant: &str, id: &str) -> Signal {
     Signal {
         id: id.into(),
         tenant_id: tenant.into(),
@@ -40,6 +40,10 @@ fn delivery(seq: u64, tenant: &str, id: &str) -> Delivery {
     }
 }
 
+fn stage(s: &Store, deliveries: Vec<Delivery>) -> Staged {
+    s.stage_enqueue(deliveries).expect("deliveries to stage")
+}
+
 fn receipt(seq: u64, prev: &str) -> Receipt {
     let d = ReceiptDraft {
         receipt_id: format!("r{seq}"),
@@ -61,21 +65,28 @@ fn receipt(seq: u64, prev: &str) -> Receipt {
 #[tokio::test]
 async fn queued_signals_are_known_and_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();
+    let blocks;
     {
         let s = Store::open(dir.path()).unwrap();
-        s.enqueue_block(&[delivery(1, "acme", "a"), delivery(2, "other", "a")])
-            .unwrap();
-        s.enqueue_block(&[delivery(3, "acme", "b")]).unwrap();
+        let a = stage(
+            &s,
+            vec![delivery(1, "acme", "a"), delivery(2, "other", "a")],
+        );
+        let b = stage(&s, vec![delivery(3, "acme", "b")]);
+        assert_eq!(a.block, 1);
+        // The same block unless a flush took the first run in between.
+        assert!(b.block == 1 && b.flush == a.flush || b.block == 3 && b.flush > a.flush);
         let rec = s.signal_record("acme", "a").unwrap().unwrap();
-        assert_eq!(rec.status, SignalStatus::Accepted);
+        assert_eq!(rec.status, SignalStatus::Accepted, "known before the flush");
         assert!(s.signal_record("acme", "zzz").unwrap().is_none());
-        s.durable().await.unwrap();
+        s.durable_at(b.flush).await.unwrap();
+        blocks = (a.block, b.block);
     }
     let s = reopen(dir.path());
     let pending = s.pending().unwrap();
     assert_eq!(
         pending.iter().map(|(b, d)| (*b, d.seq)).collect::<Vec<_>>(),
-        [(1, 1), (1, 2), (3, 3)]
+        [(blocks.0, 1), (blocks.0, 2), (blocks.1, 3)]
     );
     assert_eq!(s.last_queue_seq().unwrap(), 3);
     assert_eq!(
@@ -90,8 +101,7 @@ async fn a_commit_is_atomic_and_a_decided_signal_is_not_pending_again() {
     let dir = tempfile::tempdir().unwrap();
     {
         let s = Store::open(dir.path()).unwrap();
-        s.enqueue_block(&[delivery(7, "acme", "a"), delivery(8, "acme", "b")])
-            .unwrap();
+        stage(&s, vec![delivery(7, "acme", "a"), delivery(8, "acme", "b")]);
         let r1 = receipt(1, GENESIS_HASH);
         let r2 = receipt(2, &r1.hash);
         let head = SignedHead::new(2, &r2.hash, "k", b"key");
@@ -153,7 +163,7 @@ async fn a_commit_is_atomic_and_a_decided_signal_is_not_pending_again() {
 async fn dead_letters_are_replayed_into_the_queue() {
     let dir = tempfile::tempdir().unwrap();
     let s = Store::open(dir.path()).unwrap();
-    s.enqueue_block(&[delivery(1, "acme", "a")]).unwrap();
+    stage(&s, vec![delivery(1, "acme", "a")]);
     let letter = DeadLetter {
         signal: signal("acme", "a"),
         reason: "poison".into(),
@@ -190,9 +200,8 @@ async fn many_writers_share_flushes() {
     for i in 0..200u64 {
         let s = s.clone();
         tasks.push(tokio::spawn(async move {
-            s.enqueue_block(&[delivery(i + 1, "acme", &format!("id{i}"))])
-                .unwrap();
-            s.durable().await.unwrap();
+            let staged = stage(&s, vec![delivery(i + 1, "acme", &format!("id{i}"))]);
+            s.durable_at(staged.flush).await.unwrap();
         }));
     }
     for t in tasks {
