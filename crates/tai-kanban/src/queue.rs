@@ -212,6 +212,10 @@ impl Queue {
                 .durable_at(staged.flush)
                 .await
                 .map_err(|e| e.to_string());
+            // To the dispatcher before the 202s: a client's next signal,
+            // sent after this 202, then reaches it after this one, even if
+            // this thread is preempted in between.
+            let _ = me.send_message(KanbanMsg::Ready(deliveries));
             for reply in replies {
                 let _ = reply.send(match &durable {
                     Ok(()) => EnqueueOutcome::Accepted,
@@ -224,7 +228,6 @@ impl Queue {
                     Err(e) => EnqueueOutcome::Failed(e.clone()),
                 });
             }
-            let _ = me.send_message(KanbanMsg::Ready(deliveries));
         });
     }
 }
@@ -391,12 +394,12 @@ impl Actor for Queue {
                         let me = myself.clone();
                         tokio::spawn(async move {
                             let result = store.durable().await.map_err(|e| e.to_string());
-                            let _ = reply.send(result);
                             let _ = me.send_message(KanbanMsg::Ready(vec![Delivery {
                                 seq,
                                 signal,
                                 redelivered: false,
                             }]));
+                            let _ = reply.send(result);
                         });
                     }
                     Ok(None) => {
