@@ -20,11 +20,11 @@ use tokio::sync::watch;
 /// Runs of consecutive queue deliveries waiting for the next flush, each
 /// to be written as one block keyed by its first seq.
 #[derive(Default)]
-pub(crate) struct Staged {
+pub(crate) struct StagedRuns {
     runs: Vec<Vec<Delivery>>,
 }
 
-impl Staged {
+impl StagedRuns {
     /// Adds `deliveries` (consecutive seqs) and returns the block they will
     /// be written in: the run they continue, or a new one.
     fn push(&mut self, deliveries: Vec<Delivery>) -> Option<u64> {
@@ -59,12 +59,12 @@ pub(crate) struct GroupCommit {
     stop: Arc<AtomicBool>,
     done: watch::Receiver<(u64, Option<String>)>,
     thread: Option<JoinHandle<()>>,
-    staged: Arc<Mutex<Staged>>,
+    staged: Arc<Mutex<StagedRuns>>,
 }
 
 impl GroupCommit {
     pub(crate) fn start(db: sled::Db, write_staged: WriteStaged) -> Self {
-        let staged = Arc::new(Mutex::new(Staged::default()));
+        let staged = Arc::new(Mutex::new(StagedRuns::default()));
         let stage = staged.clone();
         let started = Arc::new(AtomicU64::new(0));
         let pending = Arc::new(AtomicBool::new(false));
@@ -194,7 +194,7 @@ impl Drop for GroupCommit {
 
 #[cfg(test)]
 mod tests {
-    use super::Staged;
+    use super::StagedRuns;
     use tai_core::msg::Delivery;
 
     fn run(seqs: std::ops::Range<u64>) -> Vec<Delivery> {
@@ -208,7 +208,7 @@ mod tests {
 
     #[test]
     fn staged_deliveries_join_the_run_they_continue() {
-        let mut staged = Staged::default();
+        let mut staged = StagedRuns::default();
         assert_eq!(staged.push(Vec::new()), None, "nothing to stage");
         assert_eq!(staged.push(run(5..7)), Some(5));
         assert_eq!(staged.push(run(7..8)), Some(5), "continues 5..7");
