@@ -195,11 +195,10 @@ impl Queue {
         let buffered = std::mem::take(&mut st.buffer);
         st.buffered_ids.clear();
         let dups = std::mem::take(&mut st.buffered_dups);
-        if buffered.is_empty() {
-            return;
-        }
         let (deliveries, replies): (Vec<Delivery>, Vec<_>) = buffered.into_iter().unzip();
         let n = deliveries.len();
+        // Nothing staged only when nothing was buffered, and a duplicate is
+        // only ever buffered behind its original: no reply is dropped here.
         let Some(staged) = st.args.store.stage_enqueue(deliveries.clone()) else {
             return;
         };
