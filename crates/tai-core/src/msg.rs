@@ -76,9 +76,19 @@ pub struct BrokerStats {
     pub last_error: Option<String>,
 }
 
+/// Who chose a signal's id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdOrigin {
+    /// The client sent it: it may be a retry of a signal already known.
+    Client,
+    /// Ingress minted it (a fresh ULID) because the client sent none: no
+    /// signal can have it yet, so the queue skips its duplicate look-up.
+    Minted,
+}
+
 /// To `kanban_queue`.
 pub enum KanbanMsg {
-    Enqueue(Signal, RpcReplyPort<EnqueueOutcome>),
+    Enqueue(Signal, IdOrigin, RpcReplyPort<EnqueueOutcome>),
     /// These decisions are durable and their queue entries gone: free their
     /// WIP slots (an engine sends every ack of one commit together).
     Ack {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::json;
-use tai_core::msg::{EnqueueOutcome, KanbanMsg, KANBAN_QUEUE};
+use tai_core::msg::{EnqueueOutcome, IdOrigin, KanbanMsg, KANBAN_QUEUE};
 use tai_core::signal::{now_ms, parse_signal};
 use tai_core::ErrorCode;
 use tai_store::Store;
@@ -368,7 +368,12 @@ async fn post_signal(s: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) -
         .and_then(tai_core::trace::trace_id);
     // The signal moves to the queue; the answer needs only its id.
     let (id, trace_id) = (signal.id.clone(), signal.trace_id.clone());
-    let outcome = enqueue(signal).instrument(span).await;
+    let origin = if assigned_id {
+        IdOrigin::Minted
+    } else {
+        IdOrigin::Client
+    };
+    let outcome = enqueue(signal, origin).instrument(span).await;
     if !matches!(outcome, EnqueueOutcome::Accepted) {
         s.replay
             .lock()
@@ -432,13 +437,13 @@ fn unavailable(why: String) -> Response {
     with_retry_after(error_reply(ErrorCode::Unavailable, why), 1)
 }
 
-async fn enqueue(signal: tai_core::signal::Signal) -> EnqueueOutcome {
+async fn enqueue(signal: tai_core::signal::Signal, origin: IdOrigin) -> EnqueueOutcome {
     let Some(queue) = ractor::registry::where_is(KANBAN_QUEUE) else {
         return EnqueueOutcome::Full("the queue is restarting".into());
     };
     match ractor::rpc::call(
         &queue,
-        |reply| KanbanMsg::Enqueue(signal, reply),
+        |reply| KanbanMsg::Enqueue(signal, origin, reply),
         Some(ENQUEUE_TIMEOUT),
     )
     .await

@@ -44,7 +44,7 @@ use lapin::{
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tai_core::alert::{Alert, Severity};
 use tai_core::config::{AmqpQueueType, KanbanConfig};
-use tai_core::msg::{BrokerStats, Delivery, EnqueueOutcome, KanbanMsg, QueueStats};
+use tai_core::msg::{BrokerStats, Delivery, EnqueueOutcome, IdOrigin, KanbanMsg, QueueStats};
 use tai_core::signal::{now_ms, DeadLetter, Signal, SignalRecord};
 use tai_store::Store;
 use tokio::sync::mpsc;
@@ -597,6 +597,7 @@ impl AmqpState {
         &mut self,
         myself: &ActorRef<KanbanMsg>,
         signal: Signal,
+        origin: IdOrigin,
         reply: RpcReplyPort<EnqueueOutcome>,
     ) -> Result<(), ActorProcessingErr> {
         let key = (signal.tenant_id.clone(), signal.id.clone());
@@ -604,16 +605,9 @@ impl AmqpState {
             waiting.push(reply);
             return Ok(());
         }
-        match self.store.signal_record(&key.0, &key.1) {
-            Ok(Some(existing)) => {
-                let _ = reply.send(EnqueueOutcome::Duplicate(existing));
-                return Ok(());
-            }
-            Ok(None) => {}
-            Err(e) => {
-                let _ = reply.send(EnqueueOutcome::Failed(e.to_string()));
-                return Ok(());
-            }
+        if let Some(outcome) = crate::known(&self.store, &key, origin) {
+            let _ = reply.send(outcome);
+            return Ok(());
         }
         if self
             .broker_depth
@@ -1263,7 +1257,9 @@ impl Actor for AmqpQueue {
         st: &mut AmqpState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            KanbanMsg::Enqueue(signal, reply) => st.enqueue(&myself, signal, reply)?,
+            KanbanMsg::Enqueue(signal, origin, reply) => {
+                st.enqueue(&myself, signal, origin, reply)?
+            }
             KanbanMsg::FlushEnqueues => st.flush_batch(&myself),
             KanbanMsg::Ready(_) => {}
             KanbanMsg::Ack { seqs } => {

@@ -14,7 +14,7 @@ mod queue;
 use std::time::Duration;
 
 use tai_core::config::{KanbanConfig, QueueBackend};
-use tai_core::msg::{Delivery, RouterMsg, ENGINE_ROUTER, KANBAN_QUEUE};
+use tai_core::msg::{Delivery, EnqueueOutcome, IdOrigin, RouterMsg, ENGINE_ROUTER, KANBAN_QUEUE};
 use tai_otp::{ChildSpec, Strategy, SupervisorSpec};
 use tai_store::Store;
 
@@ -31,6 +31,26 @@ const VISIBILITY: Duration = Duration::from_secs(60);
 pub(crate) fn send_to_router(d: Delivery) {
     if let Some(router) = ractor::registry::where_is(ENGINE_ROUTER) {
         let _ = router.send_message(RouterMsg::Deliver(d));
+    }
+}
+
+/// The answer to an enqueue of a signal the store already knows (a
+/// duplicate, or a failed look-up), or `None` for a new one. An id ingress
+/// minted is new by construction (a fresh ULID: 80 random bits within its
+/// millisecond), so it is not looked up: that look-up was a sled read per
+/// signal that could only miss.
+pub(crate) fn known(
+    store: &Store,
+    id: &(String, String),
+    origin: IdOrigin,
+) -> Option<EnqueueOutcome> {
+    if origin == IdOrigin::Minted {
+        return None;
+    }
+    match store.signal_record(&id.0, &id.1) {
+        Ok(Some(existing)) => Some(EnqueueOutcome::Duplicate(existing)),
+        Ok(None) => None,
+        Err(e) => Some(EnqueueOutcome::Failed(e.to_string())),
     }
 }
 

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use tai_core::msg::{Delivery, EnqueueOutcome, KanbanMsg, QueueStats};
+use tai_core::msg::{Delivery, EnqueueOutcome, IdOrigin, KanbanMsg, QueueStats};
 use tai_core::signal::{now_ms, DeadLetter, Signal, SignalRecord};
 use tai_store::Store;
 use tokio::time::Instant;
@@ -142,6 +142,7 @@ impl Queue {
         myself: &ActorRef<KanbanMsg>,
         st: &mut QueueState,
         signal: Signal,
+        origin: IdOrigin,
         reply: RpcReplyPort<EnqueueOutcome>,
     ) -> Result<(), ActorProcessingErr> {
         let id = (signal.tenant_id.clone(), signal.id.clone());
@@ -150,16 +151,9 @@ impl Queue {
                 .push((reply, SignalRecord::accepted(&signal)));
             return Ok(());
         }
-        match st.args.store.signal_record(&id.0, &id.1) {
-            Ok(Some(existing)) => {
-                let _ = reply.send(EnqueueOutcome::Duplicate(existing));
-                return Ok(());
-            }
-            Ok(None) => {}
-            Err(e) => {
-                let _ = reply.send(EnqueueOutcome::Failed(e.to_string()));
-                return Ok(());
-            }
+        if let Some(outcome) = crate::known(&st.args.store, &id, origin) {
+            let _ = reply.send(outcome);
+            return Ok(());
         }
         // After the duplicate checks: a known signal is answered as such
         // even when the queue is full.
@@ -296,7 +290,9 @@ impl Actor for Queue {
         st: &mut QueueState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            KanbanMsg::Enqueue(signal, reply) => Self::enqueue(&myself, st, signal, reply)?,
+            KanbanMsg::Enqueue(signal, origin, reply) => {
+                Self::enqueue(&myself, st, signal, origin, reply)?
+            }
             KanbanMsg::FlushEnqueues => Self::write_block(&myself, st),
             KanbanMsg::Ready(ds) => {
                 st.enqueuing = st.enqueuing.saturating_sub(ds.len() as u64);
