@@ -51,7 +51,11 @@ pub fn sampled(traceparent: &str) -> bool {
 pub fn unsampled_root() -> String {
     let trace = fastrand::u128(1..);
     let span = fastrand::u64(1..);
-    format!("00-{trace:032x}-{span:016x}-00")
+    // `00-{trace:032x}-{span:016x}-00`, hex-encoded in place (one per signal).
+    let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    hex::encode_to_slice(trace.to_be_bytes(), &mut out[3..35]).expect("32 hex digits");
+    hex::encode_to_slice(span.to_be_bytes(), &mut out[36..52]).expect("16 hex digits");
+    String::from_utf8(out.to_vec()).expect("ascii")
 }
 
 /// Makes `span` a child of the remote span in `traceparent`.
