@@ -619,7 +619,9 @@ impl Node {
         } else if self.data.is_index() {
             256
         } else {
-            16
+            // Patched for TAI node (PATCHED.md, 6): upstream splits leaves
+            // above 16 keys.
+            32
         };
 
         let size_checks = self.data.len() > threshold;
