@@ -185,6 +185,19 @@ impl Queue {
     /// Stages the buffered enqueues for the next group flush, which writes
     /// them (with whatever else it carries) as one queue block; each is
     /// answered (202 or 503) once that flush is done.
+    ///
+    /// When nothing waits to be dispatched, they are dispatched at once
+    /// rather than after that flush: a decision is durable only with a
+    /// flush that begins after it is written, and every flush writes the
+    /// blocks staged before it began, so no decision is ever durable
+    /// without its signal's block (a crash in between loses both, or keeps
+    /// the block and the signal is delivered again). An engine can then
+    /// decide a signal while its block's flush runs, and the decision rides
+    /// the next flush instead of the one after it. A signal may so be
+    /// decided before its 202 is sent; if that flush fails, the client gets
+    /// an error and its retry is a duplicate. With a backlog, dispatching
+    /// early would only lengthen the line (and make ledger batches
+    /// smaller), so they join it once durable, behind what waits.
     fn write_block(myself: &ActorRef<KanbanMsg>, st: &mut QueueState) {
         let buffered = std::mem::take(&mut st.buffer);
         st.buffered_ids.clear();
@@ -197,9 +210,19 @@ impl Queue {
             return;
         };
         *st.blocks.entry(staged.block).or_insert(0) += n as u32;
-        st.enqueuing += n as u64;
+        // Early only behind nothing: a tenant's signals keep their order.
+        let early = st.enqueuing == 0 && st.dispatch.ready_len() == 0;
+        let late = if early {
+            for d in deliveries {
+                st.dispatch.push(d);
+            }
+            Self::dispatch(st);
+            None
+        } else {
+            st.enqueuing += n as u64;
+            Some((myself.clone(), deliveries))
+        };
         let store = st.args.store.clone();
-        let me = myself.clone();
         tokio::spawn(async move {
             let durable = store
                 .durable_at(staged.flush)
@@ -208,7 +231,9 @@ impl Queue {
             // To the dispatcher before the 202s: a client's next signal,
             // sent after this 202, then reaches it after this one, even if
             // this thread is preempted in between.
-            let _ = me.send_message(KanbanMsg::Ready(deliveries));
+            if let Some((me, deliveries)) = late {
+                let _ = me.send_message(KanbanMsg::Ready(deliveries));
+            }
             for reply in replies {
                 let _ = reply.send(match &durable {
                     Ok(()) => EnqueueOutcome::Accepted,
