@@ -605,10 +605,9 @@ impl AmqpState {
             waiting.push(reply);
             return Ok(());
         }
-        if let Some(outcome) = crate::known(&self.store, &key, origin) {
-            let _ = reply.send(outcome);
+        let Some(reply) = crate::answer_known(&self.store, &key, origin, reply) else {
             return Ok(());
-        }
+        };
         if self
             .broker_depth
             .is_some_and(|d| d >= self.config.max_depth)

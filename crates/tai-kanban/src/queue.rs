@@ -151,10 +151,9 @@ impl Queue {
                 .push((reply, SignalRecord::accepted(&signal)));
             return Ok(());
         }
-        if let Some(outcome) = crate::known(&st.args.store, &id, origin) {
-            let _ = reply.send(outcome);
+        let Some(reply) = crate::answer_known(&st.args.store, &id, origin, reply) else {
             return Ok(());
-        }
+        };
         // After the duplicate checks: a known signal is answered as such
         // even when the queue is full.
         let waiting = st.depth() + st.enqueuing + st.buffer.len() as u64;
