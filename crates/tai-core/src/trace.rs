@@ -8,23 +8,42 @@ use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, Tra
 use opentelemetry::Context;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-/// The remote span a well-formed `traceparent` (`00-<32 hex>-<16 hex>-<2
-/// hex>`, ids not all zeros) names.
-fn span_context(traceparent: &str) -> Option<SpanContext> {
-    let parts: Vec<&str> = traceparent.trim().split('-').collect();
-    let [version, trace, span, flags] = parts.as_slice() else {
-        return None;
-    };
-    if version.len() != 2 || *version == "ff" || trace.len() != 32 || span.len() != 16 {
-        return None;
-    }
-    let trace = TraceId::from_hex(trace).ok()?;
-    let span = SpanId::from_hex(span).ok()?;
-    let flags = u8::from_str_radix(flags, 16).ok()?;
-    let sc = SpanContext::new(
+/// A well-formed `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`, ids not
+/// all zeros), split without allocating or decoding: this runs several
+/// times for every signal.
+struct Parts<'a> {
+    trace: &'a str,
+    span: &'a str,
+    flags: u8,
+}
+
+fn parts(traceparent: &str) -> Option<Parts<'_>> {
+    let mut it = traceparent.trim().split('-');
+    let [version, trace, span, flags] = [it.next()?, it.next()?, it.next()?, it.next()?];
+    let hex = |f: &str, len: usize| f.len() == len && f.bytes().all(|b| b.is_ascii_hexdigit());
+    let zero = |f: &str| f.bytes().all(|b| b == b'0');
+    let ok = it.next().is_none()
+        && hex(version, 2)
+        && version != "ff"
+        && hex(trace, 32)
+        && !zero(trace)
+        && hex(span, 16)
+        && !zero(span)
+        && hex(flags, 2);
+    ok.then(|| Parts {
         trace,
         span,
-        TraceFlags::new(flags),
+        flags: u8::from_str_radix(flags, 16).unwrap_or_default(),
+    })
+}
+
+/// The remote span a well-formed `traceparent` names.
+fn span_context(traceparent: &str) -> Option<SpanContext> {
+    let p = parts(traceparent)?;
+    let sc = SpanContext::new(
+        TraceId::from_hex(p.trace).ok()?,
+        SpanId::from_hex(p.span).ok()?,
+        TraceFlags::new(p.flags),
         true,
         TraceState::default(),
     );
@@ -32,18 +51,18 @@ fn span_context(traceparent: &str) -> Option<SpanContext> {
 }
 
 pub fn valid(traceparent: &str) -> bool {
-    span_context(traceparent).is_some()
+    parts(traceparent).is_some()
 }
 
 /// The trace id of a `traceparent` (lowercase hex).
 pub fn trace_id(traceparent: &str) -> Option<String> {
-    span_context(traceparent).map(|sc| sc.trace_id().to_string())
+    parts(traceparent).map(|p| p.trace.to_ascii_lowercase())
 }
 
 /// Whether the trace of `traceparent` is sampled (exported): spans of an
 /// unsampled trace are not worth making.
 pub fn sampled(traceparent: &str) -> bool {
-    span_context(traceparent).is_some_and(|sc| sc.is_sampled())
+    parts(traceparent).is_some_and(|p| p.flags & 1 == 1)
 }
 
 /// A new, unsampled trace context (random ids, flags `00`): the trace id of
@@ -102,9 +121,26 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
             "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e473z-00f067aa0ba902b7-01",
+            "00-+bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-00",
         ] {
             assert!(!valid(bad), "{bad:?}");
         }
+        // What is valid is what OpenTelemetry takes as a remote parent.
+        for tp in [
+            tp,
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-03",
+        ] {
+            let sc = span_context(tp).expect("a span context");
+            assert_eq!(sc.trace_id().to_string(), trace_id(tp).unwrap());
+            assert_eq!(sc.is_sampled(), sampled(tp));
+        }
+        assert_eq!(
+            trace_id("00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01").as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736"),
+            "trace ids are lowercase hex"
+        );
         let root = unsampled_root();
         assert!(valid(&root) && !sampled(&root), "{root}");
         assert_ne!(trace_id(&root), trace_id(&unsampled_root()));
