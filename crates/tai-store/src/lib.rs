@@ -42,6 +42,7 @@
 
 mod codec;
 mod group_commit;
+mod known;
 mod packed;
 mod receipts;
 mod redo;
@@ -100,6 +101,8 @@ pub struct Store {
     queued: Arc<Mutex<HashMap<Box<[u8]>, Queued>>>,
     /// The fallback buffer: next seq and how many signals it holds.
     buffer: Arc<Mutex<BufferCursor>>,
+    /// A filter of the `s/` keys on disk: a miss skips the sled look-up.
+    known: Arc<known::Known>,
 }
 
 /// The rest of a queued signal's `accepted` record (its key holds the tenant and id).
@@ -244,12 +247,15 @@ impl Store {
             }),
         ));
         let redo_seq = redo::recover(&db)?;
+        // After the redo records are applied: the scan must see their keys.
+        let known = Arc::new(known::Known::start(db.clone()));
         let store = Store {
             db,
             commit,
             redo_seq: Arc::new(std::sync::atomic::AtomicU64::new(redo_seq)),
             queued: Arc::default(),
             buffer: Arc::default(),
+            known,
         };
         store.recover_queue()?;
         store.recover_buffer()?;
@@ -298,6 +304,9 @@ impl Store {
     }
 
     fn disk_record(&self, key: &[u8]) -> Result<Option<SignalRecord>> {
+        if !self.known.may_exist(key) {
+            return Ok(None);
+        }
         self.db
             .get(key)?
             .map(|v| codec::decode_record(key, &v))
@@ -321,6 +330,8 @@ impl Store {
     /// record: sled's own `apply_batch` forces a synchronous disk write per
     /// batch, which would defeat group commit.
     fn atomic(&self, ops: redo::Ops) -> Result<()> {
+        self.known
+            .add_all(ops.inserted_keys().filter(|k| k.starts_with(b"s/")));
         let id = self
             .redo_seq
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -542,6 +553,7 @@ impl Store {
         let mut keys = Vec::with_capacity(signals.len());
         for s in signals {
             let key = pair_key(b's', &s.tenant_id, &s.id);
+            self.known.add_all([&key[..]]);
             self.db
                 .insert(&key, codec::encode_record(&SignalRecord::accepted(s)))?;
             keys.push(key);

@@ -20,6 +20,13 @@ impl Ops {
         self.0
             .push((key.as_ref().to_vec(), Some(value.as_ref().to_vec())));
     }
+    /// The keys this set puts a value under.
+    pub(crate) fn inserted_keys(&self) -> impl Iterator<Item = &[u8]> {
+        self.0
+            .iter()
+            .filter(|(_, v)| v.is_some())
+            .map(|(k, _)| k.as_slice())
+    }
     pub(crate) fn remove(&mut self, key: impl AsRef<[u8]>) {
         self.0.push((key.as_ref().to_vec(), None));
     }

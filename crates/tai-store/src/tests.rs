@@ -505,3 +505,80 @@ async fn a_ledger_begun_by_an_earlier_build_goes_on_and_verifies() {
     assert!(report.ok && report.count == 3, "{report:?}");
     assert_eq!(s.signal_record("acme", "pay-1").unwrap(), Some(old));
 }
+
+fn completed(tenant: &str, id: &str) -> SignalRecord {
+    let mut rec = SignalRecord::accepted(&signal(tenant, id));
+    rec.status = SignalStatus::Completed;
+    rec
+}
+
+fn commit_records(s: &Store, tenant: &str, ids: std::ops::Range<u32>) {
+    let writes = WriteSet {
+        signal_records: ids.map(|i| completed(tenant, &format!("id-{i}"))).collect(),
+        ..WriteSet::default()
+    };
+    s.commit(&[], None, &writes).unwrap();
+}
+
+fn await_filter(s: &Store) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !s.known.ready() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the record filter never became ready"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// The duplicate check of a fresh id skips the disk through a filter of the
+/// `s/` keys, filled by a scan at open and by every write after: a record
+/// written before the reopen, during the scan or after it is still found.
+#[tokio::test]
+async fn the_record_filter_never_hides_a_stored_record() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = Store::open(dir.path()).unwrap();
+        for chunk in 0..10 {
+            commit_records(&s, "acme", chunk * 1_000..(chunk + 1) * 1_000);
+        }
+        s.record_accepted(&[signal("amqp", "published")]).unwrap();
+        s.durable().await.unwrap();
+    }
+    let s = reopen(dir.path());
+    // Written while the scan may still run, and after it is done.
+    commit_records(&s, "beta", 0..500);
+    await_filter(&s);
+    commit_records(&s, "gamma", 0..500);
+    s.forget_queued([pair_key(b's', "amqp", "published")]);
+    assert_eq!(
+        s.signal_record("amqp", "published")
+            .unwrap()
+            .unwrap()
+            .status,
+        SignalStatus::Accepted,
+        "an accepted record the amqp backend wrote, read from disk"
+    );
+    for (tenant, n) in [("acme", 10_000), ("beta", 500), ("gamma", 500)] {
+        for i in 0..n {
+            let rec = s.signal_record(tenant, &format!("id-{i}")).unwrap();
+            assert_eq!(
+                rec.map(|r| r.status),
+                Some(SignalStatus::Completed),
+                "{tenant}/id-{i}"
+            );
+        }
+    }
+    // The filter is in use: nearly every fresh id is answered without the disk.
+    let fresh = (0..1_000)
+        .filter(|i| {
+            !s.known
+                .may_exist(&pair_key(b's', "acme", &format!("new-{i}")))
+        })
+        .count();
+    assert!(
+        fresh > 950,
+        "only {fresh} of 1,000 fresh ids skipped the disk"
+    );
+    assert!(s.signal_record("acme", "new-1").unwrap().is_none());
+}
