@@ -27,6 +27,9 @@ pub use queue::{Queue, QueueArgs};
 /// sent again.
 const VISIBILITY: Duration = Duration::from_secs(60);
 
+/// The longest a 202 waits for room in the line (`queue::Admission`).
+const HOLD_MAX: Duration = Duration::from_secs(1);
+
 /// Sends a signal to `engine_router`, found by name at send time (a
 /// restarted router is found the same way). If it is down, the signal stays
 /// in flight and is sent again on redelivery.
@@ -127,6 +130,8 @@ pub fn supervisor_spec(store: Store, config: KanbanConfig) -> SupervisorSpec {
             prefetch: config.prefetch,
             max_depth: config.max_depth,
             visibility: VISIBILITY,
+            hold_above: QueueArgs::hold_above_for(config.wip_limit),
+            hold_max: HOLD_MAX,
         },
     ))
 }
@@ -196,5 +201,148 @@ mod tests {
             ask(&store, "pay-1", IdOrigin::Minted).await.is_none(),
             "a minted id is not looked up"
         );
+    }
+
+    /// A queue with no router (what it dispatches stays in flight), one
+    /// WIP slot, and 202s held while more than 4 signals wait.
+    async fn held_queue(
+        store: &Store,
+        hold_max: Duration,
+    ) -> ractor::ActorRef<tai_core::msg::KanbanMsg> {
+        let args = super::QueueArgs {
+            store: store.clone(),
+            wip_limit: 1,
+            prefetch: 1,
+            max_depth: 1_000,
+            visibility: Duration::from_secs(600),
+            hold_above: 4,
+            hold_max,
+        };
+        ractor::Actor::spawn(None, super::Queue, args)
+            .await
+            .expect("the queue starts")
+            .0
+    }
+
+    /// A held queue with ten signals accepted: nothing waited when they came,
+    /// so they were dispatched at once and answered; one is in flight and
+    /// nine wait.
+    async fn line_of_ten(
+        hold_max: Duration,
+    ) -> (
+        tempfile::TempDir,
+        Store,
+        ractor::ActorRef<tai_core::msg::KanbanMsg>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let q = held_queue(&store, hold_max).await;
+        let mut first = post(&q, (1..=10).map(|i| format!("a-{i}")));
+        assert_eq!(answers(&mut first, 10).await.len(), 10);
+        (dir, store, q)
+    }
+
+    /// Enqueues `ids` at once; their answers come on the returned channel.
+    fn post(
+        q: &ractor::ActorRef<tai_core::msg::KanbanMsg>,
+        ids: impl IntoIterator<Item = String>,
+    ) -> tokio::sync::mpsc::UnboundedReceiver<(String, EnqueueOutcome)> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        for id in ids {
+            let (q, tx) = (q.clone(), tx.clone());
+            let s = signal(&id);
+            tokio::spawn(async move {
+                let out = ractor::call!(q, |r| tai_core::msg::KanbanMsg::Enqueue(
+                    s,
+                    IdOrigin::Client,
+                    r
+                ))
+                .expect("an answer");
+                let _ = tx.send((id, out));
+            });
+        }
+        rx
+    }
+
+    async fn answers(
+        rx: &mut tokio::sync::mpsc::UnboundedReceiver<(String, EnqueueOutcome)>,
+        n: usize,
+    ) -> Vec<String> {
+        let mut ids = Vec::new();
+        for _ in 0..n {
+            let (id, out) = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+                .await
+                .expect("answered in time")
+                .expect("an answer");
+            assert!(matches!(out, EnqueueOutcome::Accepted), "{id}: {out:?}");
+            ids.push(id);
+        }
+        ids
+    }
+
+    /// Waits until the queue holds `depth` signals (every enqueue durable
+    /// and in the line), then for one more flush.
+    async fn settled(q: &ractor::ActorRef<tai_core::msg::KanbanMsg>, store: &Store, depth: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let stats = ractor::call!(q, tai_core::msg::KanbanMsg::Stats).unwrap();
+            if stats.depth == depth {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "depth {}",
+                stats.depth
+            );
+            tokio::task::yield_now().await;
+        }
+        store.durable().await.unwrap();
+    }
+
+    /// Past what the engines take, a client's 202 waits for room in the
+    /// line instead of lengthening it; the signal is durable meanwhile.
+    #[tokio::test]
+    async fn accepted_signals_behind_a_long_line_are_answered_when_it_shortens() {
+        let (_dir, store, q) = line_of_ten(Duration::from_secs(600)).await;
+        let mut second = post(&q, (1..=3).map(|i| format!("b-{i}")));
+        settled(&q, &store, 13).await;
+        assert!(
+            second.try_recv().is_err(),
+            "answered behind a line of 12 (the hold is 4)"
+        );
+        for id in ["b-1", "b-2", "b-3"] {
+            assert_eq!(
+                store.signal_record("acme", id).unwrap().map(|r| r.status),
+                Some(SignalStatus::Accepted),
+                "{id} is queued while its answer waits"
+            );
+        }
+        // Each ack frees the slot and the next waiting signal takes it.
+        for seq in 1..=8 {
+            q.send_message(tai_core::msg::KanbanMsg::Ack { seqs: vec![seq] })
+                .unwrap();
+        }
+        let mut got = answers(&mut second, 3).await;
+        got.sort();
+        assert_eq!(got, ["b-1", "b-2", "b-3"]);
+        q.stop(None);
+    }
+
+    /// A held 202 goes out after `hold_max`, and at once when the queue stops.
+    #[tokio::test]
+    async fn a_held_answer_waits_no_longer_than_its_bound_or_the_queue() {
+        let (_dir, _store, q) = line_of_ten(Duration::from_millis(200)).await;
+        let mut second = post(&q, ["b-1".to_string()]);
+        answers(&mut second, 1).await;
+        q.stop(None);
+
+        let (_dir, store, q) = line_of_ten(Duration::from_secs(600)).await;
+        let mut second = post(&q, ["b-1".to_string()]);
+        settled(&q, &store, 11).await;
+        assert!(second.try_recv().is_err(), "held");
+        q.stop_and_wait(None, Some(Duration::from_secs(10)))
+            .await
+            .unwrap();
+        answers(&mut second, 1).await;
     }
 }

@@ -30,6 +30,75 @@ pub struct QueueArgs {
     pub max_depth: u64,
     /// In flight longer than this without an ack: sent again.
     pub visibility: Duration,
+    /// Admission: while more than this many durable signals wait for a WIP
+    /// slot, the 202s of a new batch are held (see [`Admission`]).
+    pub hold_above: u64,
+    /// The longest a 202 is held.
+    pub hold_max: Duration,
+}
+
+impl QueueArgs {
+    /// How many waiting signals hold the 202s, for a WIP limit: enough to
+    /// keep every slot refilled at once, no more.
+    pub fn hold_above_for(wip_limit: u32) -> u64 {
+        (2 * u64::from(wip_limit)).max(256)
+    }
+}
+
+/// Demand-driven admission, as GenStage does it: a signal is accepted (202)
+/// once durable, but while the line of durable signals waiting for a WIP
+/// slot is longer than `hold_above`, the 202s of a new batch wait until it
+/// is not (at most `hold_max`). Without it, clients past what the engines
+/// decide only lengthen the line: latency and memory grow for as long as
+/// the overload lasts, and a long line makes every signal dearer (its
+/// memory falls out of the caches; BENCHMARKS.md, session 18). The signal
+/// is durable and queued either way; only its answer waits, so each client
+/// slows to the pace of the engines. The held are let go when the queue
+/// stops.
+pub(crate) struct Admission {
+    waiting: std::sync::atomic::AtomicU64,
+    limit: u64,
+    below: tokio::sync::Notify,
+}
+
+impl Admission {
+    fn new(limit: u64) -> Admission {
+        Admission {
+            waiting: std::sync::atomic::AtomicU64::new(0),
+            limit,
+            below: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// The queue actor reports its line after every message.
+    fn set(&self, waiting: u64) {
+        use std::sync::atomic::Ordering;
+        let before = self.waiting.swap(waiting, Ordering::SeqCst);
+        if before > self.limit && waiting <= self.limit {
+            self.below.notify_waiters();
+        }
+    }
+
+    /// Lets every held answer go (the queue stops).
+    fn release(&self) {
+        self.waiting.store(0, std::sync::atomic::Ordering::SeqCst);
+        self.below.notify_waiters();
+    }
+
+    /// Waits until the line is no longer than the limit, or `max`.
+    async fn admit(&self, max: Duration) {
+        let deadline = Instant::now() + max;
+        loop {
+            let below = self.below.notified();
+            tokio::pin!(below);
+            below.as_mut().enable();
+            if self.waiting.load(std::sync::atomic::Ordering::SeqCst) <= self.limit
+                || tokio::time::timeout_at(deadline, below).await.is_err()
+            {
+                return;
+            }
+        }
+    }
 }
 
 pub struct QueueState {
@@ -49,6 +118,7 @@ pub struct QueueState {
     quiescing: bool,
     quiesce_waiters: Vec<RpcReplyPort<u64>>,
     gauges: QueueGauges,
+    admission: std::sync::Arc<Admission>,
 }
 
 impl QueueState {
@@ -222,6 +292,7 @@ impl Queue {
             Some((myself.clone(), deliveries))
         };
         let store = st.args.store.clone();
+        let (admission, hold_max) = (st.admission.clone(), st.args.hold_max);
         tokio::spawn(async move {
             let durable = store
                 .durable_at(staged.flush)
@@ -232,6 +303,10 @@ impl Queue {
             // this thread is preempted in between.
             if let Some((me, deliveries)) = late {
                 let _ = me.send_message(KanbanMsg::Ready(deliveries));
+                // Behind a line: the 202s wait for room in it.
+                if durable.is_ok() {
+                    admission.admit(hold_max).await;
+                }
             }
             for reply in replies {
                 let _ = reply.send(match &durable {
@@ -272,7 +347,13 @@ impl Actor for Queue {
         }
         let next_seq = args.store.last_queue_seq()? + 1;
         let ticker = myself.send_interval(Duration::from_secs(1), || KanbanMsg::Tick);
-        info!(recovered = count, next_seq, "embedded queue open");
+        info!(
+            recovered = count,
+            next_seq,
+            hold_above = args.hold_above,
+            "embedded queue open"
+        );
+        let admission = std::sync::Arc::new(Admission::new(args.hold_above));
         Ok(QueueState {
             args,
             next_seq,
@@ -286,6 +367,7 @@ impl Actor for Queue {
             quiescing: false,
             quiesce_waiters: Vec::new(),
             gauges: QueueGauges::new(),
+            admission,
         })
     }
 
@@ -304,6 +386,7 @@ impl Actor for Queue {
         st: &mut QueueState,
     ) -> Result<(), ActorProcessingErr> {
         st.ticker.abort();
+        st.admission.release();
         Ok(())
     }
 
@@ -433,6 +516,7 @@ impl Actor for Queue {
             }
         }
         st.gauges.set(st.depth(), st.dispatch.in_flight_len());
+        st.admission.set(st.dispatch.ready_len());
         Ok(())
     }
 }
