@@ -253,7 +253,8 @@ impl Queue {
 
     /// Stages the buffered enqueues for the next group flush, which writes
     /// them (with whatever else it carries) as one queue block; each is
-    /// answered (202 or 503) once that flush is done.
+    /// answered (202 or 503) once that flush is done, a 202 later if the
+    /// batch joins a long line ([`Admission`]).
     ///
     /// When nothing waits to be dispatched, they are dispatched at once
     /// rather than after that flush: a decision is durable only with a

@@ -550,13 +550,14 @@ impl Store {
     /// [`Store::forget_accepted`]) drops it. Past the cap, and after a
     /// restart, the record is read from disk: the same record either way.
     pub fn record_accepted(&self, signals: &[Signal]) -> Result<()> {
-        let mut keys = Vec::with_capacity(signals.len());
-        for s in signals {
-            let key = pair_key(b's', &s.tenant_id, &s.id);
-            self.known.add_all([&key[..]]);
+        let keys: Vec<_> = signals
+            .iter()
+            .map(|s| pair_key(b's', &s.tenant_id, &s.id))
+            .collect();
+        self.known.add_all(keys.iter().map(|k| &k[..]));
+        for (key, s) in keys.iter().zip(signals) {
             self.db
-                .insert(&key, codec::encode_record(&SignalRecord::accepted(s)))?;
-            keys.push(key);
+                .insert(key, codec::encode_record(&SignalRecord::accepted(s)))?;
         }
         let mut q = self.queued.lock().expect("queued index");
         for (key, s) in keys.into_iter().zip(signals) {
