@@ -328,7 +328,8 @@ mod tests {
         q.stop(None);
     }
 
-    /// A held 202 goes out after `hold_max`, and at once when the queue stops.
+    /// A held 202 goes out after `hold_max`, and at once when the queue
+    /// stops or is killed (ractor runs no `post_stop` after a kill).
     #[tokio::test]
     async fn a_held_answer_waits_no_longer_than_its_bound_or_the_queue() {
         let (_dir, _store, q) = line_of_ten(Duration::from_millis(200)).await;
@@ -341,6 +342,15 @@ mod tests {
         settled(&q, &store, 11).await;
         assert!(second.try_recv().is_err(), "held");
         q.stop_and_wait(None, Some(Duration::from_secs(10)))
+            .await
+            .unwrap();
+        answers(&mut second, 1).await;
+
+        let (_dir, store, q) = line_of_ten(Duration::from_secs(600)).await;
+        let mut second = post(&q, ["b-1".to_string()]);
+        settled(&q, &store, 11).await;
+        assert!(second.try_recv().is_err(), "held");
+        q.kill_and_wait(Some(Duration::from_secs(10)))
             .await
             .unwrap();
         answers(&mut second, 1).await;

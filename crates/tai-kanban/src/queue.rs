@@ -54,7 +54,8 @@ impl QueueArgs {
 /// memory falls out of the caches; BENCHMARKS.md, session 18). The signal
 /// is durable and queued either way; only its answer waits, so each client
 /// slows to the pace of the engines. The held are let go when the queue
-/// stops.
+/// stops, crashes or is killed ([`QueueState`]'s `Drop`: ractor skips
+/// `post_stop` after a failure or a kill).
 pub(crate) struct Admission {
     waiting: std::sync::atomic::AtomicU64,
     limit: u64,
@@ -79,7 +80,7 @@ impl Admission {
         }
     }
 
-    /// Lets every held answer go (the queue stops).
+    /// Lets every held answer go (the queue is gone).
     fn release(&self) {
         self.waiting.store(0, std::sync::atomic::Ordering::SeqCst);
         self.below.notify_waiters();
@@ -119,6 +120,17 @@ pub struct QueueState {
     quiesce_waiters: Vec<RpcReplyPort<u64>>,
     gauges: QueueGauges,
     admission: std::sync::Arc<Admission>,
+}
+
+/// Runs however the actor ends: ractor drops the state after `post_stop`,
+/// and also when `handle` failed or panicked, or the actor was killed, where
+/// it skips `post_stop`. The held answers are of durable signals: they must
+/// not wait out `hold_max` behind a queue that is gone.
+impl Drop for QueueState {
+    fn drop(&mut self) {
+        self.ticker.abort();
+        self.admission.release();
+    }
 }
 
 impl QueueState {
@@ -378,16 +390,6 @@ impl Actor for Queue {
         st: &mut QueueState,
     ) -> Result<(), ActorProcessingErr> {
         Self::dispatch(st);
-        Ok(())
-    }
-
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<KanbanMsg>,
-        st: &mut QueueState,
-    ) -> Result<(), ActorProcessingErr> {
-        st.ticker.abort();
-        st.admission.release();
         Ok(())
     }
 
