@@ -748,10 +748,24 @@ impl Data {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Default)]
+#[derive(Debug, PartialEq, Default)]
 pub(crate) struct Leaf {
     pub(crate) keys: Vec<IVec>,
     pub(crate) values: Vec<IVec>,
+}
+
+// TAI node patch 7: a leaf is cloned to apply one update to it
+// (`PageCache::link`); a derived clone has no spare capacity, so inserting
+// a new key then reallocated both vectors. One slot of room avoids that.
+impl Clone for Leaf {
+    fn clone(&self) -> Leaf {
+        fn with_room(v: &[IVec]) -> Vec<IVec> {
+            let mut out = Vec::with_capacity(v.len() + 1);
+            out.extend_from_slice(v);
+            out
+        }
+        Leaf { keys: with_room(&self.keys), values: with_room(&self.values) }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Default)]
