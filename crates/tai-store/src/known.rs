@@ -6,9 +6,9 @@
 //! It is a growable Bloom filter: "absent" is certain, "present" may be
 //! wrong (1 % at first; each stage it grows by adds its own share, ~5 %
 //! at ten million records, which take ~18 MB), and then the look-up goes
-//! to disk as before. It never
-//! forgets a key, so a record removed from disk (an `accepted` record the
-//! amqp backend takes back) only costs a look-up.
+//! to disk as before. It never forgets a key, so a record removed from
+//! disk (an `accepted` record the amqp backend takes back) only costs a
+//! look-up.
 //!
 //! Every `s/` key is added before it is written ([`Known::add_all`], called by
 //! the store's two writers of `s/` keys). The keys already on disk are
