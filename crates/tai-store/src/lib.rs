@@ -173,11 +173,16 @@ fn seq_key(prefix: u8, seq: u64) -> Vec<u8> {
 
 fn pair_key(prefix: u8, a: &str, b: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(3 + a.len() + b.len());
+    write_pair_key(&mut k, prefix, a, b);
+    k
+}
+
+/// Appends the key [`pair_key`] makes to `k`.
+fn write_pair_key(k: &mut Vec<u8>, prefix: u8, a: &str, b: &str) {
     k.extend_from_slice(&[prefix, b'/']);
     k.extend_from_slice(a.as_bytes());
     k.push(0);
     k.extend_from_slice(b.as_bytes());
-    k
 }
 
 /// The two parts of a key [`pair_key`] made (after its two-byte prefix):
@@ -478,7 +483,7 @@ impl Store {
         record.reason = Some(letter.reason.clone());
         let mut batch = redo::Ops::default();
         batch.insert(pair_key(b'd', &s.tenant_id, &s.id), encode(letter));
-        batch.insert(&key, codec::encode_record(&record));
+        batch.insert(key.as_slice(), codec::encode_record(&record));
         self.atomic(batch)?;
         self.forget_queued([key]);
         Ok(())
@@ -624,7 +629,10 @@ impl Store {
         for (i, (key, s)) in fresh.iter().enumerate() {
             batch.insert(seq_key(b'f', cur.next + i as u64), encode(s));
             if !recorded {
-                batch.insert(key, codec::encode_record(&SignalRecord::accepted(s)));
+                batch.insert(
+                    key.as_slice(),
+                    codec::encode_record(&SignalRecord::accepted(s)),
+                );
             }
         }
         self.atomic(batch)?;
@@ -823,12 +831,14 @@ impl Store {
             batch.insert(pair_key(b'd', &d.signal.tenant_id, &d.signal.id), encode(d));
         }
         self.atomic(batch)?;
-        self.forget_queued(
-            writes
-                .signal_records
-                .iter()
-                .map(|r| pair_key(b's', &r.tenant_id, &r.signal_id)),
-        );
+        // One key buffer for the whole batch: this runs for every decision.
+        let mut q = self.queued.lock().expect("queued index");
+        let mut key = Vec::new();
+        for r in &writes.signal_records {
+            key.clear();
+            write_pair_key(&mut key, b's', &r.tenant_id, &r.signal_id);
+            q.remove(&key[..]);
+        }
         Ok(())
     }
 

@@ -16,9 +16,10 @@ use crate::Result;
 pub(crate) struct Ops(Vec<(Vec<u8>, Option<Vec<u8>>)>);
 
 impl Ops {
-    pub(crate) fn insert(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
-        self.0
-            .push((key.as_ref().to_vec(), Some(value.as_ref().to_vec())));
+    /// Takes the key and value as they are: an owned `Vec` (what the
+    /// encoders return) is moved in, not copied.
+    pub(crate) fn insert(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.0.push((key.into(), Some(value.into())));
     }
     /// The keys this set puts a value under.
     pub(crate) fn inserted_keys(&self) -> impl Iterator<Item = &[u8]> {
