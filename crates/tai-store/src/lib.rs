@@ -324,10 +324,16 @@ impl Store {
             .is_some_and(|r| r.status.is_final()))
     }
 
-    fn forget_queued(&self, keys: impl IntoIterator<Item = Vec<u8>>) {
+    /// Drops the in-memory `accepted` records of these (tenant, signal id)
+    /// pairs. Each key is built in one buffer: a commit runs this for every
+    /// decision.
+    fn forget_queued<'a>(&self, signals: impl IntoIterator<Item = (&'a str, &'a str)>) {
         let mut q = self.queued.lock().expect("queued index");
-        for k in keys {
-            q.remove(&k[..]);
+        let mut key = Vec::new();
+        for (tenant, id) in signals {
+            key.clear();
+            write_pair_key(&mut key, b's', tenant, id);
+            q.remove(&key[..]);
         }
     }
 
@@ -483,9 +489,9 @@ impl Store {
         record.reason = Some(letter.reason.clone());
         let mut batch = redo::Ops::default();
         batch.insert(pair_key(b'd', &s.tenant_id, &s.id), encode(letter));
-        batch.insert(key.as_slice(), codec::encode_record(&record));
+        batch.insert(key, codec::encode_record(&record));
         self.atomic(batch)?;
-        self.forget_queued([key]);
+        self.forget_queued([(s.tenant_id.as_str(), s.id.as_str())]);
         Ok(())
     }
 
@@ -579,7 +585,7 @@ impl Store {
     pub fn forget_accepted(&self, signals: &[Signal]) -> Result<()> {
         for s in signals {
             let key = pair_key(b's', &s.tenant_id, &s.id);
-            self.forget_queued([key.clone()]);
+            self.forget_queued([(s.tenant_id.as_str(), s.id.as_str())]);
             let Some(old) = self.db.get(&key)? else {
                 continue;
             };
@@ -831,14 +837,12 @@ impl Store {
             batch.insert(pair_key(b'd', &d.signal.tenant_id, &d.signal.id), encode(d));
         }
         self.atomic(batch)?;
-        // One key buffer for the whole batch: this runs for every decision.
-        let mut q = self.queued.lock().expect("queued index");
-        let mut key = Vec::new();
-        for r in &writes.signal_records {
-            key.clear();
-            write_pair_key(&mut key, b's', &r.tenant_id, &r.signal_id);
-            q.remove(&key[..]);
-        }
+        self.forget_queued(
+            writes
+                .signal_records
+                .iter()
+                .map(|r| (r.tenant_id.as_str(), r.signal_id.as_str())),
+        );
         Ok(())
     }
 
