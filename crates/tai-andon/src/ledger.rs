@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use ractor::RpcReplyPort;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tai_core::msg::{LedgerMsg, WriteSet};
-use tai_core::receipt::{Receipt, ReceiptDraft, SignedHead, GENESIS_HASH};
+use tai_core::receipt::{Receipt, ReceiptDraft, SignedHead, SigningKey, GENESIS_HASH};
 use tai_store::Store;
 use tracing::{error, info};
 
@@ -24,7 +24,7 @@ pub struct LedgerArgs {
 pub struct LedgerState {
     store: Store,
     key_id: String,
-    key: Vec<u8>,
+    key: SigningKey,
     head_seq: u64,
     head_hash: String,
     /// Commits received since the last flush.
@@ -50,8 +50,8 @@ impl Actor for Ledger {
             .keys
             .get(&args.key_id)
             .ok_or_else(|| format!("signing key {:?} is not configured", args.key_id))?
-            .as_bytes()
-            .to_vec();
+            .as_bytes();
+        let key = SigningKey::new(key);
         // A restart after a failed commit: its receipt block may be on
         // disk past the head; those seqs are numbered again from the head.
         args.store.drop_uncommitted_receipts()?;

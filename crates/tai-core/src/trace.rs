@@ -18,19 +18,24 @@ struct Parts<'a> {
 }
 
 fn parts(traceparent: &str) -> Option<Parts<'_>> {
-    let mut it = traceparent.trim().split('-');
-    let [version, trace, span, flags] = [it.next()?, it.next()?, it.next()?, it.next()?];
-    let hex = |f: &str, len: usize| f.len() == len && f.bytes().all(|b| b.is_ascii_hexdigit());
+    // `vv-<32>-<16>-ff` is 55 bytes with its dashes at 2, 35 and 52; every
+    // other byte a hex digit (so no fifth field can hide in it).
+    let tp = traceparent.trim();
+    let b = tp.as_bytes();
+    let dash = |i: usize| b[i] == b'-';
+    let ok = b.len() == 55
+        && dash(2)
+        && dash(35)
+        && dash(52)
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| matches!(i, 2 | 35 | 52) || c.is_ascii_hexdigit());
+    if !ok {
+        return None;
+    }
+    let (version, trace, span, flags) = (&tp[..2], &tp[3..35], &tp[36..52], &tp[53..]);
     let zero = |f: &str| f.bytes().all(|b| b == b'0');
-    let ok = it.next().is_none()
-        && hex(version, 2)
-        && version != "ff"
-        && hex(trace, 32)
-        && !zero(trace)
-        && hex(span, 16)
-        && !zero(span)
-        && hex(flags, 2);
-    ok.then(|| Parts {
+    (version != "ff" && !zero(trace) && !zero(span)).then(|| Parts {
         trace,
         span,
         flags: u8::from_str_radix(flags, 16).unwrap_or_default(),
@@ -124,6 +129,10 @@ mod tests {
             "00-+bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-00",
+            // 55 bytes, but a dash out of place.
+            "000-bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e47-3600f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b-701",
         ] {
             assert!(!valid(bad), "{bad:?}");
         }

@@ -1,19 +1,45 @@
 //! Signatures seen inside the replay window, in bounded memory.
 //!
-//! Entries live in one bucket per minute of arrival and expire with their
-//! bucket, after twice the window (a timestamp may be up to a window early or
-//! late). Past `max_entries` the oldest bucket goes early: memory stays
-//! bounded; under such a flood the oldest signatures lose replay protection
-//! before their time, which is logged.
+//! A signature covers its request's timestamp, and ingress refuses a
+//! timestamp more than a window away from now, so a replay can only carry
+//! the timestamp of the original. Entries are kept in one bucket per minute
+//! of their request's timestamp: a look-up reads that one bucket, and a
+//! bucket goes once every timestamp in its minute has left the window (the
+//! requests it holds can no longer be presented). Past `max_entries` the
+//! oldest bucket goes early: memory stays bounded; under such a flood the
+//! oldest signatures lose replay protection before their time, which is
+//! logged.
 
 use std::collections::hash_map::RandomState;
-use std::collections::{HashSet, VecDeque};
-use std::hash::BuildHasher;
+use std::collections::{BTreeMap, HashSet};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+
+/// The entries are already keyed hashes (`RandomState`), so the sets use
+/// them as they are instead of hashing them again.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type Entries = HashSet<u64, BuildHasherDefault<Prehashed>>;
 
 pub struct ReplayCache {
     hasher: RandomState,
-    buckets: VecDeque<(u64, HashSet<u64>)>,
-    keep_secs: u64,
+    /// By the minute (its first second) of the requests' timestamps.
+    buckets: BTreeMap<u64, Entries>,
+    window_secs: u64,
     max_entries: usize,
     len: usize,
 }
@@ -22,56 +48,56 @@ impl ReplayCache {
     pub fn new(window_secs: u64, max_entries: usize) -> Self {
         ReplayCache {
             hasher: RandomState::new(),
-            buckets: VecDeque::new(),
-            keep_secs: window_secs * 2 + 60,
+            buckets: BTreeMap::new(),
+            window_secs,
             max_entries: max_entries.max(1),
             len: 0,
         }
     }
 
     fn expire(&mut self, now_secs: u64) {
-        while let Some((start, set)) = self.buckets.front() {
-            if now_secs.saturating_sub(*start) > self.keep_secs || self.len >= self.max_entries {
-                if self.len >= self.max_entries && now_secs.saturating_sub(*start) <= self.keep_secs
-                {
-                    tracing::warn!(
-                        entries = self.len,
-                        "replay cache full, dropping its oldest minute early"
-                    );
-                }
-                self.len -= set.len();
-                self.buckets.pop_front();
-            } else {
+        while let Some((&start, set)) = self.buckets.first_key_value() {
+            // Its latest timestamp, start + 59, is out of the window.
+            let dead = start + 60 + self.window_secs <= now_secs;
+            if !dead && self.len < self.max_entries {
                 break;
             }
+            if !dead {
+                tracing::warn!(
+                    entries = self.len,
+                    "replay cache full, dropping its oldest minute early"
+                );
+            }
+            self.len -= set.len();
+            self.buckets.pop_first();
         }
     }
 
-    /// Records (tenant, signature); false if it was already seen.
-    pub fn check_and_insert(&mut self, tenant: &str, signature: &str, now_secs: u64) -> bool {
+    /// Records (tenant, signature) of a request timestamped `ts_secs`
+    /// (already checked to be inside the window); false if it was already
+    /// seen.
+    pub fn check_and_insert(
+        &mut self,
+        tenant: &str,
+        signature: &str,
+        ts_secs: u64,
+        now_secs: u64,
+    ) -> bool {
         self.expire(now_secs);
         let h = self.hasher.hash_one((tenant, signature));
-        if self.buckets.iter().any(|(_, s)| s.contains(&h)) {
+        if !self.buckets.entry(ts_secs / 60 * 60).or_default().insert(h) {
             return false;
-        }
-        let minute = now_secs / 60 * 60;
-        match self.buckets.back_mut() {
-            Some((start, set)) if *start == minute => {
-                set.insert(h);
-            }
-            _ => self.buckets.push_back((minute, HashSet::from([h]))),
         }
         self.len += 1;
         true
     }
 
     /// Forgets a signature whose request was not accepted after all, so a retry is not a replay.
-    pub fn remove(&mut self, tenant: &str, signature: &str) {
+    pub fn remove(&mut self, tenant: &str, signature: &str, ts_secs: u64) {
         let h = self.hasher.hash_one((tenant, signature));
-        for (_, s) in self.buckets.iter_mut() {
-            if s.remove(&h) {
+        if let Some(set) = self.buckets.get_mut(&(ts_secs / 60 * 60)) {
+            if set.remove(&h) {
                 self.len -= 1;
-                return;
             }
         }
     }
@@ -92,22 +118,44 @@ mod tests {
     #[test]
     fn a_signature_is_refused_twice_within_the_window_and_forgotten_after() {
         let mut c = ReplayCache::new(300, 1000);
-        assert!(c.check_and_insert("a", "s1", 1000));
-        assert!(!c.check_and_insert("a", "s1", 1200));
-        assert!(c.check_and_insert("b", "s1", 1200), "per tenant");
+        assert!(c.check_and_insert("a", "s1", 1000, 1000));
+        assert!(!c.check_and_insert("a", "s1", 1000, 1200), "a replay");
         assert!(
-            c.check_and_insert("a", "s1", 1000 + 2 * 300 + 121),
-            "expired"
+            !c.check_and_insert("a", "s1", 1000, 1000 + 300),
+            "at the window's edge"
         );
-        c.remove("a", "s1");
-        assert!(c.check_and_insert("a", "s1", 1000 + 2 * 300 + 121));
+        assert!(c.check_and_insert("b", "s1", 1000, 1200), "per tenant");
+        assert!(c.check_and_insert("a", "s2", 1000, 1200));
+        c.remove("a", "s2", 1000);
+        assert!(c.check_and_insert("a", "s2", 1000, 1200), "forgotten");
+        assert_eq!(c.len(), 3);
+        // The minute of 1000 (960..1019) is out of the window from 1320 on:
+        // its requests are refused as stale before they get here.
+        assert!(!c.check_and_insert("a", "s1", 1000, 1319));
+        assert!(c.check_and_insert("a", "s3", 1400, 1320));
+        assert_eq!(c.len(), 1, "the minute of 1000 went");
+        assert!(c.check_and_insert("a", "s1", 1000, 1320));
+    }
+
+    #[test]
+    fn a_timestamp_ahead_of_the_clock_is_kept_until_it_leaves_the_window() {
+        let mut c = ReplayCache::new(300, 1000);
+        assert!(c.check_and_insert("a", "s1", 1290, 1000), "290 s early");
+        assert!(c.check_and_insert("a", "s2", 1000, 1000));
+        assert!(!c.check_and_insert("a", "s1", 1290, 1500), "a replay");
+        assert_eq!(c.len(), 1, "the minute of 1000 went, the early one stays");
+        assert!(!c.check_and_insert("a", "s1", 1290, 1619));
+        assert!(
+            c.check_and_insert("a", "s1", 1290, 1620),
+            "its minute left the window"
+        );
     }
 
     #[test]
     fn memory_is_bounded() {
         let mut c = ReplayCache::new(300, 100);
         for i in 0..1000u64 {
-            c.check_and_insert("t", &i.to_string(), 1000 + i);
+            c.check_and_insert("t", &i.to_string(), 1000 + i, 1000 + i);
         }
         assert!(c.len() <= 100, "{}", c.len());
     }

@@ -341,11 +341,16 @@ async fn post_signal(s: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) -
     if s.draining.load(Ordering::SeqCst) {
         return known().unwrap_or_else(|| unavailable("node is draining".into()));
     }
+    // The request's timestamp, which `verify` checked is a number inside
+    // the window.
+    let ts_secs = header(headers, auth::TIMESTAMP)
+        .and_then(|ts| ts.parse().ok())
+        .unwrap_or(now);
     if !s
         .replay
         .lock()
         .expect("replay cache")
-        .check_and_insert(tenant_id, signature, now)
+        .check_and_insert(tenant_id, signature, ts_secs, now)
     {
         return known().unwrap_or_else(|| {
             error_reply(
@@ -378,7 +383,7 @@ async fn post_signal(s: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) -
         s.replay
             .lock()
             .expect("replay cache")
-            .remove(tenant_id, signature);
+            .remove(tenant_id, signature, ts_secs);
     }
     match outcome {
         EnqueueOutcome::Accepted => {

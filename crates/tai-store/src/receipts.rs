@@ -259,7 +259,7 @@ pub(crate) fn decode_block(key: &[u8], bytes: &[u8]) -> Result<Vec<Receipt>> {
 mod tests {
     use super::*;
     use crate::StoreError;
-    use tai_core::receipt::ReceiptDraft;
+    use tai_core::receipt::{ReceiptDraft, SigningKey};
 
     fn sealed(seq: u64, prev: &str, state_after: ReceiptState, reason: Option<&str>) -> Receipt {
         let d = ReceiptDraft {
@@ -276,7 +276,7 @@ mod tests {
             trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
             timestamp_ms: 1_700_000_000_000 + seq,
         };
-        Receipt::seal(d, seq, prev, "k", b"key")
+        Receipt::seal(d, seq, prev, "k", &SigningKey::new(b"key"))
     }
 
     fn one() -> Vec<Receipt> {
@@ -342,7 +342,7 @@ mod tests {
                     trace_id: Some(format!("{:032x}", u128::from(seq) * 0x1234_5678_9abc)),
                     timestamp_ms: 1_700_000_000_000 + seq * 3,
                 };
-                let r = Receipt::seal(d, seq, &prev, "k1", b"key");
+                let r = Receipt::seal(d, seq, &prev, "k1", &SigningKey::new(b"key"));
                 prev = r.hash.clone();
                 r
             })

@@ -1,5 +1,5 @@
 use super::*;
-use tai_core::receipt::{ReceiptDraft, GENESIS_HASH};
+use tai_core::receipt::{ReceiptDraft, SigningKey, GENESIS_HASH};
 use tai_core::signal::EngineState;
 
 pub(crate) fn signal(tenant: &str, id: &str) -> Signal {
@@ -59,7 +59,7 @@ fn receipt(seq: u64, prev: &str) -> Receipt {
         trace_id: None,
         timestamp_ms: seq,
     };
-    Receipt::seal(d, seq, prev, "k", b"key")
+    Receipt::seal(d, seq, prev, "k", &SigningKey::new(b"key"))
 }
 
 #[tokio::test]
@@ -104,7 +104,7 @@ async fn a_commit_is_atomic_and_a_decided_signal_is_not_pending_again() {
         stage(&s, vec![delivery(7, "acme", "a"), delivery(8, "acme", "b")]);
         let r1 = receipt(1, GENESIS_HASH);
         let r2 = receipt(2, &r1.hash);
-        let head = SignedHead::new(2, &r2.hash, "k", b"key");
+        let head = SignedHead::new(2, &r2.hash, "k", &SigningKey::new(b"key"));
         let mut rec = SignalRecord::accepted(&signal("acme", "a"));
         rec.status = SignalStatus::Completed;
         rec.receipts = vec!["r1".into(), "r2".into()];
@@ -131,7 +131,7 @@ async fn a_commit_is_atomic_and_a_decided_signal_is_not_pending_again() {
         assert_eq!(s.receipts(0, 1, None).unwrap(), std::slice::from_ref(&r1));
         assert_eq!(s.receipts(0, 10, Some("nobody")).unwrap().len(), 0);
         let r3 = receipt(3, &r2.hash);
-        let head3 = SignedHead::new(3, &r3.hash, "k", b"key");
+        let head3 = SignedHead::new(3, &r3.hash, "k", &SigningKey::new(b"key"));
         s.commit(
             std::slice::from_ref(&r3),
             Some(&head3),
@@ -270,7 +270,7 @@ async fn a_receipt_block_whose_batch_never_committed_is_dropped() {
     let r2 = receipt(2, &r1.hash);
     {
         let s = Store::open(dir.path()).unwrap();
-        let head = SignedHead::new(1, &r1.hash, "k", b"key");
+        let head = SignedHead::new(1, &r1.hash, "k", &SigningKey::new(b"key"));
         s.commit(std::slice::from_ref(&r1), Some(&head), &WriteSet::default())
             .unwrap();
         // As if the process died after a batch's receipt block was written
@@ -309,7 +309,7 @@ fn receipts_past_the_head_that_no_crash_explains_are_kept() {
     put(&r2);
     assert_eq!(s.drop_uncommitted_receipts().unwrap(), 0);
     // One block past the head that does not chain onto it.
-    let head = SignedHead::new(1, &r1.hash, "k", b"key");
+    let head = SignedHead::new(1, &r1.hash, "k", &SigningKey::new(b"key"));
     s.db.insert(HEAD, encode(&head)).unwrap();
     s.db.remove(seq_key(b'r', 2)).unwrap();
     put(&r3);
@@ -346,7 +346,7 @@ async fn accepted_records_of_the_amqp_backend_read_the_same_from_memory_and_disk
         assert!(in_memory("a") && in_memory("b") && in_memory("c"));
         // A decision replaces it, in memory too.
         let r1 = receipt(1, GENESIS_HASH);
-        let head = SignedHead::new(1, &r1.hash, "k", b"key");
+        let head = SignedHead::new(1, &r1.hash, "k", &SigningKey::new(b"key"));
         let mut done = accepted.clone();
         done.status = SignalStatus::Completed;
         done.receipts = vec!["r1".into()];
@@ -406,7 +406,7 @@ async fn a_long_ledger_and_scattered_records_read_back_whole_after_reopen() {
                         trace_id: Some(format!("{seq:032x}")),
                         timestamp_ms: 1_700_000_000_000 + seq,
                     };
-                    let r = Receipt::seal(d, seq, &prev, "k", b"key");
+                    let r = Receipt::seal(d, seq, &prev, "k", &SigningKey::new(b"key"));
                     prev = r.hash.clone();
                     r
                 })
@@ -421,7 +421,7 @@ async fn a_long_ledger_and_scattered_records_read_back_whole_after_reopen() {
                 ..WriteSet::default()
             };
             let last = block.last().unwrap();
-            let head = SignedHead::new(last.seq, &last.hash, "k", b"key");
+            let head = SignedHead::new(last.seq, &last.hash, "k", &SigningKey::new(b"key"));
             s.commit(&block, Some(&head), &writes).unwrap();
             all.extend(block);
             records.push(rec);
@@ -491,12 +491,15 @@ async fn a_ledger_begun_by_an_earlier_build_goes_on_and_verifies() {
             codec::encode_record_v1(&old),
         )
         .unwrap();
-        s.db.insert(HEAD, encode(&SignedHead::new(2, &r2.hash, "k", b"key")))
-            .unwrap();
+        s.db.insert(
+            HEAD,
+            encode(&SignedHead::new(2, &r2.hash, "k", &SigningKey::new(b"key"))),
+        )
+        .unwrap();
         s.durable().await.unwrap();
     }
     let s = reopen(dir.path());
-    let head = SignedHead::new(3, &r3.hash, "k", b"key");
+    let head = SignedHead::new(3, &r3.hash, "k", &SigningKey::new(b"key"));
     s.commit(std::slice::from_ref(&r3), Some(&head), &WriteSet::default())
         .unwrap();
     let all = s.all_receipts().unwrap();
