@@ -506,6 +506,21 @@ async fn kill_9_mid_burst_loses_nothing_and_decides_nothing_twice() {
     let (_, verify) = node.admin(Method::GET, "/admin/receipts/verify").await;
     assert_eq!(verify["ok"], true, "{verify}");
     assert_eq!(verify["count"].as_u64().unwrap() as usize, receipts.len());
+    // The engine came back from a checkpoint that matches the ledger: one
+    // unit of quota per action generated, none lost or counted twice
+    // (checkpoints are deferred in kept redo records; the kill left some).
+    let actions = receipts
+        .iter()
+        .filter(|r| r["kind"] == "action_generated" && r["tenant_id"] == "acme")
+        .count() as u64;
+    let (_, engine) = node
+        .admin(Method::GET, "/admin/tenants/acme/payments")
+        .await;
+    assert_eq!(
+        engine["quota_remaining"].as_u64(),
+        Some(1_000_000 - actions),
+        "{engine}"
+    );
 }
 
 #[tokio::test]

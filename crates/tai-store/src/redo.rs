@@ -32,6 +32,14 @@ impl Ops {
         self.0.push((key.as_ref().to_vec(), None));
     }
 
+    /// The value of this set's last write, if that write puts it under `key`.
+    pub(crate) fn last_put(&self, key: &[u8]) -> Option<&[u8]> {
+        match self.0.last() {
+            Some((k, Some(v))) if k == key => Some(v),
+            _ => None,
+        }
+    }
+
     fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         for (k, v) in &self.0 {
@@ -80,7 +88,12 @@ fn key(id: u64) -> [u8; 10] {
 }
 
 fn apply_ops(db: &sled::Db, ops: &Ops) -> Result<()> {
-    for (k, v) in &ops.0 {
+    apply_some(db, ops, |_| true)
+}
+
+/// Applies the writes of `ops` whose key `keep` accepts, in order.
+fn apply_some(db: &sled::Db, ops: &Ops, keep: impl Fn(&[u8]) -> bool) -> Result<()> {
+    for (k, v) in ops.0.iter().filter(|(k, _)| keep(k)) {
         match v {
             Some(v) => {
                 db.insert(k, v.as_slice())?;
@@ -105,9 +118,35 @@ pub(crate) fn apply(db: &sled::Db, id: u64, ops: Ops) -> Result<()> {
     Ok(())
 }
 
-/// Re-applies write sets a crash interrupted; returns the next redo id.
-pub(crate) fn recover(db: &sled::Db) -> Result<u64> {
+/// Writes `ops` as redo record `id` and applies all of it but the puts
+/// under `deferred`, and keeps the record: those puts are durable in it, and
+/// whoever deferred them writes them to their keys later, then
+/// [`forget`]s the record. Until then, [`recover`] applies them again at
+/// open.
+pub(crate) fn apply_retaining(db: &sled::Db, id: u64, ops: &Ops, deferred: &[u8]) -> Result<()> {
+    db.insert(key(id), ops.encode())?;
+    apply_some(db, ops, |k| !k.starts_with(deferred))
+}
+
+/// Drops redo record `id`, kept by [`apply_retaining`].
+pub(crate) fn forget(db: &sled::Db, id: u64) -> Result<()> {
+    db.remove(key(id))?;
+    Ok(())
+}
+
+/// Applies the redo records left in `db` in order, then drops them; returns
+/// the next redo id. A record that `applied` says was applied, except for
+/// the puts under `deferred` (one [`apply_retaining`] kept), gets only those
+/// again: its other writes may have been overwritten since, and applying
+/// them again would undo that. Any other record is one a crash interrupted,
+/// applied whole.
+pub(crate) fn recover(
+    db: &sled::Db,
+    deferred: &[u8],
+    applied: impl Fn(&Ops) -> bool,
+) -> Result<u64> {
     let mut next = 0;
+    let mut retained = 0usize;
     let pending: Vec<_> = db
         .scan_prefix(b"w/")
         .collect::<std::result::Result<_, _>>()?;
@@ -116,13 +155,24 @@ pub(crate) fn recover(db: &sled::Db) -> Result<u64> {
             key: String::from_utf8_lossy(&k).into_owned(),
             message: "undecodable redo record".into(),
         })?;
-        tracing::warn!(
-            writes = ops.0.len(),
-            "re-applying a write set a crash interrupted"
-        );
-        apply_ops(db, &ops)?;
+        if applied(&ops) {
+            retained += 1;
+            apply_some(db, &ops, |k| k.starts_with(deferred))?;
+        } else {
+            tracing::warn!(
+                writes = ops.0.len(),
+                "re-applying a write set a crash interrupted"
+            );
+            apply_ops(db, &ops)?;
+        }
         db.remove(&k)?;
         next = next.max(u64::from_be_bytes(k[2..10].try_into().unwrap_or_default()) + 1);
+    }
+    if retained > 0 {
+        tracing::info!(
+            records = retained,
+            "wrote the deferred writes of the redo records kept since the last write-out"
+        );
     }
     db.flush()?;
     Ok(next)
@@ -143,10 +193,43 @@ mod tests {
         ops.remove(b"gone");
         // As if the process died right after the redo record was written.
         db.insert(key(7), ops.encode()).unwrap();
-        assert_eq!(recover(&db).unwrap(), 8);
+        assert_eq!(recover(&db, b"e/", |_| false).unwrap(), 8);
         assert_eq!(db.get(b"a").unwrap().unwrap(), b"1".as_slice());
         assert_eq!(db.get(b"b").unwrap().unwrap(), b"2".as_slice());
         assert!(db.get(b"gone").unwrap().is_none());
+        assert_eq!(db.scan_prefix(b"w/").count(), 0);
+    }
+
+    #[test]
+    fn a_kept_record_gives_only_its_deferred_writes_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let mut first = Ops::default();
+        first.insert(b"s/1", b"decided");
+        first.insert(b"e/x", b"one");
+        first.insert(b"m/head", b"1");
+        apply_retaining(&db, 3, &first, b"e/").unwrap();
+        assert_eq!(db.get(b"s/1").unwrap().unwrap(), b"decided".as_slice());
+        assert!(db.get(b"e/x").unwrap().is_none(), "deferred");
+        let mut second = Ops::default();
+        second.insert(b"e/x", b"two");
+        second.insert(b"m/head", b"2");
+        apply_retaining(&db, 4, &second, b"e/").unwrap();
+        // Written since, outside the records: not to be undone.
+        db.insert(b"s/1", b"replayed").unwrap();
+        assert_eq!(
+            recover(&db, b"e/", |ops| ops.last_put(b"m/head").is_some()).unwrap(),
+            5
+        );
+        assert_eq!(
+            db.get(b"e/x").unwrap().unwrap(),
+            b"two".as_slice(),
+            "in order"
+        );
+        assert_eq!(db.get(b"s/1").unwrap().unwrap(), b"replayed".as_slice());
+        assert_eq!(db.scan_prefix(b"w/").count(), 0);
+        apply_retaining(&db, 5, &first, b"e/").unwrap();
+        forget(&db, 5).unwrap();
         assert_eq!(db.scan_prefix(b"w/").count(), 0);
     }
 

@@ -585,3 +585,140 @@ async fn the_record_filter_never_hides_a_stored_record() {
     );
     assert!(s.signal_record("acme", "new-1").unwrap().is_none());
 }
+
+/// One ledger batch of one receipt (after `prev`) for `tenant`, with its
+/// engine's checkpoint `cp` and the signal's final record.
+fn commit_one(s: &Store, prev: &Receipt, tenant: &str, id: &str, cp: &[u8]) -> Receipt {
+    let r = receipt(prev.seq + 1, &prev.hash);
+    let head = SignedHead::new(r.seq, &r.hash, "k", &SigningKey::new(b"key"));
+    let mut rec = SignalRecord::accepted(&signal(tenant, id));
+    rec.status = SignalStatus::Completed;
+    let writes = WriteSet {
+        signal_records: vec![rec],
+        checkpoints: vec![(tenant.into(), "payments".into(), cp.to_vec())],
+        ..WriteSet::default()
+    };
+    s.commit(std::slice::from_ref(&r), Some(&head), &writes)
+        .unwrap();
+    r
+}
+
+fn redo_records(s: &Store) -> usize {
+    s.db.scan_prefix(b"w/").count()
+}
+
+#[tokio::test]
+async fn deferred_checkpoints_are_read_first_and_written_again_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = Store::open(dir.path()).unwrap();
+        let r1 = receipt(1, GENESIS_HASH);
+        let head = SignedHead::new(1, &r1.hash, "k", &SigningKey::new(b"key"));
+        s.commit(std::slice::from_ref(&r1), Some(&head), &WriteSet::default())
+            .unwrap();
+        let r2 = commit_one(&s, &r1, "acme", "a", b"acme-1");
+        let r3 = commit_one(&s, &r2, "beta", "b", b"beta-1");
+        commit_one(&s, &r3, "acme", "c", b"acme-2");
+        assert_eq!(redo_records(&s), 3, "kept: their checkpoints are deferred");
+        assert!(s
+            .db
+            .get(pair_key(b'e', "acme", "payments"))
+            .unwrap()
+            .is_none());
+        assert_eq!(
+            s.checkpoint("acme", "payments").unwrap().unwrap(),
+            b"acme-2"
+        );
+        let all: Vec<_> = s
+            .checkpoints()
+            .unwrap()
+            .into_iter()
+            .map(|(t, _, v)| (t, v))
+            .collect();
+        assert_eq!(
+            all,
+            [
+                ("acme".into(), b"acme-2".to_vec()),
+                ("beta".into(), b"beta-1".to_vec())
+            ]
+        );
+        // Written over since, outside the kept records: the open must not
+        // write the records' copy again.
+        s.db.insert(
+            pair_key(b's', "acme", "a"),
+            codec::encode_record(&SignalRecord::accepted(&signal("acme", "a"))),
+        )
+        .unwrap();
+        s.durable().await.unwrap();
+        // Dropped without a write-out: as a crash leaves it.
+    }
+    let s = reopen(dir.path());
+    assert_eq!(redo_records(&s), 0);
+    assert_eq!(
+        s.db.get(pair_key(b'e', "acme", "payments"))
+            .unwrap()
+            .unwrap(),
+        b"acme-2".as_slice()
+    );
+    assert_eq!(
+        s.checkpoint("beta", "payments").unwrap().unwrap(),
+        b"beta-1"
+    );
+    assert_eq!(
+        s.signal_record("acme", "a").unwrap().unwrap().status,
+        SignalStatus::Accepted,
+        "a kept record's other writes are not applied again"
+    );
+    assert_eq!(
+        s.signal_record("acme", "c").unwrap().unwrap().status,
+        SignalStatus::Completed
+    );
+    assert_eq!(s.head().unwrap().unwrap().seq, 4);
+}
+
+#[tokio::test]
+async fn deferred_checkpoints_are_written_out_in_bounded_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let mut last = receipt(1, GENESIS_HASH);
+    let head = SignedHead::new(1, &last.hash, "k", &SigningKey::new(b"key"));
+    s.commit(
+        std::slice::from_ref(&last),
+        Some(&head),
+        &WriteSet::default(),
+    )
+    .unwrap();
+    for n in 0..DEFERRED_RECORDS + 10 {
+        let tenant = format!("t{}", n % 3);
+        last = commit_one(
+            &s,
+            &last,
+            &tenant,
+            &format!("s{n}"),
+            n.to_string().as_bytes(),
+        );
+        assert!(redo_records(&s) < DEFERRED_RECORDS, "{n}");
+    }
+    assert_eq!(redo_records(&s), 10);
+    // The write-out put each engine's latest checkpoint on disk.
+    let n = DEFERRED_RECORDS - 1;
+    assert_eq!(
+        s.db.get(pair_key(b'e', &format!("t{}", n % 3), "payments"))
+            .unwrap()
+            .unwrap(),
+        n.to_string().as_bytes()
+    );
+    // A checkpoint committed without receipts (no new head) is written at
+    // once, after the deferred ones, so it is the one that stays.
+    let writes = WriteSet {
+        checkpoints: vec![("t0".into(), "payments".into(), b"direct".to_vec())],
+        ..WriteSet::default()
+    };
+    s.commit(&[], None, &writes).unwrap();
+    assert_eq!(redo_records(&s), 0);
+    assert_eq!(s.checkpoint("t0", "payments").unwrap().unwrap(), b"direct");
+    assert_eq!(
+        s.db.get(pair_key(b'e', "t0", "payments")).unwrap().unwrap(),
+        b"direct".as_slice()
+    );
+}
