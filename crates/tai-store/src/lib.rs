@@ -17,7 +17,7 @@
 //! | `d/` | tenant `\0` signal id | `DeadLetter` |
 //! | `v/` | tenant `\0` sku `\0` customer | a customer's recent payment times |
 //! | `m/` | name | meta: the signed ledger head, start count |
-//! | `w/` | redo id (u64 BE) | a write set being applied |
+//! | `w/` | redo id (u64 BE) | a write set being applied, or applied but for the engine checkpoints it defers (`Deferred`) |
 //! | `f/` | buffer seq (u64 BE) | `Signal`: the amqp backend's fallback buffer (broker down) |
 //!
 //! Atomicity: a set of writes is first stored as one redo record (`w/`), then
@@ -26,6 +26,10 @@
 //! its receipt block first, by itself, and the signed head in the redo
 //! record: a receipt block at start that chains onto the head but is past
 //! it never committed and is dropped (so the receipts are not written twice).
+//! A ledger batch's record is kept instead, applied but for its engine
+//! checkpoints, until those are written out (`Deferred`); at start such a
+//! record (its head, its last write, is not past the head on disk) gives
+//! only its checkpoints again.
 //!
 //! Writes per signal are what the node's throughput is made of (each sled
 //! insert copies a leaf), so the queue and the ledger write blocks: a queue
@@ -819,7 +823,7 @@ impl Store {
 
     // ---- engines ------------------------------------------------------------
 
-    /// An engine's latest checkpoint: deferred (see [`Deferred`]) or on disk.
+    /// An engine's latest checkpoint: deferred (in memory, see the `w/` records) or on disk.
     pub fn checkpoint(&self, tenant: &str, sku: &str) -> Result<Option<Vec<u8>>> {
         let key = pair_key(b'e', tenant, sku);
         if let Some(v) = self
