@@ -448,7 +448,11 @@ impl Store {
         Ok(())
     }
 
+    /// Writes out the deferred checkpoints and flushes: what the node does
+    /// when it stops, so that the next start has no kept records to go
+    /// through.
     pub fn flush(&self) -> Result<()> {
+        self.write_out(&mut self.deferred.lock().expect("deferred checkpoints"))?;
         self.db.flush()?;
         Ok(())
     }

@@ -607,24 +607,33 @@ fn redo_records(s: &Store) -> usize {
     s.db.scan_prefix(b"w/").count()
 }
 
+/// The first ledger batch: one receipt, no checkpoint.
+fn first_batch(s: &Store) -> Receipt {
+    let r1 = receipt(1, GENESIS_HASH);
+    let head = SignedHead::new(1, &r1.hash, "k", &SigningKey::new(b"key"));
+    s.commit(std::slice::from_ref(&r1), Some(&head), &WriteSet::default())
+        .unwrap();
+    r1
+}
+
+/// `tenant`'s checkpoint as its `e/` key holds it (deferred ones aside).
+fn on_disk(s: &Store, tenant: &str) -> Option<Vec<u8>> {
+    s.db.get(pair_key(b'e', tenant, "payments"))
+        .unwrap()
+        .map(|v| v.to_vec())
+}
+
 #[tokio::test]
 async fn deferred_checkpoints_are_read_first_and_written_again_after_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     {
         let s = Store::open(dir.path()).unwrap();
-        let r1 = receipt(1, GENESIS_HASH);
-        let head = SignedHead::new(1, &r1.hash, "k", &SigningKey::new(b"key"));
-        s.commit(std::slice::from_ref(&r1), Some(&head), &WriteSet::default())
-            .unwrap();
+        let r1 = first_batch(&s);
         let r2 = commit_one(&s, &r1, "acme", "a", b"acme-1");
         let r3 = commit_one(&s, &r2, "beta", "b", b"beta-1");
         commit_one(&s, &r3, "acme", "c", b"acme-2");
         assert_eq!(redo_records(&s), 3, "kept: their checkpoints are deferred");
-        assert!(s
-            .db
-            .get(pair_key(b'e', "acme", "payments"))
-            .unwrap()
-            .is_none());
+        assert_eq!(on_disk(&s, "acme"), None);
         assert_eq!(
             s.checkpoint("acme", "payments").unwrap().unwrap(),
             b"acme-2"
@@ -654,12 +663,7 @@ async fn deferred_checkpoints_are_read_first_and_written_again_after_a_crash() {
     }
     let s = reopen(dir.path());
     assert_eq!(redo_records(&s), 0);
-    assert_eq!(
-        s.db.get(pair_key(b'e', "acme", "payments"))
-            .unwrap()
-            .unwrap(),
-        b"acme-2".as_slice()
-    );
+    assert_eq!(on_disk(&s, "acme"), Some(b"acme-2".to_vec()));
     assert_eq!(
         s.checkpoint("beta", "payments").unwrap().unwrap(),
         b"beta-1"
@@ -680,14 +684,7 @@ async fn deferred_checkpoints_are_read_first_and_written_again_after_a_crash() {
 async fn deferred_checkpoints_are_written_out_in_bounded_batches() {
     let dir = tempfile::tempdir().unwrap();
     let s = Store::open(dir.path()).unwrap();
-    let mut last = receipt(1, GENESIS_HASH);
-    let head = SignedHead::new(1, &last.hash, "k", &SigningKey::new(b"key"));
-    s.commit(
-        std::slice::from_ref(&last),
-        Some(&head),
-        &WriteSet::default(),
-    )
-    .unwrap();
+    let mut last = first_batch(&s);
     for n in 0..DEFERRED_RECORDS + 10 {
         let tenant = format!("t{}", n % 3);
         last = commit_one(
@@ -703,10 +700,8 @@ async fn deferred_checkpoints_are_written_out_in_bounded_batches() {
     // The write-out put each engine's latest checkpoint on disk.
     let n = DEFERRED_RECORDS - 1;
     assert_eq!(
-        s.db.get(pair_key(b'e', &format!("t{}", n % 3), "payments"))
-            .unwrap()
-            .unwrap(),
-        n.to_string().as_bytes()
+        on_disk(&s, &format!("t{}", n % 3)),
+        Some(n.to_string().into_bytes())
     );
     // A checkpoint committed without receipts (no new head) is written at
     // once, after the deferred ones, so it is the one that stays.
@@ -717,8 +712,22 @@ async fn deferred_checkpoints_are_written_out_in_bounded_batches() {
     s.commit(&[], None, &writes).unwrap();
     assert_eq!(redo_records(&s), 0);
     assert_eq!(s.checkpoint("t0", "payments").unwrap().unwrap(), b"direct");
+    assert_eq!(on_disk(&s, "t0"), Some(b"direct".to_vec()));
+}
+
+#[test]
+fn a_flush_writes_the_deferred_checkpoints_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let r1 = first_batch(&s);
+    let r2 = commit_one(&s, &r1, "acme", "a", b"acme-1");
+    commit_one(&s, &r2, "acme", "b", b"acme-2");
+    assert_eq!(redo_records(&s), 2);
+    s.flush().unwrap();
+    assert_eq!(redo_records(&s), 0, "a stopped node leaves no kept records");
+    assert_eq!(on_disk(&s, "acme"), Some(b"acme-2".to_vec()));
     assert_eq!(
-        s.db.get(pair_key(b'e', "t0", "payments")).unwrap().unwrap(),
-        b"direct".as_slice()
+        s.checkpoint("acme", "payments").unwrap().unwrap(),
+        b"acme-2"
     );
 }
