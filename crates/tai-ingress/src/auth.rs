@@ -101,7 +101,18 @@ pub struct Presented<'a> {
     pub signature: Option<&'a str>,
 }
 
-/// Checks a request; returns the tenant id and the signature (for the replay cache).
+/// What a request that passed [`verify`] presented.
+#[derive(Debug, Clone, Copy)]
+pub struct Verified<'a> {
+    pub tenant_id: &'a str,
+    pub tenant: &'a Tenant,
+    /// The signature's hex digits (for the replay cache).
+    pub signature: &'a str,
+    /// The request's timestamp, inside the window (for the replay cache).
+    pub timestamp_secs: u64,
+}
+
+/// Checks a request; returns what it presented.
 pub fn verify<'a>(
     tenants: &'a Tenants,
     p: Presented<'a>,
@@ -110,7 +121,7 @@ pub fn verify<'a>(
     body: &[u8],
     now_secs: u64,
     window_secs: u64,
-) -> Result<(&'a str, &'a Tenant, &'a str), AuthError> {
+) -> Result<Verified<'a>, AuthError> {
     let tenant_id = p.tenant.ok_or(AuthError::Missing("X-Tai-Tenant"))?;
     let ts = p.timestamp.ok_or(AuthError::Missing("X-Tai-Timestamp"))?;
     let sig = p.signature.ok_or(AuthError::Missing("X-Tai-Signature"))?;
@@ -137,7 +148,12 @@ pub fn verify<'a>(
         mac.verify_slice(&raw).is_ok()
     });
     if ok {
-        Ok((tenant_id, tenant, hex_sig))
+        Ok(Verified {
+            tenant_id,
+            tenant,
+            signature: hex_sig,
+            timestamp_secs: ts_secs,
+        })
     } else {
         Err(AuthError::BadSignature)
     }
@@ -187,7 +203,7 @@ mod tests {
                 now,
                 300,
             )
-            .map(|(id, _, _)| id.to_string())
+            .map(|v| v.tenant_id.to_string())
         };
         for secret in [&b"old"[..], b"new"] {
             let sig = sign(secret, "1000", "POST", "/v1/signals", body);

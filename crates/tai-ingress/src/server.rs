@@ -271,7 +271,12 @@ async fn post_signal(s: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) -
         );
     }
     let now = now_secs();
-    let (tenant_id, tenant, signature) = match auth::verify(
+    let auth::Verified {
+        tenant_id,
+        tenant,
+        signature,
+        timestamp_secs,
+    } = match auth::verify(
         &s.tenants,
         presented(headers),
         "POST",
@@ -341,17 +346,12 @@ async fn post_signal(s: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) -
     if s.draining.load(Ordering::SeqCst) {
         return known().unwrap_or_else(|| unavailable("node is draining".into()));
     }
-    // The request's timestamp, which `verify` checked is a number inside
-    // the window.
-    let ts_secs = header(headers, auth::TIMESTAMP)
-        .and_then(|ts| ts.parse().ok())
-        .unwrap_or(now);
-    if !s
-        .replay
-        .lock()
-        .expect("replay cache")
-        .check_and_insert(tenant_id, signature, ts_secs, now)
-    {
+    if !s.replay.lock().expect("replay cache").check_and_insert(
+        tenant_id,
+        signature,
+        timestamp_secs,
+        now,
+    ) {
         return known().unwrap_or_else(|| {
             error_reply(
                 ErrorCode::Unauthorized,
@@ -383,7 +383,7 @@ async fn post_signal(s: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) -
         s.replay
             .lock()
             .expect("replay cache")
-            .remove(tenant_id, signature, ts_secs);
+            .remove(tenant_id, signature, timestamp_secs);
     }
     match outcome {
         EnqueueOutcome::Accepted => {
@@ -460,7 +460,7 @@ async fn enqueue(signal: tai_core::signal::Signal, origin: IdOrigin) -> EnqueueO
 }
 
 fn get_signal(s: &Shared, path: &str, headers: &HeaderMap, id: &str) -> Response {
-    let (tenant_id, _, _) = match auth::verify(
+    let tenant_id = match auth::verify(
         &s.tenants,
         presented(headers),
         "GET",
@@ -469,7 +469,7 @@ fn get_signal(s: &Shared, path: &str, headers: &HeaderMap, id: &str) -> Response
         now_secs(),
         s.window_secs,
     ) {
-        Ok(ok) => ok,
+        Ok(ok) => ok.tenant_id,
         Err(e) => return error_reply(ErrorCode::Unauthorized, e.to_string()),
     };
     match s.store.signal_record(tenant_id, id) {

@@ -284,7 +284,7 @@ impl Store {
         };
         let redo_seq = redo::recover(&db, b"e/", |ops| {
             ops.last_put(HEAD)
-                .and_then(|v| serde_json::from_slice::<SignedHead>(v).ok())
+                .and_then(|v| decode::<SignedHead>(HEAD, v).ok())
                 .is_some_and(|h| h.seq <= head_seq)
         })?;
         // After the redo records are applied: the scan must see their keys.
@@ -377,12 +377,15 @@ impl Store {
     /// record: sled's own `apply_batch` forces a synchronous disk write per
     /// batch, which would defeat group commit.
     fn atomic(&self, ops: redo::Ops) -> Result<()> {
-        self.known
-            .add_all(ops.inserted_keys().filter(|k| k.starts_with(b"s/")));
-        redo::apply(&self.db, self.next_redo_id(), ops)
+        let id = self.redo_id_for(&ops);
+        redo::apply(&self.db, id, ops)
     }
 
-    fn next_redo_id(&self) -> u64 {
+    /// The next redo id, for a set whose `s/` keys are added to the filter
+    /// of known records first (before they are written, as the filter needs).
+    fn redo_id_for(&self, ops: &redo::Ops) -> u64 {
+        self.known
+            .add_all(ops.inserted_keys().filter(|k| k.starts_with(b"s/")));
         self.redo_seq
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
     }
@@ -928,13 +931,13 @@ impl Store {
             drop(deferred);
             self.atomic(batch)?;
         } else {
-            self.known
-                .add_all(batch.inserted_keys().filter(|k| k.starts_with(b"s/")));
-            let id = self.next_redo_id();
+            let id = self.redo_id_for(&batch);
             if let Err(e) = redo::apply_retaining(&self.db, id, &batch, b"e/") {
                 // Not applied: its record must not give its checkpoints
-                // again at the next open (best effort; the ledger restarts).
-                let _ = redo::forget(&self.db, id);
+                // again at the next open (the ledger restarts either way).
+                if let Err(forget) = redo::forget(&self.db, id) {
+                    tracing::error!(redo_id = id, error = %forget, "could not drop the redo record of a failed commit");
+                }
                 return Err(e);
             }
             deferred.retained.push_back(id);
