@@ -495,8 +495,10 @@ async fn kill_9_mid_burst_loses_nothing_and_decides_nothing_twice() {
         decisions.values().all(|n| *n == 1),
         "no signal was decided twice"
     );
+    // Every one's record (its dedupe key) says it was decided: records are
+    // deferred in kept redo records too, which the kill nearly always leaves.
     let c = Client::new(&node, "acme", "acme-secret");
-    for id in accepted.iter().take(50) {
+    for id in &accepted {
         let s = c.decided(id).await;
         assert!(
             ["completed", "failed"].contains(&s["status"].as_str().unwrap()),

@@ -17,7 +17,7 @@
 //! | `d/` | tenant `\0` signal id | `DeadLetter` |
 //! | `v/` | tenant `\0` sku `\0` customer | a customer's recent payment times |
 //! | `m/` | name | meta: the signed ledger head, start count |
-//! | `w/` | redo id (u64 BE) | a write set being applied, or applied but for the engine checkpoints it defers (`Deferred`) |
+//! | `w/` | redo id (u64 BE) | a write set being applied, or applied but for the engine checkpoints and signal records it defers (`Deferred`) |
 //! | `f/` | buffer seq (u64 BE) | `Signal`: the amqp backend's fallback buffer (broker down) |
 //!
 //! Atomicity: a set of writes is first stored as one redo record (`w/`), then
@@ -27,9 +27,10 @@
 //! record: a receipt block at start that chains onto the head but is past
 //! it never committed and is dropped (so the receipts are not written twice).
 //! A ledger batch's record is kept instead, applied but for its engine
-//! checkpoints, until those are written out (`Deferred`); at start such a
+//! checkpoints and signal records, until those are written out, in key
+//! order, a few hundred batches at a time (`Deferred`); at start such a
 //! record (its head, its last write, is not past the head on disk) gives
-//! only its checkpoints again.
+//! only those again.
 //!
 //! Writes per signal are what the node's throughput is made of (each sled
 //! insert copies a leaf), so the queue and the ledger write blocks: a queue
@@ -107,19 +108,25 @@ pub struct Store {
     buffer: Arc<Mutex<BufferCursor>>,
     /// A filter of the `s/` keys on disk: a miss skips the sled look-up.
     known: Arc<known::Known>,
-    /// Engine checkpoints committed but not yet written to their `e/` keys.
+    /// Engine checkpoints and signal records committed but not yet written
+    /// to their `e/` and `s/` keys.
     deferred: Arc<Mutex<Deferred>>,
 }
 
-/// Checkpoints a ledger commit made durable in its redo record, which is
-/// kept, instead of writing each to its `e/` key at once: an engine commits
-/// a checkpoint with every batch it decides, ~0.3 sled inserts per signal
-/// at load, while between two write-outs most engines commit many times
-/// and only the last of their checkpoints is written. Reads see these
-/// first. Every [`DEFERRED_RECORDS`] commits (and before any checkpoint is
-/// written otherwise) the latest ones go to their keys and the kept
-/// records are dropped; a crash before that leaves the records, and the
-/// store's open writes their checkpoints again, in order.
+/// Checkpoints and signal records a ledger commit made durable in its redo
+/// record, which is kept, instead of writing each to its key at once: a
+/// sled insert is a walk down the tree and a copy of the leaf, and a
+/// signal's record (its dedupe key) was one per signal, its engine's
+/// checkpoint ~0.3 more at load. Between two write-outs most engines commit
+/// many times and only the last of their checkpoints is written; and the
+/// write-out puts everything in key order, each leaf rewritten once for all
+/// its keys ([`sled::Tree::apply_sorted`], vendor/sled/PATCHED.md 8), not
+/// walked to and copied once per key. Reads see these first. Every
+/// [`DEFERRED_RECORDS`] commits the latest ones go to their keys and the
+/// kept records are dropped (with sorted removes); so do they before any
+/// other write to a deferred key ([`Store::settle`]), so that the open,
+/// which writes the kept records' deferred puts again in order after a
+/// crash, never writes an older value over a newer one.
 #[derive(Default)]
 struct Deferred {
     latest: HashMap<Box<[u8]>, Vec<u8>>,
@@ -127,8 +134,11 @@ struct Deferred {
     retained: std::collections::VecDeque<u64>,
 }
 
-/// Kept redo records between two write-outs of the deferred checkpoints.
+/// Kept redo records between two write-outs of the deferred writes.
 const DEFERRED_RECORDS: usize = 256;
+
+/// The keys a ledger commit defers: engine checkpoints and signal records.
+const DEFERRED: &[&[u8]] = &[b"e/", b"s/"];
 
 /// The rest of a queued signal's `accepted` record (its key holds the tenant and id).
 struct Queued {
@@ -282,7 +292,7 @@ impl Store {
             Some(v) => decode::<SignedHead>(HEAD, &v)?.seq,
             None => 0,
         };
-        let redo_seq = redo::recover(&db, b"e/", |ops| {
+        let redo_seq = redo::recover(&db, DEFERRED, |ops| {
             ops.last_put(HEAD)
                 .and_then(|v| decode::<SignedHead>(HEAD, v).ok())
                 .is_some_and(|h| h.seq <= head_seq)
@@ -344,9 +354,19 @@ impl Store {
             .collect()
     }
 
+    /// A signal's record in the store: deferred, or on disk.
     fn disk_record(&self, key: &[u8]) -> Result<Option<SignalRecord>> {
         if !self.known.may_exist(key) {
             return Ok(None);
+        }
+        if let Some(v) = self
+            .deferred
+            .lock()
+            .expect("deferred writes")
+            .latest
+            .get(key)
+        {
+            return codec::decode_record(key, v).map(Some);
         }
         self.db
             .get(key)?
@@ -375,10 +395,25 @@ impl Store {
 
     /// Applies `ops` atomically (all or none survive a crash) through the redo
     /// record: sled's own `apply_batch` forces a synchronous disk write per
-    /// batch, which would defeat group commit.
+    /// batch, which would defeat group commit. Settled first (see
+    /// [`Store::settle`]).
     fn atomic(&self, ops: redo::Ops) -> Result<()> {
+        let mut deferred = self.deferred.lock().expect("deferred writes");
+        self.settle(&mut deferred, ops.keys())?;
         let id = self.redo_id_for(&ops);
         redo::apply(&self.db, id, ops)
+    }
+
+    /// Before a write of `keys` other than a ledger commit's deferred ones
+    /// (made while `d` stays locked): if any of them is deferred, writes the
+    /// deferred set out first. Otherwise a kept record would still hold the
+    /// older value, and the open after a crash would write it again over
+    /// this write.
+    fn settle<'k>(&self, d: &mut Deferred, mut keys: impl Iterator<Item = &'k [u8]>) -> Result<()> {
+        if !d.latest.is_empty() && keys.any(|k| d.latest.contains_key(k)) {
+            self.write_out(d)?;
+        }
+        Ok(())
     }
 
     /// The next redo id, for a set whose `s/` keys are added to the filter
@@ -390,20 +425,24 @@ impl Store {
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Writes the deferred checkpoints to their keys, then drops the redo
-    /// records that kept them (in that order: a crash in between leaves
-    /// records whose checkpoints are written again at open, in order, so
-    /// the latest still wins). On an error what is not yet done stays
-    /// deferred.
+    /// Writes the deferred writes to their keys, in key order, then drops
+    /// the redo records that kept them (in that order: a crash in between
+    /// leaves records whose writes are made again at open, in order, so the
+    /// latest still wins). On an error it is all still deferred (the
+    /// records are kept, and writing them again is harmless).
     fn write_out(&self, d: &mut Deferred) -> Result<()> {
-        for (k, v) in &d.latest {
-            self.db.insert(&k[..], v.as_slice())?;
-        }
+        let mut puts: Vec<(&[u8], Option<&[u8]>)> = d
+            .latest
+            .iter()
+            .map(|(k, v)| (&k[..], Some(v.as_slice())))
+            .collect();
+        puts.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        self.db.apply_sorted(&puts)?;
+        let records: Vec<([u8; 10], Option<&[u8]>)> =
+            d.retained.iter().map(|&id| (redo::key(id), None)).collect();
+        self.db.apply_sorted(&records)?;
         d.latest.clear();
-        while let Some(&id) = d.retained.front() {
-            redo::forget(&self.db, id)?;
-            d.retained.pop_front();
-        }
+        d.retained.clear();
         Ok(())
     }
 
@@ -455,7 +494,7 @@ impl Store {
     /// when it stops, so that the next start has no kept records to go
     /// through.
     pub fn flush(&self) -> Result<()> {
-        self.write_out(&mut self.deferred.lock().expect("deferred checkpoints"))?;
+        self.write_out(&mut self.deferred.lock().expect("deferred writes"))?;
         self.db.flush()?;
         Ok(())
     }
@@ -628,9 +667,13 @@ impl Store {
             .map(|s| pair_key(b's', &s.tenant_id, &s.id))
             .collect();
         self.known.add_all(keys.iter().map(|k| &k[..]));
-        for (key, s) in keys.iter().zip(signals) {
-            self.db
-                .insert(key, codec::encode_record(&SignalRecord::accepted(s)))?;
+        {
+            let mut deferred = self.deferred.lock().expect("deferred writes");
+            self.settle(&mut deferred, keys.iter().map(|k| &k[..]))?;
+            for (key, s) in keys.iter().zip(signals) {
+                self.db
+                    .insert(key, codec::encode_record(&SignalRecord::accepted(s)))?;
+            }
         }
         let mut q = self.queued.lock().expect("queued index");
         for (key, s) in keys.into_iter().zip(signals) {
@@ -648,6 +691,8 @@ impl Store {
         for s in signals {
             let key = pair_key(b's', &s.tenant_id, &s.id);
             self.forget_queued([(s.tenant_id.as_str(), s.id.as_str())]);
+            let mut deferred = self.deferred.lock().expect("deferred writes");
+            self.settle(&mut deferred, std::iter::once(&key[..]))?;
             let Some(old) = self.db.get(&key)? else {
                 continue;
             };
@@ -836,7 +881,7 @@ impl Store {
         if let Some(v) = self
             .deferred
             .lock()
-            .expect("deferred checkpoints")
+            .expect("deferred writes")
             .latest
             .get(&key[..])
         {
@@ -847,12 +892,15 @@ impl Store {
 
     /// Every checkpoint: (tenant, sku, bytes), the deferred ones included.
     pub fn checkpoints(&self) -> Result<Vec<(String, String, Vec<u8>)>> {
-        let latest = self
+        let latest: Vec<(Box<[u8]>, Vec<u8>)> = self
             .deferred
             .lock()
-            .expect("deferred checkpoints")
+            .expect("deferred writes")
             .latest
-            .clone();
+            .iter()
+            .filter(|(k, _)| k.starts_with(b"e/"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let mut all: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
         for kv in self.db.scan_prefix(b"e/") {
             let (k, v) = kv?;
@@ -920,19 +968,16 @@ impl Store {
         if let Some(h) = head {
             batch.insert(HEAD, encode(h));
         }
-        let mut deferred = self.deferred.lock().expect("deferred checkpoints");
-        if writes.checkpoints.is_empty() || receipts.is_empty() || head.is_none() {
+        let defers = !(writes.checkpoints.is_empty() && writes.signal_records.is_empty());
+        if !defers || receipts.is_empty() || head.is_none() {
             // Nothing to defer, or no new head to mark the record applied:
-            // written whole, after the deferred checkpoints (which must not
-            // be written over its own at the next open).
-            if !writes.checkpoints.is_empty() {
-                self.write_out(&mut deferred)?;
-            }
-            drop(deferred);
+            // written whole (and settled, so that no deferred write goes
+            // over it at the next open).
             self.atomic(batch)?;
         } else {
+            let mut deferred = self.deferred.lock().expect("deferred writes");
             let id = self.redo_id_for(&batch);
-            if let Err(e) = redo::apply_retaining(&self.db, id, &batch, b"e/") {
+            if let Err(e) = redo::apply_retaining(&self.db, id, &batch, DEFERRED) {
                 // Not applied: its record must not give its checkpoints
                 // again at the next open (the ledger restarts either way).
                 if let Err(forget) = redo::forget(&self.db, id) {
@@ -941,10 +986,8 @@ impl Store {
                 return Err(e);
             }
             deferred.retained.push_back(id);
-            for (t, s, bytes) in &writes.checkpoints {
-                deferred
-                    .latest
-                    .insert(pair_key(b'e', t, s).into(), bytes.clone());
+            for (k, v) in batch.into_puts_under(DEFERRED) {
+                deferred.latest.insert(k.into(), v);
             }
             if deferred.retained.len() >= DEFERRED_RECORDS {
                 self.write_out(&mut deferred)?;

@@ -28,8 +28,23 @@ impl Ops {
             .filter(|(_, v)| v.is_some())
             .map(|(k, _)| k.as_slice())
     }
+    /// Every key this set writes (puts and deletes).
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &[u8]> {
+        self.0.iter().map(|(k, _)| k.as_slice())
+    }
     pub(crate) fn remove(&mut self, key: impl AsRef<[u8]>) {
         self.0.push((key.as_ref().to_vec(), None));
+    }
+
+    /// The puts under any of `prefixes`, taken out of the set.
+    pub(crate) fn into_puts_under<'a>(
+        self,
+        prefixes: &'a [&'a [u8]],
+    ) -> impl Iterator<Item = (Vec<u8>, Vec<u8>)> + 'a {
+        self.0.into_iter().filter_map(move |(k, v)| {
+            let v = v?;
+            under(&k, prefixes).then_some((k, v))
+        })
     }
 
     /// The value of this set's last write, if that write puts it under `key`.
@@ -80,7 +95,12 @@ impl Ops {
     }
 }
 
-fn key(id: u64) -> [u8; 10] {
+/// Whether `key` starts with one of `prefixes`.
+pub(crate) fn under(key: &[u8], prefixes: &[&[u8]]) -> bool {
+    prefixes.iter().any(|p| key.starts_with(p))
+}
+
+pub(crate) fn key(id: u64) -> [u8; 10] {
     let mut k = [0u8; 10];
     k[..2].copy_from_slice(b"w/");
     k[2..].copy_from_slice(&id.to_be_bytes());
@@ -119,13 +139,13 @@ pub(crate) fn apply(db: &sled::Db, id: u64, ops: Ops) -> Result<()> {
 }
 
 /// Writes `ops` as redo record `id` and applies all of it but the puts
-/// under `deferred`, and keeps the record: those puts are durable in it, and
-/// whoever deferred them writes them to their keys later, then
-/// [`forget`]s the record. Until then, [`recover`] applies them again at
-/// open.
-pub(crate) fn apply_retaining(db: &sled::Db, id: u64, ops: &Ops, deferred: &[u8]) -> Result<()> {
+/// under the `deferred` prefixes, and keeps the record: those puts are
+/// durable in it, and whoever deferred them writes them to their keys
+/// later, then [`forget`]s the record. Until then, [`recover`] applies them
+/// again at open.
+pub(crate) fn apply_retaining(db: &sled::Db, id: u64, ops: &Ops, deferred: &[&[u8]]) -> Result<()> {
     db.insert(key(id), ops.encode())?;
-    apply_some(db, ops, |k| !k.starts_with(deferred))
+    apply_some(db, ops, |k| !under(k, deferred))
 }
 
 /// Drops redo record `id`, kept by [`apply_retaining`].
@@ -136,13 +156,13 @@ pub(crate) fn forget(db: &sled::Db, id: u64) -> Result<()> {
 
 /// Applies the redo records left in `db` in order, then drops them; returns
 /// the next redo id. A record that `applied` says was applied, except for
-/// the puts under `deferred` (one [`apply_retaining`] kept), gets only those
+/// the puts under the `deferred` prefixes (one [`apply_retaining`] kept), gets only those
 /// again: its other writes may have been overwritten since, and applying
 /// them again would undo that. Any other record is one a crash interrupted,
 /// applied whole.
 pub(crate) fn recover(
     db: &sled::Db,
-    deferred: &[u8],
+    deferred: &[&[u8]],
     applied: impl Fn(&Ops) -> bool,
 ) -> Result<u64> {
     let mut next = 0;
@@ -157,7 +177,7 @@ pub(crate) fn recover(
         })?;
         if applied(&ops) {
             retained += 1;
-            apply_some(db, &ops, |k| k.starts_with(deferred))?;
+            apply_some(db, &ops, |k| under(k, deferred))?;
         } else {
             tracing::warn!(
                 writes = ops.0.len(),
@@ -193,7 +213,7 @@ mod tests {
         ops.remove(b"gone");
         // As if the process died right after the redo record was written.
         db.insert(key(7), ops.encode()).unwrap();
-        assert_eq!(recover(&db, b"e/", |_| false).unwrap(), 8);
+        assert_eq!(recover(&db, &[b"e/"], |_| false).unwrap(), 8);
         assert_eq!(db.get(b"a").unwrap().unwrap(), b"1".as_slice());
         assert_eq!(db.get(b"b").unwrap().unwrap(), b"2".as_slice());
         assert!(db.get(b"gone").unwrap().is_none());
@@ -208,17 +228,17 @@ mod tests {
         first.insert(b"s/1", b"decided");
         first.insert(b"e/x", b"one");
         first.insert(b"m/head", b"1");
-        apply_retaining(&db, 3, &first, b"e/").unwrap();
+        apply_retaining(&db, 3, &first, &[b"e/"]).unwrap();
         assert_eq!(db.get(b"s/1").unwrap().unwrap(), b"decided".as_slice());
         assert!(db.get(b"e/x").unwrap().is_none(), "deferred");
         let mut second = Ops::default();
         second.insert(b"e/x", b"two");
         second.insert(b"m/head", b"2");
-        apply_retaining(&db, 4, &second, b"e/").unwrap();
+        apply_retaining(&db, 4, &second, &[b"e/"]).unwrap();
         // Written since, outside the records: not to be undone.
         db.insert(b"s/1", b"replayed").unwrap();
         assert_eq!(
-            recover(&db, b"e/", |ops| ops.last_put(b"m/head").is_some()).unwrap(),
+            recover(&db, &[b"e/"], |ops| ops.last_put(b"m/head").is_some()).unwrap(),
             5
         );
         assert_eq!(
@@ -228,7 +248,7 @@ mod tests {
         );
         assert_eq!(db.get(b"s/1").unwrap().unwrap(), b"replayed".as_slice());
         assert_eq!(db.scan_prefix(b"w/").count(), 0);
-        apply_retaining(&db, 5, &first, b"e/").unwrap();
+        apply_retaining(&db, 5, &first, &[b"e/"]).unwrap();
         forget(&db, 5).unwrap();
         assert_eq!(db.scan_prefix(b"w/").count(), 0);
     }

@@ -623,20 +623,51 @@ fn on_disk(s: &Store, tenant: &str) -> Option<Vec<u8>> {
         .map(|v| v.to_vec())
 }
 
+/// The record of `tenant`'s signal `id` as its `s/` key holds it (deferred ones aside).
+fn record_on_disk(s: &Store, tenant: &str, id: &str) -> Option<SignalStatus> {
+    let key = pair_key(b's', tenant, id);
+    s.db.get(&key)
+        .unwrap()
+        .map(|v| codec::decode_record(&key, &v).unwrap().status)
+}
+
 #[tokio::test]
-async fn deferred_checkpoints_are_read_first_and_written_again_after_a_crash() {
+async fn deferred_writes_are_read_first_and_written_again_after_a_crash() {
     let dir = tempfile::tempdir().unwrap();
+    let window = velocity_key("acme", "payments", "c1");
     {
         let s = Store::open(dir.path()).unwrap();
         let r1 = first_batch(&s);
         let r2 = commit_one(&s, &r1, "acme", "a", b"acme-1");
         let r3 = commit_one(&s, &r2, "beta", "b", b"beta-1");
-        commit_one(&s, &r3, "acme", "c", b"acme-2");
-        assert_eq!(redo_records(&s), 3, "kept: their checkpoints are deferred");
+        // A batch with a write that is not deferred (a payment window).
+        let r4 = receipt(r3.seq + 1, &r3.hash);
+        let head = SignedHead::new(r4.seq, &r4.hash, "k", &SigningKey::new(b"key"));
+        let writes = WriteSet {
+            signal_records: vec![completed("acme", "c")],
+            checkpoints: vec![("acme".into(), "payments".into(), b"acme-2".to_vec())],
+            velocity: vec![(
+                "acme".into(),
+                "payments".into(),
+                "c1".into(),
+                b"[1]".to_vec(),
+            )],
+            ..WriteSet::default()
+        };
+        s.commit(std::slice::from_ref(&r4), Some(&head), &writes)
+            .unwrap();
+        assert_eq!(redo_records(&s), 3, "kept: their writes are deferred");
         assert_eq!(on_disk(&s, "acme"), None);
+        assert_eq!(record_on_disk(&s, "acme", "c"), None);
+        assert_eq!(s.db.get(&window).unwrap().unwrap(), b"[1]".as_slice());
         assert_eq!(
             s.checkpoint("acme", "payments").unwrap().unwrap(),
             b"acme-2"
+        );
+        assert_eq!(
+            s.signal_record("acme", "c").unwrap().unwrap().status,
+            SignalStatus::Completed,
+            "read from the deferred writes"
         );
         let all: Vec<_> = s
             .checkpoints()
@@ -652,12 +683,8 @@ async fn deferred_checkpoints_are_read_first_and_written_again_after_a_crash() {
             ]
         );
         // Written over since, outside the kept records: the open must not
-        // write the records' copy again.
-        s.db.insert(
-            pair_key(b's', "acme", "a"),
-            codec::encode_record(&SignalRecord::accepted(&signal("acme", "a"))),
-        )
-        .unwrap();
+        // write the record's copy again.
+        s.db.insert(&window, b"[2]".as_slice()).unwrap();
         s.durable().await.unwrap();
         // Dropped without a write-out: as a crash leaves it.
     }
@@ -668,16 +695,116 @@ async fn deferred_checkpoints_are_read_first_and_written_again_after_a_crash() {
         s.checkpoint("beta", "payments").unwrap().unwrap(),
         b"beta-1"
     );
+    for (tenant, id) in [("acme", "a"), ("beta", "b"), ("acme", "c")] {
+        assert_eq!(
+            record_on_disk(&s, tenant, id),
+            Some(SignalStatus::Completed),
+            "{tenant}/{id}"
+        );
+    }
     assert_eq!(
-        s.signal_record("acme", "a").unwrap().unwrap().status,
-        SignalStatus::Accepted,
+        s.db.get(&window).unwrap().unwrap(),
+        b"[2]".as_slice(),
         "a kept record's other writes are not applied again"
     );
-    assert_eq!(
-        s.signal_record("acme", "c").unwrap().unwrap().status,
-        SignalStatus::Completed
-    );
     assert_eq!(s.head().unwrap().unwrap().seq, 4);
+}
+
+/// A first batch, then two decisions of `acme` (signals `a` and `b`,
+/// checkpoints `acme-1` and `acme-2`), whose redo records are kept.
+fn two_kept_commits(s: &Store) {
+    let r1 = first_batch(s);
+    let r2 = commit_one(s, &r1, "acme", "a", b"acme-1");
+    commit_one(s, &r2, "acme", "b", b"acme-2");
+    assert_eq!(redo_records(s), 2);
+}
+
+#[tokio::test]
+async fn a_write_to_a_deferred_key_writes_the_deferred_ones_out_first() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = Store::open(dir.path()).unwrap();
+        two_kept_commits(&s);
+        // A write to keys nothing deferred holds leaves them deferred.
+        let other = DeadLetter {
+            signal: signal("beta", "x"),
+            reason: "halted".into(),
+            at_ms: 1,
+        };
+        s.dead_letter_queued(&other).unwrap();
+        assert_eq!(redo_records(&s), 2);
+        assert_eq!(record_on_disk(&s, "acme", "a"), None);
+        // One to a deferred key: they are written out before it.
+        let letter = DeadLetter {
+            signal: signal("acme", "a"),
+            reason: "poison".into(),
+            at_ms: 2,
+        };
+        s.dead_letter_queued(&letter).unwrap();
+        assert_eq!(redo_records(&s), 0);
+        assert_eq!(
+            record_on_disk(&s, "acme", "b"),
+            Some(SignalStatus::Completed)
+        );
+        assert_eq!(on_disk(&s, "acme"), Some(b"acme-2".to_vec()));
+        s.durable().await.unwrap();
+        // Dropped without a flush.
+    }
+    let s = reopen(dir.path());
+    assert_eq!(
+        s.signal_record("acme", "a").unwrap().unwrap().status,
+        SignalStatus::Deadlettered,
+        "not written over by the decision deferred before it"
+    );
+    assert_eq!(
+        s.signal_record("beta", "x").unwrap().unwrap().status,
+        SignalStatus::Deadlettered
+    );
+}
+
+/// sled's sorted writes (vendor/sled/PATCHED.md 8) against a model: puts
+/// and removes spread over many leaves, mixed with single writes, read back
+/// the same before and after a reopen.
+#[test]
+fn sorted_writes_read_back_like_single_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = BTreeMap::new();
+    let mut rng = fastrand::Rng::with_seed(7);
+    {
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        for round in 0..40 {
+            let mut batch = BTreeMap::new();
+            for _ in 0..rng.usize(1..400) {
+                let key = format!("s/t{}\0{:05}", rng.u8(0..8), rng.u32(0..3000)).into_bytes();
+                let value = (rng.u8(0..4) > 0).then(|| vec![rng.u8(..); rng.usize(1..120)]);
+                batch.insert(key, value);
+            }
+            let items: Vec<_> = batch.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            db.apply_sorted(&items).unwrap();
+            for (k, v) in batch {
+                match v {
+                    Some(v) => model.insert(k, v),
+                    None => model.remove(&k),
+                };
+            }
+            // Single writes in between, to the same leaves.
+            let key = format!("s/t{}\0{:05}", round % 8, rng.u32(0..3000)).into_bytes();
+            db.insert(&key, b"one".as_slice()).unwrap();
+            model.insert(key, b"one".to_vec());
+            let all: BTreeMap<Vec<u8>, Vec<u8>> = db
+                .iter()
+                .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())))
+                .collect::<sled::Result<_>>()
+                .unwrap();
+            assert_eq!(all, model, "round {round}");
+        }
+        db.flush().unwrap();
+    }
+    let db = sled::Config::new().path(dir.path()).open().unwrap();
+    for (k, v) in &model {
+        assert_eq!(db.get(k).unwrap().unwrap(), v.as_slice());
+    }
+    assert_eq!(db.len(), model.len());
 }
 
 #[tokio::test]
@@ -719,10 +846,7 @@ async fn deferred_checkpoints_are_written_out_in_bounded_batches() {
 fn a_flush_writes_the_deferred_checkpoints_out() {
     let dir = tempfile::tempdir().unwrap();
     let s = Store::open(dir.path()).unwrap();
-    let r1 = first_batch(&s);
-    let r2 = commit_one(&s, &r1, "acme", "a", b"acme-1");
-    commit_one(&s, &r2, "acme", "b", b"acme-2");
-    assert_eq!(redo_records(&s), 2);
+    two_kept_commits(&s);
     s.flush().unwrap();
     assert_eq!(redo_records(&s), 0, "a stopped node leaves no kept records");
     assert_eq!(on_disk(&s, "acme"), Some(b"acme-2".to_vec()));

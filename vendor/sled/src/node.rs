@@ -613,15 +613,17 @@ impl Node {
         }
     }
 
+    /// Patched for TAI node (PATCHED.md, 6): upstream splits leaves above
+    /// 16 keys.
+    pub(crate) const LEAF_SPLIT_KEYS: usize = 32;
+
     pub(crate) fn should_split(&self) -> bool {
         let threshold = if cfg!(any(test, feature = "lock_free_delays")) {
             2
         } else if self.data.is_index() {
             256
         } else {
-            // Patched for TAI node (PATCHED.md, 6): upstream splits leaves
-            // above 16 keys.
-            32
+            Self::LEAF_SPLIT_KEYS
         };
 
         let size_checks = self.data.len() > threshold;

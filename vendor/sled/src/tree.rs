@@ -168,6 +168,70 @@ impl Tree {
         }
     }
 
+    /// Patched for TAI node (PATCHED.md, 8): applies puts (`Some`) and
+    /// removes (`None`) given in ascending key order, no key twice,
+    /// rewriting each leaf they fall in once (one traversal, one copy of
+    /// the leaf and one page write for all its keys) instead of linking
+    /// one update per key. Each leaf's new version is atomic; the set as a
+    /// whole is not (a crash can leave the writes to some leaves done and
+    /// not to others), so callers write only what they can write again. A
+    /// leaf grown past the split size is split by the next write that
+    /// reaches it, as after any insert. Subscribers are not notified.
+    pub fn apply_sorted<K, V>(&self, items: &[(K, Option<V>)]) -> Result<()>
+    where
+        K: AsRef<[u8]>,
+        V: AsRef<[u8]>,
+    {
+        debug_assert!(
+            items.windows(2).all(|w| w[0].0.as_ref() < w[1].0.as_ref()),
+            "apply_sorted takes keys in ascending order"
+        );
+        let value = |v: &Option<V>| v.as_ref().map(|v| IVec::from(v.as_ref()));
+        let mut guard = pin();
+        let _cc = concurrency_control::read();
+        let mut i = 0;
+        while i < items.len() {
+            let view = self.view_for_key(items[i].0.as_ref(), &guard)?;
+            // The keys in this leaf's range, as many as it may take in one
+            // rewrite: a leaf grown past the split size is split (copied)
+            // afterwards, so it is not let grow past twice that.
+            let room =
+                (2 * Node::LEAF_SPLIT_KEYS).saturating_sub(view.data.len()).max(1);
+            let mut end = i + 1;
+            while end < items.len()
+                && end - i < room
+                && (view.hi.is_empty()
+                    || items[end].0.as_ref() < view.hi.as_ref())
+            {
+                end += 1;
+            }
+            let done = if end == i + 1 {
+                // One key: an update linked to the page costs less than
+                // writing the page whole.
+                drop(view);
+                let (k, v) = &items[i];
+                self.insert_inner(k.as_ref(), value(v), &mut guard)?.is_ok()
+            } else {
+                let mut node: Node = view.deref().clone();
+                for (k, v) in &items[i..end] {
+                    let (encoded_key, _) = node.node_kv_pair(k.as_ref());
+                    match value(v) {
+                        Some(v) => node.set_leaf(encoded_key, v),
+                        None => node.del_leaf(&encoded_key),
+                    }
+                }
+                self.context
+                    .pagecache
+                    .replace(view.pid, view.node_view.0, node, &guard)?
+                    .is_ok()
+            };
+            if done {
+                i = end;
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn insert_inner(
         &self,
         key: &[u8],
