@@ -855,3 +855,33 @@ fn a_flush_writes_the_deferred_checkpoints_out() {
         b"acme-2"
     );
 }
+
+/// sled's sorted writes racing single writes to the same leaves (the
+/// even keys written in sorted sets, the odd ones one by one): every write
+/// of both is there afterwards.
+#[test]
+fn sorted_writes_and_single_ones_to_the_same_leaves_both_land() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::Config::new().path(dir.path()).open().unwrap();
+    let key = |n: u32| format!("s/t\0{n:06}").into_bytes();
+    let singles = {
+        let db = db.clone();
+        std::thread::spawn(move || {
+            for n in (1..20_000).step_by(2) {
+                db.insert(key(n), n.to_string().as_bytes()).unwrap();
+            }
+        })
+    };
+    for start in (0..20_000).step_by(200) {
+        let items: Vec<_> = (start..start + 200)
+            .step_by(2)
+            .map(|n| (key(n), Some(n.to_string().into_bytes())))
+            .collect();
+        db.apply_sorted(&items).unwrap();
+    }
+    singles.join().unwrap();
+    assert_eq!(db.len(), 20_000);
+    for n in 0..20_000 {
+        assert_eq!(db.get(key(n)).unwrap().unwrap(), n.to_string().as_bytes());
+    }
+}

@@ -193,10 +193,10 @@ impl Tree {
         while i < items.len() {
             let view = self.view_for_key(items[i].0.as_ref(), &guard)?;
             // The keys in this leaf's range, as many as it may take in one
-            // rewrite: a leaf grown past the split size is split (copied)
-            // afterwards, so it is not let grow past twice that.
-            let room =
-                (2 * Node::LEAF_SPLIT_KEYS).saturating_sub(view.data.len()).max(1);
+            // rewrite: up to what its two halves can hold if it is split.
+            let room = (2 * Node::LEAF_SPLIT_KEYS - 2)
+                .saturating_sub(view.data.len())
+                .max(1);
             let mut end = i + 1;
             while end < items.len()
                 && end - i < room
@@ -220,10 +220,35 @@ impl Tree {
                         None => node.del_leaf(&encoded_key),
                     }
                 }
-                self.context
-                    .pagecache
-                    .replace(view.pid, view.node_view.0, node, &guard)?
-                    .is_ok()
+                if node.should_split() {
+                    // Split here, as `split_node` does, rather than write
+                    // the grown leaf whole for the next walk to split: the
+                    // right half is installed first, then the left one
+                    // pointing to it replaces the leaf. The parent learns
+                    // of the right half from the next walk that passes
+                    // (the B-link tree's cooperative parent split).
+                    let (mut lhs, rhs) = node.split_appending(false);
+                    let (rhs_pid, rhs_ptr) =
+                        self.context.pagecache.allocate(rhs, &guard)?;
+                    lhs.next = Some(NonZeroU64::new(rhs_pid).unwrap());
+                    let replaced = self
+                        .context
+                        .pagecache
+                        .replace(view.pid, view.node_view.0, lhs, &guard)?
+                        .is_ok();
+                    if !replaced {
+                        self.context
+                            .pagecache
+                            .free(rhs_pid, rhs_ptr, &guard)?
+                            .expect("could not free allocated page");
+                    }
+                    replaced
+                } else {
+                    self.context
+                        .pagecache
+                        .replace(view.pid, view.node_view.0, node, &guard)?
+                        .is_ok()
+                }
             };
             if done {
                 i = end;
