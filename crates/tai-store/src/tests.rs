@@ -808,7 +808,7 @@ fn sorted_writes_read_back_like_single_ones() {
 }
 
 #[tokio::test]
-async fn deferred_checkpoints_are_written_out_in_bounded_batches() {
+async fn deferred_writes_are_written_out_in_bounded_slices() {
     let dir = tempfile::tempdir().unwrap();
     let s = Store::open(dir.path()).unwrap();
     let mut last = first_batch(&s);
@@ -821,11 +821,26 @@ async fn deferred_checkpoints_are_written_out_in_bounded_batches() {
             &format!("s{n}"),
             n.to_string().as_bytes(),
         );
-        assert!(redo_records(&s) < DEFERRED_RECORDS, "{n}");
+        // A sealed generation's records go once its writes are out, a
+        // slice per commit, within half the commits to the next seal.
+        assert!(
+            redo_records(&s) < DEFERRED_RECORDS + DEFERRED_RECORDS / 2,
+            "{n}"
+        );
+        let d = s.deferred.lock().unwrap();
+        if (DEFERRED_RECORDS - 1..DEFERRED_RECORDS - 1 + 8).contains(&n) {
+            assert!(!d.sealed.is_empty(), "{n}: written out a slice at a time");
+            assert!(d.sealed_written <= (n + 2 - DEFERRED_RECORDS) * WRITE_OUT_SLICE_MIN);
+        }
     }
     assert_eq!(redo_records(&s), 10);
-    // The write-out put each engine's latest checkpoint on disk.
+    // The write-out put each engine's latest checkpoint (and each signal's
+    // record) sealed then on disk.
     let n = DEFERRED_RECORDS - 1;
+    assert_eq!(
+        record_on_disk(&s, &format!("t{}", n % 3), &format!("s{n}")),
+        Some(SignalStatus::Completed)
+    );
     assert_eq!(
         on_disk(&s, &format!("t{}", n % 3)),
         Some(n.to_string().into_bytes())
