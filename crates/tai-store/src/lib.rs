@@ -472,6 +472,16 @@ impl Store {
         self.write_sealed(d, usize::MAX)
     }
 
+    /// A commit's share of the write-out: a seal when one is due, then a
+    /// slice of the sealed writes.
+    fn write_out_slice(&self, d: &mut Deferred) -> Result<()> {
+        if d.retained.len() >= DEFERRED_RECORDS {
+            self.seal(d)?;
+        }
+        let slice = d.slice();
+        self.write_sealed(d, slice)
+    }
+
     /// Seals the latest values (after writing out the rest of the
     /// generation sealed before, if any).
     fn seal(&self, d: &mut Deferred) -> Result<()> {
@@ -1045,11 +1055,15 @@ impl Store {
             for (k, v) in batch.into_puts_under(DEFERRED) {
                 deferred.latest.insert(k.into(), v);
             }
-            if deferred.retained.len() >= DEFERRED_RECORDS {
-                self.seal(&mut deferred)?;
+            // The batch is committed: a write-out that fails now is
+            // logged, not reported as the commit's failure, and goes on
+            // with the next commit (what it has not written stays deferred).
+            if let Err(e) = self.write_out_slice(&mut deferred) {
+                tracing::warn!(
+                    error = %e,
+                    "could not write out deferred writes; the next commit tries again"
+                );
             }
-            let slice = deferred.slice();
-            self.write_sealed(&mut deferred, slice)?;
             drop(deferred);
         }
         self.forget_queued(
