@@ -27,8 +27,9 @@
 //! record: a receipt block at start that chains onto the head but is past
 //! it never committed and is dropped (so the receipts are not written twice).
 //! A ledger batch's record is kept instead, applied but for its engine
-//! checkpoints and signal records, until those are written out, in key
-//! order, a few hundred batches at a time (`Deferred`); at start such a
+//! checkpoints and signal records, until those are written out (sealed
+//! every 256 batches, in key order, then written a slice per commit;
+//! `Deferred`); at start such a
 //! record (its head, its last write, is not past the head on disk) gives
 //! only those again.
 //!
