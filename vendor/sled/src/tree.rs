@@ -175,8 +175,9 @@ impl Tree {
     /// one update per key. Each leaf's new version is atomic; the set as a
     /// whole is not (a crash can leave the writes to some leaves done and
     /// not to others), so callers write only what they can write again. A
-    /// leaf grown past the split size is split by the next write that
-    /// reaches it, as after any insert. Subscribers are not notified.
+    /// leaf takes at most as many keys as its two halves hold; grown past
+    /// the split size, it is split in place (see below). Subscribers are
+    /// not notified.
     pub fn apply_sorted<K, V>(&self, items: &[(K, Option<V>)]) -> Result<()>
     where
         K: AsRef<[u8]>,
