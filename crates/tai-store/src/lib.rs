@@ -768,11 +768,16 @@ impl Store {
     /// Forgets `accepted` records of signals that were refused after all
     /// (neither the broker nor the buffer took them), so a retry is not a duplicate.
     pub fn forget_accepted(&self, signals: &[Signal]) -> Result<()> {
-        for s in signals {
-            let key = pair_key(b's', &s.tenant_id, &s.id);
+        let keys: Vec<Vec<u8>> = signals
+            .iter()
+            .map(|s| pair_key(b's', &s.tenant_id, &s.id))
+            .collect();
+        // Held over every removal, so that no commit defers one of these
+        // keys again in between.
+        let mut deferred = self.deferred.lock().expect("deferred writes");
+        self.settle(&mut deferred, keys.iter().map(|k| &k[..]))?;
+        for (s, key) in signals.iter().zip(keys) {
             self.forget_queued([(s.tenant_id.as_str(), s.id.as_str())]);
-            let mut deferred = self.deferred.lock().expect("deferred writes");
-            self.settle(&mut deferred, std::iter::once(&key[..]))?;
             let Some(old) = self.db.get(&key)? else {
                 continue;
             };

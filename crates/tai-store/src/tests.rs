@@ -32,6 +32,14 @@ fn reopen(dir: &std::path::Path) -> Store {
     }
 }
 
+fn letter(tenant: &str, id: &str, reason: &str, at_ms: u64) -> DeadLetter {
+    DeadLetter {
+        signal: signal(tenant, id),
+        reason: reason.into(),
+        at_ms,
+    }
+}
+
 fn delivery(seq: u64, tenant: &str, id: &str) -> Delivery {
     Delivery {
         seq,
@@ -164,11 +172,7 @@ async fn dead_letters_are_replayed_into_the_queue() {
     let dir = tempfile::tempdir().unwrap();
     let s = Store::open(dir.path()).unwrap();
     stage(&s, vec![delivery(1, "acme", "a")]);
-    let letter = DeadLetter {
-        signal: signal("acme", "a"),
-        reason: "poison".into(),
-        at_ms: 5,
-    };
+    let letter = letter("acme", "a", "poison", 5);
     s.dead_letter_queued(&letter).unwrap();
     assert!(s.pending().unwrap().is_empty());
     assert_eq!(s.dead_letter_count(), 1);
@@ -726,20 +730,12 @@ async fn a_write_to_a_deferred_key_writes_the_deferred_ones_out_first() {
         let s = Store::open(dir.path()).unwrap();
         two_kept_commits(&s);
         // A write to keys nothing deferred holds leaves them deferred.
-        let other = DeadLetter {
-            signal: signal("beta", "x"),
-            reason: "halted".into(),
-            at_ms: 1,
-        };
+        let other = letter("beta", "x", "halted", 1);
         s.dead_letter_queued(&other).unwrap();
         assert_eq!(redo_records(&s), 2);
         assert_eq!(record_on_disk(&s, "acme", "a"), None);
         // One to a deferred key: they are written out before it.
-        let letter = DeadLetter {
-            signal: signal("acme", "a"),
-            reason: "poison".into(),
-            at_ms: 2,
-        };
+        let letter = letter("acme", "a", "poison", 2);
         s.dead_letter_queued(&letter).unwrap();
         assert_eq!(redo_records(&s), 0);
         assert_eq!(
