@@ -768,6 +768,11 @@ impl Store {
     /// Forgets `accepted` records of signals that were refused after all
     /// (neither the broker nor the buffer took them), so a retry is not a duplicate.
     pub fn forget_accepted(&self, signals: &[Signal]) -> Result<()> {
+        self.forget_queued(
+            signals
+                .iter()
+                .map(|s| (s.tenant_id.as_str(), s.id.as_str())),
+        );
         let keys: Vec<Vec<u8>> = signals
             .iter()
             .map(|s| pair_key(b's', &s.tenant_id, &s.id))
@@ -776,8 +781,7 @@ impl Store {
         // keys again in between.
         let mut deferred = self.deferred.lock().expect("deferred writes");
         self.settle(&mut deferred, keys.iter().map(|k| &k[..]))?;
-        for (s, key) in signals.iter().zip(keys) {
-            self.forget_queued([(s.tenant_id.as_str(), s.id.as_str())]);
+        for key in keys {
             let Some(old) = self.db.get(&key)? else {
                 continue;
             };
