@@ -48,6 +48,7 @@ pub fn supervisor_spec(
             .otlp_endpoint
             .as_ref()
             .map(|_| config.kaizen.trace_sample_ratio),
+        received: std::sync::OnceLock::new(),
     });
     let listen = config.ingress.listen;
     SupervisorSpec::new(Strategy::OneForOne)
