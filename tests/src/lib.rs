@@ -414,6 +414,18 @@ pub fn signal(tenant: &str, sku: &str, kind: &str, id: &str, payload: Value) -> 
     serde_json::json!({"id": id, "tenant_id": tenant, "sku_id": sku, "kind": kind, "payload": payload})
 }
 
+/// A payment body over the node's 64 KiB default body limit (413).
+pub fn oversized(tenant: &str) -> Vec<u8> {
+    serde_json::to_vec(&signal(
+        tenant,
+        "payments",
+        "payment",
+        "big",
+        serde_json::json!({"blob": "x".repeat(70_000)}),
+    ))
+    .unwrap()
+}
+
 /// The entitlement that takes a tenant × SKU engine out of `boot`.
 pub fn entitlement(tenant: &str, sku: &str, id: &str) -> Value {
     signal(

@@ -51,6 +51,17 @@ async fn metrics_name_the_contract_and_pass_promtool() {
             .status,
         401
     );
+    // One refused for its size (413): counted before any of it is read.
+    let path = "/v1/signals";
+    let big = oversized("acme");
+    let now = unix_now();
+    assert_eq!(
+        acme.raw("POST", path, &big, &acme.headers(now, "POST", path, &big))
+            .await
+            .unwrap()
+            .status,
+        413
+    );
     let (status, _) = node
         .admin(Method::POST, "/admin/actors/andon_sup/kill")
         .await;
@@ -78,6 +89,11 @@ async fn metrics_name_the_contract_and_pass_promtool() {
             "tai_signals_received_total{outcome=\"unauthorized\"}"
         ),
         Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "tai_signals_received_total{outcome=\"too_large\"}"),
+        Some(1.0),
+        "{text}"
     );
     // The label cap is 1: the first tenant keeps its name, the other is "other".
     let processed: Vec<&str> = text

@@ -251,14 +251,7 @@ async fn every_ingress_error_has_its_code() {
     );
 
     // 413: over the 64 KiB default.
-    let big = serde_json::to_vec(&signal(
-        "acme",
-        "payments",
-        "payment",
-        "big",
-        json!({"blob": "x".repeat(70_000)}),
-    ))
-    .unwrap();
+    let big = oversized("acme");
     check(
         &c.raw("POST", path, &big, &c.headers(now, "POST", path, &big))
             .await

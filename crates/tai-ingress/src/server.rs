@@ -184,6 +184,14 @@ pub fn routes(
                 async move {
                     match read_body_capped(body, shared.max_body_bytes).await {
                         Ok(body) => route(&shared, &method, path.as_str(), &headers, &body).await,
+                        // A post refused for its body (413) is counted like
+                        // any other answer to a post.
+                        Err(e)
+                            if method == Method::POST
+                                && path.as_str().trim_matches('/') == "v1/signals" =>
+                        {
+                            counted(&shared, e.reply())
+                        }
                         Err(e) => e.reply(),
                     }
                 }
@@ -193,6 +201,17 @@ pub fn routes(
             Ok::<_, Infallible>(error_reply(ErrorCode::InvalidSignal, "malformed request"))
         })
         .unify()
+}
+
+/// Counts an answer to `POST /v1/signals` (Kaizen's ingress tally and
+/// `tai_signals_received_total` by outcome) and passes it on.
+fn counted(s: &Shared, r: Response) -> Response {
+    tai_core::kaizen::record_ingress(r.status().is_success());
+    s.received
+        .get_or_init(Received::new)
+        .of(r.status())
+        .increment(1);
+    r
 }
 
 fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -261,12 +280,7 @@ async fn route(
                 let tenant = header(headers, "x-tai-tenant").unwrap_or_default();
                 tai_core::kaizen::record("ingress", "post_signal", tenant, started.elapsed());
             }
-            tai_core::kaizen::record_ingress(r.status().is_success());
-            s.received
-                .get_or_init(Received::new)
-                .of(r.status())
-                .increment(1);
-            r
+            counted(s, r)
         }
         (&Method::GET, ["v1", "signals", id]) => get_signal(s, path, headers, id),
         (_, ["v1", "signals", ..] | ["health"] | ["ready"]) => error_reply(
