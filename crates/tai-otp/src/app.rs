@@ -6,7 +6,9 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, SpawnErr, SupervisionEvent};
+use ractor::{
+    Actor, ActorCell, ActorProcessingErr, ActorRef, ActorStatus, SpawnErr, SupervisionEvent,
+};
 use tokio::sync::oneshot;
 
 use crate::spec::{Exit, SupervisorSpec};
@@ -84,6 +86,38 @@ impl Actor for Master {
     }
 }
 
+/// How long `start` waits for every actor of a new tree to finish starting.
+const SETTLE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Waits until no actor in the tree below `root` is still starting, or
+/// `deadline` passes; gives the first one still starting then.
+///
+/// A supervisor starts its children in its own `pre_start`, so by the time
+/// the root has been spawned every child exists; but ractor marks an actor
+/// running only after its `post_start`, which runs on the actor's own task.
+/// Waiting for that means a node announces itself only once its whole tree
+/// reports `running`.
+pub async fn settle(root: &ActorCell, deadline: Duration) -> Option<ActorCell> {
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        let starting = first_starting(root);
+        if starting.is_none() || tokio::time::Instant::now() >= until {
+            return starting;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+fn first_starting(cell: &ActorCell) -> Option<ActorCell> {
+    if matches!(
+        cell.get_status(),
+        ActorStatus::Unstarted | ActorStatus::Starting
+    ) {
+        return Some(cell.clone());
+    }
+    cell.get_children().iter().find_map(first_starting)
+}
+
 impl Application {
     /// Starts the top supervisor, registered as `name`, and every child below it.
     pub async fn start(name: &str, spec: SupervisorSpec) -> Result<Application, SpawnErr> {
@@ -101,6 +135,12 @@ impl Application {
         let root = ractor::registry::where_is(name)
             .map(ActorRef::from)
             .ok_or_else(|| SpawnErr::StartupFailed("root supervisor vanished at start".into()))?;
+        if let Some(cell) = settle(&root.get_cell(), SETTLE_DEADLINE).await {
+            tracing::warn!(
+                actor = %cell.get_name().unwrap_or_else(|| cell.get_id().to_string()),
+                "still starting {SETTLE_DEADLINE:?} after the tree was started"
+            );
+        }
         Ok(Application {
             root,
             master,

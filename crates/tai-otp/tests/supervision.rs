@@ -404,3 +404,73 @@ async fn a_killed_supervisor_comes_back_with_its_named_children() {
     }
     top.stop_and_wait(None, None).await.unwrap();
 }
+
+/// A worker whose `post_start` waits for the test to let it go.
+#[derive(Clone)]
+struct LateStarter {
+    entered: std::sync::Arc<tokio::sync::Notify>,
+    release: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl Actor for LateStarter {
+    type Msg = ();
+    type State = ();
+    type Arguments = ();
+
+    async fn pre_start(
+        &self,
+        _myself: ractor::ActorRef<()>,
+        _args: (),
+    ) -> Result<(), ractor::ActorProcessingErr> {
+        Ok(())
+    }
+
+    async fn post_start(
+        &self,
+        _myself: ractor::ActorRef<()>,
+        _state: &mut (),
+    ) -> Result<(), ractor::ActorProcessingErr> {
+        self.entered.notify_one();
+        self.release.notified().await;
+        Ok(())
+    }
+}
+
+/// `Application::start` returns only once every actor of the tree has left
+/// `starting` (ractor marks an actor running after its `post_start`), so a
+/// node that announces itself right after start shows a running tree.
+/// Real time: under paused time the runtime would skip through the start's
+/// own deadline while the worker waits.
+#[tokio::test]
+async fn start_returns_once_the_whole_tree_is_running() {
+    let late = LateStarter {
+        entered: Default::default(),
+        release: Default::default(),
+    };
+    let spec = SupervisorSpec::new(Strategy::OneForOne).child(ChildSpec::supervisor(
+        "mid_settle",
+        SupervisorSpec::new(Strategy::OneForOne).child(ChildSpec::worker(
+            "late",
+            Some("late_settle".into()),
+            late.clone(),
+            || (),
+        )),
+    ));
+    let start = tokio::spawn(async {
+        let app = Application::start("top_settle", spec).await.unwrap();
+        let late = ractor::registry::where_is("late_settle").expect("late worker");
+        (app, late.get_status())
+    });
+    late.entered.notified().await;
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        !start.is_finished(),
+        "start returned while a worker was still in post_start"
+    );
+    late.release.notify_one();
+    let (app, status) = start.await.unwrap();
+    assert_eq!(status, ractor::ActorStatus::Running);
+    assert!(!app.stop(Duration::from_secs(5)).await.is_abnormal());
+}
