@@ -51,7 +51,7 @@ async fn metrics_name_the_contract_and_pass_promtool() {
             .status,
         401
     );
-    // One refused for its size (413): counted before any of it is read.
+    // One refused for its size (413), answered while its body is read: counted too.
     let path = "/v1/signals";
     let big = oversized("acme");
     let now = unix_now();

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::json;
 use tai_core::msg::{EnqueueOutcome, IdOrigin, KanbanMsg, KANBAN_QUEUE};
@@ -23,7 +24,7 @@ use warp::reply::Response;
 use warp::Filter;
 
 use crate::auth::{self, Presented, Tenants};
-use crate::http::{error_reply, json_reply, read_body_capped};
+use crate::http::{error_reply, json_reply, read_body_capped, BodyError};
 use crate::limits::Limits;
 use crate::replay::ReplayCache;
 
@@ -182,18 +183,8 @@ pub fn routes(
             move |method: Method, path: warp::path::FullPath, headers: HeaderMap, body| {
                 let shared = shared.clone();
                 async move {
-                    match read_body_capped(body, shared.max_body_bytes).await {
-                        Ok(body) => route(&shared, &method, path.as_str(), &headers, &body).await,
-                        // A post refused for its body (413) is counted like
-                        // any other answer to a post.
-                        Err(e)
-                            if method == Method::POST
-                                && path.as_str().trim_matches('/') == "v1/signals" =>
-                        {
-                            counted(&shared, e.reply())
-                        }
-                        Err(e) => e.reply(),
-                    }
+                    let body = read_body_capped(body, shared.max_body_bytes).await;
+                    route(&shared, &method, path.as_str(), &headers, body).await
                 }
             },
         )
@@ -229,12 +220,14 @@ fn now_secs() -> u64 {
     now_ms() / 1000
 }
 
+/// Answers a request. Only `POST /v1/signals` uses the body: one over
+/// the limit (413) or cut off is its answer, counted like any other.
 async fn route(
     s: &Shared,
     method: &Method,
     path: &str,
     headers: &HeaderMap,
-    body: &[u8],
+    body: Result<Bytes, BodyError>,
 ) -> Response {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (method, segments.as_slice()) {
@@ -247,39 +240,10 @@ async fn route(
             ),
         },
         (&Method::POST, ["v1", "signals"]) => {
-            let started = std::time::Instant::now();
-            // Head sampling here, before any span exists: a client's
-            // sampled traceparent is followed, new traces are sampled at
-            // the configured ratio, and an unsampled signal costs no span.
-            let incoming = header(headers, "traceparent").filter(|tp| tai_core::trace::valid(tp));
-            let sampled = s.trace_sampling.is_some_and(|ratio| match incoming {
-                Some(tp) => tai_core::trace::sampled(tp),
-                None => fastrand::f64() < ratio,
-            });
-            let span = if sampled {
-                let span = tracing::info_span!(
-                    "ingress",
-                    tenant = header(headers, "x-tai-tenant").unwrap_or_default(),
-                    trace_id = tracing::field::Empty,
-                );
-                if let Some(tp) = incoming {
-                    tai_core::trace::continue_from(&span, tp);
-                }
-                if let Some(t) = tai_core::trace::traceparent_of(&span)
-                    .as_deref()
-                    .and_then(tai_core::trace::trace_id)
-                {
-                    span.record("trace_id", t.as_str());
-                }
-                span
-            } else {
-                tracing::Span::none()
+            let r = match body {
+                Ok(body) => post_traced(s, path, headers, &body).await,
+                Err(e) => e.reply(),
             };
-            let r = post_signal(s, path, headers, body).instrument(span).await;
-            if r.status() == StatusCode::ACCEPTED {
-                let tenant = header(headers, "x-tai-tenant").unwrap_or_default();
-                tai_core::kaizen::record("ingress", "post_signal", tenant, started.elapsed());
-            }
             counted(s, r)
         }
         (&Method::GET, ["v1", "signals", id]) => get_signal(s, path, headers, id),
@@ -289,6 +253,44 @@ async fn route(
         ),
         _ => error_reply(ErrorCode::NotFound, format!("no such endpoint: {path}")),
     }
+}
+
+/// A post of a signal within its trace span, timed for Kaizen when accepted.
+async fn post_traced(s: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) -> Response {
+    let started = std::time::Instant::now();
+    // Head sampling here, before any span exists: a client's
+    // sampled traceparent is followed, new traces are sampled at
+    // the configured ratio, and an unsampled signal costs no span.
+    let incoming = header(headers, "traceparent").filter(|tp| tai_core::trace::valid(tp));
+    let sampled = s.trace_sampling.is_some_and(|ratio| match incoming {
+        Some(tp) => tai_core::trace::sampled(tp),
+        None => fastrand::f64() < ratio,
+    });
+    let span = if sampled {
+        let span = tracing::info_span!(
+            "ingress",
+            tenant = header(headers, "x-tai-tenant").unwrap_or_default(),
+            trace_id = tracing::field::Empty,
+        );
+        if let Some(tp) = incoming {
+            tai_core::trace::continue_from(&span, tp);
+        }
+        if let Some(t) = tai_core::trace::traceparent_of(&span)
+            .as_deref()
+            .and_then(tai_core::trace::trace_id)
+        {
+            span.record("trace_id", t.as_str());
+        }
+        span
+    } else {
+        tracing::Span::none()
+    };
+    let r = post_signal(s, path, headers, body).instrument(span).await;
+    if r.status() == StatusCode::ACCEPTED {
+        let tenant = header(headers, "x-tai-tenant").unwrap_or_default();
+        tai_core::kaizen::record("ingress", "post_signal", tenant, started.elapsed());
+    }
+    r
 }
 
 fn presented(headers: &HeaderMap) -> Presented<'_> {
