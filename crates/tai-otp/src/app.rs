@@ -97,7 +97,7 @@ const SETTLE_DEADLINE: Duration = Duration::from_secs(5);
 /// running only after its `post_start`, which runs on the actor's own task.
 /// Waiting for that means a node announces itself only once its whole tree
 /// reports `running`.
-pub async fn settle(root: &ActorCell, deadline: Duration) -> Option<ActorCell> {
+pub(crate) async fn settle(root: &ActorCell, deadline: Duration) -> Option<ActorCell> {
     let until = tokio::time::Instant::now() + deadline;
     loop {
         let starting = first_starting(root);
