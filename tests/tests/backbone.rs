@@ -159,6 +159,61 @@ async fn admin_shutdown_is_graceful() {
     assert_eq!(node.wait_exit(Duration::from_secs(10)).code(), Some(0));
 }
 
+/// Runs `tai serve` on the dev config, `data_dir` and `ingress`, expects it
+/// to exit 1 at once, and returns what it wrote to stderr.
+fn serve_refused(data_dir: &std::path::Path, ingress: &str) -> String {
+    let out = std::process::Command::new(tai_bin())
+        .args(["serve", "--config"])
+        .arg(dev_config())
+        .env("TAI_NODE__DATA_DIR", data_dir)
+        .env("TAI_OPERATOR__LISTEN", "127.0.0.1:0")
+        .env("TAI_INGRESS__LISTEN", ingress)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    err
+}
+
+#[tokio::test]
+async fn a_second_node_on_the_same_data_dir_is_refused_and_the_first_runs_on() {
+    let node = Node::start(&[]);
+    let endpoints = std::fs::read(node.data_dir().join("endpoints.json")).unwrap();
+    let err = serve_refused(&node.data_dir(), "127.0.0.1:0");
+    assert!(
+        err.contains(&format!(
+            "the data directory {} is in use by another process (is another tai node running on it?)",
+            node.data_dir().display()
+        )),
+        "{err}"
+    );
+    // The refused start touched nothing of the running node's.
+    assert_eq!(
+        std::fs::read(node.data_dir().join("endpoints.json")).unwrap(),
+        endpoints
+    );
+    let tree = node.tree().await;
+    assert_eq!(tree["status"], "running", "{tree}");
+}
+
+#[test]
+fn a_taken_port_exits_1_naming_the_key_the_address_and_the_cause() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let err = serve_refused(&dir.path().join("data"), &addr.to_string());
+    assert!(
+        err.contains(&format!(
+            "tai_sup failed to start: shutdown: child ingress_sup failed_to_start_child: \
+             shutdown: child ingress_http failed_to_start_child: \
+             cannot listen on ingress.listen {addr}: "
+        )),
+        "{err}"
+    );
+    // Nothing panicked: ractor's wording of a failed start is not passed on.
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 #[tokio::test]
 async fn fault_injection_can_be_turned_off() {
     let node = Node::start(&[("TAI_OPERATOR__FAULT_INJECTION", "false")]);

@@ -549,11 +549,20 @@ async fn the_ledger_verifies_offline_and_every_tampering_is_caught() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    // Offline, on the data dir of a node that still runs: refused, saying why.
+    let data = node.data_dir();
+    let out = run(&["--verify", "--data-dir", data.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("is in use by another process")
+            && err.contains("a running node's receipts are read online, without --data-dir"),
+        "{err}"
+    );
 
     // Stop the node; everything else works on its data dir and an export.
     node.signal(libc::SIGTERM);
     assert_eq!(node.wait_exit(Duration::from_secs(15)).code(), Some(0));
-    let data = node.data_dir();
     let scratch = node.dir.path().to_path_buf();
     let out = run(&["--verify", "--data-dir", data.to_str().unwrap()]);
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();

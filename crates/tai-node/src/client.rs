@@ -374,8 +374,13 @@ pub async fn receipts(config: &Config, a: ReceiptsArgs) -> anyhow::Result<i32> {
         ));
     }
     if let Some(dir) = &a.data_dir {
-        let store =
-            tai_store::Store::open(dir).with_context(|| "is the node still running on it?")?;
+        let store = match tai_store::Store::open(dir) {
+            Ok(store) => store,
+            Err(e @ tai_store::StoreError::InUse { .. }) => {
+                bail!("{e}: a running node's receipts are read online, without --data-dir")
+            }
+            Err(e) => return Err(e.into()),
+        };
         if a.verify {
             return print_report(&tai_andon::verify_store(&store, keys));
         }

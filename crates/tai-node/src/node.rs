@@ -11,7 +11,7 @@ use anyhow::Context;
 use serde_json::json;
 use tai_core::config::Config;
 use tai_core::names::{ANDON_SUP, INGRESS_SUP, KAIZEN_SUP, KANBAN_SUP, PROCESSOR_SUP, TAI_SUP};
-use tai_otp::{Application, ChildSpec, Exit, Strategy, SupervisorSpec};
+use tai_otp::{startup_reason, Application, ChildSpec, Exit, Strategy, SupervisorSpec};
 use tai_store::Store;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
@@ -152,7 +152,7 @@ pub async fn serve(config: Config) -> anyhow::Result<i32> {
     };
     let mut app = Application::start(TAI_SUP, spec)
         .await
-        .map_err(|e| anyhow::anyhow!("{TAI_SUP} failed to start: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("{TAI_SUP} failed to start: {}", startup_reason(&e)))?;
     let ingress_addr = *ingress_bound.lock().expect("ingress address");
 
     let listener = tokio::net::TcpListener::bind(config.operator.listen)

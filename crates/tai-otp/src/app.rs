@@ -54,7 +54,9 @@ impl Actor for Master {
         args: MasterArgs,
     ) -> Result<MasterState, ActorProcessingErr> {
         let (root, _) =
-            Actor::spawn_linked(Some(args.name), Supervisor, args.spec, myself.get_cell()).await?;
+            Actor::spawn_linked(Some(args.name), Supervisor, args.spec, myself.get_cell())
+                .await
+                .map_err(|e| crate::supervisor::startup_reason(&e))?;
         Ok(MasterState {
             root,
             exit: Mutex::new(Some(args.exit)),

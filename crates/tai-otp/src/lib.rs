@@ -25,7 +25,7 @@ pub use spec::{
     Backoff, ChildKind, ChildSpec, Exit, Restart, Shutdown, StartFn, StartFuture, Strategy,
     SupervisorSpec,
 };
-pub use supervisor::{StartChildError, Supervisor, SupervisorMsg};
+pub use supervisor::{startup_reason, StartChildError, Supervisor, SupervisorMsg};
 
 use std::time::Duration;
 

@@ -52,6 +52,17 @@ impl std::fmt::Debug for SupervisorMsg {
     }
 }
 
+/// Why an actor did not start, as its `pre_start` said it. ractor words
+/// every failed start as "Actor panicked during startup '…'" (most are
+/// errors returned, not panics), and each supervisor level would wrap the
+/// level below in it once more.
+pub fn startup_reason(e: &ractor::SpawnErr) -> String {
+    match e {
+        ractor::SpawnErr::StartupFailed(inner) => inner.to_string(),
+        other => other.to_string(),
+    }
+}
+
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum StartChildError {
     #[error("max_children reached ({0})")]
@@ -254,7 +265,7 @@ impl Supervisor {
                 Ok(cell)
             }
             Err(e) => {
-                let reason = format!("failed_to_start_child: {e}");
+                let reason = format!("failed_to_start_child: {}", startup_reason(&e));
                 child_mut(state, seq).last_failure = Some(reason.clone());
                 Err(reason)
             }

@@ -474,3 +474,28 @@ async fn start_returns_once_the_whole_tree_is_running() {
     assert_eq!(status, ractor::ActorStatus::Running);
     assert!(!app.stop(Duration::from_secs(5)).await.is_abnormal());
 }
+
+#[tokio::test]
+async fn a_failed_start_names_each_level_once_and_the_cause() {
+    // OTP's {shutdown, {failed_to_start_child, Id, Reason}} at each level,
+    // ending in what the child's start said, not in ractor's wording of it
+    // ("Actor panicked during startup '…'", once per level).
+    let log = new_log();
+    let mut db = probe("db", &log, Restart::Permanent);
+    db.start = std::sync::Arc::new(|_sup| {
+        Box::pin(async { Err(ractor::SpawnErr::StartupFailed("no database".into())) })
+    });
+    let mid = ChildSpec::supervisor(
+        "storage_sup",
+        SupervisorSpec::new(Strategy::OneForOne).child(db),
+    );
+    let spec = SupervisorSpec::new(Strategy::OneForOne).child(mid);
+    let Err(e) = Application::start("top_failed_start", spec).await else {
+        panic!("the start should fail");
+    };
+    assert_eq!(
+        tai_otp::startup_reason(&e),
+        "shutdown: child storage_sup failed_to_start_child: \
+         shutdown: child db failed_to_start_child: no database"
+    );
+}

@@ -66,16 +66,17 @@ use thiserror::Error;
 
 use group_commit::GroupCommit;
 
+/// Each message carries its cause itself (none is chained as a `source`),
+/// so a report that prints an error's chain (`{:#}`) says it once.
 #[derive(Debug, Error)]
 pub enum StoreError {
-    #[error("cannot open the data directory {path}: {source}")]
-    Open {
-        path: String,
-        #[source]
-        source: sled::Error,
-    },
+    #[error("cannot open the data directory {path}: {cause}")]
+    Open { path: String, cause: sled::Error },
+    /// Another process (another node) holds the data directory's lock.
+    #[error("the data directory {path} is in use by another process (is another tai node running on it?)")]
+    InUse { path: String },
     #[error("store i/o failed: {0}")]
-    Io(#[from] sled::Error),
+    Io(sled::Error),
     #[error("store flush failed: {0}")]
     Flush(String),
     #[error("corrupt record at {key}: {message}")]
@@ -87,10 +88,17 @@ impl StoreError {
     pub fn code(&self) -> &'static str {
         match self {
             StoreError::Open { .. } => "store_open",
+            StoreError::InUse { .. } => "store_in_use",
             StoreError::Io(_) => "store_io",
             StoreError::Flush(_) => "store_flush",
             StoreError::Corrupt { .. } => "store_corrupt",
         }
+    }
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Io(e)
     }
 }
 
@@ -316,9 +324,20 @@ impl Store {
             // add flushes that race ours.
             .flush_every_ms(None)
             .open()
-            .map_err(|source| StoreError::Open {
-                path: dir.display().to_string(),
-                source,
+            .map_err(|cause| {
+                let path = dir.display().to_string();
+                match cause {
+                    // sled takes an exclusive, non-blocking lock on its
+                    // file, and words a lock another process holds so
+                    // (sled 0.34.7, vendor/sled/src/config.rs; the store's
+                    // tests check it).
+                    sled::Error::Io(ref e)
+                        if e.to_string().starts_with("could not acquire lock on") =>
+                    {
+                        StoreError::InUse { path }
+                    }
+                    cause => StoreError::Open { path, cause },
+                }
             })?;
         let blocks = db.clone();
         let commit = Arc::new(GroupCommit::start(

@@ -24,7 +24,7 @@ fn reopen(dir: &std::path::Path) -> Store {
     loop {
         match Store::open(dir) {
             Ok(s) => return s,
-            Err(StoreError::Open { .. }) if std::time::Instant::now() < deadline => {
+            Err(StoreError::InUse { .. }) if std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
             Err(e) => panic!("reopen failed: {e}"),
@@ -225,10 +225,18 @@ fn the_data_dir_is_locked_and_starts_are_counted() {
     {
         let s = Store::open(dir.path()).unwrap();
         assert_eq!(s.record_start().unwrap(), 1);
-        assert!(matches!(
-            Store::open(dir.path()),
-            Err(StoreError::Open { .. })
-        ));
+        let Err(err) = Store::open(dir.path()) else {
+            panic!("a second open is refused");
+        };
+        assert!(matches!(err, StoreError::InUse { .. }), "{err:?}");
+        assert_eq!(err.code(), "store_in_use");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "the data directory {} is in use by another process (is another tai node running on it?)",
+                dir.path().display()
+            )
+        );
     }
     let s = reopen(dir.path());
     assert_eq!(s.record_start().unwrap(), 2);
