@@ -134,7 +134,11 @@ impl Node {
 
     /// Starts a node on `config_text` (written into its temp dir).
     pub fn start_with(config_text: &str, env: &[(&str, &str)]) -> Node {
-        let dir = tempfile::tempdir().expect("temp dir");
+        Self::start_with_in(tempfile::tempdir().expect("temp dir"), config_text, env)
+    }
+
+    /// As `start_with`, in `dir` (its data dir is `dir/data`).
+    pub fn start_with_in(dir: tempfile::TempDir, config_text: &str, env: &[(&str, &str)]) -> Node {
         let path = dir.path().join("config.toml");
         std::fs::write(&path, config_text).expect("write config");
         let env: Vec<(String, String)> = env
@@ -497,6 +501,53 @@ impl Drop for Node {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// A small tmpfs mounted on a directory for one test: a disk that fills
+/// up. Mounting needs root (CAP_SYS_ADMIN), which the tests have on the CI
+/// machine; without it the test fails, saying so. Unmounted when dropped.
+pub struct Tmpfs {
+    dir: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).expect("mount point");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "cannot mount a tmpfs on {} (this test needs root): {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Gives the filesystem `size` in all (keeping what it holds).
+    pub fn resize(&self, size: &str) {
+        let out = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.dir)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
     }
 }
 

@@ -7,6 +7,7 @@
 //! and quota states have state timeouts.
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +50,12 @@ pub struct Engine;
 pub struct EngineArgs {
     /// 0 when the router starts the engine; more when `engine_sup` restarts it after a crash.
     pub incarnation: u32,
+    /// Shared by the incarnations of one engine: set when one ends because
+    /// a commit failed (the store or the ledger, not the signals), so that
+    /// the next does not count that crash as an attempt against the signal
+    /// it held (which, counted three times, would dead-letter a good signal
+    /// as poison over a full disk).
+    pub commit_failed: Arc<AtomicBool>,
     pub tenant_id: String,
     pub sku_id: String,
     pub sku: Arc<Sku>,
@@ -58,6 +65,7 @@ pub struct EngineArgs {
 
 pub struct EngineActorState {
     incarnation: u32,
+    commit_failed: Arc<AtomicBool>,
     name: String,
     tenant_id: String,
     sku_id: String,
@@ -409,8 +417,18 @@ impl Engine {
     }
 
     /// Writes `p` (with the checkpoint) in one atomic, durable commit, then
-    /// acknowledges its signals to Kanban.
-    async fn commit(st: &mut EngineActorState, mut p: Pending) -> Result<(), ActorProcessingErr> {
+    /// acknowledges its signals to Kanban. A failure is the store's or the
+    /// ledger's: the engine crashes (its state is the checkpoint's again
+    /// once restarted) without an attempt counted against its signals.
+    async fn commit(st: &mut EngineActorState, p: Pending) -> Result<(), ActorProcessingErr> {
+        let result = Self::write(st, p).await;
+        if result.is_err() {
+            st.commit_failed.store(true, Ordering::SeqCst);
+        }
+        result
+    }
+
+    async fn write(st: &mut EngineActorState, mut p: Pending) -> Result<(), ActorProcessingErr> {
         for (signal_id, status, reason) in std::mem::take(&mut p.statuses) {
             let mut rec = match st.store.signal_record(&st.tenant_id, &signal_id)? {
                 Some(r) => r,
@@ -746,6 +764,7 @@ impl Actor for Engine {
         crate::states::publish(&name, state);
         Ok(EngineActorState {
             incarnation: args.incarnation,
+            commit_failed: args.commit_failed,
             name,
             tenant_id: args.tenant_id,
             sku_id: args.sku_id,
@@ -795,7 +814,7 @@ impl Actor for Engine {
             let _ = q.send_message(KanbanMsg::Redeliver {
                 tenant_id: st.tenant_id.clone(),
                 sku_id: st.sku_id.clone(),
-                after_crash: st.incarnation > 0,
+                after_crash: st.incarnation > 0 && !st.commit_failed.swap(false, Ordering::SeqCst),
             });
         }
         Ok(())

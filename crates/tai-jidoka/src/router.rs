@@ -128,9 +128,11 @@ impl Router {
         // Each call of the args closure is one start: the first is ours, any
         // later one is engine_sup restarting the engine after a crash.
         let starts = std::sync::atomic::AtomicU32::new(0);
+        let commit_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let spec = ChildSpec::worker(name.clone(), Some(name.clone()), Engine, move || {
             EngineArgs {
                 incarnation: starts.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
+                commit_failed: commit_failed.clone(),
                 tenant_id: t.clone(),
                 sku_id: s.clone(),
                 sku: sku.clone(),
