@@ -115,7 +115,7 @@ impl GroupCommit {
                     write_staged(runs)
                 };
                 let result = match written {
-                    Ok(()) => db.flush().err().map(|e| e.to_string()),
+                    Ok(()) => db.flush().err().map(|e| crate::plain(&e)),
                     Err(e) => Some(e),
                 };
                 if let Some(e) = &result {

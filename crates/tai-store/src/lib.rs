@@ -75,7 +75,7 @@ pub enum StoreError {
     /// Another process (another node) holds the data directory's lock.
     #[error("the data directory {path} is in use by another process (is another tai node running on it?)")]
     InUse { path: String },
-    #[error("store i/o failed: {0}")]
+    #[error("store i/o failed: {}", plain(.0))]
     Io(sled::Error),
     #[error("store flush failed: {0}")]
     Flush(String),
@@ -93,6 +93,19 @@ impl StoreError {
             StoreError::Flush(_) => "store_flush",
             StoreError::Corrupt { .. } => "store_corrupt",
         }
+    }
+}
+
+/// A sled error in plain words. sled wraps an I/O error's Debug form in
+/// another (`IO error: Custom { kind: StorageFull, error: "Os { code: 28,
+/// .. }" }`), and that reaches clients in a 503's message; its kind says the
+/// same plainly ("i/o error: no storage space").
+pub(crate) fn plain(e: &sled::Error) -> String {
+    match e {
+        sled::Error::Io(io) if io.kind() != std::io::ErrorKind::Other => {
+            format!("i/o error: {}", io.kind())
+        }
+        other => other.to_string(),
     }
 }
 
@@ -347,7 +360,7 @@ impl Store {
                     let first = run.first().map_or(0, |d| d.seq);
                     blocks
                         .insert(seq_key(b'q', first), codec::encode_block(&run))
-                        .map_err(|e| format!("could not write a queue block: {e}"))?;
+                        .map_err(|e| format!("could not write a queue block: {}", plain(&e)))?;
                 }
                 Ok(())
             }),
