@@ -70,7 +70,7 @@ use group_commit::GroupCommit;
 /// so a report that prints an error's chain (`{:#}`) says it once.
 #[derive(Debug, Error)]
 pub enum StoreError {
-    #[error("cannot open the data directory {path}: {cause}")]
+    #[error("cannot open the data directory {path}: {}", plain(.cause))]
     Open { path: String, cause: sled::Error },
     /// Another process (another node) holds the data directory's lock.
     #[error("the data directory {path} is in use by another process (is another tai node running on it?)")]
