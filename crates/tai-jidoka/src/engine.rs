@@ -51,7 +51,7 @@ pub struct EngineArgs {
     /// 0 when the router starts the engine; more when `engine_sup` restarts it after a crash.
     pub incarnation: u32,
     /// Shared by the incarnations of one engine: set when one ends because
-    /// a commit failed (the store or the ledger, not the signals), so that
+    /// its ledger commit failed (the store or the ledger, not the signals), so that
     /// the next does not count that crash as an attempt against the signal
     /// it held (which, counted three times, would dead-letter a good signal
     /// as poison over a full disk).
@@ -417,18 +417,8 @@ impl Engine {
     }
 
     /// Writes `p` (with the checkpoint) in one atomic, durable commit, then
-    /// acknowledges its signals to Kanban. A failure is the store's or the
-    /// ledger's: the engine crashes (its state is the checkpoint's again
-    /// once restarted) without an attempt counted against its signals.
-    async fn commit(st: &mut EngineActorState, p: Pending) -> Result<(), ActorProcessingErr> {
-        let result = Self::write(st, p).await;
-        if result.is_err() {
-            st.commit_failed.store(true, Ordering::SeqCst);
-        }
-        result
-    }
-
-    async fn write(st: &mut EngineActorState, mut p: Pending) -> Result<(), ActorProcessingErr> {
+    /// acknowledges its signals to Kanban.
+    async fn commit(st: &mut EngineActorState, mut p: Pending) -> Result<(), ActorProcessingErr> {
         for (signal_id, status, reason) in std::mem::take(&mut p.statuses) {
             let mut rec = match st.store.signal_record(&st.tenant_id, &signal_id)? {
                 Some(r) => r,
@@ -470,7 +460,13 @@ impl Engine {
             .map(|d| d.reason.clone())
             .collect();
         let committing = std::time::Instant::now();
-        commit(p.drafts, p.writes).await?;
+        if let Err(e) = commit(p.drafts, p.writes).await {
+            // The ledger failed (its store, a flush, its absence), not these
+            // signals: the engine crashes and comes back from its checkpoint
+            // without an attempt counted against what it held.
+            st.commit_failed.store(true, Ordering::SeqCst);
+            return Err(e);
+        }
         tai_core::kaizen::record("receipt", "ledger", &st.tenant_id, committing.elapsed());
         // Counted once the decision is durable, so a retried commit is not counted twice.
         let now = now_ms();
