@@ -512,3 +512,39 @@ executor = "lossy"
     }
     assert_eq!(breaker(&node, "lossy").await["state"], "closed");
 }
+
+#[tokio::test]
+async fn halt_and_resume_refuse_a_tenant_or_sku_not_configured() {
+    let node = Node::start_with(&test_config(""), &[]);
+    for (path, message) in [
+        (
+            "/admin/tenants/nobody/payments/halt",
+            "no tenant \"nobody\" in the configuration",
+        ),
+        (
+            "/admin/tenants/acme/nosku/resume",
+            "no SKU \"nosku\" in the configuration",
+        ),
+    ] {
+        let (status, body) = node.admin(Method::POST, path).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (404, Some("not_found")),
+            "{body}"
+        );
+        assert_eq!(body["error"]["message"], message);
+    }
+    // No engine was started for them, nothing went into the ledger.
+    let (_, engines) = node.admin(Method::GET, "/admin/tenants").await;
+    assert_eq!(engines, json!([]));
+    assert!(node.all_receipts().await.is_empty());
+    // A configured pair is halted as before.
+    let (status, body) = node
+        .admin(Method::POST, "/admin/tenants/acme/payments/halt")
+        .await;
+    assert_eq!(
+        (status, body["state"].as_str()),
+        (200, Some("halted")),
+        "{body}"
+    );
+}

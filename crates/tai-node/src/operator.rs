@@ -156,32 +156,32 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
                 Err(r) => r,
             }
         }
-        (&Method::POST, ["admin", "tenants", t, s, "halt"]) => {
-            let reason = serde_json::from_slice::<serde_json::Value>(req.body)
-                .ok()
-                .and_then(|v| v["reason"].as_str().map(str::to_string))
-                .unwrap_or_else(|| "operator halt".to_string());
+        (&Method::POST, ["admin", "tenants", t, s, action @ ("halt" | "resume")]) => {
             let (tenant_id, sku_id) = (decode(t), decode(s));
-            engine_answer(
+            if let Some(why) = unconfigured(state, &tenant_id, &sku_id) {
+                return error(ErrorCode::NotFound, why);
+            }
+            let answer = if *action == "halt" {
+                let reason = serde_json::from_slice::<serde_json::Value>(req.body)
+                    .ok()
+                    .and_then(|v| v["reason"].as_str().map(str::to_string))
+                    .unwrap_or_else(|| "operator halt".to_string());
                 call(ENGINE_ROUTER, |reply| RouterMsg::Halt {
                     tenant_id,
                     sku_id,
                     reason,
                     reply,
                 })
-                .await,
-            )
-        }
-        (&Method::POST, ["admin", "tenants", t, s, "resume"]) => {
-            let (tenant_id, sku_id) = (decode(t), decode(s));
-            engine_answer(
+                .await
+            } else {
                 call(ENGINE_ROUTER, |reply| RouterMsg::Resume {
                     tenant_id,
                     sku_id,
                     reply,
                 })
-                .await,
-            )
+                .await
+            };
+            engine_answer(answer)
         }
         (&Method::GET, ["admin", "policies"]) => {
             json_reply(StatusCode::OK, &json!({"rego": state.rego.files()}))
@@ -386,6 +386,19 @@ fn kill(state: &NodeState, name: &str) -> Response {
 }
 
 /// Path segments may be percent-encoded (engine names carry `:`).
+/// Why a halt or resume cannot name this engine: a tenant or SKU the
+/// configuration does not have. (Without the check an operator's typo
+/// started an engine for it and wrote its halt into the ledger.)
+fn unconfigured(state: &NodeState, tenant: &str, sku: &str) -> Option<String> {
+    if !state.config.tenants.iter().any(|t| t.id == tenant) {
+        Some(format!("no tenant {tenant:?} in the configuration"))
+    } else if !state.config.skus.contains_key(sku) {
+        Some(format!("no SKU {sku:?} in the configuration"))
+    } else {
+        None
+    }
+}
+
 fn decode(s: &str) -> String {
     percent_encoding::percent_decode_str(s)
         .decode_utf8_lossy()
