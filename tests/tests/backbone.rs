@@ -63,6 +63,37 @@ async fn the_tree_has_the_contract_shape_and_admin_needs_the_token() {
         (status, body["error"]["code"].as_str()),
         (404, Some("not_found"))
     );
+    // A known path with the wrong method is a 405 naming the right one; a
+    // path the API does not have is a 404.
+    for (method, path, allow) in [
+        (Method::DELETE, "/admin/tree", "GET"),
+        (Method::GET, "/admin/tenants/acme/payments/halt", "POST"),
+        (Method::GET, "/admin/deadletter/s-1/replay", "POST"),
+        (Method::POST, "/metrics", "GET"),
+    ] {
+        let resp = client
+            .request(method.clone(), node.url(path))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 405, "{method} {path}");
+        assert_eq!(resp.headers()["allow"], allow, "{method} {path}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "method_not_allowed", "{body}");
+        assert_eq!(
+            body["error"]["message"],
+            format!("{method} is not supported on {path} (use {allow})")
+        );
+    }
+    for path in ["/admin/nope", "/admin/tenants/a/b/c/d", "/nope"] {
+        let (status, body) = node.admin(Method::GET, path).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (404, Some("not_found")),
+            "{path}: {body}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -402,6 +402,38 @@ async fn halted_degraded_and_quota_signals_are_dead_lettered_and_replayed() {
     let (_, q) = node.admin(Method::GET, "/admin/queue").await;
     assert_eq!(q["backend"], "embedded");
     assert_eq!(q["deadletter"], 1, "d-0 is still a dead letter");
+
+    // The list pages: `limit`, and one tenant's (by its whole name).
+    c.post(&signal("acme", "slowboot", "job", "d-2", json!({})))
+        .await
+        .unwrap();
+    assert_eq!(c.decided("d-2").await["status"], "deadlettered");
+    let ids = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .unwrap_or_else(|| panic!("{v}"))
+            .iter()
+            .map(|d| d["signal"]["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    for (query, expected) in [
+        ("", vec!["d-0", "d-2"]),
+        ("?limit=1", vec!["d-0"]),
+        ("?tenant=acme&limit=5", vec!["d-0", "d-2"]),
+        ("?tenant=acm", Vec::<&str>::new()),
+        ("?tenant=globex", vec![]),
+    ] {
+        let (status, letters) = node
+            .admin(Method::GET, &format!("/admin/deadletter{query}"))
+            .await;
+        assert_eq!(
+            (status, ids(&letters)),
+            (200, expected.iter().map(|s| s.to_string()).collect()),
+            "{query}"
+        );
+    }
+    let (status, body) = node.admin(Method::GET, "/admin/deadletter?limit=ten").await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["message"], "limit must be a whole number");
     let (_, verify) = node.admin(Method::GET, "/admin/receipts/verify").await;
     assert_eq!(verify["ok"], true, "{verify}");
 }

@@ -210,10 +210,7 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
             Ok(stats) => json_reply(StatusCode::OK, &stats),
             Err(r) => r,
         },
-        (&Method::GET, ["admin", "deadletter"]) => match state.store.dead_letters() {
-            Ok(letters) => json_reply(StatusCode::OK, &letters),
-            Err(e) => error(ErrorCode::Internal, format!("store: {e}")),
-        },
+        (&Method::GET, ["admin", "deadletter"]) => dead_letters(state, req.query),
         (&Method::POST, ["admin", "deadletter", id, "replay"]) => {
             replay(state, &decode(id), req.query.get("tenant")).await
         }
@@ -226,32 +223,39 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
             state.request_shutdown("POST /admin/shutdown");
             json_reply(StatusCode::ACCEPTED, &json!({"status": "shutting_down"}))
         }
-        (
-            _,
-            ["health"]
-            | ["ready"]
-            | ["metrics"]
-            | ["admin", "tree"]
-            | ["admin", "shutdown"]
-            | ["admin", "queue"]
-            | ["board"],
-        )
-        | (
-            _,
-            ["admin", "actors", _, "kill"]
-            | ["admin", "tenants", ..]
-            | ["admin", "deadletter", ..]
-            | ["admin", "breakers", ..]
-            | ["admin", "alerts"]
-            | ["admin", "kaizen", ..]
-            | ["admin", "policies", ..]
-            | ["admin", "receipts", ..],
-        ) => error(
-            ErrorCode::NotFound,
-            format!("{method} is not supported on {path}"),
-        ),
-        _ => error(ErrorCode::NotFound, format!("no such endpoint: {path}")),
+        (_, segments) => match allowed(segments) {
+            Some(allow) => {
+                let mut r = error(
+                    ErrorCode::MethodNotAllowed,
+                    format!("{method} is not supported on {path} (use {allow})"),
+                );
+                r.headers_mut()
+                    .insert("allow", warp::http::HeaderValue::from_static(allow));
+                r
+            }
+            None => error(ErrorCode::NotFound, format!("no such endpoint: {path}")),
+        },
     }
+}
+
+/// The method a known operator path takes (for a 405 and its `Allow`);
+/// `None` for a path the API does not have.
+fn allowed(segments: &[&str]) -> Option<&'static str> {
+    Some(match segments {
+        ["health" | "ready" | "metrics" | "board"]
+        | ["admin", "tree" | "queue" | "tenants" | "deadletter" | "breakers"]
+        | ["admin", "alerts" | "kaizen" | "policies" | "receipts"]
+        | ["admin", "tenants", _, _]
+        | ["admin", "receipts", "verify"] => "GET",
+        ["admin", "shutdown"]
+        | ["admin", "actors", _, "kill"]
+        | ["admin", "tenants", _, _, "halt" | "resume"]
+        | ["admin", "deadletter", _, "replay"]
+        | ["admin", "breakers", _, "reset" | "melt"]
+        | ["admin", "kaizen", "baseline"]
+        | ["admin", "policies", "reload"] => "POST",
+        _ => return None,
+    })
 }
 
 /// Where the Kaizen baseline is kept (store meta), so it outlives restarts.
@@ -441,7 +445,10 @@ fn engine_answer(r: Result<Result<tai_core::signal::EngineInfo, String>, Respons
 }
 
 async fn replay(state: &NodeState, signal_id: &str, tenant: Option<&String>) -> Response {
-    let letters = match state.store.dead_letters() {
+    let letters = match state
+        .store
+        .dead_letters(tenant.map(String::as_str), usize::MAX)
+    {
         Ok(l) => l,
         Err(e) => return error(ErrorCode::Internal, e.to_string()),
     };
@@ -476,32 +483,48 @@ async fn replay(state: &NodeState, signal_id: &str, tenant: Option<&String>) -> 
     }
 }
 
-fn receipts(state: &NodeState, query: &HashMap<String, String>) -> Response {
-    let num = |key: &str, default: u64| -> Result<u64, Response> {
-        match query.get(key) {
-            None => Ok(default),
-            Some(v) => v.parse().map_err(|_| {
-                error(
-                    ErrorCode::InvalidSignal,
-                    format!("{key} must be a whole number"),
-                )
-            }),
-        }
-    };
-    let after = match num("after_seq", 0) {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
-    let limit = match num("limit", 100) {
-        Ok(v) => v.clamp(1, 1000) as usize,
-        Err(r) => return r,
-    };
+/// A whole-number query parameter, `default` when absent.
+fn num(query: &HashMap<String, String>, key: &str, default: u64) -> Result<u64, Response> {
+    match query.get(key) {
+        None => Ok(default),
+        Some(v) => v.parse().map_err(|_| {
+            error(
+                ErrorCode::InvalidSignal,
+                format!("{key} must be a whole number"),
+            )
+        }),
+    }
+}
+
+/// `limit=` (1..=1000, default 100) and `tenant=` (empty = all).
+fn page(query: &HashMap<String, String>) -> Result<(usize, Option<&str>), Response> {
+    let limit = num(query, "limit", 100)?.clamp(1, 1000) as usize;
     let tenant = query
         .get("tenant")
         .map(String::as_str)
         .filter(|t| !t.is_empty());
+    Ok((limit, tenant))
+}
+
+fn receipts(state: &NodeState, query: &HashMap<String, String>) -> Response {
+    let (after, (limit, tenant)) =
+        match num(query, "after_seq", 0).and_then(|a| Ok((a, page(query)?))) {
+            Ok(v) => v,
+            Err(r) => return r,
+        };
     match state.store.receipts(after, limit, tenant) {
         Ok(list) => json_reply(StatusCode::OK, &list),
         Err(e) => error(ErrorCode::Internal, e.to_string()),
+    }
+}
+
+fn dead_letters(state: &NodeState, query: &HashMap<String, String>) -> Response {
+    let (limit, tenant) = match page(query) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    match state.store.dead_letters(tenant, limit) {
+        Ok(letters) => json_reply(StatusCode::OK, &letters),
+        Err(e) => error(ErrorCode::Internal, format!("store: {e}")),
     }
 }

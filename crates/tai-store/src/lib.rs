@@ -708,9 +708,17 @@ impl Store {
         Ok(())
     }
 
-    pub fn dead_letters(&self) -> Result<Vec<DeadLetter>> {
+    /// Dead letters in key order (tenant, then signal id), only `tenant`'s
+    /// if given, at most `limit`.
+    pub fn dead_letters(&self, tenant: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>> {
+        let prefix = match tenant {
+            // `d/{tenant}\0`: this tenant's, not those of a longer name.
+            Some(t) => pair_key(b'd', t, ""),
+            None => b"d/".to_vec(),
+        };
         self.db
-            .scan_prefix(b"d/")
+            .scan_prefix(prefix)
+            .take(limit)
             .map(|kv| {
                 let (k, v) = kv?;
                 decode(&k, &v)
