@@ -208,7 +208,8 @@ impl Node {
             }
             assert!(
                 Instant::now() < end,
-                "timed out waiting for {what}: last {status} {body}"
+                "timed out waiting for {what}: last {status} {body}\nthe node's log, last lines:\n{}",
+                self.log_tail(200)
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -448,6 +449,13 @@ impl Node {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The last `lines` lines of the node's log, for a failure message.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = self.log();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
     }
 
     pub async fn admin(&self, method: reqwest::Method, path: &str) -> (u16, Value) {
