@@ -978,3 +978,64 @@ fn tai_bench_decides_what_it_sends_and_reports_its_figures() {
     // is their mean.
     assert_bracketed(&report, "baseline_runs", "baseline_per_sec");
 }
+
+#[tokio::test]
+async fn a_signal_waiting_for_its_entitlement_is_parked_not_timed_out_nor_waited_for() {
+    // Signals are sent again after 1 s undecided, an attempt counted (three
+    // make poison); `patient` waits 4 s for its entitlement, `waiting` 300 s.
+    let extra = "[skus.patient]\npolicies = []\nentitlement_timeout_secs = 4\n\n\
+                 [skus.waiting]\npolicies = []\nentitlement_timeout_secs = 300\n";
+    let mut node = Node::start_with(&test_config(extra), &[("TAI_KANBAN__VISIBILITY_SECS", "1")]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    for (sku, id) in [("patient", "p-1"), ("waiting", "w-1")] {
+        let a = c
+            .post(&signal("acme", sku, "job", id, json!({})))
+            .await
+            .unwrap();
+        assert_eq!(a.status, 202, "{}", a.body);
+    }
+    let q = node
+        .admin_until("/admin/queue", "both parked", |q| q["parked"] == 2)
+        .await;
+    assert_eq!(q["in_flight"], 2, "{q}");
+
+    // Four visibility periods later `patient` gives up waiting: p-1 goes as
+    // the degraded engine's non-critical signal, not as poison, and was
+    // never sent again.
+    let p1 = c.decided("p-1").await;
+    assert_eq!(
+        (p1["status"].as_str(), p1["reason"].as_str()),
+        (Some("deadlettered"), Some("degraded")),
+        "{p1}"
+    );
+    let log = node.log();
+    assert!(!log.contains("in flight too long"), "{log}");
+    let q = node
+        .admin_until("/admin/queue", "p-1 settled", |q| q["in_flight"] == 1)
+        .await;
+    assert_eq!(q["parked"], 1, "{q}");
+
+    // A graceful stop does not wait for w-1 (nothing could entitle its
+    // engine while the queue hands out no more), and keeps it.
+    node.signal(libc::SIGINT);
+    assert!(node.wait_exit(Duration::from_secs(30)).success());
+    let log = node.log();
+    assert!(
+        log.contains("signals waiting for an entitlement are delivered again at the next start"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("signals still in flight at shutdown"),
+        "{log}"
+    );
+    node.restart();
+    let c = Client::new(&node, "acme", "acme-secret");
+    c.entitle("waiting", "ent-w").await;
+    assert_eq!(c.decided("w-1").await["status"], "completed");
+    let receipts = node.all_receipts().await;
+    let decisions = receipts
+        .iter()
+        .filter(|r| r["signal_id"] == "w-1" && r["kind"] == "action_generated")
+        .count();
+    assert_eq!(decisions, 1);
+}

@@ -162,6 +162,10 @@ pub struct KanbanConfig {
     pub wip_limit: u32,
     /// Signals queued beyond this are refused with 503 (back-pressure).
     pub max_depth: u64,
+    /// How long an engine may hold a signal undecided before it is sent
+    /// again with an attempt counted (a signal parked for its entitlement
+    /// is exempt).
+    pub visibility_secs: u64,
 }
 
 impl Default for KanbanConfig {
@@ -175,6 +179,7 @@ impl Default for KanbanConfig {
             prefetch: 10,
             wip_limit: 50,
             max_depth: 1_000_000,
+            visibility_secs: 60,
         }
     }
 }
@@ -724,6 +729,9 @@ fn validate(c: &Config, errors: &mut Vec<ConfigError>) {
             ));
         }
     }
+    if c.kanban.visibility_secs == 0 {
+        errors.push(err("kanban.visibility_secs", "must be greater than 0"));
+    }
     if c.kanban.prefetch == 0 {
         errors.push(err("kanban.prefetch", "must be greater than 0"));
     }
@@ -1006,6 +1014,17 @@ mod tests {
         assert_eq!(c.kanban.wip_limit, 200);
         assert_eq!(c.ingress.rate_limits.global_per_sec, 7);
         assert!(!c.fault_injection());
+    }
+
+    #[test]
+    fn a_zero_visibility_is_refused_by_name() {
+        let errors = load("[kanban]\nvisibility_secs = 0\n", vec![]).unwrap_err();
+        assert_eq!(
+            (errors[0].path.as_str(), errors[0].message.as_str()),
+            ("kanban.visibility_secs", "must be greater than 0")
+        );
+        let c = load("", vec![]).unwrap();
+        assert_eq!(c.kanban.visibility_secs, 60);
     }
 
     #[test]

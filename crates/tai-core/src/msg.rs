@@ -45,6 +45,9 @@ pub struct QueueStats {
     pub backend: String,
     pub depth: u64,
     pub in_flight: u64,
+    /// Of `in_flight`, those their engines hold until entitled.
+    #[serde(default)]
+    pub parked: u64,
     pub wip_limit: u32,
     pub prefetch: u32,
     pub deadletter: u64,
@@ -92,6 +95,16 @@ pub enum KanbanMsg {
     /// These decisions are durable and their queue entries gone: free their
     /// WIP slots (an engine sends every ack of one commit together).
     Ack {
+        seqs: Vec<u64>,
+    },
+    /// These signals wait in their engine for something outside it (an
+    /// entitlement): not timed out, not waited for by a quiesce, until they
+    /// are acknowledged or sent again.
+    Park {
+        seqs: Vec<u64>,
+    },
+    /// Parked signals their engine is deciding after all (it was entitled).
+    Unpark {
         seqs: Vec<u64>,
     },
     /// Send again what is in flight for this engine (it restarted and lost its mailbox).

@@ -222,11 +222,14 @@ fn receipt_span(spans: &[tracing::Span]) -> tracing::Span {
 }
 
 fn ack(seqs: Vec<u64>) {
-    if seqs.is_empty() {
-        return;
+    if !seqs.is_empty() {
+        send_to_queue(KanbanMsg::Ack { seqs });
     }
+}
+
+fn send_to_queue(msg: KanbanMsg) {
     if let Some(q) = ractor::registry::where_is(KANBAN_QUEUE) {
-        let _ = q.send_message(KanbanMsg::Ack { seqs });
+        let _ = q.send_message(msg);
     }
 }
 
@@ -304,6 +307,12 @@ impl Engine {
                 }
                 Effect::Postpone => {
                     if let Input::Signal(d) = input {
+                        // In boot it waits for an entitlement, which may be
+                        // long in coming: the queue must not time it out
+                        // (nor a graceful stop wait for it).
+                        if st.data.state == EngineState::Boot {
+                            send_to_queue(KanbanMsg::Park { seqs: vec![d.seq] });
+                        }
                         st.statem.postpone(d.clone());
                     }
                 }
@@ -589,12 +598,19 @@ impl Engine {
                 let done = Self::outcome(&a, result, trace, &mut p, &mut breaker_changes);
                 inputs.push_front(done);
             }
+            let from = *st.statem.state();
             let t = st.statem.transition(st.data.state);
             if t.changed {
                 crate::states::publish(&st.name, st.data.state);
                 Self::alert_state(st, before);
                 debug!(tenant = %st.tenant_id, sku = %st.sku_id, from = before.as_str(), to = st.data.state.as_str(), "engine state change");
                 st.arm_state_timeout(myself);
+                if from == EngineState::Boot && !t.replay.is_empty() {
+                    // Parked while it waited; decided now, before a quiesce ends.
+                    send_to_queue(KanbanMsg::Unpark {
+                        seqs: t.replay.iter().map(|d| d.seq).collect(),
+                    });
+                }
                 inputs.extend(t.replay.into_iter().map(Input::Signal));
             }
         }

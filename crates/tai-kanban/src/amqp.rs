@@ -1029,6 +1029,7 @@ impl AmqpState {
             backend: "amqp".into(),
             depth: self.depth(),
             in_flight: self.dispatch.in_flight_len(),
+            parked: self.dispatch.parked_len(),
             wip_limit: self.config.wip_limit,
             prefetch: self.config.prefetch,
             deadletter: self.store.dead_letter_count(),
@@ -1045,9 +1046,10 @@ impl AmqpState {
     }
 
     fn answer_quiesce(&mut self) {
-        if self.quiescing && self.dispatch.in_flight_len() == 0 {
+        if self.quiescing && self.dispatch.working_len() == 0 {
+            // Only parked signals left: they are delivered again at the next start.
             for w in self.quiesce_waiters.drain(..) {
-                let _ = w.send(0);
+                let _ = w.send(self.dispatch.parked_len());
             }
         }
     }
@@ -1268,6 +1270,11 @@ impl Actor for AmqpQueue {
                 st.dispatch();
                 st.answer_quiesce();
             }
+            KanbanMsg::Park { seqs } => {
+                st.dispatch.park(&seqs);
+                st.answer_quiesce();
+            }
+            KanbanMsg::Unpark { seqs } => st.dispatch.unpark(&seqs),
             KanbanMsg::Redeliver {
                 tenant_id,
                 sku_id,

@@ -13,6 +13,9 @@ pub struct Flight {
     pub delivery: Delivery,
     pub sent_at: Instant,
     pub attempts: u32,
+    /// Postponed by its engine until something outside it happens (an
+    /// entitlement): not timed out, and not waited for by a quiesce.
+    pub parked: bool,
 }
 
 /// A signal's engine (tenant, SKU) as a map key, the way [`ByTenant`] keys
@@ -46,6 +49,8 @@ pub struct Dispatch {
     in_flight: HashMap<u64, Flight>,
     per_engine: HashMap<EngineKey, u32>,
     ready_count: u64,
+    /// In-flight signals parked by their engines.
+    parked: u64,
 }
 
 fn engine_of(d: &Delivery) -> EngineKey {
@@ -69,6 +74,52 @@ impl Dispatch {
 
     pub fn in_flight_len(&self) -> u64 {
         self.in_flight.len() as u64
+    }
+
+    /// Of those in flight, how many their engines have parked.
+    pub fn parked_len(&self) -> u64 {
+        self.parked
+    }
+
+    /// In flight and being worked on (not parked): what a quiesce waits for.
+    pub fn working_len(&self) -> u64 {
+        self.in_flight_len() - self.parked
+    }
+
+    /// An engine holds this signal until something outside it happens: it
+    /// stays in flight (its WIP slot taken, redelivered if the engine
+    /// restarts), but its wait is not a failure, so it does not time out.
+    pub fn park(&mut self, seqs: &[u64]) {
+        for seq in seqs {
+            if let Some(f) = self.in_flight.get_mut(seq) {
+                if !f.parked {
+                    f.parked = true;
+                    self.parked += 1;
+                }
+            }
+        }
+    }
+
+    /// Its engine is deciding it after all (it was entitled).
+    pub fn unpark(&mut self, seqs: &[u64]) {
+        for seq in seqs {
+            if let Some(f) = self.in_flight.get_mut(seq) {
+                if f.parked {
+                    f.parked = false;
+                    self.parked -= 1;
+                }
+            }
+        }
+    }
+
+    /// Sent again: whichever engine gets it parks it again if it must wait.
+    fn resent(parked: &mut u64, f: &mut Flight, now: Instant) {
+        if f.parked {
+            f.parked = false;
+            *parked -= 1;
+        }
+        f.sent_at = now;
+        f.delivery.redelivered = true;
     }
 
     /// Takes the next signals to send: tenants in turn, at most `prefetch`
@@ -109,6 +160,7 @@ impl Dispatch {
                     delivery: d.clone(),
                     sent_at: now,
                     attempts: 1,
+                    parked: false,
                 },
             );
             out.push(d);
@@ -121,6 +173,9 @@ impl Dispatch {
         let Some(f) = self.in_flight.remove(&seq) else {
             return false;
         };
+        if f.parked {
+            self.parked -= 1;
+        }
         let engine = engine_of(&f.delivery);
         if let Some(n) = self.per_engine.get_mut(&engine) {
             *n -= 1;
@@ -156,8 +211,7 @@ impl Dispatch {
             if i == 0 && after_crash {
                 f.attempts += 1;
             }
-            f.sent_at = now;
-            f.delivery.redelivered = true;
+            Self::resent(&mut self.parked, f, now);
             out.push((f.delivery.clone(), f.attempts));
         }
         out
@@ -175,18 +229,19 @@ impl Dispatch {
     }
 
     pub fn redeliver_all(&mut self, now: Instant) -> Vec<Delivery> {
+        let parked = &mut self.parked;
         let mut all: Vec<&mut Flight> = self.in_flight.values_mut().collect();
         all.sort_by_key(|f| f.delivery.seq);
         all.into_iter()
             .map(|f| {
-                f.sent_at = now;
-                f.delivery.redelivered = true;
+                Self::resent(parked, f, now);
                 f.delivery.clone()
             })
             .collect()
     }
 
-    /// In flight for longer than `visibility`: sent again, with an attempt counted.
+    /// In flight for longer than `visibility`, and not parked: sent again,
+    /// with an attempt counted.
     pub fn expired(
         &mut self,
         visibility: std::time::Duration,
@@ -195,7 +250,7 @@ impl Dispatch {
         let mut out: Vec<(Delivery, u32)> = self
             .in_flight
             .values_mut()
-            .filter(|f| now.duration_since(f.sent_at) >= visibility)
+            .filter(|f| !f.parked && now.duration_since(f.sent_at) >= visibility)
             .map(|f| {
                 f.attempts += 1;
                 f.sent_at = now;
@@ -298,5 +353,48 @@ mod tests {
             q.expired(std::time::Duration::from_secs(60), later).len(),
             3
         );
+    }
+
+    #[test]
+    fn a_parked_signal_keeps_its_slot_but_neither_times_out_nor_holds_a_quiesce() {
+        let mut q = Dispatch::default();
+        for s in 1..=3 {
+            q.push(d(s, "t", "a"));
+        }
+        let now = Instant::now();
+        q.take(50, 10, now);
+        q.park(&[1, 2]);
+        q.park(&[2, 99]);
+        assert_eq!(
+            (q.in_flight_len(), q.parked_len(), q.working_len()),
+            (3, 2, 1)
+        );
+        let visibility = std::time::Duration::from_secs(60);
+        let later = now + std::time::Duration::from_secs(61);
+        let again: Vec<_> = q
+            .expired(visibility, later)
+            .iter()
+            .map(|(d, n)| (d.seq, *n))
+            .collect();
+        assert_eq!(again, [(3, 2)], "only the unparked one timed out");
+        q.unpark(&[3, 1]);
+        assert_eq!((q.parked_len(), q.working_len()), (1, 2));
+        q.park(&[1]);
+        // Decided: gone, parked or not.
+        assert!(q.ack(1));
+        assert_eq!((q.in_flight_len(), q.parked_len()), (2, 1));
+        // Its engine restarted: sent again, unparked (the new engine parks it
+        // again if it still must wait), and it times out again if not.
+        let sent = q.redeliver_engine("t", "a", false, later);
+        assert_eq!(
+            seqs(&sent.into_iter().map(|(d, _)| d).collect::<Vec<_>>()),
+            [2, 3]
+        );
+        assert_eq!((q.parked_len(), q.working_len()), (0, 2));
+        q.park(&[2]);
+        assert_eq!(q.redeliver_all(later).len(), 2);
+        assert_eq!(q.parked_len(), 0);
+        let much_later = later + std::time::Duration::from_secs(61);
+        assert_eq!(q.expired(visibility, much_later).len(), 2);
     }
 }

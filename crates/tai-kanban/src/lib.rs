@@ -23,10 +23,6 @@ use tai_store::Store;
 pub use dispatch::Dispatch;
 pub use queue::{Queue, QueueArgs};
 
-/// How long an engine may hold a signal without deciding it before it is
-/// sent again.
-const VISIBILITY: Duration = Duration::from_secs(60);
-
 /// The longest a 202 waits for room in the line (`queue::Admission`).
 const HOLD_MAX: Duration = Duration::from_secs(1);
 
@@ -116,7 +112,7 @@ pub fn supervisor_spec(store: Store, config: KanbanConfig) -> SupervisorSpec {
             move || amqp::AmqpArgs {
                 store: store.clone(),
                 config: config.clone(),
-                visibility: VISIBILITY,
+                visibility: Duration::from_secs(config.visibility_secs),
             },
         ));
     }
@@ -129,7 +125,7 @@ pub fn supervisor_spec(store: Store, config: KanbanConfig) -> SupervisorSpec {
             wip_limit: config.wip_limit,
             prefetch: config.prefetch,
             max_depth: config.max_depth,
-            visibility: VISIBILITY,
+            visibility: Duration::from_secs(config.visibility_secs),
             hold_above: QueueArgs::hold_above_for(config.wip_limit),
             hold_max: HOLD_MAX,
         },

@@ -139,9 +139,10 @@ impl QueueState {
     }
 
     fn answer_quiesce(&mut self) {
-        if self.quiescing && self.dispatch.in_flight_len() == 0 {
+        if self.quiescing && self.dispatch.working_len() == 0 {
+            // Only parked signals left: they are delivered again at the next start.
             for w in self.quiesce_waiters.drain(..) {
-                let _ = w.send(0);
+                let _ = w.send(self.dispatch.parked_len());
             }
         }
     }
@@ -424,6 +425,11 @@ impl Actor for Queue {
                 }
                 st.answer_quiesce();
             }
+            KanbanMsg::Park { seqs } => {
+                st.dispatch.park(&seqs);
+                st.answer_quiesce();
+            }
+            KanbanMsg::Unpark { seqs } => st.dispatch.unpark(&seqs),
             KanbanMsg::Quiesce(reply) => {
                 if !st.quiescing {
                     info!(
@@ -472,6 +478,7 @@ impl Actor for Queue {
                     backend: "embedded".into(),
                     depth: st.depth(),
                     in_flight: st.dispatch.in_flight_len(),
+                    parked: st.dispatch.parked_len(),
                     wip_limit: st.args.wip_limit,
                     prefetch: st.args.prefetch,
                     deadletter: st.args.store.dead_letter_count(),

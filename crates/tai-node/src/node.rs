@@ -279,7 +279,9 @@ fn systemd_watchdog() -> Option<tokio::task::JoinHandle<()>> {
 /// Before the tree stops: the queue hands out no more work (the amqp
 /// backend cancels its consumer) and in-flight signals are decided and
 /// acknowledged, for at most a third of the grace period (what is left in
-/// flight then is delivered again at the next start).
+/// flight then is delivered again at the next start). Signals parked in an
+/// engine waiting for its entitlement are not waited for: nothing can
+/// entitle it while the queue dispatches no more.
 async fn quiesce(grace: Duration) {
     systemd_stopping();
     let Some(queue) = ractor::registry::where_is(tai_core::msg::KANBAN_QUEUE) else {
@@ -288,9 +290,14 @@ async fn quiesce(grace: Duration) {
     let limit = (grace / 3).min(Duration::from_secs(10));
     let started = std::time::Instant::now();
     match ractor::rpc::call(&queue, tai_core::msg::KanbanMsg::Quiesce, Some(limit)).await {
-        Ok(ractor::rpc::CallResult::Success(_)) => info!(
+        Ok(ractor::rpc::CallResult::Success(0)) => info!(
             took_ms = started.elapsed().as_millis() as u64,
             "queue quiesced: nothing in flight"
+        ),
+        Ok(ractor::rpc::CallResult::Success(parked)) => info!(
+            took_ms = started.elapsed().as_millis() as u64,
+            parked,
+            "queue quiesced: nothing being decided; signals waiting for an entitlement are delivered again at the next start"
         ),
         _ => warn!(
             ?limit,
