@@ -1039,3 +1039,58 @@ async fn a_signal_waiting_for_its_entitlement_is_parked_not_timed_out_nor_waited
         .count();
     assert_eq!(decisions, 1);
 }
+
+#[tokio::test]
+async fn an_engine_waiting_for_its_entitlement_does_not_hold_other_engines_back() {
+    // A WIP of 10, the prefetch of one engine: `waiting` parks signals for
+    // up to 300 s; before, a dozen would have taken the whole WIP, and the
+    // entitlement queued behind them could not reach it.
+    let extra = "[skus.waiting]\npolicies = []\nentitlement_timeout_secs = 300\n";
+    let node = Node::start_with(
+        &test_config(extra),
+        &[
+            ("TAI_KANBAN__WIP_LIMIT", "10"),
+            ("TAI_KANBAN__PREFETCH", "10"),
+        ],
+    );
+    let c = Client::new(&node, "acme", "acme-secret");
+    for i in 0..12 {
+        let id = format!("w-{i}");
+        let a = c
+            .post(&signal("acme", "waiting", "job", &id, json!({})))
+            .await;
+        assert_eq!(a.as_ref().map(|a| a.status).ok(), Some(202), "{id}");
+    }
+    let q = node
+        .admin_until("/admin/queue", "all twelve parked", |q| q["parked"] == 12)
+        .await;
+    assert_eq!(
+        (q["in_flight"].as_u64(), q["depth"].as_u64()),
+        (Some(12), Some(12)),
+        "{q}"
+    );
+    // Another engine of the same tenant, and another tenant, are decided.
+    c.entitle("payments", "ent").await;
+    assert_eq!(c.post(&pay("pay-1", "c1", 5.0)).await.unwrap().status, 202);
+    assert_eq!(c.decided("pay-1").await["status"], "completed");
+    let g = Client::new(&node, "globex", "globex-secret");
+    g.entitle("payments", "g-ent").await;
+    assert_eq!(g.decided("g-ent").await["status"], "completed");
+    // Entitled at last: all twelve are decided, in order, once.
+    c.entitle("waiting", "ent-w").await;
+    for i in 0..12 {
+        assert_eq!(c.decided(&format!("w-{i}")).await["status"], "completed");
+    }
+    let receipts = node.all_receipts().await;
+    let order: Vec<&str> = receipts
+        .iter()
+        .filter(|r| r["kind"] == "action_generated" && r["sku_id"] == "waiting")
+        .map(|r| r["signal_id"].as_str().unwrap())
+        .collect();
+    let expected: Vec<String> = (0..12).map(|i| format!("w-{i}")).collect();
+    assert_eq!(order, expected);
+    node.admin_until("/admin/queue", "nothing left in flight", |q| {
+        q["in_flight"] == 0 && q["parked"] == 0
+    })
+    .await;
+}

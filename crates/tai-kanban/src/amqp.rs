@@ -1271,7 +1271,9 @@ impl Actor for AmqpQueue {
                 st.answer_quiesce();
             }
             KanbanMsg::Park { seqs } => {
+                // Their WIP slots are free for other engines' signals.
                 st.dispatch.park(&seqs);
+                st.dispatch();
                 st.answer_quiesce();
             }
             KanbanMsg::Unpark { seqs } => st.dispatch.unpark(&seqs),

@@ -47,7 +47,7 @@ pub struct Dispatch {
     ready: HashMap<ByTenant, VecDeque<Box<Delivery>>>,
     turn: VecDeque<ByTenant>,
     in_flight: HashMap<u64, Flight>,
-    per_engine: HashMap<EngineKey, u32>,
+    per_engine: PerEngine,
     ready_count: u64,
     /// In-flight signals parked by their engines.
     parked: u64,
@@ -55,6 +55,29 @@ pub struct Dispatch {
 
 fn engine_of(d: &Delivery) -> EngineKey {
     EngineKey(d.signal.clone())
+}
+
+/// Signals in flight (and not parked) per engine.
+#[derive(Default)]
+struct PerEngine(HashMap<EngineKey, u32>);
+
+impl PerEngine {
+    fn count(&self, engine: &EngineKey) -> u32 {
+        self.0.get(engine).copied().unwrap_or(0)
+    }
+
+    fn add(&mut self, engine: EngineKey) {
+        *self.0.entry(engine).or_default() += 1;
+    }
+
+    fn release(&mut self, engine: &EngineKey) {
+        if let Some(n) = self.0.get_mut(engine) {
+            *n -= 1;
+            if *n == 0 {
+                self.0.remove(engine);
+            }
+        }
+    }
 }
 
 impl Dispatch {
@@ -86,48 +109,58 @@ impl Dispatch {
         self.in_flight_len() - self.parked
     }
 
-    /// An engine holds this signal until something outside it happens: it
-    /// stays in flight (its WIP slot taken, redelivered if the engine
-    /// restarts), but its wait is not a failure, so it does not time out.
+    /// An engine holds these signals until something outside it happens
+    /// (its entitlement): they stay in flight (sent again if the engine
+    /// restarts), but waiting is not failing, so they do not time out; and
+    /// they count neither against the WIP nor against their engine's
+    /// prefetch, so the entitlement behind them reaches the engine and
+    /// other engines go on meanwhile.
     pub fn park(&mut self, seqs: &[u64]) {
+        self.set_parked(seqs, true);
+    }
+
+    /// Their engine is deciding them after all (it was entitled).
+    pub fn unpark(&mut self, seqs: &[u64]) {
+        self.set_parked(seqs, false);
+    }
+
+    fn set_parked(&mut self, seqs: &[u64], to: bool) {
         for seq in seqs {
             if let Some(f) = self.in_flight.get_mut(seq) {
-                if !f.parked {
-                    f.parked = true;
-                    self.parked += 1;
-                }
+                Self::park_flight(&mut self.parked, &mut self.per_engine, f, to);
             }
         }
     }
 
-    /// Its engine is deciding it after all (it was entitled).
-    pub fn unpark(&mut self, seqs: &[u64]) {
-        for seq in seqs {
-            if let Some(f) = self.in_flight.get_mut(seq) {
-                if f.parked {
-                    f.parked = false;
-                    self.parked -= 1;
-                }
-            }
+    fn park_flight(parked: &mut u64, per_engine: &mut PerEngine, f: &mut Flight, to: bool) {
+        if f.parked == to {
+            return;
+        }
+        f.parked = to;
+        let engine = engine_of(&f.delivery);
+        if to {
+            *parked += 1;
+            per_engine.release(&engine);
+        } else {
+            *parked -= 1;
+            per_engine.add(engine);
         }
     }
 
     /// Sent again: whichever engine gets it parks it again if it must wait.
-    fn resent(parked: &mut u64, f: &mut Flight, now: Instant) {
-        if f.parked {
-            f.parked = false;
-            *parked -= 1;
-        }
+    fn resent(parked: &mut u64, per_engine: &mut PerEngine, f: &mut Flight, now: Instant) {
+        Self::park_flight(parked, per_engine, f, false);
         f.sent_at = now;
         f.delivery.redelivered = true;
     }
 
     /// Takes the next signals to send: tenants in turn, at most `prefetch`
-    /// in flight per engine, at most `wip_limit` in flight in all.
+    /// in flight per engine, at most `wip_limit` in flight in all (parked
+    /// signals not counted).
     pub fn take(&mut self, wip_limit: u32, prefetch: u32, now: Instant) -> Vec<Delivery> {
         let mut out = Vec::new();
         let mut skipped = 0;
-        while (self.in_flight.len() as u64) < u64::from(wip_limit) && skipped < self.turn.len() {
+        while self.working_len() < u64::from(wip_limit) && skipped < self.turn.len() {
             let Some(tenant) = self.turn.pop_front() else {
                 break;
             };
@@ -139,7 +172,7 @@ impl Dispatch {
                 continue;
             };
             let engine = engine_of(head);
-            if self.per_engine.get(&engine).copied().unwrap_or(0) >= prefetch {
+            if self.per_engine.count(&engine) >= prefetch {
                 // This tenant's next signal waits for its engine; keep its turn.
                 self.turn.push_back(tenant);
                 skipped += 1;
@@ -153,7 +186,7 @@ impl Dispatch {
                 self.turn.push_back(tenant);
             }
             self.ready_count -= 1;
-            *self.per_engine.entry(engine).or_default() += 1;
+            self.per_engine.add(engine);
             self.in_flight.insert(
                 d.seq,
                 Flight {
@@ -175,13 +208,8 @@ impl Dispatch {
         };
         if f.parked {
             self.parked -= 1;
-        }
-        let engine = engine_of(&f.delivery);
-        if let Some(n) = self.per_engine.get_mut(&engine) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_engine.remove(&engine);
-            }
+        } else {
+            self.per_engine.release(&engine_of(&f.delivery));
         }
         true
     }
@@ -211,7 +239,7 @@ impl Dispatch {
             if i == 0 && after_crash {
                 f.attempts += 1;
             }
-            Self::resent(&mut self.parked, f, now);
+            Self::resent(&mut self.parked, &mut self.per_engine, f, now);
             out.push((f.delivery.clone(), f.attempts));
         }
         out
@@ -229,12 +257,12 @@ impl Dispatch {
     }
 
     pub fn redeliver_all(&mut self, now: Instant) -> Vec<Delivery> {
-        let parked = &mut self.parked;
+        let (parked, per_engine) = (&mut self.parked, &mut self.per_engine);
         let mut all: Vec<&mut Flight> = self.in_flight.values_mut().collect();
         all.sort_by_key(|f| f.delivery.seq);
         all.into_iter()
             .map(|f| {
-                Self::resent(parked, f, now);
+                Self::resent(parked, per_engine, f, now);
                 f.delivery.clone()
             })
             .collect()
@@ -396,5 +424,37 @@ mod tests {
         assert_eq!(q.parked_len(), 0);
         let much_later = later + std::time::Duration::from_secs(61);
         assert_eq!(q.expired(visibility, much_later).len(), 2);
+    }
+
+    #[test]
+    fn parked_signals_hold_neither_the_wip_nor_their_engines_prefetch() {
+        let mut q = Dispatch::default();
+        for s in 1..=5 {
+            q.push(d(s, "waits", "a"));
+        }
+        for s in 6..=7 {
+            q.push(d(s, "other", "a"));
+        }
+        let now = Instant::now();
+        // WIP 2, prefetch 2: one of each tenant in turn.
+        assert_eq!(seqs(&q.take(2, 2, now)), [1, 6]);
+        assert!(q.take(2, 2, now).is_empty(), "the WIP is full");
+        q.park(&[1]);
+        assert_eq!(seqs(&q.take(2, 2, now)), [2]);
+        q.park(&[2]);
+        // Tenants still take turns.
+        assert_eq!(seqs(&q.take(2, 2, now)), [7]);
+        assert!(q.ack(6));
+        // `waits` has nothing but parked in flight: its next goes.
+        assert_eq!(seqs(&q.take(2, 2, now)), [3]);
+        assert_eq!((q.in_flight_len(), q.working_len()), (4, 2));
+        // Unparked (entitled): they count again, so nothing more goes.
+        q.unpark(&[1, 2]);
+        assert_eq!(q.working_len(), 4);
+        assert!(q.take(9, 2, now).is_empty(), "`waits` is over its prefetch");
+        for seq in [1, 2, 3] {
+            assert!(q.ack(seq));
+        }
+        assert_eq!(seqs(&q.take(9, 2, now)), [4, 5]);
     }
 }

@@ -426,7 +426,9 @@ impl Actor for Queue {
                 st.answer_quiesce();
             }
             KanbanMsg::Park { seqs } => {
+                // Their WIP slots are free for other engines' signals.
                 st.dispatch.park(&seqs);
+                Self::dispatch(st);
                 st.answer_quiesce();
             }
             KanbanMsg::Unpark { seqs } => st.dispatch.unpark(&seqs),
