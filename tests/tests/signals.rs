@@ -1094,3 +1094,35 @@ async fn an_engine_waiting_for_its_entitlement_does_not_hold_other_engines_back(
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_engine_passivated_while_signals_wait_in_it_comes_back_for_them() {
+    // One live engine at most: starting a second passivates the first,
+    // whose signal waits (parked) for an entitlement that never comes.
+    let extra = "[skus.waiting]\npolicies = []\nentitlement_timeout_secs = 2\n";
+    let node = Node::start_with(
+        &test_config(extra),
+        &[("TAI_JIDOKA__MAX_ACTIVE_ENGINES", "1")],
+    );
+    let c = Client::new(&node, "acme", "acme-secret");
+    let a = c
+        .post(&signal("acme", "waiting", "job", "w-0", json!({})))
+        .await
+        .unwrap();
+    assert_eq!(a.status, 202, "{}", a.body);
+    node.admin_until("/admin/queue", "w-0 parked", |q| q["parked"] == 1)
+        .await;
+    c.entitle("payments", "ent").await;
+    assert_eq!(c.decided("ent").await["status"], "completed");
+    // The waiting engine came back for w-0, and gave up on its entitlement.
+    let w0 = c.decided("w-0").await;
+    assert_eq!(
+        (w0["status"].as_str(), w0["reason"].as_str()),
+        (Some("deadlettered"), Some("degraded")),
+        "{w0}"
+    );
+    node.admin_until("/admin/queue", "nothing in flight", |q| {
+        q["in_flight"] == 0 && q["parked"] == 0
+    })
+    .await;
+}

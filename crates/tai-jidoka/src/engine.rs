@@ -838,6 +838,17 @@ impl Actor for Engine {
         st: &mut EngineActorState,
     ) -> Result<(), ActorProcessingErr> {
         crate::states::forget(&st.name);
+        if st.statem.postponed_len() > 0 {
+            // Passivated while signals waited here (the cap on live engines
+            // takes the least recently used): they are parked in Kanban,
+            // which would not send them again on its own; sent now, they
+            // bring the engine back and its entitlement timeout runs on.
+            send_to_queue(KanbanMsg::Redeliver {
+                tenant_id: st.tenant_id.clone(),
+                sku_id: st.sku_id.clone(),
+                after_crash: false,
+            });
+        }
         Ok(())
     }
 
