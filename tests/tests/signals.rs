@@ -560,7 +560,7 @@ async fn kill_9_mid_burst_loses_nothing_and_decides_nothing_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_what_it_cannot_keep_and_loses_nothing_it_accepted() {
     // The data dir on a 2 MiB tmpfs of its own: 16 clients post until the
-    // node refuses (the disk is full) or goes (its supervisors give up).
+    // node refuses (the disk is full) or goes (it stops when its store fails).
     let dir = tempfile::tempdir().unwrap();
     let disk = Tmpfs::mount(&dir.path().join("data"), "2m");
     let mut node = Node::start_with_in(dir, &test_config(""), &[]);
@@ -600,10 +600,9 @@ async fn a_full_disk_refuses_what_it_cannot_keep_and_loses_nothing_it_accepted()
         t.await.unwrap();
     }
     let refused = refused.lock().unwrap().clone();
-    // Every refusal is a 503 saying why: the full disk, or the queue
-    // restarting because of it. (Clients that got no answer found the node
-    // gone: a ledger failing over and over can end it within milliseconds,
-    // its supervisors giving up.)
+    // Every refusal is a 503 saying why: the full disk, the queue
+    // restarting because of it, or the node stopping. (Clients that got no
+    // answer found the node gone: it stops within milliseconds.)
     for (status, code, body) in &refused {
         assert_eq!(
             (*status, code.as_deref()),
@@ -612,7 +611,8 @@ async fn a_full_disk_refuses_what_it_cannot_keep_and_loses_nothing_it_accepted()
         );
         assert!(
             body.contains("i/o error: no storage space")
-                || body.contains("the queue is restarting"),
+                || body.contains("the queue is restarting")
+                || body.contains("node is draining"),
             "{body}"
         );
     }
@@ -621,16 +621,22 @@ async fn a_full_disk_refuses_what_it_cannot_keep_and_loses_nothing_it_accepted()
         !accepted.is_empty(),
         "nothing accepted before the disk filled"
     );
-    // Engines crashed on their failed commits, and were restarted: none of
-    // those crashes counted against the signals they held, so none was
-    // taken for poison (three would have been).
-    let log = wait_for("a failed commit", Duration::from_secs(30), || {
-        let log = node.log();
-        log.contains("ledger commit failed").then_some(log)
-    });
+    // sled writes nothing more after an I/O error until it is opened
+    // again: the node stops by itself, saying why and what to do, rather
+    // than restart layers that could only fail again.
+    let status = node.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "{}", node.log());
+    let log = node.log();
+    assert!(
+        log.contains(
+            "the store failed: the node stops (exit 1); start it again once the cause is gone"
+        ),
+        "{log}"
+    );
+    assert!(log.contains("no storage space"), "{log}");
+    // Engines whose commits failed did not count it against the signals
+    // they held, so none was taken for poison (three would have been).
     assert!(!log.contains("poison"), "{log}");
-    // Whether or not its supervisors gave up yet, it is stopped now.
-    node.kill_hard();
 
     // Room again, and a restart: everything accepted is decided once, and
     // no signal was set aside as poison for the store's failures.

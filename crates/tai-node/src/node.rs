@@ -215,6 +215,21 @@ pub async fn serve(config: Config) -> anyhow::Result<i32> {
                 }
             }
         }
+        reason = store.failed() => {
+            // Nothing durable can be written any more, and sled will not
+            // write again until it is opened anew: restarting layers would
+            // only fail again. Ingress stops accepting; no quiesce (no
+            // decision can be committed); what was accepted is on disk and
+            // is decided after the next start.
+            error!(
+                reason = %reason,
+                data_dir = %data_dir.display(),
+                "the store failed: the node stops (exit 1); start it again once the cause is gone (free space on the data dir's disk)"
+            );
+            state.request_shutdown("the store failed");
+            let _ = stop_tree(app, grace).await;
+            1
+        }
         why = os_signal() => {
             state.request_shutdown(why);
             quiesce(grace).await;
@@ -235,8 +250,11 @@ pub async fn serve(config: Config) -> anyhow::Result<i32> {
     {
         warn!("operator api did not close in time");
     }
-    if let Err(e) = store.flush() {
-        error!(error = %e, "final store flush failed");
+    // A failed store writes nothing more (its failure is logged above).
+    if let Err(e) = store.ping().and_then(|()| store.flush()) {
+        if !matches!(e, tai_store::StoreError::Failed(_)) {
+            error!(error = %e, "final store flush failed");
+        }
         return Ok(1);
     }
     info!(code, "tai node stopped");

@@ -58,6 +58,9 @@ pub(crate) struct GroupCommit {
     waiting: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     done: watch::Receiver<(u64, Option<String>)>,
+    /// The first failed flush: sled fails every write after an I/O error
+    /// until it is opened again, so this store is done for.
+    fatal: watch::Receiver<Option<String>>,
     thread: Option<JoinHandle<()>>,
     staged: Arc<Mutex<StagedRuns>>,
 }
@@ -70,6 +73,7 @@ impl GroupCommit {
         let pending = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = watch::channel((0u64, None));
+        let (fatal_tx, fatal) = watch::channel(None);
         let waiting = Arc::new(AtomicU64::new(0));
         let (s, p, st, w) = (
             started.clone(),
@@ -120,6 +124,11 @@ impl GroupCommit {
                 };
                 if let Some(e) = &result {
                     tracing::error!(error = %e, "group commit flush failed");
+                    fatal_tx.send_if_modified(|first| {
+                        let fresh = first.is_none();
+                        first.get_or_insert_with(|| e.clone());
+                        fresh
+                    });
                 }
                 tx.send_replace((generation, result));
             })
@@ -130,6 +139,7 @@ impl GroupCommit {
             waiting,
             stop,
             done: rx,
+            fatal,
             thread: Some(thread),
             staged,
         }
@@ -147,6 +157,25 @@ impl GroupCommit {
         // Staged blocks are written even if nobody waits for them.
         self.pending.store(true, Ordering::SeqCst);
         Some(block)
+    }
+
+    /// Why this store can no longer make writes durable, once it cannot.
+    pub(crate) fn failure(&self) -> Option<String> {
+        self.fatal.borrow().clone()
+    }
+
+    /// Waits until a flush fails (forever if none does).
+    pub(crate) async fn failed(&self) -> String {
+        let mut rx = self.fatal.clone();
+        let first = match rx.wait_for(Option::is_some).await {
+            Ok(first) => first.clone().unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if first.is_empty() {
+            // The flusher is gone (the store is closing): nothing to report.
+            std::future::pending::<()>().await;
+        }
+        first
     }
 
     /// How many flushes have started.

@@ -81,6 +81,10 @@ pub enum StoreError {
     Flush(String),
     #[error("corrupt record at {key}: {message}")]
     Corrupt { key: String, message: String },
+    /// A flush failed: sled fails every write after an I/O error until it
+    /// is opened again, so the node must be started again.
+    #[error("the store failed and must be reopened (start the node again): {0}")]
+    Failed(String),
 }
 
 impl StoreError {
@@ -92,6 +96,7 @@ impl StoreError {
             StoreError::Io(_) => "store_io",
             StoreError::Flush(_) => "store_flush",
             StoreError::Corrupt { .. } => "store_corrupt",
+            StoreError::Failed(_) => "store_failed",
         }
     }
 }
@@ -598,8 +603,17 @@ impl Store {
 
     /// Whether the store answers a read: the readiness probe.
     pub fn ping(&self) -> Result<()> {
+        if let Some(reason) = self.commit.failure() {
+            return Err(StoreError::Failed(reason));
+        }
         self.db.get(NODE_STARTS)?;
         Ok(())
+    }
+
+    /// Waits until the store fails for good (a flush failed: see
+    /// [`StoreError::Failed`]) and says why; pending while it works.
+    pub async fn failed(&self) -> String {
+        self.commit.failed().await
     }
 
     /// Writes out the deferred checkpoints and flushes: what the node does
