@@ -55,6 +55,7 @@ mod redo;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::de::DeserializeOwned;
@@ -138,6 +139,10 @@ pub struct Store {
     /// Engine checkpoints and signal records committed but not yet written
     /// to their `e/` and `s/` keys.
     deferred: Arc<Mutex<Deferred>>,
+    /// How many `d/` keys there are: counted at open, then kept as letters
+    /// are written and replayed, so `/admin/queue` and `/ready` (which ask
+    /// the queue actor) do not scan every dead letter each time.
+    dead_letter_total: Arc<AtomicU64>,
 }
 
 /// Checkpoints and signal records a ledger commit made durable in its redo
@@ -383,6 +388,8 @@ impl Store {
         })?;
         // After the redo records are applied: the scan must see their keys.
         let known = Arc::new(known::Known::start(db.clone()));
+        let dead_letter_total =
+            Arc::new(AtomicU64::new(db.scan_prefix(b"d/").keys().count() as u64));
         let store = Store {
             db,
             commit,
@@ -391,6 +398,7 @@ impl Store {
             buffer: Arc::default(),
             known,
             deferred: Arc::default(),
+            dead_letter_total,
         };
         store.recover_queue()?;
         store.recover_buffer()?;
@@ -715,9 +723,12 @@ impl Store {
         record.status = SignalStatus::Deadlettered;
         record.reason = Some(letter.reason.clone());
         let mut batch = redo::Ops::default();
-        batch.insert(pair_key(b'd', &s.tenant_id, &s.id), encode(letter));
+        let letter_key = pair_key(b'd', &s.tenant_id, &s.id);
+        let new = self.new_letters(std::iter::once(letter_key.as_slice()))?;
+        batch.insert(letter_key, encode(letter));
         batch.insert(key, codec::encode_record(&record));
         self.atomic(batch)?;
+        self.dead_letter_total.fetch_add(new, Ordering::SeqCst);
         self.forget_queued([(s.tenant_id.as_str(), s.id.as_str())]);
         Ok(())
     }
@@ -741,7 +752,25 @@ impl Store {
     }
 
     pub fn dead_letter_count(&self) -> u64 {
-        self.db.scan_prefix(b"d/").keys().count() as u64
+        self.dead_letter_total.load(Ordering::SeqCst)
+    }
+
+    fn letter_replayed(&self) {
+        let _ = self
+            .dead_letter_total
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+    }
+
+    /// Of these dead letters (to be written), how many are new keys: a
+    /// letter written again over itself is not counted twice.
+    fn new_letters<'a>(&self, keys: impl Iterator<Item = &'a [u8]>) -> Result<u64> {
+        let mut n = 0;
+        for k in keys {
+            if !self.db.contains_key(k)? {
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// A replayed dead letter's record: `accepted` again, its receipts kept.
@@ -781,6 +810,7 @@ impl Store {
         let signal = delivery.signal.clone();
         batch.insert(seq_key(b'q', seq), codec::encode_block(&[delivery]));
         self.atomic(batch)?;
+        self.letter_replayed();
         Ok(Some(signal))
     }
 
@@ -941,6 +971,7 @@ impl Store {
         batch.insert(pair_key(b's', tenant, id), codec::encode_record(&record));
         batch.insert(seq_key(b'f', cur.next), encode(&letter.signal));
         self.atomic(batch)?;
+        self.letter_replayed();
         cur.next += 1;
         cur.count += 1;
         Ok(Some(letter.signal))
@@ -1089,8 +1120,14 @@ impl Store {
         for (t, s, customer, bytes) in &writes.velocity {
             batch.insert(velocity_key(t, s, customer), bytes.as_slice());
         }
-        for d in &writes.dead_letters {
-            batch.insert(pair_key(b'd', &d.signal.tenant_id, &d.signal.id), encode(d));
+        let letter_keys: Vec<Vec<u8>> = writes
+            .dead_letters
+            .iter()
+            .map(|d| pair_key(b'd', &d.signal.tenant_id, &d.signal.id))
+            .collect();
+        let new_letters = self.new_letters(letter_keys.iter().map(Vec::as_slice))?;
+        for (key, d) in letter_keys.into_iter().zip(&writes.dead_letters) {
+            batch.insert(key, encode(d));
         }
         // The head goes last: once it is on disk, so is the rest of the set
         // (sled recovers its log as a prefix), which is how the store's open
@@ -1136,6 +1173,8 @@ impl Store {
                 .iter()
                 .map(|r| (r.tenant_id.as_str(), r.signal_id.as_str())),
         );
+        self.dead_letter_total
+            .fetch_add(new_letters, Ordering::SeqCst);
         Ok(())
     }
 

@@ -957,3 +957,34 @@ async fn a_crash_in_the_middle_of_a_sealed_write_out_loses_nothing_and_keeps_the
         );
     }
 }
+
+#[tokio::test]
+async fn the_dead_letter_count_is_kept_as_letters_come_and_go_and_recounted_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = Store::open(dir.path()).unwrap();
+        let with = |letters: Vec<DeadLetter>| WriteSet {
+            dead_letters: letters,
+            ..WriteSet::default()
+        };
+        let (a, b) = (
+            letter("acme", "a", "halted", 1),
+            letter("acme", "b", "poison", 2),
+        );
+        s.commit(&[], None, &with(vec![a.clone(), b])).unwrap();
+        assert_eq!(s.dead_letter_count(), 2);
+        // The same letter written again is still one.
+        s.commit(&[], None, &with(vec![a])).unwrap();
+        assert_eq!(s.dead_letter_count(), 2);
+        s.dead_letter_queued(&letter("globex", "c", "degraded", 3))
+            .unwrap();
+        assert_eq!(s.dead_letter_count(), 3);
+        assert!(s.replay_dead_letter("acme", "a", 1).unwrap().is_some());
+        assert!(s.replay_dead_letter("acme", "a", 2).unwrap().is_none());
+        assert_eq!(s.dead_letter_count(), 2);
+        assert_eq!(s.dead_letters(None, usize::MAX).unwrap().len(), 2);
+        s.durable().await.unwrap();
+    }
+    let s = reopen(dir.path());
+    assert_eq!(s.dead_letter_count(), 2);
+}
