@@ -115,6 +115,7 @@ async fn metrics_name_the_contract_and_pass_promtool() {
     );
     assert_eq!(sample(&text, "tai_queue_depth"), Some(0.0));
     assert_eq!(sample(&text, "tai_queue_in_flight"), Some(0.0));
+    assert_eq!(sample(&text, "tai_queue_parked"), Some(0.0));
     assert_eq!(
         sample(&text, "tai_receipts_total{kind=\"action_successful\"}"),
         Some(2.0)

@@ -1004,6 +1004,11 @@ async fn a_signal_waiting_for_its_entitlement_is_parked_not_timed_out_nor_waited
         .admin_until("/admin/queue", "both parked", |q| q["parked"] == 2)
         .await;
     assert_eq!(q["in_flight"], 2, "{q}");
+    let metrics = node.metrics_text().await;
+    assert!(
+        metrics.lines().any(|l| l == "tai_queue_parked 2"),
+        "{metrics}"
+    );
 
     // Four visibility periods later `patient` gives up waiting: p-1 goes as
     // the degraded engine's non-critical signal, not as poison, and was

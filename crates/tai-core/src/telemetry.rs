@@ -9,6 +9,8 @@ pub const SIGNALS_PROCESSED: &str = "tai_signals_processed_total";
 pub const SIGNAL_PROCESSING_SECONDS: &str = "tai_signal_processing_seconds";
 pub const QUEUE_DEPTH: &str = "tai_queue_depth";
 pub const QUEUE_IN_FLIGHT: &str = "tai_queue_in_flight";
+/// Not in SPEC §9: of those in flight, the signals engines park until entitled.
+pub const QUEUE_PARKED: &str = "tai_queue_parked";
 pub const DEADLETTER: &str = "tai_deadletter_total";
 pub const ENGINE_STATE: &str = "tai_engine_state";
 pub const BREAKER_STATE: &str = "tai_breaker_state";

@@ -117,6 +117,10 @@ fn describe() {
         t::QUEUE_IN_FLIGHT,
         "Signals handed to engines and not yet acknowledged"
     );
+    describe_gauge!(
+        t::QUEUE_PARKED,
+        "Signals in flight that their engines hold until entitled"
+    );
     describe_counter!(t::DEADLETTER, "Signals dead-lettered, by reason");
     describe_gauge!(t::ENGINE_STATE, "Live policy engines per state");
     describe_gauge!(

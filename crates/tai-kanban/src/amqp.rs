@@ -1430,7 +1430,7 @@ impl Actor for AmqpQueue {
                 }
             }
         }
-        st.gauges.set(st.depth(), st.dispatch.in_flight_len());
+        st.gauges.set(st.depth(), &st.dispatch);
         Ok(())
     }
 }

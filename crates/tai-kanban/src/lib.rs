@@ -78,12 +78,13 @@ pub(crate) fn answer_known(
     }
 }
 
-/// The queue's depth and in-flight gauges, looked up once per queue actor
+/// The queue's depth, in-flight and parked gauges, looked up once per queue actor
 /// (the actor sets them after every message; the metrics recorder is
 /// installed before the tree starts).
 pub(crate) struct QueueGauges {
     depth: metrics::Gauge,
     in_flight: metrics::Gauge,
+    parked: metrics::Gauge,
 }
 
 impl QueueGauges {
@@ -91,12 +92,14 @@ impl QueueGauges {
         QueueGauges {
             depth: metrics::gauge!(tai_core::telemetry::QUEUE_DEPTH),
             in_flight: metrics::gauge!(tai_core::telemetry::QUEUE_IN_FLIGHT),
+            parked: metrics::gauge!(tai_core::telemetry::QUEUE_PARKED),
         }
     }
 
-    pub(crate) fn set(&self, depth: u64, in_flight: u64) {
+    pub(crate) fn set(&self, depth: u64, dispatch: &crate::Dispatch) {
         self.depth.set(depth as f64);
-        self.in_flight.set(in_flight as f64);
+        self.in_flight.set(dispatch.in_flight_len() as f64);
+        self.parked.set(dispatch.parked_len() as f64);
     }
 }
 

@@ -527,7 +527,7 @@ impl Actor for Queue {
                 }
             }
         }
-        st.gauges.set(st.depth(), st.dispatch.in_flight_len());
+        st.gauges.set(st.depth(), &st.dispatch);
         st.admission.set(st.dispatch.ready_len());
         Ok(())
     }
