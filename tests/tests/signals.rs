@@ -1106,6 +1106,18 @@ async fn an_engine_waiting_for_its_entitlement_does_not_hold_other_engines_back(
     .await;
 }
 
+/// Sends `id` to acme's unentitled `waiting` SKU and waits until its
+/// engine has parked it.
+async fn park_one(node: &Node, c: &Client, id: &str) {
+    let a = c
+        .post(&signal("acme", "waiting", "job", id, json!({})))
+        .await
+        .unwrap();
+    assert_eq!(a.status, 202, "{}", a.body);
+    node.admin_until("/admin/queue", "the signal parked", |q| q["parked"] == 1)
+        .await;
+}
+
 #[tokio::test]
 async fn an_engine_passivated_while_signals_wait_in_it_comes_back_for_them() {
     // One live engine at most: starting a second passivates the first,
@@ -1116,13 +1128,7 @@ async fn an_engine_passivated_while_signals_wait_in_it_comes_back_for_them() {
         &[("TAI_JIDOKA__MAX_ACTIVE_ENGINES", "1")],
     );
     let c = Client::new(&node, "acme", "acme-secret");
-    let a = c
-        .post(&signal("acme", "waiting", "job", "w-0", json!({})))
-        .await
-        .unwrap();
-    assert_eq!(a.status, 202, "{}", a.body);
-    node.admin_until("/admin/queue", "w-0 parked", |q| q["parked"] == 1)
-        .await;
+    park_one(&node, &c, "w-0").await;
     c.entitle("payments", "ent").await;
     assert_eq!(c.decided("ent").await["status"], "completed");
     // The waiting engine came back for w-0, and gave up on its entitlement.
@@ -1136,4 +1142,41 @@ async fn an_engine_passivated_while_signals_wait_in_it_comes_back_for_them() {
         q["in_flight"] == 0 && q["parked"] == 0
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_restarted_queue_learns_again_which_signals_are_parked() {
+    // Sent again after 1 s undecided (three times make poison), unless parked.
+    let extra = "[skus.waiting]\npolicies = []\nentitlement_timeout_secs = 300\n";
+    let node = Node::start_with(&test_config(extra), &[("TAI_KANBAN__VISIBILITY_SECS", "1")]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    park_one(&node, &c, "w-1").await;
+    // The queue restarts and sends w-1 again from the store; the engine,
+    // which still holds it, parks it again rather than let it time out.
+    let (status, _) = node
+        .admin(Method::POST, "/admin/actors/kanban_queue/kill")
+        .await;
+    assert_eq!(status, 202);
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let tree = node.tree().await;
+        if find(&tree, "kanban_queue")
+            .is_some_and(|q| q["restarts"] == 1 && q["status"] == "running")
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "kanban_queue restarted: {tree}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.admin_until("/admin/queue", "w-1 parked again", |q| {
+        q["in_flight"] == 1 && q["parked"] == 1
+    })
+    .await;
+    c.entitle("waiting", "ent-w").await;
+    assert_eq!(c.decided("w-1").await["status"], "completed");
+    let log = node.log();
+    assert!(!log.contains("poison"), "{log}");
 }

@@ -861,6 +861,15 @@ impl Actor for Engine {
         match msg {
             EngineMsg::Deliver(d) => {
                 if !st.seen.insert(d.seq) {
+                    // A copy of one held here. If it waits for the
+                    // entitlement, the queue sending it again (it restarted
+                    // and lost its parking) must know it is parked, or it
+                    // would time it out into poison.
+                    if st.data.state == EngineState::Boot
+                        && st.statem.postponed().any(|p| p.seq == d.seq)
+                    {
+                        send_to_queue(KanbanMsg::Park { seqs: vec![d.seq] });
+                    }
                     return Ok(());
                 }
                 if st.inbox.is_empty() {

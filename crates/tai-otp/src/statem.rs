@@ -80,6 +80,11 @@ impl<S: PartialEq + Clone, E> Statem<S, E> {
         self.postponed.len()
     }
 
+    /// The events kept until the state changes, oldest first.
+    pub fn postponed(&self) -> impl Iterator<Item = &E> {
+        self.postponed.iter()
+    }
+
     /// Arms the state timeout: after `after`, `make(token)` is sent to `myself`
     /// unless the state changes first. Re-arming replaces the previous one.
     pub fn set_state_timeout<M: Message>(
