@@ -14,7 +14,8 @@ pub struct Flight {
     pub sent_at: Instant,
     pub attempts: u32,
     /// Postponed by its engine until something outside it happens (an
-    /// entitlement): not timed out, and not waited for by a quiesce.
+    /// entitlement): not timed out, not counted in the WIP or its engine's
+    /// prefetch, and not waited for by a quiesce.
     pub parked: bool,
 }
 
@@ -384,7 +385,7 @@ mod tests {
     }
 
     #[test]
-    fn a_parked_signal_keeps_its_slot_but_neither_times_out_nor_holds_a_quiesce() {
+    fn a_parked_signal_stays_in_flight_but_neither_times_out_nor_holds_a_quiesce() {
         let mut q = Dispatch::default();
         for s in 1..=3 {
             q.push(d(s, "t", "a"));

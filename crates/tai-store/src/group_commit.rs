@@ -167,15 +167,16 @@ impl GroupCommit {
     /// Waits until a flush fails (forever if none does).
     pub(crate) async fn failed(&self) -> String {
         let mut rx = self.fatal.clone();
-        let first = match rx.wait_for(Option::is_some).await {
-            Ok(first) => first.clone().unwrap_or_default(),
-            Err(_) => String::new(),
-        };
-        if first.is_empty() {
-            // The flusher is gone (the store is closing): nothing to report.
-            std::future::pending::<()>().await;
+        // `None` when the flusher is gone (the store is closing).
+        let first = rx
+            .wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|f| f.clone());
+        match first {
+            Some(e) => e,
+            None => std::future::pending().await,
         }
-        first
     }
 
     /// How many flushes have started.

@@ -723,9 +723,7 @@ impl Store {
         record.status = SignalStatus::Deadlettered;
         record.reason = Some(letter.reason.clone());
         let mut batch = redo::Ops::default();
-        let letter_key = pair_key(b'd', &s.tenant_id, &s.id);
-        let new = self.new_letters(std::iter::once(letter_key.as_slice()))?;
-        batch.insert(letter_key, encode(letter));
+        let new = self.put_letter(&mut batch, letter)?;
         batch.insert(key, codec::encode_record(&record));
         self.atomic(batch)?;
         self.dead_letter_total.fetch_add(new, Ordering::SeqCst);
@@ -761,16 +759,13 @@ impl Store {
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
     }
 
-    /// Of these dead letters (to be written), how many are new keys: a
-    /// letter written again over itself is not counted twice.
-    fn new_letters<'a>(&self, keys: impl Iterator<Item = &'a [u8]>) -> Result<u64> {
-        let mut n = 0;
-        for k in keys {
-            if !self.db.contains_key(k)? {
-                n += 1;
-            }
-        }
-        Ok(n)
+    /// Puts `letter` in `batch`; 1 if its key is new, 0 if it is written
+    /// again over itself (so it is not counted twice).
+    fn put_letter(&self, batch: &mut redo::Ops, letter: &DeadLetter) -> Result<u64> {
+        let key = pair_key(b'd', &letter.signal.tenant_id, &letter.signal.id);
+        let new = u64::from(!self.db.contains_key(&key)?);
+        batch.insert(key, encode(letter));
+        Ok(new)
     }
 
     /// A replayed dead letter's record: `accepted` again, its receipts kept.
@@ -1120,14 +1115,9 @@ impl Store {
         for (t, s, customer, bytes) in &writes.velocity {
             batch.insert(velocity_key(t, s, customer), bytes.as_slice());
         }
-        let letter_keys: Vec<Vec<u8>> = writes
-            .dead_letters
-            .iter()
-            .map(|d| pair_key(b'd', &d.signal.tenant_id, &d.signal.id))
-            .collect();
-        let new_letters = self.new_letters(letter_keys.iter().map(Vec::as_slice))?;
-        for (key, d) in letter_keys.into_iter().zip(&writes.dead_letters) {
-            batch.insert(key, encode(d));
+        let mut new_letters = 0;
+        for d in &writes.dead_letters {
+            new_letters += self.put_letter(&mut batch, d)?;
         }
         // The head goes last: once it is on disk, so is the rest of the set
         // (sled recovers its log as a prefix), which is how the store's open
