@@ -66,10 +66,17 @@ pub struct NodeState {
 
 impl NodeState {
     pub fn request_shutdown(&self, why: &str) {
-        if !self.draining.swap(true, Ordering::SeqCst) {
+        if self.drain() {
             info!(reason = why, "graceful shutdown requested");
         }
+    }
+
+    /// Ingress refuses new signals from now on, and the node's waits end.
+    /// True the first time.
+    fn drain(&self) -> bool {
+        let first = !self.draining.swap(true, Ordering::SeqCst);
         let _ = self.shutdown.send(true);
+        first
     }
 
     /// `None` when ready, else the reason it is not.
@@ -226,7 +233,7 @@ pub async fn serve(config: Config) -> anyhow::Result<i32> {
                 data_dir = %data_dir.display(),
                 "the store failed: the node stops (exit 1); start it again once the cause is gone (free space on the data dir's disk)"
             );
-            state.request_shutdown("the store failed");
+            state.drain();
             let _ = stop_tree(app, grace).await;
             1
         }
