@@ -421,6 +421,11 @@ async fn halted_degraded_and_quota_signals_are_dead_lettered_and_replayed() {
         ("?tenant=acme&limit=5", vec!["d-0", "d-2"]),
         ("?tenant=acm", Vec::<&str>::new()),
         ("?tenant=globex", vec![]),
+        // The next page starts after the last letter of the one before.
+        ("?limit=1&after=acme/d-0", vec!["d-2"]),
+        ("?tenant=acme&after=acme/d-2", vec![]),
+        ("?tenant=globex&after=acme/d-0", vec![]),
+        ("?after=acm/zzz", vec!["d-0", "d-2"]),
     ] {
         let (status, letters) = node
             .admin(Method::GET, &format!("/admin/deadletter{query}"))
@@ -434,6 +439,12 @@ async fn halted_degraded_and_quota_signals_are_dead_lettered_and_replayed() {
     let (status, body) = node.admin(Method::GET, "/admin/deadletter?limit=ten").await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["message"], "limit must be a whole number");
+    let (status, body) = node.admin(Method::GET, "/admin/deadletter?after=d-0").await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        body["error"]["message"],
+        "after must be {tenant}/{signal_id}: the last letter of the page before"
+    );
     let (_, verify) = node.admin(Method::GET, "/admin/receipts/verify").await;
     assert_eq!(verify["ok"], true, "{verify}");
 }

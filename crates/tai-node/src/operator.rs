@@ -447,7 +447,7 @@ fn engine_answer(r: Result<Result<tai_core::signal::EngineInfo, String>, Respons
 async fn replay(state: &NodeState, signal_id: &str, tenant: Option<&String>) -> Response {
     let letters = match state
         .store
-        .dead_letters(tenant.map(String::as_str), usize::MAX)
+        .dead_letters(tenant.map(String::as_str), None, usize::MAX)
     {
         Ok(l) => l,
         Err(e) => return error(ErrorCode::Internal, e.to_string()),
@@ -518,12 +518,24 @@ fn receipts(state: &NodeState, query: &HashMap<String, String>) -> Response {
     }
 }
 
+/// `after={tenant}/{signal_id}`: the last letter of the page before
+/// (tenant names have no `/`).
 fn dead_letters(state: &NodeState, query: &HashMap<String, String>) -> Response {
     let (limit, tenant) = match page(query) {
         Ok(v) => v,
         Err(r) => return r,
     };
-    match state.store.dead_letters(tenant, limit) {
+    let after = match query.get("after").map(|a| a.split_once('/')) {
+        None => None,
+        Some(Some((t, id))) if !t.is_empty() && !id.is_empty() => Some((t, id)),
+        Some(_) => {
+            return error(
+                ErrorCode::InvalidSignal,
+                "after must be {tenant}/{signal_id}: the last letter of the page before",
+            )
+        }
+    };
+    match state.store.dead_letters(tenant, after, limit) {
         Ok(letters) => json_reply(StatusCode::OK, &letters),
         Err(e) => error(ErrorCode::Internal, format!("store: {e}")),
     }

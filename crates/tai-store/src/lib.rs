@@ -733,14 +733,27 @@ impl Store {
 
     /// Dead letters in key order (tenant, then signal id), only `tenant`'s
     /// if given, at most `limit`.
-    pub fn dead_letters(&self, tenant: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>> {
+    /// Dead letters by tenant then signal id: one tenant's (or all), those
+    /// after the letter `after` names (tenant, signal id), at most `limit`.
+    pub fn dead_letters(
+        &self,
+        tenant: Option<&str>,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>> {
+        use std::ops::Bound;
         let prefix = match tenant {
             // `d/{tenant}\0`: this tenant's, not those of a longer name.
             Some(t) => pair_key(b'd', t, ""),
             None => b"d/".to_vec(),
         };
+        let start = match after.map(|(t, id)| pair_key(b'd', t, id)) {
+            Some(key) if key >= prefix => Bound::Excluded(key),
+            _ => Bound::Included(prefix.clone()),
+        };
         self.db
-            .scan_prefix(prefix)
+            .range::<Vec<u8>, _>((start, Bound::Unbounded))
+            .take_while(|kv| kv.as_ref().map_or(true, |(k, _)| k.starts_with(&prefix)))
             .take(limit)
             .map(|kv| {
                 let (k, v) = kv?;

@@ -982,7 +982,7 @@ async fn the_dead_letter_count_is_kept_as_letters_come_and_go_and_recounted_at_o
         assert!(s.replay_dead_letter("acme", "a", 1).unwrap().is_some());
         assert!(s.replay_dead_letter("acme", "a", 2).unwrap().is_none());
         assert_eq!(s.dead_letter_count(), 2);
-        assert_eq!(s.dead_letters(None, usize::MAX).unwrap().len(), 2);
+        assert_eq!(s.dead_letters(None, None, usize::MAX).unwrap().len(), 2);
         s.durable().await.unwrap();
     }
     let s = reopen(dir.path());
