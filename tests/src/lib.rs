@@ -415,6 +415,62 @@ impl Client {
     }
 }
 
+/// Posts `w-0`..`w-{n-1}` to acme's `waiting` SKU (configured by the
+/// test with no policy and a long entitlement timeout), each answered 202.
+pub async fn post_waiting(c: &Client, n: usize) {
+    for i in 0..n {
+        let id = format!("w-{i}");
+        let a = c
+            .post(&signal(
+                "acme",
+                "waiting",
+                "job",
+                &id,
+                serde_json::json!({}),
+            ))
+            .await;
+        assert_eq!(a.as_ref().map(|a| a.status).ok(), Some(202), "{id}");
+    }
+}
+
+/// With `n` signals parked in acme's unentitled `waiting` engine: another
+/// engine of acme and another tenant are decided; then, entitled, the `n`
+/// are decided in order, once, and nothing stays in flight. The receipts.
+pub async fn others_go_on_then_the_waiting_are_decided(
+    node: &Node,
+    c: &Client,
+    n: usize,
+) -> Vec<Value> {
+    c.entitle("payments", "ent").await;
+    let pay = serde_json::json!({"amount": 5.0, "currency": "USD", "customer_id": "c1"});
+    let a = c
+        .post(&signal("acme", "payments", "payment", "pay-1", pay))
+        .await
+        .unwrap();
+    assert_eq!(a.status, 202, "{}", a.body);
+    assert_eq!(c.decided("pay-1").await["status"], "completed");
+    let g = Client::new(node, "globex", "globex-secret");
+    g.entitle("payments", "g-ent").await;
+    assert_eq!(g.decided("g-ent").await["status"], "completed");
+    c.entitle("waiting", "ent-w").await;
+    for i in 0..n {
+        assert_eq!(c.decided(&format!("w-{i}")).await["status"], "completed");
+    }
+    let receipts = node.all_receipts().await;
+    let decided: Vec<&str> = receipts
+        .iter()
+        .filter(|r| r["kind"] == "action_generated" && r["sku_id"] == "waiting")
+        .map(|r| r["signal_id"].as_str().unwrap())
+        .collect();
+    let expected: Vec<String> = (0..n).map(|i| format!("w-{i}")).collect();
+    assert_eq!(decided, expected, "in order, once");
+    node.admin_until("/admin/queue", "nothing left in flight", |q| {
+        q["in_flight"] == 0 && q["parked"] == 0
+    })
+    .await;
+    receipts
+}
+
 pub fn signal(tenant: &str, sku: &str, kind: &str, id: &str, payload: Value) -> Value {
     serde_json::json!({"id": id, "tenant_id": tenant, "sku_id": sku, "kind": kind, "payload": payload})
 }
@@ -456,6 +512,19 @@ impl Node {
         let log = self.log();
         let all: Vec<&str> = log.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Waits (at most 30 s) until the node's log holds `text`.
+    pub async fn log_until(&self, text: &str) {
+        let end = Instant::now() + Duration::from_secs(30);
+        while !self.log().contains(text) {
+            assert!(
+                Instant::now() < end,
+                "timed out waiting for {text:?} in the node's log, last lines:\n{}",
+                self.log_tail(200)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub async fn admin(&self, method: reqwest::Method, path: &str) -> (u16, Value) {

@@ -514,6 +514,136 @@ async fn a_quorum_queue_works_and_dead_letters_replay_through_the_broker() {
     verify_ok(&node).await;
 }
 
+/// The queue's (ready, unacknowledged) message counts.
+fn queue_counts(queue: &str) -> Option<(u64, u64)> {
+    table(&[
+        "list_queues",
+        "name",
+        "messages_ready",
+        "messages_unacknowledged",
+    ])
+    .into_iter()
+    .find(|l| l[0] == queue)
+    .map(|l| (l[1].parse().unwrap(), l[2].parse().unwrap()))
+}
+
+/// Waits (at most 30 s) until the queue's counts are `(ready, unacked)`.
+async fn counts_until(queue: &str, want: (u64, u64)) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = queue_counts(queue);
+        if now == Some(want) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{queue}: {now:?}, not {want:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Twelve signals wait (parked) in an engine for an entitlement: they
+/// would hold the consumer's 10 prefetch slots, so the node turns its
+/// consumer, and the entitlement and other engines' signals still come.
+async fn parked_signals_do_not_hold_consumption(queue_type: &str) {
+    ensure_broker();
+    let queue = unique_queue(&format!("parked-{queue_type}"));
+    let _cleanup = QueueCleanup(queue.clone());
+    let config = test_config(&format!(
+        "{}amqp_queue_type = \"{queue_type}\"\n\n[skus.waiting]\npolicies = []\nentitlement_timeout_secs = 300\n",
+        amqp_kanban(&queue)
+    ));
+    let node = Node::start_with(&config, &[]);
+    let first_tag = connected(&node).await["broker"]["consumer_tag"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let c = Client::new(&node, "acme", "acme-secret");
+    post_waiting(&c, 12).await;
+    let q = node
+        .admin_until("/admin/queue", "all twelve parked", |q| q["parked"] == 12)
+        .await;
+    let tag = q["broker"]["consumer_tag"].as_str().unwrap().to_string();
+    assert!(q["broker"]["consumer_turns"].as_u64() >= Some(1), "{q}");
+    assert!(
+        tag.starts_with(&format!("{first_tag}.")),
+        "{tag} after {first_tag}"
+    );
+    let consumers: Vec<String> = table(&["list_consumers", "queue_name", "consumer_tag"])
+        .into_iter()
+        .filter(|l| l[0] == queue)
+        .map(|l| l[1].clone())
+        .collect();
+    assert_eq!(
+        consumers,
+        vec![tag],
+        "the broker sees the new consumer alone"
+    );
+    // Held unacknowledged by the node (a quorum queue's counts lag a little).
+    counts_until(&queue, (0, 12)).await;
+
+    // Another engine of the tenant, and another tenant, are decided; then
+    // the twelve, acknowledged on the channel although their consumer is
+    // gone.
+    let receipts = others_go_on_then_the_waiting_are_decided(&node, &c, 12).await;
+    assert!(decisions(&receipts).values().all(|n| *n == 1));
+    counts_until(&queue, (0, 0)).await;
+    verify_ok(&node).await;
+}
+
+#[tokio::test]
+async fn parked_signals_do_not_hold_a_classic_queue_consumer() {
+    parked_signals_do_not_hold_consumption("classic").await;
+}
+
+#[tokio::test]
+async fn parked_signals_do_not_hold_a_quorum_queue_consumer() {
+    parked_signals_do_not_hold_consumption("quorum").await;
+}
+
+#[tokio::test]
+async fn with_a_standby_node_on_the_queue_the_consumer_is_not_turned() {
+    // Cancelling the active consumer of a single-active-consumer queue
+    // would hand the queue to the standby node.
+    ensure_broker();
+    let queue = unique_queue("parked-standby");
+    let _cleanup = QueueCleanup(queue.clone());
+    let config = test_config(&format!(
+        "{}\n[skus.waiting]\npolicies = []\nentitlement_timeout_secs = 300\n",
+        amqp_kanban(&queue)
+    ));
+    let first = Node::start_with(&config, &[]);
+    let tag = connected(&first).await["broker"]["consumer_tag"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let second = Node::start_with(&config, &[]);
+    connected(&second).await;
+    let c = Client::new(&first, "acme", "acme-secret");
+    post_waiting(&c, 5).await;
+    first
+        .admin_until("/admin/queue", "five parked", |q| q["parked"] == 5)
+        .await;
+    first
+        .log_until("another node consumes from the queue too: not turning the consumer")
+        .await;
+    let (_, q) = first.admin(Method::GET, "/admin/queue").await;
+    assert_eq!(
+        (
+            q["broker"]["consumer_turns"].as_u64(),
+            q["broker"]["consumer_tag"].as_str()
+        ),
+        (Some(0), Some(tag.as_str())),
+        "{q}"
+    );
+    // The five free slots still take the entitlement: the first node
+    // stays the one deciding.
+    c.entitle("waiting", "ent-w").await;
+    for i in 0..5 {
+        assert_eq!(c.decided(&format!("w-{i}")).await["status"], "completed");
+    }
+    let (_, q) = second.admin(Method::GET, "/admin/queue").await;
+    assert_eq!(q["broker"]["delivered"], 0, "the standby consumed: {q}");
+}
+
 #[tokio::test]
 async fn the_trace_context_crosses_the_broker() {
     ensure_broker();

@@ -1076,13 +1076,7 @@ async fn an_engine_waiting_for_its_entitlement_does_not_hold_other_engines_back(
         ],
     );
     let c = Client::new(&node, "acme", "acme-secret");
-    for i in 0..12 {
-        let id = format!("w-{i}");
-        let a = c
-            .post(&signal("acme", "waiting", "job", &id, json!({})))
-            .await;
-        assert_eq!(a.as_ref().map(|a| a.status).ok(), Some(202), "{id}");
-    }
+    post_waiting(&c, 12).await;
     let q = node
         .admin_until("/admin/queue", "all twelve parked", |q| q["parked"] == 12)
         .await;
@@ -1091,30 +1085,9 @@ async fn an_engine_waiting_for_its_entitlement_does_not_hold_other_engines_back(
         (Some(12), Some(12)),
         "{q}"
     );
-    // Another engine of the same tenant, and another tenant, are decided.
-    c.entitle("payments", "ent").await;
-    assert_eq!(c.post(&pay("pay-1", "c1", 5.0)).await.unwrap().status, 202);
-    assert_eq!(c.decided("pay-1").await["status"], "completed");
-    let g = Client::new(&node, "globex", "globex-secret");
-    g.entitle("payments", "g-ent").await;
-    assert_eq!(g.decided("g-ent").await["status"], "completed");
-    // Entitled at last: all twelve are decided, in order, once.
-    c.entitle("waiting", "ent-w").await;
-    for i in 0..12 {
-        assert_eq!(c.decided(&format!("w-{i}")).await["status"], "completed");
-    }
-    let receipts = node.all_receipts().await;
-    let order: Vec<&str> = receipts
-        .iter()
-        .filter(|r| r["kind"] == "action_generated" && r["sku_id"] == "waiting")
-        .map(|r| r["signal_id"].as_str().unwrap())
-        .collect();
-    let expected: Vec<String> = (0..12).map(|i| format!("w-{i}")).collect();
-    assert_eq!(order, expected);
-    node.admin_until("/admin/queue", "nothing left in flight", |q| {
-        q["in_flight"] == 0 && q["parked"] == 0
-    })
-    .await;
+    // Another engine of the same tenant, and another tenant, are decided;
+    // entitled at last, all twelve are decided, in order, once.
+    others_go_on_then_the_waiting_are_decided(&node, &c, 12).await;
 }
 
 /// Sends `id` to acme's unentitled `waiting` SKU and waits until its

@@ -73,6 +73,9 @@ pub struct BrokerStats {
     pub buffered: u64,
     pub buffer_max: u64,
     pub consumer_tag: Option<String>,
+    /// Times the consumer was cancelled and started anew because parked
+    /// signals held half its prefetch slots.
+    pub consumer_turns: u64,
     /// Messages received from the broker since the node started.
     pub delivered: u64,
     pub reconnects: u64,

@@ -221,10 +221,24 @@ struct Link {
     publish: Channel,
     consume: Channel,
     probe: Channel,
+    /// The current consumer's tag (it changes when the consumer turns).
     consumer_tag: String,
     /// Handed to [`forward`] when the actor takes the link.
     consumer: Option<lapin::Consumer>,
+    /// To the [`forward`] task: turn the consumer, or stop consuming.
+    control: Option<mpsc::UnboundedSender<Control>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// What the actor asks of a connection's [`forward`] task.
+#[derive(Clone, Copy, Debug)]
+enum Control {
+    /// Cancel the consumer and, once its last delivery is forwarded,
+    /// consume anew: fresh prefetch slots, the parked deliveries of the old
+    /// consumer staying unacknowledged on the channel.
+    Turn,
+    /// Cancel the consumer and end (a graceful stop).
+    Stop,
 }
 
 /// What tasks report to the actor.
@@ -237,7 +251,15 @@ enum Event {
     Reconnect,
     Delivered {
         gen: u64,
+        /// Which consumer of the connection (0, then 1 after a turn...).
+        consumer: u32,
         delivery: Box<lapin::message::Delivery>,
+    },
+    /// The connection's consumer turned: `consumer` with `tag` is current.
+    Turned {
+        gen: u64,
+        consumer: u32,
+        tag: String,
     },
     /// A publish batch is answered: waiting duplicates get the same answer.
     Published(Vec<((String, String), Option<SignalRecord>)>),
@@ -248,9 +270,12 @@ enum Event {
         gen: u64,
         result: Result<u64, String>,
     },
+    /// The queue's probe: ready messages, and consumers (ours and any
+    /// standby node's).
     Depth {
         gen: u64,
         depth: u64,
+        consumers: u32,
     },
     /// A poison message is dead-lettered (or could not be: it stays).
     PoisonDone {
@@ -278,10 +303,12 @@ struct Entry {
     ackers: Vec<Tag>,
 }
 
-/// A delivery as the broker knows it: its channel's generation and tag.
+/// A delivery as the broker knows it: its channel's generation and tag,
+/// and which of the connection's consumers it came to.
 #[derive(Clone, Copy, Debug)]
 struct Tag {
     gen: u64,
+    consumer: u32,
     tag: u64,
 }
 
@@ -306,6 +333,12 @@ pub struct AmqpState {
     reconnects: u64,
     lost_gen: u64,
     down_since: Option<Instant>,
+    /// The link's current consumer (see [`forward`]), and whether it is
+    /// being turned.
+    consumer_no: u32,
+    turning: bool,
+    /// Consumer turns since the start.
+    turns: u64,
     dispatch: Dispatch,
     next_seq: u64,
     entries: HashMap<u64, Entry>,
@@ -324,6 +357,10 @@ pub struct AmqpState {
     failures: HashMap<(String, String), u32>,
     poisoning: std::collections::HashSet<(String, String)>,
     broker_depth: Option<u64>,
+    /// Consumers on the queue at the last probe (1: ours alone).
+    broker_consumers: Option<u32>,
+    /// A turn was held back by another consumer on the queue (logged once).
+    turn_held: bool,
     delivered: u64,
     acks: mpsc::UnboundedSender<AckOp>,
     acker: tokio::task::JoinHandle<()>,
@@ -408,32 +445,91 @@ async fn connect(
         probe,
         consumer_tag,
         consumer: Some(consumer),
+        control: None,
         tasks: vec![watching],
     }))
 }
 
 /// Forwards a connection's deliveries to the actor; started by the actor
 /// once it holds the link, so no delivery arrives before its connection.
+///
+/// It also turns the consumer when asked ([`Control::Turn`]): a consumer's
+/// prefetch (`basic.qos`, per consumer) bounds its unacknowledged
+/// deliveries, parked ones too, and RabbitMQ neither raises it for a live
+/// consumer nor takes a per-channel limit on a quorum queue. A cancelled
+/// consumer's deliveries stay unacknowledged on the channel and are acked
+/// there as usual, so a new consumer gets fresh slots. The new one is
+/// started only after the old one's last delivery is forwarded (lapin ends
+/// its stream at the cancel-ok), so deliveries reach the actor in the
+/// queue's order.
 fn forward(
     me: ActorRef<KanbanMsg>,
     gen: u64,
     mut consumer: lapin::Consumer,
+    ch: Channel,
+    queue: String,
+    mut control: mpsc::UnboundedReceiver<Control>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let to_actor = me;
+        let base = consumer.tag().to_string();
+        let mut tag = base.clone();
+        let mut no = 0u32;
+        // Our own cancel under way, and what follows it.
+        let mut cancelling: Option<Control> = None;
         let reason = loop {
-            match consumer.next().await {
-                Some(Ok(delivery)) => {
-                    let msg = event(Event::Delivered {
-                        gen,
-                        delivery: Box::new(delivery),
-                    });
-                    if to_actor.send_message(msg).is_err() {
-                        return;
+            tokio::select! {
+                biased;
+                next = consumer.next() => match next {
+                    Some(Ok(delivery)) => {
+                        let msg = event(Event::Delivered {
+                            gen,
+                            consumer: no,
+                            delivery: Box::new(delivery),
+                        });
+                        if to_actor.send_message(msg).is_err() {
+                            return;
+                        }
                     }
+                    Some(Err(e)) => break e.to_string(),
+                    None => match cancelling.take() {
+                        Some(Control::Stop) => return,
+                        Some(Control::Turn) => {
+                            no += 1;
+                            tag = format!("{base}.{no}");
+                            match ch
+                                .basic_consume(
+                                    queue.as_str().into(),
+                                    tag.as_str().into(),
+                                    BasicConsumeOptions::default(),
+                                    FieldTable::default(),
+                                )
+                                .await
+                            {
+                                Ok(c) => consumer = c,
+                                Err(e) => break format!("could not consume anew: {e}"),
+                            }
+                            let turned = event(Event::Turned {
+                                gen,
+                                consumer: no,
+                                tag: tag.clone(),
+                            });
+                            if to_actor.send_message(turned).is_err() {
+                                return;
+                            }
+                        }
+                        None => break "the broker cancelled the consumer".to_string(),
+                    },
+                },
+                Some(op) = control.recv(), if cancelling.is_none() => {
+                    if let Err(e) = ch
+                        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                        .await
+                    {
+                        break format!("could not cancel the consumer: {e}");
+                    }
+                    cancelling = Some(op);
                 }
-                Some(Err(e)) => break e.to_string(),
-                None => break "the broker cancelled the consumer".to_string(),
             }
         };
         let _ = to_actor.send_message(event(Event::Lost { gen, reason }));
@@ -703,7 +799,13 @@ impl AmqpState {
         }
     }
 
-    fn on_delivery(&mut self, myself: &ActorRef<KanbanMsg>, gen: u64, d: lapin::message::Delivery) {
+    fn on_delivery(
+        &mut self,
+        myself: &ActorRef<KanbanMsg>,
+        gen: u64,
+        consumer: u32,
+        d: lapin::message::Delivery,
+    ) {
         if self.current_gen() != Some(gen) {
             // From a connection that is gone: the broker sends it again.
             return;
@@ -711,6 +813,7 @@ impl AmqpState {
         self.delivered += 1;
         let tag = Tag {
             gen,
+            consumer,
             tag: d.delivery_tag,
         };
         let signal = match serde_json::from_slice::<Signal>(&d.data) {
@@ -936,6 +1039,7 @@ impl AmqpState {
             }
         }
         self.broker_depth = None;
+        self.broker_consumers = None;
         if self.down_since.is_none() {
             self.down_since = Some(Instant::now());
         }
@@ -990,8 +1094,18 @@ impl AmqpState {
         );
         let _ = self.acks.send(AckOp::Link(link.gen, link.consume.clone()));
         if let Some(consumer) = link.consumer.take() {
-            link.tasks.push(forward(myself.clone(), link.gen, consumer));
+            let (control, rx) = mpsc::unbounded_channel();
+            link.control = Some(control);
+            link.tasks.push(forward(
+                myself.clone(),
+                link.gen,
+                consumer,
+                link.consume.clone(),
+                self.topology.queue.clone(),
+                rx,
+            ));
         }
+        (self.consumer_no, self.turning) = (0, false);
         self.link = Some(link);
         self.maybe_drain(myself);
     }
@@ -1021,6 +1135,7 @@ impl AmqpState {
             buffered: self.store.buffered_count(),
             buffer_max: self.config.buffer_max,
             consumer_tag: self.link.as_ref().map(|l| l.consumer_tag.clone()),
+            consumer_turns: self.turns,
             delivered: self.delivered,
             reconnects: self.reconnects.saturating_sub(1),
             last_error: self.last_error.clone(),
@@ -1042,6 +1157,56 @@ impl AmqpState {
                 )),
             },
             broker: Some(broker),
+        }
+    }
+
+    /// Turns the consumer (see [`forward`]) once parked deliveries hold half
+    /// its prefetch slots, so signals keep coming while engines wait.
+    fn maybe_turn(&mut self) {
+        let Some(link) = &self.link else {
+            return;
+        };
+        if self.turning || self.quiescing {
+            return;
+        }
+        let (gen, no) = (link.gen, self.consumer_no);
+        let held = self
+            .dispatch
+            .parked_seqs()
+            .filter(|seq| {
+                self.entries
+                    .get(seq)
+                    .is_some_and(|e| e.ackers.iter().any(|t| t.gen == gen && t.consumer == no))
+            })
+            .count();
+        let half = usize::from(self.topology.prefetch / 2).max(1);
+        if held < half {
+            return;
+        }
+        if self.broker_consumers != Some(1) {
+            // The queue is single-active-consumer: cancelling ours would
+            // hand it to the standby node (or, before the first probe, we
+            // do not know yet; the next probe asks again).
+            if !self.turn_held && self.broker_consumers.is_some() {
+                self.turn_held = true;
+                warn!(
+                    parked = held,
+                    consumers = self.broker_consumers,
+                    "parked signals hold half the consumer's prefetch, but another node consumes \
+                     from the queue too: not turning the consumer, which would hand the queue to it"
+                );
+            }
+            return;
+        }
+        self.turn_held = false;
+        info!(
+            parked = held,
+            prefetch = self.topology.prefetch,
+            consumer = %link.consumer_tag,
+            "parked signals hold half the consumer's prefetch: consuming anew for fresh slots"
+        );
+        if let Some(control) = &link.control {
+            self.turning = control.send(Control::Turn).is_ok();
         }
     }
 
@@ -1186,6 +1351,9 @@ impl Actor for AmqpQueue {
             reconnects: 0,
             lost_gen: 0,
             down_since: None,
+            consumer_no: 0,
+            turning: false,
+            turns: 0,
             dispatch: Dispatch::default(),
             next_seq,
             entries: HashMap::new(),
@@ -1198,6 +1366,8 @@ impl Actor for AmqpQueue {
             failures: HashMap::new(),
             poisoning: Default::default(),
             broker_depth: None,
+            broker_consumers: None,
+            turn_held: false,
             delivered: 0,
             acks,
             acker,
@@ -1273,6 +1443,7 @@ impl Actor for AmqpQueue {
             KanbanMsg::Park { seqs } => {
                 // Their WIP slots are free for other engines' signals.
                 st.dispatch.park(&seqs);
+                st.maybe_turn();
                 st.dispatch();
                 st.answer_quiesce();
             }
@@ -1324,6 +1495,7 @@ impl Actor for AmqpQueue {
                             let _ = me.send_message(event(Event::Depth {
                                 gen,
                                 depth: u64::from(q.message_count()),
+                                consumers: q.consumer_count(),
                             }));
                         }
                     });
@@ -1364,13 +1536,8 @@ impl Actor for AmqpQueue {
                         in_flight = st.dispatch.in_flight_len(),
                         "amqp queue quiescing: no more deliveries"
                     );
-                    if let Some(link) = &st.link {
-                        let (ch, tag) = (link.consume.clone(), link.consumer_tag.clone());
-                        tokio::spawn(async move {
-                            let _ = ch
-                                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                                .await;
-                        });
+                    if let Some(control) = st.link.as_ref().and_then(|l| l.control.as_ref()) {
+                        let _ = control.send(Control::Stop);
                     }
                 }
                 st.quiesce_waiters.push(reply);
@@ -1384,7 +1551,20 @@ impl Actor for AmqpQueue {
                     Event::Connected(link) => st.connected_link(&myself, link),
                     Event::Lost { gen, reason } => st.lost(&myself, gen, reason),
                     Event::Reconnect => st.start_connect(&myself),
-                    Event::Delivered { gen, delivery } => st.on_delivery(&myself, gen, *delivery),
+                    Event::Delivered {
+                        gen,
+                        consumer,
+                        delivery,
+                    } => st.on_delivery(&myself, gen, consumer, *delivery),
+                    Event::Turned { gen, consumer, tag } => {
+                        if let Some(link) = st.link.as_mut().filter(|l| l.gen == gen) {
+                            info!(consumer = %tag, "consuming anew");
+                            link.consumer_tag = tag;
+                            st.consumer_no = consumer;
+                            st.turning = false;
+                            st.turns += 1;
+                        }
+                    }
                     Event::Sent(n) => {
                         if st.sending == Some(n) {
                             st.sending = None;
@@ -1416,9 +1596,15 @@ impl Actor for AmqpQueue {
                             Err(e) => warn!(error = %e, "fallback buffer drain stopped"),
                         }
                     }
-                    Event::Depth { gen, depth } => {
+                    Event::Depth {
+                        gen,
+                        depth,
+                        consumers,
+                    } => {
                         if st.current_gen() == Some(gen) {
                             st.broker_depth = Some(depth);
+                            st.broker_consumers = Some(consumers);
+                            st.maybe_turn();
                         }
                     }
                     Event::PoisonDone { key, result } => {

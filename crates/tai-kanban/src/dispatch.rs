@@ -105,6 +105,14 @@ impl Dispatch {
         self.parked
     }
 
+    /// The seqs of the parked signals, in no order.
+    pub fn parked_seqs(&self) -> impl Iterator<Item = u64> + '_ {
+        self.in_flight
+            .iter()
+            .filter(|(_, f)| f.parked)
+            .map(|(seq, _)| *seq)
+    }
+
     /// In flight and being worked on (not parked): what a quiesce waits for.
     pub fn working_len(&self) -> u64 {
         self.in_flight_len() - self.parked
