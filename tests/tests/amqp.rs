@@ -594,20 +594,15 @@ async fn parked_signals_do_not_hold_a_classic_queue_consumer() {
     parked_signals_do_not_hold_consumption("classic").await;
 }
 
-#[tokio::test]
-async fn parked_signals_do_not_hold_a_quorum_queue_consumer() {
-    parked_signals_do_not_hold_consumption("quorum").await;
-}
-
-#[tokio::test]
-async fn with_a_standby_node_on_the_queue_the_consumer_is_not_turned() {
-    // Cancelling the active consumer of a single-active-consumer queue
-    // would hand the queue to the standby node.
+/// Cancelling the active consumer of a single-active-consumer queue would
+/// hand the queue to the standby node: with one there, no turn, and the
+/// node logs `why`.
+async fn with_a_standby_the_consumer_is_not_turned(queue_type: &str, why: &str) {
     ensure_broker();
-    let queue = unique_queue("parked-standby");
+    let queue = unique_queue(&format!("parked-standby-{queue_type}"));
     let _cleanup = QueueCleanup(queue.clone());
     let config = test_config(&format!(
-        "{}\n[skus.waiting]\npolicies = []\nentitlement_timeout_secs = 300\n",
+        "{}amqp_queue_type = \"{queue_type}\"\n\n[skus.waiting]\npolicies = []\nentitlement_timeout_secs = 300\n",
         amqp_kanban(&queue)
     ));
     let first = Node::start_with(&config, &[]);
@@ -622,9 +617,7 @@ async fn with_a_standby_node_on_the_queue_the_consumer_is_not_turned() {
     first
         .admin_until("/admin/queue", "five parked", |q| q["parked"] == 5)
         .await;
-    first
-        .log_until("another node consumes from the queue too: not turning the consumer")
-        .await;
+    first.log_until(why).await;
     let (_, q) = first.admin(Method::GET, "/admin/queue").await;
     assert_eq!(
         (
@@ -642,6 +635,20 @@ async fn with_a_standby_node_on_the_queue_the_consumer_is_not_turned() {
     }
     let (_, q) = second.admin(Method::GET, "/admin/queue").await;
     assert_eq!(q["broker"]["delivered"], 0, "the standby consumed: {q}");
+}
+
+#[tokio::test]
+async fn with_a_standby_on_a_classic_queue_the_consumer_is_not_turned() {
+    let why = "another node consumes from the queue too: not turning the consumer";
+    with_a_standby_the_consumer_is_not_turned("classic", why).await;
+}
+
+#[tokio::test]
+async fn on_a_quorum_queue_the_consumer_is_not_turned() {
+    // Its consumer count leaves a standby's waiting consumer out: a turn
+    // here handed the queue to the standby.
+    let why = "a quorum queue does not count a standby's waiting consumer: not turning";
+    with_a_standby_the_consumer_is_not_turned("quorum", why).await;
 }
 
 #[tokio::test]

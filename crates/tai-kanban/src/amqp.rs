@@ -270,11 +270,13 @@ enum Event {
         gen: u64,
         result: Result<u64, String>,
     },
-    /// The queue's probe: ready messages, and consumers (ours and any
-    /// standby node's).
     Depth {
         gen: u64,
         depth: u64,
+    },
+    /// A turn was not made: the queue has other consumers (a standby node).
+    TurnHeld {
+        gen: u64,
         consumers: u32,
     },
     /// A poison message is dead-lettered (or could not be: it stays).
@@ -357,8 +359,6 @@ pub struct AmqpState {
     failures: HashMap<(String, String), u32>,
     poisoning: std::collections::HashSet<(String, String)>,
     broker_depth: Option<u64>,
-    /// Consumers on the queue at the last probe (1: ours alone).
-    broker_consumers: Option<u32>,
     /// A turn was held back by another consumer on the queue (logged once).
     turn_held: bool,
     delivered: u64,
@@ -462,11 +462,16 @@ async fn connect(
 /// started only after the old one's last delivery is forwarded (lapin ends
 /// its stream at the cancel-ok), so deliveries reach the actor in the
 /// queue's order.
+///
+/// The queue is single-active-consumer: cancelling ours would hand it to a
+/// standby node's consumer. So a turn first asks the broker (a passive
+/// declare on the probe channel, just before the cancel) whether ours is
+/// the queue's only consumer, and is held back if not.
 fn forward(
     me: ActorRef<KanbanMsg>,
     gen: u64,
     mut consumer: lapin::Consumer,
-    ch: Channel,
+    (ch, probe): (Channel, Channel),
     queue: String,
     mut control: mpsc::UnboundedReceiver<Control>,
 ) -> tokio::task::JoinHandle<()> {
@@ -522,6 +527,26 @@ fn forward(
                     },
                 },
                 Some(op) = control.recv(), if cancelling.is_none() => {
+                    if matches!(op, Control::Turn) {
+                        let passive = QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        };
+                        let consumers = match probe
+                            .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+                            .await
+                        {
+                            Ok(q) => q.consumer_count(),
+                            Err(e) => break format!("could not probe the queue: {e}"),
+                        };
+                        if consumers != 1 {
+                            let held = event(Event::TurnHeld { gen, consumers });
+                            if to_actor.send_message(held).is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                    }
                     if let Err(e) = ch
                         .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
                         .await
@@ -1039,7 +1064,6 @@ impl AmqpState {
             }
         }
         self.broker_depth = None;
-        self.broker_consumers = None;
         if self.down_since.is_none() {
             self.down_since = Some(Instant::now());
         }
@@ -1100,7 +1124,7 @@ impl AmqpState {
                 myself.clone(),
                 link.gen,
                 consumer,
-                link.consume.clone(),
+                (link.consume.clone(), link.probe.clone()),
                 self.topology.queue.clone(),
                 rx,
             ));
@@ -1183,22 +1207,22 @@ impl AmqpState {
         if held < half {
             return;
         }
-        if self.broker_consumers != Some(1) {
-            // The queue is single-active-consumer: cancelling ours would
-            // hand it to the standby node (or, before the first probe, we
-            // do not know yet; the next probe asks again).
-            if !self.turn_held && self.broker_consumers.is_some() {
+        if self.topology.queue_type == AmqpQueueType::Quorum {
+            // Seen on RabbitMQ 3.10: a quorum queue's consumer count leaves
+            // out a single-active-consumer queue's waiting consumers, so a
+            // standby cannot be seen, and a turn hands it the queue.
+            if !self.turn_held {
                 self.turn_held = true;
                 warn!(
                     parked = held,
-                    consumers = self.broker_consumers,
-                    "parked signals hold half the consumer's prefetch, but another node consumes \
-                     from the queue too: not turning the consumer, which would hand the queue to it"
+                    prefetch = self.topology.prefetch,
+                    "parked signals hold half the consumer's prefetch, but a quorum queue does not \
+                     count a standby's waiting consumer: not turning the consumer, which could hand \
+                     the queue to one; the rest of the prefetch waits for the entitlements"
                 );
             }
             return;
         }
-        self.turn_held = false;
         info!(
             parked = held,
             prefetch = self.topology.prefetch,
@@ -1366,7 +1390,6 @@ impl Actor for AmqpQueue {
             failures: HashMap::new(),
             poisoning: Default::default(),
             broker_depth: None,
-            broker_consumers: None,
             turn_held: false,
             delivered: 0,
             acks,
@@ -1495,7 +1518,6 @@ impl Actor for AmqpQueue {
                             let _ = me.send_message(event(Event::Depth {
                                 gen,
                                 depth: u64::from(q.message_count()),
-                                consumers: q.consumer_count(),
                             }));
                         }
                     });
@@ -1562,6 +1584,7 @@ impl Actor for AmqpQueue {
                             link.consumer_tag = tag;
                             st.consumer_no = consumer;
                             st.turning = false;
+                            st.turn_held = false;
                             st.turns += 1;
                         }
                     }
@@ -1596,15 +1619,25 @@ impl Actor for AmqpQueue {
                             Err(e) => warn!(error = %e, "fallback buffer drain stopped"),
                         }
                     }
-                    Event::Depth {
-                        gen,
-                        depth,
-                        consumers,
-                    } => {
+                    Event::Depth { gen, depth } => {
                         if st.current_gen() == Some(gen) {
                             st.broker_depth = Some(depth);
-                            st.broker_consumers = Some(consumers);
+                            // Parked signals may have waited for a standby to go.
                             st.maybe_turn();
+                        }
+                    }
+                    Event::TurnHeld { gen, consumers } => {
+                        if st.current_gen() == Some(gen) {
+                            st.turning = false;
+                            if !st.turn_held {
+                                st.turn_held = true;
+                                warn!(
+                                    consumers,
+                                    "parked signals hold half the consumer's prefetch, but another \
+                                     node consumes from the queue too: not turning the consumer, \
+                                     which would hand the queue to it"
+                                );
+                            }
                         }
                     }
                     Event::PoisonDone { key, result } => {
