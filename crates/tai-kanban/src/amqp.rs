@@ -359,7 +359,9 @@ pub struct AmqpState {
     failures: HashMap<(String, String), u32>,
     poisoning: std::collections::HashSet<(String, String)>,
     broker_depth: Option<u64>,
-    /// A turn was held back by another consumer on the queue (logged once).
+    /// A turn was held back (by another consumer on the queue, or the
+    /// queue type) while parked signals hold half the prefetch: logged once
+    /// a time.
     turn_held: bool,
     delivered: u64,
     acks: mpsc::UnboundedSender<AckOp>,
@@ -1205,6 +1207,8 @@ impl AmqpState {
             .count();
         let half = usize::from(self.topology.prefetch / 2).max(1);
         if held < half {
+            // The next time they do is logged again if it cannot turn.
+            self.turn_held = false;
             return;
         }
         if self.topology.queue_type == AmqpQueueType::Quorum {
