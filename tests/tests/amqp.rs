@@ -645,9 +645,10 @@ async fn with_a_standby_on_a_classic_queue_the_consumer_is_not_turned() {
 
 #[tokio::test]
 async fn on_a_quorum_queue_the_consumer_is_not_turned() {
-    // Its consumer count leaves a standby's waiting consumer out: a turn
-    // here handed the queue to the standby.
-    let why = "a quorum queue does not count a standby's waiting consumer: not turning";
+    // A turn here handed the queue to the standby (the quorum queue's
+    // consumer count leaves its waiting consumer out), and without a
+    // standby it reordered a delivery under way at the cancel.
+    let why = "on a quorum queue the consumer is not turned";
     with_a_standby_the_consumer_is_not_turned("quorum", why).await;
 }
 

@@ -1212,17 +1212,21 @@ impl AmqpState {
             return;
         }
         if self.topology.queue_type == AmqpQueueType::Quorum {
-            // Seen on RabbitMQ 3.10: a quorum queue's consumer count leaves
-            // out a single-active-consumer queue's waiting consumers, so a
+            // Seen on RabbitMQ 3.10, two reasons: a delivery under way when
+            // a quorum queue's consumer is cancelled comes back to the
+            // queue and reaches the new consumer after later messages (out
+            // of a tenant's order); and its consumer count leaves out a
+            // single-active-consumer queue's waiting consumers, so a
             // standby cannot be seen, and a turn hands it the queue.
             if !self.turn_held {
                 self.turn_held = true;
                 warn!(
                     parked = held,
                     prefetch = self.topology.prefetch,
-                    "parked signals hold half the consumer's prefetch, but a quorum queue does not \
-                     count a standby's waiting consumer: not turning the consumer, which could hand \
-                     the queue to one; the rest of the prefetch waits for the entitlements"
+                    "parked signals hold half the consumer's prefetch, but on a quorum queue the \
+                     consumer is not turned (a cancel would reorder deliveries under way, and \
+                     could hand the queue to a standby): the rest of the prefetch waits for the \
+                     entitlements"
                 );
             }
             return;
