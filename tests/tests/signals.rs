@@ -325,25 +325,64 @@ async fn halted_degraded_and_quota_signals_are_dead_lettered_and_replayed() {
         .find(|d| d["signal"]["id"] == "h-1")
         .unwrap();
     assert_eq!(letter["reason"], "halted");
+    // The same id dead-lettered for another tenant: a replay names its tenant.
+    let g = Client::new(&node, "globex", "globex-secret");
+    g.entitle("payments", "g-ent").await;
+    g.decided("g-ent").await;
+    node.admin(Method::POST, "/admin/tenants/globex/payments/halt")
+        .await;
+    let g_pay = json!({"amount": 5.0, "currency": "USD", "customer_id": "g1"});
+    let a = g
+        .post(&signal("globex", "payments", "payment", "h-1", g_pay))
+        .await
+        .unwrap();
+    assert_eq!(a.status, 202, "{}", a.body);
+    assert_eq!(g.decided("h-1").await["reason"], "halted");
+    let (status, body) = node
+        .admin(Method::POST, "/admin/deadletter/h-1/replay")
+        .await;
+    assert_eq!(
+        (status, body["error"]["message"].as_str()),
+        (
+            400,
+            Some("\"h-1\" is dead-lettered for several tenants: add ?tenant=")
+        )
+    );
     // Resume, replay: decided this time.
     let (status, resumed) = node
         .admin(Method::POST, "/admin/tenants/acme/payments/resume")
         .await;
     assert_eq!((status, resumed["state"].as_str()), (200, Some("stable")));
     let (status, body) = node
-        .admin(Method::POST, "/admin/deadletter/h-1/replay")
+        .admin(Method::POST, "/admin/deadletter/h-1/replay?tenant=acme")
         .await;
     assert_eq!(status, 202, "{body}");
     assert_eq!(c.decided("h-1").await["status"], "completed");
     let receipts = node.all_receipts().await;
+    let acme: Vec<Value> = receipts
+        .into_iter()
+        .filter(|r| r["tenant_id"] == "acme")
+        .collect();
     assert_eq!(
-        kinds_for(&receipts, "h-1"),
+        kinds_for(&acme, "h-1"),
         ["signal_skipped", "action_generated", "action_successful"]
     );
     let (status, _) = node
-        .admin(Method::POST, "/admin/deadletter/h-1/replay")
+        .admin(Method::POST, "/admin/deadletter/h-1/replay?tenant=acme")
         .await;
     assert_eq!(status, 404, "replayed once");
+    // globex's is the only h-1 left: no tenant needed.
+    node.admin(Method::POST, "/admin/tenants/globex/payments/resume")
+        .await;
+    let (status, body) = node
+        .admin(Method::POST, "/admin/deadletter/h-1/replay")
+        .await;
+    assert_eq!(
+        (status, body["tenant_id"].as_str()),
+        (202, Some("globex")),
+        "{body}"
+    );
+    assert_eq!(g.decided("h-1").await["status"], "completed");
 
     // Quota: the `tight` SKU allows one action; the next is dead-lettered.
     c.entitle("tight", "ent-t").await;

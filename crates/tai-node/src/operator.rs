@@ -445,20 +445,16 @@ fn engine_answer(r: Result<Result<tai_core::signal::EngineInfo, String>, Respons
 }
 
 async fn replay(state: &NodeState, signal_id: &str, tenant: Option<&String>) -> Response {
-    let letters = match state
+    let tenants = match state
         .store
-        .dead_letters(tenant.map(String::as_str), None, usize::MAX)
+        .dead_letter_tenants(signal_id, tenant.map(String::as_str))
     {
-        Ok(l) => l,
+        Ok(t) => t,
         Err(e) => return error(ErrorCode::Internal, e.to_string()),
     };
-    let matching: Vec<_> = letters
-        .iter()
-        .filter(|d| d.signal.id == signal_id && tenant.is_none_or(|t| &d.signal.tenant_id == t))
-        .collect();
-    let tenant_id = match matching.as_slice() {
+    let tenant_id = match tenants.as_slice() {
         [] => return error(ErrorCode::NotFound, format!("no dead letter {signal_id:?}")),
-        [one] => one.signal.tenant_id.clone(),
+        [one] => one.clone(),
         _ => {
             return error(
                 ErrorCode::InvalidSignal,

@@ -762,6 +762,34 @@ impl Store {
             .collect()
     }
 
+    /// The tenants holding a dead letter `signal_id` (checked for `tenant`
+    /// alone when given). Keys only: no letter is decoded.
+    pub fn dead_letter_tenants(
+        &self,
+        signal_id: &str,
+        tenant: Option<&str>,
+    ) -> Result<Vec<String>> {
+        if let Some(t) = tenant {
+            let found = self.db.contains_key(pair_key(b'd', t, signal_id))?;
+            return Ok(if found {
+                vec![t.to_string()]
+            } else {
+                Vec::new()
+            });
+        }
+        // `d/{tenant}\0{signal_id}`: neither name holds a NUL.
+        let mut suffix = vec![0u8];
+        suffix.extend_from_slice(signal_id.as_bytes());
+        let mut tenants = Vec::new();
+        for kv in self.db.scan_prefix(b"d/") {
+            let (k, _) = kv?;
+            if let Some(t) = k.strip_suffix(suffix.as_slice()) {
+                tenants.push(String::from_utf8_lossy(&t[2..]).into_owned());
+            }
+        }
+        Ok(tenants)
+    }
+
     pub fn dead_letter_count(&self) -> u64 {
         self.dead_letter_total.load(Ordering::SeqCst)
     }

@@ -959,7 +959,7 @@ async fn a_crash_in_the_middle_of_a_sealed_write_out_loses_nothing_and_keeps_the
 }
 
 #[tokio::test]
-async fn the_dead_letter_count_is_kept_as_letters_come_and_go_and_recounted_at_open() {
+async fn dead_letters_are_counted_as_they_come_and_go_recounted_at_open_and_found_by_id() {
     let dir = tempfile::tempdir().unwrap();
     {
         let s = Store::open(dir.path()).unwrap();
@@ -983,8 +983,24 @@ async fn the_dead_letter_count_is_kept_as_letters_come_and_go_and_recounted_at_o
         assert!(s.replay_dead_letter("acme", "a", 2).unwrap().is_none());
         assert_eq!(s.dead_letter_count(), 2);
         assert_eq!(s.dead_letters(None, None, usize::MAX).unwrap().len(), 2);
+        // Found by signal id, by the whole id only.
+        s.dead_letter_queued(&letter("acme", "c", "halted", 4))
+            .unwrap();
+        s.dead_letter_queued(&letter("acme", "xc", "halted", 5))
+            .unwrap();
+        let mut tenants = s.dead_letter_tenants("c", None).unwrap();
+        tenants.sort();
+        assert_eq!(tenants, vec!["acme", "globex"]);
+        assert_eq!(
+            s.dead_letter_tenants("c", Some("globex")).unwrap(),
+            vec!["globex"]
+        );
+        assert!(s.dead_letter_tenants("c", Some("glob")).unwrap().is_empty());
+        assert!(s.dead_letter_tenants("b", None).unwrap().len() == 1);
+        assert!(s.dead_letter_tenants("x", None).unwrap().is_empty());
+        assert_eq!(s.dead_letter_count(), 4);
         s.durable().await.unwrap();
     }
     let s = reopen(dir.path());
-    assert_eq!(s.dead_letter_count(), 2);
+    assert_eq!(s.dead_letter_count(), 4);
 }
