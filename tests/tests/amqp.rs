@@ -647,7 +647,7 @@ async fn with_a_standby_on_a_classic_queue_the_consumer_is_not_turned() {
 async fn on_a_quorum_queue_the_consumer_is_not_turned() {
     // A turn here handed the queue to the standby (the quorum queue's
     // consumer count leaves its waiting consumer out), and without a
-    // standby it reordered a delivery under way at the cancel.
+    // standby messages around the cancel reached the node out of order.
     let why = "on a quorum queue the consumer is not turned";
     with_a_standby_the_consumer_is_not_turned("quorum", why).await;
 }

@@ -1212,12 +1212,13 @@ impl AmqpState {
             return;
         }
         if self.topology.queue_type == AmqpQueueType::Quorum {
-            // Seen on RabbitMQ 3.10, two reasons: a delivery under way when
-            // a quorum queue's consumer is cancelled comes back to the
-            // queue and reaches the new consumer after later messages (out
-            // of a tenant's order); and its consumer count leaves out a
-            // single-active-consumer queue's waiting consumers, so a
-            // standby cannot be seen, and a turn hands it the queue.
+            // Seen on RabbitMQ 3.10, two reasons: across a quorum queue's
+            // cancel and new consume, messages reached the node out of the
+            // queue's order (in a test; likely a delivery under way at the
+            // cancel, returned and sent again after later ones); and its
+            // consumer count leaves out a single-active-consumer queue's
+            // waiting consumers, so a standby cannot be seen, and a turn
+            // hands it the queue.
             if !self.turn_held {
                 self.turn_held = true;
                 warn!(
