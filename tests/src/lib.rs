@@ -415,8 +415,14 @@ impl Client {
     }
 }
 
-/// Posts `w-0`..`w-{n-1}` to acme's `waiting` SKU (configured by the
-/// test with no policy and a long entitlement timeout), each answered 202.
+/// The `waiting` SKU of the parked-signal tests: no policy, and an
+/// entitlement timeout of `secs`.
+pub fn waiting_sku(secs: u64) -> String {
+    format!("\n[skus.waiting]\npolicies = []\nentitlement_timeout_secs = {secs}\n")
+}
+
+/// Posts `w-0`..`w-{n-1}` to acme's `waiting` SKU (see [`waiting_sku`]),
+/// each answered 202.
 pub async fn post_waiting(c: &Client, n: usize) {
     for i in 0..n {
         let id = format!("w-{i}");

@@ -540,6 +540,15 @@ async fn counts_until(queue: &str, want: (u64, u64)) {
     }
 }
 
+/// A node on `queue` of `queue_type` with the `waiting` SKU (300 s).
+fn waiting_config(queue: &str, queue_type: &str) -> String {
+    test_config(&format!(
+        "{}amqp_queue_type = \"{queue_type}\"\n{}",
+        amqp_kanban(queue),
+        waiting_sku(300)
+    ))
+}
+
 /// Twelve signals wait (parked) in an engine for an entitlement: they
 /// would hold the consumer's 10 prefetch slots, so the node turns its
 /// consumer, and the entitlement and other engines' signals still come.
@@ -547,11 +556,7 @@ async fn parked_signals_do_not_hold_consumption(queue_type: &str) {
     ensure_broker();
     let queue = unique_queue(&format!("parked-{queue_type}"));
     let _cleanup = QueueCleanup(queue.clone());
-    let config = test_config(&format!(
-        "{}amqp_queue_type = \"{queue_type}\"\n\n[skus.waiting]\npolicies = []\nentitlement_timeout_secs = 300\n",
-        amqp_kanban(&queue)
-    ));
-    let node = Node::start_with(&config, &[]);
+    let node = Node::start_with(&waiting_config(&queue, queue_type), &[]);
     let first_tag = connected(&node).await["broker"]["consumer_tag"]
         .as_str()
         .unwrap()
@@ -601,10 +606,7 @@ async fn with_a_standby_the_consumer_is_not_turned(queue_type: &str, why: &str) 
     ensure_broker();
     let queue = unique_queue(&format!("parked-standby-{queue_type}"));
     let _cleanup = QueueCleanup(queue.clone());
-    let config = test_config(&format!(
-        "{}amqp_queue_type = \"{queue_type}\"\n\n[skus.waiting]\npolicies = []\nentitlement_timeout_secs = 300\n",
-        amqp_kanban(&queue)
-    ));
+    let config = waiting_config(&queue, queue_type);
     let first = Node::start_with(&config, &[]);
     let tag = connected(&first).await["broker"]["consumer_tag"]
         .as_str()

@@ -1039,9 +1039,14 @@ fn tai_bench_decides_what_it_sends_and_reports_its_figures() {
 async fn a_signal_waiting_for_its_entitlement_is_parked_not_timed_out_nor_waited_for() {
     // Signals are sent again after 1 s undecided, an attempt counted (three
     // make poison); `patient` waits 4 s for its entitlement, `waiting` 300 s.
-    let extra = "[skus.patient]\npolicies = []\nentitlement_timeout_secs = 4\n\n\
-                 [skus.waiting]\npolicies = []\nentitlement_timeout_secs = 300\n";
-    let mut node = Node::start_with(&test_config(extra), &[("TAI_KANBAN__VISIBILITY_SECS", "1")]);
+    let extra = format!(
+        "[skus.patient]\npolicies = []\nentitlement_timeout_secs = 4\n{}",
+        waiting_sku(300)
+    );
+    let mut node = Node::start_with(
+        &test_config(&extra),
+        &[("TAI_KANBAN__VISIBILITY_SECS", "1")],
+    );
     let c = Client::new(&node, "acme", "acme-secret");
     for (sku, id) in [("patient", "p-1"), ("waiting", "w-1")] {
         let a = c
@@ -1106,9 +1111,9 @@ async fn an_engine_waiting_for_its_entitlement_does_not_hold_other_engines_back(
     // A WIP of 10, the prefetch of one engine: `waiting` parks signals for
     // up to 300 s; before, a dozen would have taken the whole WIP, and the
     // entitlement queued behind them could not reach it.
-    let extra = "[skus.waiting]\npolicies = []\nentitlement_timeout_secs = 300\n";
+    let extra = waiting_sku(300);
     let node = Node::start_with(
-        &test_config(extra),
+        &test_config(&extra),
         &[
             ("TAI_KANBAN__WIP_LIMIT", "10"),
             ("TAI_KANBAN__PREFETCH", "10"),
@@ -1145,9 +1150,9 @@ async fn park_one(node: &Node, c: &Client, id: &str) {
 async fn an_engine_passivated_while_signals_wait_in_it_comes_back_for_them() {
     // One live engine at most: starting a second passivates the first,
     // whose signal waits (parked) for an entitlement that never comes.
-    let extra = "[skus.waiting]\npolicies = []\nentitlement_timeout_secs = 2\n";
+    let extra = waiting_sku(2);
     let node = Node::start_with(
-        &test_config(extra),
+        &test_config(&extra),
         &[("TAI_JIDOKA__MAX_ACTIVE_ENGINES", "1")],
     );
     let c = Client::new(&node, "acme", "acme-secret");
@@ -1170,8 +1175,11 @@ async fn an_engine_passivated_while_signals_wait_in_it_comes_back_for_them() {
 #[tokio::test]
 async fn a_restarted_queue_learns_again_which_signals_are_parked() {
     // Sent again after 1 s undecided (three times make poison), unless parked.
-    let extra = "[skus.waiting]\npolicies = []\nentitlement_timeout_secs = 300\n";
-    let node = Node::start_with(&test_config(extra), &[("TAI_KANBAN__VISIBILITY_SECS", "1")]);
+    let extra = waiting_sku(300);
+    let node = Node::start_with(
+        &test_config(&extra),
+        &[("TAI_KANBAN__VISIBILITY_SECS", "1")],
+    );
     let c = Client::new(&node, "acme", "acme-secret");
     park_one(&node, &c, "w-1").await;
     // The queue restarts and sends w-1 again from the store; the engine,

@@ -731,8 +731,6 @@ impl Store {
         Ok(())
     }
 
-    /// Dead letters in key order (tenant, then signal id), only `tenant`'s
-    /// if given, at most `limit`.
     /// Dead letters by tenant then signal id: one tenant's (or all), those
     /// after the letter `after` names (tenant, signal id), at most `limit`.
     pub fn dead_letters(
