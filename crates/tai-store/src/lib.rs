@@ -55,7 +55,6 @@ mod redo;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::de::DeserializeOwned;
@@ -141,8 +140,11 @@ pub struct Store {
     deferred: Arc<Mutex<Deferred>>,
     /// How many `d/` keys there are: counted at open, then kept as letters
     /// are written and replayed, so `/admin/queue` and `/ready` (which ask
-    /// the queue actor) do not scan every dead letter each time.
-    dead_letter_total: Arc<AtomicU64>,
+    /// the queue actor) do not scan every dead letter each time. Every
+    /// letter write and replay holds it from the look-up of the letter's key
+    /// to the write, so two writers of one letter (the dispatcher and an
+    /// engine, or a replay) count it once.
+    letters: Arc<Mutex<u64>>,
 }
 
 /// Checkpoints and signal records a ledger commit made durable in its redo
@@ -388,8 +390,7 @@ impl Store {
         })?;
         // After the redo records are applied: the scan must see their keys.
         let known = Arc::new(known::Known::start(db.clone()));
-        let dead_letter_total =
-            Arc::new(AtomicU64::new(db.scan_prefix(b"d/").keys().count() as u64));
+        let letters = Arc::new(Mutex::new(db.scan_prefix(b"d/").keys().count() as u64));
         let store = Store {
             db,
             commit,
@@ -398,7 +399,7 @@ impl Store {
             buffer: Arc::default(),
             known,
             deferred: Arc::default(),
-            dead_letter_total,
+            letters,
         };
         store.recover_queue()?;
         store.recover_buffer()?;
@@ -723,10 +724,12 @@ impl Store {
         record.status = SignalStatus::Deadlettered;
         record.reason = Some(letter.reason.clone());
         let mut batch = redo::Ops::default();
+        let mut letters = self.letters.lock().expect("dead letter count");
         let new = self.put_letter(&mut batch, letter)?;
         batch.insert(key, codec::encode_record(&record));
         self.atomic(batch)?;
-        self.dead_letter_total.fetch_add(new, Ordering::SeqCst);
+        *letters += new;
+        drop(letters);
         self.forget_queued([(s.tenant_id.as_str(), s.id.as_str())]);
         Ok(())
     }
@@ -789,17 +792,12 @@ impl Store {
     }
 
     pub fn dead_letter_count(&self) -> u64 {
-        self.dead_letter_total.load(Ordering::SeqCst)
-    }
-
-    fn letter_replayed(&self) {
-        let _ = self
-            .dead_letter_total
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        *self.letters.lock().expect("dead letter count")
     }
 
     /// Puts `letter` in `batch`; 1 if its key is new, 0 if it is written
-    /// again over itself (so it is not counted twice).
+    /// again over itself (so it is not counted twice). The caller holds
+    /// [`Store::letters`] until the batch is written.
     fn put_letter(&self, batch: &mut redo::Ops, letter: &DeadLetter) -> Result<u64> {
         let key = pair_key(b'd', &letter.signal.tenant_id, &letter.signal.id);
         let new = u64::from(!self.db.contains_key(&key)?);
@@ -828,6 +826,7 @@ impl Store {
         seq: u64,
     ) -> Result<Option<std::sync::Arc<Signal>>> {
         let key = pair_key(b'd', tenant, id);
+        let mut letters = self.letters.lock().expect("dead letter count");
         let Some(v) = self.db.get(&key)? else {
             return Ok(None);
         };
@@ -844,7 +843,7 @@ impl Store {
         let signal = delivery.signal.clone();
         batch.insert(seq_key(b'q', seq), codec::encode_block(&[delivery]));
         self.atomic(batch)?;
-        self.letter_replayed();
+        *letters = letters.saturating_sub(1);
         Ok(Some(signal))
     }
 
@@ -994,6 +993,7 @@ impl Store {
     /// `None` if there is no such letter.
     pub fn replay_dead_letter_to_buffer(&self, tenant: &str, id: &str) -> Result<Option<Signal>> {
         let key = pair_key(b'd', tenant, id);
+        let mut letters = self.letters.lock().expect("dead letter count");
         let Some(v) = self.db.get(&key)? else {
             return Ok(None);
         };
@@ -1005,7 +1005,7 @@ impl Store {
         batch.insert(pair_key(b's', tenant, id), codec::encode_record(&record));
         batch.insert(seq_key(b'f', cur.next), encode(&letter.signal));
         self.atomic(batch)?;
-        self.letter_replayed();
+        *letters = letters.saturating_sub(1);
         cur.next += 1;
         cur.count += 1;
         Ok(Some(letter.signal))
@@ -1154,6 +1154,10 @@ impl Store {
         for (t, s, customer, bytes) in &writes.velocity {
             batch.insert(velocity_key(t, s, customer), bytes.as_slice());
         }
+        // Held to the end when there are letters (see `Store::letters`);
+        // most commits have none and never take it.
+        let mut letters = (!writes.dead_letters.is_empty())
+            .then(|| self.letters.lock().expect("dead letter count"));
         let mut new_letters = 0;
         for d in &writes.dead_letters {
             new_letters += self.put_letter(&mut batch, d)?;
@@ -1202,8 +1206,9 @@ impl Store {
                 .iter()
                 .map(|r| (r.tenant_id.as_str(), r.signal_id.as_str())),
         );
-        self.dead_letter_total
-            .fetch_add(new_letters, Ordering::SeqCst);
+        if let Some(count) = letters.as_mut() {
+            **count += new_letters;
+        }
         Ok(())
     }
 

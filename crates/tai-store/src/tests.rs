@@ -1004,3 +1004,57 @@ async fn dead_letters_are_counted_as_they_come_and_go_recounted_at_open_and_foun
     let s = reopen(dir.path());
     assert_eq!(s.dead_letter_count(), 4);
 }
+
+/// Writers of one letter at once (the dispatcher's poison, an engine's
+/// commit, a replay) keep the count equal to the letters on disk.
+#[test]
+fn dead_letters_written_and_replayed_at_once_are_counted_once() {
+    const ROUNDS: usize = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let on_disk = |s: &Store| s.dead_letters(None, None, usize::MAX).unwrap().len() as u64;
+    let barrier = std::sync::Barrier::new(4);
+    std::thread::scope(|scope| {
+        for w in 0..4 {
+            let (s, barrier) = (&s, &barrier);
+            scope.spawn(move || {
+                for r in 0..ROUNDS {
+                    barrier.wait();
+                    let l = letter("acme", &format!("r{r}"), "poison", r as u64);
+                    if w % 2 == 0 {
+                        s.dead_letter_queued(&l).unwrap();
+                    } else {
+                        let set = WriteSet {
+                            dead_letters: vec![l],
+                            ..WriteSet::default()
+                        };
+                        s.commit(&[], None, &set).unwrap();
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(on_disk(&s), ROUNDS as u64);
+    assert_eq!(s.dead_letter_count(), ROUNDS as u64);
+    // One replays each letter while another writes it again: whichever
+    // comes last decides whether it is there, and the count follows.
+    let barrier = std::sync::Barrier::new(2);
+    std::thread::scope(|scope| {
+        let (s, barrier) = (&s, &barrier);
+        scope.spawn(move || {
+            for r in 0..ROUNDS {
+                barrier.wait();
+                s.replay_dead_letter("acme", &format!("r{r}"), 1_000 + r as u64)
+                    .unwrap();
+            }
+        });
+        scope.spawn(move || {
+            for r in 0..ROUNDS {
+                barrier.wait();
+                s.dead_letter_queued(&letter("acme", &format!("r{r}"), "halted", 0))
+                    .unwrap();
+            }
+        });
+    });
+    assert_eq!(s.dead_letter_count(), on_disk(&s));
+}
