@@ -84,6 +84,72 @@ struct Request<'a> {
     body: &'a [u8],
 }
 
+/// Every operator endpoint, told from the path alone. [`Endpoint::parse`]
+/// is the one table of paths and their methods: the router and its 405s
+/// both read it.
+enum Endpoint<'a> {
+    Health,
+    Metrics,
+    Ready,
+    Board,
+    Tree,
+    Kill(&'a str),
+    Tenants,
+    Tenant(&'a str, &'a str),
+    Halt(&'a str, &'a str),
+    Resume(&'a str, &'a str),
+    Policies,
+    ReloadPolicies,
+    Alerts,
+    Kaizen,
+    KaizenBaseline,
+    Breakers,
+    Breaker(&'a str, &'a str),
+    Queue,
+    DeadLetters,
+    Replay(&'a str),
+    Receipts,
+    VerifyReceipts,
+    Shutdown,
+}
+
+impl<'a> Endpoint<'a> {
+    /// The endpoint at `segments` and the one method it takes; `None` for a
+    /// path the API does not have.
+    fn parse(segments: &[&'a str]) -> Option<(Self, Method)> {
+        use Endpoint::*;
+        let (get, post) = (Method::GET, Method::POST);
+        Some(match *segments {
+            ["health"] => (Health, get),
+            ["metrics"] => (Metrics, get),
+            ["ready"] => (Ready, get),
+            ["board"] => (Board, get),
+            ["admin", "tree"] => (Tree, get),
+            ["admin", "actors", name, "kill"] => (Kill(name), post),
+            ["admin", "tenants"] => (Tenants, get),
+            ["admin", "tenants", t, s] => (Tenant(t, s), get),
+            ["admin", "tenants", t, s, "halt"] => (Halt(t, s), post),
+            ["admin", "tenants", t, s, "resume"] => (Resume(t, s), post),
+            ["admin", "policies"] => (Policies, get),
+            ["admin", "policies", "reload"] => (ReloadPolicies, post),
+            ["admin", "alerts"] => (Alerts, get),
+            ["admin", "kaizen"] => (Kaizen, get),
+            ["admin", "kaizen", "baseline"] => (KaizenBaseline, post),
+            ["admin", "breakers"] => (Breakers, get),
+            ["admin", "breakers", name, action @ ("reset" | "melt")] => {
+                (Breaker(name, action), post)
+            }
+            ["admin", "queue"] => (Queue, get),
+            ["admin", "deadletter"] => (DeadLetters, get),
+            ["admin", "deadletter", id, "replay"] => (Replay(id), post),
+            ["admin", "receipts"] => (Receipts, get),
+            ["admin", "receipts", "verify"] => (VerifyReceipts, get),
+            ["admin", "shutdown"] => (Shutdown, post),
+            _ => return None,
+        })
+    }
+}
+
 async fn route(state: &NodeState, req: Request<'_>) -> Response {
     let Request {
         method,
@@ -92,9 +158,26 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
         ..
     } = req;
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    match (method, segments.as_slice()) {
-        (&Method::GET, ["health"]) => json_reply(StatusCode::OK, &json!({"status": "ok"})),
-        (&Method::GET, ["metrics"]) => {
+    if segments[0] == "admin" && !authorized(state, headers) {
+        return error(ErrorCode::Unauthorized, "missing or invalid admin token");
+    }
+    let Some((endpoint, takes)) = Endpoint::parse(&segments) else {
+        return error(ErrorCode::NotFound, format!("no such endpoint: {path}"));
+    };
+    if *method != takes {
+        let mut r = error(
+            ErrorCode::MethodNotAllowed,
+            format!("{method} is not supported on {path} (use {takes})"),
+        );
+        r.headers_mut().insert(
+            "allow",
+            warp::http::HeaderValue::from_str(takes.as_str()).expect("a method name"),
+        );
+        return r;
+    }
+    match endpoint {
+        Endpoint::Health => json_reply(StatusCode::OK, &json!({"status": "ok"})),
+        Endpoint::Metrics => {
             let Some(metrics) = &state.metrics else {
                 return error(
                     ErrorCode::NotFound,
@@ -108,14 +191,14 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
             );
             r
         }
-        (&Method::GET, ["ready"]) => match state.not_ready().await {
+        Endpoint::Ready => match state.not_ready().await {
             None => json_reply(StatusCode::OK, &json!({"ready": true})),
             Some(reason) => json_reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &json!({"ready": false, "reason": reason}),
             ),
         },
-        (&Method::GET, ["board"]) => match req.query.get("token") {
+        Endpoint::Board => match req.query.get("token") {
             Some(t) if crate::board::token_ok(state, t) => crate::board::login(state),
             Some(_) => error(ErrorCode::Unauthorized, "invalid admin token"),
             None if authorized(state, headers) || crate::board::cookie_ok(state, headers) => {
@@ -126,23 +209,18 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
                 "open /board?token=<admin token> to sign in",
             ),
         },
-        (_, ["admin", ..]) if !authorized(state, headers) => {
-            error(ErrorCode::Unauthorized, "missing or invalid admin token")
-        }
-        (&Method::GET, ["admin", "tree"]) => {
+        Endpoint::Tree => {
             let annotate =
                 |name: &str| tai_jidoka::engine_state(name).map(|s| s.as_str().to_string());
             let tree = tai_otp::tree(&state.root, Duration::from_secs(2), &annotate).await;
             json_reply(StatusCode::OK, &tree)
         }
-        (&Method::POST, ["admin", "actors", name, "kill"]) => kill(state, name),
-        (&Method::GET, ["admin", "tenants"]) => {
-            match call(ENGINE_ROUTER, RouterMsg::Engines).await {
-                Ok(list) => json_reply(StatusCode::OK, &list),
-                Err(r) => r,
-            }
-        }
-        (&Method::GET, ["admin", "tenants", t, s]) => {
+        Endpoint::Kill(name) => kill(state, name),
+        Endpoint::Tenants => match call(ENGINE_ROUTER, RouterMsg::Engines).await {
+            Ok(list) => json_reply(StatusCode::OK, &list),
+            Err(r) => r,
+        },
+        Endpoint::Tenant(t, s) => {
             let (tenant_id, sku_id) = (decode(t), decode(s));
             match call(ENGINE_ROUTER, |reply| RouterMsg::Engine {
                 tenant_id,
@@ -156,12 +234,12 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
                 Err(r) => r,
             }
         }
-        (&Method::POST, ["admin", "tenants", t, s, action @ ("halt" | "resume")]) => {
+        Endpoint::Halt(t, s) | Endpoint::Resume(t, s) => {
             let (tenant_id, sku_id) = (decode(t), decode(s));
             if let Some(why) = unconfigured(state, &tenant_id, &sku_id) {
                 return error(ErrorCode::NotFound, why);
             }
-            let answer = if *action == "halt" {
+            let answer = if matches!(endpoint, Endpoint::Halt(..)) {
                 let reason = serde_json::from_slice::<serde_json::Value>(req.body)
                     .ok()
                     .and_then(|v| v["reason"].as_str().map(str::to_string))
@@ -183,11 +261,9 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
             };
             engine_answer(answer)
         }
-        (&Method::GET, ["admin", "policies"]) => {
-            json_reply(StatusCode::OK, &json!({"rego": state.rego.files()}))
-        }
-        (&Method::POST, ["admin", "policies", "reload"]) => reload_policies(state),
-        (&Method::GET, ["admin", "alerts"]) => {
+        Endpoint::Policies => json_reply(StatusCode::OK, &json!({"rego": state.rego.files()})),
+        Endpoint::ReloadPolicies => reload_policies(state),
+        Endpoint::Alerts => {
             match call(
                 tai_core::msg::ANDON_ALERTS,
                 tai_core::alert::AlertMsg::Recent,
@@ -198,64 +274,26 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
                 Err(r) => r,
             }
         }
-        (&Method::GET, ["admin", "kaizen"]) => kaizen_report(state),
-        (&Method::POST, ["admin", "kaizen", "baseline"]) => save_kaizen_baseline(state),
-        (&Method::GET, ["admin", "breakers"]) => {
-            json_reply(StatusCode::OK, &state.executors.breakers.list())
-        }
-        (&Method::POST, ["admin", "breakers", name, action @ ("reset" | "melt")]) => {
-            breaker_command(state, &decode(name), action).await
-        }
-        (&Method::GET, ["admin", "queue"]) => match call(KANBAN_QUEUE, KanbanMsg::Stats).await {
+        Endpoint::Kaizen => kaizen_report(state),
+        Endpoint::KaizenBaseline => save_kaizen_baseline(state),
+        Endpoint::Breakers => json_reply(StatusCode::OK, &state.executors.breakers.list()),
+        Endpoint::Breaker(name, action) => breaker_command(state, &decode(name), action).await,
+        Endpoint::Queue => match call(KANBAN_QUEUE, KanbanMsg::Stats).await {
             Ok(stats) => json_reply(StatusCode::OK, &stats),
             Err(r) => r,
         },
-        (&Method::GET, ["admin", "deadletter"]) => dead_letters(state, req.query),
-        (&Method::POST, ["admin", "deadletter", id, "replay"]) => {
-            replay(state, &decode(id), req.query.get("tenant")).await
-        }
-        (&Method::GET, ["admin", "receipts"]) => receipts(state, req.query),
-        (&Method::GET, ["admin", "receipts", "verify"]) => json_reply(
+        Endpoint::DeadLetters => dead_letters(state, req.query),
+        Endpoint::Replay(id) => replay(state, &decode(id), req.query.get("tenant")).await,
+        Endpoint::Receipts => receipts(state, req.query),
+        Endpoint::VerifyReceipts => json_reply(
             StatusCode::OK,
             &tai_andon::verify_store(&state.store, &state.config.andon.signing_keys),
         ),
-        (&Method::POST, ["admin", "shutdown"]) => {
+        Endpoint::Shutdown => {
             state.request_shutdown("POST /admin/shutdown");
             json_reply(StatusCode::ACCEPTED, &json!({"status": "shutting_down"}))
         }
-        (_, segments) => match allowed(segments) {
-            Some(allow) => {
-                let mut r = error(
-                    ErrorCode::MethodNotAllowed,
-                    format!("{method} is not supported on {path} (use {allow})"),
-                );
-                r.headers_mut()
-                    .insert("allow", warp::http::HeaderValue::from_static(allow));
-                r
-            }
-            None => error(ErrorCode::NotFound, format!("no such endpoint: {path}")),
-        },
     }
-}
-
-/// The method a known operator path takes (for a 405 and its `Allow`);
-/// `None` for a path the API does not have.
-fn allowed(segments: &[&str]) -> Option<&'static str> {
-    Some(match segments {
-        ["health" | "ready" | "metrics" | "board"]
-        | ["admin", "tree" | "queue" | "tenants" | "deadletter" | "breakers"]
-        | ["admin", "alerts" | "kaizen" | "policies" | "receipts"]
-        | ["admin", "tenants", _, _]
-        | ["admin", "receipts", "verify"] => "GET",
-        ["admin", "shutdown"]
-        | ["admin", "actors", _, "kill"]
-        | ["admin", "tenants", _, _, "halt" | "resume"]
-        | ["admin", "deadletter", _, "replay"]
-        | ["admin", "breakers", _, "reset" | "melt"]
-        | ["admin", "kaizen", "baseline"]
-        | ["admin", "policies", "reload"] => "POST",
-        _ => return None,
-    })
 }
 
 /// Where the Kaizen baseline is kept (store meta), so it outlives restarts.
