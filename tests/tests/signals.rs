@@ -1211,3 +1211,158 @@ async fn a_restarted_queue_learns_again_which_signals_are_parked() {
     let log = node.log();
     assert!(!log.contains("poison"), "{log}");
 }
+
+/// Runs the `tai` CLI against `node` (its dev config, its ports) and
+/// returns its exit code, stdout and stderr.
+fn tai(node: &Node, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(tai_bin())
+        .args(args)
+        .arg("--config")
+        .arg(dev_config())
+        .env("TAI_INGRESS__LISTEN", &node.ingress)
+        .env("TAI_OPERATOR__LISTEN", &node.operator)
+        .output()
+        .expect("run tai");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `tai status ID` until the signal is past `accepted`.
+fn cli_decided(node: &Node, id: &str) -> Value {
+    wait_for(&format!("{id} decided"), Duration::from_secs(15), || {
+        let (code, out, err) = tai(node, &["status", id]);
+        assert_eq!(code, 0, "{out}{err}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        (v["status"] != "accepted").then_some(v)
+    })
+}
+
+/// One line of `tai tenants` for `tenant` and `sku`, checked to line up
+/// with the header.
+fn cli_engine_line(node: &Node, tenant: &str, sku: &str) -> Vec<String> {
+    let (code, out, err) = tai(node, &["tenants"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let mut lines = out.lines();
+    let header = lines.next().unwrap();
+    assert!(header.starts_with("TENANT"), "{out}");
+    let line = lines
+        .find(|l| l.split_whitespace().take(2).eq([tenant, sku]))
+        .unwrap_or_else(|| panic!("no {tenant} {sku} in:\n{out}"));
+    assert_eq!(line.len(), header.len(), "columns line up:\n{out}");
+    line.split_whitespace().map(str::to_string).collect()
+}
+
+/// The README's walk-through, with the CLI: send, status, receipts,
+/// tenants, halt and resume, against a node on the dev config.
+#[test]
+fn the_cli_sends_reads_halts_and_resumes_as_the_readme_shows() {
+    let node = Node::start(&[]);
+    let (code, out, err) = tai(
+        &node,
+        &[
+            "send",
+            "--sku",
+            "payments",
+            "--kind",
+            "entitlement",
+            "--payload",
+            r#"{"active": true}"#,
+            "--id",
+            "ent-1",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap(),
+        json!({"signal_id": "ent-1", "status": "accepted"})
+    );
+    let pay = |id: &str, payload: &str| {
+        tai(
+            &node,
+            &[
+                "send",
+                "--sku",
+                "payments",
+                "--kind",
+                "payment",
+                "--id",
+                id,
+                "--payload",
+                payload,
+            ],
+        )
+    };
+    let good = r#"{"amount": 99.99, "customer_id": "cust_123", "currency": "USD", "merchant_id": "merc_456"}"#;
+    let (code, out, err) = pay("pay-1", good);
+    assert_eq!(
+        (code, out.trim()),
+        (0, r#"{"signal_id":"pay-1","status":"accepted"}"#),
+        "{err}"
+    );
+    let s = cli_decided(&node, "pay-1");
+    assert_eq!(s["status"], "completed", "{s}");
+    assert_eq!(s["receipts"].as_array().unwrap().len(), 2, "{s}");
+    // The same id again: a duplicate, answered with its status.
+    let (code, out, _) = pay("pay-1", good);
+    let dup: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((code, &dup["duplicate"]), (0, &json!(true)), "{dup}");
+
+    let (code, out, err) = tai(&node, &["receipts", "--verify"]);
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (&report["ok"], &report["count"]),
+        (&json!(true), &json!(3)),
+        "{report}"
+    );
+    let (code, out, _) = tai(&node, &["receipts"]);
+    assert_eq!(code, 0);
+    for kind in [
+        "entitlement_activated",
+        "action_generated",
+        "action_successful",
+    ] {
+        assert!(out.contains(kind), "{kind} not in:\n{out}");
+    }
+
+    let line = cli_engine_line(&node, "demo", "payments");
+    assert_eq!(line[2], "stable", "{line:?}");
+
+    // Halted: a payment is dead-lettered; resumed, the next is decided.
+    let (code, out, err) = tai(&node, &["halt", "demo", "payments", "--reason", "audit"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(cli_engine_line(&node, "demo", "payments")[2], "halted");
+    pay("pay-h", good);
+    let s = cli_decided(&node, "pay-h");
+    assert_eq!(
+        (&s["status"], &s["reason"]),
+        (&json!("deadlettered"), &json!("halted")),
+        "{s}"
+    );
+    let (code, out, err) = tai(&node, &["resume", "demo", "payments"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(cli_engine_line(&node, "demo", "payments")[2], "stable");
+    let (code, _, err) = pay("pay-2", r#"{"amount": 9000, "currency": "XYZ"}"#);
+    assert_eq!(code, 0, "{err}");
+    let s = cli_decided(&node, "pay-2");
+    assert_eq!(s["status"], "denied", "{s}");
+    let reason = s["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("amount 9000 over 5000") && reason.contains("currency XYZ"),
+        "{reason}"
+    );
+
+    // Errors: exit 1, saying what.
+    let (code, out, _) = tai(&node, &["status", "no-such-signal"]);
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["error"]["code"],
+        "not_found"
+    );
+    let (code, _, err) = tai(&node, &["halt", "demo", "no-such-sku"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("404"), "{err}");
+}

@@ -255,17 +255,23 @@ pub async fn tenants(config: &Config, json: bool) -> anyhow::Result<i32> {
         "{:<20} {:<16} {:<16} {:>8} {:>8} {:>9} {:>8} {:>6}",
         "TENANT", "SKU", "STATE", "QUOTA", "ENTITLED", "POSTPONED", "RESTARTS", "LIVE"
     );
+    // A JSON value's `Display` ignores widths: each is made a string first.
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "?".to_string(),
+        v => v.to_string(),
+    };
     for e in list.as_array().map(Vec::as_slice).unwrap_or_default() {
         println!(
             "{:<20} {:<16} {:<16} {:>8} {:>8} {:>9} {:>8} {:>6}",
-            e["tenant_id"].as_str().unwrap_or("?"),
-            e["sku_id"].as_str().unwrap_or("?"),
-            e["state"].as_str().unwrap_or("?"),
-            e["quota_remaining"],
-            e["entitled"],
-            e["postponed"],
-            e["restarts"],
-            e["active"],
+            text(&e["tenant_id"]),
+            text(&e["sku_id"]),
+            text(&e["state"]),
+            text(&e["quota_remaining"]),
+            text(&e["entitled"]),
+            text(&e["postponed"]),
+            text(&e["restarts"]),
+            text(&e["active"]),
         );
     }
     Ok(0)
