@@ -1327,6 +1327,9 @@ fn the_cli_sends_reads_halts_and_resumes_as_the_readme_shows() {
     ] {
         assert!(out.contains(kind), "{kind} not in:\n{out}");
     }
+    assert_eq!(out.lines().count(), 3, "{out}");
+    let (code, out, _) = tai(&node, &["receipts", "--tenant", "nobody"]);
+    assert_eq!((code, out.as_str()), (0, ""), "another tenant's receipts");
 
     let line = cli_engine_line(&node, "demo", "payments");
     assert_eq!(line[2], "stable", "{line:?}");
