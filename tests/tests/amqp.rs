@@ -545,7 +545,8 @@ fn waiting_config(queue: &str, queue_type: &str) -> String {
     test_config(&format!(
         "{}amqp_queue_type = \"{queue_type}\"\n{}",
         amqp_kanban(queue),
-        waiting_sku(300)
+        // Past RabbitMQ's default consumer_timeout: the node says so.
+        waiting_sku(3600)
     ))
 }
 
@@ -557,6 +558,10 @@ async fn parked_signals_do_not_hold_consumption(queue_type: &str) {
     let queue = unique_queue(&format!("parked-{queue_type}"));
     let _cleanup = QueueCleanup(queue.clone());
     let node = Node::start_with(&waiting_config(&queue, queue_type), &[]);
+    node.log_until(
+        "skus.waiting.entitlement_timeout_secs reaches RabbitMQ's default consumer_timeout (1800 s)",
+    )
+    .await;
     let first_tag = connected(&node).await["broker"]["consumer_tag"]
         .as_str()
         .unwrap()

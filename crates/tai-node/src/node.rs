@@ -117,6 +117,32 @@ async fn os_signal() -> &'static str {
     }
 }
 
+/// RabbitMQ's default `consumer_timeout`: it closes a channel whose
+/// delivery stays unacknowledged longer.
+const RABBITMQ_CONSUMER_TIMEOUT_SECS: u64 = 30 * 60;
+
+/// On the amqp backend, a signal parked for its entitlement stays
+/// unacknowledged up to its SKU's `entitlement_timeout_secs`: past the
+/// broker's `consumer_timeout` its channel would be closed (and the node
+/// reconnect) before the engine decides it. Said at start, per SKU.
+fn warn_of_long_parks(config: &Config) {
+    if config.kanban.backend != tai_core::config::QueueBackend::Amqp {
+        return;
+    }
+    for (name, sku) in &config.skus {
+        let secs = sku.entitlement_timeout_secs;
+        if secs >= RABBITMQ_CONSUMER_TIMEOUT_SECS {
+            warn!(
+                sku = %name,
+                entitlement_timeout_secs = secs,
+                "skus.{name}.entitlement_timeout_secs reaches RabbitMQ's default consumer_timeout \
+                 ({RABBITMQ_CONSUMER_TIMEOUT_SECS} s): a signal parked that long makes the broker \
+                 close the node's channel; lower it, or raise consumer_timeout on the broker"
+            );
+        }
+    }
+}
+
 /// Runs the node to its end and returns the process exit status.
 pub async fn serve(config: Config) -> anyhow::Result<i32> {
     let data_dir = config.node.data_dir.clone();
@@ -204,6 +230,7 @@ pub async fn serve(config: Config) -> anyhow::Result<i32> {
         starts,
         "tai node running"
     );
+    warn_of_long_parks(&state.config);
 
     systemd_ready();
     let watchdog = systemd_watchdog();
