@@ -504,7 +504,17 @@ async fn enqueue(signal: tai_core::signal::Signal, origin: IdOrigin) -> EnqueueO
     .await
     {
         Ok(ractor::rpc::CallResult::Success(outcome)) => outcome,
-        Ok(_) => EnqueueOutcome::Failed("the queue did not answer in time".into()),
+        Ok(ractor::rpc::CallResult::Timeout) => {
+            EnqueueOutcome::Failed("the queue did not answer in time".into())
+        }
+        // The reply was dropped unanswered: the queue stopped with the
+        // signal in its hands (a restart, or the node stopping). Whether it
+        // was kept is known to a retry with the same id (200 duplicate).
+        Ok(ractor::rpc::CallResult::SenderError) => EnqueueOutcome::Failed(
+            "the queue stopped before answering (it is restarting or the node is stopping); \
+             retry with the same id"
+                .into(),
+        ),
         Err(_) => EnqueueOutcome::Full("the queue is restarting".into()),
     }
 }
