@@ -237,10 +237,34 @@ pub async fn serve(config: Config) -> anyhow::Result<i32> {
 
     let grace = Duration::from_secs(state.config.node.shutdown_grace_secs);
     let code = tokio::select! {
+        // A store failure first: the tree may give up on the same error
+        // (its layers failing to restart against the store) in the same
+        // instant, and the store's failure is the cause to report.
+        biased;
+        reason = store.failed() => {
+            // Nothing durable can be written any more, and sled will not
+            // write again until it is opened anew: restarting layers would
+            // only fail again. Ingress stops accepting; no quiesce (no
+            // decision can be committed); what was accepted is on disk and
+            // is decided after the next start.
+            store_failed(&reason, &data_dir);
+            state.drain();
+            let _ = stop_tree(app, grace).await;
+            1
+        }
         exit = app.wait() => {
             match exit {
                 Exit::Abnormal(reason) => {
-                    error!(reason = %reason, "{TAI_SUP} gave up, node exiting");
+                    match store.ping() {
+                        // A layer met the store's I/O error first (a read,
+                        // say) and the tree gave up on it before the store
+                        // was marked failed: the store is the cause.
+                        Err(e) => {
+                            store_failed(&e.to_string(), &data_dir);
+                            state.drain();
+                        }
+                        Ok(()) => error!(reason = %reason, "{TAI_SUP} gave up, node exiting"),
+                    }
                     1
                 }
                 Exit::Normal(_) => {
@@ -248,21 +272,6 @@ pub async fn serve(config: Config) -> anyhow::Result<i32> {
                     1
                 }
             }
-        }
-        reason = store.failed() => {
-            // Nothing durable can be written any more, and sled will not
-            // write again until it is opened anew: restarting layers would
-            // only fail again. Ingress stops accepting; no quiesce (no
-            // decision can be committed); what was accepted is on disk and
-            // is decided after the next start.
-            error!(
-                reason = %reason,
-                data_dir = %data_dir.display(),
-                "the store failed: the node stops (exit 1); start it again once the cause is gone (free space on the data dir's disk)"
-            );
-            state.drain();
-            let _ = stop_tree(app, grace).await;
-            1
         }
         why = os_signal() => {
             state.request_shutdown(why);
@@ -293,6 +302,15 @@ pub async fn serve(config: Config) -> anyhow::Result<i32> {
     }
     info!(code, "tai node stopped");
     Ok(code)
+}
+
+/// The log line of a failed store: the node stops on it.
+fn store_failed(reason: &str, data_dir: &Path) {
+    error!(
+        reason = %reason,
+        data_dir = %data_dir.display(),
+        "the store failed: the node stops (exit 1); start it again once the cause is gone (free space on the data dir's disk)"
+    );
 }
 
 /// systemd `Type=notify`: the node is up (both ports listen, the tree runs).

@@ -61,6 +61,10 @@ pub(crate) struct GroupCommit {
     /// The first failed flush: sled fails every write after an I/O error
     /// until it is opened again, so this store is done for.
     fatal: watch::Receiver<Option<String>>,
+    /// Where the flusher and [`GroupCommit::fail`] report it.
+    fatal_tx: Arc<watch::Sender<Option<String>>>,
+    /// The store's tree, for [`first_failure`].
+    db: sled::Db,
     thread: Option<JoinHandle<()>>,
     staged: Arc<Mutex<StagedRuns>>,
 }
@@ -74,6 +78,9 @@ impl GroupCommit {
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = watch::channel((0u64, None));
         let (fatal_tx, fatal) = watch::channel(None);
+        let fatal_tx = Arc::new(fatal_tx);
+        let report = fatal_tx.clone();
+        let handle = db.clone();
         let waiting = Arc::new(AtomicU64::new(0));
         let (s, p, st, w) = (
             started.clone(),
@@ -124,11 +131,7 @@ impl GroupCommit {
                 };
                 if let Some(e) = &result {
                     tracing::error!(error = %e, "group commit flush failed");
-                    fatal_tx.send_if_modified(|first| {
-                        let fresh = first.is_none();
-                        first.get_or_insert_with(|| e.clone());
-                        fresh
-                    });
+                    first_failure(&report, e, &db);
                 }
                 tx.send_replace((generation, result));
             })
@@ -140,6 +143,8 @@ impl GroupCommit {
             stop,
             done: rx,
             fatal,
+            fatal_tx,
+            db: handle,
             thread: Some(thread),
             staged,
         }
@@ -157,6 +162,12 @@ impl GroupCommit {
         // Staged blocks are written even if nobody waits for them.
         self.pending.store(true, Ordering::SeqCst);
         Some(block)
+    }
+
+    /// Marks the store failed (a write met the I/O error before a flush
+    /// did); the first reason stays.
+    pub(crate) fn fail(&self, reason: &str) {
+        first_failure(&self.fatal_tx, reason, &self.db);
     }
 
     /// Why this store can no longer make writes durable, once it cannot.
@@ -219,6 +230,24 @@ impl Drop for GroupCommit {
             t.thread().unpark();
             let _ = t.join();
         }
+    }
+}
+
+/// Records `reason` as the store's failure unless one is already recorded.
+///
+/// The first time, one handle of `db` is leaked: sled flushes when its last
+/// handle is dropped, and after an I/O error that flush can wait forever
+/// (seen on a full disk: `make_stable` never returns), which would hang
+/// whichever thread dropped the store last, and so the node's exit. A
+/// failed store is not used again; the process ends without that flush.
+fn first_failure(fatal: &watch::Sender<Option<String>>, reason: &str, db: &sled::Db) {
+    let fresh = fatal.send_if_modified(|first| {
+        let fresh = first.is_none();
+        first.get_or_insert_with(|| reason.to_string());
+        fresh
+    });
+    if fresh {
+        std::mem::forget(db.clone());
     }
 }
 

@@ -488,7 +488,19 @@ impl Store {
         let mut deferred = self.deferred.lock().expect("deferred writes");
         self.settle(&mut deferred, ops.keys())?;
         let id = self.redo_id_for(&ops);
-        redo::apply(&self.db, id, ops)
+        self.noting(redo::apply(&self.db, id, ops))
+    }
+
+    /// Passes `r` on. A sled I/O error in it marks the store failed at
+    /// once, as a failed flush does ([`Store::failed`]): sled writes
+    /// nothing more after one until it is opened again, and the writer that
+    /// met it first (the ledger, say) must not leave the supervisors to
+    /// restart it against a store that can only fail.
+    fn noting<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(StoreError::Io(e @ sled::Error::Io(_))) = &r {
+            self.commit.fail(&plain(e));
+        }
+        r
     }
 
     /// Before a write of `keys` other than a ledger commit's deferred ones
@@ -615,12 +627,13 @@ impl Store {
         if let Some(reason) = self.commit.failure() {
             return Err(StoreError::Failed(reason));
         }
-        self.db.get(NODE_STARTS)?;
+        self.noting(self.db.get(NODE_STARTS).map_err(StoreError::from))?;
         Ok(())
     }
 
-    /// Waits until the store fails for good (a flush failed: see
-    /// [`StoreError::Failed`]) and says why; pending while it works.
+    /// Waits until the store fails for good (a flush or a write met an
+    /// I/O error: see [`StoreError::Failed`]) and says why; pending while
+    /// it works.
     pub async fn failed(&self) -> String {
         self.commit.failed().await
     }
@@ -679,7 +692,11 @@ impl Store {
     /// Needs no durability of its own: a block that survives a crash is
     /// filtered at open.
     pub fn remove_block(&self, block: u64) -> Result<()> {
-        self.db.remove(seq_key(b'q', block))?;
+        self.noting(
+            self.db
+                .remove(seq_key(b'q', block))
+                .map_err(StoreError::from),
+        )?;
         Ok(())
     }
 
@@ -1128,6 +1145,15 @@ impl Store {
     /// [`Store::drop_uncommitted_receipts`]. So the redo record does not
     /// carry a second copy of the receipts, the largest part of a batch.
     pub fn commit(
+        &self,
+        receipts: &[Receipt],
+        head: Option<&SignedHead>,
+        writes: &WriteSet,
+    ) -> Result<()> {
+        self.noting(self.commit_writes(receipts, head, writes))
+    }
+
+    fn commit_writes(
         &self,
         receipts: &[Receipt],
         head: Option<&SignedHead>,

@@ -1,6 +1,6 @@
 use super::*;
 use tai_core::receipt::{ReceiptDraft, SigningKey, GENESIS_HASH};
-use tai_core::signal::EngineState;
+use tai_core::signal::{EngineState, Payload};
 
 pub(crate) fn signal(tenant: &str, id: &str) -> Signal {
     Signal {
@@ -1057,4 +1057,56 @@ fn dead_letters_written_and_replayed_at_once_are_counted_once() {
         });
     });
     assert_eq!(s.dead_letter_count(), on_disk(&s));
+}
+
+/// A write that meets an I/O error (here a full disk, before any flush
+/// did) marks the store failed at once: sled writes nothing more, and the
+/// node stops on [`Store::failed`] rather than let supervisors restart
+/// layers against it. Needs root (a tmpfs of its own).
+#[tokio::test]
+async fn a_write_that_meets_an_io_error_fails_the_store_at_once() {
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk");
+    std::fs::create_dir_all(&disk).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(
+        mounted.success(),
+        "cannot mount a tmpfs (this test needs root)"
+    );
+    let _unmount = Unmount(disk.clone());
+    let s = Store::open(&disk.join("data")).unwrap();
+    assert!(s.ping().is_ok());
+    // Commits of 8 KiB dead letters, never waited for: sled writes its
+    // buffers out itself as they fill, and one commit meets the full disk.
+    let pad = format!(r#"{{"pad": "{}"}}"#, "x".repeat(8192));
+    let err = (0..10_000)
+        .find_map(|i| {
+            let mut l = letter("acme", &format!("l{i}"), "poison", i);
+            l.signal.payload = Payload::from_text(pad.clone()).unwrap();
+            let set = WriteSet {
+                dead_letters: vec![l],
+                ..WriteSet::default()
+            };
+            s.commit(&[], None, &set).err()
+        })
+        .expect("the 2 MiB disk filled");
+    assert!(matches!(err, StoreError::Io(_)), "{err}");
+    let reason = tokio::time::timeout(std::time::Duration::from_secs(10), s.failed())
+        .await
+        .expect("the store is marked failed without a flush");
+    assert_eq!(reason, "i/o error: no storage space");
+    assert!(matches!(s.ping(), Err(StoreError::Failed(_))));
 }
