@@ -202,7 +202,8 @@ async fn commit(receipts: Vec<ReceiptDraft>, writes: WriteSet) -> Result<(), Act
         ractor::rpc::CallResult::Success(Err(e)) => {
             Err(format!("ledger commit failed: {e}").into())
         }
-        _ => Err("andon_ledger did not answer in time".into()),
+        ractor::rpc::CallResult::Timeout => Err("andon_ledger did not answer in time".into()),
+        ractor::rpc::CallResult::SenderError => Err("andon_ledger stopped before answering".into()),
     }
 }
 

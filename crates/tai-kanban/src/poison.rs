@@ -68,7 +68,8 @@ pub async fn commit(store: &Store, p: Poisoned) -> Result<(), String> {
     match call {
         Ok(CallResult::Success(Ok(_))) => Ok(()),
         Ok(CallResult::Success(Err(e))) => Err(format!("ledger commit failed: {e}")),
-        Ok(_) => Err(format!("{ANDON_LEDGER} did not answer in time")),
+        Ok(CallResult::Timeout) => Err(format!("{ANDON_LEDGER} did not answer in time")),
+        Ok(CallResult::SenderError) => Err(format!("{ANDON_LEDGER} stopped before answering")),
         Err(e) => Err(format!("{ANDON_LEDGER} unreachable: {e}")),
     }
 }

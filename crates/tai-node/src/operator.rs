@@ -466,9 +466,14 @@ where
     let cell = ractor::registry::where_is(name).ok_or_else(down)?;
     match ractor::rpc::call(&cell, build, Some(Duration::from_secs(30))).await {
         Ok(ractor::rpc::CallResult::Success(r)) => Ok(r),
-        Ok(_) => Err(error(
+        Ok(ractor::rpc::CallResult::Timeout) => Err(error(
             ErrorCode::Unavailable,
             format!("{name} did not answer in time"),
+        )),
+        // The reply was dropped unanswered: the worker stopped meanwhile.
+        Ok(ractor::rpc::CallResult::SenderError) => Err(error(
+            ErrorCode::Unavailable,
+            format!("{name} stopped before answering (restarting?)"),
         )),
         Err(_) => Err(down()),
     }

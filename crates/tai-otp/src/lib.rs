@@ -45,8 +45,11 @@ pub async fn start_child(
         .await
     {
         Ok(ractor::rpc::CallResult::Success(answer)) => answer,
-        Ok(_) => Err(StartChildError::Start(
+        Ok(ractor::rpc::CallResult::Timeout) => Err(StartChildError::Start(
             "supervisor did not answer in time".into(),
+        )),
+        Ok(ractor::rpc::CallResult::SenderError) => Err(StartChildError::Start(
+            "supervisor stopped before answering".into(),
         )),
         Err(_) => Err(StartChildError::Start("supervisor is not running".into())),
     }
