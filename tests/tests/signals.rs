@@ -1340,7 +1340,8 @@ fn the_cli_sends_reads_halts_and_resumes_as_the_readme_shows() {
     let (code, out, err) = tai(&node, &["halt", "demo", "payments", "--reason", "audit"]);
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(cli_engine_line(&node, "demo", "payments")[2], "halted");
-    pay("pay-h", good);
+    let (code, out, err) = pay("pay-h", good);
+    assert_eq!(code, 0, "{out}{err}");
     let s = cli_decided(&node, "pay-h");
     assert_eq!(
         (&s["status"], &s["reason"]),

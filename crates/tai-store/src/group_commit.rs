@@ -62,9 +62,7 @@ pub(crate) struct GroupCommit {
     /// until it is opened again, so this store is done for.
     fatal: watch::Receiver<Option<String>>,
     /// Where the flusher and [`GroupCommit::fail`] report it.
-    fatal_tx: Arc<watch::Sender<Option<String>>>,
-    /// The store's tree, for [`first_failure`].
-    db: sled::Db,
+    fatal_tx: watch::Sender<Option<String>>,
     thread: Option<JoinHandle<()>>,
     staged: Arc<Mutex<StagedRuns>>,
 }
@@ -78,9 +76,7 @@ impl GroupCommit {
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = watch::channel((0u64, None));
         let (fatal_tx, fatal) = watch::channel(None);
-        let fatal_tx = Arc::new(fatal_tx);
         let report = fatal_tx.clone();
-        let handle = db.clone();
         let waiting = Arc::new(AtomicU64::new(0));
         let (s, p, st, w) = (
             started.clone(),
@@ -144,7 +140,6 @@ impl GroupCommit {
             done: rx,
             fatal,
             fatal_tx,
-            db: handle,
             thread: Some(thread),
             staged,
         }
@@ -164,10 +159,10 @@ impl GroupCommit {
         Some(block)
     }
 
-    /// Marks the store failed (a write met the I/O error before a flush
-    /// did); the first reason stays.
-    pub(crate) fn fail(&self, reason: &str) {
-        first_failure(&self.fatal_tx, reason, &self.db);
+    /// Marks the store on `db` failed (a write met the I/O error before a
+    /// flush did); the first reason stays.
+    pub(crate) fn fail(&self, reason: &str, db: &sled::Db) {
+        first_failure(&self.fatal_tx, reason, db);
     }
 
     /// Why this store can no longer make writes durable, once it cannot.

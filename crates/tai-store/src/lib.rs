@@ -498,7 +498,7 @@ impl Store {
     /// restart it against a store that can only fail.
     fn noting<T>(&self, r: Result<T>) -> Result<T> {
         if let Err(StoreError::Io(e @ sled::Error::Io(_))) = &r {
-            self.commit.fail(&plain(e));
+            self.commit.fail(&plain(e), &self.db);
         }
         r
     }
