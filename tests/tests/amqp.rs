@@ -322,66 +322,93 @@ async fn a_poison_message_is_requeued_once_then_dead_lettered_with_its_reason() 
         "tai-tenant".into(),
         AMQPValue::LongString(LongString::from("acme")),
     );
-    let body = b"{\"id\": \"poison-1\", \"not\": \"a signal\"}";
-    ch.basic_publish(
-        "".into(),
-        queue.as_str().into(),
-        BasicPublishOptions::default(),
-        body,
-        BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_message_id("poison-1".into())
-            .with_headers(headers),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    // Not a signal; and a signal whose payload no policy could read (a
+    // number beyond f64: ingress refuses it, so only a producer past the
+    // node can send it).
+    let bodies: [(&str, &[u8], &str); 2] = [
+        (
+            "poison-1",
+            b"{\"id\": \"poison-1\", \"not\": \"a signal\"}",
+            "missing field `tenant_id`",
+        ),
+        (
+            "poison-2",
+            br#"{"id":"poison-2","tenant_id":"acme","sku_id":"payments","kind":"payment","received_at_ms":1,"payload":{"amount":9000,"currency":"XYZ","note":1e400}}"#,
+            "payload is not readable JSON: number out of range",
+        ),
+    ];
+    for (id, body, _) in bodies {
+        ch.basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_message_id(id.into())
+                .with_headers(headers.clone()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
 
     let dlq = format!("{queue}.deadletter");
     let end = Instant::now() + Duration::from_secs(30);
-    let dead = loop {
+    let mut dead = Vec::new();
+    while dead.len() < bodies.len() {
         if let Some(m) = ch
             .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: true })
             .await
             .unwrap()
         {
-            break m;
+            dead.push(m);
+            continue;
         }
-        assert!(Instant::now() < end, "nothing reached {dlq}");
+        assert!(Instant::now() < end, "{} of 2 reached {dlq}", dead.len());
         tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(dead.delivery.data, body);
-    let reason = header(&dead.delivery.properties, "x-tai-deadletter-reason").unwrap();
-    assert!(reason.starts_with("poison: malformed message"), "{reason}");
-    assert_eq!(
-        header(&dead.delivery.properties, "tai-tenant").as_deref(),
-        Some("acme")
-    );
+    }
+    for (id, body, why) in bodies {
+        let m = dead
+            .iter()
+            .find(|m| m.delivery.data == body)
+            .unwrap_or_else(|| panic!("{id} not dead-lettered"));
+        let reason = header(&m.delivery.properties, "x-tai-deadletter-reason").unwrap();
+        assert!(reason.starts_with("poison: malformed message"), "{reason}");
+        assert!(reason.contains(why), "{reason}");
+        assert_eq!(
+            header(&m.delivery.properties, "tai-tenant").as_deref(),
+            Some("acme")
+        );
+    }
 
-    // Delivered twice (the first time requeued), then out of the work queue.
+    // Each delivered twice (the first time requeued), then out of the work queue.
     let q = node
-        .admin_until("/admin/queue", "the poison message out of the queue", |q| {
-            q["broker"]["broker_depth"] == 0 && q["in_flight"] == 0
-        })
+        .admin_until(
+            "/admin/queue",
+            "the poison messages out of the queue",
+            |q| q["broker"]["broker_depth"] == 0 && q["in_flight"] == 0,
+        )
         .await;
-    assert_eq!(q["broker"]["delivered"], 2, "{q}");
+    assert_eq!(q["broker"]["delivered"], 4, "{q}");
     assert!(node.log().contains("requeued once"), "{}", node.log());
     let receipts = node.all_receipts().await;
-    let r = receipts
-        .iter()
-        .find(|r| r["kind"] == "signal_deadlettered")
-        .unwrap_or_else(|| panic!("a receipt: {receipts:?}"));
-    assert_eq!(r["tenant_id"], "acme");
-    assert_eq!(r["signal_id"], "poison-1");
-    assert_eq!(r["state_before"], "queued");
-    assert_eq!(r["state_after"], "deadlettered");
-    assert!(r["reason"].as_str().unwrap().contains("malformed"), "{r}");
+    for (id, _, _) in bodies {
+        let r = receipts
+            .iter()
+            .find(|r| r["kind"] == "signal_deadlettered" && r["signal_id"] == id)
+            .unwrap_or_else(|| panic!("a receipt for {id}: {receipts:?}"));
+        assert_eq!(r["tenant_id"], "acme");
+        assert_eq!(r["state_before"], "queued");
+        assert_eq!(r["state_after"], "deadlettered");
+        assert!(r["reason"].as_str().unwrap().contains("malformed"), "{r}");
+    }
     verify_ok(&node).await;
     assert!(node
         .metrics_text()
         .await
-        .contains("tai_deadletter_total{reason=\"poison\"} 1"));
+        .contains("tai_deadletter_total{reason=\"poison\"} 2"));
 
     // The queue goes on: a signal after it is decided.
     let c = Client::new(&node, "acme", "acme-secret");

@@ -223,6 +223,12 @@ async fn every_ingress_error_has_its_code() {
             br#"{"id":"has space","tenant_id":"acme","sku_id":"payments","kind":"k"}"#,
             "id may only contain",
         ),
+        // Valid JSON syntax a policy still could not read: refused here,
+        // not decided as if the payload were `{}`.
+        (
+            br#"{"tenant_id":"acme","sku_id":"payments","kind":"payment","payload":{"amount":9000,"currency":"XYZ","note":1e400}}"#,
+            "payload is not readable JSON: number out of range",
+        ),
     ] {
         let a = c
             .raw(
@@ -288,6 +294,29 @@ async fn every_ingress_error_has_its_code() {
         .parse()
         .unwrap();
     assert!(retry >= 1);
+
+    // 405 with Allow: a path of the API asked with another method; 404
+    // for a path it does not have.
+    for (method, p, allow) in [
+        ("PUT", path, "POST"),
+        ("GET", path, "POST"),
+        ("DELETE", "/v1/signals/e-1", "GET"),
+        ("POST", "/health", "GET"),
+        ("POST", "/ready", "GET"),
+    ] {
+        let a = c
+            .raw(method, p, b"", &c.headers(now, method, p, b""))
+            .await
+            .unwrap();
+        check(&a, 405, "method_not_allowed");
+        assert_eq!(a.headers["allow"], allow, "{method} {p}");
+        assert_eq!(
+            a.body["error"]["message"],
+            format!("{method} is not supported on {p} (use {allow})")
+        );
+    }
+    let a = c.raw("GET", "/v1/signals/e-1/x", b"", &[]).await.unwrap();
+    check(&a, 404, "not_found");
 
     // 404: unknown signal, and another tenant's signal.
     assert_eq!(c.status("never-sent").await.status, 404);

@@ -11,10 +11,61 @@ use serde_json::{Map, Value};
 /// or the engine looks into it. A queued signal then costs its bytes, not a
 /// parsed map (a `serde_json::Map` allocates a B-tree node per object), and
 /// the queue writes it out verbatim.
+///
+/// Text that passes as a JSON object can still fail to parse into one: a
+/// number beyond `f64` (`1e400`) or nesting past serde_json's recursion
+/// limit pass `RawValue`, which only checks the syntax. Ingress and the
+/// broker's consumer refuse such a payload ([`Payload::check`]); one that
+/// reaches an engine anyway (a store written by hand, or before that check)
+/// is never read as an empty object by a policy: [`Payload::unreadable`]
+/// says why, and the engine denies the signal.
 #[derive(Clone)]
 pub struct Payload {
     raw: Box<RawValue>,
-    parsed: OnceLock<Map<String, Value>>,
+    parsed: OnceLock<Result<Map<String, Value>, String>>,
+}
+
+/// Reads a JSON value through without keeping it, failing where parsing it
+/// into a [`Value`] would.
+struct ReadThrough;
+
+impl<'de> Deserialize<'de> for ReadThrough {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ReadThrough, D::Error> {
+        d.deserialize_any(ReadThrough)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ReadThrough {
+    type Value = ReadThrough;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<ReadThrough, E> {
+        Ok(ReadThrough)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<ReadThrough, E> {
+        Ok(ReadThrough)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<ReadThrough, E> {
+        Ok(ReadThrough)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<ReadThrough, E> {
+        Ok(ReadThrough)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<ReadThrough, E> {
+        Ok(ReadThrough)
+    }
+    fn visit_unit<E>(self) -> Result<ReadThrough, E> {
+        Ok(ReadThrough)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<ReadThrough, A::Error> {
+        while a.next_element::<ReadThrough>()?.is_some() {}
+        Ok(ReadThrough)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<ReadThrough, A::Error> {
+        while a.next_entry::<ReadThrough, ReadThrough>()?.is_some() {}
+        Ok(ReadThrough)
+    }
 }
 
 impl Payload {
@@ -45,11 +96,31 @@ impl Payload {
         self.raw.get()
     }
 
-    /// The parsed object (parsed on first use). Text that is not an object
-    /// (only possible from a hand-edited store) reads as an empty object.
+    /// Whether the text parses into an object, checked without building
+    /// it (the queue keeps the text; a policy parses it when it reads it).
+    pub fn check(&self) -> Result<(), String> {
+        serde_json::from_str::<ReadThrough>(self.raw.get())
+            .map(|_| ())
+            .map_err(|e| format!("payload is not readable JSON: {e} (of the payload)"))
+    }
+
+    fn parsed(&self) -> &Result<Map<String, Value>, String> {
+        self.parsed.get_or_init(|| {
+            serde_json::from_str(self.raw.get())
+                .map_err(|e| format!("payload cannot be read: {e} (of the payload)"))
+        })
+    }
+
+    /// The parsed object (parsed on first use); empty if it cannot be
+    /// parsed, which [`Payload::unreadable`] tells.
     pub fn map(&self) -> &Map<String, Value> {
-        self.parsed
-            .get_or_init(|| serde_json::from_str(self.raw.get()).unwrap_or_default())
+        static EMPTY: std::sync::LazyLock<Map<String, Value>> = std::sync::LazyLock::new(Map::new);
+        self.parsed().as_ref().unwrap_or(&EMPTY)
+    }
+
+    /// Why the text does not parse into an object, if it does not.
+    pub fn unreadable(&self) -> Option<&str> {
+        self.parsed().as_ref().err().map(String::as_str)
     }
 }
 
@@ -63,7 +134,7 @@ impl From<Map<String, Value>> for Payload {
     fn from(m: Map<String, Value>) -> Payload {
         let raw = serde_json::value::to_raw_value(&m).expect("a JSON map serializes");
         let p = Payload::from_raw(raw);
-        let _ = p.parsed.set(m);
+        let _ = p.parsed.set(Ok(m));
         p
     }
 }
@@ -232,7 +303,11 @@ pub fn parse_signal(
     let payload = match raw.payload {
         // `null` arrives as `None` (serde's Option).
         None => Payload::default(),
-        Some(p) => Payload::object(p)?,
+        Some(p) => {
+            let p = Payload::object(p)?;
+            p.check()?;
+            p
+        }
     };
     Ok(Signal {
         id,
@@ -478,6 +553,52 @@ mod tests {
             e.to_string().contains("payload must be a JSON object"),
             "{e}"
         );
+    }
+
+    fn with_payload(payload: &str) -> Result<Signal, String> {
+        parse(&format!(
+            r#"{{"tenant_id":"a","sku_id":"s","kind":"k","payload":{payload}}}"#
+        ))
+    }
+
+    #[test]
+    fn a_payload_that_cannot_be_parsed_into_an_object_is_refused_at_ingress() {
+        let deep = |n: usize| format!(r#"{{"a":{}{}}}"#, "[".repeat(n), "]".repeat(n));
+        // What a policy could not read: each passes `RawValue`'s syntax check.
+        for (payload, why) in [
+            (
+                r#"{"amount": 9000, "note": 1e400}"#.to_string(),
+                "number out of range",
+            ),
+            (r#"{"n": -1e309}"#.to_string(), "number out of range"),
+            (deep(200), "recursion limit exceeded"),
+        ] {
+            let e = with_payload(&payload).unwrap_err();
+            assert!(e.starts_with("payload is not readable JSON: "), "{e}");
+            assert!(e.contains(why) && e.ends_with("(of the payload)"), "{e}");
+            // Parsed behind ingress's back, it says so instead of reading as `{}`.
+            let p = Payload::from_text(payload).unwrap();
+            assert!(p.map().is_empty());
+            assert!(
+                p.unreadable().unwrap().contains(why),
+                "{:?}",
+                p.unreadable()
+            );
+        }
+        // What it can read passes, and still is not parsed until read.
+        for payload in [
+            r#"{"big": 18446744073709551616, "small": -9223372036854775809, "f": 1.7e308}"#
+                .to_string(),
+            r#"{"s": "caf\u00e9 \ud83d\ude00", "e": {}, "a": [null, true, 1, "x", {"k": []}]}"#
+                .to_string(),
+            deep(120),
+        ] {
+            let s = with_payload(&payload).unwrap();
+            assert!(s.payload.parsed.get().is_none());
+            assert_eq!(s.payload.unreadable(), None, "{payload}");
+            let full: Map<String, Value> = serde_json::from_str(&payload).unwrap();
+            assert_eq!(*s.payload.map(), full);
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use serde::Serialize;
 use tai_core::{ApiError, ErrorCode};
-use warp::http::StatusCode;
+use warp::http::{Method, StatusCode};
 use warp::reply::Response;
 use warp::Reply;
 
@@ -52,6 +52,19 @@ pub fn error_reply(code: ErrorCode, message: impl Into<String>) -> Response {
     let status =
         StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     json_reply(status, &ApiError::new(code, message))
+}
+
+/// `405` for a path asked with a method it does not take, with `Allow`.
+pub fn method_not_allowed(method: &Method, path: &str, takes: &Method) -> Response {
+    let mut r = error_reply(
+        ErrorCode::MethodNotAllowed,
+        format!("{method} is not supported on {path} (use {takes})"),
+    );
+    r.headers_mut().insert(
+        warp::http::header::ALLOW,
+        warp::http::HeaderValue::from_str(takes.as_str()).expect("a method name"),
+    );
+    r
 }
 
 impl BodyError {

@@ -24,7 +24,7 @@ use warp::reply::Response;
 use warp::Filter;
 
 use crate::auth::{self, Presented, Tenants};
-use crate::http::{error_reply, json_reply, read_body_capped, BodyError};
+use crate::http::{error_reply, json_reply, method_not_allowed, read_body_capped, BodyError};
 use crate::limits::Limits;
 use crate::replay::ReplayCache;
 
@@ -247,10 +247,10 @@ async fn route(
             counted(s, r)
         }
         (&Method::GET, ["v1", "signals", id]) => get_signal(s, path, headers, id),
-        (_, ["v1", "signals", ..] | ["health"] | ["ready"]) => error_reply(
-            ErrorCode::NotFound,
-            format!("{method} is not supported on {path}"),
-        ),
+        (_, ["v1", "signals"]) => method_not_allowed(method, path, &Method::POST),
+        (_, ["v1", "signals", _] | ["health"] | ["ready"]) => {
+            method_not_allowed(method, path, &Method::GET)
+        }
         _ => error_reply(ErrorCode::NotFound, format!("no such endpoint: {path}")),
     }
 }

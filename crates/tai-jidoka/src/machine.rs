@@ -484,7 +484,17 @@ fn decide(
     let mut denied = false;
     let mut window = 0;
     let mut asked = None;
-    for p in &st.sku.policies {
+    // A payload no policy can read is denied, never read as `{}` (which
+    // would pass a blacklist or a threshold it should not; see `Payload`).
+    let unreadable = match st.sku.policies.is_empty() {
+        true => None,
+        false => s.payload.unreadable(),
+    };
+    if let Some(why) = unreadable {
+        denied = true;
+        violations.push(why.to_string());
+    }
+    for p in st.sku.policies.iter().filter(|_| unreadable.is_none()) {
         let v = p.evaluate(
             s,
             Context {

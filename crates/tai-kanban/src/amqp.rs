@@ -843,10 +843,15 @@ impl AmqpState {
             consumer,
             tag: d.delivery_tag,
         };
-        let signal = match serde_json::from_slice::<Signal>(&d.data) {
+        // A payload no policy could read is refused as ingress refuses it
+        // (only a message published past the node can carry one).
+        let signal = match serde_json::from_slice::<Signal>(&d.data)
+            .map_err(|e| e.to_string())
+            .and_then(|s| s.payload.check().map(|()| s))
+        {
             Ok(s) => s,
             Err(e) => {
-                self.malformed(myself, tag, d, e.to_string());
+                self.malformed(myself, tag, d, e);
                 return;
             }
         };

@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde_json::json;
 use tai_core::msg::{KanbanMsg, RouterMsg, ENGINE_ROUTER, KANBAN_QUEUE};
 use tai_core::ErrorCode;
-use tai_ingress::http::{error_reply as error, json_reply, read_body_capped};
+use tai_ingress::http::{error_reply as error, json_reply, method_not_allowed, read_body_capped};
 use warp::http::{HeaderMap, Method, StatusCode};
 use warp::reply::Response;
 use warp::Filter;
@@ -165,15 +165,7 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
         return error(ErrorCode::NotFound, format!("no such endpoint: {path}"));
     };
     if *method != takes {
-        let mut r = error(
-            ErrorCode::MethodNotAllowed,
-            format!("{method} is not supported on {path} (use {takes})"),
-        );
-        r.headers_mut().insert(
-            "allow",
-            warp::http::HeaderValue::from_str(takes.as_str()).expect("a method name"),
-        );
-        return r;
+        return method_not_allowed(method, path, &takes);
     }
     match endpoint {
         Endpoint::Health => json_reply(StatusCode::OK, &json!({"status": "ok"})),

@@ -331,6 +331,41 @@ fn a_restored_in_flight_action_is_recorded_interrupted() {
 }
 
 #[test]
+fn a_payload_no_policy_can_read_is_denied_not_read_as_empty() {
+    // Denied by the policy when readable; the same with a number beyond
+    // f64 beside it must not pass as `{}` (only a store written by hand or
+    // by an older node holds one: ingress refuses it).
+    for (text, reason) in [
+        (
+            r#"{"amount": 9000, "currency": "XYZ"}"#,
+            "payment_fraud: amount 9000 over 5000 (+30)",
+        ),
+        (
+            r#"{"amount": 9000, "currency": "XYZ", "note": 1e400}"#,
+            "payload cannot be read: number out of range",
+        ),
+    ] {
+        let mut s = (*fraud()).clone();
+        s.payload = tai_core::signal::Payload::from_text(text.into()).unwrap();
+        let s = Arc::new(s);
+        let mut d = data(Stable);
+        let fx = run(&mut d, Event::Signal { seq: 1, signal: &s });
+        assert_eq!((d.state, d.quota_remaining), (Stable, 2), "{fx:?}");
+        assert_eq!(kinds(&fx), ["policy_denied"]);
+        let Some(Effect::Settle {
+            status,
+            reason: Some(why),
+            ..
+        }) = fx.iter().find(|e| matches!(e, Effect::Settle { .. }))
+        else {
+            panic!("no settle: {fx:?}");
+        };
+        assert_eq!(*status, SignalStatus::Denied);
+        assert!(why.starts_with(reason), "{why}");
+    }
+}
+
+#[test]
 fn a_critical_signal_in_degraded_returns_to_degraded() {
     let mut d = data(Degraded);
     let crit = signal("payment", json!({"amount": 1}), true);
