@@ -534,9 +534,21 @@ impl Node {
     }
 
     pub async fn admin(&self, method: reqwest::Method, path: &str) -> (u16, Value) {
+        self.admin_with_body(method, path, "").await
+    }
+
+    /// An operator API request with a body (sent as JSON).
+    pub async fn admin_with_body(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &str,
+    ) -> (u16, Value) {
         let resp = reqwest::Client::new()
             .request(method, self.url(path))
             .bearer_auth(ADMIN_TOKEN)
+            .header("content-type", "application/json")
+            .body(body.to_string())
             .timeout(Duration::from_secs(10))
             .send()
             .await

@@ -538,13 +538,54 @@ async fn halt_and_resume_refuse_a_tenant_or_sku_not_configured() {
     let (_, engines) = node.admin(Method::GET, "/admin/tenants").await;
     assert_eq!(engines, json!([]));
     assert!(node.all_receipts().await.is_empty());
-    // A configured pair is halted as before.
+    // A halt's body is `{"reason": "..."}` or nothing; anything else is
+    // refused with what is wrong, and halts nothing.
+    let halt = "/admin/tenants/acme/payments/halt";
+    for (body, message) in [
+        (
+            r#"{"reason": 5}"#,
+            "the body must be {\"reason\": \"...\"}: invalid type: integer `5`, expected a string at line 1 column 12",
+        ),
+        (
+            "reason=audit",
+            "the body must be {\"reason\": \"...\"}: expected value at line 1 column 1",
+        ),
+        (
+            r#"{"reason": "audit", "until": 5}"#,
+            "the body must be {\"reason\": \"...\"}: unknown field `until`, expected `reason` at line 1 column 27",
+        ),
+        (r#"{"reason": " "}"#, "reason must not be empty"),
+    ] {
+        let (status, answer) = node.admin_with_body(Method::POST, halt, body).await;
+        assert_eq!(
+            (status, answer["error"]["code"].as_str()),
+            (400, Some("invalid_request")),
+            "{body}: {answer}"
+        );
+        assert_eq!(answer["error"]["message"], message, "{body}");
+    }
+    assert!(node.all_receipts().await.is_empty());
+    // A configured pair is halted as before, with its reason or the default.
     let (status, body) = node
-        .admin(Method::POST, "/admin/tenants/acme/payments/halt")
+        .admin_with_body(Method::POST, halt, r#"{"reason": "audit"}"#)
         .await;
     assert_eq!(
         (status, body["state"].as_str()),
         (200, Some("halted")),
         "{body}"
     );
+    let (_, resumed) = node
+        .admin(Method::POST, "/admin/tenants/acme/payments/resume")
+        .await;
+    assert_eq!(resumed["state"], "stable", "{resumed}");
+    let (status, body) = node.admin(Method::POST, halt).await;
+    assert_eq!((status, body["state"].as_str()), (200, Some("halted")));
+    let reasons: Vec<Value> = node
+        .all_receipts()
+        .await
+        .into_iter()
+        .filter(|r| r["kind"] == "jidoka_halt")
+        .map(|r| r["reason"].clone())
+        .collect();
+    assert_eq!(reasons, [json!("audit"), json!("operator halt")]);
 }

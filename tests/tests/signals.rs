@@ -505,7 +505,11 @@ async fn halted_degraded_and_quota_signals_are_dead_lettered_and_replayed() {
         );
     }
     let (status, body) = node.admin(Method::GET, "/admin/deadletter?limit=ten").await;
-    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_request")),
+        "{body}"
+    );
     assert_eq!(body["error"]["message"], "limit must be a whole number");
     let (status, body) = node.admin(Method::GET, "/admin/deadletter?after=d-0").await;
     assert_eq!(status, 400, "{body}");

@@ -58,7 +58,7 @@ pub fn routes(
             },
         )
         .recover(|_: warp::Rejection| async {
-            Ok::<_, Infallible>(error(ErrorCode::InvalidSignal, "malformed request"))
+            Ok::<_, Infallible>(error(ErrorCode::InvalidRequest, "malformed request"))
         })
         .unify()
 }
@@ -232,10 +232,10 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
                 return error(ErrorCode::NotFound, why);
             }
             let answer = if matches!(endpoint, Endpoint::Halt(..)) {
-                let reason = serde_json::from_slice::<serde_json::Value>(req.body)
-                    .ok()
-                    .and_then(|v| v["reason"].as_str().map(str::to_string))
-                    .unwrap_or_else(|| "operator halt".to_string());
+                let reason = match halt_reason(req.body) {
+                    Ok(r) => r,
+                    Err(r) => return r,
+                };
                 call(ENGINE_ROUTER, |reply| RouterMsg::Halt {
                     tenant_id,
                     sku_id,
@@ -492,7 +492,7 @@ async fn replay(state: &NodeState, signal_id: &str, tenant: Option<&String>) -> 
         [one] => one.clone(),
         _ => {
             return error(
-                ErrorCode::InvalidSignal,
+                ErrorCode::InvalidRequest,
                 format!("{signal_id:?} is dead-lettered for several tenants: add ?tenant="),
             )
         }
@@ -514,13 +514,33 @@ async fn replay(state: &NodeState, signal_id: &str, tenant: Option<&String>) -> 
     }
 }
 
+/// The reason of `POST .../halt`: `{"reason": "..."}`, or no body at all.
+fn halt_reason(body: &[u8]) -> Result<String, Response> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Halt {
+        reason: Option<String>,
+    }
+    let bad = |why: String| error(ErrorCode::InvalidRequest, why);
+    if body.trim_ascii().is_empty() {
+        return Ok("operator halt".into());
+    }
+    let halt: Halt = serde_json::from_slice(body)
+        .map_err(|e| bad(format!("the body must be {{\"reason\": \"...\"}}: {e}")))?;
+    match halt.reason {
+        None => Ok("operator halt".into()),
+        Some(r) if r.trim().is_empty() => Err(bad("reason must not be empty".into())),
+        Some(r) => Ok(r),
+    }
+}
+
 /// A whole-number query parameter, `default` when absent.
 fn num(query: &HashMap<String, String>, key: &str, default: u64) -> Result<u64, Response> {
     match query.get(key) {
         None => Ok(default),
         Some(v) => v.parse().map_err(|_| {
             error(
-                ErrorCode::InvalidSignal,
+                ErrorCode::InvalidRequest,
                 format!("{key} must be a whole number"),
             )
         }),
@@ -561,7 +581,7 @@ fn dead_letters(state: &NodeState, query: &HashMap<String, String>) -> Response 
         Some(Some((t, id))) if !t.is_empty() && !id.is_empty() => Some((t, id)),
         Some(_) => {
             return error(
-                ErrorCode::InvalidSignal,
+                ErrorCode::InvalidRequest,
                 "after must be {tenant}/{signal_id}: the last letter of the page before",
             )
         }
