@@ -735,7 +735,10 @@ fn validate(c: &Config, errors: &mut Vec<ConfigError>) {
     if c.kanban.prefetch == 0 {
         errors.push(err("kanban.prefetch", "must be greater than 0"));
     }
-    if c.kanban.wip_limit < c.kanban.prefetch {
+    if c.kanban.wip_limit == 0 {
+        // Nothing would ever be dispatched: every signal accepted, none decided.
+        errors.push(err("kanban.wip_limit", "must be greater than 0"));
+    } else if c.kanban.wip_limit < c.kanban.prefetch {
         errors.push(err(
             "kanban.wip_limit",
             format!("must be at least kanban.prefetch ({})", c.kanban.prefetch),
@@ -1025,6 +1028,22 @@ mod tests {
         );
         let c = load("", vec![]).unwrap();
         assert_eq!(c.kanban.visibility_secs, 60);
+    }
+
+    #[test]
+    fn zero_prefetch_and_wip_are_both_refused_by_name() {
+        let errors = load("[kanban]\nprefetch = 0\nwip_limit = 0\n", vec![]).unwrap_err();
+        let got: Vec<_> = errors
+            .iter()
+            .map(|e| (e.path.as_str(), e.message.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("kanban.prefetch", "must be greater than 0"),
+                ("kanban.wip_limit", "must be greater than 0")
+            ]
+        );
     }
 
     #[test]
