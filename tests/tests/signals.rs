@@ -318,6 +318,15 @@ async fn every_ingress_error_has_its_code() {
     let a = c.raw("GET", "/v1/signals/e-1/x", b"", &[]).await.unwrap();
     check(&a, 404, "not_found");
 
+    // An id read back percent-encoded, as `encodeURIComponent` sends it.
+    let colon = signal("acme", "payments", "payment", "ns:e-3", json!({}));
+    assert_eq!(c.post(&colon).await.unwrap().status, 202);
+    let read = c.status("ns%3Ae-3").await;
+    assert_eq!(
+        (read.status, &read.body["signal_id"]),
+        (200, &json!("ns:e-3"))
+    );
+
     // 404: unknown signal, and another tenant's signal.
     assert_eq!(c.status("never-sent").await.status, 404);
     let globex = Client::new(&node, "globex", "globex-secret");

@@ -54,6 +54,13 @@ pub fn error_reply(code: ErrorCode, message: impl Into<String>) -> Response {
     json_reply(status, &ApiError::new(code, message))
 }
 
+/// A path segment as the client meant it: clients percent-encode what
+/// they put in a path (`encodeURIComponent` turns the `:` ids may hold into
+/// `%3A`); the signature covers the path as sent.
+pub fn decode_segment(s: &str) -> std::borrow::Cow<'_, str> {
+    percent_encoding::percent_decode_str(s).decode_utf8_lossy()
+}
+
 /// `405` for a path asked with a method it does not take, with `Allow`.
 pub fn method_not_allowed(method: &Method, path: &str, takes: &Method) -> Response {
     let mut r = error_reply(

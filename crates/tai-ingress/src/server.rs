@@ -532,7 +532,8 @@ fn get_signal(s: &Shared, path: &str, headers: &HeaderMap, id: &str) -> Response
         Ok(ok) => ok.tenant_id,
         Err(e) => return error_reply(ErrorCode::Unauthorized, e.to_string()),
     };
-    match s.store.signal_record(tenant_id, id) {
+    let id = crate::http::decode_segment(id);
+    match s.store.signal_record(tenant_id, &id) {
         Ok(Some(rec)) => json_reply(StatusCode::OK, &rec),
         Ok(None) => error_reply(
             ErrorCode::NotFound,

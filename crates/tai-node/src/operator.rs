@@ -434,9 +434,7 @@ fn unconfigured(state: &NodeState, tenant: &str, sku: &str) -> Option<String> {
 }
 
 fn decode(s: &str) -> String {
-    percent_encoding::percent_decode_str(s)
-        .decode_utf8_lossy()
-        .into_owned()
+    tai_ingress::http::decode_segment(s).into_owned()
 }
 
 /// Calls a layer's worker by its registered name; a worker that is down or
