@@ -758,16 +758,7 @@ async fn the_ledger_verifies_offline_and_every_tampering_is_caught() {
     }
     let export = node.dir.path().join("receipts.jsonl");
     let (config, operator) = (node.config_path().to_path_buf(), node.operator.clone());
-    let run = |args: &[&str]| {
-        std::process::Command::new(tai_bin())
-            .arg("receipts")
-            .arg("--config")
-            .arg(&config)
-            .args(args)
-            .env("TAI_OPERATOR__LISTEN", &operator)
-            .output()
-            .unwrap()
-    };
+    let run = |args: &[&str]| tai_receipts(&config, &operator, args);
     let out = run(&["--verify"]);
     assert!(
         out.status.success(),
@@ -837,6 +828,91 @@ async fn the_ledger_verifies_offline_and_every_tampering_is_caught() {
         (Some(false), Some(8)),
         "a cut tail is caught by the signed head"
     );
+}
+
+/// `tai receipts ARGS` against the node of `config` at `operator`.
+fn tai_receipts(config: &std::path::Path, operator: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(tai_bin())
+        .arg("receipts")
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("TAI_OPERATOR__LISTEN", operator)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_online_export_is_the_ledger_as_of_the_signed_head_it_ends_with() {
+    let node = std::sync::Arc::new(Node::start_with(&test_config(""), &[]));
+    let c = Client::new(&node, "acme", "acme-secret");
+    c.entitle("payments", "ent").await;
+    // Taken from the running node while signals keep being decided.
+    let file = node.dir.path().join("online.jsonl");
+    let exporting = {
+        let (node, file) = (node.clone(), file.to_str().unwrap().to_string());
+        tokio::task::spawn_blocking(move || {
+            tai_receipts(node.config_path(), &node.operator, &["--export", &file])
+        })
+    };
+    let mut sent = 0;
+    while !exporting.is_finished() || sent < 20 {
+        let a = c
+            .post(&pay(&format!("x-{sent}"), &format!("c{sent}"), 1.0))
+            .await
+            .unwrap();
+        assert_eq!(a.status, 202, "{}", a.body);
+        sent += 1;
+    }
+    let out = exporting.await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&file).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let (last, receipts) = lines.split_last().unwrap();
+    let head: Value = serde_json::from_str(last).unwrap();
+    assert_eq!(
+        head["signed_head"]["seq"].as_u64(),
+        Some(receipts.len() as u64),
+        "the file ends with the head of what it holds: {last}"
+    );
+    let verify = |body: &str| -> Value {
+        let f = node.dir.path().join("check.jsonl");
+        std::fs::write(&f, body).unwrap();
+        let out = tai_receipts(
+            node.config_path(),
+            &node.operator,
+            &["--verify", "--file", f.to_str().unwrap()],
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(out.status.success(), v["ok"] == true, "{v}");
+        v
+    };
+    let v = verify(&text);
+    assert_eq!(
+        (v["ok"].as_bool(), v["count"].as_u64()),
+        (Some(true), Some(receipts.len() as u64)),
+        "{v}"
+    );
+    // Cut its tail and its head line with it: not vouched for.
+    let cut = receipts[..receipts.len() - 1].join("\n");
+    let v = verify(&cut);
+    assert_eq!(
+        v["first_bad_seq"].as_u64(),
+        Some(receipts.len() as u64),
+        "{v}"
+    );
+    assert!(
+        v["reason"].as_str().unwrap().starts_with("no signed head"),
+        "{v}"
+    );
+    // The node's own head, as the export took it, is served on its own.
+    let (status, now) = node.admin(Method::GET, "/admin/receipts/head").await;
+    assert_eq!(status, 200);
+    assert!(now["signed_head"]["seq"].as_u64() >= head["signed_head"]["seq"].as_u64());
 }
 
 fn engines_live(tree: &Value) -> Vec<String> {

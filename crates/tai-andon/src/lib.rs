@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tai_core::config::{AlertsConfig, AndonConfig};
 use tai_core::msg::{ANDON_ALERTS, ANDON_LEDGER};
-use tai_core::receipt::{verify_chain, VerifyReport};
+use tai_core::receipt::{verify_ledger, VerifyReport};
 use tai_otp::{ChildSpec, Strategy, SupervisorSpec};
 use tai_store::Store;
 
@@ -48,7 +48,7 @@ pub fn verify_store(store: &Store, keys: &BTreeMap<String, String>) -> VerifyRep
         Err(e) => return unreadable(e.to_string()),
     };
     match store.all_receipts() {
-        Ok(receipts) => verify_chain(&receipts, keys, head.as_ref()),
+        Ok(receipts) => verify_ledger(&receipts, keys, head.as_ref()),
         Err(e) => unreadable(e.to_string()),
     }
 }

@@ -240,6 +240,27 @@ pub struct VerifyReport {
     pub reason: Option<String>,
 }
 
+/// Verifies a whole ledger (a store's, or an export): [`verify_chain`], and
+/// a ledger with receipts must have its signed head too, since without it a
+/// cut tail cannot be told from a shorter ledger (and cutting the tail of
+/// an export would then only need its last line cut as well).
+pub fn verify_ledger(
+    receipts: &[Receipt],
+    keys: &BTreeMap<String, String>,
+    head: Option<&SignedHead>,
+) -> VerifyReport {
+    let mut report = verify_chain(receipts, keys, head);
+    if report.ok && head.is_none() && !receipts.is_empty() {
+        report.ok = false;
+        report.first_bad_seq = Some(report.head_seq + 1);
+        report.reason = Some(
+            "no signed head: a cut tail cannot be ruled out (an export ends with its signed head)"
+                .into(),
+        );
+    }
+    report
+}
+
 /// Walks a ledger in order. Any edit, deletion, insertion or reordering makes
 /// it fail at the first receipt out of place; with `head`, a missing tail or
 /// an unsigned extension fails too.
@@ -444,7 +465,20 @@ mod tests {
         let mut resigned = c.clone();
         resigned[4].signature = sign(b"wrong", &resigned[4].hash);
         check(&resigned, &head, 5);
-        // Without the head a clean truncation is indistinguishable from a short ledger.
+        // Without the head a clean truncation is indistinguishable from a short
+        // ledger: a whole ledger without its head does not verify.
         assert!(verify_chain(&truncated, &keys(), None).ok);
+        let r = verify_ledger(&truncated, &keys(), None);
+        assert_eq!(
+            (r.ok, r.count, r.first_bad_seq),
+            (false, 4, Some(5)),
+            "{r:?}"
+        );
+        assert!(r.reason.unwrap().starts_with("no signed head"));
+        assert!(verify_ledger(&c, &keys(), Some(&head)).ok);
+        assert!(
+            verify_ledger(&[], &keys(), None).ok,
+            "an empty ledger has no head"
+        );
     }
 }

@@ -373,7 +373,7 @@ pub async fn receipts(config: &Config, a: ReceiptsArgs) -> anyhow::Result<i32> {
     let keys = &config.andon.signing_keys;
     if let Some(file) = &a.file {
         let (receipts, head) = read_export(file)?;
-        return print_report(&tai_core::receipt::verify_chain(
+        return print_report(&tai_core::receipt::verify_ledger(
             &receipts,
             keys,
             head.as_ref(),
@@ -402,9 +402,23 @@ pub async fn receipts(config: &Config, a: ReceiptsArgs) -> anyhow::Result<i32> {
             serde_json::from_value(admin_get(config, "/admin/receipts/verify").await?)?;
         return print_report(&report);
     }
+    // An export is the ledger as of its signed head, read first: receipts
+    // the node adds while the pages are read come after it and are left
+    // out, so the file ends with the head its last receipt matches.
+    let head = match &a.export {
+        Some(_) => {
+            let answer = admin_get(config, "/admin/receipts/head").await?;
+            let head: Option<tai_core::receipt::SignedHead> =
+                serde_json::from_value(answer["signed_head"].clone())
+                    .context("the node's signed head")?;
+            Some(head)
+        }
+        None => None,
+    };
+    let upto = head.as_ref().map(|h| h.as_ref().map_or(0, |h| h.seq));
     let mut all = Vec::new();
     let mut after = 0u64;
-    loop {
+    while upto.is_none_or(|upto| after < upto) {
         let mut path = format!("/admin/receipts?after_seq={after}&limit=1000");
         if let Some(t) = &a.tenant {
             path.push_str(&format!("&tenant={t}"));
@@ -413,9 +427,12 @@ pub async fn receipts(config: &Config, a: ReceiptsArgs) -> anyhow::Result<i32> {
             serde_json::from_value(admin_get(config, &path).await?)?;
         let Some(last) = page.last() else { break };
         after = last.seq;
-        all.extend(page);
+        all.extend(
+            page.into_iter()
+                .filter(|r| upto.is_none_or(|upto| r.seq <= upto)),
+        );
     }
-    emit(&all, a.export.as_deref(), None)
+    emit(&all, a.export.as_deref(), head.flatten())
 }
 
 fn emit(

@@ -109,6 +109,7 @@ enum Endpoint<'a> {
     DeadLetters,
     Replay(&'a str),
     Receipts,
+    ReceiptsHead,
     VerifyReceipts,
     Shutdown,
 }
@@ -143,6 +144,7 @@ impl<'a> Endpoint<'a> {
             ["admin", "deadletter"] => (DeadLetters, get),
             ["admin", "deadletter", id, "replay"] => (Replay(id), post),
             ["admin", "receipts"] => (Receipts, get),
+            ["admin", "receipts", "head"] => (ReceiptsHead, get),
             ["admin", "receipts", "verify"] => (VerifyReceipts, get),
             ["admin", "shutdown"] => (Shutdown, post),
             _ => return None,
@@ -277,6 +279,11 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
         Endpoint::DeadLetters => dead_letters(state, req.query),
         Endpoint::Replay(id) => replay(state, &decode(id), req.query.get("tenant")).await,
         Endpoint::Receipts => receipts(state, req.query),
+        // What an export ends with: receipts up to its seq are the ledger.
+        Endpoint::ReceiptsHead => match state.store.head() {
+            Ok(head) => json_reply(StatusCode::OK, &json!({ "signed_head": head })),
+            Err(e) => error(ErrorCode::Internal, format!("store: {e}")),
+        },
         Endpoint::VerifyReceipts => json_reply(
             StatusCode::OK,
             &tai_andon::verify_store(&state.store, &state.config.andon.signing_keys),
