@@ -589,3 +589,48 @@ async fn halt_and_resume_refuse_a_tenant_or_sku_not_configured() {
         .collect();
     assert_eq!(reasons, [json!("audit"), json!("operator halt")]);
 }
+
+#[tokio::test]
+async fn a_corrupt_checkpoint_of_a_passive_engine_is_logged_not_hidden() {
+    let mut node = Node::start_with(&test_config(""), &[]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    c.entitle("payments", "ent").await;
+    c.entitle("tight", "ent-t").await;
+    node.signal(libc::SIGTERM);
+    assert_eq!(
+        node.wait_exit(std::time::Duration::from_secs(15)).code(),
+        Some(0)
+    );
+    // Damage one engine's checkpoint while the node is down.
+    {
+        let store = tai_store::Store::open(&node.data_dir()).unwrap();
+        let writes = tai_core::msg::WriteSet {
+            checkpoints: vec![("acme".into(), "payments".into(), b"{\"state\":".to_vec())],
+            ..Default::default()
+        };
+        store.commit(&[], None, &writes).unwrap();
+        store.flush().unwrap();
+    }
+    node.restart();
+    let (status, engines) = node.admin(Method::GET, "/admin/tenants").await;
+    assert_eq!(status, 200);
+    let listed: Vec<&str> = engines
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["sku_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, ["tight"], "{engines}");
+    node.log_until("corrupt checkpoint of a passivated engine")
+        .await;
+    let line = node
+        .log()
+        .lines()
+        .find(|l| l.contains("corrupt checkpoint"))
+        .unwrap()
+        .to_string();
+    assert!(
+        line.contains("tenant=acme") && line.contains("sku=payments"),
+        "{line}"
+    );
+}

@@ -221,10 +221,26 @@ impl Router {
                 return Some(info);
             }
         }
-        let bytes = st.args.store.checkpoint(tenant, sku_id).ok()??;
-        let data: Data = serde_json::from_slice(&bytes).ok()?;
-        Some(passive_info(tenant, sku_id, &data))
+        let bytes = match st.args.store.checkpoint(tenant, sku_id) {
+            Ok(bytes) => bytes?,
+            Err(e) => {
+                warn!(tenant = %tenant, sku = %sku_id, error = %e, "cannot read a passivated engine's checkpoint");
+                return None;
+            }
+        };
+        passive_data(tenant, sku_id, &bytes).map(|data| passive_info(tenant, sku_id, &data))
     }
+}
+
+/// A passivated engine's checkpoint; one that does not decode is left out
+/// of what the operator sees, and said so in the log (the engine itself
+/// refuses to start on it, with the same reason).
+fn passive_data(tenant: &str, sku_id: &str, bytes: &[u8]) -> Option<Data> {
+    serde_json::from_slice(bytes)
+        .inspect_err(|e| {
+            warn!(tenant = %tenant, sku = %sku_id, error = %e, "corrupt checkpoint of a passivated engine");
+        })
+        .ok()
 }
 
 fn passive_info(tenant: &str, sku_id: &str, data: &Data) -> EngineInfo {
@@ -413,7 +429,7 @@ impl Actor for Router {
                     if seen.contains(&(t.clone(), s.clone())) {
                         continue;
                     }
-                    if let Ok(data) = serde_json::from_slice::<Data>(&bytes) {
+                    if let Some(data) = passive_data(&t, &s, &bytes) {
                         out.push(passive_info(&t, &s, &data));
                     }
                 }
