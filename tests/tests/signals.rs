@@ -1155,6 +1155,71 @@ fn tai_bench_decides_what_it_sends_and_reports_its_figures() {
     assert_bracketed(&report, "baseline_runs", "baseline_per_sec");
 }
 
+#[test]
+fn tai_bench_refuses_bad_arguments_by_name() {
+    let bench = |args: &[&str]| {
+        let out = std::process::Command::new(tai_bin())
+            .arg("bench")
+            .args(args)
+            .args(["--no-baseline", "--json"])
+            .current_dir(workspace_root())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    for (args, code, says) in [
+        (
+            &["--tenants", "0"][..],
+            2,
+            "'--tenants <TENANTS>': must be at least 1",
+        ),
+        (
+            &["--concurrency", "0"],
+            2,
+            "'--concurrency <CONCURRENCY>': must be at least 1",
+        ),
+        (
+            &["--duration", "0"],
+            2,
+            "'--duration <DURATION>': 0 is not in 1..",
+        ),
+        (
+            &["--prefetch", "0"],
+            2,
+            "'--prefetch <PREFETCH>': 0 is not in 1..",
+        ),
+        (
+            &["--otlp", "--trace-sample-ratio", "2"],
+            2,
+            "must be between 0 and 1",
+        ),
+        (
+            &["--wip", "5"],
+            1,
+            "--wip (5) must be at least --prefetch (10)",
+        ),
+        // Past the bench's own checks: the node it starts refuses its
+        // config, and the bench says why at once (its log, with the key).
+        (
+            &["--store-cache-mb", "0"],
+            1,
+            "the bench node exited (exit status: 78) before it was up",
+        ),
+    ] {
+        let (got, err) = bench(args);
+        assert_eq!(got, Some(code), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    let (_, err) = bench(&["--store-cache-mb", "0"]);
+    assert!(
+        err.contains("node.store_cache_mb: must be greater than 0"),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn a_signal_waiting_for_its_entitlement_is_parked_not_timed_out_nor_waited_for() {
     // Signals are sent again after 1 s undecided, an attempt counted (three

@@ -23,22 +23,22 @@ use warp::Filter;
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
     /// Distinct tenants sending signals.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = at_least_one)]
     pub tenants: usize,
     /// Signals per second offered; 0 = as fast as the clients go.
     #[arg(long, default_value_t = 0)]
     pub rate: u64,
     /// Seconds of load.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub duration: u64,
     /// Concurrent HTTP clients.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
     pub concurrency: usize,
     /// WIP limit of the node the bench starts.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
     pub wip: u32,
     /// Prefetch (per engine) of the node the bench starts.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub prefetch: u32,
     /// `jidoka.max_active_engines` of the node the bench starts (default:
     /// the node's own default).
@@ -65,8 +65,8 @@ pub struct BenchArgs {
     /// receiver the bench runs (which counts and discards what it gets).
     #[arg(long)]
     pub otlp: bool,
-    /// With --otlp: the node's `kaizen.trace_sample_ratio`.
-    #[arg(long, default_value_t = 0.1)]
+    /// With --otlp: the node's `kaizen.trace_sample_ratio` (0 to 1).
+    #[arg(long, default_value_t = 0.1, value_parser = ratio)]
     pub trace_sample_ratio: f64,
     /// Use the running node of --config instead of starting one.
     #[arg(long)]
@@ -77,6 +77,22 @@ pub struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        Ok(_) => Err("must be between 0 and 1".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 struct Target {
@@ -179,30 +195,44 @@ fn start_node(a: &BenchArgs, otlp: Option<SocketAddr>) -> anyhow::Result<Target>
         .context("cannot start tai serve")?;
     let endpoints = dir.path().join("data/endpoints.json");
     let started = Instant::now();
+    // The node's log goes with its temp dir: an error carries its text.
+    let log_text = || std::fs::read_to_string(dir.path().join("node.log")).unwrap_or_default();
+    let mut target = Target {
+        ingress: String::new(),
+        operator: String::new(),
+        admin_token: "bench-admin-token".into(),
+        tenants: Vec::new(),
+        child: Some(child),
+        _dir: None,
+    };
     let v: Value = loop {
         if let Ok(bytes) = std::fs::read(&endpoints) {
             if let Ok(v) = serde_json::from_slice(&bytes) {
                 break v;
             }
         }
-        if started.elapsed() > Duration::from_secs(60) {
+        if let Some(status) = target
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+        {
             bail!(
-                "the bench node did not start; see {}",
-                dir.path().join("node.log").display()
+                "the bench node exited ({status}) before it was up:\n{}",
+                log_text()
             );
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("the bench node did not start within 60 s:\n{}", log_text());
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    Ok(Target {
-        ingress: v["ingress"].as_str().unwrap_or_default().to_string(),
-        operator: v["operator"].as_str().unwrap_or_default().to_string(),
-        admin_token: "bench-admin-token".into(),
-        tenants: (0..a.tenants)
-            .map(|i| (format!("bench-{i}"), format!("bench-secret-{i}")))
-            .collect(),
-        child: Some(child),
-        _dir: Some(dir),
-    })
+    target.ingress = v["ingress"].as_str().unwrap_or_default().to_string();
+    target.operator = v["operator"].as_str().unwrap_or_default().to_string();
+    target.tenants = (0..a.tenants)
+        .map(|i| (format!("bench-{i}"), format!("bench-secret-{i}")))
+        .collect();
+    target._dir = Some(dir);
+    Ok(target)
 }
 
 fn existing(config: &tai_core::config::Config) -> anyhow::Result<Target> {
@@ -541,6 +571,13 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 }
 
 pub async fn run(config: &tai_core::config::Config, a: BenchArgs) -> anyhow::Result<i32> {
+    if !a.target && a.wip < a.prefetch {
+        bail!(
+            "--wip ({}) must be at least --prefetch ({})",
+            a.wip,
+            a.prefetch
+        );
+    }
     let (otlp, spans) = if a.otlp && !a.target {
         let (addr, spans) = otlp_sink().await?;
         (Some(addr), Some(spans))
