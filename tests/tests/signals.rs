@@ -776,6 +776,17 @@ async fn the_ledger_verifies_offline_and_every_tampering_is_caught() {
         "{err}"
     );
 
+    // A path that holds no node's store is refused, not verified as empty.
+    let nothing = node.dir.path().join("no-such-dir");
+    let out = run(&["--verify", "--data-dir", nothing.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("no store in") && err.contains("give the data_dir of a node"),
+        "{err}"
+    );
+    assert!(!nothing.exists(), "nothing was made there");
+
     // Stop the node; everything else works on its data dir and an export.
     node.signal(libc::SIGTERM);
     assert_eq!(node.wait_exit(Duration::from_secs(15)).code(), Some(0));

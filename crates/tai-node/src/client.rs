@@ -380,7 +380,7 @@ pub async fn receipts(config: &Config, a: ReceiptsArgs) -> anyhow::Result<i32> {
         ));
     }
     if let Some(dir) = &a.data_dir {
-        let store = match tai_store::Store::open(dir) {
+        let store = match tai_store::Store::open_existing(dir) {
             Ok(store) => store,
             Err(e @ tai_store::StoreError::InUse { .. }) => {
                 bail!("{e}: a running node's receipts are read online, without --data-dir")

@@ -75,6 +75,9 @@ pub enum StoreError {
     /// Another process (another node) holds the data directory's lock.
     #[error("the data directory {path} is in use by another process (is another tai node running on it?)")]
     InUse { path: String },
+    /// Opened for reading only (offline commands), and no node's store is there.
+    #[error("no store in {path}: it holds no sled/db (give the data_dir of a node)")]
+    Missing { path: String },
     #[error("store i/o failed: {}", plain(.0))]
     Io(sled::Error),
     #[error("store flush failed: {0}")]
@@ -93,6 +96,7 @@ impl StoreError {
         match self {
             StoreError::Open { .. } => "store_open",
             StoreError::InUse { .. } => "store_in_use",
+            StoreError::Missing { .. } => "store_missing",
             StoreError::Io(_) => "store_io",
             StoreError::Flush(_) => "store_flush",
             StoreError::Corrupt { .. } => "store_corrupt",
@@ -337,6 +341,18 @@ impl Store {
     /// directory: a second process on the same data dir is refused here.
     pub fn open(dir: &Path) -> Result<Store> {
         Self::open_with_cache(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens the store a node left in `dir`, for offline reading: a
+    /// directory without one is an error, not a new empty store (which
+    /// would verify as an empty ledger and leave sled's files behind).
+    pub fn open_existing(dir: &Path) -> Result<Store> {
+        if !dir.join("sled").join("db").is_file() {
+            return Err(StoreError::Missing {
+                path: dir.display().to_string(),
+            });
+        }
+        Self::open(dir)
     }
 
     /// Opens with sled's page cache bounded to `cache_bytes` (sled's own

@@ -220,6 +220,35 @@ async fn many_writers_share_flushes() {
 }
 
 #[test]
+fn an_offline_open_wants_a_store_there_and_makes_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("typo");
+    for path in [dir.path(), missing.as_path()] {
+        let Err(err) = Store::open_existing(path) else {
+            panic!("{} holds no store", path.display());
+        };
+        assert_eq!(err.code(), "store_missing");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "no store in {}: it holds no sled/db (give the data_dir of a node)",
+                path.display()
+            )
+        );
+    }
+    assert!(
+        !missing.exists() && !dir.path().join("sled").exists(),
+        "nothing made"
+    );
+    // Where a node's store is, it goes on to open it (here: held, so refused).
+    let _s = Store::open(dir.path()).unwrap();
+    let Err(err) = Store::open_existing(dir.path()) else {
+        panic!("the store is in use");
+    };
+    assert_eq!(err.code(), "store_in_use");
+}
+
+#[test]
 fn the_data_dir_is_locked_and_starts_are_counted() {
     let dir = tempfile::tempdir().unwrap();
     {
