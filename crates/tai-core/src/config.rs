@@ -544,7 +544,17 @@ pub fn load(
                     }
                     None => (removed.display(&segments), inner, segments),
                 };
-                errors.push(err(path, message));
+                // A field taken out for its bad value is not missing too.
+                let consequence = missing_field(&message).is_some_and(|f| {
+                    let field = match path.as_str() {
+                        "" => f.to_string(),
+                        parent => format!("{parent}.{f}"),
+                    };
+                    errors.iter().any(|e| e.path == field)
+                });
+                if !consequence {
+                    errors.push(err(path, message));
+                }
                 if removal.is_empty() || !remove_path(&mut root, &removal) {
                     break;
                 }
@@ -561,6 +571,11 @@ pub fn load(
     } else {
         Err(errors)
     }
+}
+
+fn missing_field(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("missing field `")?;
+    Some(&rest[..rest.find('`')?])
 }
 
 fn unknown_field(message: &str) -> Option<String> {
@@ -1028,6 +1043,19 @@ mod tests {
         );
         let c = load("", vec![]).unwrap();
         assert_eq!(c.kanban.visibility_secs, 60);
+    }
+
+    #[test]
+    fn a_bad_required_value_is_reported_once_not_also_as_missing() {
+        let text = "[executors.d]\nkind = \"carrier_pigeon\"\n[executors.e]\nurl = \"http://x\"\n";
+        let errors = load(text, vec![]).unwrap_err();
+        let got: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(got, ["executors.d.kind", "executors.e"], "{errors:?}");
+        assert!(errors[0]
+            .message
+            .starts_with("unknown variant `carrier_pigeon`"));
+        // Absent in the file, it is still reported missing.
+        assert_eq!(errors[1].message, "missing field `kind`");
     }
 
     #[test]
