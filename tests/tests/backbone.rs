@@ -86,6 +86,17 @@ async fn the_tree_has_the_contract_shape_and_admin_needs_the_token() {
             format!("{method} is not supported on {path} (use {allow})")
         );
     }
+    // HEAD is a GET without its body (what some health checkers send).
+    for path in ["/health", "/ready", "/metrics", "/admin/tree"] {
+        let resp = client
+            .head(node.url(path))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "HEAD {path}");
+        assert!(resp.bytes().await.unwrap().is_empty(), "HEAD {path}");
+    }
     for path in ["/admin/nope", "/admin/tenants/a/b/c/d", "/nope"] {
         let (status, body) = node.admin(Method::GET, path).await;
         assert_eq!(

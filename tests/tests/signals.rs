@@ -317,6 +317,17 @@ async fn every_ingress_error_has_its_code() {
     }
     let a = c.raw("GET", "/v1/signals/e-1/x", b"", &[]).await.unwrap();
     check(&a, 404, "not_found");
+    // HEAD is a GET without its body: the probes, and a signal's status
+    // signed as HEAD.
+    let read = "/v1/signals/e-1";
+    for (p, h) in [
+        ("/health", vec![]),
+        ("/ready", vec![]),
+        (read, c.headers(now, "HEAD", read, b"")),
+    ] {
+        let a = c.raw("HEAD", p, b"", &h).await.unwrap();
+        assert_eq!((a.status, &a.body), (200, &Value::Null), "HEAD {p}");
+    }
 
     // An id read back percent-encoded, as `encodeURIComponent` sends it.
     let colon = signal("acme", "payments", "payment", "ns:e-3", json!({}));

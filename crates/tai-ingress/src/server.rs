@@ -230,9 +230,11 @@ async fn route(
     body: Result<Bytes, BodyError>,
 ) -> Response {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    // HEAD is a GET without its body (hyper leaves the body out).
+    let get = *method == Method::GET || *method == Method::HEAD;
     match (method, segments.as_slice()) {
-        (&Method::GET, ["health"]) => json_reply(StatusCode::OK, &json!({"status": "ok"})),
-        (&Method::GET, ["ready"]) => match crate::not_ready(&s.store, &s.draining).await {
+        (_, ["health"]) if get => json_reply(StatusCode::OK, &json!({"status": "ok"})),
+        (_, ["ready"]) if get => match crate::not_ready(&s.store, &s.draining).await {
             None => json_reply(StatusCode::OK, &json!({"ready": true})),
             Some(reason) => json_reply(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -246,7 +248,7 @@ async fn route(
             };
             counted(s, r)
         }
-        (&Method::GET, ["v1", "signals", id]) => get_signal(s, path, headers, id),
+        (_, ["v1", "signals", id]) if get => get_signal(s, method, path, headers, id),
         (_, ["v1", "signals"]) => method_not_allowed(method, path, &Method::POST),
         (_, ["v1", "signals", _] | ["health"] | ["ready"]) => {
             method_not_allowed(method, path, &Method::GET)
@@ -519,11 +521,11 @@ async fn enqueue(signal: tai_core::signal::Signal, origin: IdOrigin) -> EnqueueO
     }
 }
 
-fn get_signal(s: &Shared, path: &str, headers: &HeaderMap, id: &str) -> Response {
+fn get_signal(s: &Shared, method: &Method, path: &str, headers: &HeaderMap, id: &str) -> Response {
     let tenant_id = match auth::verify(
         &s.tenants,
         presented(headers),
-        "GET",
+        method.as_str(),
         path,
         b"",
         now_secs(),
