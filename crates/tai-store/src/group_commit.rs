@@ -58,11 +58,10 @@ pub(crate) struct GroupCommit {
     waiting: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     done: watch::Receiver<(u64, Option<String>)>,
-    /// The first failed flush: sled fails every write after an I/O error
+    /// The first failure (a flush's, or a write's through
+    /// [`GroupCommit::fail`]): sled fails every write after an I/O error
     /// until it is opened again, so this store is done for.
-    fatal: watch::Receiver<Option<String>>,
-    /// Where the flusher and [`GroupCommit::fail`] report it.
-    fatal_tx: watch::Sender<Option<String>>,
+    fatal: watch::Sender<Option<String>>,
     thread: Option<JoinHandle<()>>,
     staged: Arc<Mutex<StagedRuns>>,
 }
@@ -75,8 +74,8 @@ impl GroupCommit {
         let pending = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = watch::channel((0u64, None));
-        let (fatal_tx, fatal) = watch::channel(None);
-        let report = fatal_tx.clone();
+        let fatal = watch::Sender::new(None);
+        let report = fatal.clone();
         let waiting = Arc::new(AtomicU64::new(0));
         let (s, p, st, w) = (
             started.clone(),
@@ -139,7 +138,6 @@ impl GroupCommit {
             stop,
             done: rx,
             fatal,
-            fatal_tx,
             thread: Some(thread),
             staged,
         }
@@ -162,7 +160,7 @@ impl GroupCommit {
     /// Marks the store on `db` failed (a write met the I/O error before a
     /// flush did); the first reason stays.
     pub(crate) fn fail(&self, reason: &str, db: &sled::Db) {
-        first_failure(&self.fatal_tx, reason, db);
+        first_failure(&self.fatal, reason, db);
     }
 
     /// Why this store can no longer make writes durable, once it cannot.
@@ -170,10 +168,9 @@ impl GroupCommit {
         self.fatal.borrow().clone()
     }
 
-    /// Waits until a flush fails (forever if none does).
+    /// Waits until the store fails (forever if it does not).
     pub(crate) async fn failed(&self) -> String {
-        let mut rx = self.fatal.clone();
-        // `None` when the flusher is gone (the store is closing).
+        let mut rx = self.fatal.subscribe();
         let first = rx
             .wait_for(Option::is_some)
             .await

@@ -336,6 +336,11 @@ fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T> {
     })
 }
 
+/// Where sled keeps the store inside a data directory.
+fn sled_dir(dir: &Path) -> std::path::PathBuf {
+    dir.join("sled")
+}
+
 impl Store {
     /// Opens (creating if needed) the store in `dir`. sled holds a lock on the
     /// directory: a second process on the same data dir is refused here.
@@ -347,7 +352,7 @@ impl Store {
     /// directory without one is an error, not a new empty store (which
     /// would verify as an empty ledger and leave sled's files behind).
     pub fn open_existing(dir: &Path) -> Result<Store> {
-        if !dir.join("sled").join("db").is_file() {
+        if !sled_dir(dir).join("db").is_file() {
             return Err(StoreError::Missing {
                 path: dir.display().to_string(),
             });
@@ -359,7 +364,7 @@ impl Store {
     /// default is 1 GiB, which a node with many tenants would fill).
     pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Store> {
         let db = sled::Config::new()
-            .path(dir.join("sled"))
+            .path(sled_dir(dir))
             .cache_capacity(cache_bytes)
             // Durability is ours (group commit); sled's own timer would only
             // add flushes that race ours.

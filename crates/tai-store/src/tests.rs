@@ -237,7 +237,7 @@ fn an_offline_open_wants_a_store_there_and_makes_none() {
         );
     }
     assert!(
-        !missing.exists() && !dir.path().join("sled").exists(),
+        !missing.exists() && !sled_dir(dir.path()).exists(),
         "nothing made"
     );
     // Where a node's store is, it goes on to open it (here: held, so refused).
