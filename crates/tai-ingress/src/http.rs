@@ -61,6 +61,12 @@ pub fn decode_segment(s: &str) -> std::borrow::Cow<'_, str> {
     percent_encoding::percent_decode_str(s).decode_utf8_lossy()
 }
 
+/// Whether a request with `method` is served by an endpoint that takes
+/// `takes`: HEAD is a GET without its body (hyper leaves the body out).
+pub fn answers(method: &Method, takes: &Method) -> bool {
+    method == takes || (*method == Method::HEAD && *takes == Method::GET)
+}
+
 /// `405` for a path asked with a method it does not take, with `Allow`.
 pub fn method_not_allowed(method: &Method, path: &str, takes: &Method) -> Response {
     let mut r = error_reply(

@@ -24,7 +24,9 @@ use warp::reply::Response;
 use warp::Filter;
 
 use crate::auth::{self, Presented, Tenants};
-use crate::http::{error_reply, json_reply, method_not_allowed, read_body_capped, BodyError};
+use crate::http::{
+    answers, error_reply, json_reply, method_not_allowed, read_body_capped, BodyError,
+};
 use crate::limits::Limits;
 use crate::replay::ReplayCache;
 
@@ -230,8 +232,7 @@ async fn route(
     body: Result<Bytes, BodyError>,
 ) -> Response {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    // HEAD is a GET without its body (hyper leaves the body out).
-    let get = *method == Method::GET || *method == Method::HEAD;
+    let get = answers(method, &Method::GET);
     match (method, segments.as_slice()) {
         (_, ["health"]) if get => json_reply(StatusCode::OK, &json!({"status": "ok"})),
         (_, ["ready"]) if get => match crate::not_ready(&s.store, &s.draining).await {

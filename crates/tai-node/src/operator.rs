@@ -16,7 +16,9 @@ use std::time::Duration;
 use serde_json::json;
 use tai_core::msg::{KanbanMsg, RouterMsg, ENGINE_ROUTER, KANBAN_QUEUE};
 use tai_core::ErrorCode;
-use tai_ingress::http::{error_reply as error, json_reply, method_not_allowed, read_body_capped};
+use tai_ingress::http::{
+    answers, error_reply as error, json_reply, method_not_allowed, read_body_capped,
+};
 use warp::http::{HeaderMap, Method, StatusCode};
 use warp::reply::Response;
 use warp::Filter;
@@ -166,8 +168,7 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
     let Some((endpoint, takes)) = Endpoint::parse(&segments) else {
         return error(ErrorCode::NotFound, format!("no such endpoint: {path}"));
     };
-    // HEAD is a GET without its body (hyper leaves the body out).
-    if *method != takes && !(*method == Method::HEAD && takes == Method::GET) {
+    if !answers(method, &takes) {
         return method_not_allowed(method, path, &takes);
     }
     match endpoint {
