@@ -669,6 +669,8 @@ pub enum GatewayMode {
     Fail,
     /// 200 after this many milliseconds.
     Slow(u64),
+    /// 302 Found to the health URL, which answers a GET with 200.
+    Redirect,
 }
 
 /// One request the gateway received.
@@ -695,13 +697,16 @@ impl Gateway {
         use warp::Filter;
         let mode = std::sync::Arc::new(std::sync::Mutex::new(GatewayMode::Ok));
         let hits = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (m, h) = (mode.clone(), hits.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let health_url = format!("http://{addr}/health");
+        let (m, h, to) = (mode.clone(), hits.clone(), health_url.clone());
         let route = warp::post()
             .and(warp::header::headers_cloned())
             .and(warp::body::bytes())
             .then(
                 move |headers: warp::http::HeaderMap, body: warp::hyper::body::Bytes| {
-                    let (m, h) = (m.clone(), h.clone());
+                    let (m, h, to) = (m.clone(), h.clone(), to.clone());
                     async move {
                         h.lock().unwrap().push(GatewayHit {
                             headers: headers
@@ -711,18 +716,17 @@ impl Gateway {
                             body: body.to_vec(),
                         });
                         let mode = *m.lock().unwrap();
-                        let status = match mode {
-                            GatewayMode::Ok => 200,
-                            GatewayMode::Fail => 500,
+                        let answer = warp::http::Response::builder();
+                        let answer = match mode {
+                            GatewayMode::Ok => answer.status(200),
+                            GatewayMode::Fail => answer.status(500),
                             GatewayMode::Slow(ms) => {
                                 tokio::time::sleep(Duration::from_millis(ms)).await;
-                                200
+                                answer.status(200)
                             }
+                            GatewayMode::Redirect => answer.status(302).header("location", to),
                         };
-                        warp::reply::with_status(
-                            "{}",
-                            warp::http::StatusCode::from_u16(status).unwrap(),
-                        )
+                        answer.body("{}").unwrap()
                     }
                 },
             );
@@ -743,12 +747,10 @@ impl Gateway {
                         );
                     warp::reply::json(&doc)
                 });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         tokio::spawn(warp::serve(health_route.or(route)).incoming(listener).run());
         Gateway {
             url: format!("http://{addr}/hook"),
-            health_url: format!("http://{addr}/health"),
+            health_url,
             mode,
             hits,
             health,

@@ -26,11 +26,13 @@ async fn until(what: &str, mut f: impl FnMut() -> bool) {
 #[tokio::test]
 async fn alerts_are_routed_by_severity_deduplicated_and_resolved() {
     let gateway = Gateway::start().await;
-    let (pager, chat, hook) = (
+    let (pager, chat, hook, moved) = (
+        Gateway::start().await,
         Gateway::start().await,
         Gateway::start().await,
         Gateway::start().await,
     );
+    moved.set(GatewayMode::Redirect);
     let extra = format!(
         r#"
 [alerts]
@@ -55,6 +57,12 @@ url = "{}"
 severities = ["warning"]
 
 [[alerts.channels]]
+name = "moved"
+kind = "webhook"
+url = "{}"
+severities = ["warning"]
+
+[[alerts.channels]]
 name = "journal"
 kind = "log"
 
@@ -68,7 +76,7 @@ reset_timeout_secs = 600
 policies = []
 executor = "gateway"
 "#,
-        pager.url, chat.url, hook.url, gateway.url
+        pager.url, chat.url, hook.url, moved.url, gateway.url
     );
     let node = Node::start_with(&test_config(&extra), &[]);
     let c = Client::new(&node, "acme", "acme-secret");
@@ -171,6 +179,28 @@ executor = "gateway"
             })
         })
         .await;
+    // A channel that answers with a redirect has not received the alert.
+    let letter = delivered
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["kind"] == "deadletter")
+        .unwrap();
+    let to_moved = letter["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["channel"] == "moved")
+        .unwrap_or_else(|| panic!("no delivery to the moved channel: {letter}"));
+    assert_eq!(
+        to_moved["status"], "answered 302 Found after 4 attempts",
+        "{letter}"
+    );
+    assert_eq!(
+        moved.hits().len(),
+        4,
+        "each attempt one POST, none followed"
+    );
     let first = &delivered.as_array().unwrap()[0];
     assert!(
         first["deliveries"]

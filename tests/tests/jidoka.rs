@@ -235,6 +235,27 @@ executor = "slowgw"
     );
 }
 
+/// A redirect is not a delivery: followed, a POST becomes a GET of the new
+/// address, whose 200 would record an action the target never received.
+#[tokio::test]
+async fn a_webhook_target_that_redirects_has_failed_the_call() {
+    let gw = Gateway::start().await;
+    let node = Node::start_with(&config(&gw.url, ""), &[]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    entitle(&c, "checkout").await;
+    gw.set(GatewayMode::Redirect);
+    send(&c, &pay("checkout", "moved-1")).await;
+    let s = c.decided("moved-1").await;
+    assert_eq!(s["status"], "failed", "{s}");
+    assert!(
+        s["reason"].as_str().unwrap_or_default().contains("302"),
+        "the reason names the answer: {s}"
+    );
+    assert_eq!(gw.hits().len(), 1, "one POST, nothing re-sent");
+    let b = breaker(&node, "gateway").await;
+    assert_eq!(b["failures"], 1, "the breaker counts it: {b}");
+}
+
 #[tokio::test]
 async fn a_melted_breaker_stays_open_across_a_restart_until_reset() {
     let gw = Gateway::start().await;

@@ -197,8 +197,10 @@ impl Actor for Alerts {
         _myself: ActorRef<AlertMsg>,
         config: AlertsConfig,
     ) -> Result<AlertsState, ActorProcessingErr> {
+        // Redirects are not followed: a POST turned into a GET is no delivery.
         let client = reqwest::Client::builder()
             .user_agent(concat!("tai-node/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(AlertsState {
             config,

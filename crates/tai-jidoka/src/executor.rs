@@ -390,8 +390,12 @@ impl Executors {
             })?
             .as_bytes()
             .to_vec();
+        // A redirect is an answer, not a delivery: followed, a 302 turns the
+        // POST into a GET of the new address, and its 200 would record an
+        // action the target never received.
         let client = reqwest::Client::builder()
             .user_agent(concat!("tai-node/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| format!("http client: {e}"))?;
         Ok(Executors {
