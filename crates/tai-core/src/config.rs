@@ -901,13 +901,11 @@ fn validate(c: &Config, errors: &mut Vec<ConfigError>) {
                     format!("executors.{name}.{key}"),
                     format!("a {:?} executor needs {key}", ex.kind).to_lowercase(),
                 )),
-                (_, Some(url)) if !(url.starts_with("http://") || url.starts_with("https://")) => {
-                    errors.push(err(
-                        format!("executors.{name}.{key}"),
-                        format!("{url:?} is not an http:// or https:// URL"),
-                    ))
+                (_, Some(url)) => {
+                    if let Some(problem) = http_url_problem(url) {
+                        errors.push(err(format!("executors.{name}.{key}"), problem))
+                    }
                 }
-                _ => {}
             }
         }
         if ex.timeout_ms == 0 {
@@ -941,13 +939,50 @@ fn validate(c: &Config, errors: &mut Vec<ConfigError>) {
             ));
         }
     }
+    let mut names = std::collections::HashSet::new();
     for (i, ch) in c.alerts.channels.iter().enumerate() {
-        if ch.kind != ChannelKind::Log && ch.url.as_deref().is_none_or(str::is_empty) {
+        if ch.name.is_empty() {
             errors.push(err(
-                format!("alerts.channels[{i}].url"),
-                "this channel kind needs a url",
+                format!("alerts.channels[{i}].name"),
+                "must not be empty",
+            ));
+        } else if !names.insert(ch.name.as_str()) {
+            errors.push(err(
+                format!("alerts.channels[{i}].name"),
+                format!("{:?} names another channel too", ch.name),
             ));
         }
+        match (ch.kind, ch.url.as_deref()) {
+            (ChannelKind::Log, _) => {}
+            (_, None | Some("")) => errors.push(err(
+                format!("alerts.channels[{i}].url"),
+                "this channel kind needs a url",
+            )),
+            (_, Some(url)) => {
+                if let Some(problem) = http_url_problem(url) {
+                    errors.push(err(format!("alerts.channels[{i}].url"), problem))
+                }
+            }
+        }
+        if ch.kind == ChannelKind::Pagerduty && ch.routing_key.as_deref().is_none_or(str::is_empty)
+        {
+            errors.push(err(
+                format!("alerts.channels[{i}].routing_key"),
+                "a pagerduty channel needs the routing key of its integration",
+            ));
+        }
+    }
+}
+
+/// Why `url` cannot be called over HTTP, if it cannot: found at start, not
+/// when the first action or alert is sent.
+fn http_url_problem(url: &str) -> Option<String> {
+    match url::Url::parse(url) {
+        Err(e) => Some(format!("{url:?} is not a URL: {e}")),
+        Ok(u) if !matches!(u.scheme(), "http" | "https") => {
+            Some(format!("{url:?} is not an http:// or https:// URL"))
+        }
+        Ok(_) => None,
     }
 }
 
@@ -1043,6 +1078,57 @@ mod tests {
         );
         let c = load("", vec![]).unwrap();
         assert_eq!(c.kanban.visibility_secs, 60);
+    }
+
+    #[test]
+    fn urls_and_channels_that_could_never_be_called_are_refused_by_name() {
+        let text = r#"
+            [executors.a]
+            kind = "webhook"
+            url = "http://"
+            [executors.b]
+            kind = "webhook"
+            url = "ftp://127.0.0.1/x"
+            [executors.c]
+            kind = "webhook"
+            url = "https://gateway.example:443/charge"
+            [[alerts.channels]]
+            name = "oncall"
+            kind = "pagerduty"
+            url = "127.0.0.1:9998/v2/enqueue"
+            [[alerts.channels]]
+            name = "oncall"
+            kind = "slack"
+            url = "http://127.0.0.1:9997/hook"
+        "#;
+        let errors = load(text, vec![]).unwrap_err();
+        let got: Vec<_> = errors
+            .iter()
+            .map(|e| (e.path.as_str(), e.message.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("executors.a.url", "\"http://\" is not a URL: empty host"),
+                (
+                    "executors.b.url",
+                    "\"ftp://127.0.0.1/x\" is not an http:// or https:// URL"
+                ),
+                (
+                    "alerts.channels[0].url",
+                    "\"127.0.0.1:9998/v2/enqueue\" is not a URL: relative URL without a base"
+                ),
+                (
+                    "alerts.channels[0].routing_key",
+                    "a pagerduty channel needs the routing key of its integration"
+                ),
+                (
+                    "alerts.channels[1].name",
+                    "\"oncall\" names another channel too"
+                ),
+            ],
+            "{errors:?}"
+        );
     }
 
     #[test]
