@@ -206,16 +206,23 @@ pub async fn snapshot(state: &NodeState) -> Value {
     })
 }
 
-/// The last `n` action receipts, newest first.
+/// How far back the board looks for action receipts: a snapshot is built
+/// every 2 s per open board, and a ledger of dead letters or breaker
+/// receipts holds no actions to find.
+const ACTION_SCAN: u64 = 2_000;
+
+/// The last `n` action receipts among the newest [`ACTION_SCAN`] receipts,
+/// newest first.
 fn last_actions(state: &NodeState, n: usize) -> Vec<Value> {
     let Ok(Some(head)) = state.store.head() else {
         return Vec::new();
     };
     let mut out = Vec::new();
     let mut upto = head.seq;
-    // Walk back in pages until n action receipts are found (or the start).
-    while out.len() < n && upto > 0 {
-        let from = upto.saturating_sub(200);
+    let floor = head.seq.saturating_sub(ACTION_SCAN);
+    // Walk back in pages until n action receipts are found (or the floor).
+    while out.len() < n && upto > floor {
+        let from = upto.saturating_sub(200).max(floor);
         let Ok(page) = state.store.receipts(from, 200, None) else {
             break;
         };
