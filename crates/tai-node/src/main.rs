@@ -32,6 +32,10 @@ struct Cli {
     /// Log format on stderr (the level comes from RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
+    /// The node's config: its addresses, admin token, tenant secrets and
+    /// receipt keys (every command reads it; `serve` runs by it).
+    #[arg(long, default_value = "config/dev.toml", global = true)]
+    config: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -45,27 +49,22 @@ enum LogFormat {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run a node.
-    Serve {
-        #[arg(long, default_value = "config/dev.toml")]
-        config: PathBuf,
-    },
+    Serve,
     /// Print the live supervision tree of a running node.
     Tree {
-        #[arg(long, default_value = "config/dev.toml")]
-        config: PathBuf,
         /// Print the JSON of GET /admin/tree instead.
         #[arg(long)]
         json: bool,
     },
     /// Send one signal, signed with the tenant's first secret from the config.
     Send {
-        #[arg(long, default_value = "config/dev.toml")]
-        config: PathBuf,
         /// Tenant id (default: the config's first tenant).
         #[arg(long)]
         tenant: Option<String>,
+        /// SKU id (a `[skus.NAME]` of the config).
         #[arg(long)]
         sku: String,
+        /// Signal kind, e.g. `entitlement` or `payment` (1-64 characters).
         #[arg(long)]
         kind: String,
         /// The payload, a JSON object.
@@ -74,21 +73,21 @@ enum Command {
         /// Idempotency key (default: the node assigns a ULID).
         #[arg(long)]
         id: Option<String>,
+        /// Mark the signal critical (a degraded engine still decides it).
         #[arg(long)]
         critical: bool,
     },
     /// Show a signal's status and receipts.
     Status {
+        /// The signal id (`X-Signal-Id` of its 202).
         id: String,
-        #[arg(long, default_value = "config/dev.toml")]
-        config: PathBuf,
+        /// The tenant that sent it (default: the config's first tenant).
         #[arg(long)]
         tenant: Option<String>,
     },
     /// List every policy engine (tenant × SKU).
     Tenants {
-        #[arg(long, default_value = "config/dev.toml")]
-        config: PathBuf,
+        /// Print the JSON of GET /admin/tenants instead.
         #[arg(long)]
         json: bool,
     },
@@ -96,31 +95,24 @@ enum Command {
     Halt {
         tenant: String,
         sku: String,
+        /// Why (kept in the `jidoka_halt` receipt).
         #[arg(long)]
         reason: Option<String>,
-        #[arg(long, default_value = "config/dev.toml")]
-        config: PathBuf,
     },
     /// Resume a halted or quota-exhausted engine.
-    Resume {
-        tenant: String,
-        sku: String,
-        #[arg(long, default_value = "config/dev.toml")]
-        config: PathBuf,
-    },
+    Resume { tenant: String, sku: String },
     /// Load generator: starts its own node unless --target (see BENCHMARKS.md).
     Bench {
-        #[arg(long, default_value = "config/dev.toml")]
-        config: PathBuf,
         #[command(flatten)]
         args: bench::BenchArgs,
     },
     /// List, export or verify receipts (online, or offline with --data-dir / --file).
     Receipts {
-        #[arg(long, default_value = "config/dev.toml")]
-        config: PathBuf,
+        /// Only this tenant's receipts (an export of one tenant does not
+        /// verify on its own: the chain runs through every tenant).
         #[arg(long)]
         tenant: Option<String>,
+        /// Verify the chain and the signed head (exit 1 naming the first bad seq).
         #[arg(long)]
         verify: bool,
         /// Write JSON lines (receipts, then the signed head) to FILE.
@@ -242,24 +234,13 @@ fn release_free_memory() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config_path = match &cli.command {
-        Command::Serve { config }
-        | Command::Tree { config, .. }
-        | Command::Send { config, .. }
-        | Command::Status { config, .. }
-        | Command::Tenants { config, .. }
-        | Command::Halt { config, .. }
-        | Command::Resume { config, .. }
-        | Command::Receipts { config, .. }
-        | Command::Bench { config, .. } => config.clone(),
-    };
-    let config = match load_config(&config_path) {
+    let config = match load_config(&cli.config) {
         Ok(c) => c,
         Err(code) => return code,
     };
     release_free_memory();
     let otlp = match &cli.command {
-        Command::Serve { .. } => config.kaizen.otlp_endpoint.as_deref(),
+        Command::Serve => config.kaizen.otlp_endpoint.as_deref(),
         _ => None,
     };
     let tracer = match init_logging(cli.log_format, otlp) {
@@ -281,8 +262,8 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Serve { .. } => node::serve(config).await,
-            Command::Tree { json, .. } => client::tree(&config, json).await,
+            Command::Serve => node::serve(config).await,
+            Command::Tree { json } => client::tree(&config, json).await,
             Command::Send {
                 tenant,
                 sku,
@@ -290,7 +271,6 @@ fn main() -> ExitCode {
                 payload,
                 id,
                 critical,
-                ..
             } => {
                 client::send(
                     &config,
@@ -305,25 +285,23 @@ fn main() -> ExitCode {
                 )
                 .await
             }
-            Command::Status { id, tenant, .. } => client::status(&config, tenant, &id).await,
-            Command::Tenants { json, .. } => client::tenants(&config, json).await,
+            Command::Status { id, tenant } => client::status(&config, tenant, &id).await,
+            Command::Tenants { json } => client::tenants(&config, json).await,
             Command::Halt {
                 tenant,
                 sku,
                 reason,
-                ..
             } => client::halt_resume(&config, true, &tenant, &sku, reason).await,
-            Command::Resume { tenant, sku, .. } => {
+            Command::Resume { tenant, sku } => {
                 client::halt_resume(&config, false, &tenant, &sku, None).await
             }
-            Command::Bench { args, .. } => bench::run(&config, args).await,
+            Command::Bench { args } => bench::run(&config, args).await,
             Command::Receipts {
                 tenant,
                 verify,
                 export,
                 data_dir,
                 file,
-                ..
             } => {
                 client::receipts(
                     &config,
