@@ -688,8 +688,8 @@ pub struct Gateway {
     pub health_url: String,
     mode: std::sync::Arc<std::sync::Mutex<GatewayMode>>,
     hits: std::sync::Arc<std::sync::Mutex<Vec<GatewayHit>>>,
-    /// Per stage name, the health it reports (default: healthy).
-    health: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Value>>>,
+    /// Per stage name, the status and health it reports (default: 200, healthy).
+    health: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, (u16, Value)>>>,
 }
 
 impl Gateway {
@@ -732,21 +732,22 @@ impl Gateway {
             );
         let health = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
             String,
-            Value,
+            (u16, Value),
         >::new()));
         let hl = health.clone();
-        let health_route =
-            warp::get()
-                .and(warp::path("health"))
-                .and(warp::query::<std::collections::HashMap<String, String>>())
-                .map(move |q: std::collections::HashMap<String, String>| {
-                    let stage = q.get("stage").cloned().unwrap_or_default();
-                    let doc =
-                        hl.lock().unwrap().get(&stage).cloned().unwrap_or_else(
-                            || serde_json::json!({"error_rate": 0.01, "p99_ms": 120}),
-                        );
-                    warp::reply::json(&doc)
+        let health_route = warp::get()
+            .and(warp::path("health"))
+            .and(warp::query::<std::collections::HashMap<String, String>>())
+            .map(move |q: std::collections::HashMap<String, String>| {
+                let stage = q.get("stage").cloned().unwrap_or_default();
+                let (status, doc) = hl.lock().unwrap().get(&stage).cloned().unwrap_or_else(|| {
+                    (200, serde_json::json!({"error_rate": 0.01, "p99_ms": 120}))
                 });
+                warp::reply::with_status(
+                    warp::reply::json(&doc),
+                    warp::http::StatusCode::from_u16(status).unwrap(),
+                )
+            });
         tokio::spawn(warp::serve(health_route.or(route)).incoming(listener).run());
         Gateway {
             url: format!("http://{addr}/hook"),
@@ -759,7 +760,15 @@ impl Gateway {
 
     /// Makes the health check of `stage` report `doc`.
     pub fn set_health(&self, stage: &str, doc: Value) {
-        self.health.lock().unwrap().insert(stage.to_string(), doc);
+        self.set_health_answer(stage, 200, doc);
+    }
+
+    /// Makes the health check of `stage` answer `status` with `doc`.
+    pub fn set_health_answer(&self, stage: &str, status: u16, doc: Value) {
+        self.health
+            .lock()
+            .unwrap()
+            .insert(stage.to_string(), (status, doc));
     }
 
     pub fn set(&self, mode: GatewayMode) {

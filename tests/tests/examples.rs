@@ -245,6 +245,18 @@ async fn deployments_roll_out_stage_by_stage_and_roll_back_a_bad_canary() {
             "action_failed"
         ]
     );
+
+    // Health answered with a redirect (or any non-2xx) is unknown health,
+    // even when its body reads as healthy: rolled back.
+    hook.set_health_answer("canary", 302, json!({"error_rate": 0.0, "p99_ms": 1}));
+    send(&c, "deployments", "deploy", "d-moved", deploy(0.01, 200.0)).await;
+    expect(
+        &c,
+        "d-moved",
+        "failed",
+        Some("rolled back: canary 5% in eu-west unhealthy: health unknown: health check answered 302 Found"),
+    )
+    .await;
     // Bad health is not the deploy hook failing: the breaker stays closed.
     let (_, breakers) = node.admin(Method::GET, "/admin/breakers").await;
     assert_eq!(breakers[0]["state"], "closed", "{breakers}");

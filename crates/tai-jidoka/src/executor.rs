@@ -604,7 +604,7 @@ impl Executors {
     ) -> Result<(f64, f64), String> {
         let url = target.health_url.as_deref().unwrap_or_default();
         let percent = stage.percent.to_string();
-        let doc: serde_json::Value = self
+        let response = self
             .client
             .get(url)
             .timeout(Duration::from_millis(target.timeout_ms))
@@ -616,8 +616,12 @@ impl Executors {
             ])
             .send()
             .await
-            .and_then(reqwest::Response::error_for_status)
-            .map_err(|e| format!("health check failed: {e}"))?
+            .map_err(|e| format!("health check failed: {e}"))?;
+        // Only a 2xx answer is health (a redirect is not followed).
+        if !response.status().is_success() {
+            return Err(format!("health check answered {}", response.status()));
+        }
+        let doc: serde_json::Value = response
             .json()
             .await
             .map_err(|e| format!("health answer is not JSON: {e}"))?;
