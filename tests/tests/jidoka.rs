@@ -256,6 +256,85 @@ async fn a_webhook_target_that_redirects_has_failed_the_call() {
     assert_eq!(b["failures"], 1, "the breaker counts it: {b}");
 }
 
+/// Every signal goes through the engine router: an operator's question
+/// about an engine that is running a slow action must not hold it up.
+#[tokio::test]
+async fn asking_about_a_busy_engine_holds_up_no_other_signal() {
+    let (gw, slow) = (Gateway::start().await, Gateway::start().await);
+    slow.set(GatewayMode::Slow(3_000));
+    let extra = format!(
+        r#"
+[executors.slowgw]
+kind = "webhook"
+url = "{}"
+timeout_ms = 10000
+
+[skus.slowpay]
+policies = []
+executor = "slowgw"
+
+[skus.quick]
+policies = []
+executor = "log"
+"#,
+        slow.url
+    );
+    let node = Node::start_with(&config(&gw.url, &extra), &[]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    entitle(&c, "slowpay").await;
+    entitle(&c, "quick").await;
+    send(&c, &pay("slowpay", "slow-1")).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while slow.hits().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slow call never came"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+
+    // Answered from the checkpoint while the engine waits on its action.
+    let (status, e) = node.admin(Method::GET, "/admin/tenants/acme/slowpay").await;
+    assert_eq!(status, 200, "{e}");
+    assert_eq!(e["state"], "action_pending", "{e}");
+    assert_eq!(e["active"], true, "{e}");
+    assert!(e["in_flight_action"].is_string(), "{e}");
+    let (status, all) = node.admin(Method::GET, "/admin/tenants").await;
+    assert_eq!(status, 200, "{all}");
+    assert!(
+        all.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["sku_id"] == "slowpay" && e["state"] == "action_pending"),
+        "{all}"
+    );
+
+    // Another engine decides meanwhile, and a halt of the busy one waits for
+    // it without holding the others up.
+    let halt = {
+        let node = &node;
+        async move {
+            node.admin(Method::POST, "/admin/tenants/acme/slowpay/halt")
+                .await
+        }
+    };
+    let quick = async {
+        send(&c, &pay("quick", "quick-1")).await;
+        let quick = c.decided("quick-1").await;
+        let slow_then = c.status("slow-1").await.body;
+        (quick, slow_then)
+    };
+    let ((status, halted), (quick, slow_then)) = tokio::join!(halt, quick);
+    assert_eq!(quick["status"], "completed", "{quick}");
+    assert!(
+        !["completed", "failed"].contains(&slow_then["status"].as_str().unwrap_or_default()),
+        "the quick signal was decided while the slow action was still running: {slow_then}"
+    );
+    assert_eq!(status, 200, "{halted}");
+    assert_eq!(halted["state"], "halted", "{halted}");
+    assert_eq!(c.decided("slow-1").await["status"], "completed");
+}
+
 #[tokio::test]
 async fn a_melted_breaker_stays_open_across_a_restart_until_reset() {
     let gw = Gateway::start().await;

@@ -25,6 +25,8 @@ use crate::machine::{Data, Sku};
 
 const CALL: Duration = Duration::from_secs(10);
 
+const PASSIVATING: &str = "the engine is being passivated; try again";
+
 #[derive(Clone, Copy, Debug)]
 pub struct Router;
 
@@ -211,25 +213,96 @@ impl Router {
         Ok(())
     }
 
-    /// Asks a running engine, or reads a passivated one's checkpoint.
-    async fn info(st: &RouterState, tenant: &str, sku_id: &str) -> Option<EngineInfo> {
-        let name = engine_name(tenant, sku_id);
-        if let Some(r) = engine_ref(&name) {
-            if let Ok(ractor::rpc::CallResult::Success(info)) =
-                r.call(EngineMsg::Info, Some(CALL)).await
-            {
-                return Some(info);
-            }
+    /// Sends `msg` to the engine now (so operator commands reach it in the
+    /// order they came) and answers `reply` from a task: an engine running an
+    /// action answers only once it ends, and the router must not wait.
+    fn ask_engine(
+        engine: ActorRef<EngineMsg>,
+        msg: impl FnOnce(ractor::RpcReplyPort<EngineInfo>) -> EngineMsg,
+        what: &'static str,
+        reply: ractor::RpcReplyPort<Result<EngineInfo, String>>,
+    ) {
+        let (tx, rx) = ractor::concurrency::oneshot();
+        if engine.send_message(msg(tx.into())).is_err() {
+            let _ = reply.send(Err("the engine stopped; try again".to_string()));
+            return;
         }
-        let bytes = match st.args.store.checkpoint(tenant, sku_id) {
-            Ok(bytes) => bytes?,
-            Err(e) => {
-                warn!(tenant = %tenant, sku = %sku_id, error = %e, "cannot read a passivated engine's checkpoint");
-                return None;
-            }
-        };
-        passive_data(tenant, sku_id, &bytes).map(|data| passive_info(tenant, sku_id, &data))
+        tokio::spawn(async move {
+            let answer = match tokio::time::timeout(CALL, rx).await {
+                Ok(Ok(info)) => Ok(info),
+                Ok(Err(_)) => Err("the engine stopped before answering; try again".to_string()),
+                Err(_) => Err(format!(
+                    "the engine did not answer within {} s (an action in flight?); the {what} is in its mailbox and takes effect once it is free",
+                    CALL.as_secs()
+                )),
+            };
+            let _ = reply.send(answer);
+        });
     }
+}
+
+/// How long an operator's question waits for a live engine before it is
+/// answered from the engine's checkpoint (written on every transition): an
+/// engine running an action answers only once the action ends.
+const INFO_WAIT: Duration = Duration::from_secs(1);
+
+/// Asks a running engine (its checkpoint if it is busy), or reads a
+/// passivated one's checkpoint. Run off the router, which must never wait
+/// on an engine: every signal goes through it.
+async fn info(store: &Store, tenant: &str, sku_id: &str) -> Option<EngineInfo> {
+    let name = engine_name(tenant, sku_id);
+    let live = engine_ref(&name);
+    if let Some(r) = &live {
+        if let Ok(ractor::rpc::CallResult::Success(info)) =
+            r.call(EngineMsg::Info, Some(INFO_WAIT)).await
+        {
+            return Some(info);
+        }
+    }
+    let bytes = match store.checkpoint(tenant, sku_id) {
+        Ok(bytes) => bytes?,
+        Err(e) => {
+            warn!(tenant = %tenant, sku = %sku_id, error = %e, "cannot read an engine's checkpoint");
+            return None;
+        }
+    };
+    let mut info =
+        passive_data(tenant, sku_id, &bytes).map(|data| passive_info(tenant, sku_id, &data))?;
+    info.active = live.is_some();
+    Some(info)
+}
+
+/// Every engine, live or passivated, by tenant then SKU.
+async fn all_engines(store: Store, live: Vec<(String, String, String)>) -> Vec<EngineInfo> {
+    let restarts = engine_restarts().await;
+    let asked = futures::future::join_all(live.iter().map(|(name, t, s)| {
+        let (store, restarts) = (&store, &restarts);
+        async move {
+            let mut i = info(store, t, s).await?;
+            i.restarts = restarts.get(name).copied().unwrap_or(0);
+            Some(i)
+        }
+    }))
+    .await;
+    let mut out: Vec<EngineInfo> = asked.into_iter().flatten().collect();
+    let seen: std::collections::HashSet<(String, String)> = out
+        .iter()
+        .map(|i| (i.tenant_id.clone(), i.sku_id.clone()))
+        .collect();
+    let passive = store.checkpoints().unwrap_or_else(|e| {
+        warn!(error = %e, "cannot list passivated engines");
+        Vec::new()
+    });
+    for (t, s, bytes) in passive {
+        if seen.contains(&(t.clone(), s.clone())) {
+            continue;
+        }
+        if let Some(data) = passive_data(&t, &s, &bytes) {
+            out.push(passive_info(&t, &s, &data));
+        }
+    }
+    out.sort_by(|a, b| (&a.tenant_id, &a.sku_id).cmp(&(&b.tenant_id, &b.sku_id)));
+    out
 }
 
 /// A passivated engine's checkpoint; one that does not decode is left out
@@ -411,77 +484,61 @@ impl Actor for Router {
                 }
             }
             RouterMsg::Engines(reply) => {
-                let restarts = engine_restarts().await;
-                let mut seen = std::collections::HashSet::new();
-                let mut out = Vec::new();
-                for (name, e) in &st.engines {
-                    if let Some(mut i) = Self::info(st, &e.tenant_id, &e.sku_id).await {
-                        i.restarts = restarts.get(name).copied().unwrap_or(0);
-                        seen.insert((i.tenant_id.clone(), i.sku_id.clone()));
-                        out.push(i);
-                    }
-                }
-                let passive = st.args.store.checkpoints().unwrap_or_else(|e| {
-                    warn!(error = %e, "cannot list passivated engines");
-                    Vec::new()
+                let live = st
+                    .engines
+                    .iter()
+                    .map(|(name, e)| (name.clone(), e.tenant_id.clone(), e.sku_id.clone()))
+                    .collect();
+                let store = st.args.store.clone();
+                tokio::spawn(async move {
+                    let _ = reply.send(all_engines(store, live).await);
                 });
-                for (t, s, bytes) in passive {
-                    if seen.contains(&(t.clone(), s.clone())) {
-                        continue;
-                    }
-                    if let Some(data) = passive_data(&t, &s, &bytes) {
-                        out.push(passive_info(&t, &s, &data));
-                    }
-                }
-                out.sort_by(|a, b| (&a.tenant_id, &a.sku_id).cmp(&(&b.tenant_id, &b.sku_id)));
-                let _ = reply.send(out);
             }
             RouterMsg::Engine {
                 tenant_id,
                 sku_id,
                 reply,
             } => {
-                let mut info = Self::info(st, &tenant_id, &sku_id).await;
-                if let Some(i) = info.as_mut() {
-                    i.restarts = engine_restarts()
-                        .await
-                        .get(&engine_name(&tenant_id, &sku_id))
-                        .copied()
-                        .unwrap_or(0);
-                }
-                let _ = reply.send(info);
+                let store = st.args.store.clone();
+                tokio::spawn(async move {
+                    let mut info = info(&store, &tenant_id, &sku_id).await;
+                    if let Some(i) = info.as_mut() {
+                        i.restarts = engine_restarts()
+                            .await
+                            .get(&engine_name(&tenant_id, &sku_id))
+                            .copied()
+                            .unwrap_or(0);
+                    }
+                    let _ = reply.send(info);
+                });
             }
             RouterMsg::Halt {
                 tenant_id,
                 sku_id,
                 reason,
                 reply,
-            } => {
-                let answer = match Self::ensure(&myself, st, &tenant_id, &sku_id).await {
-                    Ok(Some(e)) => match e.call(|r| EngineMsg::Halt(reason, r), Some(CALL)).await {
-                        Ok(ractor::rpc::CallResult::Success(i)) => Ok(i),
-                        _ => Err("the engine did not answer".to_string()),
-                    },
-                    Ok(None) => Err("the engine is being passivated; try again".to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                let _ = reply.send(answer);
-            }
+            } => match Self::ensure(&myself, st, &tenant_id, &sku_id).await {
+                Ok(Some(e)) => Self::ask_engine(e, |r| EngineMsg::Halt(reason, r), "halt", reply),
+                Ok(None) => {
+                    let _ = reply.send(Err(PASSIVATING.to_string()));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.to_string()));
+                }
+            },
             RouterMsg::Resume {
                 tenant_id,
                 sku_id,
                 reply,
-            } => {
-                let answer = match Self::ensure(&myself, st, &tenant_id, &sku_id).await {
-                    Ok(Some(e)) => match e.call(EngineMsg::Resume, Some(CALL)).await {
-                        Ok(ractor::rpc::CallResult::Success(i)) => Ok(i),
-                        _ => Err("the engine did not answer".to_string()),
-                    },
-                    Ok(None) => Err("the engine is being passivated; try again".to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                let _ = reply.send(answer);
-            }
+            } => match Self::ensure(&myself, st, &tenant_id, &sku_id).await {
+                Ok(Some(e)) => Self::ask_engine(e, EngineMsg::Resume, "resume", reply),
+                Ok(None) => {
+                    let _ = reply.send(Err(PASSIVATING.to_string()));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.to_string()));
+                }
+            },
         }
         Ok(())
     }
