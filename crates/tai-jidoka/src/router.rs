@@ -289,18 +289,20 @@ async fn all_engines(store: Store, live: Vec<(String, String, String)>) -> Vec<E
         .iter()
         .map(|i| (i.tenant_id.clone(), i.sku_id.clone()))
         .collect();
-    let passive = store.checkpoints().unwrap_or_else(|e| {
-        warn!(error = %e, "cannot list passivated engines");
-        Vec::new()
-    });
-    for (t, s, bytes) in passive {
-        if seen.contains(&(t.clone(), s.clone())) {
-            continue;
-        }
-        if let Some(data) = passive_data(&t, &s, &bytes) {
-            out.push(passive_info(&t, &s, &data));
-        }
-    }
+    // Every checkpoint is read and decoded: off the async workers.
+    let passive = tokio::task::spawn_blocking(move || {
+        let all = store.checkpoints().unwrap_or_else(|e| {
+            warn!(error = %e, "cannot list passivated engines");
+            Vec::new()
+        });
+        all.into_iter()
+            .filter(|(t, s, _)| !seen.contains(&(t.clone(), s.clone())))
+            .filter_map(|(t, s, bytes)| Some(passive_info(&t, &s, &passive_data(&t, &s, &bytes)?)))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    out.extend(passive);
     out.sort_by(|a, b| (&a.tenant_id, &a.sku_id).cmp(&(&b.tenant_id, &b.sku_id)));
     out
 }

@@ -278,18 +278,25 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
             Ok(stats) => json_reply(StatusCode::OK, &stats),
             Err(r) => r,
         },
-        Endpoint::DeadLetters => dead_letters(state, req.query),
+        Endpoint::DeadLetters => {
+            let (store, query) = (state.store.clone(), req.query.clone());
+            blocking(move || dead_letters(&store, &query)).await
+        }
         Endpoint::Replay(id) => replay(state, &decode(id), req.query.get("tenant")).await,
-        Endpoint::Receipts => receipts(state, req.query),
+        Endpoint::Receipts => {
+            let (store, query) = (state.store.clone(), req.query.clone());
+            blocking(move || receipts(&store, &query)).await
+        }
         // What an export ends with: receipts up to its seq are the ledger.
         Endpoint::ReceiptsHead => match state.store.head() {
             Ok(head) => json_reply(StatusCode::OK, &json!({ "signed_head": head })),
             Err(e) => error(ErrorCode::Internal, format!("store: {e}")),
         },
-        Endpoint::VerifyReceipts => json_reply(
-            StatusCode::OK,
-            &tai_andon::verify_store(&state.store, &state.config.andon.signing_keys),
-        ),
+        Endpoint::VerifyReceipts => {
+            let (store, keys) = (state.store.clone(), state.config.andon.signing_keys.clone());
+            blocking(move || json_reply(StatusCode::OK, &tai_andon::verify_store(&store, &keys)))
+                .await
+        }
         Endpoint::Shutdown => {
             state.request_shutdown("POST /admin/shutdown");
             json_reply(StatusCode::ACCEPTED, &json!({"status": "shutting_down"}))
@@ -564,13 +571,22 @@ fn page(query: &HashMap<String, String>) -> Result<(usize, Option<&str>), Respon
     Ok((limit, tenant))
 }
 
-fn receipts(state: &NodeState, query: &HashMap<String, String>) -> Response {
+/// Runs `f`, which reads through the store (a ledger of millions of
+/// receipts takes seconds), on tokio's blocking pool: the node has two
+/// async workers, and the signal path needs them.
+async fn blocking(f: impl FnOnce() -> Response + Send + 'static) -> Response {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| error(ErrorCode::Internal, format!("the store read failed: {e}")))
+}
+
+fn receipts(store: &tai_store::Store, query: &HashMap<String, String>) -> Response {
     let (after, (limit, tenant)) =
         match num(query, "after_seq", 0).and_then(|a| Ok((a, page(query)?))) {
             Ok(v) => v,
             Err(r) => return r,
         };
-    match state.store.receipts(after, limit, tenant) {
+    match store.receipts(after, limit, tenant) {
         Ok(list) => json_reply(StatusCode::OK, &list),
         Err(e) => error(ErrorCode::Internal, e.to_string()),
     }
@@ -578,7 +594,7 @@ fn receipts(state: &NodeState, query: &HashMap<String, String>) -> Response {
 
 /// `after={tenant}/{signal_id}`: the last letter of the page before
 /// (tenant names have no `/`).
-fn dead_letters(state: &NodeState, query: &HashMap<String, String>) -> Response {
+fn dead_letters(store: &tai_store::Store, query: &HashMap<String, String>) -> Response {
     let (limit, tenant) = match page(query) {
         Ok(v) => v,
         Err(r) => return r,
@@ -593,7 +609,7 @@ fn dead_letters(state: &NodeState, query: &HashMap<String, String>) -> Response 
             )
         }
     };
-    match state.store.dead_letters(tenant, after, limit) {
+    match store.dead_letters(tenant, after, limit) {
         Ok(letters) => json_reply(StatusCode::OK, &letters),
         Err(e) => error(ErrorCode::Internal, format!("store: {e}")),
     }
