@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tai_core::config::{AlertsConfig, AndonConfig};
 use tai_core::msg::{ANDON_ALERTS, ANDON_LEDGER};
-use tai_core::receipt::{verify_ledger, VerifyReport};
+use tai_core::receipt::{ChainVerifier, VerifyReport};
 use tai_otp::{ChildSpec, Strategy, SupervisorSpec};
 use tai_store::Store;
 
@@ -41,16 +41,59 @@ pub fn supervisor_spec(store: Store, config: AndonConfig, alerts: AlertsConfig) 
         ))
 }
 
-/// Verifies the whole ledger in a store against its signed head.
-pub fn verify_store(store: &Store, keys: &BTreeMap<String, String>) -> VerifyReport {
-    let head = match store.head() {
+/// What a verification of a store covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extent {
+    /// The ledger as of its signed head, read first: a running node appends
+    /// while the receipts are read, and what it appends meanwhile is the
+    /// next verification's (reading it as an unsigned extension was a false
+    /// alarm under traffic).
+    AsOfHead,
+    /// Everything stored: a stopped node's data dir, where a receipt past
+    /// the signed head is an unsigned extension.
+    Whole,
+}
+
+/// Verifies a store's ledger against its signed head, a block at a time
+/// (constant memory, whatever the ledger's length).
+pub fn verify_store(
+    store: &Store,
+    keys: &BTreeMap<String, String>,
+    extent: Extent,
+) -> VerifyReport {
+    let mut head = match store.head() {
         Ok(h) => h,
         Err(e) => return unreadable(e.to_string()),
     };
-    match store.all_receipts() {
-        Ok(receipts) => verify_ledger(&receipts, keys, head.as_ref()),
-        Err(e) => unreadable(e.to_string()),
+    if extent == Extent::AsOfHead && head.is_none() {
+        // The first receipts may have landed since: their head with them.
+        if store.receipt_blocks(0).next().is_some() {
+            match store.head() {
+                Ok(h) => head = h,
+                Err(e) => return unreadable(e.to_string()),
+            }
+        }
     }
+    let upto = match (extent, &head) {
+        (Extent::AsOfHead, Some(h)) => h.seq,
+        _ => u64::MAX,
+    };
+    let mut v = ChainVerifier::new(keys);
+    'walk: for block in store.receipt_blocks(0) {
+        let block = match block {
+            Ok(b) => b,
+            Err(e) => return v.broken(format!("unreadable receipt block: {e}")),
+        };
+        for r in block.iter().take_while(|r| r.seq <= upto) {
+            if !v.push(r) {
+                break 'walk;
+            }
+        }
+        if block.last().is_some_and(|r| r.seq >= upto) {
+            break;
+        }
+    }
+    v.finish_ledger(head.as_ref())
 }
 
 fn unreadable(reason: String) -> VerifyReport {

@@ -249,16 +249,7 @@ pub fn verify_ledger(
     keys: &BTreeMap<String, String>,
     head: Option<&SignedHead>,
 ) -> VerifyReport {
-    let mut report = verify_chain(receipts, keys, head);
-    if report.ok && head.is_none() && !receipts.is_empty() {
-        report.ok = false;
-        report.first_bad_seq = Some(report.head_seq + 1);
-        report.reason = Some(
-            "no signed head: a cut tail cannot be ruled out (an export ends with its signed head)"
-                .into(),
-        );
-    }
-    report
+    ChainVerifier::walk(receipts, keys).finish_ledger(head)
 }
 
 /// Walks a ledger in order. Any edit, deletion, insertion or reordering makes
@@ -269,102 +260,161 @@ pub fn verify_chain<'a>(
     keys: &BTreeMap<String, String>,
     head: Option<&SignedHead>,
 ) -> VerifyReport {
-    let mut count = 0u64;
-    let mut prev_hash = GENESIS_HASH.to_string();
-    let mut expected_seq = 1u64;
-    let fail = |count: u64, seq: u64, prev: &str, why: String| VerifyReport {
-        ok: false,
-        count,
-        head_seq: seq.saturating_sub(1),
-        head_hash: prev.to_string(),
-        first_bad_seq: Some(seq),
-        reason: Some(why),
-    };
-    for r in receipts {
-        if r.seq != expected_seq {
-            return fail(
-                count,
-                expected_seq,
-                &prev_hash,
-                format!("expected seq {expected_seq}, found {}", r.seq),
-            );
+    ChainVerifier::walk(receipts, keys).finish(head)
+}
+
+/// Verifies a ledger one receipt at a time, so a ledger of any length (a
+/// store's millions, a large export) is checked in constant memory.
+pub struct ChainVerifier<'k> {
+    keys: &'k BTreeMap<String, String>,
+    count: u64,
+    prev_hash: String,
+    expected_seq: u64,
+    failure: Option<VerifyReport>,
+}
+
+impl<'k> ChainVerifier<'k> {
+    pub fn new(keys: &'k BTreeMap<String, String>) -> Self {
+        ChainVerifier {
+            keys,
+            count: 0,
+            prev_hash: GENESIS_HASH.to_string(),
+            expected_seq: 1,
+            failure: None,
         }
-        if r.prev_hash != prev_hash {
-            return fail(
-                count,
+    }
+
+    /// A verifier that has been fed `receipts` (up to the first bad one).
+    fn walk<'a>(
+        receipts: impl IntoIterator<Item = &'a Receipt>,
+        keys: &'k BTreeMap<String, String>,
+    ) -> Self {
+        let mut v = ChainVerifier::new(keys);
+        for r in receipts {
+            if !v.push(r) {
+                break;
+            }
+        }
+        v
+    }
+
+    fn fail(&self, seq: u64, why: String) -> VerifyReport {
+        VerifyReport {
+            ok: false,
+            count: self.count,
+            head_seq: seq.saturating_sub(1),
+            head_hash: self.prev_hash.clone(),
+            first_bad_seq: Some(seq),
+            reason: Some(why),
+        }
+    }
+
+    /// Why `r` cannot be the next receipt, and at which seq.
+    fn problem(&self, r: &Receipt) -> Option<(u64, String)> {
+        if r.seq != self.expected_seq {
+            let expected = self.expected_seq;
+            return Some((
+                expected,
+                format!("expected seq {expected}, found {}", r.seq),
+            ));
+        }
+        if r.prev_hash != self.prev_hash {
+            return Some((
                 r.seq,
-                &prev_hash,
                 "prev_hash does not link to the previous receipt".into(),
-            );
+            ));
         }
         if r.compute_hash() != r.hash {
-            return fail(
-                count,
-                r.seq,
-                &prev_hash,
-                "hash does not match the receipt's content".into(),
-            );
+            return Some((r.seq, "hash does not match the receipt's content".into()));
         }
-        let Some(key) = keys.get(&r.key_id) else {
-            return fail(
-                count,
-                r.seq,
-                &prev_hash,
-                format!("unknown signing key {:?}", r.key_id),
-            );
+        let Some(key) = self.keys.get(&r.key_id) else {
+            return Some((r.seq, format!("unknown signing key {:?}", r.key_id)));
         };
         if !verify_signature(key.as_bytes(), &r.hash, &r.signature) {
-            return fail(count, r.seq, &prev_hash, "bad signature".into());
+            return Some((r.seq, "bad signature".into()));
         }
-        count += 1;
-        expected_seq += 1;
-        prev_hash = r.hash.clone();
+        None
     }
-    let last = expected_seq - 1;
-    if let Some(head) = head {
-        if !head.is_authentic(keys) {
-            return fail(
-                count,
-                last + 1,
-                &prev_hash,
-                "the signed head's signature is bad".into(),
-            );
+
+    /// Checks the next receipt; false once the chain has failed (what
+    /// follows is not looked at).
+    pub fn push(&mut self, r: &Receipt) -> bool {
+        if self.failure.is_some() {
+            return false;
         }
-        if head.seq > last {
-            return fail(
-                count,
-                last + 1,
-                &prev_hash,
-                format!(
-                    "ledger ends at {last} but its signed head is at {}",
-                    head.seq
-                ),
-            );
+        if let Some((seq, why)) = self.problem(r) {
+            self.failure = Some(self.fail(seq, why));
+            return false;
         }
-        if head.seq < last {
-            return fail(
-                count,
-                head.seq + 1,
-                &prev_hash,
-                format!("receipts past the signed head at {}", head.seq),
-            );
+        self.count += 1;
+        self.expected_seq += 1;
+        self.prev_hash = r.hash.clone();
+        true
+    }
+
+    /// The ledger could not be read on from here: it fails at the next seq.
+    pub fn broken(mut self, why: String) -> VerifyReport {
+        let seq = self.expected_seq;
+        self.failure.take().unwrap_or_else(|| self.fail(seq, why))
+    }
+
+    /// The report; with `head`, the chain must end exactly at it.
+    pub fn finish(self, head: Option<&SignedHead>) -> VerifyReport {
+        if let Some(f) = self.failure {
+            return f;
         }
-        if head.hash != prev_hash {
-            return fail(
-                count,
-                last,
-                &prev_hash,
-                "last receipt's hash differs from the signed head".into(),
-            );
+        let last = self.expected_seq - 1;
+        if let Some(head) = head {
+            let problem = if !head.is_authentic(self.keys) {
+                Some((last + 1, "the signed head's signature is bad".to_string()))
+            } else if head.seq > last {
+                Some((
+                    last + 1,
+                    format!(
+                        "ledger ends at {last} but its signed head is at {}",
+                        head.seq
+                    ),
+                ))
+            } else if head.seq < last {
+                Some((
+                    head.seq + 1,
+                    format!("receipts past the signed head at {}", head.seq),
+                ))
+            } else if head.hash != self.prev_hash {
+                Some((
+                    last,
+                    "last receipt's hash differs from the signed head".to_string(),
+                ))
+            } else {
+                None
+            };
+            if let Some((seq, why)) = problem {
+                return self.fail(seq, why);
+            }
+        }
+        VerifyReport {
+            ok: true,
+            count: self.count,
+            head_seq: last,
+            head_hash: self.prev_hash,
+            first_bad_seq: None,
+            reason: None,
         }
     }
-    VerifyReport {
-        ok: true,
-        count,
-        head_seq: last,
-        head_hash: prev_hash,
-        first_bad_seq: None,
-        reason: None,
+
+    /// [`Self::finish`] for a whole ledger, which must have its signed head
+    /// once it has receipts ([`verify_ledger`]).
+    pub fn finish_ledger(self, head: Option<&SignedHead>) -> VerifyReport {
+        let mut report = self.finish(head);
+        if report.ok && head.is_none() && report.count > 0 {
+            report.ok = false;
+            report.first_bad_seq = Some(report.head_seq + 1);
+            report.reason = Some(
+                "no signed head: a cut tail cannot be ruled out (an export ends with its signed head)"
+                    .into(),
+            );
+        }
+        report
     }
 }
 

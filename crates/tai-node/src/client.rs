@@ -324,60 +324,119 @@ enum ExportLine {
     Receipt(Box<tai_core::receipt::Receipt>),
 }
 
-fn read_export(
+/// Verifies an exported file a line at a time (constant memory, whatever
+/// its length); a line that is neither a receipt nor the head is an error.
+fn verify_export(
     path: &std::path::Path,
-) -> anyhow::Result<(
-    Vec<tai_core::receipt::Receipt>,
-    Option<tai_core::receipt::SignedHead>,
-)> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut receipts = Vec::new();
+    keys: &std::collections::BTreeMap<String, String>,
+) -> anyhow::Result<tai_core::receipt::VerifyReport> {
+    use std::io::BufRead;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut v = tai_core::receipt::ChainVerifier::new(keys);
     let mut head = None;
-    for (i, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        match serde_json::from_str::<ExportLine>(line)
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.with_context(|| format!("cannot read {}", path.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<ExportLine>(&line)
             .with_context(|| format!("{}:{}: not a receipt", path.display(), i + 1))?
         {
             ExportLine::Head { signed_head } => head = Some(signed_head),
-            ExportLine::Receipt(r) => receipts.push(*r),
+            ExportLine::Receipt(r) => {
+                v.push(&r);
+            }
         }
     }
-    Ok((receipts, head))
+    Ok(v.finish_ledger(head.as_ref()))
 }
 
-fn write_export(
-    path: &std::path::Path,
-    receipts: &[tai_core::receipt::Receipt],
-    head: Option<tai_core::receipt::SignedHead>,
-) -> anyhow::Result<()> {
-    let mut out = String::new();
-    for r in receipts {
-        out.push_str(&serde_json::to_string(r)?);
-        out.push('\n');
+/// Where listed or exported receipts go, one at a time: stdout, or an
+/// export file written beside its name and renamed into place once whole
+/// (a failed export leaves no partial file and keeps an earlier one).
+struct Sink {
+    out: Box<dyn std::io::Write>,
+    /// (the file being written, its final name).
+    file: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    count: u64,
+}
+
+impl Sink {
+    fn open(export: Option<&std::path::Path>) -> anyhow::Result<Sink> {
+        let Some(path) = export else {
+            return Ok(Sink {
+                out: Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+                file: None,
+                count: 0,
+            });
+        };
+        let mut partial = path.as_os_str().to_owned();
+        partial.push(".partial");
+        let partial = std::path::PathBuf::from(partial);
+        let f = std::fs::File::create(&partial)
+            .with_context(|| format!("cannot write {}", partial.display()))?;
+        Ok(Sink {
+            out: Box::new(std::io::BufWriter::new(f)),
+            file: Some((partial, path.to_path_buf())),
+            count: 0,
+        })
     }
-    if let Some(signed_head) = head {
-        out.push_str(&serde_json::to_string(&ExportLine::Head { signed_head })?);
-        out.push('\n');
+
+    fn line(&mut self, value: &impl serde::Serialize) -> anyhow::Result<()> {
+        serde_json::to_writer(&mut self.out, value)?;
+        self.out.write_all(b"\n")?;
+        Ok(())
     }
-    std::fs::write(path, out).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+
+    fn receipt(&mut self, r: &tai_core::receipt::Receipt) -> anyhow::Result<()> {
+        self.count += 1;
+        self.line(r)
+    }
+
+    /// An export ends with the signed head, then takes its name.
+    fn finish(mut self, head: Option<tai_core::receipt::SignedHead>) -> anyhow::Result<i32> {
+        let Some((partial, path)) = self.file.take() else {
+            self.out.flush()?;
+            return Ok(0);
+        };
+        let count = self.count;
+        let written = (|| -> anyhow::Result<()> {
+            if let Some(signed_head) = head {
+                self.line(&ExportLine::Head { signed_head })?;
+            }
+            self.out.flush()?;
+            Ok(())
+        })()
+        .and_then(|()| {
+            drop(self);
+            Ok(std::fs::rename(&partial, &path)?)
+        });
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e.context(format!("cannot write {}", path.display())));
+        }
+        eprintln!("exported {count} receipts to {}", path.display());
+        Ok(0)
+    }
+}
+
+impl Drop for Sink {
+    /// An export that did not finish leaves no partial file behind.
+    fn drop(&mut self) {
+        if let Some((partial, _)) = self.file.take() {
+            let _ = std::fs::remove_file(partial);
+        }
+    }
 }
 
 /// `tai receipts`: list, export or verify, from a running node or offline
 /// from its data dir (the node must be stopped: sled locks it) or an export.
+/// Receipts are streamed, never all held: a ledger may hold millions.
 pub async fn receipts(config: &Config, a: ReceiptsArgs) -> anyhow::Result<i32> {
     let keys = &config.andon.signing_keys;
     if let Some(file) = &a.file {
-        let (receipts, head) = read_export(file)?;
-        return print_report(&tai_core::receipt::verify_ledger(
-            &receipts,
-            keys,
-            head.as_ref(),
-        ));
+        return print_report(&verify_export(file, keys)?);
     }
     if let Some(dir) = &a.data_dir {
         let store = match tai_store::Store::open_existing(dir) {
@@ -388,14 +447,21 @@ pub async fn receipts(config: &Config, a: ReceiptsArgs) -> anyhow::Result<i32> {
             Err(e) => return Err(e.into()),
         };
         if a.verify {
-            return print_report(&tai_andon::verify_store(&store, keys));
+            return print_report(&tai_andon::verify_store(
+                &store,
+                keys,
+                tai_andon::Extent::Whole,
+            ));
         }
-        let all = store.all_receipts()?;
-        let all: Vec<_> = all
-            .into_iter()
-            .filter(|r| a.tenant.as_ref().is_none_or(|t| &r.tenant_id == t))
-            .collect();
-        return emit(&all, a.export.as_deref(), store.head()?);
+        let mut sink = Sink::open(a.export.as_deref())?;
+        for block in store.receipt_blocks(0) {
+            for r in block? {
+                if a.tenant.as_ref().is_none_or(|t| &r.tenant_id == t) {
+                    sink.receipt(&r)?;
+                }
+            }
+        }
+        return sink.finish(store.head()?);
     }
     if a.verify {
         let report: tai_core::receipt::VerifyReport =
@@ -416,7 +482,7 @@ pub async fn receipts(config: &Config, a: ReceiptsArgs) -> anyhow::Result<i32> {
         None => None,
     };
     let upto = head.as_ref().map(|h| h.as_ref().map_or(0, |h| h.seq));
-    let mut all = Vec::new();
+    let mut sink = Sink::open(a.export.as_deref())?;
     let mut after = 0u64;
     while upto.is_none_or(|upto| after < upto) {
         let mut path = format!("/admin/receipts?after_seq={after}&limit=1000");
@@ -427,29 +493,12 @@ pub async fn receipts(config: &Config, a: ReceiptsArgs) -> anyhow::Result<i32> {
             serde_json::from_value(admin_get(config, &path).await?)?;
         let Some(last) = page.last() else { break };
         after = last.seq;
-        all.extend(
-            page.into_iter()
-                .filter(|r| upto.is_none_or(|upto| r.seq <= upto)),
-        );
-    }
-    emit(&all, a.export.as_deref(), head.flatten())
-}
-
-fn emit(
-    receipts: &[tai_core::receipt::Receipt],
-    export: Option<&std::path::Path>,
-    head: Option<tai_core::receipt::SignedHead>,
-) -> anyhow::Result<i32> {
-    match export {
-        Some(path) => {
-            write_export(path, receipts, head)?;
-            eprintln!("exported {} receipts to {}", receipts.len(), path.display());
-        }
-        None => {
-            for r in receipts {
-                println!("{}", serde_json::to_string(r)?);
-            }
+        for r in page
+            .iter()
+            .filter(|r| upto.is_none_or(|upto| r.seq <= upto))
+        {
+            sink.receipt(r)?;
         }
     }
-    Ok(0)
+    sink.finish(head.flatten())
 }

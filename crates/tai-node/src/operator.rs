@@ -294,8 +294,11 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
         },
         Endpoint::VerifyReceipts => {
             let (store, keys) = (state.store.clone(), state.config.andon.signing_keys.clone());
-            blocking(move || json_reply(StatusCode::OK, &tai_andon::verify_store(&store, &keys)))
-                .await
+            blocking(move || {
+                let report = tai_andon::verify_store(&store, &keys, tai_andon::Extent::AsOfHead);
+                json_reply(StatusCode::OK, &report)
+            })
+            .await
         }
         Endpoint::Shutdown => {
             state.request_shutdown("POST /admin/shutdown");

@@ -1337,8 +1337,24 @@ impl Store {
         Ok(out)
     }
 
-    /// Every receipt in seq order, for verification. A block that does not
-    /// decode is an error naming its key.
+    /// Receipts after `after_seq` in seq order, a stored block at a time and
+    /// lazily, so a ledger of millions is walked in constant memory. A block
+    /// that does not decode is an error naming its key.
+    pub fn receipt_blocks(&self, after_seq: u64) -> impl Iterator<Item = Result<Vec<Receipt>>> {
+        let start = seq_key(b'r', after_seq.saturating_add(1));
+        self.db
+            .range(start..seq_key(b'r', u64::MAX))
+            .map(move |kv| {
+                let (k, v) = kv?;
+                let mut block = receipts::decode_block(&k, &v)?;
+                block.retain(|r| r.seq > after_seq);
+                Ok(block)
+            })
+    }
+
+    /// Every receipt in seq order (a small ledger's: tests; a large one is
+    /// walked with [`Self::receipt_blocks`]). A block that does not decode is
+    /// an error naming its key.
     pub fn all_receipts(&self) -> Result<Vec<Receipt>> {
         let mut out = Vec::new();
         for kv in self.db.scan_prefix(b"r/") {
