@@ -89,6 +89,17 @@ async fn the_board_signs_in_by_cookie_and_is_live_over_its_websocket() {
     let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
     assert!(cookie.contains("HttpOnly"), "{cookie}");
     let pair = cookie.split(';').next().unwrap().to_string();
+    // The cookie is not the admin token, and opens no admin endpoint.
+    let value = pair.split_once('=').unwrap().1;
+    assert!(!value.is_empty() && value != ADMIN_TOKEN, "{pair}");
+    let r = http
+        .get(node.url("/admin/tree"))
+        .bearer_auth(value)
+        .header("cookie", &pair)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
     let page = http
         .get(node.url("/board"))
         .header("cookie", &pair)

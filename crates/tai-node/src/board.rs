@@ -27,20 +27,24 @@ const PAGE: &str = include_str!("board.html");
 const PUSH_EVERY: Duration = Duration::from_secs(2);
 const ALERT_POLL: Duration = Duration::from_millis(100);
 
-/// The admin token from the board cookie, compared in constant time.
+/// The board cookie's value: derived from the admin token, not the token
+/// itself, so a cookie that leaks opens the board (read only), never the
+/// admin API.
+fn session(state: &NodeState) -> String {
+    tai_core::receipt::SigningKey::new(state.config.operator.admin_token.as_bytes())
+        .sign("tai board session")
+}
+
+/// The board cookie, compared in constant time.
 pub fn cookie_ok(state: &NodeState, headers: &HeaderMap) -> bool {
+    let session = session(state);
     headers
         .get_all("cookie")
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|c| c.trim().strip_prefix(COOKIE)?.strip_prefix('='))
-        .any(|t| {
-            constant_time_eq::constant_time_eq(
-                t.as_bytes(),
-                state.config.operator.admin_token.as_bytes(),
-            )
-        })
+        .any(|t| constant_time_eq::constant_time_eq(t.as_bytes(), session.as_bytes()))
 }
 
 pub fn token_ok(state: &NodeState, token: &str) -> bool {
@@ -58,7 +62,7 @@ pub fn login(state: &NodeState) -> Response {
         .insert("location", HeaderValue::from_static("/board"));
     let cookie = format!(
         "{COOKIE}={}; Path=/board; HttpOnly; SameSite=Strict",
-        state.config.operator.admin_token
+        session(state)
     );
     if let Ok(v) = HeaderValue::from_str(&cookie) {
         r.headers_mut().insert("set-cookie", v);
