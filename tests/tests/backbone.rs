@@ -351,3 +351,55 @@ fn tai_tree_prints_the_live_tree() {
         );
     }
 }
+
+/// Both listeners close a connection that has not sent its request headers
+/// within `node.header_read_timeout_secs`: one that never sends a byte, one
+/// that stops half-way through its headers, and a kept-alive one left idle
+/// after its request (they held the node's file descriptors for ever).
+#[tokio::test]
+async fn connections_that_send_no_headers_in_time_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let node = Node::start_with(
+        &test_config(""),
+        &[("TAI_NODE__HEADER_READ_TIMEOUT_SECS", "1")],
+    );
+    // Whether the node closes the connection (EOF) within 10 s.
+    let closed = async |stream: &mut tokio::net::TcpStream| -> bool {
+        let mut buf = Vec::new();
+        match tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf)).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Err(_) => false,
+        }
+    };
+    for addr in [&node.ingress, &node.operator] {
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut partial = tokio::net::TcpStream::connect(addr).await.unwrap();
+        partial
+            .write_all(b"POST /v1/signals HTTP/1.1\r\nHost: tai\r\nX-Tai-Tenant: acme\r\n")
+            .await
+            .unwrap();
+        let mut kept = tokio::net::TcpStream::connect(addr).await.unwrap();
+        kept.write_all(b"GET /health HTTP/1.1\r\nHost: tai\r\n\r\n")
+            .await
+            .unwrap();
+        let mut head = [0u8; 12];
+        kept.read_exact(&mut head).await.unwrap();
+        assert!(head.starts_with(b"HTTP/1.1 "), "{addr}: {head:?}");
+        assert!(
+            closed(&mut silent).await,
+            "{addr}: a silent connection stayed open"
+        );
+        assert!(
+            closed(&mut partial).await,
+            "{addr}: half its headers, and open"
+        );
+        assert!(
+            closed(&mut kept).await,
+            "{addr}: idle after its request, and open"
+        );
+    }
+    // The node serves on.
+    let (status, _) = node.admin(Method::GET, "/admin/tree").await;
+    assert_eq!(status, 200);
+}

@@ -58,6 +58,10 @@ pub struct NodeConfig {
     pub shutdown_grace_secs: u64,
     /// The store's page cache, in MiB.
     pub store_cache_mb: u64,
+    /// Both HTTP listeners close a connection whose request headers have
+    /// not all arrived this long after it began waiting for them (an idle
+    /// keep-alive connection too).
+    pub header_read_timeout_secs: u64,
 }
 
 impl Default for NodeConfig {
@@ -67,6 +71,7 @@ impl Default for NodeConfig {
             data_dir: PathBuf::from("./data"),
             shutdown_grace_secs: 30,
             store_cache_mb: 32,
+            header_read_timeout_secs: 30,
         }
     }
 }
@@ -757,6 +762,12 @@ fn validate(c: &Config, errors: &mut Vec<ConfigError>) {
         errors.push(err(
             "kanban.wip_limit",
             format!("must be at least kanban.prefetch ({})", c.kanban.prefetch),
+        ));
+    }
+    if c.node.header_read_timeout_secs == 0 {
+        errors.push(err(
+            "node.header_read_timeout_secs",
+            "must be greater than 0",
         ));
     }
     if c.node.store_cache_mb == 0 {

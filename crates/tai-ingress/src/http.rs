@@ -88,3 +88,87 @@ impl BodyError {
         }
     }
 }
+
+/// Serves `service` (a filter's `warp::service(..)`) on `listener` over
+/// HTTP/1.1 until `shutdown` resolves, then lets the requests under way
+/// finish, as `warp::serve(..).incoming(..).graceful(..)` did, but with
+/// hyper's header read timeout set: a connection whose request headers have
+/// not all arrived `header_timeout` after it began waiting for them is
+/// closed, an idle keep-alive connection and one that never sent a byte
+/// too. Without it a client that opened connections and sent nothing, or a
+/// header a byte a minute, held them, and the node's file descriptors, for
+/// ever. (warp's own server reads the first bytes to choose between HTTP/1
+/// and HTTP/2 with no timeout at all.)
+pub async fn serve<S>(
+    service: S,
+    listener: tokio::net::TcpListener,
+    header_timeout: std::time::Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) where
+    S: tower_service::Service<
+            warp::http::Request<hyper::body::Incoming>,
+            Response = Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    accept_failed(e).await;
+                    continue;
+                }
+            },
+            // Finished connections are reaped as they end.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            () = &mut shutdown => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(service.clone());
+        let mut stopping = stopping.clone();
+        connections.spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            let mut connection = std::pin::pin!(connection);
+            let ended = tokio::select! {
+                ended = connection.as_mut() => ended,
+                () = async { drop(stopping.wait_for(|s| *s).await) } => {
+                    // Ends once the request under way (if any) is answered.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = ended {
+                tracing::debug!(error = %e, "connection closed with an error");
+            }
+        });
+    }
+    drop(listener);
+    let _ = stop.send(true);
+    while connections.join_next().await.is_some() {}
+}
+
+/// A failed accept: a connection that went away before it was taken is
+/// nothing; anything else (out of file descriptors) is logged, and the
+/// listener waits a second rather than spin.
+async fn accept_failed(e: std::io::Error) {
+    use std::io::ErrorKind::*;
+    if matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!(error = %e, "accept error");
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+}

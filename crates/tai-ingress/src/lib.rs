@@ -51,6 +51,7 @@ pub fn supervisor_spec(
         received: std::sync::OnceLock::new(),
     });
     let listen = config.ingress.listen;
+    let header_timeout = Duration::from_secs(config.node.header_read_timeout_secs);
     SupervisorSpec::new(Strategy::OneForOne)
         .intensity(5, Duration::from_secs(10))
         .child(
@@ -62,6 +63,7 @@ pub fn supervisor_spec(
                     shared: shared.clone(),
                     listen,
                     bound: bound.clone(),
+                    header_timeout,
                 },
             )
             .shutdown(tai_otp::Shutdown::Timeout(Duration::from_secs(15))),

@@ -99,6 +99,8 @@ pub struct IngressArgs {
     /// Where this worker reports the address it bound; on a restart with port
     /// 0 it binds the same address again, so clients keep working.
     pub bound: Arc<Mutex<Option<SocketAddr>>>,
+    /// `node.header_read_timeout_secs`.
+    pub header_timeout: Duration,
 }
 
 pub struct IngressState {
@@ -128,14 +130,14 @@ impl Actor for IngressHttp {
         let local = listener.local_addr()?;
         *args.bound.lock().expect("bound slot") = Some(local);
         let (tx, rx) = oneshot::channel::<()>();
-        let server = tokio::spawn(
-            warp::serve(routes(args.shared.clone()))
-                .incoming(listener)
-                .graceful(async {
-                    let _ = rx.await;
-                })
-                .run(),
-        );
+        let server = tokio::spawn(crate::http::serve(
+            warp::service(routes(args.shared.clone())),
+            listener,
+            args.header_timeout,
+            async {
+                let _ = rx.await;
+            },
+        ));
         let shared = args.shared.clone();
         let evictor = tokio::spawn(async move {
             let mut every = tokio::time::interval(Duration::from_secs(60));

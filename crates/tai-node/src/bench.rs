@@ -497,14 +497,17 @@ async fn baseline_server(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(
-        warp::serve(route)
-            .incoming(listener)
-            .graceful(async {
-                let _ = rx.await;
-            })
-            .run(),
-    );
+    // The node's own server stack, so the two differ only in what they do.
+    let header_timeout =
+        Duration::from_secs(tai_core::config::NodeConfig::default().header_read_timeout_secs);
+    tokio::spawn(tai_ingress::http::serve(
+        warp::service(route),
+        listener,
+        header_timeout,
+        async {
+            let _ = rx.await;
+        },
+    ));
     Ok((addr, tx))
 }
 

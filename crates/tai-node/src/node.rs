@@ -209,18 +209,18 @@ pub async fn serve(config: Config) -> anyhow::Result<i32> {
         config,
     });
     let (server_stop_tx, server_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(
-        warp::serve(
+    let server = tokio::spawn(tai_ingress::http::serve(
+        warp::service(
             crate::board::ws(state.clone())
                 .or(crate::operator::routes(state.clone()))
                 .unify(),
-        )
-        .incoming(listener)
-        .graceful(async {
+        ),
+        listener,
+        Duration::from_secs(state.config.node.header_read_timeout_secs),
+        async {
             let _ = server_stop_rx.await;
-        })
-        .run(),
-    );
+        },
+    ));
     write_endpoints(&data_dir, operator_addr, ingress_addr)?;
     info!(
         ingress = ?ingress_addr,
