@@ -497,12 +497,15 @@ fn engine_answer(r: Result<Result<tai_core::signal::EngineInfo, String>, Respons
 }
 
 async fn replay(state: &NodeState, signal_id: &str, tenant: Option<&String>) -> Response {
-    let tenants = match state
-        .store
-        .dead_letter_tenants(signal_id, tenant.map(String::as_str))
-    {
-        Ok(t) => t,
-        Err(e) => return error(ErrorCode::Internal, e.to_string()),
+    // Without a tenant every dead letter is looked at: off the async workers.
+    let (store, id, tenant) = (state.store.clone(), signal_id.to_string(), tenant.cloned());
+    let found =
+        tokio::task::spawn_blocking(move || store.dead_letter_tenants(&id, tenant.as_deref()))
+            .await;
+    let tenants = match found {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => return error(ErrorCode::Internal, e.to_string()),
+        Err(e) => return error(ErrorCode::Internal, format!("the store read failed: {e}")),
     };
     let tenant_id = match tenants.as_slice() {
         [] => return error(ErrorCode::NotFound, format!("no dead letter {signal_id:?}")),
