@@ -1600,6 +1600,43 @@ fn the_cli_sends_reads_halts_and_resumes_as_the_readme_shows() {
     let (code, out, err) = tai(&node, &["halt", "demo", "payments", "--reason", "audit"]);
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(cli_engine_line(&node, "demo", "payments")[2], "halted");
+    // Which engines are halted, among others that are not.
+    let (code, _, err) = tai(
+        &node,
+        &[
+            "send",
+            "--sku",
+            "governance",
+            "--kind",
+            "entitlement",
+            "--payload",
+            r#"{"active": true}"#,
+            "--id",
+            "ent-g",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    cli_decided(&node, "ent-g");
+    let engines = |state: &str| -> Vec<(String, String)> {
+        let (code, out, err) = tai(&node, &["tenants", "--json", "--state", state]);
+        assert_eq!(code, 0, "{out}{err}");
+        let list: Value = serde_json::from_str(&out).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e["tenant_id"].to_string(), e["sku_id"].to_string()))
+            .collect()
+    };
+    let one = |t: &str, s: &str| vec![(format!("{t:?}"), format!("{s:?}"))];
+    assert_eq!(engines("halted"), one("demo", "payments"));
+    assert_eq!(engines("stable"), one("demo", "governance"));
+    let (code, out, err) = tai(&node, &["tenants", "--state", "asleep"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        err.contains("400 Bad Request: state must be one of boot, stable, action_pending, degraded, halted, quota_exhausted, not")
+            && err.contains("asleep"),
+        "{err}"
+    );
     let (code, out, err) = pay("pay-h", good);
     assert_eq!(code, 0, "{out}{err}");
     let s = cli_decided(&node, "pay-h");

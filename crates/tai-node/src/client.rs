@@ -245,8 +245,12 @@ pub async fn status(config: &Config, tenant: Option<String>, id: &str) -> anyhow
 // ---- operator API -------------------------------------------------------------
 
 /// `tai tenants`: every engine, one line each.
-pub async fn tenants(config: &Config, json: bool) -> anyhow::Result<i32> {
-    let list = admin_get(config, "/admin/tenants").await?;
+pub async fn tenants(config: &Config, json: bool, state: Option<&str>) -> anyhow::Result<i32> {
+    let path = match state {
+        Some(s) => format!("/admin/tenants?state={s}"),
+        None => "/admin/tenants".to_string(),
+    };
+    let list = admin_get(config, &path).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(0);

@@ -90,6 +90,10 @@ enum Command {
         /// Print the JSON of GET /admin/tenants instead.
         #[arg(long)]
         json: bool,
+        /// Only the engines in this state (boot, stable, action_pending,
+        /// degraded, halted, quota_exhausted).
+        #[arg(long)]
+        state: Option<String>,
     },
     /// Halt a tenant's SKU engine (jidoka, manual).
     Halt {
@@ -286,7 +290,9 @@ fn main() -> ExitCode {
                 .await
             }
             Command::Status { id, tenant } => client::status(&config, tenant, &id).await,
-            Command::Tenants { json } => client::tenants(&config, json).await,
+            Command::Tenants { json, state } => {
+                client::tenants(&config, json, state.as_deref()).await
+            }
             Command::Halt {
                 tenant,
                 sku,

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use tai_core::msg::{KanbanMsg, RouterMsg, ENGINE_ROUTER, KANBAN_QUEUE};
+use tai_core::signal::EngineState;
 use tai_core::ErrorCode;
 use tai_ingress::http::{
     answers, error_reply as error, json_reply, method_not_allowed, read_body_capped,
@@ -212,10 +213,32 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
             json_reply(StatusCode::OK, &tree)
         }
         Endpoint::Kill(name) => kill(state, name),
-        Endpoint::Tenants => match call(ENGINE_ROUTER, RouterMsg::Engines).await {
-            Ok(list) => json_reply(StatusCode::OK, &list),
-            Err(r) => r,
-        },
+        Endpoint::Tenants => {
+            // `?state=halted`: which engines, where the board only counts them.
+            let state = match req.query.get("state").map(|s| {
+                EngineState::ALL
+                    .into_iter()
+                    .find(|e| e.as_str() == s)
+                    .ok_or_else(|| {
+                        let all: Vec<&str> = EngineState::ALL.iter().map(|e| e.as_str()).collect();
+                        error(
+                            ErrorCode::InvalidRequest,
+                            format!("state must be one of {}, not {s:?}", all.join(", ")),
+                        )
+                    })
+            }) {
+                None => None,
+                Some(Ok(state)) => Some(state),
+                Some(Err(r)) => return r,
+            };
+            match call(ENGINE_ROUTER, RouterMsg::Engines).await {
+                Ok(mut list) => {
+                    list.retain(|e| state.is_none_or(|s| e.state == s));
+                    json_reply(StatusCode::OK, &list)
+                }
+                Err(r) => r,
+            }
+        }
         Endpoint::Tenant(t, s) => {
             let (tenant_id, sku_id) = (decode(t), decode(s));
             match call(ENGINE_ROUTER, |reply| RouterMsg::Engine {
