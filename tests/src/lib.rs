@@ -690,6 +690,8 @@ pub struct Gateway {
     hits: std::sync::Arc<std::sync::Mutex<Vec<GatewayHit>>>,
     /// Per stage name, the status and health it reports (default: 200, healthy).
     health: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, (u16, Value)>>>,
+    /// Requests being answered now, and the most at once.
+    flight: std::sync::Arc<[std::sync::atomic::AtomicUsize; 2]>,
 }
 
 impl Gateway {
@@ -700,14 +702,23 @@ impl Gateway {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let health_url = format!("http://{addr}/health");
-        let (m, h, to) = (mode.clone(), hits.clone(), health_url.clone());
+        let flight: std::sync::Arc<[std::sync::atomic::AtomicUsize; 2]> = Default::default();
+        let (m, h, to, f) = (
+            mode.clone(),
+            hits.clone(),
+            health_url.clone(),
+            flight.clone(),
+        );
         let route = warp::post()
             .and(warp::header::headers_cloned())
             .and(warp::body::bytes())
             .then(
                 move |headers: warp::http::HeaderMap, body: warp::hyper::body::Bytes| {
-                    let (m, h, to) = (m.clone(), h.clone(), to.clone());
+                    let (m, h, to, f) = (m.clone(), h.clone(), to.clone(), f.clone());
                     async move {
+                        use std::sync::atomic::Ordering::SeqCst;
+                        let now = f[0].fetch_add(1, SeqCst) + 1;
+                        f[1].fetch_max(now, SeqCst);
                         h.lock().unwrap().push(GatewayHit {
                             headers: headers
                                 .iter()
@@ -726,6 +737,7 @@ impl Gateway {
                             }
                             GatewayMode::Redirect => answer.status(302).header("location", to),
                         };
+                        f[0].fetch_sub(1, SeqCst);
                         answer.body("{}").unwrap()
                     }
                 },
@@ -755,7 +767,13 @@ impl Gateway {
             mode,
             hits,
             health,
+            flight,
         }
+    }
+
+    /// The most requests it has held at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.flight[1].load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Makes the health check of `stage` report `doc`.

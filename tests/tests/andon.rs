@@ -236,6 +236,42 @@ executor = "gateway"
     );
 }
 
+/// An alert storm (every engine halted at once) reaches a slow channel a
+/// few deliveries at a time, not a connection per alert, and all of it.
+#[tokio::test]
+async fn a_storm_of_alerts_reaches_a_slow_channel_a_few_at_a_time() {
+    let pager = Gateway::start().await;
+    pager.set(GatewayMode::Slow(300));
+    let extra = format!(
+        r#"
+[[alerts.channels]]
+name = "oncall"
+kind = "webhook"
+url = "{}"
+severities = ["critical"]
+"#,
+        pager.url
+    );
+    let node = Node::start_with(&test_config(&extra), &[]);
+    let mut halted = 0;
+    for tenant in ["acme", "globex", "tiny"] {
+        for sku in ["payments", "tight", "slowboot"] {
+            let (status, body) = node
+                .admin(Method::POST, &format!("/admin/tenants/{tenant}/{sku}/halt"))
+                .await;
+            assert_eq!(status, 200, "{body}");
+            halted += 1;
+        }
+    }
+    until("every halt delivered", || pager.hits().len() >= halted).await;
+    assert_eq!(pager.hits().len(), halted, "each alert once");
+    let most = pager.max_in_flight();
+    assert!(
+        (1..=4).contains(&most),
+        "{most} deliveries at once to one channel"
+    );
+}
+
 #[tokio::test]
 async fn memory_over_80_percent_of_the_limit_raises_memory_high_once() {
     // A 1 MB limit: any live node is over it.

@@ -19,6 +19,30 @@ const RECENT: usize = 200;
 const ATTEMPTS: u32 = 4;
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Deliveries under way to one channel at once; the rest wait their turn.
+/// An alert storm (a shared breaker halting thousands of engines, each
+/// raising its own alert) otherwise opened a connection per alert.
+const CHANNEL_CONCURRENCY: usize = 4;
+/// Deliveries one channel may have waiting or under way; past it an alert
+/// is recorded (`GET /admin/alerts`, the log) but not sent there.
+const CHANNEL_BACKLOG: usize = 1_000;
+
+/// One channel's line of deliveries.
+#[derive(Clone)]
+struct Line {
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
+    /// Deliveries waiting or under way.
+    queued: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Line {
+    fn new() -> Self {
+        Line {
+            permits: std::sync::Arc::new(tokio::sync::Semaphore::new(CHANNEL_CONCURRENCY)),
+            queued: Default::default(),
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug)]
 pub struct Alerts;
@@ -30,6 +54,8 @@ pub struct AlertsState {
     /// When each key last went out (a resolve clears it).
     last_sent: HashMap<String, u64>,
     recent: VecDeque<Record>,
+    /// Per channel name.
+    lines: HashMap<String, Line>,
 }
 
 struct Record {
@@ -143,6 +169,23 @@ impl Alerts {
                         .push((ch.name.clone(), "delivered".into()));
                     continue;
                 };
+                let line = st
+                    .lines
+                    .entry(ch.name.clone())
+                    .or_insert_with(Line::new)
+                    .clone();
+                use std::sync::atomic::Ordering::Relaxed;
+                if line.queued.load(Relaxed) >= CHANNEL_BACKLOG {
+                    warn!(alert = id, channel = %ch.name, "alert not sent: {CHANNEL_BACKLOG} deliveries already wait for this channel");
+                    record.deliveries.push((
+                        ch.name.clone(),
+                        format!(
+                            "dropped: {CHANNEL_BACKLOG} deliveries already wait for this channel"
+                        ),
+                    ));
+                    continue;
+                }
+                line.queued.fetch_add(1, Relaxed);
                 record.deliveries.push((ch.name.clone(), "pending".into()));
                 let (client, body, me, name) = (
                     st.client.clone(),
@@ -151,7 +194,11 @@ impl Alerts {
                     ch.name.clone(),
                 );
                 tokio::spawn(async move {
-                    let result = deliver(client, url, body).await;
+                    let result = match line.permits.acquire().await {
+                        Ok(_turn) => deliver(client, url, body).await,
+                        Err(_) => Err("the channel's line is closed".to_string()),
+                    };
+                    line.queued.fetch_sub(1, Relaxed);
                     let _ = me.send_message(AlertMsg::Delivered {
                         id,
                         channel: name,
@@ -208,6 +255,7 @@ impl Actor for Alerts {
             next_id: 0,
             last_sent: HashMap::new(),
             recent: VecDeque::new(),
+            lines: HashMap::new(),
         })
     }
 
