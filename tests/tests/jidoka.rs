@@ -256,6 +256,23 @@ async fn a_webhook_target_that_redirects_has_failed_the_call() {
     assert_eq!(b["failures"], 1, "the breaker counts it: {b}");
 }
 
+/// SKU `slowpay`, whose actions go to `url` (a slow gateway) with a 10 s
+/// timeout.
+fn slow_sku(url: &str) -> String {
+    format!(
+        r#"
+[executors.slowgw]
+kind = "webhook"
+url = "{url}"
+timeout_ms = 10000
+
+[skus.slowpay]
+policies = []
+executor = "slowgw"
+"#
+    )
+}
+
 /// Every signal goes through the engine router: an operator's question
 /// about an engine that is running a slow action must not hold it up.
 #[tokio::test]
@@ -263,21 +280,8 @@ async fn asking_about_a_busy_engine_holds_up_no_other_signal() {
     let (gw, slow) = (Gateway::start().await, Gateway::start().await);
     slow.set(GatewayMode::Slow(3_000));
     let extra = format!(
-        r#"
-[executors.slowgw]
-kind = "webhook"
-url = "{}"
-timeout_ms = 10000
-
-[skus.slowpay]
-policies = []
-executor = "slowgw"
-
-[skus.quick]
-policies = []
-executor = "log"
-"#,
-        slow.url
+        "{}\n[skus.quick]\npolicies = []\nexecutor = \"log\"\n",
+        slow_sku(&slow.url)
     );
     let node = Node::start_with(&config(&gw.url, &extra), &[]);
     let c = Client::new(&node, "acme", "acme-secret");
@@ -333,6 +337,37 @@ executor = "log"
     assert_eq!(status, 200, "{halted}");
     assert_eq!(halted["state"], "halted", "{halted}");
     assert_eq!(c.decided("slow-1").await["status"], "completed");
+}
+
+/// A signal held by a live engine past `kanban.visibility_secs` (its own
+/// action is slow, or it waits behind one) is sent again without an
+/// attempt counted: it used to turn to poison, dead-lettered while its
+/// engine was deciding it, and then decided as well.
+#[tokio::test]
+async fn a_long_action_turns_nothing_it_holds_to_poison() {
+    let (gw, slow) = (Gateway::start().await, Gateway::start().await);
+    slow.set(GatewayMode::Slow(5_000));
+    let node = Node::start_with(
+        &config(&gw.url, &slow_sku(&slow.url)),
+        &[("TAI_KANBAN__VISIBILITY_SECS", "1")],
+    );
+    let c = Client::new(&node, "acme", "acme-secret");
+    entitle(&c, "slowpay").await;
+    for id in ["long-1", "long-2"] {
+        send(&c, &pay("slowpay", id)).await;
+    }
+    for id in ["long-1", "long-2"] {
+        let s = c.decided(id).await;
+        assert_eq!(s["status"], "completed", "{s}");
+    }
+    let (_, letters) = node.admin(Method::GET, "/admin/deadletter").await;
+    assert_eq!(letters, serde_json::json!([]), "nothing dead-lettered");
+    let receipts = node.all_receipts().await;
+    assert!(
+        !kinds(&receipts).contains(&"signal_deadlettered".to_string()),
+        "{receipts:?}"
+    );
+    assert_eq!(slow.hits().len(), 2, "each action called once");
 }
 
 #[tokio::test]

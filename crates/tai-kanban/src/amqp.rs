@@ -1502,7 +1502,9 @@ impl Actor for AmqpQueue {
                 }
             }
             KanbanMsg::Tick => {
-                let again = st.dispatch.expired(st.visibility, Instant::now());
+                let again = st
+                    .dispatch
+                    .expired(st.visibility, Instant::now(), crate::engine_runs);
                 if !again.is_empty() {
                     warn!(
                         count = again.len(),

@@ -278,18 +278,26 @@ impl Dispatch {
     }
 
     /// In flight for longer than `visibility`, and not parked: sent again,
-    /// with an attempt counted.
+    /// with an attempt counted unless its engine still runs (`engine_runs`):
+    /// a live engine busy with a long action holds its signals (and those
+    /// postponed behind it) longer than the visibility, and counting that
+    /// as failed deliveries dead-lettered them as poison while they were
+    /// being decided. An engine that crashes is redelivered to apart
+    /// ([`Self::redeliver_engine`]), with its attempt counted there.
     pub fn expired(
         &mut self,
         visibility: std::time::Duration,
         now: Instant,
+        engine_runs: impl Fn(&Signal) -> bool,
     ) -> Vec<(Delivery, u32)> {
         let mut out: Vec<(Delivery, u32)> = self
             .in_flight
             .values_mut()
             .filter(|f| !f.parked && now.duration_since(f.sent_at) >= visibility)
             .map(|f| {
-                f.attempts += 1;
+                if !engine_runs(&f.delivery.signal) {
+                    f.attempts += 1;
+                }
                 f.sent_at = now;
                 f.delivery.redelivered = true;
                 (f.delivery.clone(), f.attempts)
@@ -383,11 +391,12 @@ mod tests {
             [(1, 2), (2, 1), (3, 1)]
         );
         assert!(q
-            .expired(std::time::Duration::from_secs(60), now)
+            .expired(std::time::Duration::from_secs(60), now, |_| false)
             .is_empty());
         let later = now + std::time::Duration::from_secs(61);
         assert_eq!(
-            q.expired(std::time::Duration::from_secs(60), later).len(),
+            q.expired(std::time::Duration::from_secs(60), later, |_| false)
+                .len(),
             3
         );
     }
@@ -409,7 +418,7 @@ mod tests {
         let visibility = std::time::Duration::from_secs(60);
         let later = now + std::time::Duration::from_secs(61);
         let again: Vec<_> = q
-            .expired(visibility, later)
+            .expired(visibility, later, |_| false)
             .iter()
             .map(|(d, n)| (d.seq, *n))
             .collect();
@@ -432,7 +441,27 @@ mod tests {
         assert_eq!(q.redeliver_all(later).len(), 2);
         assert_eq!(q.parked_len(), 0);
         let much_later = later + std::time::Duration::from_secs(61);
-        assert_eq!(q.expired(visibility, much_later).len(), 2);
+        assert_eq!(q.expired(visibility, much_later, |_| false).len(), 2);
+    }
+
+    #[test]
+    fn a_signal_held_by_a_running_engine_is_sent_again_without_an_attempt() {
+        let mut q = Dispatch::default();
+        q.push(d(1, "t", "busy"));
+        q.push(d(2, "t", "gone"));
+        let now = Instant::now();
+        q.take(50, 10, now);
+        let visibility = std::time::Duration::from_secs(60);
+        for i in 1..=5u32 {
+            let at = now + visibility * (i + 1);
+            let attempts: Vec<_> = q
+                .expired(visibility, at, |s| s.sku_id == "busy")
+                .iter()
+                .map(|(d, n)| (d.seq, *n))
+                .collect();
+            // Still 1 for the live engine's; counted for the other's.
+            assert_eq!(attempts, [(1, 1), (2, 1 + i)]);
+        }
     }
 
     #[test]

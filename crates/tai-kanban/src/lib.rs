@@ -35,6 +35,12 @@ pub(crate) fn send_to_router(d: Delivery) {
     }
 }
 
+/// Whether the signal's engine runs now (it holds the signal, or will once
+/// its mailbox reaches it).
+pub(crate) fn engine_runs(s: &tai_core::signal::Signal) -> bool {
+    ractor::registry::where_is(tai_core::names::engine_name(&s.tenant_id, &s.sku_id)).is_some()
+}
+
 /// Answers an enqueue of a signal the store already knows (a duplicate,
 /// or a failed look-up) and returns `None`; gives the reply back for a new
 /// one. An id ingress minted is new by construction (a fresh ULID: 80

@@ -465,7 +465,9 @@ impl Actor for Queue {
                 }
             }
             KanbanMsg::Tick => {
-                let again = st.dispatch.expired(st.args.visibility, Instant::now());
+                let again =
+                    st.dispatch
+                        .expired(st.args.visibility, Instant::now(), crate::engine_runs);
                 if !again.is_empty() {
                     warn!(
                         count = again.len(),
