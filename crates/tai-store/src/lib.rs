@@ -1318,15 +1318,10 @@ impl Store {
         limit: usize,
         tenant: Option<&str>,
     ) -> Result<Vec<Receipt>> {
-        // A block is keyed by its last seq: the first block at or after
-        // `after_seq + 1` holds the first receipt wanted.
-        let start = seq_key(b'r', after_seq.saturating_add(1));
         let mut out = Vec::new();
-        for kv in self.db.range(start..seq_key(b'r', u64::MAX)) {
-            let (k, v) = kv?;
-            let block = receipts::decode_block(&k, &v)?;
-            for r in block {
-                if r.seq > after_seq && tenant.is_none_or(|t| r.tenant_id == t) {
+        for block in self.receipt_blocks(after_seq) {
+            for r in block? {
+                if tenant.is_none_or(|t| r.tenant_id == t) {
                     out.push(r);
                     if out.len() >= limit {
                         return Ok(out);
@@ -1341,6 +1336,8 @@ impl Store {
     /// lazily, so a ledger of millions is walked in constant memory. A block
     /// that does not decode is an error naming its key.
     pub fn receipt_blocks(&self, after_seq: u64) -> impl Iterator<Item = Result<Vec<Receipt>>> {
+        // A block is keyed by its last seq: the first block at or after
+        // `after_seq + 1` holds the first receipt wanted.
         let start = seq_key(b'r', after_seq.saturating_add(1));
         self.db
             .range(start..seq_key(b'r', u64::MAX))
@@ -1352,17 +1349,11 @@ impl Store {
             })
     }
 
-    /// Every receipt in seq order (a small ledger's: tests; a large one is
-    /// walked with [`Self::receipt_blocks`]). A block that does not decode is
-    /// an error naming its key.
+    /// Every receipt in seq order (the tests' small ledgers).
+    #[cfg(test)]
     pub fn all_receipts(&self) -> Result<Vec<Receipt>> {
-        let mut out = Vec::new();
-        for kv in self.db.scan_prefix(b"r/") {
-            let (k, v) = kv?;
-            let block = receipts::decode_block(&k, &v)?;
-            out.extend(block);
-        }
-        Ok(out)
+        let blocks = self.receipt_blocks(0).collect::<Result<Vec<_>>>()?;
+        Ok(blocks.into_iter().flatten().collect())
     }
 }
 
