@@ -215,25 +215,22 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
         Endpoint::Kill(name) => kill(state, name),
         Endpoint::Tenants => {
             // `?state=halted`: which engines, where the board only counts them.
-            let state = match req.query.get("state").map(|s| {
-                EngineState::ALL
-                    .into_iter()
-                    .find(|e| e.as_str() == s)
-                    .ok_or_else(|| {
+            let wanted = match req.query.get("state") {
+                None => None,
+                Some(s) => match EngineState::ALL.into_iter().find(|e| e.as_str() == s) {
+                    Some(state) => Some(state),
+                    None => {
                         let all: Vec<&str> = EngineState::ALL.iter().map(|e| e.as_str()).collect();
-                        error(
+                        return error(
                             ErrorCode::InvalidRequest,
                             format!("state must be one of {}, not {s:?}", all.join(", ")),
-                        )
-                    })
-            }) {
-                None => None,
-                Some(Ok(state)) => Some(state),
-                Some(Err(r)) => return r,
+                        );
+                    }
+                },
             };
             match call(ENGINE_ROUTER, RouterMsg::Engines).await {
                 Ok(mut list) => {
-                    list.retain(|e| state.is_none_or(|s| e.state == s));
+                    list.retain(|e| wanted.is_none_or(|s| e.state == s));
                     json_reply(StatusCode::OK, &list)
                 }
                 Err(r) => r,
@@ -303,12 +300,16 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
         },
         Endpoint::DeadLetters => {
             let (store, query) = (state.store.clone(), req.query.clone());
-            blocking(move || dead_letters(&store, &query)).await
+            blocking(move || dead_letters(&store, &query))
+                .await
+                .unwrap_or_else(|r| r)
         }
         Endpoint::Replay(id) => replay(state, &decode(id), req.query.get("tenant")).await,
         Endpoint::Receipts => {
             let (store, query) = (state.store.clone(), req.query.clone());
-            blocking(move || receipts(&store, &query)).await
+            blocking(move || receipts(&store, &query))
+                .await
+                .unwrap_or_else(|r| r)
         }
         // What an export ends with: receipts up to its seq are the ledger.
         Endpoint::ReceiptsHead => match state.store.head() {
@@ -317,11 +318,14 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
         },
         Endpoint::VerifyReceipts => {
             let (store, keys) = (state.store.clone(), state.config.andon.signing_keys.clone());
-            blocking(move || {
-                let report = tai_andon::verify_store(&store, &keys, tai_andon::Extent::AsOfHead);
-                json_reply(StatusCode::OK, &report)
+            match blocking(move || {
+                tai_andon::verify_store(&store, &keys, tai_andon::Extent::AsOfHead)
             })
             .await
+            {
+                Ok(report) => json_reply(StatusCode::OK, &report),
+                Err(r) => r,
+            }
         }
         Endpoint::Shutdown => {
             state.request_shutdown("POST /admin/shutdown");
@@ -522,13 +526,10 @@ fn engine_answer(r: Result<Result<tai_core::signal::EngineInfo, String>, Respons
 async fn replay(state: &NodeState, signal_id: &str, tenant: Option<&String>) -> Response {
     // Without a tenant every dead letter is looked at: off the async workers.
     let (store, id, tenant) = (state.store.clone(), signal_id.to_string(), tenant.cloned());
-    let found =
-        tokio::task::spawn_blocking(move || store.dead_letter_tenants(&id, tenant.as_deref()))
-            .await;
-    let tenants = match found {
+    let tenants = match blocking(move || store.dead_letter_tenants(&id, tenant.as_deref())).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => return error(ErrorCode::Internal, e.to_string()),
-        Err(e) => return error(ErrorCode::Internal, format!("the store read failed: {e}")),
+        Err(r) => return r,
     };
     let tenant_id = match tenants.as_slice() {
         [] => return error(ErrorCode::NotFound, format!("no dead letter {signal_id:?}")),
@@ -603,10 +604,12 @@ fn page(query: &HashMap<String, String>) -> Result<(usize, Option<&str>), Respon
 /// Runs `f`, which reads through the store (a ledger of millions of
 /// receipts takes seconds), on tokio's blocking pool: the node has two
 /// async workers, and the signal path needs them.
-async fn blocking(f: impl FnOnce() -> Response + Send + 'static) -> Response {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Response> {
     tokio::task::spawn_blocking(f)
         .await
-        .unwrap_or_else(|e| error(ErrorCode::Internal, format!("the store read failed: {e}")))
+        .map_err(|e| error(ErrorCode::Internal, format!("the store read failed: {e}")))
 }
 
 fn receipts(store: &tai_store::Store, query: &HashMap<String, String>) -> Response {
