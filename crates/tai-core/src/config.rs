@@ -905,18 +905,10 @@ fn validate(c: &Config, errors: &mut Vec<ConfigError>) {
                 ));
             }
         }
-        for (key, url) in urls {
-            match (ex.kind, url) {
-                (ExecutorKind::Log, _) => {}
-                (_, None | Some("")) => errors.push(err(
-                    format!("executors.{name}.{key}"),
-                    format!("a {:?} executor needs {key}", ex.kind).to_lowercase(),
-                )),
-                (_, Some(url)) => {
-                    if let Some(problem) = http_url_problem(url) {
-                        errors.push(err(format!("executors.{name}.{key}"), problem))
-                    }
-                }
+        for (key, url) in urls.into_iter().filter(|_| ex.kind != ExecutorKind::Log) {
+            let needs = || format!("a {:?} executor needs {key}", ex.kind).to_lowercase();
+            if let Some(problem) = url_problem(url, needs) {
+                errors.push(err(format!("executors.{name}.{key}"), problem));
             }
         }
         if ex.timeout_ms == 0 {
@@ -963,16 +955,10 @@ fn validate(c: &Config, errors: &mut Vec<ConfigError>) {
                 format!("{:?} names another channel too", ch.name),
             ));
         }
-        match (ch.kind, ch.url.as_deref()) {
-            (ChannelKind::Log, _) => {}
-            (_, None | Some("")) => errors.push(err(
-                format!("alerts.channels[{i}].url"),
-                "this channel kind needs a url",
-            )),
-            (_, Some(url)) => {
-                if let Some(problem) = http_url_problem(url) {
-                    errors.push(err(format!("alerts.channels[{i}].url"), problem))
-                }
+        if ch.kind != ChannelKind::Log {
+            let needs = || "this channel kind needs a url".to_string();
+            if let Some(problem) = url_problem(ch.url.as_deref(), needs) {
+                errors.push(err(format!("alerts.channels[{i}].url"), problem));
             }
         }
         if ch.kind == ChannelKind::Pagerduty && ch.routing_key.as_deref().is_none_or(str::is_empty)
@@ -985,9 +971,13 @@ fn validate(c: &Config, errors: &mut Vec<ConfigError>) {
     }
 }
 
-/// Why `url` cannot be called over HTTP, if it cannot: found at start, not
-/// when the first action or alert is sent.
-fn http_url_problem(url: &str) -> Option<String> {
+/// Why a `url` that must be there cannot be called over HTTP, if it cannot
+/// (absent or empty: `needs()`): found at start, not when the first action
+/// or alert is sent.
+fn url_problem(url: Option<&str>, needs: impl FnOnce() -> String) -> Option<String> {
+    let Some(url) = url.filter(|u| !u.is_empty()) else {
+        return Some(needs());
+    };
     match url::Url::parse(url) {
         Err(e) => Some(format!("{url:?} is not a URL: {e}")),
         Ok(u) if !matches!(u.scheme(), "http" | "https") => {
