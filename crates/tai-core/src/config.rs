@@ -1133,6 +1133,38 @@ mod tests {
     }
 
     #[test]
+    fn an_absent_or_empty_url_is_refused_by_name() {
+        let text = r#"
+            [executors.d]
+            kind = "webhook"
+            [executors.r]
+            kind = "rollout"
+            url = "http://127.0.0.1:9998/deploy"
+            health_url = ""
+            [[alerts.channels]]
+            name = "chat"
+            kind = "slack"
+        "#;
+        let errors = load(text, vec![]).unwrap_err();
+        let got: Vec<_> = errors
+            .iter()
+            .map(|e| (e.path.as_str(), e.message.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("executors.d.url", "a webhook executor needs url"),
+                (
+                    "executors.r.health_url",
+                    "a rollout executor needs health_url"
+                ),
+                ("alerts.channels[0].url", "this channel kind needs a url"),
+            ],
+            "{errors:?}"
+        );
+    }
+
+    #[test]
     fn a_bad_required_value_is_reported_once_not_also_as_missing() {
         let text = "[executors.d]\nkind = \"carrier_pigeon\"\n[executors.e]\nurl = \"http://x\"\n";
         let errors = load(text, vec![]).unwrap_err();
