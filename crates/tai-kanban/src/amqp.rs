@@ -1484,7 +1484,7 @@ impl Actor for AmqpQueue {
                 st.dispatch();
                 st.answer_quiesce();
             }
-            KanbanMsg::Unpark { seqs } => st.dispatch.unpark(&seqs),
+            KanbanMsg::Unpark { seqs } => st.dispatch.unpark(&seqs, Instant::now()),
             KanbanMsg::Redeliver {
                 tenant_id,
                 sku_id,

@@ -128,8 +128,18 @@ impl Dispatch {
         self.set_parked(seqs, true);
     }
 
-    /// Their engine is deciding them after all (it was entitled).
-    pub fn unpark(&mut self, seqs: &[u64]) {
+    /// Their engine is deciding them after all (it was entitled, or gave up
+    /// waiting): their visibility starts now, not when they were sent (a
+    /// signal parked longer than the visibility was otherwise sent again at
+    /// the next tick, while its engine was deciding it).
+    pub fn unpark(&mut self, seqs: &[u64], now: Instant) {
+        for seq in seqs {
+            if let Some(f) = self.in_flight.get_mut(seq) {
+                if f.parked {
+                    f.sent_at = now;
+                }
+            }
+        }
         self.set_parked(seqs, false);
     }
 
@@ -423,7 +433,7 @@ mod tests {
             .map(|(d, n)| (d.seq, *n))
             .collect();
         assert_eq!(again, [(3, 2)], "only the unparked one timed out");
-        q.unpark(&[3, 1]);
+        q.unpark(&[3, 1], later);
         assert_eq!((q.parked_len(), q.working_len()), (1, 2));
         q.park(&[1]);
         // Decided: gone, parked or not.
@@ -442,6 +452,23 @@ mod tests {
         assert_eq!(q.parked_len(), 0);
         let much_later = later + std::time::Duration::from_secs(61);
         assert_eq!(q.expired(visibility, much_later, |_| false).len(), 2);
+    }
+
+    #[test]
+    fn an_unparked_signal_has_its_whole_visibility_from_then() {
+        let mut q = Dispatch::default();
+        q.push(d(1, "t", "a"));
+        let now = Instant::now();
+        q.take(50, 10, now);
+        q.park(&[1]);
+        let visibility = std::time::Duration::from_secs(60);
+        // Parked five minutes, then its engine decides it.
+        let unparked = now + visibility * 5;
+        q.unpark(&[1], unparked);
+        let soon = unparked + std::time::Duration::from_secs(1);
+        assert!(q.expired(visibility, soon, |_| false).is_empty());
+        let late = unparked + visibility;
+        assert_eq!(q.expired(visibility, late, |_| false).len(), 1);
     }
 
     #[test]
@@ -487,7 +514,7 @@ mod tests {
         assert_eq!(seqs(&q.take(2, 2, now)), [3]);
         assert_eq!((q.in_flight_len(), q.working_len()), (4, 2));
         // Unparked (entitled): they count again, so nothing more goes.
-        q.unpark(&[1, 2]);
+        q.unpark(&[1, 2], Instant::now());
         assert_eq!(q.working_len(), 4);
         assert!(q.take(9, 2, now).is_empty(), "`waits` is over its prefetch");
         for seq in [1, 2, 3] {

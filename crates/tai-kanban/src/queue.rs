@@ -431,7 +431,7 @@ impl Actor for Queue {
                 Self::dispatch(st);
                 st.answer_quiesce();
             }
-            KanbanMsg::Unpark { seqs } => st.dispatch.unpark(&seqs),
+            KanbanMsg::Unpark { seqs } => st.dispatch.unpark(&seqs, Instant::now()),
             KanbanMsg::Quiesce(reply) => {
                 if !st.quiescing {
                     info!(
