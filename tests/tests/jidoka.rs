@@ -486,6 +486,78 @@ rego = ["{file_name}"]
     assert_eq!(c.decided("big-3").await["status"], "completed");
 }
 
+/// Loops as long as the tenant asks: `n` × `n` steps, never true, so
+/// nothing piles up in memory while it runs.
+const SIZED_BY_INPUT: &str = r#"package tai.sized
+decision := {"allow": count(found) == 0}
+found := [1 | some x in numbers.range(1, input.signal.payload.n); some y in numbers.range(1, input.signal.payload.n); x + y == 0]
+"#;
+
+/// Before: a Rego evaluation ran on the runtime worker that polled its
+/// engine, with no time limit, while every other engine deciding with the
+/// same file waited for it on a lock (on a worker too). Two slow signals
+/// took both of this machine's workers: no signal of any tenant was
+/// accepted or decided until the policy ended, hours later.
+#[tokio::test]
+async fn a_slow_rego_policy_holds_up_only_its_own_engines_and_is_cut_off() {
+    let scratch = tempfile::tempdir().unwrap();
+    let file = scratch.path().join("sized.rego");
+    std::fs::write(&file, SIZED_BY_INPUT).unwrap();
+    let file_name = file.display().to_string();
+    let extra = format!(
+        r#"
+[skus.sized]
+policies = []
+rego = ["{file_name}"]
+"#
+    );
+    let node = Node::start_with(
+        &test_config(&extra),
+        &[("TAI_JIDOKA__REGO_TIMEOUT_MS", "5000")],
+    );
+    let acme = Client::new(&node, "acme", "acme-secret");
+    let globex = Client::new(&node, "globex", "globex-secret");
+    for c in [&acme, &globex] {
+        entitle(c, "sized").await;
+    }
+    entitle(&acme, "payments").await;
+    let sized =
+        |tenant: &str, id: &str, n: u64| signal(tenant, "sized", "payment", id, json!({"n": n}));
+    send(&acme, &sized("acme", "quick", 10)).await;
+    assert_eq!(acme.decided("quick").await["status"], "completed");
+
+    send(&acme, &sized("acme", "slow-a", 100_000)).await;
+    send(&globex, &sized("globex", "slow-b", 100_000)).await;
+    node.admin_until(
+        "/admin/queue",
+        "both slow signals with their engines",
+        |q| q["in_flight"] == 2,
+    )
+    .await;
+    // Another SKU's signal is accepted and decided while both run.
+    send(&acme, &pay("payments", "pay-1")).await;
+    assert_eq!(acme.decided("pay-1").await["status"], "completed");
+    for (c, id) in [(&acme, "slow-a"), (&globex, "slow-b")] {
+        let s = c.status(id).await.body;
+        assert_eq!(s["status"], "accepted", "{id} still being decided: {s}");
+    }
+
+    // Past the limit the policy denies (fail closed), naming the limit.
+    for (c, id) in [(&acme, "slow-a"), (&globex, "slow-b")] {
+        let s = c.decided(id).await;
+        assert_eq!(s["status"], "denied", "{s}");
+        assert_eq!(
+            s["reason"],
+            format!("{file_name}: evaluation failed: took longer than its 5000 ms limit"),
+        );
+    }
+    assert!(node
+        .log_tail(200)
+        .contains("a Rego evaluation ran out of time"));
+    send(&acme, &sized("acme", "quick-2", 10)).await;
+    assert_eq!(acme.decided("quick-2").await["status"], "completed");
+}
+
 #[test]
 fn a_node_with_a_broken_rego_file_refuses_to_start_naming_it() {
     let scratch = tempfile::tempdir().unwrap();

@@ -196,6 +196,9 @@ pub struct JidokaConfig {
     pub idle_timeout_secs: u64,
     /// Live engines beyond this are passivated, least recently used first.
     pub max_active_engines: usize,
+    /// Wall-clock budget of one Rego evaluation: past it the policy denies
+    /// (fail closed) and the engine moves on.
+    pub rego_timeout_ms: u64,
 }
 
 impl Default for JidokaConfig {
@@ -203,6 +206,7 @@ impl Default for JidokaConfig {
         JidokaConfig {
             idle_timeout_secs: 300,
             max_active_engines: 2_000,
+            rego_timeout_ms: 100,
         }
     }
 }
@@ -805,6 +809,9 @@ fn validate(c: &Config, errors: &mut Vec<ConfigError>) {
     if c.jidoka.max_active_engines == 0 {
         errors.push(err("jidoka.max_active_engines", "must be greater than 0"));
     }
+    if !(1..=60_000).contains(&c.jidoka.rego_timeout_ms) {
+        errors.push(err("jidoka.rego_timeout_ms", "must be 1 to 60000"));
+    }
     if !c.andon.signing_keys.contains_key(&c.andon.signing_key_id) {
         errors.push(err(
             "andon.signing_key_id",
@@ -1079,6 +1086,19 @@ mod tests {
         );
         let c = load("", vec![]).unwrap();
         assert_eq!(c.kanban.visibility_secs, 60);
+    }
+
+    #[test]
+    fn a_rego_time_limit_out_of_range_is_refused_by_name() {
+        for bad in ["0", "60001"] {
+            let text = format!("[jidoka]\nrego_timeout_ms = {bad}\n");
+            let errors = load(&text, vec![]).unwrap_err();
+            assert_eq!(
+                (errors[0].path.as_str(), errors[0].message.as_str()),
+                ("jidoka.rego_timeout_ms", "must be 1 to 60000")
+            );
+        }
+        assert_eq!(load("", vec![]).unwrap().jidoka.rego_timeout_ms, 100);
     }
 
     #[test]

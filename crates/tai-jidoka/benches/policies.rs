@@ -73,7 +73,7 @@ fn policies(c: &mut Criterion) {
         ),
     ];
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let rego = RegoSet::new(&root)
+    let rego = RegoSet::new(&root, std::time::Duration::from_millis(100))
         .load("config/policies/payment_limits.rego")
         .expect("shipped policy compiles");
     let rego = Policy::Rego(rego);

@@ -48,7 +48,9 @@ pub struct BenchArgs {
     /// node's own default).
     #[arg(long)]
     pub store_cache_mb: Option<u64>,
-    /// SKU to send to: `bench` (no policy) or `payments` (payment_fraud).
+    /// SKU to send to. The node the bench starts has `bench` (no policy),
+    /// `payments` (payment_fraud) and `rego` (the shipped
+    /// `config/policies/payment_limits.rego`).
     #[arg(long, default_value = "bench")]
     pub sku: String,
     /// Queue backend of the node the bench starts: `embedded` or `amqp`
@@ -146,7 +148,12 @@ quota = 1000000000000
 [skus.payments]
 policies = ["payment_fraud"]
 quota = 1000000000000
+[skus.rego]
+policies = []
+rego = ["{rego}"]
+quota = 1000000000000
 "#,
+        rego = dir.join("payment_limits.rego").display(),
         data = dir.join("data").display(),
         wip = a.wip,
         cache_mb = a
@@ -184,6 +191,10 @@ fn start_node(a: &BenchArgs, otlp: Option<SocketAddr>) -> anyhow::Result<Target>
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("bench.toml");
     std::fs::write(&config, bench_config(a, dir.path(), otlp))?;
+    std::fs::write(
+        dir.path().join("payment_limits.rego"),
+        include_str!("../../../config/policies/payment_limits.rego"),
+    )?;
     let log = std::fs::File::create(dir.path().join("node.log"))?;
     let child = std::process::Command::new(std::env::current_exe()?)
         .args(["serve", "--config"])

@@ -168,7 +168,10 @@ pub async fn serve(config: Config) -> anyhow::Result<i32> {
             return Ok(78);
         }
     };
-    let rego = tai_jidoka::RegoSet::new(&std::env::current_dir()?);
+    let rego = tai_jidoka::RegoSet::new(
+        &std::env::current_dir()?,
+        Duration::from_millis(config.jidoka.rego_timeout_ms),
+    );
     let spec = match root_spec(
         &config,
         &store,
