@@ -1474,17 +1474,21 @@ async fn a_restarted_queue_learns_again_which_signals_are_parked() {
     assert!(!log.contains("poison"), "{log}");
 }
 
-/// Runs the `tai` CLI against `node` (its dev config, its ports) and
-/// returns its exit code, stdout and stderr.
-fn tai(node: &Node, args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(tai_bin())
-        .args(args)
+/// The `tai` CLI against `node` (its dev config, its ports).
+fn tai_command(node: &Node, args: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new(tai_bin());
+    c.args(args)
         .arg("--config")
         .arg(dev_config())
         .env("TAI_INGRESS__LISTEN", &node.ingress)
-        .env("TAI_OPERATOR__LISTEN", &node.operator)
-        .output()
-        .expect("run tai");
+        .env("TAI_OPERATOR__LISTEN", &node.operator);
+    c
+}
+
+/// Runs the `tai` CLI against `node` and returns its exit code, stdout
+/// and stderr.
+fn tai(node: &Node, args: &[&str]) -> (i32, String, String) {
+    let out = tai_command(node, args).output().expect("run tai");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -1592,6 +1596,19 @@ fn the_cli_sends_reads_halts_and_resumes_as_the_readme_shows() {
     assert_eq!(out.lines().count(), 3, "{out}");
     let (code, out, _) = tai(&node, &["receipts", "--tenant", "nobody"]);
     assert_eq!((code, out.as_str()), (0, ""), "another tenant's receipts");
+    // Piped into a reader that has stopped (`| head -1`, `| grep -q`):
+    // quietly done, as any Unix filter (this used to panic, exit 101).
+    for args in [&["status", "pay-1"][..], &["receipts"], &["tenants"]] {
+        let mut child = tai_command(&node, args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!((out.status.code(), err.as_ref()), (Some(0), ""), "{args:?}");
+    }
 
     let line = cli_engine_line(&node, "demo", "payments");
     assert_eq!(line[2], "stable", "{line:?}");

@@ -741,9 +741,9 @@ pub async fn run(config: &tai_core::config::Config, a: BenchArgs) -> anyhow::Res
         }
     }
     if a.json {
-        println!("{report}");
+        crate::client::outln!("{report}")?;
     } else {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        crate::client::outln!("{}", serde_json::to_string_pretty(&report)?)?;
     }
     if decided < accepted.len() {
         eprintln!(

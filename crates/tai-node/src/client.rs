@@ -45,6 +45,23 @@ async fn admin(
     Ok(body)
 }
 
+/// `println!` and `print!` that return a failed write instead of panicking:
+/// a reader that went away (`tai tenants | head -1`) ends the command
+/// quietly (see `main`).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
+pub(crate) use outln;
+
 async fn admin_get(config: &Config, path: &str) -> anyhow::Result<Value> {
     admin(config, reqwest::Method::GET, path, None).await
 }
@@ -53,11 +70,11 @@ async fn admin_get(config: &Config, path: &str) -> anyhow::Result<Value> {
 pub async fn tree(config: &Config, json: bool) -> anyhow::Result<i32> {
     let tree = admin_get(config, "/admin/tree").await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&tree)?);
+        outln!("{}", serde_json::to_string_pretty(&tree)?)?;
     } else {
         let mut out = String::new();
         draw(&tree, "", "", &mut out);
-        print!("{out}");
+        out!("{out}")?;
     }
     Ok(0)
 }
@@ -220,7 +237,7 @@ pub async fn send(config: &Config, a: SendArgs) -> anyhow::Result<i32> {
         serde_json::to_vec(&body)?,
     )
     .await?;
-    println!("{}", serde_json::to_string(&answer)?);
+    outln!("{}", serde_json::to_string(&answer)?)?;
     Ok(if (200..300).contains(&status) { 0 } else { 1 })
 }
 
@@ -238,7 +255,7 @@ pub async fn status(config: &Config, tenant: Option<String>, id: &str) -> anyhow
         Vec::new(),
     )
     .await?;
-    println!("{}", serde_json::to_string_pretty(&answer)?);
+    outln!("{}", serde_json::to_string_pretty(&answer)?)?;
     Ok(if status == 200 { 0 } else { 1 })
 }
 
@@ -252,13 +269,20 @@ pub async fn tenants(config: &Config, json: bool, state: Option<&str>) -> anyhow
     };
     let list = admin_get(config, &path).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&list)?);
+        outln!("{}", serde_json::to_string_pretty(&list)?)?;
         return Ok(0);
     }
-    println!(
+    outln!(
         "{:<20} {:<16} {:<16} {:>8} {:>8} {:>9} {:>8} {:>6}",
-        "TENANT", "SKU", "STATE", "QUOTA", "ENTITLED", "POSTPONED", "RESTARTS", "LIVE"
-    );
+        "TENANT",
+        "SKU",
+        "STATE",
+        "QUOTA",
+        "ENTITLED",
+        "POSTPONED",
+        "RESTARTS",
+        "LIVE"
+    )?;
     // A JSON value's `Display` ignores widths: each is made a string first.
     let text = |v: &Value| match v {
         Value::String(s) => s.clone(),
@@ -266,7 +290,7 @@ pub async fn tenants(config: &Config, json: bool, state: Option<&str>) -> anyhow
         v => v.to_string(),
     };
     for e in list.as_array().map(Vec::as_slice).unwrap_or_default() {
-        println!(
+        outln!(
             "{:<20} {:<16} {:<16} {:>8} {:>8} {:>9} {:>8} {:>6}",
             text(&e["tenant_id"]),
             text(&e["sku_id"]),
@@ -276,7 +300,7 @@ pub async fn tenants(config: &Config, json: bool, state: Option<&str>) -> anyhow
             text(&e["postponed"]),
             text(&e["restarts"]),
             text(&e["active"]),
-        );
+        )?;
     }
     Ok(0)
 }
@@ -299,7 +323,7 @@ pub async fn halt_resume(
     };
     let path = format!("/admin/tenants/{tenant}/{sku}/{verb}");
     let info = admin(config, reqwest::Method::POST, &path, Some(body)).await?;
-    println!("{}", serde_json::to_string(&info)?);
+    outln!("{}", serde_json::to_string(&info)?)?;
     Ok(0)
 }
 
@@ -314,7 +338,7 @@ pub struct ReceiptsArgs {
 }
 
 fn print_report(report: &tai_core::receipt::VerifyReport) -> anyhow::Result<i32> {
-    println!("{}", serde_json::to_string(report)?);
+    outln!("{}", serde_json::to_string(report)?)?;
     Ok(if report.ok { 0 } else { 1 })
 }
 
