@@ -131,16 +131,23 @@ async fn deliver(client: reqwest::Client, url: String, body: Value) -> Result<()
     Err(format!("{last} after {ATTEMPTS} attempts"))
 }
 
+/// Whether `alert` repeats one of its key sent within the last `window`
+/// ms. A send time past the alert's own (the wall clock stepped back since,
+/// NTP or a VM snapshot restored) is taken as the alert's: it silences
+/// repeats for one window from the step, not for the step's length too.
+fn repeats(last_sent: &mut HashMap<String, u64>, alert: &Alert, window: u64) -> bool {
+    last_sent.get_mut(&alert.key).is_some_and(|t| {
+        *t = (*t).min(alert.at_ms);
+        alert.at_ms - *t < window
+    })
+}
+
 impl Alerts {
     fn raise(myself: &ActorRef<AlertMsg>, st: &mut AlertsState, alert: Alert) {
         st.next_id += 1;
         let id = st.next_id;
         let window = st.config.dedupe_window_secs.saturating_mul(1000);
-        let repeat = !alert.resolve
-            && st
-                .last_sent
-                .get(&alert.key)
-                .is_some_and(|t| alert.at_ms.saturating_sub(*t) < window);
+        let repeat = !alert.resolve && repeats(&mut st.last_sent, &alert, window);
         let mut record = Record {
             id,
             alert,
@@ -289,5 +296,28 @@ impl Actor for Alerts {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(at_ms: u64) -> Alert {
+        let mut a = Alert::new(Severity::Warning, "k", "key", "src", "summary");
+        a.at_ms = at_ms;
+        a
+    }
+
+    #[test]
+    fn a_repeat_is_silenced_for_one_window_even_after_the_clock_steps_back() {
+        let hour = 3_600_000;
+        let mut sent = HashMap::from([("key".to_string(), 10 * hour)]);
+        assert!(repeats(&mut sent, &at(10 * hour + 59_000), 60_000));
+        assert!(!repeats(&mut sent, &at(10 * hour + 60_000), 60_000));
+        // Five hours back: still a repeat at the step, no more a minute on.
+        assert!(repeats(&mut sent, &at(5 * hour), 60_000));
+        assert!(!repeats(&mut sent, &at(5 * hour + 60_000), 60_000));
+        assert!(!repeats(&mut HashMap::new(), &at(0), 60_000));
     }
 }

@@ -147,8 +147,26 @@ impl Breaker {
         .expect("trip happens from closed or half_open")
     }
 
+    /// The wall clock stepped back past this breaker's last change (NTP, a
+    /// VM snapshot restored): its open time and probe lease move back with
+    /// it, so neither lasts more than its own length past the step (an
+    /// hour back would otherwise keep a tripped breaker open an hour more).
+    fn settle_clock(&mut self, now: u64) {
+        let Some(back) = self.changed_at_ms.checked_sub(now).filter(|b| *b > 0) else {
+            return;
+        };
+        self.changed_at_ms = now;
+        if self.open_until_ms != u64::MAX {
+            self.open_until_ms = self.open_until_ms.saturating_sub(back);
+        }
+        if let Some(p) = self.probe_until_ms.as_mut() {
+            *p = p.saturating_sub(back);
+        }
+    }
+
     /// open → half_open once the open time is over (never while melted).
     pub fn tick(&mut self, name: &str, now: u64) -> Option<Transition> {
+        self.settle_clock(now);
         if self.state == BreakerState::Open && !self.melted && now >= self.open_until_ms {
             return self.go(
                 name,
@@ -172,8 +190,10 @@ impl Breaker {
         let a = match self.state {
             BreakerState::Closed => Admission::Call,
             BreakerState::Open => Admission::Reject,
+            // A lease taken after the last change can still lie past a
+            // step back: it never runs longer than one lease from now.
             BreakerState::HalfOpen => match self.probe_until_ms {
-                Some(until) if until > now => Admission::Reject,
+                Some(until) if until > now && until - now <= lease_ms => Admission::Reject,
                 _ => Admission::Probe,
             },
         };
@@ -459,5 +479,32 @@ mod tests {
         fail(&mut b, &c, 5, 0);
         let back: Breaker = serde_json::from_slice(&serde_json::to_vec(&b).unwrap()).unwrap();
         assert_eq!(back, b);
+    }
+
+    #[test]
+    fn a_clock_stepped_back_keeps_it_open_no_longer_than_its_open_time() {
+        let c = cfg();
+        let hour = 3_600_000;
+        let mut b = Breaker::default();
+        fail(&mut b, &c, 5, 10 * hour).expect("tripped");
+        // Five hours back: open for its 1,000 ms from the step, not 5 h more.
+        let back = 5 * hour;
+        assert_eq!(b.admit("g", back, 500).0, Admission::Reject);
+        let (a, t) = b.admit("g", back + 1000, 500);
+        assert_eq!(a, Admission::Probe);
+        assert_eq!(t.map(|t| t.to), Some(BreakerState::HalfOpen));
+        // The probe's lease, taken before another step back, lapses after
+        // one lease from the step, not the step's length.
+        let again = back - hour;
+        assert_eq!(b.admit("g", again, 500).0, Admission::Reject);
+        assert_eq!(b.admit("g", again + 501, 500).0, Admission::Probe);
+    }
+
+    #[test]
+    fn a_melted_breaker_stays_open_whatever_the_clock_does() {
+        let mut b = Breaker::default();
+        b.melt("g", 10_000);
+        assert_eq!(b.admit("g", 1, 500).0, Admission::Reject);
+        assert_eq!(b.admit("g", u64::MAX - 1, 500).0, Admission::Reject);
     }
 }

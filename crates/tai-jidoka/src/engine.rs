@@ -154,8 +154,9 @@ impl EngineActorState {
     }
 
     fn arm_state_timeout(&mut self, myself: &ActorRef<EngineMsg>) {
-        if let Some(due) = self.data.state_deadline_ms(&self.sku) {
-            let after = Duration::from_millis(due.saturating_sub(now_ms()));
+        let now = now_ms();
+        if let Some(due) = self.data.state_deadline_ms(&self.sku, now) {
+            let after = Duration::from_millis(due.saturating_sub(now));
             self.statem
                 .set_state_timeout(myself, after, EngineMsg::Timeout);
         }

@@ -66,11 +66,12 @@ impl Data {
         }
     }
 
-    /// When the state timeout of the current state is due, if it has one.
-    pub fn state_deadline_ms(&self, sku: &Sku) -> Option<u64> {
+    /// When the state timeout of the current state is due, if it has one:
+    /// never further from `now` than the whole timeout (see [`settle_clock`]).
+    pub fn state_deadline_ms(&self, sku: &Sku, now: u64) -> Option<u64> {
         match self.state {
-            EngineState::Boot => Some(self.boot_started_ms + sku.entitlement_timeout_ms),
-            EngineState::QuotaExhausted => Some(self.period_start_ms + sku.period_ms),
+            EngineState::Boot => Some(self.boot_started_ms.min(now) + sku.entitlement_timeout_ms),
+            EngineState::QuotaExhausted => Some(self.period_start_ms.min(now) + sku.period_ms),
             _ => None,
         }
     }
@@ -240,6 +241,29 @@ fn refill(d: &mut Data, st: &mut Step<'_>, now: u64) {
     }
 }
 
+/// The wall clock may be stepped back (NTP, a VM restored from a
+/// snapshot). A time recorded before such a step lies in the future, and
+/// every wait measured from it (the quota period, the entitlement wait, a
+/// customer's payment window) would grow by the step: an hour back, an
+/// hour longer, quota and payments refused all along. Such times are taken
+/// as now: no wait lasts more than its own length past the step.
+fn settle_clock(d: &mut Data, ev: &Event<'_>, now: u64) {
+    d.period_start_ms = d.period_start_ms.min(now);
+    d.boot_started_ms = d.boot_started_ms.min(now);
+    // Windows are only loaded for SKUs with a velocity policy.
+    if d.velocity.is_empty() {
+        return;
+    }
+    if let Event::Signal { signal, .. } = ev {
+        let customer = signal.payload.get("customer_id").and_then(Value::as_str);
+        if let Some(times) = customer.and_then(|c| d.velocity.get_mut(c)) {
+            for t in times.iter_mut() {
+                *t = (*t).min(now);
+            }
+        }
+    }
+}
+
 /// One event: the new data is written into `d`, the effects returned.
 pub fn step(
     d: &mut Data,
@@ -252,6 +276,7 @@ pub fn step(
         fx: Vec::new(),
         sku,
     };
+    settle_clock(d, &ev, now);
     refill(d, &mut st, now);
     let before = d.state;
     match ev {

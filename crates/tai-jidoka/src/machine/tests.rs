@@ -298,7 +298,7 @@ fn quota_runs_out_then_refills_with_the_period() {
             Some("quota_exhausted")
         )
     );
-    assert_eq!(d.state_deadline_ms(&sku), Some(sku.period_ms));
+    assert_eq!(d.state_deadline_ms(&sku, 1_000), Some(sku.period_ms));
     let fx = step(&mut d, &sku, Event::StateTimeout, sku.period_ms, &mut id);
     assert_eq!(
         (d.state, d.quota_remaining, kinds(&fx)),
@@ -516,4 +516,100 @@ fn an_action_reaches_an_executor_with_every_field_of_its_signal() {
     };
     assert_eq!(asked.kind(), "freeze", "a policy's request wins");
     assert_eq!(serde_json::to_value(&asked).unwrap()["kind"], "freeze");
+}
+
+/// The wall clock stepped back (NTP, a VM snapshot restored): no wait the
+/// engine started before the step lasts more than its own length past the
+/// step (it may start again at the step), whatever the size of the step.
+const HOUR: u64 = 3_600_000;
+
+#[test]
+fn a_clock_stepped_back_does_not_stretch_the_quota_period() {
+    let sku = sku();
+    let mut d = Data::new(&sku, 10 * HOUR);
+    d.state = Stable;
+    let mut id = || "x".to_string();
+    let signal = pay();
+    for _ in 0..3 {
+        step(
+            &mut d,
+            &sku,
+            Event::Signal {
+                seq: 1,
+                signal: &signal,
+            },
+            10 * HOUR,
+            &mut id,
+        );
+        step(
+            &mut d,
+            &sku,
+            Event::ActionDone { ok: true },
+            10 * HOUR,
+            &mut id,
+        );
+    }
+    assert_eq!(d.state, QuotaExhausted);
+    // The refill timer fires (it runs on a monotonic clock) and finds the
+    // wall clock five hours back.
+    let back = 10 * HOUR + sku.period_ms - 5 * HOUR;
+    let fx = step(&mut d, &sku, Event::StateTimeout, back, &mut id);
+    assert_eq!((d.state, fx.len()), (QuotaExhausted, 0));
+    let due = d.state_deadline_ms(&sku, back).unwrap();
+    assert_eq!(
+        due,
+        back + sku.period_ms,
+        "not {}",
+        3 * HOUR + sku.period_ms
+    );
+    let fx = step(&mut d, &sku, Event::StateTimeout, due, &mut id);
+    assert_eq!((d.state, kinds(&fx)), (Stable, vec!["quota_refilled"]));
+}
+
+#[test]
+fn a_clock_stepped_back_does_not_stretch_the_entitlement_wait() {
+    let sku = sku();
+    let mut d = Data::new(&sku, HOUR);
+    let mut id = || "x".to_string();
+    let back = HOUR + sku.entitlement_timeout_ms - HOUR;
+    assert!(step(&mut d, &sku, Event::StateTimeout, back, &mut id).is_empty());
+    let due = d.state_deadline_ms(&sku, back).unwrap();
+    assert_eq!(due, back + sku.entitlement_timeout_ms);
+    let fx = step(&mut d, &sku, Event::StateTimeout, due, &mut id);
+    assert_eq!((d.state, kinds(&fx)), (Degraded, vec!["bootstrap_timeout"]));
+}
+
+#[test]
+fn a_clock_stepped_back_does_not_stretch_a_payment_window() {
+    let sku = sku();
+    let mut d = data(Stable);
+    d.quota_remaining = 100;
+    // Five payments from customer c just before the step: a sixth within
+    // the minute is over `velocity_limit`.
+    d.velocity
+        .insert("c".into(), (0..5).map(|i| 2 * HOUR + i).collect());
+    let mut id = || "x".to_string();
+    let signal = pay();
+    let mut pay_at = |d: &mut Data, now| {
+        kinds(&step(
+            d,
+            &sku,
+            Event::Signal {
+                seq: 1,
+                signal: &signal,
+            },
+            now,
+            &mut id,
+        ))
+    };
+    assert_eq!(
+        pay_at(&mut d, HOUR),
+        ["policy_denied"],
+        "still recent at the step"
+    );
+    assert_eq!(
+        pay_at(&mut d, HOUR + 60_001),
+        ["action_generated"],
+        "a minute after the step, not an hour"
+    );
 }
