@@ -890,7 +890,8 @@ impl Drop for QueueCleanup {
                     return;
                 };
                 let dl = format!("{queue}.deadletter");
-                for q in [&queue, &dl] {
+                let watch = format!("{queue}.deadletter.watch");
+                for q in [&queue, &dl, &watch] {
                     let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
                 }
                 let _ = ch

@@ -541,6 +541,125 @@ async fn a_quorum_queue_works_and_dead_letters_replay_through_the_broker() {
     verify_ok(&node).await;
 }
 
+/// A RabbitMQ policy on one queue, cleared when the test ends.
+struct QueuePolicy(String);
+
+impl QueuePolicy {
+    fn set(queue: &str, definition: &str) -> QueuePolicy {
+        let name = format!("{queue}.policy");
+        let pattern = format!("^{}$", queue.replace('.', "\\."));
+        rabbitmqctl(&[
+            "set_policy",
+            &name,
+            &pattern,
+            definition,
+            "--apply-to",
+            "queues",
+        ])
+        .unwrap();
+        QueuePolicy(name)
+    }
+}
+
+impl Drop for QueuePolicy {
+    fn drop(&mut self) {
+        let _ = rabbitmqctl(&["clear_policy", &self.0]);
+    }
+}
+
+/// Before: a broker policy dead-lettering messages by itself (here a
+/// `message-ttl` on the work queue) took 202'd signals out of the queue
+/// with no trace in the node: their status stayed `accepted` for ever, no
+/// dead letter, receipt, metric or alert.
+#[tokio::test]
+async fn a_signal_the_broker_expires_becomes_a_dead_letter_with_its_reason() {
+    ensure_broker();
+    let queue = unique_queue("ttl");
+    let _cleanup = QueueCleanup(queue.clone());
+    let _policy = QueuePolicy::set(&queue, r#"{"message-ttl": 300}"#);
+    let gw = Gateway::start().await;
+    // One delivery at a time, each held for a second by a slow target:
+    // the signals behind it wait in the broker's queue past their TTL.
+    let node = Node::start_with(
+        &test_config(&format!(
+            r#"
+[executors.gateway]
+kind = "webhook"
+url = "{}"
+timeout_ms = 5000
+
+[skus.slowpay]
+policies = []
+quota = 1000000
+executor = "gateway"
+
+[kanban]
+backend = "amqp"
+amqp_url = "{AMQP_URL}"
+amqp_queue = "{queue}"
+prefetch = 1
+"#,
+            gw.url
+        )),
+        &[],
+    );
+    connected(&node).await;
+    let c = Client::new(&node, "acme", "acme-secret");
+    c.entitle("slowpay", "ent-1").await;
+    assert_eq!(c.decided("ent-1").await["status"], "completed");
+    gw.set(GatewayMode::Slow(1_000));
+    let ids: Vec<String> = (1..=5).map(|i| format!("ttl-{i}")).collect();
+    for id in &ids {
+        let body = signal(
+            "acme",
+            "slowpay",
+            "payment",
+            id,
+            json!({"amount": 5, "customer_id": id}),
+        );
+        assert_eq!(c.post(&body).await.unwrap().status, 202);
+    }
+    let mut expired = Vec::new();
+    for id in &ids {
+        let s = c.decided(id).await;
+        match s["status"].as_str() {
+            Some("completed") => {}
+            Some("deadlettered") => {
+                assert_eq!(s["reason"], "expired", "{s}");
+                expired.push(id.clone());
+            }
+            _ => panic!("{id}: {s}"),
+        }
+    }
+    assert!(
+        !expired.is_empty(),
+        "none waited past the TTL: {}",
+        node.log()
+    );
+    let (_, letters) = node.admin(Method::GET, "/admin/deadletter").await;
+    let mut listed: Vec<String> = letters
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["reason"] == "expired")
+        .map(|l| l["signal"]["id"].as_str().unwrap().to_string())
+        .collect();
+    listed.sort();
+    assert_eq!(listed, expired, "{letters}");
+    let receipts = node.all_receipts().await;
+    for id in &expired {
+        let kinds: Vec<&str> = receipts
+            .iter()
+            .filter(|r| r["signal_id"] == id.as_str())
+            .map(|r| r["kind"].as_str().unwrap())
+            .collect();
+        assert_eq!(kinds, ["signal_deadlettered"], "{id}");
+    }
+    // The dead-letter queue keeps its copy of each, as before.
+    counts_until(&format!("{queue}.deadletter"), (expired.len() as u64, 0)).await;
+    verify_ok(&node).await;
+}
+
 /// The queue's (ready, unacknowledged) message counts.
 fn queue_counts(queue: &str) -> Option<(u64, u64)> {
     table(&[

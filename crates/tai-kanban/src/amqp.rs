@@ -140,6 +140,21 @@ impl Topology {
             FieldTable::default(),
         )
         .await?;
+        // Also to the watch queue: what the broker dead-letters by itself
+        // reaches the node (`broker_letters`).
+        let watch = crate::broker_letters::watch_queue(&self.queue);
+        let mut single = FieldTable::default();
+        single.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        ch.queue_declare(watch.as_str().into(), durable, single)
+            .await?;
+        ch.queue_bind(
+            watch.as_str().into(),
+            self.deadletter.as_str().into(),
+            self.queue.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
         ch.queue_declare(self.queue.as_str().into(), durable, self.queue_args())
             .await?;
         Ok(())
@@ -227,6 +242,8 @@ struct Link {
     consumer: Option<lapin::Consumer>,
     /// To the [`forward`] task: turn the consumer, or stop consuming.
     control: Option<mpsc::UnboundedSender<Control>>,
+    /// Handed to [`crate::broker_letters::watch`] when the actor takes the link.
+    watch: Option<Channel>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -402,6 +419,7 @@ async fn connect(
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         let probe = conn.create_channel().await?;
+        let watch = conn.create_channel().await?;
         let consume = conn.create_channel().await?;
         consume
             .basic_qos(topology.prefetch, BasicQosOptions::default())
@@ -415,9 +433,9 @@ async fn connect(
                 FieldTable::default(),
             )
             .await?;
-        Ok::<_, lapin::Error>((publish, probe, consume, consumer, tag))
+        Ok::<_, lapin::Error>((publish, probe, watch, consume, consumer, tag))
     };
-    let (publish, probe, consume, consumer, consumer_tag) =
+    let (publish, probe, watch, consume, consumer, consumer_tag) =
         match tokio::time::timeout(CONNECT_TIMEOUT, setup).await {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
@@ -448,6 +466,7 @@ async fn connect(
         consumer_tag,
         consumer: Some(consumer),
         control: None,
+        watch: Some(watch),
         tasks: vec![watching],
     }))
 }
@@ -1135,6 +1154,13 @@ impl AmqpState {
                 self.topology.queue.clone(),
                 rx,
             ));
+        }
+        if let Some(ch) = link.watch.take() {
+            link.tasks.push(tokio::spawn(crate::broker_letters::watch(
+                ch,
+                self.topology.queue.clone(),
+                self.store.clone(),
+            )));
         }
         (self.consumer_no, self.turning) = (0, false);
         self.link = Some(link);
@@ -1828,8 +1854,8 @@ pub async fn bare_loop(
     })
 }
 
-/// Deletes a work queue with its dead-letter queue and exchange (`tai bench`
-/// cleans up the queues it made).
+/// Deletes a work queue with its dead-letter and watch queues and its
+/// dead-letter exchange (`tai bench` cleans up the queues it made).
 pub async fn delete_topology(url: &str, queue: &str) -> Result<(), String> {
     let e = |e: lapin::Error| e.to_string();
     let conn = Connection::connect(url, ConnectionProperties::default())
@@ -1837,7 +1863,8 @@ pub async fn delete_topology(url: &str, queue: &str) -> Result<(), String> {
         .map_err(e)?;
     let ch = conn.create_channel().await.map_err(e)?;
     let dl = format!("{queue}.deadletter");
-    for q in [queue, dl.as_str()] {
+    let watch = crate::broker_letters::watch_queue(queue);
+    for q in [queue, dl.as_str(), watch.as_str()] {
         ch.queue_delete(q.into(), Default::default())
             .await
             .map_err(e)?;

@@ -7,6 +7,7 @@
 //! only; the only crate that will name lapin.
 
 pub mod amqp;
+mod broker_letters;
 mod dispatch;
 mod poison;
 mod queue;
