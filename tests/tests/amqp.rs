@@ -301,6 +301,34 @@ fn header(props: &BasicProperties, name: &str) -> Option<String> {
     }
 }
 
+/// A producer of our own on the broker, as another application would be:
+/// its connection (kept open) and a channel with publisher confirms.
+async fn producer() -> (Connection, lapin::Channel) {
+    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    (conn, ch)
+}
+
+/// Publishes `body` straight to `queue`, persistent, and waits for the confirm.
+async fn publish(ch: &lapin::Channel, queue: &str, body: &[u8], props: BasicProperties) {
+    ch.basic_publish(
+        "".into(),
+        queue.into(),
+        BasicPublishOptions::default(),
+        body,
+        props.with_delivery_mode(2),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn a_poison_message_is_requeued_once_then_dead_lettered_with_its_reason() {
     ensure_broker();
@@ -310,13 +338,7 @@ async fn a_poison_message_is_requeued_once_then_dead_lettered_with_its_reason() 
     connected(&node).await;
 
     // Published straight to the queue, as a foreign producer would: not a signal.
-    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    let (conn, ch) = producer().await;
     let mut headers = FieldTable::default();
     headers.insert(
         "tai-tenant".into(),
@@ -338,20 +360,15 @@ async fn a_poison_message_is_requeued_once_then_dead_lettered_with_its_reason() 
         ),
     ];
     for (id, body, _) in bodies {
-        ch.basic_publish(
-            "".into(),
-            queue.as_str().into(),
-            BasicPublishOptions::default(),
+        publish(
+            &ch,
+            &queue,
             body,
             BasicProperties::default()
-                .with_delivery_mode(2)
                 .with_message_id(id.into())
                 .with_headers(headers.clone()),
         )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+        .await;
     }
 
     let dlq = format!("{queue}.deadletter");
@@ -415,6 +432,62 @@ async fn a_poison_message_is_requeued_once_then_dead_lettered_with_its_reason() 
     c.entitle("payments", "ent-1").await;
     c.post(&pay("after-poison")).await.unwrap();
     assert_eq!(c.decided("after-poison").await["status"], "completed");
+    let _ = conn.close(200, "done".into()).await;
+}
+
+/// Before: a signal for a SKU the config does not name (published to the
+/// broker by another producer, or queued before the SKU left the config)
+/// was decided by a default SKU with no policy: an entitlement activated
+/// it and a payment went through unchecked (`completed`).
+#[tokio::test]
+async fn a_signal_for_a_sku_the_config_does_not_name_is_dead_lettered_not_decided() {
+    ensure_broker();
+    let queue = unique_queue("unknown-sku");
+    let _cleanup = QueueCleanup(queue.clone());
+    let node = amqp_node(&queue);
+    connected(&node).await;
+    let (conn, ch) = producer().await;
+    let ids = ["retired-ent", "retired-pay"];
+    let bodies = [
+        signal(
+            "acme",
+            "retired",
+            "entitlement",
+            ids[0],
+            json!({"active": true}),
+        ),
+        signal(
+            "acme",
+            "retired",
+            "payment",
+            ids[1],
+            json!({"amount": 9000, "currency": "XYZ", "customer_id": "c"}),
+        ),
+    ];
+    for mut body in bodies {
+        body["received_at_ms"] = json!(1);
+        let bytes = serde_json::to_vec(&body).unwrap();
+        publish(&ch, &queue, &bytes, BasicProperties::default()).await;
+    }
+    let c = Client::new(&node, "acme", "acme-secret");
+    for id in ids {
+        let s = c.decided(id).await;
+        assert_eq!(
+            (s["status"].as_str(), s["reason"].as_str()),
+            (Some("deadlettered"), Some("unknown_sku")),
+            "{s}"
+        );
+    }
+    let receipts = node.all_receipts().await;
+    assert!(
+        receipts
+            .iter()
+            .all(|r| r["kind"] == "signal_skipped" || r["signal_id"] != "retired-pay"),
+        "no decision for the payment: {receipts:?}"
+    );
+    let (_, letters) = node.admin(Method::GET, "/admin/deadletter").await;
+    assert_eq!(letters.as_array().unwrap().len(), 2, "{letters}");
+    verify_ok(&node).await;
     let _ = conn.close(200, "done".into()).await;
 }
 

@@ -51,6 +51,7 @@ pub fn sku_from_config(c: &SkuConfig, rego: &RegoSet) -> Result<Sku, String> {
         entitlement_timeout_ms: c.entitlement_timeout_secs.saturating_mul(1000),
         policies,
         executor: c.executor.clone(),
+        configured: true,
     })
 }
 
@@ -70,7 +71,10 @@ pub fn supervisor_spec(
         );
     }
     let skus = Arc::new(skus);
-    let default_sku = Arc::new(sku_from_config(&SkuConfig::default(), rego)?);
+    let unknown_sku = Arc::new(Sku {
+        configured: false,
+        ..sku_from_config(&SkuConfig::default(), rego)?
+    });
     let idle_timeout = Duration::from_secs(config.jidoka.idle_timeout_secs.max(1));
     let max_active = config.jidoka.max_active_engines;
     Ok(SupervisorSpec::new(Strategy::RestForOne)
@@ -86,7 +90,7 @@ pub fn supervisor_spec(
             move || RouterArgs {
                 store: store.clone(),
                 skus: skus.clone(),
-                default_sku: default_sku.clone(),
+                unknown_sku: unknown_sku.clone(),
                 idle_timeout,
                 max_active,
                 executors: executors.clone(),

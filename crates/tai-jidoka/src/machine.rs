@@ -19,6 +19,12 @@ pub struct Sku {
     pub entitlement_timeout_ms: u64,
     pub policies: Vec<Policy>,
     pub executor: String,
+    /// False for a SKU the config does not name (any more): a signal for it
+    /// reached the queue some other way (queued before the SKU left the
+    /// config, a producer publishing to the broker) and has no rules to be
+    /// decided by, so it is dead-lettered (`unknown_sku`), never decided by
+    /// defaults (no policy would fail open).
+    pub configured: bool,
 }
 
 /// What is checkpointed on every transition.
@@ -422,6 +428,9 @@ fn on_signal(
     new_id: &mut dyn FnMut() -> String,
 ) {
     let before = d.state;
+    if !st.sku.configured {
+        return skip(d, st, seq, s, "unknown_sku", "signal_skipped");
+    }
     if d.state == EngineState::ActionPending
         || (d.state == EngineState::Boot && s.kind != "entitlement")
     {

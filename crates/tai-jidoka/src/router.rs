@@ -33,7 +33,8 @@ pub struct Router;
 pub struct RouterArgs {
     pub store: Store,
     pub skus: Arc<HashMap<String, Arc<Sku>>>,
-    pub default_sku: Arc<Sku>,
+    /// For a sku_id the config does not name: it dead-letters every signal.
+    pub unknown_sku: Arc<Sku>,
     pub idle_timeout: Duration,
     pub max_active: usize,
     pub executors: Executors,
@@ -94,7 +95,7 @@ impl Router {
             .skus
             .get(sku_id)
             .cloned()
-            .unwrap_or_else(|| st.args.default_sku.clone())
+            .unwrap_or_else(|| st.args.unknown_sku.clone())
     }
 
     /// The running engine, started if need be (after passivating the least

@@ -13,6 +13,7 @@ fn sku() -> Sku {
         entitlement_timeout_ms: 30_000,
         policies: vec![Policy::PaymentFraud(PaymentFraud::default())],
         executor: "log".into(),
+        configured: true,
     }
 }
 
@@ -612,4 +613,32 @@ fn a_clock_stepped_back_does_not_stretch_a_payment_window() {
         ["action_generated"],
         "a minute after the step, not an hour"
     );
+}
+
+#[test]
+fn a_sku_the_config_does_not_name_decides_nothing() {
+    let sku = Sku {
+        configured: false,
+        policies: Vec::new(),
+        ..sku()
+    };
+    let mut id = || "x".to_string();
+    for state in [Boot, Stable] {
+        let mut d = data(state);
+        for s in [ent(true), pay()] {
+            let fx = step(
+                &mut d,
+                &sku,
+                Event::Signal { seq: 4, signal: &s },
+                1_000,
+                &mut id,
+            );
+            assert_eq!(
+                (d.state, kinds(&fx), dead(&fx)),
+                (state, vec!["signal_skipped"], Some("unknown_sku")),
+                "{state:?} {}",
+                s.kind
+            );
+        }
+    }
 }
