@@ -71,6 +71,12 @@ async fn metrics_name_the_contract_and_pass_promtool() {
     })
     .await;
 
+    // A status is final once the decision is committed; the queue hears
+    // the acknowledgement just after, and sets its gauges then.
+    node.admin_until("/admin/queue", "every signal acknowledged", |q| {
+        q["depth"] == 0 && q["in_flight"] == 0
+    })
+    .await;
     let resp = reqwest::get(node.url("/metrics")).await.unwrap();
     assert_eq!(resp.status(), 200, "no auth on /metrics");
     assert!(resp.headers()["content-type"]
