@@ -397,6 +397,18 @@ async fn halted_degraded_and_quota_signals_are_dead_lettered_and_replayed() {
             Some("\"h-1\" is dead-lettered for several tenants: add ?tenant=")
         )
     );
+    // Replayed into the halted engine it would only be dead-lettered again.
+    let (status, body) = node
+        .admin(Method::POST, "/admin/deadletter/h-1/replay?tenant=acme")
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str(), body["error"]["message"].as_str()),
+        (
+            409,
+            Some("conflict"),
+            Some("engine acme/payments is halted: resume it first (POST /admin/tenants/acme/payments/resume)")
+        )
+    );
     // Resume, replay: decided this time.
     let (status, resumed) = node
         .admin(Method::POST, "/admin/tenants/acme/payments/resume")
@@ -450,6 +462,21 @@ async fn halted_degraded_and_quota_signals_are_dead_lettered_and_replayed() {
     );
     let (_, e) = node.admin(Method::GET, "/admin/tenants/acme/tight").await;
     assert_eq!(e["state"], "quota_exhausted");
+    let (status, body) = node
+        .admin(Method::POST, "/admin/deadletter/q-2/replay")
+        .await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (409, &json!("conflict")),
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("engine acme/tight is out of quota: resume it first"),
+        "{body}"
+    );
     node.admin(Method::POST, "/admin/tenants/acme/tight/resume")
         .await;
     node.admin(Method::POST, "/admin/deadletter/q-2/replay")
@@ -490,6 +517,17 @@ async fn halted_degraded_and_quota_signals_are_dead_lettered_and_replayed() {
     let (_, q) = node.admin(Method::GET, "/admin/queue").await;
     assert_eq!(q["backend"], "embedded");
     assert_eq!(q["deadletter"], 1, "d-0 is still a dead letter");
+    let (status, body) = node
+        .admin(Method::POST, "/admin/deadletter/d-0/replay")
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("degraded (no entitlement)"),
+        "{body}"
+    );
 
     // The list pages: `limit`, and one tenant's (by its whole name).
     c.post(&signal("acme", "slowboot", "job", "d-2", json!({})))

@@ -19,6 +19,9 @@ pub enum ErrorCode {
     RateLimited,
     /// A policy file that does not compile (operator API).
     InvalidPolicy,
+    /// A request the current state refuses (operator API: a replay into an
+    /// engine that would dead-letter it again).
+    Conflict,
     Unavailable,
     Internal,
 }
@@ -36,6 +39,7 @@ impl ErrorCode {
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::InvalidPolicy => "invalid_policy",
+            ErrorCode::Conflict => "conflict",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
         }
@@ -52,6 +56,7 @@ impl ErrorCode {
             ErrorCode::UnsupportedMediaType => 415,
             ErrorCode::RateLimited => 429,
             ErrorCode::InvalidPolicy => 422,
+            ErrorCode::Conflict => 409,
             ErrorCode::Unavailable => 503,
             ErrorCode::Internal => 500,
         }

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use tai_core::msg::{KanbanMsg, RouterMsg, ENGINE_ROUTER, KANBAN_QUEUE};
-use tai_core::signal::EngineState;
+use tai_core::signal::{EngineState, Signal};
 use tai_core::ErrorCode;
 use tai_ingress::http::{
     answers, error_reply as error, json_reply, method_not_allowed, read_body_capped,
@@ -541,6 +541,20 @@ async fn replay(state: &NodeState, signal_id: &str, tenant: Option<&String>) -> 
             )
         }
     };
+    let (store, t, id) = (
+        state.store.clone(),
+        tenant_id.clone(),
+        signal_id.to_string(),
+    );
+    let letter = match blocking(move || store.dead_letter(&t, &id)).await {
+        Ok(Ok(Some(l))) => l,
+        Ok(Ok(None)) => return error(ErrorCode::NotFound, format!("no dead letter {signal_id:?}")),
+        Ok(Err(e)) => return error(ErrorCode::Internal, e.to_string()),
+        Err(r) => return r,
+    };
+    if let Some(why) = replay_refused(state, &letter.signal).await {
+        return error(ErrorCode::Conflict, why);
+    }
     let signal_id = signal_id.to_string();
     match call(KANBAN_QUEUE, |reply| KanbanMsg::Replay {
         tenant_id: tenant_id.clone(),
@@ -555,6 +569,35 @@ async fn replay(state: &NodeState, signal_id: &str, tenant: Option<&String>) -> 
         ),
         Ok(Err(e)) => error(ErrorCode::NotFound, e),
         Err(r) => r,
+    }
+}
+
+/// Why a replay of `signal` would only dead-letter it again, if it would:
+/// its SKU is not configured, or its engine is halted, out of quota, or
+/// degraded (for a signal that is not critical). The operator is told what
+/// to do first instead of getting a second dead letter.
+async fn replay_refused(state: &NodeState, signal: &Signal) -> Option<String> {
+    let (t, s) = (&signal.tenant_id, &signal.sku_id);
+    if !state.config.skus.contains_key(s) {
+        return Some(format!(
+            "SKU {s:?} is not in the configuration: the signal would be dead-lettered again (unknown_sku)"
+        ));
+    }
+    let info = call(ENGINE_ROUTER, |reply| RouterMsg::Engine {
+        tenant_id: t.clone(),
+        sku_id: s.clone(),
+        reply,
+    })
+    .await
+    .ok()??;
+    let resume = format!("resume it first (POST /admin/tenants/{t}/{s}/resume)");
+    match info.state {
+        EngineState::Halted => Some(format!("engine {t}/{s} is halted: {resume}")),
+        EngineState::QuotaExhausted => Some(format!("engine {t}/{s} is out of quota: {resume}")),
+        EngineState::Degraded if !signal.critical => Some(format!(
+            "engine {t}/{s} is degraded (no entitlement): only critical signals are decided; send its entitlement first"
+        )),
+        _ => None,
     }
 }
 

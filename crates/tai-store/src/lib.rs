@@ -801,6 +801,12 @@ impl Store {
             .collect()
     }
 
+    /// Tenant `tenant`'s dead letter `signal_id`, if there is one.
+    pub fn dead_letter(&self, tenant: &str, signal_id: &str) -> Result<Option<DeadLetter>> {
+        let key = pair_key(b'd', tenant, signal_id);
+        self.db.get(&key)?.map(|v| decode(&key, &v)).transpose()
+    }
+
     /// The tenants holding a dead letter `signal_id` (checked for `tenant`
     /// alone when given). Keys only: no letter is decoded.
     pub fn dead_letter_tenants(
