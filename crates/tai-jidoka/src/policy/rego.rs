@@ -166,13 +166,13 @@ impl RegoPolicy {
         source: &str,
         limit: Duration,
     ) -> Result<RegoPolicy, PolicyError> {
+        Self::compiled(file, source.to_string(), limit)
+    }
+
+    fn compiled(file: &str, source: String, limit: Duration) -> Result<RegoPolicy, PolicyError> {
         Ok(RegoPolicy {
             file: file.to_string(),
-            slot: Arc::new(RwLock::new(Arc::new(compile(
-                file,
-                source.to_string(),
-                limit,
-            )?))),
+            slot: Arc::new(RwLock::new(Arc::new(compile(file, source, limit)?))),
         })
     }
 
@@ -207,7 +207,7 @@ impl RegoPolicy {
         };
         let out = match limit > INLINE && may_block_in_place() {
             true => match run(INLINE) {
-                out if timed_out(&out) => tokio::task::block_in_place(|| run(limit - INLINE)),
+                Err(e) if timed_out(&e) => tokio::task::block_in_place(|| run(limit - INLINE)),
                 out => out,
             },
             false => run(limit),
@@ -217,7 +217,7 @@ impl RegoPolicy {
                 .to_json_str()
                 .map_err(|e| e.to_string())
                 .and_then(|s| serde_json::from_str::<Value>(&s).map_err(|e| e.to_string())),
-            Err(e) if timed_out_error(&e) => {
+            Err(e) if timed_out(&e) => {
                 tracing::warn!(
                     file = %self.file,
                     tenant = %signal.tenant_id,
@@ -248,15 +248,11 @@ impl RegoPolicy {
     }
 }
 
-fn timed_out_error(e: &anyhow::Error) -> bool {
+fn timed_out(e: &anyhow::Error) -> bool {
     matches!(
         e.downcast_ref::<LimitError>(),
         Some(LimitError::TimeLimitExceeded { .. })
     )
-}
-
-fn timed_out<T>(out: &anyhow::Result<T>) -> bool {
-    out.as_ref().err().is_some_and(timed_out_error)
 }
 
 fn deny(violation: String) -> Verdict {
@@ -344,14 +340,7 @@ impl RegoSet {
         if let Some(p) = self.files.read().expect("rego set").get(file) {
             return Ok(p.clone());
         }
-        let policy = RegoPolicy {
-            file: file.to_string(),
-            slot: Arc::new(RwLock::new(Arc::new(compile(
-                file,
-                self.read(file)?,
-                self.limit,
-            )?))),
-        };
+        let policy = RegoPolicy::compiled(file, self.read(file)?, self.limit)?;
         self.files
             .write()
             .expect("rego set")
