@@ -524,34 +524,33 @@ fn engine_answer(r: Result<Result<tai_core::signal::EngineInfo, String>, Respons
 }
 
 async fn replay(state: &NodeState, signal_id: &str, tenant: Option<&String>) -> Response {
-    // Without a tenant every dead letter is looked at: off the async workers.
+    // Without a tenant every dead letter is looked at: off the async
+    // workers, with the letter read in the same trip when it is one.
     let (store, id, tenant) = (state.store.clone(), signal_id.to_string(), tenant.cloned());
-    let tenants = match blocking(move || store.dead_letter_tenants(&id, tenant.as_deref())).await {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => return error(ErrorCode::Internal, e.to_string()),
-        Err(r) => return r,
-    };
-    let tenant_id = match tenants.as_slice() {
-        [] => return error(ErrorCode::NotFound, format!("no dead letter {signal_id:?}")),
-        [one] => one.clone(),
-        _ => {
+    let found = blocking(move || {
+        let tenants = store.dead_letter_tenants(&id, tenant.as_deref())?;
+        let letter = match tenants.as_slice() {
+            [one] => store.dead_letter(one, &id)?,
+            _ => None,
+        };
+        Ok::<_, tai_store::StoreError>((tenants.len(), letter))
+    })
+    .await;
+    let letter = match found {
+        Ok(Ok((1, Some(letter)))) => letter,
+        Ok(Ok((0 | 1, _))) => {
+            return error(ErrorCode::NotFound, format!("no dead letter {signal_id:?}"))
+        }
+        Ok(Ok(_)) => {
             return error(
                 ErrorCode::InvalidRequest,
                 format!("{signal_id:?} is dead-lettered for several tenants: add ?tenant="),
             )
         }
-    };
-    let (store, t, id) = (
-        state.store.clone(),
-        tenant_id.clone(),
-        signal_id.to_string(),
-    );
-    let letter = match blocking(move || store.dead_letter(&t, &id)).await {
-        Ok(Ok(Some(l))) => l,
-        Ok(Ok(None)) => return error(ErrorCode::NotFound, format!("no dead letter {signal_id:?}")),
         Ok(Err(e)) => return error(ErrorCode::Internal, e.to_string()),
         Err(r) => return r,
     };
+    let tenant_id = letter.signal.tenant_id.clone();
     if let Some(why) = replay_refused(state, &letter.signal).await {
         return error(ErrorCode::Conflict, why);
     }
@@ -583,6 +582,8 @@ async fn replay_refused(state: &NodeState, signal: &Signal) -> Option<String> {
             "SKU {s:?} is not in the configuration: the signal would be dead-lettered again (unknown_sku)"
         ));
     }
+    // A router that cannot answer now (restarting) does not hold the
+    // replay up: at worst the signal is dead-lettered again.
     let info = call(ENGINE_ROUTER, |reply| RouterMsg::Engine {
         tenant_id: t.clone(),
         sku_id: s.clone(),
