@@ -998,6 +998,14 @@ fn url_problem(url: Option<&str>, needs: impl FnOnce() -> String) -> Option<Stri
 mod tests {
     use super::*;
 
+    /// Each problem as (key, message), for comparing with what is expected.
+    fn pairs(errors: &[ConfigError]) -> Vec<(&str, &str)> {
+        errors
+            .iter()
+            .map(|e| (e.path.as_str(), e.message.as_str()))
+            .collect()
+    }
+
     fn no_env() -> Vec<(String, String)> {
         Vec::new()
     }
@@ -1081,7 +1089,7 @@ mod tests {
     fn a_zero_visibility_is_refused_by_name() {
         let errors = load("[kanban]\nvisibility_secs = 0\n", vec![]).unwrap_err();
         assert_eq!(
-            (errors[0].path.as_str(), errors[0].message.as_str()),
+            pairs(&errors)[0],
             ("kanban.visibility_secs", "must be greater than 0")
         );
         let c = load("", vec![]).unwrap();
@@ -1094,7 +1102,7 @@ mod tests {
             let text = format!("[jidoka]\nrego_timeout_ms = {bad}\n");
             let errors = load(&text, vec![]).unwrap_err();
             assert_eq!(
-                (errors[0].path.as_str(), errors[0].message.as_str()),
+                pairs(&errors)[0],
                 ("jidoka.rego_timeout_ms", "must be 1 to 60000")
             );
         }
@@ -1123,10 +1131,7 @@ mod tests {
             url = "http://127.0.0.1:9997/hook"
         "#;
         let errors = load(text, vec![]).unwrap_err();
-        let got: Vec<_> = errors
-            .iter()
-            .map(|e| (e.path.as_str(), e.message.as_str()))
-            .collect();
+        let got = pairs(&errors);
         assert_eq!(
             got,
             [
@@ -1166,10 +1171,7 @@ mod tests {
             kind = "slack"
         "#;
         let errors = load(text, vec![]).unwrap_err();
-        let got: Vec<_> = errors
-            .iter()
-            .map(|e| (e.path.as_str(), e.message.as_str()))
-            .collect();
+        let got = pairs(&errors);
         assert_eq!(
             got,
             [
@@ -1200,10 +1202,7 @@ mod tests {
     #[test]
     fn zero_prefetch_and_wip_are_both_refused_by_name() {
         let errors = load("[kanban]\nprefetch = 0\nwip_limit = 0\n", vec![]).unwrap_err();
-        let got: Vec<_> = errors
-            .iter()
-            .map(|e| (e.path.as_str(), e.message.as_str()))
-            .collect();
+        let got = pairs(&errors);
         assert_eq!(
             got,
             [
