@@ -879,26 +879,8 @@ impl Drop for QueueCleanup {
                 .enable_all()
                 .build()
                 .expect("runtime");
-            rt.block_on(async {
-                let Ok(conn) =
-                    lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
-                        .await
-                else {
-                    return;
-                };
-                let Ok(ch) = conn.create_channel().await else {
-                    return;
-                };
-                let dl = format!("{queue}.deadletter");
-                let watch = format!("{queue}.deadletter.watch");
-                for q in [&queue, &dl, &watch] {
-                    let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
-                }
-                let _ = ch
-                    .exchange_delete(dl.as_str().into(), Default::default())
-                    .await;
-                let _ = conn.close(200, "done".into()).await;
-            });
+            // The node's own clean-up: every queue and exchange it declares.
+            let _ = rt.block_on(tai_kanban::amqp::delete_topology(AMQP_URL, &queue));
         })
         .join();
     }
