@@ -733,6 +733,82 @@ prefetch = 1
     verify_ok(&node).await;
 }
 
+/// Before: a copy of a signal the broker dead-lettered (it expired, say,
+/// while another copy of it, published again after a lost confirm, waited
+/// here for its engine's entitlement) was recorded as a dead letter while
+/// the node still held that other copy; the entitlement then decided it
+/// too, and the signal had two ends: `signal_deadlettered` and a decision.
+#[tokio::test]
+async fn a_copy_the_broker_dead_letters_while_another_waits_here_leaves_one_decision() {
+    ensure_broker();
+    let queue = unique_queue("copy-letter");
+    let _cleanup = QueueCleanup(queue.clone());
+    let node = amqp_node(&queue);
+    connected(&node).await;
+    let c = Client::new(&node, "acme", "acme-secret");
+    // No entitlement yet: the payment waits in its engine, held unacked.
+    assert_eq!(c.post(&pay("copy-1")).await.unwrap().status, 202);
+    node.admin_until("/admin/queue", "the payment parked", |q| q["parked"] == 1)
+        .await;
+
+    // The broker dead-letters another copy of it, as a TTL would: on the
+    // dead-letter exchange with the queue's name and an `x-death` entry.
+    let (conn, ch) = producer().await;
+    let mut death = FieldTable::default();
+    death.insert(
+        "reason".into(),
+        AMQPValue::LongString(LongString::from("expired")),
+    );
+    death.insert(
+        "queue".into(),
+        AMQPValue::LongString(LongString::from(queue.as_str())),
+    );
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-death".into(),
+        AMQPValue::FieldArray(vec![AMQPValue::FieldTable(death)].into()),
+    );
+    let mut copy = pay("copy-1");
+    copy["received_at_ms"] = json!(1);
+    ch.basic_publish(
+        format!("{queue}.deadletter").as_str().into(),
+        queue.as_str().into(),
+        BasicPublishOptions::default(),
+        &serde_json::to_vec(&copy).unwrap(),
+        BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_headers(headers),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    // Taken from the watch queue and settled.
+    counts_until(&format!("{queue}.deadletter.watch"), (0, 0)).await;
+    let s = c.status("copy-1").await.body;
+    assert_ne!(s["status"], "deadlettered", "{s}");
+    node.log_until("its decision stands").await;
+
+    c.entitle("payments", "copy-ent").await;
+    let s = c.decided("copy-1").await;
+    assert_eq!(s["status"], "completed", "{s}");
+    let receipts = node.all_receipts().await;
+    let kinds: Vec<&str> = receipts
+        .iter()
+        .filter(|r| r["signal_id"] == "copy-1")
+        .map(|r| r["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["action_generated", "action_successful"],
+        "{receipts:?}"
+    );
+    let (_, letters) = node.admin(Method::GET, "/admin/deadletter").await;
+    assert_eq!(letters, json!([]), "no dead letter beside the decision");
+    verify_ok(&node).await;
+    let _ = conn.close(200, "done".into()).await;
+}
+
 /// The queue's (ready, unacknowledged) message counts.
 fn queue_counts(queue: &str) -> Option<(u64, u64)> {
     table(&[

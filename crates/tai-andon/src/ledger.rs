@@ -91,7 +91,24 @@ impl Actor for Ledger {
                 st.batch.push(Pending {
                     receipts,
                     writes,
-                    reply,
+                    unless_final: None,
+                    reply: Reply::Commit(reply),
+                });
+            }
+            LedgerMsg::DeadLetter {
+                signal,
+                receipt,
+                writes,
+                reply,
+            } => {
+                if st.batch.is_empty() {
+                    myself.send_message(LedgerMsg::Flush)?;
+                }
+                st.batch.push(Pending {
+                    receipts: vec![*receipt],
+                    writes,
+                    unless_final: Some(signal),
+                    reply: Reply::DeadLetter(reply),
                 });
             }
             LedgerMsg::Flush => Self::flush(&myself, st)?,
@@ -110,7 +127,46 @@ impl Actor for Ledger {
 struct Pending {
     receipts: Vec<ReceiptDraft>,
     writes: WriteSet,
-    reply: RpcReplyPort<Result<u64, String>>,
+    /// A dead letter's signal: nothing is written if it is final already.
+    unless_final: Option<(String, String)>,
+    reply: Reply,
+}
+
+enum Reply {
+    /// The seq of the commit's last receipt.
+    Commit(RpcReplyPort<Result<u64, String>>),
+    /// Whether the dead letter was written.
+    DeadLetter(RpcReplyPort<Result<bool, String>>),
+}
+
+impl Reply {
+    fn send(self, result: Result<u64, String>) {
+        // A caller that gave up waiting has nothing to be told.
+        match self {
+            Reply::Commit(r) => drop(r.send(result)),
+            Reply::DeadLetter(r) => drop(r.send(result.map(|_| true))),
+        }
+    }
+}
+
+/// Whether a dead letter for `signal` would follow its decision: the
+/// signal is final in the store or in a commit of this batch (`earlier`).
+/// Only dead letters pay for the look-up.
+fn final_already(
+    store: &Store,
+    earlier: &WriteSet,
+    signal: &(String, String),
+) -> Result<bool, String> {
+    let (tenant, id) = signal;
+    let in_batch = earlier
+        .signal_records
+        .iter()
+        .any(|r| r.status.is_final() && r.tenant_id == *tenant && r.signal_id == *id);
+    if in_batch {
+        return Ok(true);
+    }
+    let stored = store.signal_record(tenant, id).map_err(|e| e.to_string())?;
+    Ok(stored.is_some_and(|r| r.status.is_final()))
 }
 
 impl Ledger {
@@ -130,6 +186,21 @@ impl Ledger {
         let mut writes = WriteSet::default();
         let mut replies = Vec::with_capacity(batch.len());
         for p in batch {
+            if let Some(signal) = &p.unless_final {
+                match final_already(&st.store, &writes, signal) {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        if let Reply::DeadLetter(r) = p.reply {
+                            let _ = r.send(Ok(false));
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        p.reply.send(Err(e));
+                        continue;
+                    }
+                }
+            }
             for draft in p.receipts {
                 seq += 1;
                 // Chained onto the receipt sealed just before (or the head).
@@ -140,13 +211,17 @@ impl Ledger {
             writes.extend(p.writes);
             replies.push((p.reply, seq));
         }
+        if replies.is_empty() {
+            // Only dead letters of signals decided already: nothing to write.
+            return Ok(());
+        }
         let head = sealed
             .last()
             .map(|last| SignedHead::new(seq, &last.hash, &st.key_id, &st.key));
         if let Err(e) = st.store.commit(&sealed, head.as_ref(), &writes) {
             error!(error = %e, commits = replies.len(), "ledger commit failed");
             for (reply, _) in replies {
-                let _ = reply.send(Err(e.to_string()));
+                reply.send(Err(e.to_string()));
             }
             // Part of the write may have landed: restart, so the chain
             // head is read back from the store rather than trusted.
@@ -172,9 +247,147 @@ impl Ledger {
             let result = store.durable().await.map_err(|e| e.to_string());
             let _ = ledger.send_message(LedgerMsg::Durable(generation));
             for (reply, seq) in replies {
-                let _ = reply.send(result.clone().map(|()| seq));
+                reply.send(result.clone().map(|()| seq));
             }
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ractor::rpc::CallResult;
+    use tai_core::signal::{DeadLetter, Signal, SignalRecord, SignalStatus};
+
+    fn signal(id: &str) -> Signal {
+        Signal {
+            id: id.into(),
+            tenant_id: "t".into(),
+            sku_id: "payments".into(),
+            kind: "payment".into(),
+            critical: false,
+            payload: Default::default(),
+            received_at_ms: 1,
+            trace_id: None,
+            traceparent: None,
+        }
+    }
+
+    fn draft(kind: &str, id: &str) -> ReceiptDraft {
+        ReceiptDraft {
+            receipt_id: format!("rcpt_{kind}_{id}"),
+            kind: kind.into(),
+            tenant_id: "t".into(),
+            sku_id: "payments".into(),
+            signal_id: Some(id.into()),
+            action_id: None,
+            state_before: tai_core::signal::EngineState::Stable.into(),
+            state_after: tai_core::signal::EngineState::Stable.into(),
+            success: true,
+            reason: None,
+            trace_id: None,
+            timestamp_ms: 1,
+        }
+    }
+
+    fn record(id: &str, status: SignalStatus) -> SignalRecord {
+        let mut r = SignalRecord::accepted(&signal(id));
+        r.status = status;
+        r
+    }
+
+    async fn decide(ledger: &ActorRef<LedgerMsg>, id: &str) -> u64 {
+        let writes = WriteSet {
+            signal_records: vec![record(id, SignalStatus::Completed)],
+            ..Default::default()
+        };
+        let answer = ractor::rpc::call(
+            ledger,
+            |reply| LedgerMsg::Commit {
+                receipts: vec![draft("action_successful", id)],
+                writes,
+                reply,
+            },
+            None,
+        )
+        .await;
+        match answer {
+            Ok(CallResult::Success(Ok(seq))) => seq,
+            _ => panic!("the decision of {id} was not committed"),
+        }
+    }
+
+    async fn dead_letter(ledger: &ActorRef<LedgerMsg>, id: &str) -> bool {
+        let writes = WriteSet {
+            signal_records: vec![record(id, SignalStatus::Deadlettered)],
+            dead_letters: vec![DeadLetter {
+                signal: signal(id),
+                reason: "poison".into(),
+                at_ms: 1,
+            }],
+            ..Default::default()
+        };
+        let answer = ractor::rpc::call(
+            ledger,
+            |reply| LedgerMsg::DeadLetter {
+                signal: ("t".into(), id.into()),
+                receipt: Box::new(draft("signal_deadlettered", id)),
+                writes,
+                reply,
+            },
+            None,
+        )
+        .await;
+        match answer {
+            Ok(CallResult::Success(Ok(written))) => written,
+            _ => panic!("the dead letter of {id} was not answered"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_after_its_signals_decision_is_not_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let args = LedgerArgs {
+            store: store.clone(),
+            key_id: "k1".into(),
+            keys: BTreeMap::from([("k1".to_string(), "secret".to_string())]),
+        };
+        let (ledger, handle) = Actor::spawn(None, Ledger, args).await.unwrap();
+
+        // Sent together: the dead letter follows the decision in one batch
+        // (or in the next, when the first flush began at once).
+        let (seq, written) = tokio::join!(decide(&ledger, "s1"), dead_letter(&ledger, "s1"));
+        assert_eq!((seq, written), (1, false));
+        // In a later batch: the decision is read from the store.
+        assert!(!dead_letter(&ledger, "s1").await);
+        // A signal nothing decided is dead-lettered.
+        assert!(dead_letter(&ledger, "s2").await);
+        // And once dead-lettered, a second dead letter of it is not written.
+        assert!(!dead_letter(&ledger, "s2").await);
+
+        let kinds: Vec<(String, Option<String>)> = store
+            .receipts(0, 100, None)
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.kind, r.signal_id))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                ("action_successful".to_string(), Some("s1".to_string())),
+                ("signal_deadlettered".to_string(), Some("s2".to_string())),
+            ]
+        );
+        let status = |id: &str| store.signal_record("t", id).unwrap().unwrap().status;
+        assert_eq!(status("s1"), SignalStatus::Completed);
+        assert_eq!(status("s2"), SignalStatus::Deadlettered);
+        assert!(store.dead_letter("t", "s1").unwrap().is_none());
+        assert!(store.dead_letter("t", "s2").unwrap().is_some());
+        assert_eq!(store.head().unwrap().unwrap().seq, 2);
+
+        ledger.stop(None);
+        handle.await.unwrap();
     }
 }

@@ -206,6 +206,19 @@ pub enum LedgerMsg {
         writes: WriteSet,
         reply: RpcReplyPort<Result<u64, String>>,
     },
+    /// A signal given up on without a decision (poison, or dead-lettered by
+    /// the broker): `receipt` and `writes` (its dead letter and status) are
+    /// committed like [`LedgerMsg::Commit`] unless the signal (`tenant`,
+    /// `id`) is final already, in the store or in an earlier commit of the
+    /// same batch; then nothing is written and the answer is `Ok(false)`.
+    /// The ledger serializes every commit, so a signal gets one terminal
+    /// receipt even when its decision and its dead letter race.
+    DeadLetter {
+        signal: (String, String),
+        receipt: Box<ReceiptDraft>,
+        writes: WriteSet,
+        reply: RpcReplyPort<Result<bool, String>>,
+    },
     /// Internal: write every commit received so far as one atomic batch
     /// (group commit of decisions; one signed head per batch).
     Flush,

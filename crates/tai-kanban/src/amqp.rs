@@ -296,6 +296,17 @@ enum Event {
         gen: u64,
         consumers: u32,
     },
+    /// The watch queue has a signal the broker dead-lettered: may it be
+    /// recorded? Not while a copy of it is held here (that copy is being
+    /// decided) or being dead-lettered; if so, copies delivered until
+    /// [`Event::LetterDone`] go with it.
+    LetterClaim {
+        key: (String, String),
+        reply: tokio::sync::oneshot::Sender<bool>,
+    },
+    /// The broker's dead letter is recorded (or could not be, or its
+    /// signal was decided already).
+    LetterDone((String, String)),
     /// A poison message is dead-lettered (or could not be: it stays).
     PoisonDone {
         key: (String, String),
@@ -374,6 +385,8 @@ pub struct AmqpState {
     draining_buffer: bool,
     /// Messages that failed once (requeued), by signal or by body hash.
     failures: HashMap<(String, String), u32>,
+    /// Signals being dead-lettered (poison, or recorded from the watch
+    /// queue): a copy delivered meanwhile goes with them.
     poisoning: std::collections::HashSet<(String, String)>,
     broker_depth: Option<u64>,
     /// A turn was held back (by another consumer on the queue, or the
@@ -997,10 +1010,13 @@ impl AmqpState {
                     return Err(format!("dead-letter exchange did not confirm: {confirm:?}"));
                 }
                 let reason = p.reason.clone();
-                poison::commit(&store, p).await?;
-                metrics::counter!(tai_core::telemetry::DEADLETTER, "reason" => "poison")
-                    .increment(1);
-                warn!(reason = %reason, "poison message dead-lettered");
+                if poison::commit(&store, p).await? {
+                    metrics::counter!(tai_core::telemetry::DEADLETTER, "reason" => "poison")
+                        .increment(1);
+                    warn!(reason = %reason, "poison message dead-lettered");
+                } else {
+                    info!(reason = %reason, "a poison message's signal was decided meanwhile; not dead-lettered");
+                }
                 Ok(())
             }
             .await;
@@ -1160,6 +1176,7 @@ impl AmqpState {
                 ch,
                 self.topology.queue.clone(),
                 self.store.clone(),
+                myself.clone(),
             )));
         }
         (self.consumer_no, self.turning) = (0, false);
@@ -1682,6 +1699,20 @@ impl Actor for AmqpQueue {
                             }
                         }
                     }
+                    Event::LetterClaim { key, reply } => {
+                        let held = st.poisoning.contains(&key)
+                            || st
+                                .by_key
+                                .get(&key)
+                                .is_some_and(|seq| st.entries.contains_key(seq));
+                        if !held {
+                            st.poisoning.insert(key);
+                        }
+                        let _ = reply.send(!held);
+                    }
+                    Event::LetterDone(key) => {
+                        st.poisoning.remove(&key);
+                    }
                     Event::PoisonDone { key, result } => {
                         st.poisoning.remove(&key);
                         if let Err(e) = result {
@@ -1694,6 +1725,24 @@ impl Actor for AmqpQueue {
         st.gauges.set(st.depth(), &st.dispatch);
         Ok(())
     }
+}
+
+/// Asks the queue whether the broker's dead letter of `key` may be
+/// recorded (see [`Event::LetterClaim`]); `None` if the queue is gone.
+pub(crate) async fn claim_letter(
+    queue: &ActorRef<KanbanMsg>,
+    key: (String, String),
+) -> Option<bool> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    queue
+        .send_message(event(Event::LetterClaim { key, reply }))
+        .ok()?;
+    answer.await.ok()
+}
+
+/// Ends a claim [`claim_letter`] granted.
+pub(crate) fn letter_done(queue: &ActorRef<KanbanMsg>, key: (String, String)) {
+    let _ = queue.send_message(event(Event::LetterDone(key)));
 }
 
 /// What the bare broker loop of `tai bench` measured.

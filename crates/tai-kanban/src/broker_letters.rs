@@ -23,12 +23,14 @@ use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
+use ractor::ActorRef;
 use tai_core::alert::{Alert, Severity};
+use tai_core::msg::KanbanMsg;
 use tai_core::signal::{now_ms, DeadLetter, Signal};
 use tai_store::Store;
 use tracing::{info, warn};
 
-use crate::amqp::REASON_HEADER;
+use crate::amqp::{claim_letter, letter_done, REASON_HEADER};
 use crate::poison::{self, Poisoned};
 
 /// The watch queue of work queue `queue`.
@@ -78,15 +80,8 @@ fn read(data: &[u8], props: &BasicProperties) -> Letter {
 }
 
 /// Records one signal the broker dead-lettered; `Ok(false)` if it was
-/// decided already.
+/// decided already (the ledger checks, in turn with every decision).
 async fn record(store: &Store, s: Signal, reason: String) -> Result<bool, String> {
-    let decided = store
-        .signal_record(&s.tenant_id, &s.id)
-        .map_err(|e| e.to_string())?
-        .is_some_and(|r| r.status.is_final());
-    if decided {
-        return Ok(false);
-    }
     let p = Poisoned {
         tenant_id: s.tenant_id.clone(),
         sku_id: s.sku_id.clone(),
@@ -99,13 +94,47 @@ async fn record(store: &Store, s: Signal, reason: String) -> Result<bool, String
             at_ms: now_ms(),
         }),
     };
-    poison::commit(store, p).await.map(|()| true)
+    poison::commit(store, p).await
+}
+
+/// What became of a signal the broker dead-lettered.
+enum Outcome {
+    Recorded,
+    /// Decided (or dead-lettered) already.
+    Final,
+    /// A copy of it is held here, being decided.
+    Held,
+}
+
+/// Records a signal the broker dead-lettered, unless a copy of it is held
+/// by the queue (`kanban`): that copy is being decided (it may wait long,
+/// parked for an entitlement), and a dead letter beside its decision
+/// would give the signal two ends. While it is recorded, copies delivered
+/// go with it.
+async fn settle(
+    store: &Store,
+    kanban: &ActorRef<KanbanMsg>,
+    s: Signal,
+    reason: String,
+) -> Result<Outcome, String> {
+    let key = (s.tenant_id.clone(), s.id.clone());
+    match claim_letter(kanban, key.clone()).await {
+        None => return Err("the queue is restarting".into()),
+        Some(false) => return Ok(Outcome::Held),
+        Some(true) => {}
+    }
+    let result = record(store, s, reason).await;
+    letter_done(kanban, key);
+    match result? {
+        true => Ok(Outcome::Recorded),
+        false => Ok(Outcome::Final),
+    }
 }
 
 /// Consumes the watch queue of `queue` on `ch`, a channel of its own,
 /// until the connection goes (the task is aborted with its connection's
 /// others).
-pub async fn watch(ch: Channel, queue: String, store: Store) {
+pub async fn watch(ch: Channel, queue: String, store: Store, kanban: ActorRef<KanbanMsg>) {
     let watch = watch_queue(&queue);
     let consumer = async {
         ch.basic_qos(64, BasicQosOptions::default()).await?;
@@ -134,8 +163,8 @@ pub async fn watch(ch: Channel, queue: String, store: Store) {
             }
             Letter::Signal(s, reason) => {
                 let (tenant, id, sku) = (s.tenant_id.clone(), s.id.clone(), s.sku_id.clone());
-                match record(&store, *s, reason.clone()).await {
-                    Ok(true) => {
+                match settle(&store, &kanban, *s, reason.clone()).await {
+                    Ok(Outcome::Recorded) => {
                         metrics::counter!(tai_core::telemetry::DEADLETTER, "reason" => reason.clone())
                             .increment(1);
                         warn!(tenant = %tenant, signal = %id, reason = %reason, queue = %queue,
@@ -149,9 +178,14 @@ pub async fn watch(ch: Channel, queue: String, store: Store) {
                         ));
                         Ok(())
                     }
-                    Ok(false) => {
+                    Ok(Outcome::Final) => {
                         info!(tenant = %tenant, signal = %id, reason = %reason,
                             "the broker dead-lettered a copy of a signal decided already");
+                        Ok(())
+                    }
+                    Ok(Outcome::Held) => {
+                        info!(tenant = %tenant, signal = %id, reason = %reason,
+                            "the broker dead-lettered a copy of a signal being decided here; its decision stands");
                         Ok(())
                     }
                     Err(e) => Err(e),

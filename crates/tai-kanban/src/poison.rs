@@ -23,12 +23,16 @@ pub struct Poisoned {
     pub reason: String,
 }
 
-/// Commits the dead letter (if any) with its receipt; `Ok` once durable.
-pub async fn commit(store: &Store, p: Poisoned) -> Result<(), String> {
+/// Commits the dead letter (if any) with its receipt; `Ok` once durable:
+/// `Ok(true)` if written, `Ok(false)` if its signal was final already (a
+/// copy of it decided, or dead-lettered, first), when nothing is written.
+pub async fn commit(store: &Store, p: Poisoned) -> Result<bool, String> {
     let receipt_id = format!("rcpt_{}", ulid::Ulid::new());
     let mut writes = WriteSet::default();
+    let mut signal = None;
     if let Some(letter) = p.letter {
         let s = &letter.signal;
+        signal = Some((s.tenant_id.clone(), s.id.clone()));
         let mut record = store
             .signal_record(&s.tenant_id, &s.id)
             .map_err(|e| e.to_string())?
@@ -55,18 +59,36 @@ pub async fn commit(store: &Store, p: Poisoned) -> Result<(), String> {
     };
     let ledger = ractor::registry::where_is(ANDON_LEDGER)
         .ok_or_else(|| format!("{ANDON_LEDGER} is not running"))?;
-    let call = ractor::rpc::call(
-        &ledger,
-        |reply| LedgerMsg::Commit {
-            receipts: vec![draft],
-            writes,
-            reply,
-        },
-        Some(LEDGER_TIMEOUT),
-    )
-    .await;
+    let call = match signal {
+        // The ledger writes it only if the signal is not final by then.
+        Some(signal) => {
+            ractor::rpc::call(
+                &ledger,
+                |reply| LedgerMsg::DeadLetter {
+                    signal,
+                    receipt: Box::new(draft),
+                    writes,
+                    reply,
+                },
+                Some(LEDGER_TIMEOUT),
+            )
+            .await
+        }
+        // A malformed message: no signal to be decided elsewhere.
+        None => ractor::rpc::call(
+            &ledger,
+            |reply| LedgerMsg::Commit {
+                receipts: vec![draft],
+                writes,
+                reply,
+            },
+            Some(LEDGER_TIMEOUT),
+        )
+        .await
+        .map(|c| c.map(|r| r.map(|_| true))),
+    };
     match call {
-        Ok(CallResult::Success(Ok(_))) => Ok(()),
+        Ok(CallResult::Success(Ok(written))) => Ok(written),
         Ok(CallResult::Success(Err(e))) => Err(format!("ledger commit failed: {e}")),
         Ok(CallResult::Timeout) => Err(format!("{ANDON_LEDGER} did not answer in time")),
         Ok(CallResult::SenderError) => Err(format!("{ANDON_LEDGER} stopped before answering")),

@@ -202,9 +202,16 @@ impl Queue {
             };
             tokio::spawn(async move {
                 match poison::commit(&store, p).await {
-                    Ok(()) => {
-                        metrics::counter!(tai_core::telemetry::DEADLETTER, "reason" => "poison")
-                            .increment(1);
+                    Ok(written) => {
+                        if written {
+                            metrics::counter!(tai_core::telemetry::DEADLETTER, "reason" => "poison")
+                                .increment(1);
+                        } else {
+                            info!(
+                                seq,
+                                "a poison signal was decided meanwhile; not dead-lettered"
+                            );
+                        }
                         let _ = me.send_message(KanbanMsg::Backend(Box::new(Settled(seq))));
                     }
                     // Still in its queue block: delivered again at the next start.
