@@ -735,9 +735,10 @@ prefetch = 1
 
 /// Before: a copy of a signal the broker dead-lettered (it expired, say,
 /// while another copy of it, published again after a lost confirm, waited
-/// here for its engine's entitlement) was recorded as a dead letter while
-/// the node still held that other copy; the entitlement then decided it
-/// too, and the signal had two ends: `signal_deadlettered` and a decision.
+/// here for its engine's entitlement; or the held copy itself, returned to
+/// the queue at a reconnect) was recorded as a dead letter while the node
+/// still held a copy; the entitlement then decided that one too, and the
+/// signal had two ends: `signal_deadlettered` and a decision.
 #[tokio::test]
 async fn a_copy_the_broker_dead_letters_while_another_waits_here_leaves_one_decision() {
     ensure_broker();
@@ -783,15 +784,21 @@ async fn a_copy_the_broker_dead_letters_while_another_waits_here_leaves_one_deci
     .unwrap()
     .await
     .unwrap();
-    // Taken from the watch queue and settled.
-    counts_until(&format!("{queue}.deadletter.watch"), (0, 0)).await;
+    // Taken from the watch queue, it waits there unacknowledged for the
+    // held copy: acknowledged now, it would be lost with that copy if the
+    // node stopped before deciding it.
+    let watch = format!("{queue}.deadletter.watch");
+    counts_until(&watch, (0, 1)).await;
+    node.log_until("waiting for that copy's decision").await;
     let s = c.status("copy-1").await.body;
     assert_ne!(s["status"], "deadlettered", "{s}");
-    node.log_until("its decision stands").await;
 
     c.entitle("payments", "copy-ent").await;
     let s = c.decided("copy-1").await;
     assert_eq!(s["status"], "completed", "{s}");
+    // Then settled: its signal is decided, so nothing more is recorded.
+    counts_until(&watch, (0, 0)).await;
+    node.log_until("a copy of a signal decided already").await;
     let receipts = node.all_receipts().await;
     let kinds: Vec<&str> = receipts
         .iter()
@@ -807,6 +814,81 @@ async fn a_copy_the_broker_dead_letters_while_another_waits_here_leaves_one_deci
     assert_eq!(letters, json!([]), "no dead letter beside the decision");
     verify_ok(&node).await;
     let _ = conn.close(200, "done".into()).await;
+}
+
+/// A held (parked) signal the broker dead-letters itself when it comes
+/// back at a reconnect (a quorum queue's `delivery-limit`): the node
+/// holds the only live copy. Decided, it has one end; if the node dies
+/// first, the broker's dead letter, unacknowledged meanwhile, is recorded
+/// after the restart: never lost.
+#[tokio::test]
+async fn a_held_signal_the_broker_dead_letters_at_a_reconnect_is_decided_or_recorded() {
+    ensure_broker();
+    let queue = unique_queue("held-limit");
+    let _cleanup = QueueCleanup(queue.clone());
+    let _policy = QueuePolicy::set(&queue, r#"{"delivery-limit": 0}"#);
+    let config = test_config(&format!(
+        "{}amqp_queue_type = \"quorum\"\n",
+        amqp_kanban(&queue)
+    ));
+    let mut node = Node::start_with(&config, &[]);
+    connected(&node).await;
+    let acme = Client::new(&node, "acme", "acme-secret");
+    let globex = Client::new(&node, "globex", "globex-secret");
+    // No entitlements yet: both wait in their engines.
+    assert_eq!(acme.post(&pay("held-a")).await.unwrap().status, 202);
+    let mut g = pay("held-g");
+    g["tenant_id"] = json!("globex");
+    assert_eq!(globex.post(&g).await.unwrap().status, 202);
+    node.admin_until("/admin/queue", "both parked", |q| q["parked"] == 2)
+        .await;
+
+    // The connection drops: the broker takes both back and, past their
+    // delivery limit, dead-letters them; the node still holds both.
+    rabbitmqctl(&["close_all_connections", "test: reconnect"]).unwrap();
+    counts_until(&format!("{queue}.deadletter"), (2, 0)).await;
+    counts_until(&queue, (0, 0)).await;
+    // The node takes both letters from the watch queue.
+    let watch = format!("{queue}.deadletter.watch");
+    wait_for("the watch copies taken", Duration::from_secs(30), || {
+        queue_counts(&watch).filter(|(ready, _)| *ready == 0)
+    });
+
+    // One is decided, and has that one end.
+    acme.entitle("payments", "held-ent").await;
+    assert_eq!(acme.decided("held-a").await["status"], "completed");
+    let ends = |receipts: &[Value], id: &str| -> Vec<String> {
+        receipts
+            .iter()
+            .filter(|r| r["signal_id"] == id)
+            .map(|r| r["kind"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let receipts = node.all_receipts().await;
+    assert_eq!(
+        ends(&receipts, "held-a"),
+        ["action_generated", "action_successful"]
+    );
+
+    // The node dies holding the other: the letter comes back, and the
+    // restarted node records it.
+    node.kill_hard();
+    node.restart();
+    let globex = Client::new(&node, "globex", "globex-secret");
+    let s = globex.decided("held-g").await;
+    assert_eq!(
+        (s["status"].as_str(), s["reason"].as_str()),
+        (Some("deadlettered"), Some("delivery_limit")),
+        "{s}"
+    );
+    counts_until(&watch, (0, 0)).await;
+    let receipts = node.all_receipts().await;
+    assert_eq!(
+        ends(&receipts, "held-a"),
+        ["action_generated", "action_successful"]
+    );
+    assert_eq!(ends(&receipts, "held-g"), ["signal_deadlettered"]);
+    verify_ok(&node).await;
 }
 
 /// The queue's (ready, unacknowledged) message counts.

@@ -297,12 +297,13 @@ enum Event {
         consumers: u32,
     },
     /// The watch queue has a signal the broker dead-lettered: may it be
-    /// recorded? Not while a copy of it is held here (that copy is being
-    /// decided) or being dead-lettered; if so, copies delivered until
+    /// recorded? Not while a copy of it is held here (being decided, or
+    /// parked) or being dead-lettered: then the answer is a wait that ends
+    /// once no copy is held. If granted, copies delivered until
     /// [`Event::LetterDone`] go with it.
     LetterClaim {
         key: (String, String),
-        reply: tokio::sync::oneshot::Sender<bool>,
+        reply: tokio::sync::oneshot::Sender<Claim>,
     },
     /// The broker's dead letter is recorded (or could not be, or its
     /// signal was decided already).
@@ -316,6 +317,15 @@ enum Event {
 
 fn event(e: Event) -> KanbanMsg {
     KanbanMsg::Backend(Box::new(e))
+}
+
+/// The queue's answer to a broker dead letter's [`Event::LetterClaim`].
+pub(crate) enum Claim {
+    /// No copy is held here: record it.
+    Granted,
+    /// A copy is held here; ask again when this ends (an error: the queue
+    /// stopped).
+    Held(tokio::sync::oneshot::Receiver<()>),
 }
 
 /// Reports a publish batch sent when dropped (its task ended, one way or another).
@@ -388,6 +398,9 @@ pub struct AmqpState {
     /// Signals being dead-lettered (poison, or recorded from the watch
     /// queue): a copy delivered meanwhile goes with them.
     poisoning: std::collections::HashSet<(String, String)>,
+    /// Broker dead letters waiting for the copy of their signal held here
+    /// to be decided (or dead-lettered), by signal.
+    letter_waits: HashMap<(String, String), Vec<tokio::sync::oneshot::Sender<()>>>,
     broker_depth: Option<u64>,
     /// A turn was held back (by another consumer on the queue, or the
     /// queue type) while parked signals hold half the prefetch: logged once
@@ -1291,6 +1304,30 @@ impl AmqpState {
         }
     }
 
+    /// Whether a copy of signal `key` is held here or being dead-lettered.
+    fn holds(&self, key: &(String, String)) -> bool {
+        self.poisoning.contains(key)
+            || self
+                .by_key
+                .get(key)
+                .is_some_and(|seq| self.entries.contains_key(seq))
+    }
+
+    /// Ends the waits of broker dead letters whose signal is no longer held.
+    fn wake_letters(&mut self) {
+        let free: Vec<(String, String)> = self
+            .letter_waits
+            .keys()
+            .filter(|k| !self.holds(k))
+            .cloned()
+            .collect();
+        for key in free {
+            for done in self.letter_waits.remove(&key).unwrap_or_default() {
+                let _ = done.send(());
+            }
+        }
+    }
+
     fn answer_quiesce(&mut self) {
         if self.quiescing && self.dispatch.working_len() == 0 {
             // Only parked signals left: they are delivered again at the next start.
@@ -1446,6 +1483,7 @@ impl Actor for AmqpQueue {
             draining_buffer: false,
             failures: HashMap::new(),
             poisoning: Default::default(),
+            letter_waits: HashMap::new(),
             broker_depth: None,
             turn_held: false,
             delivered: 0,
@@ -1700,15 +1738,14 @@ impl Actor for AmqpQueue {
                         }
                     }
                     Event::LetterClaim { key, reply } => {
-                        let held = st.poisoning.contains(&key)
-                            || st
-                                .by_key
-                                .get(&key)
-                                .is_some_and(|seq| st.entries.contains_key(seq));
-                        if !held {
+                        if st.holds(&key) {
+                            let (done, wait) = tokio::sync::oneshot::channel();
+                            st.letter_waits.entry(key).or_default().push(done);
+                            let _ = reply.send(Claim::Held(wait));
+                        } else {
                             st.poisoning.insert(key);
+                            let _ = reply.send(Claim::Granted);
                         }
-                        let _ = reply.send(!held);
                     }
                     Event::LetterDone(key) => {
                         st.poisoning.remove(&key);
@@ -1722,6 +1759,9 @@ impl Actor for AmqpQueue {
                 }
             }
         }
+        if !st.letter_waits.is_empty() {
+            st.wake_letters();
+        }
         st.gauges.set(st.depth(), &st.dispatch);
         Ok(())
     }
@@ -1732,7 +1772,7 @@ impl Actor for AmqpQueue {
 pub(crate) async fn claim_letter(
     queue: &ActorRef<KanbanMsg>,
     key: (String, String),
-) -> Option<bool> {
+) -> Option<Claim> {
     let (reply, answer) = tokio::sync::oneshot::channel();
     queue
         .send_message(event(Event::LetterClaim { key, reply }))

@@ -30,7 +30,7 @@ use tai_core::signal::{now_ms, DeadLetter, Signal};
 use tai_store::Store;
 use tracing::{info, warn};
 
-use crate::amqp::{claim_letter, letter_done, REASON_HEADER};
+use crate::amqp::{claim_letter, letter_done, Claim, REASON_HEADER};
 use crate::poison::{self, Poisoned};
 
 /// The watch queue of work queue `queue`.
@@ -102,15 +102,17 @@ enum Outcome {
     Recorded,
     /// Decided (or dead-lettered) already.
     Final,
-    /// A copy of it is held here, being decided.
-    Held,
 }
 
-/// Records a signal the broker dead-lettered, unless a copy of it is held
-/// by the queue (`kanban`): that copy is being decided (it may wait long,
-/// parked for an entitlement), and a dead letter beside its decision
-/// would give the signal two ends. While it is recorded, copies delivered
-/// go with it.
+/// Records a signal the broker dead-lettered once no copy of it is held
+/// by the queue (`kanban`). A held copy is being decided (or waits,
+/// parked for an entitlement): recorded now, the dead letter and that
+/// copy's decision would give the signal two ends; acknowledged now
+/// without a record, the signal would be lost with that copy if the node
+/// stopped before deciding it (the broker may have no other copy: the
+/// held one may be the very message it dead-lettered, returned at a
+/// reconnect). So the letter waits, unacknowledged, for the held copy's
+/// end, and then the ledger finds the signal final and writes nothing.
 async fn settle(
     store: &Store,
     kanban: &ActorRef<KanbanMsg>,
@@ -118,10 +120,16 @@ async fn settle(
     reason: String,
 ) -> Result<Outcome, String> {
     let key = (s.tenant_id.clone(), s.id.clone());
-    match claim_letter(kanban, key.clone()).await {
-        None => return Err("the queue is restarting".into()),
-        Some(false) => return Ok(Outcome::Held),
-        Some(true) => {}
+    loop {
+        match claim_letter(kanban, key.clone()).await {
+            None => return Err("the queue is restarting".into()),
+            Some(Claim::Granted) => break,
+            Some(Claim::Held(done)) => {
+                info!(tenant = %key.0, signal = %key.1, reason = %reason,
+                    "the broker dead-lettered a copy of a signal held here; waiting for that copy's decision");
+                done.await.map_err(|_| "the queue stopped".to_string())?;
+            }
+        }
     }
     let result = record(store, s, reason).await;
     letter_done(kanban, key);
@@ -131,9 +139,61 @@ async fn settle(
     }
 }
 
+/// Settles one signal of the watch queue and acknowledges it (or requeues
+/// it, to be tried again, if it could not be recorded).
+async fn letter(
+    store: Store,
+    kanban: ActorRef<KanbanMsg>,
+    queue: String,
+    s: Signal,
+    reason: String,
+    acker: lapin::Acker,
+) {
+    let (tenant, id, sku) = (s.tenant_id.clone(), s.id.clone(), s.sku_id.clone());
+    let settled = settle(&store, &kanban, s, reason.clone()).await;
+    match &settled {
+        Ok(Outcome::Recorded) => {
+            metrics::counter!(tai_core::telemetry::DEADLETTER, "reason" => reason.clone())
+                .increment(1);
+            warn!(tenant = %tenant, signal = %id, reason = %reason, queue = %queue,
+                "the broker dead-lettered a signal (a queue policy?); recorded as a dead letter");
+            tai_core::alert::raise(Alert::new(
+                Severity::Warning,
+                "deadletter",
+                format!("deadletter:{queue}:{reason}"),
+                format!("engine:{tenant}:{sku}"),
+                format!("the broker dead-lettered signals of {queue} ({reason}): check the queue's policies"),
+            ));
+        }
+        Ok(Outcome::Final) => {
+            info!(tenant = %tenant, signal = %id, reason = %reason,
+                "the broker dead-lettered a copy of a signal decided already");
+        }
+        Err(e) => {
+            // Back to the watch queue, to be recorded later.
+            warn!(error = %e, "cannot record a signal the broker dead-lettered; trying again");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+    // On a channel that is gone this fails: the broker has the message
+    // back for the next connection's watcher.
+    let _ = match settled {
+        Ok(_) => acker.ack(BasicAckOptions::default()).await,
+        Err(_) => {
+            acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await
+        }
+    };
+}
+
 /// Consumes the watch queue of `queue` on `ch`, a channel of its own,
 /// until the connection goes (the task is aborted with its connection's
-/// others).
+/// others). Each signal is settled by a task of its own, as one may wait
+/// long for its held copy.
 pub async fn watch(ch: Channel, queue: String, store: Store, kanban: ActorRef<KanbanMsg>) {
     let watch = watch_queue(&queue);
     let consumer = async {
@@ -155,58 +215,25 @@ pub async fn watch(ch: Channel, queue: String, store: Store, kanban: ActorRef<Ka
         }
     };
     while let Some(Ok(d)) = consumer.next().await {
-        let settled = match read(&d.data, &d.properties) {
-            Letter::Ours => Ok(()),
+        match read(&d.data, &d.properties) {
+            Letter::Ours => {}
             Letter::Unreadable(why) => {
                 warn!(queue = %queue, reason = %why, "the broker dead-lettered a message that is not a signal");
-                Ok(())
             }
             Letter::Signal(s, reason) => {
-                let (tenant, id, sku) = (s.tenant_id.clone(), s.id.clone(), s.sku_id.clone());
-                match settle(&store, &kanban, *s, reason.clone()).await {
-                    Ok(Outcome::Recorded) => {
-                        metrics::counter!(tai_core::telemetry::DEADLETTER, "reason" => reason.clone())
-                            .increment(1);
-                        warn!(tenant = %tenant, signal = %id, reason = %reason, queue = %queue,
-                            "the broker dead-lettered a signal (a queue policy?); recorded as a dead letter");
-                        tai_core::alert::raise(Alert::new(
-                            Severity::Warning,
-                            "deadletter",
-                            format!("deadletter:{queue}:{reason}"),
-                            format!("engine:{tenant}:{sku}"),
-                            format!("the broker dead-lettered signals of {queue} ({reason}): check the queue's policies"),
-                        ));
-                        Ok(())
-                    }
-                    Ok(Outcome::Final) => {
-                        info!(tenant = %tenant, signal = %id, reason = %reason,
-                            "the broker dead-lettered a copy of a signal decided already");
-                        Ok(())
-                    }
-                    Ok(Outcome::Held) => {
-                        info!(tenant = %tenant, signal = %id, reason = %reason,
-                            "the broker dead-lettered a copy of a signal being decided here; its decision stands");
-                        Ok(())
-                    }
-                    Err(e) => Err(e),
-                }
+                let task = letter(
+                    store.clone(),
+                    kanban.clone(),
+                    queue.clone(),
+                    *s,
+                    reason,
+                    d.acker,
+                );
+                tokio::spawn(task);
+                continue;
             }
-        };
-        let sent = match settled {
-            Ok(()) => d.acker.ack(BasicAckOptions::default()).await,
-            Err(e) => {
-                // Back to the watch queue, to be recorded later.
-                warn!(error = %e, "cannot record a signal the broker dead-lettered; trying again");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                d.acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await
-            }
-        };
-        if sent.is_err() {
+        }
+        if d.acker.ack(BasicAckOptions::default()).await.is_err() {
             return;
         }
     }
