@@ -733,6 +733,39 @@ prefetch = 1
     verify_ok(&node).await;
 }
 
+/// Puts `body` on the dead-letter exchange of `queue` as RabbitMQ does
+/// when a message of it expires: routed by the queue's name, with an
+/// `x-death` entry of reason `expired`.
+async fn broker_expired(ch: &lapin::Channel, queue: &str, body: &Value) {
+    let mut death = FieldTable::default();
+    death.insert(
+        "reason".into(),
+        AMQPValue::LongString(LongString::from("expired")),
+    );
+    death.insert(
+        "queue".into(),
+        AMQPValue::LongString(LongString::from(queue)),
+    );
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-death".into(),
+        AMQPValue::FieldArray(vec![AMQPValue::FieldTable(death)].into()),
+    );
+    ch.basic_publish(
+        format!("{queue}.deadletter").as_str().into(),
+        queue.into(),
+        BasicPublishOptions::default(),
+        &serde_json::to_vec(body).unwrap(),
+        BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_headers(headers),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
 /// Before: a copy of a signal the broker dead-lettered (it expired, say,
 /// while another copy of it, published again after a lost confirm, waited
 /// here for its engine's entitlement; or the held copy itself, returned to
@@ -755,35 +788,9 @@ async fn a_copy_the_broker_dead_letters_while_another_waits_here_leaves_one_deci
     // The broker dead-letters another copy of it, as a TTL would: on the
     // dead-letter exchange with the queue's name and an `x-death` entry.
     let (conn, ch) = producer().await;
-    let mut death = FieldTable::default();
-    death.insert(
-        "reason".into(),
-        AMQPValue::LongString(LongString::from("expired")),
-    );
-    death.insert(
-        "queue".into(),
-        AMQPValue::LongString(LongString::from(queue.as_str())),
-    );
-    let mut headers = FieldTable::default();
-    headers.insert(
-        "x-death".into(),
-        AMQPValue::FieldArray(vec![AMQPValue::FieldTable(death)].into()),
-    );
     let mut copy = pay("copy-1");
     copy["received_at_ms"] = json!(1);
-    ch.basic_publish(
-        format!("{queue}.deadletter").as_str().into(),
-        queue.as_str().into(),
-        BasicPublishOptions::default(),
-        &serde_json::to_vec(&copy).unwrap(),
-        BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_headers(headers),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    broker_expired(&ch, &queue, &copy).await;
     // Taken from the watch queue, it waits there unacknowledged for the
     // held copy: acknowledged now, it would be lost with that copy if the
     // node stopped before deciding it.
@@ -816,6 +823,32 @@ async fn a_copy_the_broker_dead_letters_while_another_waits_here_leaves_one_deci
     let _ = conn.close(200, "done".into()).await;
 }
 
+/// A node on a quorum queue whose `delivery-limit` of 0 makes the broker
+/// dead-letter any message that comes back (at a reconnect, say).
+fn quorum_node_with_no_redelivery(queue: &str) -> (QueuePolicy, Node) {
+    ensure_broker();
+    let policy = QueuePolicy::set(queue, r#"{"delivery-limit": 0}"#);
+    let config = test_config(&format!(
+        "{}amqp_queue_type = \"quorum\"\n",
+        amqp_kanban(queue)
+    ));
+    (policy, Node::start_with(&config, &[]))
+}
+
+/// Drops every connection: the broker takes back the `held` signals the
+/// node holds parked and dead-letters them. Returns the watch queue, once
+/// the node has taken their letters from it.
+async fn held_copies_dead_lettered(queue: &str, held: u64) -> String {
+    rabbitmqctl(&["close_all_connections", "test: reconnect"]).unwrap();
+    counts_until(&format!("{queue}.deadletter"), (held, 0)).await;
+    counts_until(queue, (0, 0)).await;
+    let watch = format!("{queue}.deadletter.watch");
+    wait_for("the watch copies taken", Duration::from_secs(30), || {
+        queue_counts(&watch).filter(|(ready, _)| *ready == 0)
+    });
+    watch
+}
+
 /// A held (parked) signal the broker dead-letters itself when it comes
 /// back at a reconnect (a quorum queue's `delivery-limit`): the node
 /// holds the only live copy. Decided, it has one end; if the node dies
@@ -823,15 +856,9 @@ async fn a_copy_the_broker_dead_letters_while_another_waits_here_leaves_one_deci
 /// after the restart: never lost.
 #[tokio::test]
 async fn a_held_signal_the_broker_dead_letters_at_a_reconnect_is_decided_or_recorded() {
-    ensure_broker();
     let queue = unique_queue("held-limit");
     let _cleanup = QueueCleanup(queue.clone());
-    let _policy = QueuePolicy::set(&queue, r#"{"delivery-limit": 0}"#);
-    let config = test_config(&format!(
-        "{}amqp_queue_type = \"quorum\"\n",
-        amqp_kanban(&queue)
-    ));
-    let mut node = Node::start_with(&config, &[]);
+    let (_policy, mut node) = quorum_node_with_no_redelivery(&queue);
     connected(&node).await;
     let acme = Client::new(&node, "acme", "acme-secret");
     let globex = Client::new(&node, "globex", "globex-secret");
@@ -842,17 +869,7 @@ async fn a_held_signal_the_broker_dead_letters_at_a_reconnect_is_decided_or_reco
     assert_eq!(globex.post(&g).await.unwrap().status, 202);
     node.admin_until("/admin/queue", "both parked", |q| q["parked"] == 2)
         .await;
-
-    // The connection drops: the broker takes both back and, past their
-    // delivery limit, dead-letters them; the node still holds both.
-    rabbitmqctl(&["close_all_connections", "test: reconnect"]).unwrap();
-    counts_until(&format!("{queue}.deadletter"), (2, 0)).await;
-    counts_until(&queue, (0, 0)).await;
-    // The node takes both letters from the watch queue.
-    let watch = format!("{queue}.deadletter.watch");
-    wait_for("the watch copies taken", Duration::from_secs(30), || {
-        queue_counts(&watch).filter(|(ready, _)| *ready == 0)
-    });
+    let watch = held_copies_dead_lettered(&queue, 2).await;
 
     // One is decided, and has that one end.
     acme.entitle("payments", "held-ent").await;
@@ -889,6 +906,138 @@ async fn a_held_signal_the_broker_dead_letters_at_a_reconnect_is_decided_or_reco
     );
     assert_eq!(ends(&receipts, "held-g"), ["signal_deadlettered"]);
     verify_ok(&node).await;
+}
+
+/// Sets RabbitMQ's `consumer_timeout` (and how often channels check it)
+/// for channels opened from now on; the values before are put back on drop.
+struct ConsumerTimeout(String);
+
+impl ConsumerTimeout {
+    fn set(timeout_ms: u64, tick_ms: u64) -> ConsumerTimeout {
+        // Prints `{1800000,60000}`.
+        let before = rabbitmqctl(&[
+            "eval",
+            "{ok, T} = application:get_env(rabbit, consumer_timeout), \
+             {ok, I} = application:get_env(rabbit, channel_tick_interval), {T, I}.",
+        ])
+        .unwrap();
+        let values: Vec<u64> = before
+            .trim()
+            .trim_matches(|c| c == '{' || c == '}')
+            .split(',')
+            .map(|v| v.parse().unwrap())
+            .collect();
+        let set = |timeout: u64, tick: u64| {
+            rabbitmqctl(&[
+                "eval",
+                &format!(
+                    "application:set_env(rabbit, consumer_timeout, {timeout}), \
+                     application:set_env(rabbit, channel_tick_interval, {tick})."
+                ),
+            ])
+            .unwrap();
+        };
+        set(timeout_ms, tick_ms);
+        ConsumerTimeout(format!(
+            "application:set_env(rabbit, consumer_timeout, {}), \
+             application:set_env(rabbit, channel_tick_interval, {}).",
+            values[0], values[1]
+        ))
+    }
+}
+
+impl Drop for ConsumerTimeout {
+    fn drop(&mut self) {
+        // Not a panic in a drop (it may run while a failed test unwinds).
+        if let Err(e) = rabbitmqctl(&["eval", &self.0]) {
+            eprintln!("could not put RabbitMQ's consumer_timeout back: {e}");
+        }
+    }
+}
+
+/// Before: a signal parked longer than the broker's `consumer_timeout`
+/// (30 min by default) made RabbitMQ close the consume channel; the node
+/// took it for an outage: "broker unreachable; accepting into the fallback
+/// buffer" and a critical `broker_down` alert, raised and resolved again
+/// each time, while the broker was fine.
+#[tokio::test]
+async fn the_brokers_consumer_timeout_is_told_apart_from_an_outage() {
+    ensure_broker();
+    let queue = unique_queue("consumer-timeout");
+    let _cleanup = QueueCleanup(queue.clone());
+    let timeout = ConsumerTimeout::set(1_000, 200);
+    let node = amqp_node(&queue);
+    connected(&node).await;
+    let c = Client::new(&node, "acme", "acme-secret");
+    // No entitlement: the payment waits, unacknowledged, past the timeout.
+    assert_eq!(c.post(&pay("ct-1")).await.unwrap().status, 202);
+    node.log_until("RabbitMQ's consumer_timeout closed the consume channel")
+        .await;
+    let alerts = node
+        .admin_until("/admin/alerts", "the consumer_timeout warning", |list| {
+            list.as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a["kind"] == "consumer_timeout")
+        })
+        .await;
+    let kinds: Vec<(&str, &str)> = alerts
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["kind"].as_str().unwrap(), a["severity"].as_str().unwrap()))
+        .collect();
+    assert!(
+        kinds.iter().all(|(kind, _)| *kind != "broker_down"),
+        "no outage: {alerts}"
+    );
+    assert!(kinds.contains(&("consumer_timeout", "warning")), "{alerts}");
+    assert!(!node.log().contains("broker unreachable"), "{}", node.log());
+
+    // Back to the broker's own timeout: the payment is decided once.
+    drop(timeout);
+    c.entitle("payments", "ct-ent").await;
+    assert_eq!(c.decided("ct-1").await["status"], "completed");
+    let receipts = node.all_receipts().await;
+    assert_eq!(decisions(&receipts).get("ct-1"), Some(&1), "{receipts:?}");
+    verify_ok(&node).await;
+}
+
+/// Before: when the broker cancelled the watch queue's consumer (the queue
+/// deleted by an operator, say), the node did not notice: what the broker
+/// dead-lettered by itself from then on reached only the dead-letter queue,
+/// and its signals stayed `accepted` for ever. Now the node connects anew,
+/// which declares the watch queue again.
+#[tokio::test]
+async fn a_watch_queue_deleted_under_the_node_is_declared_again() {
+    ensure_broker();
+    let queue = unique_queue("watch-deleted");
+    let _cleanup = QueueCleanup(queue.clone());
+    let node = amqp_node(&queue);
+    connected(&node).await;
+    let watch = format!("{queue}.deadletter.watch");
+    rabbitmqctl(&["delete_queue", &watch]).unwrap();
+    wait_for("the watch queue again", Duration::from_secs(30), || {
+        queue_counts(&watch)
+    });
+    node.log_until("the broker cancelled the consumer of").await;
+    connected(&node).await;
+
+    // A signal the broker dead-letters (as a TTL would) is recorded.
+    let (conn, ch) = producer().await;
+    let mut body = pay("wd-1");
+    body["received_at_ms"] = json!(1);
+    broker_expired(&ch, &queue, &body).await;
+    let c = Client::new(&node, "acme", "acme-secret");
+    let s = c.decided("wd-1").await;
+    assert_eq!(
+        (s["status"].as_str(), s["reason"].as_str()),
+        (Some("deadlettered"), Some("expired")),
+        "{s}"
+    );
+    counts_until(&watch, (0, 0)).await;
+    verify_ok(&node).await;
+    let _ = conn.close(200, "done".into()).await;
 }
 
 /// The queue's (ready, unacknowledged) message counts.

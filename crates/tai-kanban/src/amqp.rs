@@ -415,6 +415,13 @@ pub struct AmqpState {
     gauges: QueueGauges,
 }
 
+/// Whether the broker closed a channel for RabbitMQ's `consumer_timeout`
+/// (406 PRECONDITION_FAILED "delivery acknowledgement on channel N timed
+/// out"): a delivery stayed unacknowledged longer than it allows.
+fn consumer_timed_out(reason: &str) -> bool {
+    reason.contains("delivery acknowledgement") && reason.contains("timed out")
+}
+
 fn backoff() -> ExponentialBackoff {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
@@ -1119,18 +1126,44 @@ impl AmqpState {
             }
         }
         self.broker_depth = None;
-        if self.down_since.is_none() {
-            self.down_since = Some(Instant::now());
-        }
-        if was_up || self.last_error.as_deref() != Some(reason.as_str()) {
-            error!(reason = %reason, "broker unreachable; accepting into the fallback buffer");
+        if was_up && consumer_timed_out(&reason) {
+            // The broker is up: it closed the consume channel, and with it
+            // the link, because a delivery stayed unacknowledged longer
+            // than its consumer_timeout. Not an outage: no broker_down.
+            warn!(
+                reason = %reason,
+                parked = self.dispatch.parked_len(),
+                "RabbitMQ's consumer_timeout closed the consume channel: a signal waited \
+                 unacknowledged longer than the broker allows (parked for an entitlement, or \
+                 behind a long action); what the node holds comes back and is matched again. \
+                 Raise the broker's consumer_timeout above the SKUs' entitlement_timeout_secs, \
+                 or lower those"
+            );
             tai_core::alert::raise(Alert::new(
-                Severity::Critical,
-                "broker_down",
-                "broker_down",
+                Severity::Warning,
+                "consumer_timeout",
+                "consumer_timeout",
                 KANBAN_SOURCE,
-                format!("RabbitMQ unreachable: {reason}"),
+                format!(
+                    "RabbitMQ closed the consume channel of {}: a delivery stayed unacknowledged \
+                     past its consumer_timeout; raise it above the SKUs' entitlement_timeout_secs",
+                    self.topology.queue
+                ),
             ));
+        } else {
+            if self.down_since.is_none() {
+                self.down_since = Some(Instant::now());
+            }
+            if was_up || self.last_error.as_deref() != Some(reason.as_str()) {
+                error!(reason = %reason, "broker unreachable; accepting into the fallback buffer");
+                tai_core::alert::raise(Alert::new(
+                    Severity::Critical,
+                    "broker_down",
+                    "broker_down",
+                    KANBAN_SOURCE,
+                    format!("RabbitMQ unreachable: {reason}"),
+                ));
+            }
         }
         self.last_error = Some(reason);
         if self.quiescing {
@@ -1190,6 +1223,7 @@ impl AmqpState {
                 self.topology.queue.clone(),
                 self.store.clone(),
                 myself.clone(),
+                link.gen,
             )));
         }
         (self.consumer_no, self.turning) = (0, false);
@@ -1778,6 +1812,12 @@ pub(crate) async fn claim_letter(
         .send_message(event(Event::LetterClaim { key, reply }))
         .ok()?;
     answer.await.ok()
+}
+
+/// The watch queue's consumer of connection `gen` ended: the connection is
+/// taken as lost (see [`crate::broker_letters::watch`]).
+pub(crate) fn watch_lost(queue: &ActorRef<KanbanMsg>, gen: u64, reason: String) {
+    let _ = queue.send_message(event(Event::Lost { gen, reason }));
 }
 
 /// Ends a claim [`claim_letter`] granted.

@@ -30,7 +30,7 @@ use tai_core::signal::{now_ms, DeadLetter, Signal};
 use tai_store::Store;
 use tracing::{info, warn};
 
-use crate::amqp::{claim_letter, letter_done, Claim, REASON_HEADER};
+use crate::amqp::{claim_letter, letter_done, watch_lost, Claim, REASON_HEADER};
 use crate::poison::{self, Poisoned};
 
 /// The watch queue of work queue `queue`.
@@ -193,8 +193,17 @@ async fn letter(
 /// Consumes the watch queue of `queue` on `ch`, a channel of its own,
 /// until the connection goes (the task is aborted with its connection's
 /// others). Each signal is settled by a task of its own, as one may wait
-/// long for its held copy.
-pub async fn watch(ch: Channel, queue: String, store: Store, kanban: ActorRef<KanbanMsg>) {
+/// long for its held copy. If the broker ends the consumer or closes its
+/// channel alone (a letter left unacknowledged past the broker's
+/// `consumer_timeout`, say), connection `gen` is reported lost: the node
+/// connects anew rather than leave the watch queue unread.
+pub async fn watch(
+    ch: Channel,
+    queue: String,
+    store: Store,
+    kanban: ActorRef<KanbanMsg>,
+    gen: u64,
+) {
     let watch = watch_queue(&queue);
     let consumer = async {
         ch.basic_qos(64, BasicQosOptions::default()).await?;
@@ -211,10 +220,16 @@ pub async fn watch(ch: Channel, queue: String, store: Store, kanban: ActorRef<Ka
         Ok(c) => c,
         Err(e) => {
             warn!(queue = %watch, error = %e, "cannot watch for signals the broker dead-letters");
+            watch_lost(&kanban, gen, format!("cannot consume {watch}: {e}"));
             return;
         }
     };
-    while let Some(Ok(d)) = consumer.next().await {
+    let reason = loop {
+        let d = match consumer.next().await {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => break e.to_string(),
+            None => break format!("the broker cancelled the consumer of {watch}"),
+        };
         match read(&d.data, &d.properties) {
             Letter::Ours => {}
             Letter::Unreadable(why) => {
@@ -233,10 +248,11 @@ pub async fn watch(ch: Channel, queue: String, store: Store, kanban: ActorRef<Ka
                 continue;
             }
         }
-        if d.acker.ack(BasicAckOptions::default()).await.is_err() {
-            return;
+        if let Err(e) = d.acker.ack(BasicAckOptions::default()).await {
+            break e.to_string();
         }
-    }
+    };
+    watch_lost(&kanban, gen, reason);
 }
 
 #[cfg(test)]
