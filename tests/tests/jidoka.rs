@@ -558,26 +558,60 @@ rego = ["{file_name}"]
     assert_eq!(acme.decided("quick-2").await["status"], "completed");
 }
 
-#[test]
-fn a_node_with_a_broken_rego_file_refuses_to_start_naming_it() {
-    let scratch = tempfile::tempdir().unwrap();
-    let file = scratch.path().join("broken.rego");
-    std::fs::write(&file, "package broken\n\ndecision := {\n").unwrap();
-    let config = scratch.path().join("config.toml");
-    let extra = format!("[skus.custom]\nrego = [\"{}\"]\n", file.display());
+/// `tai serve` on a config whose SKU names `rego_file`, with `data_dir`:
+/// its exit code and stderr.
+fn serve_with_rego(
+    scratch: &std::path::Path,
+    rego_file: &str,
+    data_dir: &std::path::Path,
+) -> (Option<i32>, String) {
+    let config = scratch.join("config.toml");
+    let extra = format!("[skus.custom]\nrego = [\"{rego_file}\"]\n");
     std::fs::write(&config, test_config(&extra)).unwrap();
     let out = std::process::Command::new(tai_bin())
         .args(["serve", "--config"])
         .arg(&config)
-        .env("TAI_NODE__DATA_DIR", scratch.path().join("data"))
+        .env("TAI_NODE__DATA_DIR", data_dir)
         .env("TAI_OPERATOR__LISTEN", "127.0.0.1:0")
         .env("TAI_INGRESS__LISTEN", "127.0.0.1:0")
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(78));
-    let err = String::from_utf8_lossy(&out.stderr);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Refused before the data dir is created or opened: a fresh one is not
+/// made, and one another node holds gives the config error, not
+/// `store_in_use` (before, the store was opened first).
+#[test]
+fn a_node_with_a_broken_or_missing_rego_file_refuses_to_start_naming_it() {
+    let scratch = tempfile::tempdir().unwrap();
+    let file = scratch.path().join("broken.rego");
+    std::fs::write(&file, "package broken\n\ndecision := {\n").unwrap();
+    let fresh = scratch.path().join("data");
+    let (code, err) = serve_with_rego(scratch.path(), &file.display().to_string(), &fresh);
+    assert_eq!(code, Some(78), "{err}");
     assert!(
         err.contains(&format!("skus.custom.rego[0]: {}:", file.display())),
+        "{err}"
+    );
+    assert!(!fresh.exists(), "no data dir made for a config refused");
+
+    let running = Node::start(&[]);
+    let missing = scratch.path().join("missing.rego");
+    let (code, err) = serve_with_rego(
+        scratch.path(),
+        &missing.display().to_string(),
+        &running.data_dir(),
+    );
+    assert_eq!(code, Some(78), "{err}");
+    assert!(
+        err.contains(&format!(
+            "skus.custom.rego[0]: {}: cannot read",
+            missing.display()
+        )),
         "{err}"
     );
 }

@@ -55,6 +55,24 @@ pub fn sku_from_config(c: &SkuConfig, rego: &RegoSet) -> Result<Sku, String> {
     })
 }
 
+/// Every configured SKU's runtime rules; the first that fails is named
+/// (`skus.{name}.…`). `tai serve` calls it before it opens the store, so a
+/// policy that does not load (a Rego file missing or broken) is refused
+/// before the data dir is touched.
+pub fn skus_from_config(
+    config: &Config,
+    rego: &RegoSet,
+) -> Result<HashMap<String, Arc<Sku>>, String> {
+    config
+        .skus
+        .iter()
+        .map(|(name, c)| {
+            let sku = sku_from_config(c, rego).map_err(|e| format!("skus.{name}.{e}"))?;
+            Ok((name.clone(), Arc::new(sku)))
+        })
+        .collect()
+}
+
 /// `processor_sup` (`rest_for_one`): `engine_sup` first, then the router that
 /// starts engines under it: if `engine_sup` dies, the router restarts too.
 pub fn supervisor_spec(
@@ -63,14 +81,7 @@ pub fn supervisor_spec(
     executors: Executors,
     rego: &RegoSet,
 ) -> Result<SupervisorSpec, String> {
-    let mut skus = HashMap::new();
-    for (name, c) in &config.skus {
-        skus.insert(
-            name.clone(),
-            Arc::new(sku_from_config(c, rego).map_err(|e| format!("skus.{name}.{e}"))?),
-        );
-    }
-    let skus = Arc::new(skus);
+    let skus = Arc::new(skus_from_config(config, rego)?);
     let unknown_sku = Arc::new(Sku {
         configured: false,
         ..sku_from_config(&SkuConfig::default(), rego)?

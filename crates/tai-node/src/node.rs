@@ -145,6 +145,18 @@ fn warn_of_long_parks(config: &Config) {
 
 /// Runs the node to its end and returns the process exit status.
 pub async fn serve(config: Config) -> anyhow::Result<i32> {
+    // The SKUs' rules first: a policy that does not load (a Rego file
+    // missing or broken) is a config error, told before the data dir is
+    // created or opened (and not hidden behind `store_in_use` when another
+    // node holds it).
+    let rego = tai_jidoka::RegoSet::new(
+        &std::env::current_dir()?,
+        Duration::from_millis(config.jidoka.rego_timeout_ms),
+    );
+    if let Err(e) = tai_jidoka::skus_from_config(&config, &rego) {
+        eprintln!("config error: {e}");
+        return Ok(78);
+    }
     let data_dir = config.node.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create node.data_dir {}", data_dir.display()))?;
@@ -168,10 +180,6 @@ pub async fn serve(config: Config) -> anyhow::Result<i32> {
             return Ok(78);
         }
     };
-    let rego = tai_jidoka::RegoSet::new(
-        &std::env::current_dir()?,
-        Duration::from_millis(config.jidoka.rego_timeout_ms),
-    );
     let spec = match root_spec(
         &config,
         &store,
