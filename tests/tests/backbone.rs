@@ -403,3 +403,24 @@ async fn connections_that_send_no_headers_in_time_are_closed() {
     let (status, _) = node.admin(Method::GET, "/admin/tree").await;
     assert_eq!(status, 200);
 }
+
+/// `THP_enabled` of the node's process, as the kernel shows it.
+fn thp_enabled(node: &Node) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", node.child.id())).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .map(|v| v.trim().to_string())
+        .expect("THP_enabled in /proc/PID/status")
+}
+
+/// Transparent huge pages are off for the node's process unless
+/// `node.transparent_huge_pages` turns them on (BENCHMARKS.md, session 35:
+/// with them, an idle node's memory crept back up towards its peak).
+#[tokio::test]
+async fn transparent_huge_pages_are_off_unless_the_config_turns_them_on() {
+    let off = Node::start(&[]);
+    assert_eq!(thp_enabled(&off), "0");
+    let on = Node::start(&[("TAI_NODE__TRANSPARENT_HUGE_PAGES", "true")]);
+    assert_eq!(thp_enabled(&on), "1");
+}

@@ -143,8 +143,34 @@ fn warn_of_long_parks(config: &Config) {
     }
 }
 
+/// Turns transparent huge pages off for this process (`node.transparent_huge_pages`
+/// = false): mimalloc advises its arenas `MADV_HUGEPAGE`, and khugepaged
+/// then collapses every 2 MiB range with a page still in use into a whole
+/// huge page, so memory the allocator gave back becomes resident again and
+/// an idle node grows towards its past peak (measured: +80 MB over five
+/// idle minutes after a burst over 20k tenants; none with this off).
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn no_transparent_huge_pages() {
+    // SAFETY: PR_SET_THP_DISABLE takes plain integers and only sets a flag
+    // on this process's memory map.
+    let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    if rc != 0 {
+        warn!(
+            error = %std::io::Error::last_os_error(),
+            "could not turn transparent huge pages off (node.transparent_huge_pages)"
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn no_transparent_huge_pages() {}
+
 /// Runs the node to its end and returns the process exit status.
 pub async fn serve(config: Config) -> anyhow::Result<i32> {
+    if !config.node.transparent_huge_pages {
+        no_transparent_huge_pages();
+    }
     // The SKUs' rules first: a policy that does not load (a Rego file
     // missing or broken) is a config error, told before the data dir is
     // created or opened (and not hidden behind `store_in_use` when another
