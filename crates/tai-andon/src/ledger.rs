@@ -82,34 +82,19 @@ impl Actor for Ledger {
                 receipts,
                 writes,
                 reply,
-            } => {
-                // Everything already in the mailbox joins this batch: the
-                // flush request queues behind it.
-                if st.batch.is_empty() {
-                    myself.send_message(LedgerMsg::Flush)?;
-                }
-                st.batch.push(Pending {
-                    receipts,
-                    writes,
-                    unless_final: None,
-                    reply: Reply::Commit(reply),
-                });
-            }
+            } => Self::gather(&myself, st, receipts, writes, Reply::Commit(reply))?,
             LedgerMsg::DeadLetter {
                 signal,
                 receipt,
                 writes,
                 reply,
             } => {
-                if st.batch.is_empty() {
-                    myself.send_message(LedgerMsg::Flush)?;
-                }
-                st.batch.push(Pending {
-                    receipts: vec![*receipt],
-                    writes,
-                    unless_final: Some(signal),
-                    reply: Reply::DeadLetter(reply),
-                });
+                let reply = Reply::DeadLetter {
+                    signal,
+                    written: true,
+                    reply,
+                };
+                Self::gather(&myself, st, vec![*receipt], writes, reply)?
             }
             LedgerMsg::Flush => Self::flush(&myself, st)?,
             LedgerMsg::Durable(generation) => {
@@ -127,16 +112,23 @@ impl Actor for Ledger {
 struct Pending {
     receipts: Vec<ReceiptDraft>,
     writes: WriteSet,
-    /// A dead letter's signal: nothing is written if it is final already.
-    unless_final: Option<(String, String)>,
     reply: Reply,
 }
 
+/// How a commit is answered, once its batch is durable.
 enum Reply {
-    /// The seq of the commit's last receipt.
+    /// With the seq of its last receipt.
     Commit(RpcReplyPort<Result<u64, String>>),
-    /// Whether the dead letter was written.
-    DeadLetter(RpcReplyPort<Result<bool, String>>),
+    /// With whether it was written: not if its signal was final already.
+    /// A dead letter left out is answered after the batch it was left out
+    /// of is durable too, so the decision that made it final (in that
+    /// batch, or in one whose flush is still under way) is durable before
+    /// the queue lets go of the signal.
+    DeadLetter {
+        signal: (String, String),
+        written: bool,
+        reply: RpcReplyPort<Result<bool, String>>,
+    },
 }
 
 impl Reply {
@@ -144,7 +136,7 @@ impl Reply {
         // A caller that gave up waiting has nothing to be told.
         match self {
             Reply::Commit(r) => drop(r.send(result)),
-            Reply::DeadLetter(r) => drop(r.send(result.map(|_| true))),
+            Reply::DeadLetter { written, reply, .. } => drop(reply.send(result.map(|_| written))),
         }
     }
 }
@@ -170,6 +162,26 @@ fn final_already(
 }
 
 impl Ledger {
+    /// Adds a commit to the batch; the first of a batch sends the `Flush`
+    /// that queues behind everything already in the mailbox.
+    fn gather(
+        myself: &ActorRef<LedgerMsg>,
+        st: &mut LedgerState,
+        receipts: Vec<ReceiptDraft>,
+        writes: WriteSet,
+        reply: Reply,
+    ) -> Result<(), ActorProcessingErr> {
+        if st.batch.is_empty() {
+            myself.send_message(LedgerMsg::Flush)?;
+        }
+        st.batch.push(Pending {
+            receipts,
+            writes,
+            reply,
+        });
+        Ok(())
+    }
+
     /// Seals every pending commit's receipts in arrival order and writes them
     /// all, with one signed head, as one atomic batch; each commit is answered
     /// once the batch is durable.
@@ -185,14 +197,16 @@ impl Ledger {
         let mut sealed: Vec<Receipt> = Vec::new();
         let mut writes = WriteSet::default();
         let mut replies = Vec::with_capacity(batch.len());
-        for p in batch {
-            if let Some(signal) = &p.unless_final {
+        for mut p in batch {
+            if let Reply::DeadLetter {
+                signal, written, ..
+            } = &mut p.reply
+            {
                 match final_already(&st.store, &writes, signal) {
                     Ok(false) => {}
                     Ok(true) => {
-                        if let Reply::DeadLetter(r) = p.reply {
-                            let _ = r.send(Ok(false));
-                        }
+                        *written = false;
+                        replies.push((p.reply, seq));
                         continue;
                     }
                     Err(e) => {
@@ -210,10 +224,6 @@ impl Ledger {
             }
             writes.extend(p.writes);
             replies.push((p.reply, seq));
-        }
-        if replies.is_empty() {
-            // Only dead letters of signals decided already: nothing to write.
-            return Ok(());
         }
         let head = sealed
             .last()
@@ -360,8 +370,12 @@ mod tests {
         // (or in the next, when the first flush began at once).
         let (seq, written) = tokio::join!(decide(&ledger, "s1"), dead_letter(&ledger, "s1"));
         assert_eq!((seq, written), (1, false));
-        // In a later batch: the decision is read from the store.
+        // In a later batch: the decision is read from the store, and the
+        // answer waits for a flush (what made the signal final may not be
+        // durable yet when the ledger reads it).
+        let flushes = store.flushes();
         assert!(!dead_letter(&ledger, "s1").await);
+        assert!(store.flushes() > flushes, "answered before a flush");
         // A signal nothing decided is dead-lettered.
         assert!(dead_letter(&ledger, "s2").await);
         // And once dead-lettered, a second dead letter of it is not written.
