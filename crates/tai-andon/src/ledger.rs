@@ -81,8 +81,15 @@ impl Actor for Ledger {
             LedgerMsg::Commit {
                 receipts,
                 writes,
+                unless_final,
                 reply,
-            } => Self::gather(&myself, st, receipts, writes, Reply::Commit(reply))?,
+            } => {
+                let reply = Reply::Commit {
+                    unless_final,
+                    reply,
+                };
+                Self::gather(&myself, st, receipts, writes, reply)?
+            }
             LedgerMsg::DeadLetter {
                 signal,
                 receipt,
@@ -117,8 +124,12 @@ struct Pending {
 
 /// How a commit is answered, once its batch is durable.
 enum Reply {
-    /// With the seq of its last receipt.
-    Commit(RpcReplyPort<Result<u64, String>>),
+    /// With the seq of its last receipt. `unless_final`: see
+    /// [`LedgerMsg::Commit`].
+    Commit {
+        unless_final: bool,
+        reply: RpcReplyPort<Result<u64, String>>,
+    },
     /// With whether it was written: not if its signal was final already.
     /// A dead letter left out is answered after the batch it was left out
     /// of is durable too, so the decision that made it final (in that
@@ -135,7 +146,7 @@ impl Reply {
     fn send(self, result: Result<u64, String>) {
         // A caller that gave up waiting has nothing to be told.
         match self {
-            Reply::Commit(r) => drop(r.send(result)),
+            Reply::Commit { reply, .. } => drop(reply.send(result)),
             Reply::DeadLetter { written, reply, .. } => drop(reply.send(result.map(|_| written))),
         }
     }
@@ -159,6 +170,29 @@ fn final_already(
     }
     let stored = store.signal_record(tenant, id).map_err(|e| e.to_string())?;
     Ok(stored.is_some_and(|r| r.status.is_final()))
+}
+
+/// Leaves out of `p` the records and receipts of every signal it would
+/// write that is final already (in the store or earlier in the batch), so
+/// a signal dead-lettered while its engine was down is not also ended by
+/// the restored engine.
+fn keep_ends(store: &Store, earlier: &WriteSet, p: &mut Pending) -> Result<(), String> {
+    let mut ended = Vec::new();
+    for r in &p.writes.signal_records {
+        let signal = (r.tenant_id.clone(), r.signal_id.clone());
+        if final_already(store, earlier, &signal)? {
+            ended.push(signal);
+        }
+    }
+    for (tenant, id) in &ended {
+        info!(tenant = %tenant, signal = %id, "a restored engine's signal was ended meanwhile (dead-lettered); it is not ended again");
+        p.writes
+            .signal_records
+            .retain(|r| !(r.tenant_id == *tenant && r.signal_id == *id));
+        p.receipts
+            .retain(|d| !(d.tenant_id == *tenant && d.signal_id.as_deref() == Some(id.as_str())));
+    }
+    Ok(())
 }
 
 impl Ledger {
@@ -198,6 +232,15 @@ impl Ledger {
         let mut writes = WriteSet::default();
         let mut replies = Vec::with_capacity(batch.len());
         for mut p in batch {
+            if let Reply::Commit {
+                unless_final: true, ..
+            } = p.reply
+            {
+                if let Err(e) = keep_ends(&st.store, &writes, &mut p) {
+                    p.reply.send(Err(e));
+                    continue;
+                }
+            }
             if let Reply::DeadLetter {
                 signal, written, ..
             } = &mut p.reply
@@ -317,6 +360,7 @@ mod tests {
             |reply| LedgerMsg::Commit {
                 receipts: vec![draft("action_successful", id)],
                 writes,
+                unless_final: false,
                 reply,
             },
             None,
@@ -355,16 +399,30 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_dead_letter_after_its_signals_decision_is_not_written() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+    async fn spawn(store: &Store) -> (ActorRef<LedgerMsg>, ractor::concurrency::JoinHandle<()>) {
         let args = LedgerArgs {
             store: store.clone(),
             key_id: "k1".into(),
             keys: BTreeMap::from([("k1".to_string(), "secret".to_string())]),
         };
-        let (ledger, handle) = Actor::spawn(None, Ledger, args).await.unwrap();
+        Actor::spawn(None, Ledger, args).await.unwrap()
+    }
+
+    /// Every receipt's kind and signal, in ledger order.
+    fn kinds(store: &Store) -> Vec<(String, Option<String>)> {
+        store
+            .receipts(0, 100, None)
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.kind, r.signal_id))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_after_its_signals_decision_is_not_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (ledger, handle) = spawn(&store).await;
 
         // Sent together: the dead letter follows the decision in one batch
         // (or in the next, when the first flush began at once).
@@ -381,14 +439,8 @@ mod tests {
         // And once dead-lettered, a second dead letter of it is not written.
         assert!(!dead_letter(&ledger, "s2").await);
 
-        let kinds: Vec<(String, Option<String>)> = store
-            .receipts(0, 100, None)
-            .unwrap()
-            .into_iter()
-            .map(|r| (r.kind, r.signal_id))
-            .collect();
         assert_eq!(
-            kinds,
+            kinds(&store),
             vec![
                 ("action_successful".to_string(), Some("s1".to_string())),
                 ("signal_deadlettered".to_string(), Some("s2".to_string())),
@@ -400,6 +452,76 @@ mod tests {
         assert!(store.dead_letter("t", "s1").unwrap().is_none());
         assert!(store.dead_letter("t", "s2").unwrap().is_some());
         assert_eq!(store.head().unwrap().unwrap().seq, 2);
+
+        ledger.stop(None);
+        handle.await.unwrap();
+    }
+    /// What an engine restored from its checkpoint commits when it finds an
+    /// action in flight: the action `interrupted` (its signal failed) and
+    /// the checkpoint leaving `action_pending`.
+    async fn restore(ledger: &ActorRef<LedgerMsg>, id: &str, checkpoint: &[u8]) -> u64 {
+        let writes = WriteSet {
+            signal_records: vec![record(id, SignalStatus::Failed)],
+            checkpoints: vec![("t".into(), "payments".into(), checkpoint.to_vec())],
+            ..Default::default()
+        };
+        let answer = ractor::rpc::call(
+            ledger,
+            |reply| LedgerMsg::Commit {
+                receipts: vec![draft("action_failed", id)],
+                writes,
+                unless_final: true,
+                reply,
+            },
+            None,
+        )
+        .await;
+        match answer {
+            Ok(CallResult::Success(Ok(seq))) => seq,
+            _ => panic!("the restore of {id} was not committed"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_restored_engine_does_not_end_a_signal_dead_lettered_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (ledger, handle) = spawn(&store).await;
+
+        // The queue dead-lettered s1 (its engine kept crashing with it)
+        // before the restarted engine recorded its action interrupted: one
+        // end, and the checkpoint still leaves action_pending.
+        assert!(dead_letter(&ledger, "s1").await);
+        assert_eq!(restore(&ledger, "s1", b"after s1").await, 1);
+        assert_eq!(
+            store.checkpoint("t", "payments").unwrap().as_deref(),
+            Some(&b"after s1"[..])
+        );
+        // The same two in one batch.
+        let (written, _) = tokio::join!(
+            dead_letter(&ledger, "s2"),
+            restore(&ledger, "s2", b"after s2")
+        );
+        assert!(written);
+        // A restored signal nothing else ended is ended by the restore.
+        assert_eq!(restore(&ledger, "s3", b"after s3").await, 3);
+
+        assert_eq!(
+            kinds(&store),
+            vec![
+                ("signal_deadlettered".to_string(), Some("s1".to_string())),
+                ("signal_deadlettered".to_string(), Some("s2".to_string())),
+                ("action_failed".to_string(), Some("s3".to_string())),
+            ]
+        );
+        let status = |id: &str| store.signal_record("t", id).unwrap().unwrap().status;
+        assert_eq!(status("s1"), SignalStatus::Deadlettered);
+        assert_eq!(status("s2"), SignalStatus::Deadlettered);
+        assert_eq!(status("s3"), SignalStatus::Failed);
+        assert_eq!(
+            store.checkpoint("t", "payments").unwrap().as_deref(),
+            Some(&b"after s3"[..])
+        );
 
         ledger.stop(None);
         handle.await.unwrap();

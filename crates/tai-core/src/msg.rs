@@ -204,6 +204,11 @@ pub enum LedgerMsg {
     Commit {
         receipts: Vec<ReceiptDraft>,
         writes: WriteSet,
+        /// Set by an engine restored from its checkpoint: a signal this
+        /// commit would end that is final already (dead-lettered while the
+        /// engine was down) keeps its one end; its record and receipts are
+        /// left out of the commit, the rest (the checkpoint) is written.
+        unless_final: bool,
         reply: RpcReplyPort<Result<u64, String>>,
     },
     /// A signal given up on without a decision (poison, or dead-lettered by

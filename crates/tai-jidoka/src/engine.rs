@@ -185,13 +185,18 @@ async fn ledger() -> Result<ractor::ActorCell, ActorProcessingErr> {
     }
 }
 
-async fn commit(receipts: Vec<ReceiptDraft>, writes: WriteSet) -> Result<(), ActorProcessingErr> {
+async fn commit(
+    receipts: Vec<ReceiptDraft>,
+    writes: WriteSet,
+    unless_final: bool,
+) -> Result<(), ActorProcessingErr> {
     let ledger = ledger().await?;
     let answer = ractor::rpc::call(
         &ledger,
         |reply| LedgerMsg::Commit {
             receipts,
             writes,
+            unless_final,
             reply,
         },
         Some(LEDGER_TIMEOUT),
@@ -244,6 +249,10 @@ struct Pending {
     statuses: Vec<(String, SignalStatus, Option<String>)>,
     /// The delivered signals of these steps, for records and dead letters.
     deliveries: Vec<Delivery>,
+    /// Holds the restore of a checkpoint: the in-flight action it ends may
+    /// belong to a signal the queue dead-lettered meanwhile (see
+    /// `LedgerMsg::Commit`).
+    restored: bool,
 }
 
 impl Pending {
@@ -471,7 +480,7 @@ impl Engine {
             .map(|d| d.reason.clone())
             .collect();
         let committing = std::time::Instant::now();
-        if let Err(e) = commit(p.drafts, p.writes).await {
+        if let Err(e) = commit(p.drafts, p.writes, p.restored).await {
             // The ledger failed (its store, a flush, its absence), not these
             // signals: the engine crashes and comes back from its checkpoint
             // without an attempt counted against what it held.
@@ -543,6 +552,7 @@ impl Engine {
         while let Some(input) = inputs.pop_front() {
             let now = now_ms();
             let before = st.data.state;
+            p.restored |= matches!(input, Input::Other(OwnedEvent::Restored));
             if let Input::Signal(d) = &input {
                 p.deliveries.push(d.clone());
                 if d.signal.trace_id.is_some() {

@@ -291,6 +291,7 @@ pub async fn record_transitions(transitions: Vec<Transition>) -> Result<(), Stri
                 |reply| LedgerMsg::Commit {
                     receipts,
                     writes: WriteSet::default(),
+                    unless_final: false,
                     reply,
                 },
                 Some(Duration::from_secs(30)),
