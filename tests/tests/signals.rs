@@ -96,6 +96,12 @@ async fn a_payment_is_accepted_decided_and_proven() {
         denied["reason"].as_str().unwrap().contains("payment_fraud"),
         "{denied}"
     );
+    // At the default level (info) a decided signal writes no log line: the
+    // receipts are its record (the `log` executor logs at debug).
+    let log = node.log();
+    for id in ["pay-1", "pay-2", "pay-3"] {
+        assert!(!log.contains(id), "{id} in the log:\n{log}");
+    }
 }
 
 #[tokio::test]

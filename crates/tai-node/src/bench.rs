@@ -199,7 +199,8 @@ fn start_node(a: &BenchArgs, otlp: Option<SocketAddr>) -> anyhow::Result<Target>
     let child = std::process::Command::new(std::env::current_exe()?)
         .args(["serve", "--config"])
         .arg(&config)
-        .env("RUST_LOG", "warn")
+        // The node's default level, so the bench measures what runs by default.
+        .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .spawn()
