@@ -1136,6 +1136,72 @@ async fn past_the_cap_the_least_recently_used_engine_is_passivated() {
         (Some(false), Some(true)),
         "{e}"
     );
+
+    // Listed live and passivated alike, by tenant then SKU; pages of any
+    // size walk the same list.
+    let g = Client::new(&node, "globex", "globex-secret");
+    g.entitle("payments", "lru-ent-g").await;
+    g.decided("lru-ent-g").await;
+    let key = |e: &Value| {
+        format!(
+            "{}/{}",
+            e["tenant_id"].as_str().unwrap(),
+            e["sku_id"].as_str().unwrap()
+        )
+    };
+    let (status, all) = node.admin(Method::GET, "/admin/tenants").await;
+    assert_eq!(status, 200, "{all}");
+    let all = all.as_array().unwrap().clone();
+    assert_eq!(
+        all.iter().map(key).collect::<Vec<_>>(),
+        [
+            "acme/payments",
+            "acme/slowboot",
+            "acme/tight",
+            "globex/payments"
+        ]
+    );
+    let actives: Vec<bool> = all.iter().map(|e| e["active"].as_bool().unwrap()).collect();
+    assert_eq!(actives.iter().filter(|a| **a).count(), 2, "{all:?}");
+    for limit in [1, 3] {
+        let mut walked = Vec::new();
+        let mut path = format!("/admin/tenants?limit={limit}");
+        loop {
+            let (status, page) = node.admin(Method::GET, &path).await;
+            assert_eq!(status, 200, "{page}");
+            let page = page.as_array().unwrap().clone();
+            assert!(page.len() <= limit);
+            let Some(last) = page.last() else { break };
+            path = format!("/admin/tenants?limit={limit}&after={}", key(last));
+            walked.extend(page.iter().map(key));
+        }
+        assert_eq!(
+            walked,
+            all.iter().map(key).collect::<Vec<_>>(),
+            "pages of {limit}"
+        );
+    }
+    let (_, stable) = node
+        .admin(
+            Method::GET,
+            "/admin/tenants?state=stable&limit=1&after=acme/slowboot",
+        )
+        .await;
+    assert_eq!(
+        stable
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(key)
+            .collect::<Vec<_>>(),
+        ["acme/tight"]
+    );
+    let (status, bad) = node.admin(Method::GET, "/admin/tenants?after=acme").await;
+    assert_eq!(
+        (status, &bad["error"]["code"]),
+        (400, &json!("invalid_request")),
+        "{bad}"
+    );
 }
 
 #[tokio::test]

@@ -139,10 +139,26 @@ pub enum KanbanMsg {
     Backend(Box<dyn std::any::Any + Send>),
 }
 
+/// What [`RouterMsg::Engines`] answers.
+#[derive(Debug, Default)]
+pub struct EnginePage {
+    /// The engines of the page (fewer than it looked at when a checkpoint
+    /// did not decode: that engine is left out, and logged).
+    pub engines: Vec<EngineInfo>,
+    /// The last engine the page looked at, when there may be more after it.
+    pub next: Option<(String, String)>,
+}
+
 /// To `engine_router`.
 pub enum RouterMsg {
     Deliver(Delivery),
-    Engines(RpcReplyPort<Vec<EngineInfo>>),
+    /// A page of engines, live or passivated, by tenant then SKU: those
+    /// after the engine `after` names (tenant, sku), at most `limit`.
+    Engines {
+        after: Option<(String, String)>,
+        limit: usize,
+        reply: RpcReplyPort<Result<EnginePage, String>>,
+    },
     Engine {
         tenant_id: String,
         sku_id: String,

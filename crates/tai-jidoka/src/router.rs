@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use tai_core::msg::{Delivery, KanbanMsg, RouterMsg, KANBAN_QUEUE};
+use tai_core::msg::{Delivery, EnginePage, KanbanMsg, RouterMsg, KANBAN_QUEUE};
 use tai_core::names::{engine_name, ENGINE_SUP};
 use tai_core::signal::{now_ms, EngineInfo, EngineState};
 use tai_otp::{ChildSpec, Restart, SupervisorMsg};
@@ -273,39 +273,66 @@ async fn info(store: &Store, tenant: &str, sku_id: &str) -> Option<EngineInfo> {
     Some(info)
 }
 
-/// Every engine, live or passivated, by tenant then SKU.
-async fn all_engines(store: Store, live: Vec<(String, String, String)>) -> Vec<EngineInfo> {
+/// A page of engines by tenant then SKU, after `after`, at most `limit`:
+/// the live ones (`live`: tenant, sku, name; the first `limit` after
+/// `after`) asked, the others read from their checkpoints.
+async fn engines_page(
+    store: Store,
+    live: Vec<(String, String, String)>,
+    after: Option<(String, String)>,
+    limit: usize,
+) -> Result<EnginePage, String> {
+    enum Source {
+        Live(String),
+        /// `None`: its checkpoint does not decode.
+        Passive(Option<EngineInfo>),
+    }
+    // A page of checkpoints is read and decoded off the async workers.
+    let read = store.clone();
+    let stored = tokio::task::spawn_blocking(move || {
+        let after = after.as_ref().map(|(t, s)| (t.as_str(), s.as_str()));
+        let stored = read
+            .checkpoints_after(after, limit)
+            .map_err(|e| format!("cannot list the engines' checkpoints: {e}"))?;
+        Ok::<_, String>(
+            stored
+                .into_iter()
+                .map(|(t, s, bytes)| {
+                    let info = passive_data(&t, &s, &bytes).map(|d| passive_info(&t, &s, &d));
+                    ((t, s), Source::Passive(info))
+                })
+                .collect::<BTreeMap<_, _>>(),
+        )
+    })
+    .await;
+    let mut page = stored.map_err(|e| e.to_string())??;
+    page.extend(
+        live.into_iter()
+            .map(|(t, s, name)| ((t, s), Source::Live(name))),
+    );
+    let page: Vec<((String, String), Source)> = page.into_iter().take(limit).collect();
+    let next = (page.len() == limit)
+        .then(|| page.last().map(|(key, _)| key.clone()))
+        .flatten();
     let restarts = engine_restarts().await;
-    let asked = futures::future::join_all(live.iter().map(|(name, t, s)| {
+    let engines = futures::future::join_all(page.into_iter().map(|((t, s), source)| {
         let (store, restarts) = (&store, &restarts);
         async move {
-            let mut i = info(store, t, s).await?;
-            i.restarts = restarts.get(name).copied().unwrap_or(0);
-            Some(i)
+            match source {
+                Source::Live(name) => {
+                    let mut i = info(store, &t, &s).await?;
+                    i.restarts = restarts.get(&name).copied().unwrap_or(0);
+                    Some(i)
+                }
+                Source::Passive(info) => info,
+            }
         }
     }))
     .await;
-    let mut out: Vec<EngineInfo> = asked.into_iter().flatten().collect();
-    let seen: std::collections::HashSet<(String, String)> = out
-        .iter()
-        .map(|i| (i.tenant_id.clone(), i.sku_id.clone()))
-        .collect();
-    // Every checkpoint is read and decoded: off the async workers.
-    let passive = tokio::task::spawn_blocking(move || {
-        let all = store.checkpoints().unwrap_or_else(|e| {
-            warn!(error = %e, "cannot list passivated engines");
-            Vec::new()
-        });
-        all.into_iter()
-            .filter(|(t, s, _)| !seen.contains(&(t.clone(), s.clone())))
-            .filter_map(|(t, s, bytes)| Some(passive_info(&t, &s, &passive_data(&t, &s, &bytes)?)))
-            .collect::<Vec<_>>()
+    Ok(EnginePage {
+        engines: engines.into_iter().flatten().collect(),
+        next,
     })
-    .await
-    .unwrap_or_default();
-    out.extend(passive);
-    out.sort_by(|a, b| (&a.tenant_id, &a.sku_id).cmp(&(&b.tenant_id, &b.sku_id)));
-    out
 }
 
 /// A passivated engine's checkpoint; one that does not decode is left out
@@ -486,15 +513,28 @@ impl Actor for Router {
                     }
                 }
             }
-            RouterMsg::Engines(reply) => {
-                let live = st
+            RouterMsg::Engines {
+                after,
+                limit,
+                reply,
+            } => {
+                // The first `limit` live engines after `after`: any on the
+                // page is among them.
+                let mut live: Vec<(String, String, String)> = st
                     .engines
                     .iter()
-                    .map(|(name, e)| (name.clone(), e.tenant_id.clone(), e.sku_id.clone()))
+                    .filter(|(_, e)| {
+                        after.as_ref().is_none_or(|(t, s)| {
+                            (e.tenant_id.as_str(), e.sku_id.as_str()) > (t.as_str(), s.as_str())
+                        })
+                    })
+                    .map(|(name, e)| (e.tenant_id.clone(), e.sku_id.clone(), name.clone()))
                     .collect();
+                live.sort_unstable();
+                live.truncate(limit);
                 let store = st.args.store.clone();
                 tokio::spawn(async move {
-                    let _ = reply.send(all_engines(store, live).await);
+                    let _ = reply.send(engines_page(store, live, after, limit).await);
                 });
             }
             RouterMsg::Engine {

@@ -213,29 +213,7 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
             json_reply(StatusCode::OK, &tree)
         }
         Endpoint::Kill(name) => kill(state, name),
-        Endpoint::Tenants => {
-            // `?state=halted`: which engines, where the board only counts them.
-            let wanted = match req.query.get("state") {
-                None => None,
-                Some(s) => match EngineState::ALL.into_iter().find(|e| e.as_str() == s) {
-                    Some(state) => Some(state),
-                    None => {
-                        let all: Vec<&str> = EngineState::ALL.iter().map(|e| e.as_str()).collect();
-                        return error(
-                            ErrorCode::InvalidRequest,
-                            format!("state must be one of {}, not {s:?}", all.join(", ")),
-                        );
-                    }
-                },
-            };
-            match call(ENGINE_ROUTER, RouterMsg::Engines).await {
-                Ok(mut list) => {
-                    list.retain(|e| wanted.is_none_or(|s| e.state == s));
-                    json_reply(StatusCode::OK, &list)
-                }
-                Err(r) => r,
-            }
-        }
+        Endpoint::Tenants => tenants(req.query).await.unwrap_or_else(|r| r),
         Endpoint::Tenant(t, s) => {
             let (tenant_id, sku_id) = (decode(t), decode(s));
             match call(ENGINE_ROUTER, |reply| RouterMsg::Engine {
@@ -654,6 +632,83 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| error(ErrorCode::Internal, format!("the store read failed: {e}")))
+}
+
+/// How many engines `GET /admin/tenants` asks the router for at a time.
+const ENGINE_PAGE: usize = 1000;
+
+/// `GET /admin/tenants`: every engine by tenant then SKU (SPEC), or with
+/// `limit=` (1..=1000) a page of them after `after={tenant}/{sku}`;
+/// `state=halted` keeps those in that state (where the board only counts
+/// them). Read from the router a page at a time and written straight into
+/// the answer, so listing 100,000 engines holds their JSON, not them all.
+async fn tenants(query: &HashMap<String, String>) -> Result<Response, Response> {
+    let wanted = match query.get("state") {
+        None => None,
+        Some(s) => match EngineState::ALL.into_iter().find(|e| e.as_str() == s) {
+            Some(state) => Some(state),
+            None => {
+                let all: Vec<&str> = EngineState::ALL.iter().map(|e| e.as_str()).collect();
+                return Err(error(
+                    ErrorCode::InvalidRequest,
+                    format!("state must be one of {}, not {s:?}", all.join(", ")),
+                ));
+            }
+        },
+    };
+    let limit = match query.get("limit") {
+        None => usize::MAX,
+        Some(_) => num(query, "limit", 0)?.clamp(1, 1000) as usize,
+    };
+    let mut after = match query.get("after").map(|a| a.split_once('/')) {
+        None => None,
+        Some(Some((t, s))) if !t.is_empty() && !s.is_empty() => {
+            Some((t.to_string(), s.to_string()))
+        }
+        Some(_) => {
+            return Err(error(
+                ErrorCode::InvalidRequest,
+                "after must be {tenant}/{sku}: the last engine of the page before",
+            ))
+        }
+    };
+    let mut body = b"[".to_vec();
+    let mut listed = 0;
+    'pages: loop {
+        let page = call(ENGINE_ROUTER, |reply| RouterMsg::Engines {
+            after: after.take(),
+            limit: ENGINE_PAGE,
+            reply,
+        })
+        .await?
+        .map_err(|e| error(ErrorCode::Internal, e))?;
+        for e in page
+            .engines
+            .iter()
+            .filter(|e| wanted.is_none_or(|s| e.state == s))
+        {
+            if listed > 0 {
+                body.push(b',');
+            }
+            serde_json::to_writer(&mut body, e)
+                .map_err(|e| error(ErrorCode::Internal, e.to_string()))?;
+            listed += 1;
+            if listed == limit {
+                break 'pages;
+            }
+        }
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    body.push(b']');
+    let mut reply = Response::new(body.into());
+    reply.headers_mut().insert(
+        warp::http::header::CONTENT_TYPE,
+        warp::http::HeaderValue::from_static("application/json"),
+    );
+    Ok(reply)
 }
 
 fn receipts(store: &tai_store::Store, query: &HashMap<String, String>) -> Response {

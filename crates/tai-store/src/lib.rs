@@ -195,12 +195,13 @@ impl Deferred {
         Some(&self.sealed[i].1)
     }
 
-    /// The deferred checkpoints (`e/` keys), the latest last.
-    fn checkpoints(&self) -> Vec<(Box<[u8]>, Vec<u8>)> {
+    /// The deferred checkpoints (`e/` keys) after the key `after`, the
+    /// latest last.
+    fn checkpoints(&self, after: &[u8]) -> Vec<(Box<[u8]>, Vec<u8>)> {
         let sealed = self.sealed.iter().map(|(k, v)| (k, v));
         sealed
             .chain(self.latest.iter())
-            .filter(|(k, _)| k.starts_with(b"e/"))
+            .filter(|(k, _)| k.starts_with(b"e/") && ***k > *after)
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
     }
@@ -1138,16 +1139,40 @@ impl Store {
 
     /// Every checkpoint: (tenant, sku, bytes), the deferred ones included.
     pub fn checkpoints(&self) -> Result<Vec<(String, String, Vec<u8>)>> {
-        let latest: Vec<(Box<[u8]>, Vec<u8>)> =
-            self.deferred.lock().expect("deferred writes").checkpoints();
+        self.checkpoints_after(None, usize::MAX)
+    }
+
+    /// Checkpoints by tenant then SKU, after the engine `after` names
+    /// (tenant, sku), at most `limit`: a page of them, so a node of many
+    /// engines is listed without holding them all.
+    pub fn checkpoints_after(
+        &self,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Result<Vec<(String, String, Vec<u8>)>> {
+        use std::ops::Bound;
+        // `\0` parts the tenant from the SKU, so key order is (tenant, sku) order.
+        let after = after.map_or_else(|| b"e/".to_vec(), |(t, s)| pair_key(b'e', t, s));
+        let latest: Vec<(Box<[u8]>, Vec<u8>)> = self
+            .deferred
+            .lock()
+            .expect("deferred writes")
+            .checkpoints(&after);
         let mut all: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
-        for kv in self.db.scan_prefix(b"e/") {
+        let stored = self
+            .db
+            .range::<Vec<u8>, _>((Bound::Excluded(after), Bound::Unbounded))
+            .take_while(|kv| kv.as_ref().map_or(true, |(k, _)| k.starts_with(b"e/")))
+            .take(limit);
+        for kv in stored {
             let (k, v) = kv?;
             all.insert(k.to_vec(), v.to_vec());
         }
+        // A deferred value is newer than the stored one; past the first
+        // `limit` of the two together, neither can be on this page.
         all.extend(latest.into_iter().map(|(k, v)| (k.into_vec(), v)));
         let mut out = Vec::new();
-        for (k, v) in all {
+        for (k, v) in all.into_iter().take(limit) {
             let Some((tenant, sku)) = split_pair_key(&k) else {
                 continue;
             };

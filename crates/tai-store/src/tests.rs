@@ -1139,3 +1139,48 @@ async fn a_write_that_meets_an_io_error_fails_the_store_at_once() {
     assert_eq!(reason, "i/o error: no storage space");
     assert!(matches!(s.ping(), Err(StoreError::Failed(_))));
 }
+
+#[tokio::test]
+async fn checkpoints_are_paged_in_tenant_order_with_the_deferred_ones_newest() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    // On disk: "a-b" sorts after "a" by (tenant, sku), though '-' < '/'.
+    for (t, v) in [("a", "a-old"), ("a-b", "ab-1"), ("c", "c-1")] {
+        s.db.insert(pair_key(b'e', t, "payments"), v.as_bytes())
+            .unwrap();
+    }
+    // Deferred (in the ledger's kept redo records): a newer "a", and "b".
+    let r1 = first_batch(&s);
+    let r2 = commit_one(&s, &r1, "a", "s1", b"a-new");
+    commit_one(&s, &r2, "b", "s2", b"b-1");
+    let page = |after: Option<(&str, &str)>, limit| -> Vec<(String, Vec<u8>)> {
+        s.checkpoints_after(after, limit)
+            .unwrap()
+            .into_iter()
+            .map(|(t, _, v)| (t, v))
+            .collect()
+    };
+    let all = page(None, usize::MAX);
+    let expect: Vec<(String, Vec<u8>)> =
+        [("a", "a-new"), ("a-b", "ab-1"), ("b", "b-1"), ("c", "c-1")]
+            .into_iter()
+            .map(|(t, v)| (t.to_string(), v.as_bytes().to_vec()))
+            .collect();
+    assert_eq!(all, expect);
+    assert_eq!(s.checkpoints().unwrap().len(), 4);
+    // Pages of one and of three walk the same list.
+    let mut walked = Vec::new();
+    for limit in [1, 3] {
+        walked.clear();
+        let mut after: Option<String> = None;
+        loop {
+            let p = page(after.as_deref().map(|t| (t, "payments")), limit);
+            assert!(p.len() <= limit);
+            let Some((last, _)) = p.last() else { break };
+            after = Some(last.clone());
+            walked.extend(p);
+        }
+        assert_eq!(walked, expect, "pages of {limit}");
+    }
+    assert!(page(Some(("c", "payments")), 10).is_empty());
+}
