@@ -675,9 +675,15 @@ async fn tenants(query: &HashMap<String, String>) -> Result<Response, Response> 
     let mut body = b"[".to_vec();
     let mut listed = 0;
     'pages: loop {
+        // Unfiltered, no more than the answer still needs (every live
+        // engine on a page is asked).
+        let want = match wanted {
+            None => ENGINE_PAGE.min(limit - listed),
+            Some(_) => ENGINE_PAGE,
+        };
         let page = call(ENGINE_ROUTER, |reply| RouterMsg::Engines {
             after: after.take(),
-            limit: ENGINE_PAGE,
+            limit: want,
             reply,
         })
         .await?
