@@ -875,3 +875,55 @@ async fn a_corrupt_checkpoint_of_a_passive_engine_is_logged_not_hidden() {
         "{line}"
     );
 }
+
+#[tokio::test]
+async fn a_quota_changed_in_the_config_applies_at_the_restart_to_what_was_used() {
+    let sku = |quota: u64| {
+        format!("\n[skus.metered]\npolicies = []\nquota = {quota}\nquota_period_secs = 3600\n")
+    };
+    let mut node = Node::start_with(&config("http://127.0.0.1:9/unused", &sku(10)), &[]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    entitle(&c, "metered").await;
+    for i in 0..3 {
+        send(&c, &pay("metered", &format!("m-{i}"))).await;
+    }
+    for i in 0..3 {
+        assert_eq!(c.decided(&format!("m-{i}")).await["status"], "completed");
+    }
+    let remaining = |e: &Value| e["quota_remaining"].as_u64();
+    let (_, e) = node.admin(Method::GET, "/admin/tenants/acme/metered").await;
+    assert_eq!(remaining(&e), Some(7), "{e}");
+
+    // Raised to 20 and restarted: 3 of it are used this period. Read from
+    // the checkpoint (the engine is not running yet), then from the engine.
+    let restart = |node: &mut Node, quota: u64| {
+        std::fs::write(
+            node.config_path(),
+            config("http://127.0.0.1:9/unused", &sku(quota)),
+        )
+        .unwrap();
+        node.signal(libc::SIGTERM);
+        assert!(node.wait_exit(std::time::Duration::from_secs(30)).success());
+        node.restart();
+    };
+    restart(&mut node, 20);
+    let (_, e) = node.admin(Method::GET, "/admin/tenants/acme/metered").await;
+    assert_eq!(
+        (remaining(&e), e["active"].as_bool()),
+        (Some(17), Some(false)),
+        "{e}"
+    );
+    let c = Client::new(&node, "acme", "acme-secret");
+    send(&c, &pay("metered", "m-3")).await;
+    assert_eq!(c.decided("m-3").await["status"], "completed");
+    let (_, e) = node.admin(Method::GET, "/admin/tenants/acme/metered").await;
+    assert_eq!(remaining(&e), Some(16), "{e}");
+
+    // Lowered to 4 (below what was used): nothing is left this period.
+    restart(&mut node, 4);
+    let c = Client::new(&node, "acme", "acme-secret");
+    send(&c, &pay("metered", "m-4")).await;
+    let m4 = c.decided("m-4").await;
+    assert_eq!(m4["reason"], "quota_exhausted", "{m4}");
+    assert_eq!(engine_state(&node, "metered").await, "quota_exhausted");
+}

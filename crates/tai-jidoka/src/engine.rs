@@ -775,12 +775,16 @@ impl Actor for Engine {
         args: EngineArgs,
     ) -> Result<EngineActorState, ActorProcessingErr> {
         let data = match args.store.checkpoint(&args.tenant_id, &args.sku_id)? {
-            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                format!(
-                    "corrupt checkpoint for {}/{}: {e}",
-                    args.tenant_id, args.sku_id
-                )
-            })?,
+            Some(bytes) => {
+                let mut data: Data = serde_json::from_slice(&bytes).map_err(|e| {
+                    format!(
+                        "corrupt checkpoint for {}/{}: {e}",
+                        args.tenant_id, args.sku_id
+                    )
+                })?;
+                data.reconcile(&args.sku);
+                data
+            }
             None => Data::new(&args.sku, now_ms()),
         };
         let state = data.state;

@@ -32,6 +32,12 @@ pub struct Sku {
 pub struct Data {
     pub state: EngineState,
     pub quota_remaining: u64,
+    /// The SKU's quota `quota_remaining` counts down from, so a quota
+    /// changed in the config between two runs is applied to what this
+    /// period has used ([`Data::reconcile`]). `None` in a checkpoint
+    /// written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<u64>,
     pub period_start_ms: u64,
     pub entitled: bool,
     pub boot_started_ms: u64,
@@ -63,6 +69,7 @@ impl Data {
         Data {
             state: EngineState::Boot,
             quota_remaining: sku.quota,
+            quota: Some(sku.quota),
             period_start_ms: now_ms,
             entitled: false,
             boot_started_ms: now_ms,
@@ -70,6 +77,24 @@ impl Data {
             velocity: BTreeMap::new(),
             halted_by: None,
         }
+    }
+
+    /// Brings a checkpoint in line with the SKU as configured now, when
+    /// its engine starts: a quota changed since keeps what this period has
+    /// used of it (lowered below that, nothing is left); a checkpoint that
+    /// did not record its quota is capped at the new one. An engine that
+    /// is `quota_exhausted` stays so until its period refills the quota
+    /// or an operator resumes it.
+    pub fn reconcile(&mut self, sku: &Sku) {
+        self.quota_remaining = match self.quota {
+            Some(old) if old != sku.quota => {
+                let used = old.saturating_sub(self.quota_remaining);
+                sku.quota.saturating_sub(used)
+            }
+            Some(_) => self.quota_remaining,
+            None => self.quota_remaining.min(sku.quota),
+        };
+        self.quota = Some(sku.quota);
     }
 
     /// When the state timeout of the current state is due, if it has one:

@@ -30,9 +30,12 @@ const PASSIVATING: &str = "the engine is being passivated; try again";
 #[derive(Clone, Copy, Debug)]
 pub struct Router;
 
+/// The configured SKUs by id.
+pub type Skus = HashMap<String, Arc<Sku>>;
+
 pub struct RouterArgs {
     pub store: Store,
-    pub skus: Arc<HashMap<String, Arc<Sku>>>,
+    pub skus: Arc<Skus>,
     /// For a sku_id the config does not name: it dead-letters every signal.
     pub unknown_sku: Arc<Sku>,
     pub idle_timeout: Duration,
@@ -250,7 +253,7 @@ const INFO_WAIT: Duration = Duration::from_secs(1);
 /// Asks a running engine (its checkpoint if it is busy), or reads a
 /// passivated one's checkpoint. Run off the router, which must never wait
 /// on an engine: every signal goes through it.
-async fn info(store: &Store, tenant: &str, sku_id: &str) -> Option<EngineInfo> {
+async fn info(store: &Store, skus: &Skus, tenant: &str, sku_id: &str) -> Option<EngineInfo> {
     let name = engine_name(tenant, sku_id);
     let live = engine_ref(&name);
     if let Some(r) = &live {
@@ -267,8 +270,8 @@ async fn info(store: &Store, tenant: &str, sku_id: &str) -> Option<EngineInfo> {
             return None;
         }
     };
-    let mut info =
-        passive_data(tenant, sku_id, &bytes).map(|data| passive_info(tenant, sku_id, &data))?;
+    let mut info = passive_data(skus, tenant, sku_id, &bytes)
+        .map(|data| passive_info(tenant, sku_id, &data))?;
     info.active = live.is_some();
     Some(info)
 }
@@ -278,6 +281,7 @@ async fn info(store: &Store, tenant: &str, sku_id: &str) -> Option<EngineInfo> {
 /// `after`) asked, the others read from their checkpoints.
 async fn engines_page(
     store: Store,
+    skus: Arc<Skus>,
     live: Vec<(String, String, String)>,
     after: Option<(String, String)>,
     limit: usize,
@@ -288,7 +292,7 @@ async fn engines_page(
         Passive(Option<EngineInfo>),
     }
     // A page of checkpoints is read and decoded off the async workers.
-    let read = store.clone();
+    let (read, config) = (store.clone(), skus.clone());
     let stored = tokio::task::spawn_blocking(move || {
         let after = after.as_ref().map(|(t, s)| (t.as_str(), s.as_str()));
         let stored = read
@@ -298,7 +302,8 @@ async fn engines_page(
             stored
                 .into_iter()
                 .map(|(t, s, bytes)| {
-                    let info = passive_data(&t, &s, &bytes).map(|d| passive_info(&t, &s, &d));
+                    let info =
+                        passive_data(&config, &t, &s, &bytes).map(|d| passive_info(&t, &s, &d));
                     ((t, s), Source::Passive(info))
                 })
                 .collect::<BTreeMap<_, _>>(),
@@ -316,11 +321,11 @@ async fn engines_page(
         .flatten();
     let restarts = engine_restarts().await;
     let engines = futures::future::join_all(page.into_iter().map(|((t, s), source)| {
-        let (store, restarts) = (&store, &restarts);
+        let (store, skus, restarts) = (&store, &*skus, &restarts);
         async move {
             match source {
                 Source::Live(name) => {
-                    let mut i = info(store, &t, &s).await?;
+                    let mut i = info(store, skus, &t, &s).await?;
                     i.restarts = restarts.get(&name).copied().unwrap_or(0);
                     Some(i)
                 }
@@ -335,15 +340,20 @@ async fn engines_page(
     })
 }
 
-/// A passivated engine's checkpoint; one that does not decode is left out
-/// of what the operator sees, and said so in the log (the engine itself
-/// refuses to start on it, with the same reason).
-fn passive_data(tenant: &str, sku_id: &str, bytes: &[u8]) -> Option<Data> {
-    serde_json::from_slice(bytes)
+/// A passivated engine's checkpoint, as the engine would start on it (its
+/// quota [`Data::reconcile`]d with the config); one that does not decode
+/// is left out of what the operator sees, and said so in the log (the
+/// engine itself refuses to start on it, with the same reason).
+fn passive_data(skus: &Skus, tenant: &str, sku_id: &str, bytes: &[u8]) -> Option<Data> {
+    let mut data: Data = serde_json::from_slice(bytes)
         .inspect_err(|e| {
             warn!(tenant = %tenant, sku = %sku_id, error = %e, "corrupt checkpoint of a passivated engine");
         })
-        .ok()
+        .ok()?;
+    if let Some(sku) = skus.get(sku_id) {
+        data.reconcile(sku);
+    }
+    Some(data)
 }
 
 fn passive_info(tenant: &str, sku_id: &str, data: &Data) -> EngineInfo {
@@ -532,9 +542,9 @@ impl Actor for Router {
                     .collect();
                 live.sort_unstable();
                 live.truncate(limit);
-                let store = st.args.store.clone();
+                let (store, skus) = (st.args.store.clone(), st.args.skus.clone());
                 tokio::spawn(async move {
-                    let _ = reply.send(engines_page(store, live, after, limit).await);
+                    let _ = reply.send(engines_page(store, skus, live, after, limit).await);
                 });
             }
             RouterMsg::Engine {
@@ -542,9 +552,9 @@ impl Actor for Router {
                 sku_id,
                 reply,
             } => {
-                let store = st.args.store.clone();
+                let (store, skus) = (st.args.store.clone(), st.args.skus.clone());
                 tokio::spawn(async move {
-                    let mut info = info(&store, &tenant_id, &sku_id).await;
+                    let mut info = info(&store, &skus, &tenant_id, &sku_id).await;
                     if let Some(i) = info.as_mut() {
                         i.restarts = engine_restarts()
                             .await

@@ -642,3 +642,33 @@ fn a_sku_the_config_does_not_name_decides_nothing() {
         }
     }
 }
+
+#[test]
+fn a_quota_changed_in_the_config_keeps_what_the_period_used() {
+    let with_quota = |quota| Sku { quota, ..sku() };
+    // Counted against 10, 3 used: (new quota, remaining after).
+    for (quota, remaining) in [(10, 7), (20, 17), (5, 2), (3, 0), (1, 0)] {
+        let mut d = Data::new(&with_quota(10), 0);
+        d.quota_remaining = 7;
+        d.reconcile(&with_quota(quota));
+        assert_eq!(
+            (d.quota_remaining, d.quota),
+            (remaining, Some(quota)),
+            "to {quota}"
+        );
+        // Starting again on the same config changes nothing.
+        d.reconcile(&with_quota(quota));
+        assert_eq!(d.quota_remaining, remaining, "again at {quota}");
+    }
+    // A checkpoint from before the quota was recorded: capped at the new one.
+    let old: Data = serde_json::from_value(json!({
+        "state": "stable", "quota_remaining": 900, "period_start_ms": 0,
+        "entitled": true, "boot_started_ms": 0, "in_flight": null
+    }))
+    .unwrap();
+    for (quota, remaining) in [(100, 100), (1000, 900)] {
+        let mut d = old.clone();
+        d.reconcile(&with_quota(quota));
+        assert_eq!((d.quota_remaining, d.quota), (remaining, Some(quota)));
+    }
+}
