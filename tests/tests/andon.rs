@@ -302,3 +302,73 @@ async fn memory_over_80_percent_of_the_limit_raises_memory_high_once() {
         high[0]
     );
 }
+
+#[tokio::test]
+async fn a_signing_key_dropped_from_the_config_is_named_at_start() {
+    let mut node = Node::start_with(&test_config(""), &[]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    c.entitle("payments", "ent-k").await;
+    c.decided("ent-k").await;
+    let restart_with =
+        |node: &mut Node, key_id: &str, keys: &str| {
+            let text = test_config("")
+            .replace("signing_key_id = \"k2\"", &format!("signing_key_id = \"{key_id}\""))
+            .replace(
+                "signing_keys = { \"k1\" = \"old-receipt-key\", \"k2\" = \"test-receipt-key\" }",
+                &format!("signing_keys = {{ {keys} }}"),
+            );
+            assert!(text.contains(keys), "the test config's keys line changed");
+            std::fs::write(node.config_path(), text).unwrap();
+            node.signal(libc::SIGTERM);
+            assert!(node.wait_exit(Duration::from_secs(30)).success());
+            node.restart();
+        };
+    // Rotated by replacing k2 (which signed the receipts) instead of adding
+    // to it; k1, which signed nothing, may go.
+    restart_with(&mut node, "k3", "\"k3\" = \"new-receipt-key\"");
+    let list = node
+        .admin_until("/admin/alerts", "the ledger_key_missing alert", |list| {
+            list.as_array()
+                .is_some_and(|l| l.iter().any(|a| a["kind"] == "ledger_key_missing"))
+        })
+        .await;
+    let alert = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["kind"] == "ledger_key_missing")
+        .unwrap();
+    let summary = alert["summary"].as_str().unwrap();
+    assert!(summary.contains("signed with k2 "), "{alert}");
+    assert_eq!(alert["severity"], "warning", "{alert}");
+    assert!(node.log().contains("no longer holds"), "{}", node.log());
+    // The node goes on, signing with k3.
+    let c = Client::new(&node, "acme", "acme-secret");
+    c.entitle("payments", "ent-k3").await;
+    c.decided("ent-k3").await;
+    let (_, verify) = node.admin(Method::GET, "/admin/receipts/verify").await;
+    assert_eq!(verify["ok"], false, "{verify}");
+
+    // Put back: nothing is said, and the ledger verifies.
+    restart_with(
+        &mut node,
+        "k3",
+        "\"k2\" = \"test-receipt-key\", \"k3\" = \"new-receipt-key\"",
+    );
+    let (_, verify) = node.admin(Method::GET, "/admin/receipts/verify").await;
+    assert_eq!(
+        (verify["ok"].as_bool(), verify["count"].as_u64()),
+        (Some(true), Some(2)),
+        "{verify}"
+    );
+    assert!(!node.log().contains("no longer holds"), "{}", node.log());
+    let (_, list) = node.admin(Method::GET, "/admin/alerts").await;
+    assert!(
+        !list
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["kind"] == "ledger_key_missing"),
+        "{list}"
+    );
+}

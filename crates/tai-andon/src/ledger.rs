@@ -52,6 +52,7 @@ impl Actor for Ledger {
             .ok_or_else(|| format!("signing key {:?} is not configured", args.key_id))?
             .as_bytes();
         let key = SigningKey::new(key);
+        crate::record_signing_key(&args.store, &args.key_id)?;
         // A restart after a failed commit: its receipt block may be on
         // disk past the head; those seqs are numbered again from the head.
         args.store.drop_uncommitted_receipts()?;

@@ -41,6 +41,36 @@ pub fn supervisor_spec(store: Store, config: AndonConfig, alerts: AlertsConfig) 
         ))
 }
 
+/// Where the ids of the keys that ever signed this store's receipts are
+/// kept (store meta, one record per key).
+const SIGNING_KEY_META: &str = "ledger_key/";
+
+/// Records that `key_id` signs this store's receipts from now on.
+pub fn record_signing_key(store: &Store, key_id: &str) -> Result<(), String> {
+    store
+        .put_meta(&format!("{SIGNING_KEY_META}{key_id}"), b"")
+        .map_err(|e| e.to_string())
+}
+
+/// The keys that signed some of this store's receipts (recorded as each
+/// came into use, and the signed head's) that `keys` does not hold: the
+/// ledger cannot be verified without them.
+pub fn missing_signing_keys(
+    store: &Store,
+    keys: &BTreeMap<String, String>,
+) -> Result<Vec<String>, String> {
+    let mut used: std::collections::BTreeSet<String> = store
+        .metas(SIGNING_KEY_META)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|(name, _)| name[SIGNING_KEY_META.len()..].to_string())
+        .collect();
+    if let Some(head) = store.head().map_err(|e| e.to_string())? {
+        used.insert(head.key_id);
+    }
+    Ok(used.into_iter().filter(|k| !keys.contains_key(k)).collect())
+}
+
 /// What a verification of a store covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Extent {

@@ -125,6 +125,37 @@ const RABBITMQ_CONSUMER_TIMEOUT_SECS: u64 = 30 * 60;
 /// unacknowledged up to its SKU's `entitlement_timeout_secs`: past the
 /// broker's `consumer_timeout` its channel would be closed (and the node
 /// reconnect) before the engine decides it. Said at start, per SKU.
+/// Receipts signed with a key `andon.signing_keys` no longer holds cannot
+/// be verified (a key replaced instead of added to at a rotation): said in
+/// the log and as a warning alert; the node goes on (nothing is lost, and
+/// putting the key back mends it).
+fn warn_of_missing_signing_keys(state: &NodeState) {
+    let missing =
+        match tai_andon::missing_signing_keys(&state.store, &state.config.andon.signing_keys) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(error = %e, "cannot read which keys signed the ledger");
+                return;
+            }
+        };
+    if missing.is_empty() {
+        return;
+    }
+    let summary = format!(
+        "receipts were signed with {} that andon.signing_keys no longer holds: \
+         the ledger cannot be verified until they are put back (old keys stay to verify old receipts)",
+        missing.join(", ")
+    );
+    warn!(keys = ?missing, "{summary}");
+    tai_core::alert::raise(tai_core::alert::Alert::new(
+        tai_core::alert::Severity::Warning,
+        "ledger_key_missing",
+        "ledger_key_missing",
+        "andon_ledger",
+        summary,
+    ));
+}
+
 fn warn_of_long_parks(config: &Config) {
     if config.kanban.backend != tai_core::config::QueueBackend::Amqp {
         return;
@@ -268,6 +299,7 @@ pub async fn serve(config: Config) -> anyhow::Result<i32> {
         "tai node running"
     );
     warn_of_long_parks(&state.config);
+    warn_of_missing_signing_keys(&state);
 
     systemd_ready();
     let watchdog = systemd_watchdog();
