@@ -1796,3 +1796,85 @@ fn the_cli_sends_reads_halts_and_resumes_as_the_readme_shows() {
     assert_eq!(code, 1);
     assert!(err.contains("404"), "{err}");
 }
+
+/// `tai serve` once more on `node`'s config and data dir (the node
+/// stopped), with `env` on top; it must exit by itself: (code, stderr).
+fn serve_again(node: &Node, env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut cmd = std::process::Command::new(tai_bin());
+    cmd.current_dir(workspace_root())
+        .arg("serve")
+        .arg("--config")
+        .arg(node.config_path())
+        .env("TAI_NODE__DATA_DIR", node.data_dir())
+        .env("TAI_OPERATOR__LISTEN", "127.0.0.1:0")
+        .env("TAI_INGRESS__LISTEN", "127.0.0.1:0")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    /// Killed if it is still running when the test ends (it did not refuse).
+    struct Running(std::process::Child);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Running(cmd.spawn().unwrap());
+    let status = wait_for("tai serve to refuse", Duration::from_secs(30), || {
+        child.0.try_wait().unwrap()
+    });
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut err).unwrap();
+    (status.code(), err)
+}
+
+#[tokio::test]
+async fn a_backend_switch_that_would_strand_accepted_signals_is_refused() {
+    // Embedded: two payments wait in the queue for their entitlement.
+    let mut node = Node::start_with(&test_config(""), &[]);
+    let g = Client::new(&node, "globex", "globex-secret");
+    for i in 0..2 {
+        let body = signal(
+            "globex",
+            "payments",
+            "payment",
+            &format!("sw-{i}"),
+            json!({}),
+        );
+        assert_eq!(g.post(&body).await.unwrap().status, 202);
+    }
+    node.signal(libc::SIGTERM);
+    assert!(node.wait_exit(Duration::from_secs(30)).success());
+    let (code, err) = serve_again(&node, &[("TAI_KANBAN__BACKEND", "amqp")]);
+    assert_eq!(code, Some(78), "{err}");
+    assert!(
+        err.contains("kanban.backend = \"amqp\"") && err.contains("holds 2 undecided signal(s)"),
+        "{err}"
+    );
+    // Back on the embedded queue, nothing was lost.
+    node.restart();
+    let g = Client::new(&node, "globex", "globex-secret");
+    g.entitle("payments", "sw-ent").await;
+    for i in 0..2 {
+        assert_eq!(g.decided(&format!("sw-{i}")).await["status"], "completed");
+    }
+
+    // amqp with the broker unreachable: accepted into the fallback buffer.
+    let unreachable =
+        "\n[kanban]\nbackend = \"amqp\"\namqp_url = \"amqp://guest:guest@127.0.0.1:1/%2f\"\n";
+    let mut node = Node::start_with(&test_config(unreachable), &[]);
+    let g = Client::new(&node, "globex", "globex-secret");
+    let body = signal("globex", "payments", "payment", "sw-b", json!({}));
+    assert_eq!(g.post(&body).await.unwrap().status, 202);
+    node.signal(libc::SIGTERM);
+    assert!(node.wait_exit(Duration::from_secs(30)).success());
+    let (code, err) = serve_again(&node, &[("TAI_KANBAN__BACKEND", "embedded")]);
+    assert_eq!(code, Some(78), "{err}");
+    assert!(
+        err.contains("kanban.backend = \"embedded\"")
+            && err.contains("holds 1 signal(s) in the amqp backend's fallback buffer"),
+        "{err}"
+    );
+}

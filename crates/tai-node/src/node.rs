@@ -125,6 +125,38 @@ const RABBITMQ_CONSUMER_TIMEOUT_SECS: u64 = 30 * 60;
 /// unacknowledged up to its SKU's `entitlement_timeout_secs`: past the
 /// broker's `consumer_timeout` its channel would be closed (and the node
 /// reconnect) before the engine decides it. Said at start, per SKU.
+/// Accepted signals this data dir holds where the configured queue backend
+/// would never read them: the embedded queue's (on `amqp`), or the amqp
+/// backend's fallback buffer (on `embedded`). A node switched with either
+/// non-empty would leave them undecided; it refuses to start, saying how
+/// to drain them first.
+fn stranded_work(config: &Config, store: &Store) -> anyhow::Result<Option<String>> {
+    use tai_core::config::QueueBackend;
+    Ok(match config.kanban.backend {
+        QueueBackend::Amqp => {
+            let queued = store.pending()?.len();
+            (queued > 0).then(|| {
+                format!(
+                    "kanban.backend = \"amqp\", but this data dir's embedded queue still holds \
+                     {queued} undecided signal(s), which the amqp backend does not read: run the \
+                     node on backend \"embedded\" until GET /admin/queue shows depth 0, then switch"
+                )
+            })
+        }
+        QueueBackend::Embedded => {
+            let buffered = store.buffered_count();
+            (buffered > 0).then(|| {
+                format!(
+                    "kanban.backend = \"embedded\", but this data dir holds {buffered} signal(s) in \
+                     the amqp backend's fallback buffer (accepted while the broker was down), which \
+                     the embedded queue does not read: run the node on backend \"amqp\" until GET \
+                     /admin/queue shows buffered 0 and depth 0, then switch"
+                )
+            })
+        }
+    })
+}
+
 /// Receipts signed with a key `andon.signing_keys` no longer holds cannot
 /// be verified (a key replaced instead of added to at a rotation): said in
 /// the log and as a warning alert; the node goes on (nothing is lost, and
@@ -218,6 +250,10 @@ pub async fn serve(config: Config) -> anyhow::Result<i32> {
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create node.data_dir {}", data_dir.display()))?;
     let store = Store::open_with_cache(&data_dir, config.node.store_cache_mb * 1024 * 1024)?;
+    if let Some(reason) = stranded_work(&config, &store)? {
+        eprintln!("config error: {reason}");
+        return Ok(78);
+    }
     let starts = store.record_start()?;
     let metrics = if config.kaizen.metrics {
         Some(tai_kaizen::Metrics::install(
