@@ -84,8 +84,13 @@ impl Data {
     /// used of it (lowered below that, nothing is left); a checkpoint that
     /// did not record its quota is capped at the new one. An engine that
     /// is `quota_exhausted` stays so until its period refills the quota
-    /// or an operator resumes it.
+    /// or an operator resumes it. A SKU the config no longer names leaves
+    /// the checkpoint as it is (its engine decides nothing; the SKU may
+    /// come back).
     pub fn reconcile(&mut self, sku: &Sku) {
+        if !sku.configured {
+            return;
+        }
         self.quota_remaining = match self.quota {
             Some(old) if old != sku.quota => {
                 let used = old.saturating_sub(self.quota_remaining);

@@ -671,4 +671,11 @@ fn a_quota_changed_in_the_config_keeps_what_the_period_used() {
         d.reconcile(&with_quota(quota));
         assert_eq!((d.quota_remaining, d.quota), (remaining, Some(quota)));
     }
+    // A SKU no longer configured leaves it be.
+    let mut d = old.clone();
+    d.reconcile(&Sku {
+        configured: false,
+        ..with_quota(1)
+    });
+    assert_eq!(d, old);
 }
