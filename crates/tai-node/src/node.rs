@@ -121,10 +121,6 @@ async fn os_signal() -> &'static str {
 /// delivery stays unacknowledged longer.
 const RABBITMQ_CONSUMER_TIMEOUT_SECS: u64 = 30 * 60;
 
-/// On the amqp backend, a signal parked for its entitlement stays
-/// unacknowledged up to its SKU's `entitlement_timeout_secs`: past the
-/// broker's `consumer_timeout` its channel would be closed (and the node
-/// reconnect) before the engine decides it. Said at start, per SKU.
 /// Accepted signals this data dir holds where the configured queue backend
 /// would never read them: the embedded queue's (on `amqp`), or the amqp
 /// backend's fallback buffer (on `embedded`). A node switched with either
@@ -188,6 +184,10 @@ fn warn_of_missing_signing_keys(state: &NodeState) {
     ));
 }
 
+/// On the amqp backend, a signal parked for its entitlement stays
+/// unacknowledged up to its SKU's `entitlement_timeout_secs`: past the
+/// broker's `consumer_timeout` its channel would be closed (and the node
+/// reconnect) before the engine decides it. Said at start, per SKU.
 fn warn_of_long_parks(config: &Config) {
     if config.kanban.backend != tai_core::config::QueueBackend::Amqp {
         return;
