@@ -34,6 +34,10 @@ pub struct LedgerState {
     /// one batch when it ends: they could not be durable any sooner (they
     /// need the next flush), and fewer, larger batches cost fewer writes.
     awaiting_flush: Option<u64>,
+    /// Whether the store has been told that `key_id` signs its receipts
+    /// (done with the first batch it signs, so a key that never signed
+    /// anything is not counted as one the ledger needs).
+    key_recorded: bool,
 }
 
 impl Actor for Ledger {
@@ -52,7 +56,6 @@ impl Actor for Ledger {
             .ok_or_else(|| format!("signing key {:?} is not configured", args.key_id))?
             .as_bytes();
         let key = SigningKey::new(key);
-        crate::record_signing_key(&args.store, &args.key_id)?;
         // A restart after a failed commit: its receipt block may be on
         // disk past the head; those seqs are numbered again from the head.
         args.store.drop_uncommitted_receipts()?;
@@ -69,6 +72,7 @@ impl Actor for Ledger {
             head_hash,
             batch: Vec::new(),
             awaiting_flush: None,
+            key_recorded: false,
         })
     }
 
@@ -281,6 +285,14 @@ impl Ledger {
             // head is read back from the store rather than trusted.
             return Err(format!("ledger commit failed: {e}").into());
         }
+        if !st.key_recorded && !sealed.is_empty() {
+            // Durable with this batch: the flush awaited below begins after it.
+            match crate::record_signing_key(&st.store, &st.key_id) {
+                Ok(()) => st.key_recorded = true,
+                // The signed head names the key too; tried again next batch.
+                Err(e) => error!(error = %e, "cannot record the receipt signing key"),
+            }
+        }
         st.head_seq = seq;
         if let Some(last) = sealed.last() {
             st.head_hash.clone_from(&last.hash);
@@ -481,6 +493,22 @@ mod tests {
             Ok(CallResult::Success(Ok(seq))) => seq,
             _ => panic!("the restore of {id} was not committed"),
         }
+    }
+
+    #[tokio::test]
+    async fn the_signing_key_is_recorded_once_it_has_signed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (ledger, handle) = spawn(&store).await;
+        let keys = BTreeMap::new();
+        // Open and idle: k1 signed nothing, so the ledger does not need it.
+        assert!(crate::missing_signing_keys(&store, &keys)
+            .unwrap()
+            .is_empty());
+        decide(&ledger, "s1").await;
+        assert_eq!(crate::missing_signing_keys(&store, &keys).unwrap(), ["k1"]);
+        ledger.stop(None);
+        handle.await.unwrap();
     }
 
     #[tokio::test]
