@@ -195,14 +195,26 @@ impl Deferred {
         Some(&self.sealed[i].1)
     }
 
-    /// The deferred checkpoints (`e/` keys) after the key `after`, the
-    /// latest last.
-    fn checkpoints(&self, after: &[u8]) -> Vec<(Box<[u8]>, Vec<u8>)> {
-        let sealed = self.sealed.iter().map(|(k, v)| (k, v));
-        sealed
+    /// The first `limit` deferred checkpoints (`e/` keys) after the key
+    /// `after`, in key order, each at its latest value. Only those are
+    /// copied, so paging through many engines does not copy every
+    /// deferred checkpoint for each page.
+    fn checkpoints(&self, after: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut page: BTreeMap<&[u8], &[u8]> = BTreeMap::new();
+        // `latest` after `sealed`: the newer value wins.
+        for (k, v) in self
+            .sealed
+            .iter()
+            .map(|(k, v)| (k, v))
             .chain(self.latest.iter())
-            .filter(|(k, _)| k.starts_with(b"e/") && ***k > *after)
-            .map(|(k, v)| (k.clone(), v.clone()))
+        {
+            if k.starts_with(b"e/") && **k > *after {
+                page.insert(k, v);
+            }
+        }
+        page.into_iter()
+            .take(limit)
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
             .collect()
     }
 
@@ -1137,14 +1149,10 @@ impl Store {
         Ok(self.db.get(key)?.map(|v| v.to_vec()))
     }
 
-    /// Every checkpoint: (tenant, sku, bytes), the deferred ones included.
-    pub fn checkpoints(&self) -> Result<Vec<(String, String, Vec<u8>)>> {
-        self.checkpoints_after(None, usize::MAX)
-    }
-
     /// Checkpoints by tenant then SKU, after the engine `after` names
     /// (tenant, sku), at most `limit`: a page of them, so a node of many
-    /// engines is listed without holding them all.
+    /// engines is listed without holding them all (`None` and `usize::MAX`:
+    /// every one), the deferred ones included.
     pub fn checkpoints_after(
         &self,
         after: Option<(&str, &str)>,
@@ -1153,11 +1161,11 @@ impl Store {
         use std::ops::Bound;
         // `\0` parts the tenant from the SKU, so key order is (tenant, sku) order.
         let after = after.map_or_else(|| b"e/".to_vec(), |(t, s)| pair_key(b'e', t, s));
-        let latest: Vec<(Box<[u8]>, Vec<u8>)> = self
+        let latest = self
             .deferred
             .lock()
             .expect("deferred writes")
-            .checkpoints(&after);
+            .checkpoints(&after, limit);
         let mut all: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
         let stored = self
             .db
@@ -1170,7 +1178,7 @@ impl Store {
         }
         // A deferred value is newer than the stored one; past the first
         // `limit` of the two together, neither can be on this page.
-        all.extend(latest.into_iter().map(|(k, v)| (k.into_vec(), v)));
+        all.extend(latest);
         let mut out = Vec::new();
         for (k, v) in all.into_iter().take(limit) {
             let Some((tenant, sku)) = split_pair_key(&k) else {

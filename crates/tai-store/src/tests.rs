@@ -149,7 +149,10 @@ async fn a_commit_is_atomic_and_a_decided_signal_is_not_pending_again() {
         assert_eq!(s.receipts(2, 10, None).unwrap(), std::slice::from_ref(&r3));
         assert_eq!(s.all_receipts().unwrap(), [r1, r2, r3]);
         assert_eq!(s.checkpoint("acme", "payments").unwrap().unwrap(), b"{}");
-        assert_eq!(s.checkpoints().unwrap()[0].1, "payments");
+        assert_eq!(
+            s.checkpoints_after(None, usize::MAX).unwrap()[0].1,
+            "payments"
+        );
         assert_eq!(
             s.velocity("acme", "payments", "c1").unwrap().unwrap(),
             b"[5]"
@@ -711,7 +714,7 @@ async fn deferred_writes_are_read_first_and_written_again_after_a_crash() {
             "read from the deferred writes"
         );
         let all: Vec<_> = s
-            .checkpoints()
+            .checkpoints_after(None, usize::MAX)
             .unwrap()
             .into_iter()
             .map(|(t, _, v)| (t, v))
@@ -1167,7 +1170,7 @@ async fn checkpoints_are_paged_in_tenant_order_with_the_deferred_ones_newest() {
             .map(|(t, v)| (t.to_string(), v.as_bytes().to_vec()))
             .collect();
     assert_eq!(all, expect);
-    assert_eq!(s.checkpoints().unwrap().len(), 4);
+    assert_eq!(s.checkpoints_after(None, usize::MAX).unwrap().len(), 4);
     // Pages of one and of three walk the same list.
     let mut walked = Vec::new();
     for limit in [1, 3] {
