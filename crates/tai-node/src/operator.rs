@@ -634,6 +634,22 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| error(ErrorCode::Internal, format!("the store read failed: {e}")))
 }
 
+/// `after={tenant}/{second}`, where a page ends: `what` says what the two
+/// are (`{tenant}/{sku}: the last engine`).
+fn after_pair<'q>(
+    query: &'q HashMap<String, String>,
+    what: &str,
+) -> Result<Option<(&'q str, &'q str)>, Response> {
+    match query.get("after").map(|a| a.split_once('/')) {
+        None => Ok(None),
+        Some(Some((t, x))) if !t.is_empty() && !x.is_empty() => Ok(Some((t, x))),
+        Some(_) => Err(error(
+            ErrorCode::InvalidRequest,
+            format!("after must be {what} of the page before"),
+        )),
+    }
+}
+
 /// How many engines `GET /admin/tenants` asks the router for at a time.
 const ENGINE_PAGE: usize = 1000;
 
@@ -660,18 +676,8 @@ async fn tenants(query: &HashMap<String, String>) -> Result<Response, Response> 
         None => usize::MAX,
         Some(_) => num(query, "limit", 0)?.clamp(1, 1000) as usize,
     };
-    let mut after = match query.get("after").map(|a| a.split_once('/')) {
-        None => None,
-        Some(Some((t, s))) if !t.is_empty() && !s.is_empty() => {
-            Some((t.to_string(), s.to_string()))
-        }
-        Some(_) => {
-            return Err(error(
-                ErrorCode::InvalidRequest,
-                "after must be {tenant}/{sku}: the last engine of the page before",
-            ))
-        }
-    };
+    let mut after = after_pair(query, "{tenant}/{sku}: the last engine")?
+        .map(|(t, s)| (t.to_string(), s.to_string()));
     let mut body = b"[".to_vec();
     let mut listed = 0;
     'pages: loop {
@@ -736,15 +742,9 @@ fn dead_letters(store: &tai_store::Store, query: &HashMap<String, String>) -> Re
         Ok(v) => v,
         Err(r) => return r,
     };
-    let after = match query.get("after").map(|a| a.split_once('/')) {
-        None => None,
-        Some(Some((t, id))) if !t.is_empty() && !id.is_empty() => Some((t, id)),
-        Some(_) => {
-            return error(
-                ErrorCode::InvalidRequest,
-                "after must be {tenant}/{signal_id}: the last letter of the page before",
-            )
-        }
+    let after = match after_pair(query, "{tenant}/{signal_id}: the last letter") {
+        Ok(after) => after,
+        Err(r) => return r,
     };
     match store.dead_letters(tenant, after, limit) {
         Ok(letters) => json_reply(StatusCode::OK, &letters),
