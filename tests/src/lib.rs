@@ -154,6 +154,21 @@ impl Node {
         let _ = self.child.wait();
     }
 
+    /// SIGTERM, and a clean exit (status 0) within 30 s.
+    pub fn stop(&mut self) {
+        self.signal(libc::SIGTERM);
+        let status = self.wait_exit(Duration::from_secs(30));
+        assert!(status.success(), "the node stopped with {status}");
+    }
+
+    /// Stops the node, writes `config_text` over its config and starts it
+    /// again on the same data dir: an operator's edit and restart.
+    pub fn restart_with_config(&mut self, config_text: &str) {
+        self.stop();
+        std::fs::write(&self.config, config_text).expect("write config");
+        self.restart();
+    }
+
     /// Starts the node again on the same data dir and config (after an exit or a kill).
     pub fn restart(&mut self) {
         if let Ok(None) = self.child.try_wait() {

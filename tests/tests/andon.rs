@@ -318,10 +318,7 @@ async fn a_signing_key_dropped_from_the_config_is_named_at_start() {
                 &format!("signing_keys = {{ {keys} }}"),
             );
             assert!(text.contains(keys), "the test config's keys line changed");
-            std::fs::write(node.config_path(), text).unwrap();
-            node.signal(libc::SIGTERM);
-            assert!(node.wait_exit(Duration::from_secs(30)).success());
-            node.restart();
+            node.restart_with_config(&text);
         };
     // Rotated by replacing k2 (which signed the receipts) instead of adding
     // to it; k1, which signed nothing, may go.

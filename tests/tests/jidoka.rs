@@ -897,14 +897,7 @@ async fn a_quota_changed_in_the_config_applies_at_the_restart_to_what_was_used()
     // Raised to 20 and restarted: 3 of it are used this period. Read from
     // the checkpoint (the engine is not running yet), then from the engine.
     let restart = |node: &mut Node, quota: u64| {
-        std::fs::write(
-            node.config_path(),
-            config("http://127.0.0.1:9/unused", &sku(quota)),
-        )
-        .unwrap();
-        node.signal(libc::SIGTERM);
-        assert!(node.wait_exit(std::time::Duration::from_secs(30)).success());
-        node.restart();
+        node.restart_with_config(&config("http://127.0.0.1:9/unused", &sku(quota)));
     };
     restart(&mut node, 20);
     let (_, e) = node.admin(Method::GET, "/admin/tenants/acme/metered").await;

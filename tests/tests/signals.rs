@@ -1845,8 +1845,7 @@ async fn a_backend_switch_that_would_strand_accepted_signals_is_refused() {
         );
         assert_eq!(g.post(&body).await.unwrap().status, 202);
     }
-    node.signal(libc::SIGTERM);
-    assert!(node.wait_exit(Duration::from_secs(30)).success());
+    node.stop();
     let (code, err) = serve_again(&node, &[("TAI_KANBAN__BACKEND", "amqp")]);
     assert_eq!(code, Some(78), "{err}");
     assert!(
@@ -1868,8 +1867,7 @@ async fn a_backend_switch_that_would_strand_accepted_signals_is_refused() {
     let g = Client::new(&node, "globex", "globex-secret");
     let body = signal("globex", "payments", "payment", "sw-b", json!({}));
     assert_eq!(g.post(&body).await.unwrap().status, 202);
-    node.signal(libc::SIGTERM);
-    assert!(node.wait_exit(Duration::from_secs(30)).success());
+    node.stop();
     let (code, err) = serve_again(&node, &[("TAI_KANBAN__BACKEND", "embedded")]);
     assert_eq!(code, Some(78), "{err}");
     assert!(

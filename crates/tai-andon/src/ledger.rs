@@ -363,17 +363,20 @@ mod tests {
         r
     }
 
-    async fn decide(ledger: &ActorRef<LedgerMsg>, id: &str) -> u64 {
-        let writes = WriteSet {
-            signal_records: vec![record(id, SignalStatus::Completed)],
-            ..Default::default()
-        };
+    /// A `LedgerMsg::Commit` of one receipt; the seq it answers.
+    async fn commit(
+        ledger: &ActorRef<LedgerMsg>,
+        receipt: ReceiptDraft,
+        writes: WriteSet,
+        unless_final: bool,
+    ) -> u64 {
+        let kind = receipt.kind.clone();
         let answer = ractor::rpc::call(
             ledger,
             |reply| LedgerMsg::Commit {
-                receipts: vec![draft("action_successful", id)],
+                receipts: vec![receipt],
                 writes,
-                unless_final: false,
+                unless_final,
                 reply,
             },
             None,
@@ -381,8 +384,16 @@ mod tests {
         .await;
         match answer {
             Ok(CallResult::Success(Ok(seq))) => seq,
-            _ => panic!("the decision of {id} was not committed"),
+            _ => panic!("the commit of {kind} was not answered"),
         }
+    }
+
+    async fn decide(ledger: &ActorRef<LedgerMsg>, id: &str) -> u64 {
+        let writes = WriteSet {
+            signal_records: vec![record(id, SignalStatus::Completed)],
+            ..Default::default()
+        };
+        commit(ledger, draft("action_successful", id), writes, false).await
     }
 
     async fn dead_letter(ledger: &ActorRef<LedgerMsg>, id: &str) -> bool {
@@ -478,21 +489,7 @@ mod tests {
             checkpoints: vec![("t".into(), "payments".into(), checkpoint.to_vec())],
             ..Default::default()
         };
-        let answer = ractor::rpc::call(
-            ledger,
-            |reply| LedgerMsg::Commit {
-                receipts: vec![draft("action_failed", id)],
-                writes,
-                unless_final: true,
-                reply,
-            },
-            None,
-        )
-        .await;
-        match answer {
-            Ok(CallResult::Success(Ok(seq))) => seq,
-            _ => panic!("the restore of {id} was not committed"),
-        }
+        commit(ledger, draft("action_failed", id), writes, true).await
     }
 
     #[tokio::test]
