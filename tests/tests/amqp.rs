@@ -1237,3 +1237,59 @@ fn tai_bench_on_the_amqp_backend_reports_the_bare_broker_loop() {
     // The loop ran before and after the node's load; the baseline is their mean.
     assert_bracketed(&report, "broker_baseline_runs", "broker_baseline_per_sec");
 }
+
+#[tokio::test]
+async fn a_backend_switch_carries_accepted_signals_over_in_both_directions() {
+    ensure_broker();
+    let queue = unique_queue("switch");
+    let _cleanup = QueueCleanup(queue.clone());
+    // Embedded: three payments wait in the queue for their entitlement.
+    let mut node = Node::start_with(&test_config(""), &[]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    for i in 0..3 {
+        assert_eq!(c.post(&pay(&format!("sw-{i}"))).await.unwrap().status, 202);
+    }
+    // Switched to amqp: they go to the broker through the fallback buffer.
+    node.restart_with_config(&test_config(&amqp_kanban(&queue)));
+    node.log_until("undecided signals moved from the embedded queue")
+        .await;
+    assert!(node.log().contains("moved=3"), "{}", node.log_tail(20));
+    connected(&node).await;
+    let c = Client::new(&node, "acme", "acme-secret");
+    let again = c.post(&pay("sw-1")).await.unwrap();
+    assert_eq!(
+        (again.status, &again.body["duplicate"]),
+        (200, &json!(true)),
+        "{}",
+        again.body
+    );
+    c.entitle("payments", "sw-ent").await;
+    for i in 0..3 {
+        assert_eq!(c.decided(&format!("sw-{i}")).await["status"], "completed");
+    }
+
+    // The broker unreachable: a payment is kept in the fallback buffer.
+    let unreachable = format!(
+        "\n[kanban]\nbackend = \"amqp\"\namqp_url = \"amqp://guest:guest@127.0.0.1:1/%2f\"\namqp_queue = \"{queue}\"\n"
+    );
+    node.restart_with_config(&test_config(&unreachable));
+    let c = Client::new(&node, "acme", "acme-secret");
+    assert_eq!(c.post(&pay("sw-b")).await.unwrap().status, 202);
+    let (_, q) = node.admin(Method::GET, "/admin/queue").await;
+    assert_eq!(q["broker"]["buffered"], 1, "{q}");
+    // Switched back to embedded: the embedded queue decides it.
+    node.restart_with_config(&test_config(""));
+    node.log_until("undecided signals moved from the amqp fallback buffer")
+        .await;
+    assert!(node.log().contains("moved=1"), "{}", node.log_tail(20));
+    let c = Client::new(&node, "acme", "acme-secret");
+    assert_eq!(c.decided("sw-b").await["status"], "completed");
+
+    // One decision each, nothing left queued, and the ledger verifies.
+    let d = decisions(&node.all_receipts().await);
+    for id in ["sw-0", "sw-1", "sw-2", "sw-b"] {
+        assert_eq!(d.get(id), Some(&1), "{id}: {d:?}");
+    }
+    node.drained().await;
+    verify_ok(&node).await;
+}

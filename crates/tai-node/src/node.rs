@@ -122,35 +122,32 @@ async fn os_signal() -> &'static str {
 const RABBITMQ_CONSUMER_TIMEOUT_SECS: u64 = 30 * 60;
 
 /// Accepted signals this data dir holds where the configured queue backend
-/// would never read them: the embedded queue's (on `amqp`), or the amqp
-/// backend's fallback buffer (on `embedded`). A node switched with either
-/// non-empty would leave them undecided; it refuses to start, saying how
-/// to drain them first.
-fn stranded_work(config: &Config, store: &Store) -> anyhow::Result<Option<String>> {
+/// would never read them (a node switched between backends): the embedded
+/// queue's on `amqp`, the amqp backend's fallback buffer on `embedded`.
+/// Moved to the configured backend before its queue starts, so that none
+/// is left undecided.
+fn carry_over_accepted(config: &Config, store: &Store) -> anyhow::Result<()> {
     use tai_core::config::QueueBackend;
-    Ok(match config.kanban.backend {
-        QueueBackend::Amqp => {
-            let queued = store.pending()?.len();
-            (queued > 0).then(|| {
-                format!(
-                    "kanban.backend = \"amqp\", but this data dir's embedded queue still holds \
-                     {queued} undecided signal(s), which the amqp backend does not read: run the \
-                     node on backend \"embedded\" until GET /admin/queue shows depth 0, then switch"
-                )
-            })
-        }
-        QueueBackend::Embedded => {
-            let buffered = store.buffered_count();
-            (buffered > 0).then(|| {
-                format!(
-                    "kanban.backend = \"embedded\", but this data dir holds {buffered} signal(s) in \
-                     the amqp backend's fallback buffer (accepted while the broker was down), which \
-                     the embedded queue does not read: run the node on backend \"amqp\" until GET \
-                     /admin/queue shows buffered 0 and depth 0, then switch"
-                )
-            })
-        }
-    })
+    let (moved, from, to) = match config.kanban.backend {
+        QueueBackend::Amqp => (
+            store.move_queue_to_buffer()?,
+            "the embedded queue",
+            "the amqp fallback buffer (published once the broker is reachable)",
+        ),
+        QueueBackend::Embedded => (
+            store.move_buffer_to_queue()?,
+            "the amqp fallback buffer",
+            "the embedded queue",
+        ),
+    };
+    if moved > 0 {
+        store.flush()?;
+        info!(
+            moved,
+            "queue backend switched: undecided signals moved from {from} to {to}"
+        );
+    }
+    Ok(())
 }
 
 /// Receipts signed with a key `andon.signing_keys` no longer holds cannot
@@ -250,10 +247,7 @@ pub async fn serve(config: Config) -> anyhow::Result<i32> {
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create node.data_dir {}", data_dir.display()))?;
     let store = Store::open_with_cache(&data_dir, config.node.store_cache_mb * 1024 * 1024)?;
-    if let Some(reason) = stranded_work(&config, &store)? {
-        eprintln!("config error: {reason}");
-        return Ok(78);
-    }
+    carry_over_accepted(&config, &store)?;
     let starts = store.record_start()?;
     let metrics = if config.kaizen.metrics {
         Some(tai_kaizen::Metrics::install(

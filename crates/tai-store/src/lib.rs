@@ -1045,6 +1045,84 @@ impl Store {
         self.buffer.lock().expect("buffer cursor").count
     }
 
+    // ---- switching backends ----------------------------------------------
+
+    /// For a node switched from `embedded` to `amqp`, before its queue
+    /// starts: moves every undecided signal of the embedded queue into the
+    /// fallback buffer (which publishes it once the broker is reachable),
+    /// in queue order, atomically. Each gets its `accepted` record on disk
+    /// (a replayed dead letter keeps the one it has) and every queue block
+    /// goes. Returns how many moved. Durable with the next flush.
+    pub fn move_queue_to_buffer(&self) -> Result<usize> {
+        let blocks = self
+            .db
+            .scan_prefix(b"q/")
+            .keys()
+            .map(|k| k.map(|k| seq_of(&k)))
+            .collect::<std::result::Result<Vec<u64>, _>>()?;
+        if blocks.is_empty() {
+            return Ok(0);
+        }
+        let pending = self.pending()?;
+        let mut cur = self.buffer.lock().expect("buffer cursor");
+        let mut batch = redo::Ops::default();
+        for (i, (_, d)) in pending.iter().enumerate() {
+            let s = &*d.signal;
+            batch.insert(seq_key(b'f', cur.next + i as u64), encode(s));
+            let key = pair_key(b's', &s.tenant_id, &s.id);
+            if self.disk_record(&key)?.is_none() {
+                batch.insert(key, codec::encode_record(&SignalRecord::accepted(s)));
+            }
+        }
+        for block in blocks {
+            batch.remove(seq_key(b'q', block));
+        }
+        self.atomic(batch)?;
+        // Their `accepted` records are on disk now.
+        self.forget_queued(
+            pending
+                .iter()
+                .map(|(_, d)| (d.signal.tenant_id.as_str(), d.signal.id.as_str())),
+        );
+        cur.next += pending.len() as u64;
+        cur.count += pending.len() as u64;
+        Ok(pending.len())
+    }
+
+    /// For a node switched from `amqp` to `embedded`, before its queue
+    /// starts: moves the fallback buffer's signals into the embedded queue
+    /// as one block after its last, in buffer order, atomically (their
+    /// `accepted` records stay; one decided meanwhile is only dropped from
+    /// the buffer). Returns how many moved. Durable with the next flush.
+    pub fn move_buffer_to_queue(&self) -> Result<usize> {
+        let mut cur = self.buffer.lock().expect("buffer cursor");
+        let buffered = self.buffered(usize::MAX)?;
+        if buffered.is_empty() {
+            return Ok(0);
+        }
+        let mut seq = self.last_queue_seq()?;
+        let mut batch = redo::Ops::default();
+        let mut deliveries = Vec::with_capacity(buffered.len());
+        for (at, signal) in buffered {
+            batch.remove(seq_key(b'f', at));
+            if self.decided_on_disk(&signal.tenant_id, &signal.id)? {
+                continue;
+            }
+            seq += 1;
+            deliveries.push(Delivery {
+                seq,
+                signal: Arc::new(signal),
+                redelivered: false,
+            });
+        }
+        if let Some(first) = deliveries.first() {
+            batch.insert(seq_key(b'q', first.seq), codec::encode_block(&deliveries));
+        }
+        self.atomic(batch)?;
+        cur.count = 0;
+        Ok(deliveries.len())
+    }
+
     /// Moves a dead letter into the fallback buffer (which publishes it to the
     /// broker), atomically: the letter goes, the signal is `accepted` again.
     /// `None` if there is no such letter.

@@ -1187,3 +1187,68 @@ async fn checkpoints_are_paged_in_tenant_order_with_the_deferred_ones_newest() {
     }
     assert!(page(Some(("c", "payments")), 10).is_empty());
 }
+
+#[tokio::test]
+async fn a_backend_switch_moves_the_undecided_signals_across_and_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = |v: Vec<(u64, Signal)>| v.into_iter().map(|(_, s)| s.id).collect::<Vec<_>>();
+    {
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.move_queue_to_buffer().unwrap(), 0);
+        let staged = stage(
+            &s,
+            vec![
+                delivery(1, "acme", "a"),
+                delivery(2, "acme", "b"),
+                delivery(3, "acme", "c"),
+            ],
+        );
+        s.durable_at(staged.flush).await.unwrap();
+        let decided = WriteSet {
+            signal_records: vec![completed("acme", "a")],
+            ..WriteSet::default()
+        };
+        s.commit(&[], None, &decided).unwrap();
+        // c was dead-lettered and replayed: queued twice, its record on disk.
+        s.dead_letter_queued(&letter("acme", "c", "poison", 5))
+            .unwrap();
+        s.replay_dead_letter("acme", "c", 4).unwrap().unwrap();
+
+        // Embedded to amqp: b and c, once each, in queue order.
+        assert_eq!(s.move_queue_to_buffer().unwrap(), 2);
+        assert!(s.pending().unwrap().is_empty());
+        assert_eq!(s.last_queue_seq().unwrap(), 0, "no queue block is left");
+        assert_eq!(ids(s.buffered(10).unwrap()), ["b", "c"]);
+        assert_eq!(s.buffered_count(), 2);
+        assert_eq!(s.move_queue_to_buffer().unwrap(), 0, "moved once");
+        s.durable().await.unwrap();
+    }
+    let s = reopen(dir.path());
+    assert_eq!(s.buffered_count(), 2);
+    for id in ["b", "c"] {
+        let r = s.signal_record("acme", id).unwrap().unwrap();
+        assert_eq!(
+            r.status,
+            SignalStatus::Accepted,
+            "{id} is still a duplicate"
+        );
+    }
+    // c is decided meanwhile (the broker had a copy): only b goes back.
+    let decided = WriteSet {
+        signal_records: vec![completed("acme", "c")],
+        ..WriteSet::default()
+    };
+    s.commit(&[], None, &decided).unwrap();
+    assert_eq!(s.move_buffer_to_queue().unwrap(), 1);
+    assert_eq!(s.buffered_count(), 0);
+    assert!(s.buffered(10).unwrap().is_empty());
+    let pending = s.pending().unwrap();
+    assert_eq!(
+        pending
+            .iter()
+            .map(|(block, d)| (*block, d.seq, d.signal.id.as_str()))
+            .collect::<Vec<_>>(),
+        [(1, 1, "b")]
+    );
+    assert_eq!(s.move_buffer_to_queue().unwrap(), 0, "moved once");
+}
