@@ -1109,6 +1109,20 @@ async fn idle_engines_are_passivated_and_come_back_with_their_state() {
     );
 }
 
+/// An engine's `{tenant}/{sku}` in an `/admin/tenants` answer.
+fn engine_key(e: &Value) -> String {
+    format!(
+        "{}/{}",
+        e["tenant_id"].as_str().unwrap(),
+        e["sku_id"].as_str().unwrap()
+    )
+}
+
+/// The engines of an `/admin/tenants` answer, as `{tenant}/{sku}`.
+fn engine_keys(list: &Value) -> Vec<String> {
+    list.as_array().unwrap().iter().map(engine_key).collect()
+}
+
 #[tokio::test]
 async fn past_the_cap_the_least_recently_used_engine_is_passivated() {
     let node = Node::start_with(&test_config(""), &[("TAI_JIDOKA__MAX_ACTIVE_ENGINES", "2")]);
@@ -1142,18 +1156,11 @@ async fn past_the_cap_the_least_recently_used_engine_is_passivated() {
     let g = Client::new(&node, "globex", "globex-secret");
     g.entitle("payments", "lru-ent-g").await;
     g.decided("lru-ent-g").await;
-    let key = |e: &Value| {
-        format!(
-            "{}/{}",
-            e["tenant_id"].as_str().unwrap(),
-            e["sku_id"].as_str().unwrap()
-        )
-    };
     let (status, all) = node.admin(Method::GET, "/admin/tenants").await;
     assert_eq!(status, 200, "{all}");
     let all = all.as_array().unwrap().clone();
     assert_eq!(
-        all.iter().map(key).collect::<Vec<_>>(),
+        all.iter().map(engine_key).collect::<Vec<_>>(),
         [
             "acme/payments",
             "acme/slowboot",
@@ -1172,12 +1179,12 @@ async fn past_the_cap_the_least_recently_used_engine_is_passivated() {
             let page = page.as_array().unwrap().clone();
             assert!(page.len() <= limit);
             let Some(last) = page.last() else { break };
-            path = format!("/admin/tenants?limit={limit}&after={}", key(last));
-            walked.extend(page.iter().map(key));
+            path = format!("/admin/tenants?limit={limit}&after={}", engine_key(last));
+            walked.extend(page.iter().map(engine_key));
         }
         assert_eq!(
             walked,
-            all.iter().map(key).collect::<Vec<_>>(),
+            all.iter().map(engine_key).collect::<Vec<_>>(),
             "pages of {limit}"
         );
     }
@@ -1187,21 +1194,71 @@ async fn past_the_cap_the_least_recently_used_engine_is_passivated() {
             "/admin/tenants?state=stable&limit=1&after=acme/slowboot",
         )
         .await;
-    assert_eq!(
-        stable
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(key)
-            .collect::<Vec<_>>(),
-        ["acme/tight"]
-    );
+    assert_eq!(engine_keys(&stable), ["acme/tight"]);
     let (status, bad) = node.admin(Method::GET, "/admin/tenants?after=acme").await;
     assert_eq!(
         (status, &bad["error"]["code"]),
         (400, &json!("invalid_request")),
         "{bad}"
     );
+}
+
+#[tokio::test]
+async fn a_list_of_engines_longer_than_a_page_is_streamed_whole() {
+    // 1,500 engines, most passivated: the router reads them in pages of 1,000.
+    const N: usize = 1_500;
+    let mut extra = String::new();
+    for i in 0..N {
+        extra.push_str(&format!(
+            "[[tenants]]\nid = \"many-{i:04}\"\nsecrets = [\"many-{i}\"]\ntier = \"enterprise\"\n"
+        ));
+    }
+    let node = Node::start_with(
+        &test_config(&extra),
+        &[("TAI_JIDOKA__MAX_ACTIVE_ENGINES", "100")],
+    );
+    let clients: Vec<Client> = (0..N)
+        .map(|i| Client::new(&node, &format!("many-{i:04}"), &format!("many-{i}")))
+        .collect();
+    for batch in clients.chunks(50) {
+        let posts = batch.iter().map(|c| c.entitle("payments", "ent"));
+        futures::future::join_all(posts).await;
+    }
+    node.drained().await;
+    let want: Vec<String> = (0..N).map(|i| format!("many-{i:04}/payments")).collect();
+
+    // The whole list comes as a stream (no length ahead), in order, once each.
+    let resp = reqwest::Client::new()
+        .get(node.url("/admin/tenants"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    assert!(
+        resp.headers().get("content-length").is_none(),
+        "{:?}",
+        resp.headers()
+    );
+    let all: Vec<Value> = resp.json().await.unwrap();
+    assert_eq!(all.iter().map(engine_key).collect::<Vec<_>>(), want);
+    // Filtered by state across pages, and paged by hand: the same list.
+    let (_, stable) = node.admin(Method::GET, "/admin/tenants?state=stable").await;
+    assert_eq!(engine_keys(&stable), want);
+    let (_, first) = node.admin(Method::GET, "/admin/tenants?limit=1000").await;
+    let first = first.as_array().unwrap().clone();
+    let path = format!(
+        "/admin/tenants?limit=1000&after={}",
+        engine_key(first.last().unwrap())
+    );
+    let (_, rest) = node.admin(Method::GET, &path).await;
+    let walked: Vec<String> = first
+        .iter()
+        .chain(rest.as_array().unwrap())
+        .map(engine_key)
+        .collect();
+    assert_eq!(walked, want);
 }
 
 #[tokio::test]

@@ -656,8 +656,12 @@ const ENGINE_PAGE: usize = 1000;
 /// `GET /admin/tenants`: every engine by tenant then SKU (SPEC), or with
 /// `limit=` (1..=1000) a page of them after `after={tenant}/{sku}`;
 /// `state=halted` keeps those in that state (where the board only counts
-/// them). Read from the router a page at a time and written straight into
-/// the answer, so listing 100,000 engines holds their JSON, not them all.
+/// them). Read from the router a page at a time: an answer of one page is
+/// sent whole; a longer one is streamed as the pages come (each sent
+/// before the next is read), so listing any number of engines holds about
+/// one page. An error before the first page is an error JSON; one after it
+/// can only cut the stream (logged), which a client sees as a body that
+/// ends early.
 async fn tenants(query: &HashMap<String, String>) -> Result<Response, Response> {
     let wanted = match query.get("state") {
         None => None,
@@ -676,19 +680,74 @@ async fn tenants(query: &HashMap<String, String>) -> Result<Response, Response> 
         None => usize::MAX,
         Some(_) => num(query, "limit", 0)?.clamp(1, 1000) as usize,
     };
-    let mut after = after_pair(query, "{tenant}/{sku}: the last engine")?
+    let after = after_pair(query, "{tenant}/{sku}: the last engine")?
         .map(|(t, s)| (t.to_string(), s.to_string()));
-    let mut body = b"[".to_vec();
-    let mut listed = 0;
-    'pages: loop {
+    let mut list = EngineList {
+        wanted,
+        limit,
+        after,
+        listed: 0,
+        opened: false,
+        done: false,
+    };
+    let first = list.next_chunk().await?;
+    let json = |body: Response| -> Response {
+        let mut reply = body;
+        reply.headers_mut().insert(
+            warp::http::header::CONTENT_TYPE,
+            warp::http::HeaderValue::from_static("application/json"),
+        );
+        reply
+    };
+    if list.done {
+        return Ok(json(Response::new(first.into())));
+    }
+    // One chunk ahead at most: the next page is read once this one is taken.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+    let _ = tx.try_send(Ok(first));
+    tokio::spawn(async move {
+        while !list.done {
+            let chunk = list.next_chunk().await.map_err(|r| {
+                tracing::warn!(status = %r.status(), listed = list.listed, "the engine list stopped part way: its answer is cut");
+                std::io::Error::other("the engine list stopped part way")
+            });
+            let failed = chunk.is_err();
+            if tx.send(chunk).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    let body = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    Ok(json(warp::Reply::into_response(warp::reply::stream(body))))
+}
+
+/// Where a `GET /admin/tenants` answer has got to.
+struct EngineList {
+    wanted: Option<EngineState>,
+    limit: usize,
+    after: Option<(String, String)>,
+    listed: usize,
+    opened: bool,
+    done: bool,
+}
+
+impl EngineList {
+    /// The JSON of the next router page's engines (the first chunk opens
+    /// the array, the last closes it; a page may add none).
+    async fn next_chunk(&mut self) -> Result<Vec<u8>, Response> {
+        let mut chunk = Vec::new();
+        if !self.opened {
+            chunk.push(b'[');
+            self.opened = true;
+        }
         // Unfiltered, no more than the answer still needs (every live
         // engine on a page is asked).
-        let want = match wanted {
-            None => ENGINE_PAGE.min(limit - listed),
+        let want = match self.wanted {
+            None => ENGINE_PAGE.min(self.limit - self.listed),
             Some(_) => ENGINE_PAGE,
         };
         let page = call(ENGINE_ROUTER, |reply| RouterMsg::Engines {
-            after: after.take(),
+            after: self.after.take(),
             limit: want,
             reply,
         })
@@ -697,30 +756,25 @@ async fn tenants(query: &HashMap<String, String>) -> Result<Response, Response> 
         for e in page
             .engines
             .iter()
-            .filter(|e| wanted.is_none_or(|s| e.state == s))
+            .filter(|e| self.wanted.is_none_or(|s| e.state == s))
         {
-            if listed > 0 {
-                body.push(b',');
+            if self.listed > 0 {
+                chunk.push(b',');
             }
-            serde_json::to_writer(&mut body, e)
+            serde_json::to_writer(&mut chunk, e)
                 .map_err(|e| error(ErrorCode::Internal, e.to_string()))?;
-            listed += 1;
-            if listed == limit {
-                break 'pages;
+            self.listed += 1;
+            if self.listed == self.limit {
+                break;
             }
         }
-        match page.next {
-            Some(next) => after = Some(next),
-            None => break,
+        self.after = page.next;
+        self.done = self.listed == self.limit || self.after.is_none();
+        if self.done {
+            chunk.push(b']');
         }
+        Ok(chunk)
     }
-    body.push(b']');
-    let mut reply = Response::new(body.into());
-    reply.headers_mut().insert(
-        warp::http::header::CONTENT_TYPE,
-        warp::http::HeaderValue::from_static("application/json"),
-    );
-    Ok(reply)
 }
 
 fn receipts(store: &tai_store::Store, query: &HashMap<String, String>) -> Response {
