@@ -1092,8 +1092,9 @@ impl Store {
     /// For a node switched from `amqp` to `embedded`, before its queue
     /// starts: moves the fallback buffer's signals into the embedded queue
     /// as one block after its last, in buffer order, atomically (their
-    /// `accepted` records stay; one decided meanwhile is only dropped from
-    /// the buffer). Returns how many moved. Durable with the next flush.
+    /// `accepted` records stay, and one missing is written; one decided
+    /// meanwhile is only dropped from the buffer). Returns how many moved.
+    /// Durable with the next flush.
     pub fn move_buffer_to_queue(&self) -> Result<usize> {
         let mut cur = self.buffer.lock().expect("buffer cursor");
         let buffered = self.buffered(usize::MAX)?;
@@ -1105,8 +1106,13 @@ impl Store {
         let mut deliveries = Vec::with_capacity(buffered.len());
         for (at, signal) in buffered {
             batch.remove(seq_key(b'f', at));
-            if self.decided_on_disk(&signal.tenant_id, &signal.id)? {
-                continue;
+            let key = pair_key(b's', &signal.tenant_id, &signal.id);
+            match self.disk_record(&key)? {
+                Some(r) if r.status.is_final() => continue,
+                Some(_) => {}
+                // Written before the buffer's entry, so not expected; the
+                // queue's signals need theirs (the open built its index).
+                None => batch.insert(key, codec::encode_record(&SignalRecord::accepted(&signal))),
             }
             seq += 1;
             deliveries.push(Delivery {

@@ -1239,7 +1239,10 @@ async fn a_backend_switch_moves_the_undecided_signals_across_and_back() {
         ..WriteSet::default()
     };
     s.commit(&[], None, &decided).unwrap();
-    assert_eq!(s.move_buffer_to_queue().unwrap(), 1);
+    // d's record never landed (buffered as if written before publishing).
+    assert!(s.buffer_append(&[signal("acme", "d")], 10, true).unwrap());
+    assert!(s.signal_record("acme", "d").unwrap().is_none());
+    assert_eq!(s.move_buffer_to_queue().unwrap(), 2);
     assert_eq!(s.buffered_count(), 0);
     assert!(s.buffered(10).unwrap().is_empty());
     let pending = s.pending().unwrap();
@@ -1248,7 +1251,9 @@ async fn a_backend_switch_moves_the_undecided_signals_across_and_back() {
             .iter()
             .map(|(block, d)| (*block, d.seq, d.signal.id.as_str()))
             .collect::<Vec<_>>(),
-        [(1, 1, "b")]
+        [(1, 1, "b"), (1, 2, "d")]
     );
+    let r = s.signal_record("acme", "d").unwrap().unwrap();
+    assert_eq!(r.status, SignalStatus::Accepted, "d is a duplicate now");
     assert_eq!(s.move_buffer_to_queue().unwrap(), 0, "moved once");
 }
