@@ -631,7 +631,10 @@ impl Supervisor {
                 .map_err(StartChildError::Start);
         }
         if let Some(max) = state.max_children {
-            if state.live_children() >= max {
+            // Counted only near the cap (at most every child is live), so
+            // starting a child under a dynamic supervisor of thousands does
+            // not walk them all.
+            if state.children.len() >= max && state.live_children() >= max {
                 return Err(StartChildError::MaxChildren(max));
             }
         }
