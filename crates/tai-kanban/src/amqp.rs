@@ -383,6 +383,11 @@ pub struct AmqpState {
     next_seq: u64,
     entries: HashMap<u64, Entry>,
     by_key: HashMap<(String, String), u64>,
+    /// The entries each consumer (link generation, consumer number) has
+    /// delivered and not yet had settled: what it holds of its prefetch,
+    /// so [`AmqpState::maybe_turn`] counts the current consumer's parked
+    /// deliveries among at most its prefetch, not among every parked one.
+    by_consumer: HashMap<(u64, u32), std::collections::HashSet<u64>>,
     /// Enqueues waiting for the next publish batch.
     batch: Vec<(Signal, RpcReplyPort<EnqueueOutcome>)>,
     /// Signals being published, with duplicates waiting for their answer.
@@ -913,15 +918,23 @@ impl AmqpState {
             let _ = self.acks.send(AckOp::Settle(tag, true));
             return;
         }
-        if let Some(seq) = self.by_key.get(&key) {
-            if let Some(entry) = self.entries.get_mut(seq) {
+        if let Some(&seq) = self.by_key.get(&key) {
+            if let Some(entry) = self.entries.get_mut(&seq) {
                 entry.ackers.push(tag);
+                self.by_consumer
+                    .entry((gen, consumer))
+                    .or_default()
+                    .insert(seq);
                 return;
             }
         }
         let seq = self.next_seq;
         self.next_seq += 1;
         self.by_key.insert(key.clone(), seq);
+        self.by_consumer
+            .entry((gen, consumer))
+            .or_default()
+            .insert(seq);
         self.entries.insert(
             seq,
             Entry {
@@ -1052,7 +1065,7 @@ impl AmqpState {
     /// A delivery that failed in an engine (it crashed on it, or never answered).
     fn failed_delivery(&mut self, myself: &ActorRef<KanbanMsg>, d: Delivery) {
         self.dispatch.ack(d.seq);
-        let Some(entry) = self.entries.remove(&d.seq) else {
+        let Some(entry) = self.drop_entry(d.seq) else {
             return;
         };
         self.by_key.remove(&entry.key);
@@ -1087,7 +1100,7 @@ impl AmqpState {
         if !self.dispatch.ack(seq) {
             return;
         }
-        if let Some(entry) = self.entries.remove(&seq) {
+        if let Some(entry) = self.drop_entry(seq) {
             self.by_key.remove(&entry.key);
             self.failures.remove(&entry.key);
             for a in entry.ackers {
@@ -1121,7 +1134,7 @@ impl AmqpState {
         // Not yet sent to an engine: the broker has them back. What engines
         // hold stays in flight and is matched with its redelivered copy.
         for d in self.dispatch.clear_ready() {
-            if let Some(e) = self.entries.remove(&d.seq) {
+            if let Some(e) = self.drop_entry(d.seq) {
                 self.by_key.remove(&e.key);
             }
         }
@@ -1290,16 +1303,14 @@ impl AmqpState {
         if self.turning || self.quiescing {
             return;
         }
-        let (gen, no) = (link.gen, self.consumer_no);
         let held = self
-            .dispatch
-            .parked_seqs()
-            .filter(|seq| {
-                self.entries
-                    .get(seq)
-                    .is_some_and(|e| e.ackers.iter().any(|t| t.gen == gen && t.consumer == no))
-            })
-            .count();
+            .by_consumer
+            .get(&(link.gen, self.consumer_no))
+            .map_or(0, |seqs| {
+                seqs.iter()
+                    .filter(|seq| self.dispatch.is_parked(**seq))
+                    .count()
+            });
         let half = usize::from(self.topology.prefetch / 2).max(1);
         if held < half {
             // The next time they do is logged again if it cannot turn.
@@ -1336,6 +1347,20 @@ impl AmqpState {
         if let Some(control) = &link.control {
             self.turning = control.send(Control::Turn).is_ok();
         }
+    }
+
+    /// Takes entry `seq` out, and out of its consumers' holdings.
+    fn drop_entry(&mut self, seq: u64) -> Option<Entry> {
+        let entry = self.entries.remove(&seq)?;
+        for a in &entry.ackers {
+            if let Some(held) = self.by_consumer.get_mut(&(a.gen, a.consumer)) {
+                held.remove(&seq);
+                if held.is_empty() {
+                    self.by_consumer.remove(&(a.gen, a.consumer));
+                }
+            }
+        }
+        Some(entry)
     }
 
     /// Whether a copy of signal `key` is held here or being dead-lettered.
@@ -1510,6 +1535,7 @@ impl Actor for AmqpQueue {
             next_seq,
             entries: HashMap::new(),
             by_key: HashMap::new(),
+            by_consumer: HashMap::new(),
             batch: Vec::new(),
             publishing: HashMap::new(),
             sending: None,

@@ -105,12 +105,9 @@ impl Dispatch {
         self.parked
     }
 
-    /// The seqs of the parked signals, in no order.
-    pub fn parked_seqs(&self) -> impl Iterator<Item = u64> + '_ {
-        self.in_flight
-            .iter()
-            .filter(|(_, f)| f.parked)
-            .map(|(seq, _)| *seq)
+    /// Whether `seq` is in flight and parked.
+    pub fn is_parked(&self, seq: u64) -> bool {
+        self.in_flight.get(&seq).is_some_and(|f| f.parked)
     }
 
     /// In flight and being worked on (not parked): what a quiesce waits for.
