@@ -54,6 +54,15 @@ pub fn wait_for<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option
     }
 }
 
+/// Sends `sig` to a child process of this test.
+pub fn send_signal(child: &Child, sig: i32) {
+    let pid = i32::try_from(child.id()).expect("pid");
+    // SAFETY: plain kill(2) on our own child's pid.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::kill(pid, sig) };
+    assert_eq!(rc, 0, "kill({pid}, {sig})");
+}
+
 pub struct Node {
     pub child: Child,
     pub dir: tempfile::TempDir,
@@ -589,11 +598,7 @@ impl Node {
     }
 
     pub fn signal(&self, sig: i32) {
-        let pid = i32::try_from(self.child.id()).expect("pid");
-        // SAFETY: plain kill(2) on our own child's pid.
-        #[allow(unsafe_code)]
-        let rc = unsafe { libc::kill(pid, sig) };
-        assert_eq!(rc, 0, "kill({pid}, {sig})");
+        send_signal(&self.child, sig);
     }
 
     /// Waits for the process to end within `deadline`.

@@ -190,6 +190,50 @@ async fn sigterm_stops_the_tree_in_order_and_exits_zero() {
     assert!(log.contains("supervision tree stopped in order"), "{log}");
 }
 
+#[test]
+fn a_sigterm_while_the_node_starts_still_stops_it_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("node.log");
+    let mut child = std::process::Command::new(tai_bin())
+        .current_dir(workspace_root())
+        .args(["serve", "--config"])
+        .arg(dev_config())
+        .env("TAI_NODE__DATA_DIR", dir.path().join("data"))
+        .env("TAI_OPERATOR__LISTEN", "127.0.0.1:0")
+        .env("TAI_INGRESS__LISTEN", "127.0.0.1:0")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    // Its tree is starting (the first layer is up), the rest is not.
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    while !log().contains("ingress listening") {
+        assert!(
+            std::time::Instant::now() < end,
+            "the node did not start: {}",
+            log()
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    send_signal(&child, libc::SIGTERM);
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < end, "the node did not stop");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(status.code(), Some(0), "{status}: {}", log());
+    assert!(log().contains("SIGTERM"), "{}", log());
+    assert!(
+        log().contains("supervision tree stopped in order"),
+        "{}",
+        log()
+    );
+}
+
 #[tokio::test]
 async fn admin_shutdown_is_graceful() {
     let mut node = Node::start(&[]);

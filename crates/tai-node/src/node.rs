@@ -102,18 +102,34 @@ fn write_endpoints(
     Ok(())
 }
 
-async fn os_signal() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers only the API can stop the node.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+/// SIGTERM and SIGINT, caught from the moment this is made: one that
+/// arrives while the node is still starting waits here for the ordered stop
+/// (the default action would end the process at once, without it).
+struct OsSignals(Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>);
+
+impl OsSignals {
+    fn catch() -> OsSignals {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(term), Ok(int)) => OsSignals(Some((term, int))),
+            (Err(e), _) | (_, Err(e)) => {
+                warn!(error = %e, "cannot catch SIGTERM and SIGINT: only the operator API can stop the node in order");
+                OsSignals(None)
+            }
+        }
+    }
+
+    async fn recv(&mut self) -> &'static str {
+        let Some((term, int)) = &mut self.0 else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
     }
 }
 
@@ -228,6 +244,7 @@ fn no_transparent_huge_pages() {}
 
 /// Runs the node to its end and returns the process exit status.
 pub async fn serve(config: Config) -> anyhow::Result<i32> {
+    let mut os_signals = OsSignals::catch();
     if !config.node.transparent_huge_pages {
         no_transparent_huge_pages();
     }
@@ -372,7 +389,7 @@ pub async fn serve(config: Config) -> anyhow::Result<i32> {
                 }
             }
         }
-        why = os_signal() => {
+        why = os_signals.recv() => {
             state.request_shutdown(why);
             quiesce(grace).await;
             stop_tree(app, grace).await
