@@ -918,23 +918,22 @@ impl AmqpState {
             let _ = self.acks.send(AckOp::Settle(tag, true));
             return;
         }
-        if let Some(&seq) = self.by_key.get(&key) {
-            if let Some(entry) = self.entries.get_mut(&seq) {
-                entry.ackers.push(tag);
-                self.by_consumer
-                    .entry((gen, consumer))
-                    .or_default()
-                    .insert(seq);
-                return;
-            }
-        }
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.by_key.insert(key.clone(), seq);
+        let held = self
+            .by_key
+            .get(&key)
+            .copied()
+            .filter(|seq| self.entries.contains_key(seq));
+        let seq = held.unwrap_or(self.next_seq);
         self.by_consumer
             .entry((gen, consumer))
             .or_default()
             .insert(seq);
+        if let Some(entry) = held.and_then(|seq| self.entries.get_mut(&seq)) {
+            entry.ackers.push(tag);
+            return;
+        }
+        self.next_seq += 1;
+        self.by_key.insert(key.clone(), seq);
         self.entries.insert(
             seq,
             Entry {
