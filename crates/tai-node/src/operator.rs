@@ -22,7 +22,7 @@ use tai_ingress::http::{
 };
 use warp::http::{HeaderMap, Method, StatusCode};
 use warp::reply::Response;
-use warp::Filter;
+use warp::{Filter, Reply};
 
 use crate::node::NodeState;
 
@@ -687,17 +687,13 @@ async fn tenants(query: &HashMap<String, String>) -> Result<Response, Response> 
         limit,
         after,
         listed: 0,
-        opened: false,
         done: false,
     };
-    let first = list.next_chunk().await?;
-    let json = |body: Response| -> Response {
-        let mut reply = body;
-        reply.headers_mut().insert(
-            warp::http::header::CONTENT_TYPE,
-            warp::http::HeaderValue::from_static("application/json"),
-        );
-        reply
+    let mut first = b"[".to_vec();
+    first.extend(list.next_chunk().await?);
+    let json = |body: Response| {
+        warp::reply::with_header(body, warp::http::header::CONTENT_TYPE, "application/json")
+            .into_response()
     };
     if list.done {
         return Ok(json(Response::new(first.into())));
@@ -718,7 +714,7 @@ async fn tenants(query: &HashMap<String, String>) -> Result<Response, Response> 
         }
     });
     let body = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
-    Ok(json(warp::Reply::into_response(warp::reply::stream(body))))
+    Ok(json(warp::reply::stream(body).into_response()))
 }
 
 /// Where a `GET /admin/tenants` answer has got to.
@@ -727,19 +723,14 @@ struct EngineList {
     limit: usize,
     after: Option<(String, String)>,
     listed: usize,
-    opened: bool,
     done: bool,
 }
 
 impl EngineList {
-    /// The JSON of the next router page's engines (the first chunk opens
-    /// the array, the last closes it; a page may add none).
+    /// The JSON of the next router page's engines, after a comma once any
+    /// were listed (the last chunk closes the array; a page may add none).
     async fn next_chunk(&mut self) -> Result<Vec<u8>, Response> {
         let mut chunk = Vec::new();
-        if !self.opened {
-            chunk.push(b'[');
-            self.opened = true;
-        }
         // Unfiltered, no more than the answer still needs (every live
         // engine on a page is asked).
         let want = match self.wanted {
