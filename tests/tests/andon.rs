@@ -180,12 +180,7 @@ executor = "gateway"
         })
         .await;
     // A channel that answers with a redirect has not received the alert.
-    let letter = delivered
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["kind"] == "deadletter")
-        .unwrap();
+    let letter = alert_of(&delivered, "deadletter").unwrap();
     let to_moved = letter["deliveries"]
         .as_array()
         .unwrap()
@@ -303,6 +298,11 @@ async fn memory_over_80_percent_of_the_limit_raises_memory_high_once() {
     );
 }
 
+/// The first alert of `kind` in a `GET /admin/alerts` answer.
+fn alert_of<'a>(list: &'a Value, kind: &str) -> Option<&'a Value> {
+    list.as_array()?.iter().find(|a| a["kind"] == kind)
+}
+
 #[tokio::test]
 async fn a_signing_key_dropped_from_the_config_is_named_at_start() {
     let mut node = Node::start_with(&test_config(""), &[]);
@@ -325,16 +325,10 @@ async fn a_signing_key_dropped_from_the_config_is_named_at_start() {
     restart_with(&mut node, "k3", "\"k3\" = \"new-receipt-key\"");
     let list = node
         .admin_until("/admin/alerts", "the ledger_key_missing alert", |list| {
-            list.as_array()
-                .is_some_and(|l| l.iter().any(|a| a["kind"] == "ledger_key_missing"))
+            alert_of(list, "ledger_key_missing").is_some()
         })
         .await;
-    let alert = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["kind"] == "ledger_key_missing")
-        .unwrap();
+    let alert = alert_of(&list, "ledger_key_missing").unwrap();
     let summary = alert["summary"].as_str().unwrap();
     assert!(summary.contains("signed with k2 "), "{alert}");
     assert_eq!(alert["severity"], "warning", "{alert}");
@@ -360,12 +354,5 @@ async fn a_signing_key_dropped_from_the_config_is_named_at_start() {
     );
     assert!(!node.log().contains("no longer holds"), "{}", node.log());
     let (_, list) = node.admin(Method::GET, "/admin/alerts").await;
-    assert!(
-        !list
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|a| a["kind"] == "ledger_key_missing"),
-        "{list}"
-    );
+    assert!(alert_of(&list, "ledger_key_missing").is_none(), "{list}");
 }
