@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use ractor::RpcReplyPort;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use tai_core::msg::{LedgerMsg, WriteSet};
+use tai_core::msg::{Committed, LedgerMsg, WriteSet};
 use tai_core::receipt::{Receipt, ReceiptDraft, SignedHead, SigningKey, GENESIS_HASH};
 use tai_store::Store;
 use tracing::{error, info};
@@ -91,6 +91,7 @@ impl Actor for Ledger {
             } => {
                 let reply = Reply::Commit {
                     unless_final,
+                    left_out: Vec::new(),
                     reply,
                 };
                 Self::gather(&myself, st, receipts, writes, reply)?
@@ -129,11 +130,12 @@ struct Pending {
 
 /// How a commit is answered, once its batch is durable.
 enum Reply {
-    /// With the seq of its last receipt. `unless_final`: see
-    /// [`LedgerMsg::Commit`].
+    /// With the seq of its last receipt and the signals whose end
+    /// `unless_final` left out (see [`LedgerMsg::Commit`]).
     Commit {
         unless_final: bool,
-        reply: RpcReplyPort<Result<u64, String>>,
+        left_out: Vec<String>,
+        reply: RpcReplyPort<Result<Committed, String>>,
     },
     /// With whether it was written: not if its signal was final already.
     /// A dead letter left out is answered after the batch it was left out
@@ -151,7 +153,9 @@ impl Reply {
     fn send(self, result: Result<u64, String>) {
         // A caller that gave up waiting has nothing to be told.
         match self {
-            Reply::Commit { reply, .. } => drop(reply.send(result)),
+            Reply::Commit {
+                left_out, reply, ..
+            } => drop(reply.send(result.map(|seq| Committed { seq, left_out }))),
             Reply::DeadLetter { written, reply, .. } => drop(reply.send(result.map(|_| written))),
         }
     }
@@ -177,13 +181,18 @@ fn final_already(
     Ok(stored.is_some_and(|r| r.status.is_final()))
 }
 
-/// Leaves out of `p` the records and receipts of every signal it would
+/// Leaves out of `writes` and `receipts` those of every signal they would
 /// write that is final already (in the store or earlier in the batch), so
 /// a signal dead-lettered while its engine was down is not also ended by
-/// the restored engine.
-fn keep_ends(store: &Store, earlier: &WriteSet, p: &mut Pending) -> Result<(), String> {
+/// the restored engine. Returns their ids.
+fn keep_ends(
+    store: &Store,
+    earlier: &WriteSet,
+    writes: &mut WriteSet,
+    receipts: &mut Vec<ReceiptDraft>,
+) -> Result<Vec<String>, String> {
     let mut ended = Vec::new();
-    for r in &p.writes.signal_records {
+    for r in &writes.signal_records {
         let signal = (r.tenant_id.clone(), r.signal_id.clone());
         if final_already(store, earlier, &signal)? {
             ended.push(signal);
@@ -191,13 +200,13 @@ fn keep_ends(store: &Store, earlier: &WriteSet, p: &mut Pending) -> Result<(), S
     }
     for (tenant, id) in &ended {
         info!(tenant = %tenant, signal = %id, "a restored engine's signal was ended meanwhile (dead-lettered); it is not ended again");
-        p.writes
+        writes
             .signal_records
             .retain(|r| !(r.tenant_id == *tenant && r.signal_id == *id));
-        p.receipts
+        receipts
             .retain(|d| !(d.tenant_id == *tenant && d.signal_id.as_deref() == Some(id.as_str())));
     }
-    Ok(())
+    Ok(ended.into_iter().map(|(_, id)| id).collect())
 }
 
 impl Ledger {
@@ -238,12 +247,17 @@ impl Ledger {
         let mut replies = Vec::with_capacity(batch.len());
         for mut p in batch {
             if let Reply::Commit {
-                unless_final: true, ..
-            } = p.reply
+                unless_final: true,
+                left_out,
+                ..
+            } = &mut p.reply
             {
-                if let Err(e) = keep_ends(&st.store, &writes, &mut p) {
-                    p.reply.send(Err(e));
-                    continue;
+                match keep_ends(&st.store, &writes, &mut p.writes, &mut p.receipts) {
+                    Ok(ended) => *left_out = ended,
+                    Err(e) => {
+                        p.reply.send(Err(e));
+                        continue;
+                    }
                 }
             }
             if let Reply::DeadLetter {
@@ -363,13 +377,13 @@ mod tests {
         r
     }
 
-    /// A `LedgerMsg::Commit` of one receipt; the seq it answers.
+    /// A `LedgerMsg::Commit` of one receipt; its answer.
     async fn commit(
         ledger: &ActorRef<LedgerMsg>,
         receipt: ReceiptDraft,
         writes: WriteSet,
         unless_final: bool,
-    ) -> u64 {
+    ) -> Committed {
         let kind = receipt.kind.clone();
         let answer = ractor::rpc::call(
             ledger,
@@ -383,7 +397,7 @@ mod tests {
         )
         .await;
         match answer {
-            Ok(CallResult::Success(Ok(seq))) => seq,
+            Ok(CallResult::Success(Ok(committed))) => committed,
             _ => panic!("the commit of {kind} was not answered"),
         }
     }
@@ -393,7 +407,9 @@ mod tests {
             signal_records: vec![record(id, SignalStatus::Completed)],
             ..Default::default()
         };
-        commit(ledger, draft("action_successful", id), writes, false).await
+        commit(ledger, draft("action_successful", id), writes, false)
+            .await
+            .seq
     }
 
     async fn dead_letter(ledger: &ActorRef<LedgerMsg>, id: &str) -> bool {
@@ -483,7 +499,7 @@ mod tests {
     /// What an engine restored from its checkpoint commits when it finds an
     /// action in flight: the action `interrupted` (its signal failed) and
     /// the checkpoint leaving `action_pending`.
-    async fn restore(ledger: &ActorRef<LedgerMsg>, id: &str, checkpoint: &[u8]) -> u64 {
+    async fn restore(ledger: &ActorRef<LedgerMsg>, id: &str, checkpoint: &[u8]) -> Committed {
         let writes = WriteSet {
             signal_records: vec![record(id, SignalStatus::Failed)],
             checkpoints: vec![("t".into(), "payments".into(), checkpoint.to_vec())],
@@ -518,19 +534,28 @@ mod tests {
         // before the restarted engine recorded its action interrupted: one
         // end, and the checkpoint still leaves action_pending.
         assert!(dead_letter(&ledger, "s1").await);
-        assert_eq!(restore(&ledger, "s1", b"after s1").await, 1);
+        // Answered with s1 left out, so the engine does not count it decided.
+        let left_out = |seq: u64, ids: &[&str]| Committed {
+            seq,
+            left_out: ids.iter().map(|id| id.to_string()).collect(),
+        };
+        assert_eq!(
+            restore(&ledger, "s1", b"after s1").await,
+            left_out(1, &["s1"])
+        );
         assert_eq!(
             store.checkpoint("t", "payments").unwrap().as_deref(),
             Some(&b"after s1"[..])
         );
         // The same two in one batch.
-        let (written, _) = tokio::join!(
+        let (written, restored) = tokio::join!(
             dead_letter(&ledger, "s2"),
             restore(&ledger, "s2", b"after s2")
         );
         assert!(written);
+        assert_eq!(restored, left_out(2, &["s2"]));
         // A restored signal nothing else ended is ended by the restore.
-        assert_eq!(restore(&ledger, "s3", b"after s3").await, 3);
+        assert_eq!(restore(&ledger, "s3", b"after s3").await, left_out(3, &[]));
 
         assert_eq!(
             kinds(&store),

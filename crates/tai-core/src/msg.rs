@@ -214,6 +214,17 @@ impl WriteSet {
     }
 }
 
+/// How `andon_ledger` answers a [`LedgerMsg::Commit`], once it is durable.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Committed {
+    /// The seq of the ledger's last receipt once the commit was written.
+    pub seq: u64,
+    /// With `unless_final`: the signals (ids) whose end the commit would
+    /// have written but left out, since they were final already. They were
+    /// not decided by it, so they are not counted as decided.
+    pub left_out: Vec<String>,
+}
+
 /// To `andon_ledger`: chain and sign `receipts`, write them with `writes` in
 /// one atomic batch, and answer once it is durable.
 pub enum LedgerMsg {
@@ -225,7 +236,7 @@ pub enum LedgerMsg {
         /// engine was down) keeps its one end; its record and receipts are
         /// left out of the commit, the rest (the checkpoint) is written.
         unless_final: bool,
-        reply: RpcReplyPort<Result<u64, String>>,
+        reply: RpcReplyPort<Result<Committed, String>>,
     },
     /// A signal given up on without a decision (poison, or dead-lettered by
     /// the broker): `receipt` and `writes` (its dead letter and status) are

@@ -185,11 +185,13 @@ async fn ledger() -> Result<ractor::ActorCell, ActorProcessingErr> {
     }
 }
 
+/// Commits through the ledger; the signals whose end it left out (final
+/// already, with `unless_final`).
 async fn commit(
     receipts: Vec<ReceiptDraft>,
     writes: WriteSet,
     unless_final: bool,
-) -> Result<(), ActorProcessingErr> {
+) -> Result<Vec<String>, ActorProcessingErr> {
     let ledger = ledger().await?;
     let answer = ractor::rpc::call(
         &ledger,
@@ -204,7 +206,7 @@ async fn commit(
     .await
     .map_err(|e| format!("andon_ledger unreachable: {e}"))?;
     match answer {
-        ractor::rpc::CallResult::Success(Ok(_)) => Ok(()),
+        ractor::rpc::CallResult::Success(Ok(committed)) => Ok(committed.left_out),
         ractor::rpc::CallResult::Success(Err(e)) => {
             Err(format!("ledger commit failed: {e}").into())
         }
@@ -463,14 +465,14 @@ impl Engine {
             serde_json::to_vec(&st.data)?,
         ));
         let acks = p.writes.acks.clone();
-        let decided: Vec<(SignalStatus, Option<u64>)> = p
+        let mut decided: Vec<(String, SignalStatus, Option<u64>)> = p
             .writes
             .signal_records
             .iter()
             .filter(|r| r.status.is_final())
             .map(|r| {
                 let received = p.delivered(&r.signal_id).map(|d| d.signal.received_at_ms);
-                (r.status, received)
+                (r.signal_id.clone(), r.status, received)
             })
             .collect();
         let letters: Vec<String> = p
@@ -480,24 +482,30 @@ impl Engine {
             .map(|d| d.reason.clone())
             .collect();
         let committing = std::time::Instant::now();
-        if let Err(e) = commit(p.drafts, p.writes, p.restored).await {
-            // The ledger failed (its store, a flush, its absence), not these
-            // signals: the engine crashes and comes back from its checkpoint
-            // without an attempt counted against what it held.
-            st.commit_failed.store(true, Ordering::SeqCst);
-            return Err(e);
-        }
+        let left_out = match commit(p.drafts, p.writes, p.restored).await {
+            Ok(left_out) => left_out,
+            Err(e) => {
+                // The ledger failed (its store, a flush, its absence), not these
+                // signals: the engine crashes and comes back from its checkpoint
+                // without an attempt counted against what it held.
+                st.commit_failed.store(true, Ordering::SeqCst);
+                return Err(e);
+            }
+        };
+        // Ended meanwhile (dead-lettered while this engine was down): not
+        // decided here, so not counted here.
+        decided.retain(|(id, _, _)| !left_out.contains(id));
         tai_core::kaizen::record("receipt", "ledger", &st.tenant_id, committing.elapsed());
         // Counted once the decision is durable, so a retried commit is not counted twice.
         let now = now_ms();
         // One histogram lookup per commit, not per signal; the outcome
         // counters are the engine's own handles.
         let latency = metrics::histogram!(tai_core::telemetry::SIGNAL_PROCESSING_SECONDS);
-        for at in decided.iter().filter_map(|(_, received)| *received) {
+        for at in decided.iter().filter_map(|(_, _, received)| *received) {
             latency.record(now.saturating_sub(at) as f64 / 1000.0);
             tai_core::kaizen::record_decision(now.saturating_sub(at));
         }
-        for (status, n) in tai_core::telemetry::tally(decided.iter().map(|(s, _)| *s)) {
+        for (status, n) in tai_core::telemetry::tally(decided.iter().map(|(_, s, _)| *s)) {
             st.processed_counter(status).increment(n);
         }
         for reason in letters {
