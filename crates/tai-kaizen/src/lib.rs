@@ -38,6 +38,12 @@ pub enum MetricsError {
     Install(String),
 }
 
+/// How often the recorder's histograms are drained (the exporter's own
+/// default period). Without it a histogram keeps every sample until the
+/// next scrape, so a node nobody scrapes kept one per decided signal,
+/// without bound (BENCHMARKS.md, session 38).
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
 /// The installed recorder; `render` gives the Prometheus text exposition.
 pub struct Metrics {
     handle: PrometheusHandle,
@@ -56,8 +62,9 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 impl Metrics {
-    /// Installs the process-wide recorder (once per process) and describes
-    /// every SPEC §9 metric.
+    /// Installs the process-wide recorder (once per process), describes
+    /// every SPEC §9 metric, and starts the recorder's upkeep on the
+    /// current tokio runtime (for as long as the process runs).
     pub fn install(tenant_label_cap: usize) -> Result<Metrics, MetricsError> {
         t::set_tenant_label_cap(tenant_label_cap);
         let handle = PrometheusBuilder::new()
@@ -69,6 +76,15 @@ impl Metrics {
             .install_recorder()
             .map_err(|e| MetricsError::Install(e.to_string()))?;
         describe();
+        let upkeep = handle.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(UPKEEP_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                upkeep.run_upkeep();
+            }
+        });
         tai_otp::set_restart_hook(|e| {
             metrics::counter!(t::ACTOR_RESTARTS, "supervisor" => e.supervisor.to_string())
                 .increment(1);
