@@ -465,16 +465,25 @@ impl Engine {
             serde_json::to_vec(&st.data)?,
         ));
         let acks = p.writes.acks.clone();
-        let mut decided: Vec<(String, SignalStatus, Option<u64>)> = p
-            .writes
-            .signal_records
-            .iter()
-            .filter(|r| r.status.is_final())
+        let finals = || {
+            p.writes
+                .signal_records
+                .iter()
+                .filter(|r| r.status.is_final())
+        };
+        let mut decided: Vec<(SignalStatus, Option<u64>)> = finals()
             .map(|r| {
                 let received = p.delivered(&r.signal_id).map(|d| d.signal.received_at_ms);
-                (r.signal_id.clone(), r.status, received)
+                (r.status, received)
             })
             .collect();
+        // Their ids, in the same order, only where the ledger may leave one
+        // out (a restored engine's commit): the common commit copies none.
+        let decided_ids: Vec<String> = if p.restored {
+            finals().map(|r| r.signal_id.clone()).collect()
+        } else {
+            Vec::new()
+        };
         let letters: Vec<String> = p
             .writes
             .dead_letters
@@ -494,18 +503,25 @@ impl Engine {
         };
         // Ended meanwhile (dead-lettered while this engine was down): not
         // decided here, so not counted here.
-        decided.retain(|(id, _, _)| !left_out.contains(id));
+        if !left_out.is_empty() {
+            decided = decided
+                .into_iter()
+                .zip(&decided_ids)
+                .filter(|(_, id)| !left_out.contains(id))
+                .map(|(d, _)| d)
+                .collect();
+        }
         tai_core::kaizen::record("receipt", "ledger", &st.tenant_id, committing.elapsed());
         // Counted once the decision is durable, so a retried commit is not counted twice.
         let now = now_ms();
         // One histogram lookup per commit, not per signal; the outcome
         // counters are the engine's own handles.
         let latency = metrics::histogram!(tai_core::telemetry::SIGNAL_PROCESSING_SECONDS);
-        for at in decided.iter().filter_map(|(_, _, received)| *received) {
+        for at in decided.iter().filter_map(|(_, received)| *received) {
             latency.record(now.saturating_sub(at) as f64 / 1000.0);
             tai_core::kaizen::record_decision(now.saturating_sub(at));
         }
-        for (status, n) in tai_core::telemetry::tally(decided.iter().map(|(_, s, _)| *s)) {
+        for (status, n) in tai_core::telemetry::tally(decided.iter().map(|(s, _)| *s)) {
             st.processed_counter(status).increment(n);
         }
         for reason in letters {
