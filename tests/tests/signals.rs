@@ -354,6 +354,40 @@ async fn every_ingress_error_has_its_code() {
     );
 }
 
+/// The replay cache's bound is the operator's: past it the oldest minute
+/// goes early and says so (the default, sized from the global rate limit,
+/// is what `every_ingress_error_has_its_code` refuses replays under).
+#[tokio::test]
+async fn a_replay_cache_bounded_below_its_window_drops_early_and_says_so() {
+    let node = Node::start_with(
+        &test_config(""),
+        &[("TAI_INGRESS__REPLAY_CACHE_MAX_ENTRIES", "1")],
+    );
+    let c = Client::new(&node, "acme", "acme-secret");
+    let path = "/v1/signals";
+    let now = unix_now();
+    let first =
+        serde_json::to_vec(&json!({"tenant_id": "acme", "sku_id": "payments", "kind": "payment"}))
+            .unwrap();
+    let h = c.headers(now, "POST", path, &first);
+    assert_eq!(c.raw("POST", path, &first, &h).await.unwrap().status, 202);
+    let again = c.raw("POST", path, &first, &h).await.unwrap();
+    assert_eq!(again.status, 401, "{}", again.body);
+    // A second signature fills the cache past its bound of one...
+    let second = serde_json::to_vec(
+        &json!({"tenant_id": "acme", "sku_id": "payments", "kind": "payment", "payload": {"n": 2}}),
+    )
+    .unwrap();
+    let h2 = c.headers(now, "POST", path, &second);
+    assert_eq!(c.raw("POST", path, &second, &h2).await.unwrap().status, 202);
+    node.log_until("replay cache full, dropping its oldest minute early")
+        .await;
+    assert!(node.log().contains("ingress.replay_cache_max_entries"));
+    // ...so the first one's minute went: no longer refused.
+    let late = c.raw("POST", path, &first, &h).await.unwrap();
+    assert_eq!(late.status, 202, "{}", late.body);
+}
+
 #[tokio::test]
 async fn halted_degraded_and_quota_signals_are_dead_lettered_and_replayed() {
     let node = Node::start_with(&test_config(""), &[]);

@@ -90,7 +90,25 @@ pub struct IngressConfig {
     pub listen: SocketAddr,
     pub max_body_bytes: usize,
     pub replay_window_secs: u64,
+    /// Signatures the replay cache may hold. Unset: what the global rate
+    /// limit can bring in while a signature stays (its request's minute
+    /// plus the window), so the window holds at any admitted rate and the
+    /// rate limit bounds the memory (see [`IngressConfig::replay_cache_entries`]).
+    pub replay_cache_max_entries: Option<u64>,
     pub rate_limits: RateLimits,
+}
+
+impl IngressConfig {
+    /// The replay cache's bound: `replay_cache_max_entries`, else
+    /// `global_per_sec × (replay_window_secs + 60)`.
+    pub fn replay_cache_entries(&self) -> usize {
+        let derived = || {
+            u64::from(self.rate_limits.global_per_sec)
+                .saturating_mul(self.replay_window_secs.saturating_add(60))
+        };
+        let n = self.replay_cache_max_entries.unwrap_or_else(derived);
+        usize::try_from(n).unwrap_or(usize::MAX)
+    }
 }
 
 impl Default for IngressConfig {
@@ -99,6 +117,7 @@ impl Default for IngressConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_body_bytes: 65536,
             replay_window_secs: 300,
+            replay_cache_max_entries: None,
             rate_limits: RateLimits::default(),
         }
     }
@@ -747,6 +766,12 @@ fn validate(c: &Config, errors: &mut Vec<ConfigError>) {
     if c.ingress.replay_window_secs == 0 {
         errors.push(err("ingress.replay_window_secs", "must be greater than 0"));
     }
+    if c.ingress.replay_cache_max_entries == Some(0) {
+        errors.push(err(
+            "ingress.replay_cache_max_entries",
+            "must be greater than 0 (leave it out to size it from the global rate limit)",
+        ));
+    }
     let rl = &c.ingress.rate_limits;
     for (key, v) in [
         ("global_per_sec", rl.global_per_sec),
@@ -1102,6 +1127,29 @@ mod tests {
         );
         let c = load("", vec![]).unwrap();
         assert_eq!(c.kanban.visibility_secs, 60);
+    }
+
+    #[test]
+    fn the_replay_cache_holds_the_window_at_the_global_rate_unless_bounded() {
+        // Unset: a signature stays for its minute and the window, at most
+        // the global rate limit's worth of them per second.
+        let c = load("[ingress.rate_limits]\nglobal_per_sec = 1000\n", vec![]).unwrap();
+        assert_eq!(c.ingress.replay_cache_entries(), 1000 * (300 + 60));
+        let c = load(
+            "[ingress]\nreplay_window_secs = 60\n[ingress.rate_limits]\nglobal_per_sec = 7\n",
+            vec![],
+        )
+        .unwrap();
+        assert_eq!(c.ingress.replay_cache_entries(), 7 * 120);
+        let env = vec![(
+            "TAI_INGRESS__REPLAY_CACHE_MAX_ENTRIES".to_string(),
+            "5000".to_string(),
+        )];
+        let c = load("", env).unwrap();
+        assert_eq!(c.ingress.replay_cache_entries(), 5000);
+        let errors = load("[ingress]\nreplay_cache_max_entries = 0\n", vec![]).unwrap_err();
+        assert_eq!(pairs(&errors)[0].0, "ingress.replay_cache_max_entries");
+        assert!(pairs(&errors)[0].1.starts_with("must be greater than 0"));
     }
 
     #[test]

@@ -40,7 +40,7 @@ pub fn supervisor_spec(
         limits: limits::Limits::new(&config.ingress.rate_limits),
         replay: Mutex::new(replay::ReplayCache::new(
             config.ingress.replay_window_secs,
-            2_000_000,
+            config.ingress.replay_cache_entries(),
         )),
         draining,
         trace_sampling: config

@@ -55,27 +55,37 @@ impl ReplayCache {
         }
     }
 
+    /// Drops the minutes out of the window.
     fn expire(&mut self, now_secs: u64) {
         while let Some((&start, set)) = self.buckets.first_key_value() {
             // Its latest timestamp, start + 59, is out of the window.
-            let dead = start + 60 + self.window_secs <= now_secs;
-            if !dead && self.len < self.max_entries {
+            if start + 60 + self.window_secs > now_secs {
                 break;
-            }
-            if !dead {
-                tracing::warn!(
-                    entries = self.len,
-                    "replay cache full, dropping its oldest minute early"
-                );
             }
             self.len -= set.len();
             self.buckets.pop_first();
         }
     }
 
+    /// Drops the oldest minutes, still in the window, until there is room.
+    fn make_room(&mut self) {
+        while self.len >= self.max_entries {
+            let Some((_, set)) = self.buckets.pop_first() else {
+                return;
+            };
+            self.len -= set.len();
+            tracing::warn!(
+                entries = self.len,
+                dropped = set.len(),
+                "replay cache full, dropping its oldest minute early (its signatures could be replayed: raise ingress.replay_cache_max_entries)"
+            );
+        }
+    }
+
     /// Records (tenant, signature) of a request timestamped `ts_secs`
     /// (already checked to be inside the window); false if it was already
-    /// seen.
+    /// seen. A full cache is made room in only for a signature it does not
+    /// hold, so a replay is refused even then.
     pub fn check_and_insert(
         &mut self,
         tenant: &str,
@@ -85,9 +95,16 @@ impl ReplayCache {
     ) -> bool {
         self.expire(now_secs);
         let h = self.hasher.hash_one((tenant, signature));
-        if !self.buckets.entry(ts_secs / 60 * 60).or_default().insert(h) {
+        let minute = ts_secs / 60 * 60;
+        if self
+            .buckets
+            .get(&minute)
+            .is_some_and(|set| set.contains(&h))
+        {
             return false;
         }
+        self.make_room();
+        self.buckets.entry(minute).or_default().insert(h);
         self.len += 1;
         true
     }
@@ -158,5 +175,20 @@ mod tests {
             c.check_and_insert("t", &i.to_string(), 1000 + i, 1000 + i);
         }
         assert!(c.len() <= 100, "{}", c.len());
+    }
+
+    #[test]
+    fn a_full_cache_still_refuses_what_it_holds() {
+        let mut c = ReplayCache::new(300, 2);
+        assert!(c.check_and_insert("a", "s1", 1000, 1000));
+        assert!(c.check_and_insert("a", "s2", 1000, 1000));
+        // Full: a replay is refused, not let in by making room for it.
+        assert!(!c.check_and_insert("a", "s1", 1000, 1000));
+        assert!(!c.check_and_insert("a", "s2", 1000, 1000));
+        assert_eq!(c.len(), 2);
+        // A new signature drops the oldest minute (the same one here).
+        assert!(c.check_and_insert("a", "s3", 1090, 1090));
+        assert_eq!(c.len(), 1);
+        assert!(c.check_and_insert("a", "s1", 1000, 1090), "dropped early");
     }
 }
