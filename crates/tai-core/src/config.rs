@@ -91,20 +91,24 @@ pub struct IngressConfig {
     pub max_body_bytes: usize,
     pub replay_window_secs: u64,
     /// Signatures the replay cache may hold. Unset: what the global rate
-    /// limit can bring in while a signature stays (its request's minute
-    /// plus the window), so the window holds at any admitted rate and the
-    /// rate limit bounds the memory (see [`IngressConfig::replay_cache_entries`]).
+    /// limit can admit while a signature stays, so the window holds for
+    /// every admitted request and the rate limit bounds the memory (see
+    /// [`IngressConfig::replay_cache_entries`]).
     pub replay_cache_max_entries: Option<u64>,
     pub rate_limits: RateLimits,
 }
 
 impl IngressConfig {
     /// The replay cache's bound: `replay_cache_max_entries`, else
-    /// `global_per_sec × (replay_window_secs + 60)`.
+    /// `global_per_sec × (2 × replay_window_secs + 61)`. A signature stays
+    /// until its request's minute has left the window: up to the window
+    /// plus 60 s after it came with a timestamp of its arrival, twice the
+    /// window plus 60 s with one a window ahead of the node's clock; and
+    /// the global limit admits a second's worth of burst on top of its rate.
     pub fn replay_cache_entries(&self) -> usize {
         let derived = || {
-            u64::from(self.rate_limits.global_per_sec)
-                .saturating_mul(self.replay_window_secs.saturating_add(60))
+            let stays = self.replay_window_secs.saturating_mul(2).saturating_add(61);
+            u64::from(self.rate_limits.global_per_sec).saturating_mul(stays)
         };
         let n = self.replay_cache_max_entries.unwrap_or_else(derived);
         usize::try_from(n).unwrap_or(usize::MAX)
@@ -1131,16 +1135,16 @@ mod tests {
 
     #[test]
     fn the_replay_cache_holds_the_window_at_the_global_rate_unless_bounded() {
-        // Unset: a signature stays for its minute and the window, at most
-        // the global rate limit's worth of them per second.
+        // Unset: a signature stays up to twice the window and a minute, at
+        // most the global rate limit's worth of them per second (and its burst).
         let c = load("[ingress.rate_limits]\nglobal_per_sec = 1000\n", vec![]).unwrap();
-        assert_eq!(c.ingress.replay_cache_entries(), 1000 * (300 + 60));
+        assert_eq!(c.ingress.replay_cache_entries(), 1000 * (600 + 61));
         let c = load(
             "[ingress]\nreplay_window_secs = 60\n[ingress.rate_limits]\nglobal_per_sec = 7\n",
             vec![],
         )
         .unwrap();
-        assert_eq!(c.ingress.replay_cache_entries(), 7 * 120);
+        assert_eq!(c.ingress.replay_cache_entries(), 7 * 181);
         let env = vec![(
             "TAI_INGRESS__REPLAY_CACHE_MAX_ENTRIES".to_string(),
             "5000".to_string(),
