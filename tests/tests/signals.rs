@@ -363,6 +363,12 @@ async fn a_replay_cache_bounded_below_its_window_drops_early_and_says_so() {
         &test_config(""),
         &[("TAI_INGRESS__REPLAY_CACHE_MAX_ENTRIES", "1")],
     );
+    // The bound in force is in the start log.
+    assert!(
+        node.log().contains("replay_cache_max_entries=1"),
+        "{}",
+        node.log()
+    );
     let c = Client::new(&node, "acme", "acme-secret");
     let path = "/v1/signals";
     let now = unix_now();

@@ -119,6 +119,11 @@ impl ReplayCache {
         }
     }
 
+    /// The bound on signatures held.
+    pub fn max_entries(&self) -> usize {
+        self.max_entries
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }

@@ -146,7 +146,13 @@ impl Actor for IngressHttp {
                 shared.limits.evict_idle();
             }
         });
-        info!(listen = %local, "ingress listening");
+        let replay_cache_max_entries = args
+            .shared
+            .replay
+            .lock()
+            .expect("replay cache")
+            .max_entries();
+        info!(listen = %local, replay_cache_max_entries, "ingress listening");
         Ok(IngressState {
             stop: Some(tx),
             server: Some(server),
