@@ -191,7 +191,7 @@ mod tests {
         assert!(!c.check_and_insert("a", "s1", 1000, 1000));
         assert!(!c.check_and_insert("a", "s2", 1000, 1000));
         assert_eq!(c.len(), 2);
-        // A new signature drops the oldest minute (the same one here).
+        // A new signature (minute 1080) drops the oldest minute (960: s1 and s2).
         assert!(c.check_and_insert("a", "s3", 1090, 1090));
         assert_eq!(c.len(), 1);
         assert!(c.check_and_insert("a", "s1", 1000, 1090), "dropped early");
