@@ -96,15 +96,21 @@ impl ReplayCache {
         self.expire(now_secs);
         let h = self.hasher.hash_one((tenant, signature));
         let minute = ts_secs / 60 * 60;
-        if self
-            .buckets
-            .get(&minute)
-            .is_some_and(|set| set.contains(&h))
-        {
+        if self.len >= self.max_entries {
+            // Only a full cache looks before it inserts: making room first
+            // could drop the very signature being replayed.
+            if self
+                .buckets
+                .get(&minute)
+                .is_some_and(|set| set.contains(&h))
+            {
+                return false;
+            }
+            self.make_room();
+        }
+        if !self.buckets.entry(minute).or_default().insert(h) {
             return false;
         }
-        self.make_room();
-        self.buckets.entry(minute).or_default().insert(h);
         self.len += 1;
         true
     }
