@@ -1615,6 +1615,61 @@ async fn park_one(node: &Node, c: &Client, id: &str) {
         .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engines_passivated_with_signals_in_their_mailbox_decide_them_without_a_crash() {
+    // One live engine at most, and two tenants' signals interleaved by
+    // concurrent clients: nearly every signal passivates the other engine,
+    // often while signals still wait in its mailbox. Passivating drains it:
+    // what it holds is decided, and nothing crashes (a crash counts a
+    // delivery attempt: repeated, it turned a signal into poison).
+    let node = Node::start_with(&test_config(""), &[("TAI_JIDOKA__MAX_ACTIVE_ENGINES", "1")]);
+    let tenants = [("acme", "acme-secret"), ("globex", "globex-secret")];
+    for (t, secret) in tenants {
+        let c = Client::new(&node, t, secret);
+        c.entitle("payments", "ent").await;
+        c.decided("ent").await;
+    }
+    let mut clients = Vec::new();
+    for w in 0..8 {
+        let clients_of: Vec<Client> = tenants
+            .iter()
+            .map(|(t, secret)| Client::new(&node, t, secret))
+            .collect();
+        clients.push(tokio::spawn(async move {
+            let mut sent = Vec::new();
+            for i in 0..30 {
+                let c = &clients_of[(w + i) % 2];
+                let id = format!("mb-{w}-{i}");
+                let body = signal(
+                    &c.tenant,
+                    "payments",
+                    "payment",
+                    &id,
+                    json!({"amount": 1.0, "currency": "USD", "customer_id": format!("c-{w}-{i}")}),
+                );
+                let a = c.post(&body).await.unwrap();
+                assert_eq!(a.status, 202, "{}", a.body);
+                sent.push((c.tenant.clone(), id));
+            }
+            sent
+        }));
+    }
+    let mut sent = Vec::new();
+    for t in clients {
+        sent.extend(t.await.unwrap());
+    }
+    for (t, id) in &sent {
+        let secret = tenants.iter().find(|(n, _)| n == t).unwrap().1;
+        let s = Client::new(&node, t, secret).decided(id).await;
+        assert_eq!(s["status"], "completed", "{t}/{id}: {s}");
+    }
+    let log = node.log();
+    assert!(!log.contains("exited abnormally"), "{log}");
+    assert!(!log.contains("poison"), "{log}");
+    let (_, v) = node.admin(Method::GET, "/admin/receipts/verify").await;
+    assert_eq!(v["ok"], true, "{v}");
+}
+
 #[tokio::test]
 async fn an_engine_passivated_while_signals_wait_in_it_comes_back_for_them() {
     // One live engine at most: starting a second passivates the first,

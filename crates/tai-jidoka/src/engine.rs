@@ -912,10 +912,19 @@ impl Actor for Engine {
                     }
                     return Ok(());
                 }
-                if st.inbox.is_empty() {
-                    myself.send_message(EngineMsg::Drain)?;
-                }
+                let first = st.inbox.is_empty();
                 st.inbox.push(d);
+                // A first signal sends the `Drain` that decides it with those
+                // behind it in the mailbox, in one run. An engine being
+                // passivated (drained) takes no new message, not even its
+                // own: it decides the signal now (failing here would crash
+                // it and count a delivery attempt against the signal).
+                if first && myself.send_message(EngineMsg::Drain).is_err() {
+                    let inputs = Self::take_inbox(st)?;
+                    if !inputs.is_empty() {
+                        Self::run(&myself, st, inputs).await?;
+                    }
+                }
             }
             EngineMsg::Drain => {
                 let inputs = Self::take_inbox(st)?;
