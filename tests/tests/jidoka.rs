@@ -46,6 +46,18 @@ async fn entitle(c: &Client, sku: &str) {
     c.entitle(sku, &format!("ent-{sku}")).await;
 }
 
+/// Waits (10 s at most) until the gateway has had `n` requests, the last `what`'s.
+async fn until_hits(gw: &Gateway, n: usize, what: &str) {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while gw.hits().len() < n {
+        assert!(
+            std::time::Instant::now() < end,
+            "{what} never reached the gateway"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 async fn breaker(node: &Node, name: &str) -> Value {
     let (status, list) = node.admin(Method::GET, "/admin/breakers").await;
     assert_eq!(status, 200, "{list}");
@@ -710,14 +722,7 @@ executor = "lossy"
     )
     .await;
     send(&c, &pay("lossypay", "l-probe")).await;
-    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while gw.hits().len() < 2 {
-        assert!(
-            std::time::Instant::now() < end,
-            "the probe never reached the gateway"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    until_hits(&gw, 2, "the probe").await;
     let (status, body) = node
         .admin(Method::POST, "/admin/actors/engine:acme:lossypay/kill")
         .await;
@@ -752,6 +757,67 @@ executor = "lossy"
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
     assert_eq!(breaker(&node, "lossy").await["state"], "closed");
+}
+
+#[tokio::test]
+async fn an_engine_restarted_while_it_was_being_passivated_is_still_routed_to() {
+    // One live engine at most. acme's `slowpay` engine is mid-call to a slow
+    // gateway when globex's first signal passivates it (a drain: it finishes
+    // its call first). Killed then, engine_sup restarts it, and the router,
+    // told the drained engine is gone, must take that incarnation as its
+    // live engine (engine_sup answers a start of a running child with it,
+    // as OTP's `already_started`) and keep to its cap.
+    let gw = Gateway::start().await;
+    let extra = format!(
+        r#"
+[executors.slow]
+kind = "webhook"
+url = "{}"
+timeout_ms = 20000
+
+[skus.slowpay]
+policies = []
+executor = "slow"
+"#,
+        gw.url
+    );
+    let node = Node::start_with(
+        &config(&gw.url, &extra),
+        &[("TAI_JIDOKA__MAX_ACTIVE_ENGINES", "1")],
+    );
+    let c = Client::new(&node, "acme", "acme-secret");
+    let g = Client::new(&node, "globex", "globex-secret");
+    entitle(&c, "slowpay").await;
+    c.decided("ent-slowpay").await;
+    gw.set(GatewayMode::Slow(20_000));
+    send(&c, &pay("slowpay", "s-1")).await;
+    until_hits(&gw, 1, "s-1").await;
+    // globex's entitlement starts its engine, which passivates slowpay's.
+    g.entitle("payments", "g-ent").await;
+    g.decided("g-ent").await;
+    let (status, body) = node
+        .admin(Method::POST, "/admin/actors/engine:acme:slowpay/kill")
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let lost = c.decided("s-1").await;
+    assert_eq!(lost["reason"], "interrupted", "{lost}");
+
+    gw.set(GatewayMode::Ok);
+    send(&c, &pay("slowpay", "s-2")).await;
+    assert_eq!(c.decided("s-2").await["status"], "completed");
+    let log = node.log();
+    assert!(!log.contains("delivery failed"), "{log}");
+    // The cap holds: globex's engine went to make room for it.
+    node.admin_until("/admin/tree", "one live engine", |t| {
+        find(t, "engine_sup").is_some_and(|s| {
+            let live: Vec<&str> = children(s)
+                .iter()
+                .map(|c| c["name"].as_str().unwrap())
+                .collect();
+            live == ["engine:acme:slowpay"]
+        })
+    })
+    .await;
 }
 
 #[tokio::test]
