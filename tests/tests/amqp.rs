@@ -330,6 +330,50 @@ async fn publish(ch: &lapin::Channel, queue: &str, body: &[u8], props: BasicProp
 }
 
 #[tokio::test]
+async fn a_retry_of_a_signal_recorded_but_never_published_is_published_and_decided() {
+    // The amqp backend writes a signal's `accepted` record before it
+    // publishes it (the record is the dedupe key), and answers 202 on the
+    // broker's confirm. A node killed between the two leaves the record
+    // and no message; the client, with no answer, retries. That retry was
+    // answered 200 (a duplicate, `accepted`) and the signal was never
+    // decided: found by a kill -9 soak. Now it is published again.
+    ensure_broker();
+    let queue = unique_queue("unpublished");
+    let _cleanup = QueueCleanup(queue.clone());
+    let mut node = amqp_node(&queue);
+    connected(&node).await;
+    let c = Client::new(&node, "acme", "acme-secret");
+    c.entitle("payments", "ent").await;
+    c.decided("ent").await;
+    node.stop();
+    let body = serde_json::to_vec(&pay("lost-1")).unwrap();
+    {
+        let store = tai_store::Store::open(&node.data_dir()).unwrap();
+        let s = tai_core::signal::parse_signal(&body, unix_now() * 1000, String::new).unwrap();
+        store.record_accepted(&[s]).unwrap();
+        store.flush().unwrap();
+    }
+    node.restart();
+    connected(&node).await;
+    let c = Client::new(&node, "acme", "acme-secret");
+    let a = c.post(&pay("lost-1")).await.unwrap();
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.body["duplicate"], true, "{}", a.body);
+    assert_eq!(c.decided("lost-1").await["status"], "completed");
+    // A second retry, once it is decided, is a plain duplicate: decided once.
+    let a = c.post(&pay("lost-1")).await.unwrap();
+    assert_eq!(
+        (a.status, &a.body["status"]),
+        (200, &json!("completed")),
+        "{}",
+        a.body
+    );
+    let receipts = node.all_receipts().await;
+    assert_eq!(decisions(&receipts).get("lost-1"), Some(&1));
+    verify_ok(&node).await;
+}
+
+#[tokio::test]
 async fn a_poison_message_is_requeued_once_then_dead_lettered_with_its_reason() {
     ensure_broker();
     let queue = unique_queue("poison");

@@ -45,7 +45,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tai_core::alert::{Alert, Severity};
 use tai_core::config::{AmqpQueueType, KanbanConfig};
 use tai_core::msg::{BrokerStats, Delivery, EnqueueOutcome, IdOrigin, KanbanMsg, QueueStats};
-use tai_core::signal::{now_ms, DeadLetter, Signal, SignalRecord};
+use tai_core::signal::{now_ms, DeadLetter, Signal, SignalRecord, SignalStatus};
 use tai_store::Store;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -773,6 +773,58 @@ impl AmqpState {
         });
     }
 
+    /// A retry of a signal whose record is still `accepted`. The record is
+    /// written before the publish, so it does not prove that the broker has
+    /// the signal: a node killed between the two left only the record, and
+    /// answering the retry as a plain duplicate lost the signal. It goes to
+    /// the fallback buffer (without its record written again, and not at
+    /// all if it was decided meanwhile), published from there in order like
+    /// any buffered signal, and the retry is answered as the duplicate it is
+    /// once that is durable. A second copy in the broker is harmless: the
+    /// queue attaches it to the one it holds, or the engine acknowledges it
+    /// without deciding, the signal being final.
+    fn republish(
+        &mut self,
+        myself: &ActorRef<KanbanMsg>,
+        signal: Signal,
+        record: SignalRecord,
+        reply: RpcReplyPort<EnqueueOutcome>,
+    ) {
+        let max = self.config.buffer_max;
+        match self
+            .store
+            .buffer_append(std::slice::from_ref(&signal), max, true)
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                let _ = reply.send(EnqueueOutcome::Full(format!(
+                    "the fallback buffer is full ({max} signals)"
+                )));
+                return;
+            }
+            Err(e) => {
+                let _ = reply.send(EnqueueOutcome::Failed(e.to_string()));
+                return;
+            }
+        }
+        debug!(tenant = %signal.tenant_id, signal = %signal.id, "a retry of an undecided signal: published again");
+        self.maybe_drain(myself);
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            let outcome = match store.durable().await {
+                Ok(()) => EnqueueOutcome::Duplicate(
+                    store
+                        .signal_record(&signal.tenant_id, &signal.id)
+                        .ok()
+                        .flatten()
+                        .unwrap_or(record),
+                ),
+                Err(e) => EnqueueOutcome::Failed(e.to_string()),
+            };
+            let _ = reply.send(outcome);
+        });
+    }
+
     fn enqueue(
         &mut self,
         myself: &ActorRef<KanbanMsg>,
@@ -785,9 +837,25 @@ impl AmqpState {
             waiting.push(reply);
             return Ok(());
         }
-        let Some(reply) = crate::answer_known(&self.store, &key, origin, reply) else {
-            return Ok(());
+        let known = match origin {
+            IdOrigin::Minted => Ok(None),
+            IdOrigin::Client => self.store.signal_record(&key.0, &key.1),
         };
+        match known {
+            Ok(None) => {}
+            Ok(Some(record)) if record.status == SignalStatus::Accepted => {
+                self.republish(myself, signal, record, reply);
+                return Ok(());
+            }
+            Ok(Some(record)) => {
+                let _ = reply.send(EnqueueOutcome::Duplicate(record));
+                return Ok(());
+            }
+            Err(e) => {
+                let _ = reply.send(EnqueueOutcome::Failed(e.to_string()));
+                return Ok(());
+            }
+        }
         if self
             .broker_depth
             .is_some_and(|d| d >= self.config.max_depth)
