@@ -374,6 +374,49 @@ async fn a_retry_of_a_signal_recorded_but_never_published_is_published_and_decid
 }
 
 #[tokio::test]
+async fn a_retry_of_a_signal_the_node_holds_parked_adds_no_copy() {
+    // Held here (parked for an entitlement), the signal is in the broker:
+    // its retries are plain duplicates. Published again, each would be a
+    // copy holding a prefetch slot until the entitlement. (Identical
+    // retries are replays: with the signal still `accepted`, ingress leaves
+    // them to the queue too.)
+    ensure_broker();
+    let queue = unique_queue("held-retry");
+    let _cleanup = QueueCleanup(queue.clone());
+    let node = Node::start_with(
+        &test_config(&format!("{}{}", amqp_kanban(&queue), waiting_sku(3600))),
+        &[],
+    );
+    connected(&node).await;
+    let c = Client::new(&node, "acme", "acme-secret");
+    post_waiting(&c, 1).await;
+    node.admin_until("/admin/queue", "w-0 parked", |q| q["parked"] == 1)
+        .await;
+    for _ in 0..3 {
+        let a = c
+            .post(&signal("acme", "waiting", "job", "w-0", json!({})))
+            .await
+            .unwrap();
+        assert_eq!(
+            (a.status, &a.body["duplicate"]),
+            (200, &json!(true)),
+            "{}",
+            a.body
+        );
+    }
+    // A copy would be published before the entitlement (the fallback
+    // buffer goes out first), so delivered before it is decided.
+    c.entitle("waiting", "ent-w").await;
+    assert_eq!(c.decided("w-0").await["status"], "completed");
+    let q = node
+        .admin_until("/admin/queue", "nothing in flight", |q| {
+            q["in_flight"] == 0 && q["broker"]["broker_depth"] == 0
+        })
+        .await;
+    assert_eq!(q["broker"]["delivered"], 2, "w-0 and ent-w, once each: {q}");
+}
+
+#[tokio::test]
 async fn a_poison_message_is_requeued_once_then_dead_lettered_with_its_reason() {
     ensure_broker();
     let queue = unique_queue("poison");

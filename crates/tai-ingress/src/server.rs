@@ -13,7 +13,7 @@ use bytes::Bytes;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::json;
 use tai_core::msg::{EnqueueOutcome, IdOrigin, KanbanMsg, KANBAN_QUEUE};
-use tai_core::signal::{now_ms, parse_signal};
+use tai_core::signal::{now_ms, parse_signal, SignalStatus};
 use tai_core::ErrorCode;
 use tai_store::Store;
 use tokio::sync::oneshot;
@@ -392,33 +392,52 @@ async fn post_signal(s: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) -
     // A known id is answered as a duplicate (200) even when the request
     // would otherwise be refused as a replay or for draining, so a client can
     // retry an identical request safely. A new signal is not looked up here:
-    // the queue checks every enqueue against the store anyway.
-    let known = || -> Option<Response> {
+    // the queue checks every enqueue against the store anyway. One still
+    // `accepted` goes on to the queue, which alone can tell when a 200 may
+    // vouch for it: the embedded queue once the flush that makes it durable
+    // is done, the amqp backend once the broker has it (its record, written
+    // before the publish, does not prove that).
+    enum Known {
+        Answer(Response),
+        Accepted,
+        Unknown,
+    }
+    let known = || -> Known {
         // Only a client-chosen id can already be known.
         if assigned_id {
-            return None;
+            return Known::Unknown;
         }
         match s.store.signal_record(tenant_id, &signal.id) {
-            Ok(Some(existing)) => Some(duplicate(&existing.signal_id, existing.status.as_str())),
-            Ok(None) => None,
-            Err(e) => Some(unavailable(format!("store: {e}"))),
+            Ok(Some(existing)) if existing.status == SignalStatus::Accepted => Known::Accepted,
+            Ok(Some(existing)) => {
+                Known::Answer(duplicate(&existing.signal_id, existing.status.as_str()))
+            }
+            Ok(None) => Known::Unknown,
+            Err(e) => Known::Answer(unavailable(format!("store: {e}"))),
         }
     };
     if s.draining.load(Ordering::SeqCst) {
-        return known().unwrap_or_else(|| unavailable("node is draining".into()));
-    }
-    if !s.replay.lock().expect("replay cache").check_and_insert(
+        match known() {
+            Known::Answer(r) => return r,
+            Known::Unknown => return unavailable("node is draining".into()),
+            Known::Accepted => {}
+        }
+    } else if !s.replay.lock().expect("replay cache").check_and_insert(
         tenant_id,
         signature,
         timestamp_secs,
         now,
     ) {
-        return known().unwrap_or_else(|| {
-            error_reply(
-                ErrorCode::Unauthorized,
-                "replayed request: this signature was already used",
-            )
-        });
+        match known() {
+            Known::Answer(r) => return r,
+            Known::Unknown => {
+                return error_reply(
+                    ErrorCode::Unauthorized,
+                    "replayed request: this signature was already used",
+                )
+            }
+            Known::Accepted => {}
+        }
     }
     let span = if tracing::Span::current().is_none() {
         tracing::Span::none()

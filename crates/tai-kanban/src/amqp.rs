@@ -773,7 +773,8 @@ impl AmqpState {
         });
     }
 
-    /// A retry of a signal whose record is still `accepted`. The record is
+    /// A retry of a signal whose record is still `accepted`, and which this
+    /// node does not hold (delivered, being decided or parked). The record is
     /// written before the publish, so it does not prove that the broker has
     /// the signal: a node killed between the two left only the record, and
     /// answering the retry as a plain duplicate lost the signal. It goes to
@@ -843,7 +844,12 @@ impl AmqpState {
         };
         match known {
             Ok(None) => {}
-            Ok(Some(record)) if record.status == SignalStatus::Accepted => {
+            // Held here, the broker has it: a plain duplicate. (Published
+            // again, a retry of a parked signal would add a copy holding a
+            // prefetch slot until the entitlement comes.)
+            Ok(Some(record))
+                if record.status == SignalStatus::Accepted && !self.by_key.contains_key(&key) =>
+            {
                 self.republish(myself, signal, record, reply);
                 return Ok(());
             }
