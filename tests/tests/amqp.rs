@@ -417,6 +417,36 @@ async fn a_retry_of_a_signal_the_node_holds_parked_adds_no_copy() {
 }
 
 #[tokio::test]
+async fn a_node_that_connects_counts_the_backlog_waiting_in_the_broker() {
+    // Three signals wait in the broker while the node is down. Once it says
+    // `connected`, `broker_depth` is known (the work queue's count when it
+    // was declared), not null and counted as 0 until the first probe (a
+    // script polling `depth == 0` after a restart took a backlog for an
+    // empty queue).
+    ensure_broker();
+    let queue = unique_queue("backlog");
+    let _cleanup = QueueCleanup(queue.clone());
+    let mut node = amqp_node(&queue);
+    connected(&node).await;
+    node.stop();
+    let (_conn, ch) = producer().await;
+    for i in 0..3 {
+        let mut body = pay(&format!("b-{i}"));
+        body["received_at_ms"] = json!(1);
+        let bytes = serde_json::to_vec(&body).unwrap();
+        publish(&ch, &queue, &bytes, BasicProperties::default()).await;
+    }
+    node.restart();
+    let q = node
+        .admin_until("/admin/queue", "a broker connection", |q| {
+            q["broker"]["connection"] == "connected"
+        })
+        .await;
+    assert!(q["broker"]["broker_depth"].is_u64(), "{q}");
+    node.log_until("broker_depth=3").await;
+}
+
+#[tokio::test]
 async fn a_poison_message_is_requeued_once_then_dead_lettered_with_its_reason() {
     ensure_broker();
     let queue = unique_queue("poison");

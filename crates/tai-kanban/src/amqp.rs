@@ -110,8 +110,9 @@ impl Topology {
     }
 
     /// Declares the work queue, the dead-letter exchange and queue, bound
-    /// (idempotent: at start and after every reconnect).
-    pub async fn declare(&self, ch: &Channel) -> lapin::Result<()> {
+    /// (idempotent: at start and after every reconnect). Returns the
+    /// messages ready in the work queue then.
+    pub async fn declare(&self, ch: &Channel) -> lapin::Result<u64> {
         let durable = QueueDeclareOptions {
             durable: true,
             ..Default::default()
@@ -155,9 +156,10 @@ impl Topology {
             FieldTable::default(),
         )
         .await?;
-        ch.queue_declare(self.queue.as_str().into(), durable, self.queue_args())
+        let work = ch
+            .queue_declare(self.queue.as_str().into(), durable, self.queue_args())
             .await?;
-        Ok(())
+        Ok(u64::from(work.message_count()))
     }
 }
 
@@ -245,6 +247,10 @@ struct Link {
     /// Handed to [`crate::broker_letters::watch`] when the actor takes the link.
     watch: Option<Channel>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The work queue's ready messages when it was declared: the broker's
+    /// depth until the first probe, so a node that just (re)connected does
+    /// not report an empty queue over a backlog.
+    depth: u64,
 }
 
 /// What the actor asks of a connection's [`forward`] task.
@@ -452,7 +458,7 @@ async fn connect(
         .map_err(|e| e.to_string())?;
     let setup = async {
         let publish = conn.create_channel().await?;
-        topology.declare(&publish).await?;
+        let depth = topology.declare(&publish).await?;
         publish
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
@@ -471,9 +477,9 @@ async fn connect(
                 FieldTable::default(),
             )
             .await?;
-        Ok::<_, lapin::Error>((publish, probe, watch, consume, consumer, tag))
+        Ok::<_, lapin::Error>((publish, probe, watch, consume, consumer, tag, depth))
     };
-    let (publish, probe, watch, consume, consumer, consumer_tag) =
+    let (publish, probe, watch, consume, consumer, consumer_tag, depth) =
         match tokio::time::timeout(CONNECT_TIMEOUT, setup).await {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
@@ -506,6 +512,7 @@ async fn connect(
         control: None,
         watch: Some(watch),
         tasks: vec![watching],
+        depth,
     }))
 }
 
@@ -1284,10 +1291,12 @@ impl AmqpState {
         }
         self.reconnects += 1;
         self.backoff = backoff();
+        self.broker_depth = Some(link.depth);
         info!(
             queue = %self.topology.queue,
             consumer = %link.consumer_tag,
             buffered = self.store.buffered_count(),
+            broker_depth = link.depth,
             "connected to the broker"
         );
         let _ = self.acks.send(AckOp::Link(link.gen, link.consume.clone()));
