@@ -45,7 +45,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tai_core::alert::{Alert, Severity};
 use tai_core::config::{AmqpQueueType, KanbanConfig};
 use tai_core::msg::{BrokerStats, Delivery, EnqueueOutcome, IdOrigin, KanbanMsg, QueueStats};
-use tai_core::signal::{now_ms, DeadLetter, Signal, SignalRecord, SignalStatus};
+use tai_core::signal::{now_ms, DeadLetter, Signal, SignalRecord};
 use tai_store::Store;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -845,30 +845,21 @@ impl AmqpState {
             waiting.push(reply);
             return Ok(());
         }
-        let known = match origin {
-            IdOrigin::Minted => Ok(None),
-            IdOrigin::Client => self.store.signal_record(&key.0, &key.1),
-        };
-        match known {
-            Ok(None) => {}
+        let reply = match crate::look_up(&self.store, &key, origin, reply) {
+            crate::Known::New(reply) => reply,
             // Held here, the broker has it: a plain duplicate. (Published
             // again, a retry of a parked signal would add a copy holding a
             // prefetch slot until the entitlement comes.)
-            Ok(Some(record))
-                if record.status == SignalStatus::Accepted && !self.by_key.contains_key(&key) =>
-            {
-                self.republish(myself, signal, record, reply);
-                return Ok(());
-            }
-            Ok(Some(record)) => {
+            crate::Known::Accepted(record, reply) if self.by_key.contains_key(&key) => {
                 let _ = reply.send(EnqueueOutcome::Duplicate(record));
                 return Ok(());
             }
-            Err(e) => {
-                let _ = reply.send(EnqueueOutcome::Failed(e.to_string()));
+            crate::Known::Accepted(record, reply) => {
+                self.republish(myself, signal, record, reply);
                 return Ok(());
             }
-        }
+            crate::Known::Answered => return Ok(()),
+        };
         if self
             .broker_depth
             .is_some_and(|d| d >= self.config.max_depth)

@@ -17,7 +17,7 @@ use std::time::Duration;
 use ractor::RpcReplyPort;
 use tai_core::config::{KanbanConfig, QueueBackend};
 use tai_core::msg::{Delivery, EnqueueOutcome, IdOrigin, RouterMsg, ENGINE_ROUTER, KANBAN_QUEUE};
-use tai_core::signal::SignalStatus;
+use tai_core::signal::{SignalRecord, SignalStatus};
 use tai_otp::{ChildSpec, Strategy, SupervisorSpec};
 use tai_store::Store;
 
@@ -42,47 +42,64 @@ pub(crate) fn engine_runs(s: &tai_core::signal::Signal) -> bool {
     ractor::registry::where_is(tai_core::names::engine_name(&s.tenant_id, &s.sku_id)).is_some()
 }
 
-/// Answers an enqueue of a signal the store already knows (a duplicate,
-/// or a failed look-up) and returns `None`; gives the reply back for a new
-/// one. An id ingress minted is new by construction (a fresh ULID: 80
-/// random bits within its millisecond), so it is not looked up: that
-/// look-up was a sled read per signal that could only miss.
-///
-/// A duplicate still `accepted` may be waiting for the flush that makes
-/// its original durable (the queue knows a signal from the moment it is
-/// staged): it is answered once a flush begun now is done, which carries
-/// everything staged or written before it began, so a 200 never vouches
-/// for a signal a crash could still lose.
-pub(crate) fn answer_known(
+/// What the store knows of an enqueued signal's id.
+pub(crate) enum Known {
+    /// Nothing: a new signal; the reply is given back.
+    New(RpcReplyPort<EnqueueOutcome>),
+    /// Still `accepted`: each backend knows when a 200 may vouch for it
+    /// (the embedded queue: [`duplicate_once_durable`]).
+    Accepted(SignalRecord, RpcReplyPort<EnqueueOutcome>),
+    /// Answered: final already (a duplicate), or the look-up failed.
+    Answered,
+}
+
+/// Looks an enqueued signal's id up in the store, and answers it if it is
+/// final (or the look-up failed). An id ingress minted is new by
+/// construction (a fresh ULID: 80 random bits within its millisecond), so
+/// it is not looked up: that look-up was a sled read per signal that could
+/// only miss.
+pub(crate) fn look_up(
     store: &Store,
     id: &(String, String),
     origin: IdOrigin,
     reply: RpcReplyPort<EnqueueOutcome>,
-) -> Option<RpcReplyPort<EnqueueOutcome>> {
+) -> Known {
     if origin == IdOrigin::Minted {
-        return Some(reply);
+        return Known::New(reply);
     }
     match store.signal_record(&id.0, &id.1) {
-        Ok(None) => Some(reply),
+        Ok(None) => Known::New(reply),
         Ok(Some(existing)) if existing.status == SignalStatus::Accepted => {
-            let store = store.clone();
-            tokio::spawn(async move {
-                let _ = reply.send(match store.durable().await {
-                    Ok(()) => EnqueueOutcome::Duplicate(existing),
-                    Err(e) => EnqueueOutcome::Failed(e.to_string()),
-                });
-            });
-            None
+            Known::Accepted(existing, reply)
         }
         Ok(Some(existing)) => {
             let _ = reply.send(EnqueueOutcome::Duplicate(existing));
-            None
+            Known::Answered
         }
         Err(e) => {
             let _ = reply.send(EnqueueOutcome::Failed(e.to_string()));
-            None
+            Known::Answered
         }
     }
+}
+
+/// Answers a duplicate still `accepted` once a flush begun now is done. On
+/// the embedded queue its original may be waiting for the flush that makes
+/// it durable (the queue knows a signal from the moment it is staged); that
+/// flush carries everything staged or written before it began, so a 200
+/// never vouches for a signal a crash could still lose.
+pub(crate) fn duplicate_once_durable(
+    store: &Store,
+    existing: SignalRecord,
+    reply: RpcReplyPort<EnqueueOutcome>,
+) {
+    let store = store.clone();
+    tokio::spawn(async move {
+        let _ = reply.send(match store.durable().await {
+            Ok(()) => EnqueueOutcome::Duplicate(existing),
+            Err(e) => EnqueueOutcome::Failed(e.to_string()),
+        });
+    });
 }
 
 /// The queue's depth, in-flight and parked gauges, looked up once per queue actor
@@ -151,7 +168,7 @@ mod tests {
     use tai_core::signal::{Signal, SignalStatus};
     use tai_store::Store;
 
-    use super::answer_known;
+    use super::{duplicate_once_durable, look_up, Known};
 
     fn signal(id: &str) -> Signal {
         let body =
@@ -162,10 +179,12 @@ mod tests {
     async fn ask(store: &Store, id: &str, origin: IdOrigin) -> Option<EnqueueOutcome> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let key = ("acme".to_string(), id.to_string());
-        match answer_known(store, &key, origin, tx.into()) {
-            Some(_) => None,
-            None => Some(rx.await.expect("an answer")),
+        match look_up(store, &key, origin, tx.into()) {
+            Known::New(_) => return None,
+            Known::Accepted(existing, reply) => duplicate_once_durable(store, existing, reply),
+            Known::Answered => {}
         }
+        Some(rx.await.expect("an answer"))
     }
 
     #[tokio::test]

@@ -241,8 +241,13 @@ impl Queue {
                 .push((reply, SignalRecord::accepted(&signal)));
             return Ok(());
         }
-        let Some(reply) = crate::answer_known(&st.args.store, &id, origin, reply) else {
-            return Ok(());
+        let reply = match crate::look_up(&st.args.store, &id, origin, reply) {
+            crate::Known::New(reply) => reply,
+            crate::Known::Accepted(existing, reply) => {
+                crate::duplicate_once_durable(&st.args.store, existing, reply);
+                return Ok(());
+            }
+            crate::Known::Answered => return Ok(()),
         };
         // After the duplicate checks: a known signal is answered as such
         // even when the queue is full.
