@@ -36,6 +36,37 @@ async fn connected(node: &Node) -> Value {
     .await
 }
 
+/// The amqp backend with a broker that cannot be reached.
+fn unreachable_kanban(queue: &str) -> String {
+    format!(
+        "\n[kanban]\nbackend = \"amqp\"\namqp_url = \"amqp://guest:guest@127.0.0.1:1/%2f\"\namqp_queue = \"{queue}\"\n"
+    )
+}
+
+/// Sends `body` three times more: each a `200` duplicate.
+async fn retried_as_duplicates(c: &Client, body: &Value) {
+    for _ in 0..3 {
+        let a = c.post(body).await.unwrap();
+        assert_eq!(
+            (a.status, &a.body["duplicate"]),
+            (200, &json!(true)),
+            "{}",
+            a.body
+        );
+    }
+}
+
+/// Once nothing is in flight or waiting in the broker: the broker
+/// delivered `n` messages to the node.
+async fn assert_delivered(node: &Node, n: u64, what: &str) {
+    let q = node
+        .admin_until("/admin/queue", "nothing in flight", |q| {
+            q["in_flight"] == 0 && q["broker"]["broker_depth"] == 0
+        })
+        .await;
+    assert_eq!(q["broker"]["delivered"], n, "{what}: {q}");
+}
+
 /// Decision receipts (`action_generated`) per signal id.
 fn decisions(receipts: &[Value]) -> HashMap<String, usize> {
     let mut n = HashMap::new();
@@ -392,28 +423,37 @@ async fn a_retry_of_a_signal_the_node_holds_parked_adds_no_copy() {
     post_waiting(&c, 1).await;
     node.admin_until("/admin/queue", "w-0 parked", |q| q["parked"] == 1)
         .await;
-    for _ in 0..3 {
-        let a = c
-            .post(&signal("acme", "waiting", "job", "w-0", json!({})))
-            .await
-            .unwrap();
-        assert_eq!(
-            (a.status, &a.body["duplicate"]),
-            (200, &json!(true)),
-            "{}",
-            a.body
-        );
-    }
+    retried_as_duplicates(&c, &signal("acme", "waiting", "job", "w-0", json!({}))).await;
     // A copy would be published before the entitlement (the fallback
     // buffer goes out first), so delivered before it is decided.
     c.entitle("waiting", "ent-w").await;
     assert_eq!(c.decided("w-0").await["status"], "completed");
-    let q = node
-        .admin_until("/admin/queue", "nothing in flight", |q| {
-            q["in_flight"] == 0 && q["broker"]["broker_depth"] == 0
-        })
-        .await;
-    assert_eq!(q["broker"]["delivered"], 2, "w-0 and ent-w, once each: {q}");
+    assert_delivered(&node, 2, "w-0 and ent-w, once each").await;
+}
+
+#[tokio::test]
+async fn retries_of_a_signal_in_the_fallback_buffer_add_no_copy() {
+    // The broker unreachable: a payment waits in the fallback buffer. Its
+    // retries are plain duplicates; each used to be buffered again (a
+    // still-`accepted` signal this node does not hold is published again),
+    // a copy per retry for the broker to deliver once it is back.
+    ensure_broker();
+    let queue = unique_queue("buffered-retry");
+    let _cleanup = QueueCleanup(queue.clone());
+    let unreachable = unreachable_kanban(&queue);
+    let mut node = Node::start_with(&test_config(&unreachable), &[]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    assert_eq!(c.post(&pay("br-1")).await.unwrap().status, 202);
+    retried_as_duplicates(&c, &pay("br-1")).await;
+    let (_, q) = node.admin(Method::GET, "/admin/queue").await;
+    assert_eq!(q["broker"]["buffered"], 1, "{q}");
+    // The broker back: the one copy is published, then decided.
+    node.restart_with_config(&test_config(&amqp_kanban(&queue)));
+    connected(&node).await;
+    let c = Client::new(&node, "acme", "acme-secret");
+    c.entitle("payments", "br-ent").await;
+    assert_eq!(c.decided("br-1").await["status"], "completed");
+    assert_delivered(&node, 2, "br-1 and br-ent, once each").await;
 }
 
 #[tokio::test]
@@ -1386,9 +1426,7 @@ async fn a_backend_switch_carries_accepted_signals_over_in_both_directions() {
     }
 
     // The broker unreachable: a payment is kept in the fallback buffer.
-    let unreachable = format!(
-        "\n[kanban]\nbackend = \"amqp\"\namqp_url = \"amqp://guest:guest@127.0.0.1:1/%2f\"\namqp_queue = \"{queue}\"\n"
-    );
+    let unreachable = unreachable_kanban(&queue);
     node.restart_with_config(&test_config(&unreachable));
     let c = Client::new(&node, "acme", "acme-secret");
     assert_eq!(c.post(&pay("sw-b")).await.unwrap().status, 202);

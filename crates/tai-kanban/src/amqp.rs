@@ -26,7 +26,7 @@
 //! with the first one's decision.
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
@@ -285,7 +285,7 @@ enum Event {
         tag: String,
     },
     /// A publish batch is answered: waiting duplicates get the same answer.
-    Published(Vec<((String, String), Option<SignalRecord>)>),
+    Published(Vec<Answered>),
     /// Publish batch `n` has handed all its messages to the channel.
     Sent(u64),
     /// The buffer drain ended (`Err`: the broker went away meanwhile).
@@ -398,6 +398,10 @@ pub struct AmqpState {
     batch: Vec<(Signal, RpcReplyPort<EnqueueOutcome>)>,
     /// Signals being published, with duplicates waiting for their answer.
     publishing: HashMap<(String, String), Vec<RpcReplyPort<EnqueueOutcome>>>,
+    /// Signals this node put in the fallback buffer (new, or a retry
+    /// published again): a retry of one is a plain duplicate, the buffer
+    /// holding it until the broker has it.
+    buffered_here: RecentKeys,
     /// The publish batch whose messages are being handed to the channel
     /// (its number): the next batch waits, and grows, until it is done.
     sending: Option<u64>,
@@ -659,6 +663,54 @@ async fn drain_buffer(ch: Channel, store: Store, queue: String) -> Result<u64, S
     }
 }
 
+/// A signal of an answered publish batch, and what became of it.
+pub(crate) struct Answered {
+    key: (String, String),
+    /// Its record once accepted (`None`: refused or failed).
+    record: Option<SignalRecord>,
+    /// Accepted into the fallback buffer, not confirmed by the broker.
+    buffered: bool,
+}
+
+/// How many signals [`AmqpState`] remembers having put in the fallback
+/// buffer. Past it the oldest is forgotten: a retry of that one publishes
+/// one more copy, which is harmless (decided once).
+const RECENT_BUFFERED: usize = 100_000;
+
+/// A set of at most `cap` keys that forgets the oldest first.
+struct RecentKeys {
+    set: HashSet<(String, String)>,
+    order: VecDeque<(String, String)>,
+    cap: usize,
+}
+
+impl RecentKeys {
+    fn new(cap: usize) -> Self {
+        RecentKeys {
+            set: HashSet::new(),
+            order: VecDeque::new(),
+            cap,
+        }
+    }
+
+    fn contains(&self, key: &(String, String)) -> bool {
+        self.set.contains(key)
+    }
+
+    fn insert(&mut self, key: (String, String)) {
+        if self.set.contains(&key) {
+            return;
+        }
+        if self.order.len() == self.cap {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        self.set.insert(key.clone());
+        self.order.push_back(key);
+    }
+}
+
 /// Answers a publish batch: what the broker confirmed is accepted; the rest
 /// goes to the fallback buffer (or, past its bound, is refused).
 async fn settle_batch(
@@ -668,7 +720,7 @@ async fn settle_batch(
     signals: Vec<Signal>,
     replies: Vec<RpcReplyPort<EnqueueOutcome>>,
     confirmed: Vec<bool>,
-) -> Vec<((String, String), Option<SignalRecord>)> {
+) -> Vec<Answered> {
     let unconfirmed: Vec<Signal> = signals
         .iter()
         .zip(&confirmed)
@@ -711,7 +763,11 @@ async fn settle_batch(
         let record =
             matches!(outcome, EnqueueOutcome::Accepted).then(|| SignalRecord::accepted(&s));
         let _ = reply.send(outcome);
-        answers.push(((s.tenant_id, s.id), record));
+        answers.push(Answered {
+            buffered: record.is_some() && !ok,
+            key: (s.tenant_id, s.id),
+            record,
+        });
     }
     answers
 }
@@ -816,6 +872,8 @@ impl AmqpState {
             }
         }
         debug!(tenant = %signal.tenant_id, signal = %signal.id, "a retry of an undecided signal: published again");
+        self.buffered_here
+            .insert((signal.tenant_id.clone(), signal.id.clone()));
         self.maybe_drain(myself);
         let store = self.store.clone();
         tokio::spawn(async move {
@@ -850,7 +908,9 @@ impl AmqpState {
             // Held here, the broker has it: a plain duplicate. (Published
             // again, a retry of a parked signal would add a copy holding a
             // prefetch slot until the entitlement comes.)
-            crate::Known::Accepted(record, reply) if self.by_key.contains_key(&key) => {
+            crate::Known::Accepted(record, reply)
+                if self.by_key.contains_key(&key) || self.buffered_here.contains(&key) =>
+            {
                 let _ = reply.send(EnqueueOutcome::Duplicate(record));
                 return Ok(());
             }
@@ -900,7 +960,11 @@ impl AmqpState {
                 if let Err(e) = self.store.record_accepted(&signals) {
                     let answers = signals
                         .iter()
-                        .map(|s| ((s.tenant_id.clone(), s.id.clone()), None))
+                        .map(|s| Answered {
+                            key: (s.tenant_id.clone(), s.id.clone()),
+                            record: None,
+                            buffered: false,
+                        })
                         .collect();
                     for r in replies {
                         let _ = r.send(EnqueueOutcome::Failed(e.to_string()));
@@ -1611,6 +1675,7 @@ impl Actor for AmqpQueue {
             by_consumer: HashMap::new(),
             batch: Vec::new(),
             publishing: HashMap::new(),
+            buffered_here: RecentKeys::new(RECENT_BUFFERED),
             sending: None,
             batches: 0,
             draining_buffer: false,
@@ -1825,8 +1890,17 @@ impl Actor for AmqpQueue {
                         }
                     }
                     Event::Published(answers) => {
-                        for (key, record) in answers {
-                            for w in st.publishing.remove(&key).unwrap_or_default() {
+                        for Answered {
+                            key,
+                            record,
+                            buffered,
+                        } in answers
+                        {
+                            let waiting = st.publishing.remove(&key).unwrap_or_default();
+                            if buffered {
+                                st.buffered_here.insert(key);
+                            }
+                            for w in waiting {
                                 let _ = w.send(match &record {
                                     Some(r) => EnqueueOutcome::Duplicate(r.clone()),
                                     None => EnqueueOutcome::Failed(
@@ -2102,4 +2176,28 @@ pub async fn delete_topology(url: &str, queue: &str) -> Result<(), String> {
         .map_err(e)?;
     let _ = conn.close(200, "done".into()).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RecentKeys;
+
+    fn key(i: usize) -> (String, String) {
+        ("t".to_string(), format!("s-{i}"))
+    }
+
+    #[test]
+    fn recent_keys_forget_the_oldest_past_their_bound() {
+        let mut keys = RecentKeys::new(3);
+        for i in 0..3 {
+            keys.insert(key(i));
+        }
+        // Inserting a held key again does not make room twice.
+        keys.insert(key(0));
+        assert!((0..3).all(|i| keys.contains(&key(i))));
+        keys.insert(key(3));
+        assert!(!keys.contains(&key(0)), "the oldest goes first");
+        assert!((1..4).all(|i| keys.contains(&key(i))));
+        assert_eq!((keys.set.len(), keys.order.len()), (3, 3));
+    }
 }
