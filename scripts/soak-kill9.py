@@ -18,10 +18,24 @@ drained, and it checks:
 - no actor crashed (`exited abnormally`) and nothing was dead-lettered as
   poison, in any of the node's logs.
 
+With `--webhook` the `payments` SKU acts through a `webhook` executor whose
+target is a receiver this script runs in a process of its own: mostly
+healthy (a few 500s and calls slower than the executor's timeout), with
+rounds of outage (every call 503) or of slowness (every call times out) that
+open the breaker, halt the engines and dead-letter what follows (`halted`)
+until the breaker half-opens, its probes succeed and it closes. It then also
+checks:
+
+- every `action_generated` has exactly one outcome receipt
+  (`action_successful` or `action_failed`) with its `action_id`;
+- the target was called only for actions with an `action_generated`
+  receipt, never twice for one action, and always with a valid signature;
+- every `action_successful` was answered 2xx by the target.
+
 Exit status 0 when every check holds. Standard library only.
 
     scripts/soak-kill9.py [--tai target/release/tai] [--rounds 30] [--seed N]
-                          [--workers 32] [--amqp] [--keep]
+                          [--workers 32] [--amqp] [--webhook] [--keep]
 """
 import argparse
 import glob
@@ -29,6 +43,7 @@ import hashlib
 import hmac
 import http.client
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -38,6 +53,7 @@ import sys
 import tempfile
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 DECISIONS = {"action_generated", "policy_denied", "quota_exceeded", "signal_skipped"}
 QUOTA = 1_000_000
@@ -50,6 +66,8 @@ ap.add_argument("--seed", type=int, default=None)
 ap.add_argument("--workers", type=int, default=32, help="client threads")
 ap.add_argument("--amqp", action="store_true", help="the RabbitMQ backend (127.0.0.1:5672, guest)")
 ap.add_argument("--graceful", type=float, default=0.2, help="share of rounds ended by SIGINT/SIGTERM")
+ap.add_argument("--webhook", action="store_true",
+                help="the payments SKU acts through a webhook to a flaky receiver")
 ap.add_argument("--keep", action="store_true", help="keep the data dir and logs")
 args = ap.parse_args()
 seed = args.seed if args.seed is not None else int(time.time())
@@ -60,6 +78,70 @@ queue = f"tai-soak-{seed}-{os.getpid()}"
 print(f"seed {seed}, dir {work}", flush=True)
 
 tenants = [f"t{i}" for i in range(40)]
+SIGNING_KEY = "soak-receipt-key"
+# The receiver's behaviour, set by the main process each round.
+HEALTHY, OUTAGE, SLOW = 0, 1, 2
+TIMEOUT_MS = 300
+
+
+def receiver(port, phase, log_path):
+    """The webhook target: records every call (`recv`), every signature it
+    could not verify (`badsig`) and every 2xx it sent (`ok`), one line each."""
+    out = open(log_path, "a", buffering=1)
+    out_lock = threading.Lock()
+    local = random.Random(seed ^ 0x5eed)
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            action = self.headers.get("X-Tai-Action-Id", "")
+            ts = self.headers.get("X-Tai-Timestamp", "")
+            want = "v1=" + hmac.new(SIGNING_KEY.encode(), f"{ts}\n".encode() + body,
+                                    hashlib.sha256).hexdigest()
+            good = hmac.compare_digest(want, self.headers.get("X-Tai-Signature", "")) \
+                and json.loads(body).get("action_id") == action
+            with out_lock:
+                out.write(f"recv {action}\n" if good else f"badsig {action}\n")
+                roll = local.random()
+            mode = phase.value
+            if mode == SLOW or (mode == HEALTHY and roll < 0.01):
+                time.sleep(TIMEOUT_MS / 1000 * 2)
+            status = 503 if mode == OUTAGE else 500 if roll > 0.98 else 200
+            try:
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                self.wfile.flush()
+            except OSError:
+                return
+            if status == 200:
+                with out_lock:
+                    out.write(f"ok {action}\n")
+
+    class Server(ThreadingHTTPServer):
+        def handle_error(self, request, client_address):
+            pass  # a node killed mid-call resets its connections
+
+    server = Server(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    port.value = server.server_address[1]
+    server.serve_forever()
+
+
+if args.webhook:
+    phase = multiprocessing.Value("i", HEALTHY, lock=False)
+    port = multiprocessing.Value("i", 0)
+    calls_log = f"{work}/webhook-calls.log"
+    target = multiprocessing.get_context("fork").Process(
+        target=receiver, args=(port, phase, calls_log), daemon=True)
+    target.start()
+    while port.value == 0:
+        time.sleep(0.01)
 config = f"""
 [node]
 mode = "dev"
@@ -81,15 +163,26 @@ if args.amqp:
 amqp_url = "amqp://guest:guest@127.0.0.1:5672/%2f"
 amqp_queue = "{queue}"
 """
+if args.webhook:
+    config += f"""[executors.gateway]
+kind = "webhook"
+url = "http://127.0.0.1:{port.value}/charge"
+timeout_ms = {TIMEOUT_MS}
+failure_threshold = 5
+reset_timeout_secs = 1
+max_reset_timeout_secs = 4
+success_threshold = 3
+"""
 config += f"""[jidoka]
 max_active_engines = 30
 [andon]
 signing_key_id = "k1"
-signing_keys = {{ "k1" = "soak-receipt-key" }}
+signing_keys = {{ "k1" = "{SIGNING_KEY}" }}
 """
 for sku, policies in [("payments", '["payment_fraud"]'), ("plain", "[]")]:
     config += f"""[skus.{sku}]
 policies = {policies}
+executor = "{'gateway' if args.webhook and sku == 'payments' else 'log'}"
 quota = {QUOTA}
 quota_period_secs = 3600
 entitlement_timeout_secs = 30
@@ -225,6 +318,42 @@ def cleanup_broker():
                    capture_output=True)
 
 
+def check_webhook(generated, outcomes):
+    """The checks of `--webhook` (module doc), from the receipts and the
+    receiver's log."""
+    failures = []
+    wrong = [a for a in generated if len(outcomes.get(a, [])) != 1]
+    if wrong:
+        failures.append(f"actions without exactly one outcome: {len(wrong)}, e.g. "
+                        f"{[(a, outcomes.get(a)) for a in wrong[:5]]}")
+    stray = [a for a in outcomes if a not in generated]
+    if stray:
+        failures.append(f"outcomes of actions never generated: {stray[:5]}")
+    calls, answered, bad = {}, set(), []
+    with open(calls_log) as f:
+        for line in f:
+            what, action = line.split()
+            if what == "recv":
+                calls[action] = calls.get(action, 0) + 1
+            elif what == "ok":
+                answered.add(action)
+            else:
+                bad.append(action)
+    if bad:
+        failures.append(f"calls with a bad signature: {len(bad)}, e.g. {bad[:5]}")
+    twice = [a for a, n in calls.items() if n > 1]
+    if twice:
+        failures.append(f"actions called more than once: {len(twice)}, e.g. {twice[:5]}")
+    unasked = [a for a in calls if a not in generated]
+    if unasked:
+        failures.append(f"calls for actions with no action_generated: {unasked[:5]}")
+    unseen = [a for a, o in outcomes.items() if o == ["action_successful"] and a not in answered]
+    if unseen:
+        failures.append(f"action_successful the target never answered 2xx: {unseen[:5]}")
+    print(f"webhook target: {sum(calls.values())} calls, {len(answered)} answered 2xx", flush=True)
+    return failures
+
+
 def main():
     node.start()
     node.ready()
@@ -251,7 +380,19 @@ def main():
         threads = [threading.Thread(target=client, args=(stop, retries)) for _ in range(args.workers)]
         for th in threads:
             th.start()
-        time.sleep(rng.uniform(0.2, 4.0))
+        length = rng.uniform(0.2, 4.0)
+        trouble = ""
+        if args.webhook and rng.random() < 0.35:
+            # A stretch of the round in which the target fails every call.
+            trouble = rng.choice(["outage", "slow"])
+            time.sleep(length / 3)
+            phase.value = OUTAGE if trouble == "outage" else SLOW
+            time.sleep(length / 3)
+            phase.value = HEALTHY
+            time.sleep(length / 3)
+            trouble = f" after a target {trouble}"
+        else:
+            time.sleep(length)
         how = "killed"
         if rng.random() < args.graceful:
             sig = rng.choice([signal.SIGINT, signal.SIGTERM])
@@ -262,7 +403,7 @@ def main():
         stop.set()
         for th in threads:
             th.join()
-        print(f"round {rnd}: {how}; accepted {len(accepted)}, unanswered {len(unknown)}", flush=True)
+        print(f"round {rnd}: {how}{trouble}; accepted {len(accepted)}, unanswered {len(unknown)}", flush=True)
 
     node.start()
     node.ready()
@@ -299,8 +440,16 @@ def main():
             break
         receipts += items
         after = items[-1]["seq"]
-    decided, actions = {}, {}
+    decided, actions, generated, outcomes, kinds = {}, {}, set(), {}, {}
+    interrupted = 0
     for r in receipts:
+        kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
+        # The webhook's checks: the SKU that acts through it.
+        if r["sku_id"] == "payments" and r["kind"] == "action_generated":
+            generated.add(r["action_id"])
+        if r["sku_id"] == "payments" and r["kind"] in ("action_successful", "action_failed"):
+            outcomes.setdefault(r["action_id"], []).append(r["kind"])
+            interrupted += r.get("reason") == "interrupted"
         if r["kind"] in DECISIONS:
             k = (r["tenant_id"], r["signal_id"])
             decided[k] = decided.get(k, 0) + 1
@@ -314,6 +463,15 @@ def main():
     missing = [k for k in accepted if decided.get(k) != 1]
     if missing:
         failures.append(f"accepted but not decided once: {len(missing)}, e.g. {missing[:10]}")
+    if args.webhook:
+        failures += check_webhook(generated, outcomes)
+        outcome = [o[0] for o in outcomes.values()]
+        print(f"webhook actions: {len(generated)} generated, "
+              f"{outcome.count('action_successful')} successful, "
+              f"{outcome.count('action_failed')} failed ({interrupted} interrupted); "
+              f"{kinds.get('jidoka_halt', 0)} halts, {kinds.get('jidoka_resume', 0)} resumes, "
+              f"{kinds.get('breaker_open', 0)} breaker trips, "
+              f"{kinds.get('signal_skipped', 0)} signals skipped", flush=True)
     for (t, sku), n in sorted(actions.items()):
         _, e = admin(f"/admin/tenants/{t}/{sku}")
         if e.get("quota_remaining") != QUOTA - n:
@@ -345,6 +503,8 @@ finally:
         node.kill()
     if args.amqp:
         cleanup_broker()
+    if args.webhook:
+        target.terminate()
 if rc == 0 and not args.keep:
     shutil.rmtree(work, ignore_errors=True)
 elif rc != 0:
