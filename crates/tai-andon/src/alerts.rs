@@ -20,8 +20,9 @@ const ATTEMPTS: u32 = 4;
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 /// Deliveries under way to one channel at once; the rest wait their turn.
-/// An alert storm (a shared breaker halting thousands of engines, each
-/// raising its own alert) otherwise opened a connection per alert.
+/// An alert storm (thousands of engines halted at once, each raising its
+/// own alert) otherwise opened a connection per alert. (Engines halted by a
+/// shared breaker raise theirs under the breaker's key: repeats.)
 const CHANNEL_CONCURRENCY: usize = 4;
 /// Deliveries one channel may have waiting or under way; past it an alert
 /// is recorded (`GET /admin/alerts`, the log) but not sent there.

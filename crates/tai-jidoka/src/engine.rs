@@ -576,6 +576,8 @@ impl Engine {
         while let Some(input) = inputs.pop_front() {
             let now = now_ms();
             let before = st.data.state;
+            // Whose halt this is (resumed, the engine forgets it).
+            let halted_by = st.data.halted_by.clone();
             p.restored |= matches!(input, Input::Other(OwnedEvent::Restored));
             if let Input::Signal(d) = &input {
                 p.deliveries.push(d.clone());
@@ -638,7 +640,7 @@ impl Engine {
             let t = st.statem.transition(st.data.state);
             if t.changed {
                 crate::states::publish(&st.name, st.data.state);
-                Self::alert_state(st, before);
+                Self::alert_state(st, before, halted_by.as_deref());
                 debug!(tenant = %st.tenant_id, sku = %st.sku_id, from = before.as_str(), to = st.data.state.as_str(), "engine state change");
                 st.arm_state_timeout(myself);
                 if from == EngineState::Boot && !t.replay.is_empty() {
@@ -658,8 +660,14 @@ impl Engine {
     }
 
     /// Andon: halted (critical) and quota exhausted (warning) raise an
-    /// alert; leaving those states resolves it.
-    fn alert_state(st: &EngineActorState, before: EngineState) {
+    /// alert; leaving those states resolves it. A halt by a breaker is
+    /// raised under the breaker's own key (`breaker:{name}`), so it is a
+    /// repeat of the breaker's open alert within the dedupe window: a shared
+    /// breaker halting a thousand engines pages once, not a thousand times,
+    /// and the breaker's close resolves it (`halted_by`: the breaker that had
+    /// halted this engine before the step, if any; its resume resolves
+    /// nothing, the breaker being at best half-open).
+    fn alert_state(st: &EngineActorState, before: EngineState, halted_by: Option<&str>) {
         let after = st.data.state;
         for (state, severity, kind) in [
             (EngineState::Halted, Severity::Critical, "engine_halted"),
@@ -671,9 +679,11 @@ impl Engine {
         ] {
             let key = format!("{}:{}", st.name, state.as_str());
             if after == state && before != state {
-                let why = match (&st.data.halted_by, state) {
-                    (Some(b), EngineState::Halted) => format!(": breaker {b} is open"),
-                    _ => String::new(),
+                let (key, why) = match (&st.data.halted_by, state) {
+                    (Some(b), EngineState::Halted) => {
+                        (format!("breaker:{b}"), format!(": breaker {b} is open"))
+                    }
+                    _ => (key, String::new()),
                 };
                 tai_core::alert::raise(Alert::new(
                     severity,
@@ -682,7 +692,10 @@ impl Engine {
                     st.name.clone(),
                     format!("{} is {}{why}", st.name, state.as_str()),
                 ));
-            } else if before == state && after != state {
+            } else if before == state
+                && after != state
+                && !(state == EngineState::Halted && halted_by.is_some())
+            {
                 tai_core::alert::raise(
                     Alert::new(
                         severity,
