@@ -76,6 +76,31 @@ async fn engine_state(node: &Node, sku: &str) -> String {
     e["state"].as_str().unwrap_or_default().to_string()
 }
 
+/// A node that keeps one engine live at most, with the webhook executor
+/// `name` (`keys`: its TOML past `kind` and `url`) to `gw` and the SKU
+/// `sku` acting through it, acme entitled to it. Returns the node, acme's
+/// client and globex's.
+async fn one_live_engine(
+    gw: &Gateway,
+    name: &str,
+    keys: &str,
+    sku: &str,
+) -> (Node, Client, Client) {
+    let extra = format!(
+        "\n[executors.{name}]\nkind = \"webhook\"\nurl = \"{}\"\n{keys}\n\n[skus.{sku}]\npolicies = []\nexecutor = \"{name}\"\n",
+        gw.url
+    );
+    let node = Node::start_with(
+        &config(&gw.url, &extra),
+        &[("TAI_JIDOKA__MAX_ACTIVE_ENGINES", "1")],
+    );
+    let c = Client::new(&node, "acme", "acme-secret");
+    let g = Client::new(&node, "globex", "globex-secret");
+    entitle(&c, sku).await;
+    c.decided(&format!("ent-{sku}")).await;
+    (node, c, g)
+}
+
 fn kinds(receipts: &[Value]) -> Vec<String> {
     receipts
         .iter()
@@ -768,27 +793,7 @@ async fn an_engine_restarted_while_it_was_being_passivated_is_still_routed_to() 
     // live engine (engine_sup answers a start of a running child with it,
     // as OTP's `already_started`) and keep to its cap.
     let gw = Gateway::start().await;
-    let extra = format!(
-        r#"
-[executors.slow]
-kind = "webhook"
-url = "{}"
-timeout_ms = 20000
-
-[skus.slowpay]
-policies = []
-executor = "slow"
-"#,
-        gw.url
-    );
-    let node = Node::start_with(
-        &config(&gw.url, &extra),
-        &[("TAI_JIDOKA__MAX_ACTIVE_ENGINES", "1")],
-    );
-    let c = Client::new(&node, "acme", "acme-secret");
-    let g = Client::new(&node, "globex", "globex-secret");
-    entitle(&c, "slowpay").await;
-    c.decided("ent-slowpay").await;
+    let (node, c, g) = one_live_engine(&gw, "slow", "timeout_ms = 20000", "slowpay").await;
     gw.set(GatewayMode::Slow(20_000));
     send(&c, &pay("slowpay", "s-1")).await;
     until_hits(&gw, 1, "s-1").await;
@@ -820,6 +825,46 @@ executor = "slow"
         })
     })
     .await;
+}
+
+#[tokio::test]
+async fn an_engine_passivated_while_a_breaker_halted_it_is_shown_resumed_once_the_breaker_closes() {
+    // One live engine at most. acme's `heldpay` engine is halted by its
+    // breaker, then passivated by globex's first signal. A reset resumes
+    // the live engines the breaker halted; a passive one resumes at its next
+    // start, and until then its checkpoint says `halted`: GET /admin/tenants
+    // showed it halted, held by no breaker, after every outage.
+    let gw = Gateway::start().await;
+    let keys = "failure_threshold = 2\nreset_timeout_secs = 600";
+    let (node, c, g) = one_live_engine(&gw, "held", keys, "heldpay").await;
+    gw.set(GatewayMode::Fail);
+    for id in ["h-1", "h-2"] {
+        send(&c, &pay("heldpay", id)).await;
+        assert_eq!(c.decided(id).await["status"], "failed");
+    }
+    assert_eq!(engine_state(&node, "heldpay").await, "halted");
+    g.entitle("payments", "g-ent").await;
+    g.decided("g-ent").await;
+    let path = "/admin/tenants/acme/heldpay";
+    let e = node
+        .admin_until(path, "heldpay passivated", |e| e["active"] == false)
+        .await;
+    assert_eq!(e["state"], "halted", "the breaker is still open: {e}");
+
+    gw.set(GatewayMode::Ok);
+    let (status, body) = node.admin(Method::POST, "/admin/breakers/held/reset").await;
+    assert_eq!(status, 200, "{body}");
+    let (_, e) = node.admin(Method::GET, path).await;
+    assert_eq!(
+        (&e["state"], &e["active"]),
+        (&json!("stable"), &json!(false)),
+        "{e}"
+    );
+    let (_, halted) = node.admin(Method::GET, "/admin/tenants?state=halted").await;
+    assert_eq!(halted, json!([]));
+    // And it starts so: the next payment is made.
+    send(&c, &pay("heldpay", "h-3")).await;
+    assert_eq!(c.decided("h-3").await["status"], "completed");
 }
 
 #[tokio::test]

@@ -19,9 +19,10 @@ use tai_store::Store;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use crate::breaker::BreakerState;
 use crate::engine::{Engine, EngineArgs, EngineMsg};
-use crate::executor::Executors;
-use crate::machine::{Data, Sku};
+use crate::executor::{Breakers, Executors};
+use crate::machine::{self, Data, Event, Sku};
 
 const CALL: Duration = Duration::from_secs(10);
 
@@ -79,6 +80,14 @@ fn engine_ref(name: &str) -> Option<ActorRef<EngineMsg>> {
 }
 
 impl RouterState {
+    /// What an operator's question reads passivated engines with.
+    fn passive(&self) -> Passive {
+        Passive {
+            skus: self.args.skus.clone(),
+            breakers: self.args.executors.breakers.clone(),
+        }
+    }
+
     /// Marks a live engine as just used.
     fn touch(&mut self, name: &str) {
         let Some(e) = self.engines.get_mut(name) else {
@@ -253,7 +262,7 @@ const INFO_WAIT: Duration = Duration::from_secs(1);
 /// Asks a running engine (its checkpoint if it is busy), or reads a
 /// passivated one's checkpoint. Run off the router, which must never wait
 /// on an engine: every signal goes through it.
-async fn info(store: &Store, skus: &Skus, tenant: &str, sku_id: &str) -> Option<EngineInfo> {
+async fn info(store: &Store, view: &Passive, tenant: &str, sku_id: &str) -> Option<EngineInfo> {
     let name = engine_name(tenant, sku_id);
     let live = engine_ref(&name);
     if let Some(r) = &live {
@@ -270,7 +279,7 @@ async fn info(store: &Store, skus: &Skus, tenant: &str, sku_id: &str) -> Option<
             return None;
         }
     };
-    let mut info = passive_data(skus, tenant, sku_id, &bytes)
+    let mut info = passive_data(view, tenant, sku_id, &bytes)
         .map(|data| passive_info(tenant, sku_id, &data))?;
     info.active = live.is_some();
     Some(info)
@@ -281,7 +290,7 @@ async fn info(store: &Store, skus: &Skus, tenant: &str, sku_id: &str) -> Option<
 /// `after`) asked, the others read from their checkpoints.
 async fn engines_page(
     store: Store,
-    skus: Arc<Skus>,
+    view: Passive,
     live: Vec<(String, String, String)>,
     after: Option<(String, String)>,
     limit: usize,
@@ -292,7 +301,7 @@ async fn engines_page(
         Passive(Option<EngineInfo>),
     }
     // A page of checkpoints is read and decoded off the async workers.
-    let (read, config) = (store.clone(), skus.clone());
+    let (read, config) = (store.clone(), view.clone());
     let stored = tokio::task::spawn_blocking(move || {
         let after = after.as_ref().map(|(t, s)| (t.as_str(), s.as_str()));
         let stored = read
@@ -321,11 +330,11 @@ async fn engines_page(
         .flatten();
     let restarts = engine_restarts().await;
     let engines = futures::future::join_all(page.into_iter().map(|((t, s), source)| {
-        let (store, skus, restarts) = (&store, &*skus, &restarts);
+        let (store, view, restarts) = (&store, &view, &restarts);
         async move {
             match source {
                 Source::Live(name) => {
-                    let mut i = info(store, skus, &t, &s).await?;
+                    let mut i = info(store, view, &t, &s).await?;
                     i.restarts = restarts.get(&name).copied().unwrap_or(0);
                     Some(i)
                 }
@@ -340,18 +349,39 @@ async fn engines_page(
     })
 }
 
-/// A passivated engine's checkpoint, as the engine would start on it (its
-/// quota [`Data::reconcile`]d with the config); one that does not decode
-/// is left out of what the operator sees, and said so in the log (the
-/// engine itself refuses to start on it, with the same reason).
-fn passive_data(skus: &Skus, tenant: &str, sku_id: &str, bytes: &[u8]) -> Option<Data> {
+/// What a passivated engine's checkpoint is read with: the SKUs and the
+/// breakers it would start with.
+#[derive(Clone)]
+struct Passive {
+    skus: Arc<Skus>,
+    breakers: Breakers,
+}
+
+/// A passivated engine's checkpoint, as the engine would start on it: its
+/// quota [`Data::reconcile`]d with the config, and, if a breaker halted it
+/// and is no longer open, resumed (the engine's start does the same; until
+/// then its checkpoint says `halted`, which `GET /admin/tenants` showed
+/// after an outage, for engines that were passivated while halted, though
+/// no breaker held them). One that does not decode is left out of what the
+/// operator sees, and said so in the log (the engine itself refuses to
+/// start on it, with the same reason).
+fn passive_data(view: &Passive, tenant: &str, sku_id: &str, bytes: &[u8]) -> Option<Data> {
     let mut data: Data = serde_json::from_slice(bytes)
         .inspect_err(|e| {
             warn!(tenant = %tenant, sku = %sku_id, error = %e, "corrupt checkpoint of a passivated engine");
         })
         .ok()?;
-    if let Some(sku) = skus.get(sku_id) {
+    if let Some(sku) = view.skus.get(sku_id) {
         data.reconcile(sku);
+        if let Some(b) = data.halted_by.clone() {
+            if view.breakers.state(&b) != Some(BreakerState::Open) {
+                let ev = Event::BreakerChanged {
+                    breaker: &b,
+                    open: false,
+                };
+                machine::step(&mut data, sku, ev, now_ms(), &mut String::new);
+            }
+        }
     }
     Some(data)
 }
@@ -542,9 +572,9 @@ impl Actor for Router {
                     .collect();
                 live.sort_unstable();
                 live.truncate(limit);
-                let (store, skus) = (st.args.store.clone(), st.args.skus.clone());
+                let (store, view) = (st.args.store.clone(), st.passive());
                 tokio::spawn(async move {
-                    let _ = reply.send(engines_page(store, skus, live, after, limit).await);
+                    let _ = reply.send(engines_page(store, view, live, after, limit).await);
                 });
             }
             RouterMsg::Engine {
@@ -552,9 +582,9 @@ impl Actor for Router {
                 sku_id,
                 reply,
             } => {
-                let (store, skus) = (st.args.store.clone(), st.args.skus.clone());
+                let (store, view) = (st.args.store.clone(), st.passive());
                 tokio::spawn(async move {
-                    let mut info = info(&store, &skus, &tenant_id, &sku_id).await;
+                    let mut info = info(&store, &view, &tenant_id, &sku_id).await;
                     if let Some(i) = info.as_mut() {
                         i.restarts = engine_restarts()
                             .await
