@@ -32,10 +32,17 @@ checks:
   receipt, never twice for one action, and always with a valid signature;
 - every `action_successful` was answered 2xx by the target.
 
+With `--amqp --broker-faults` a third of the rounds also hit the broker
+in their middle: every connection closed (`rabbitmqctl
+close_all_connections`), or the broker's app stopped for 1 to 3 s and
+started again (signals go to the fallback buffer meanwhile; what was
+delivered and not acknowledged is delivered again).
+
 Exit status 0 when every check holds. Standard library only.
 
     scripts/soak-kill9.py [--tai target/release/tai] [--rounds 30] [--seed N]
-                          [--workers 32] [--amqp] [--webhook] [--keep]
+                          [--workers 32] [--amqp [--broker-faults]] [--webhook]
+                          [--keep]
 """
 import argparse
 import glob
@@ -66,10 +73,14 @@ ap.add_argument("--seed", type=int, default=None)
 ap.add_argument("--workers", type=int, default=32, help="client threads")
 ap.add_argument("--amqp", action="store_true", help="the RabbitMQ backend (127.0.0.1:5672, guest)")
 ap.add_argument("--graceful", type=float, default=0.2, help="share of rounds ended by SIGINT/SIGTERM")
+ap.add_argument("--broker-faults", action="store_true",
+                help="with --amqp: close the broker's connections, or stop and start it, mid-round")
 ap.add_argument("--webhook", action="store_true",
                 help="the payments SKU acts through a webhook to a flaky receiver")
 ap.add_argument("--keep", action="store_true", help="keep the data dir and logs")
 args = ap.parse_args()
+if args.broker_faults and not args.amqp:
+    ap.error("--broker-faults needs --amqp")
 seed = args.seed if args.seed is not None else int(time.time())
 rng = random.Random(seed)
 tai = os.path.abspath(args.tai)
@@ -310,6 +321,24 @@ def client(stop, retries):
         settle(key, status, answer)
 
 
+def rabbitmqctl(*argv):
+    r = subprocess.run(["rabbitmqctl", *argv], capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"rabbitmqctl {' '.join(argv)}: {r.stderr.strip()[-300:]}")
+
+
+def broker_fault():
+    """Closes the broker's connections, or stops its app for a while."""
+    if rng.random() < 0.6:
+        rabbitmqctl("close_all_connections", "soak: connections closed")
+        return "the broker closed its connections"
+    down = rng.uniform(1.0, 3.0)
+    rabbitmqctl("stop_app")
+    time.sleep(down)
+    rabbitmqctl("start_app")
+    return f"the broker stopped for {down:.1f} s"
+
+
 def cleanup_broker():
     for q in [queue, f"{queue}.deadletter", f"{queue}.deadletter.watch"]:
         subprocess.run(["rabbitmqctl", "delete_queue", q], capture_output=True)
@@ -381,16 +410,20 @@ def main():
         for th in threads:
             th.start()
         length = rng.uniform(0.2, 4.0)
-        trouble = ""
+        troubles = []
+        if args.broker_faults and rng.random() < 0.33:
+            time.sleep(length / 2)
+            troubles.append(broker_fault())
+            length /= 2
         if args.webhook and rng.random() < 0.35:
             # A stretch of the round in which the target fails every call.
-            trouble = rng.choice(["outage", "slow"])
+            kind = rng.choice(["outage", "slow"])
             time.sleep(length / 3)
-            phase.value = OUTAGE if trouble == "outage" else SLOW
+            phase.value = OUTAGE if kind == "outage" else SLOW
             time.sleep(length / 3)
             phase.value = HEALTHY
             time.sleep(length / 3)
-            trouble = f" after a target {trouble}"
+            troubles.append(f"a target {kind}")
         else:
             time.sleep(length)
         how = "killed"
@@ -403,6 +436,7 @@ def main():
         stop.set()
         for th in threads:
             th.join()
+        trouble = f" after {' and '.join(troubles)}" if troubles else ""
         print(f"round {rnd}: {how}{trouble}; accepted {len(accepted)}, unanswered {len(unknown)}", flush=True)
 
     node.start()
@@ -502,6 +536,8 @@ finally:
     if node.proc and node.proc.poll() is None:
         node.kill()
     if args.amqp:
+        if args.broker_faults:
+            subprocess.run(["rabbitmqctl", "start_app"], capture_output=True)
         cleanup_broker()
     if args.webhook:
         target.terminate()
