@@ -457,6 +457,39 @@ async fn retries_of_a_signal_in_the_fallback_buffer_add_no_copy() {
 }
 
 #[tokio::test]
+async fn a_switch_to_embedded_names_the_signals_left_in_the_broker() {
+    // Three signals wait, parked for an entitlement, on an amqp node. It is
+    // restarted on the embedded queue, which does not read the broker's:
+    // the log says so, with how many, instead of leaving them silently
+    // undecided. Switched back, they are decided.
+    ensure_broker();
+    let queue = unique_queue("left");
+    let _cleanup = QueueCleanup(queue.clone());
+    let waiting = waiting_sku(3600);
+    let amqp = test_config(&format!("{}{waiting}", amqp_kanban(&queue)));
+    let mut node = Node::start_with(&amqp, &[]);
+    connected(&node).await;
+    let c = Client::new(&node, "acme", "acme-secret");
+    post_waiting(&c, 3).await;
+    node.admin_until("/admin/queue", "3 parked", |q| q["parked"] == 3)
+        .await;
+    node.restart_with_config(&test_config(&waiting));
+    node.log_until("signals accepted on the amqp queue this data dir last used")
+        .await;
+    let log = node.log();
+    assert!(log.contains("count=3"), "{}", node.log_tail(20));
+    assert!(log.contains(&queue), "{}", node.log_tail(20));
+
+    node.restart_with_config(&amqp);
+    connected(&node).await;
+    let c = Client::new(&node, "acme", "acme-secret");
+    c.entitle("waiting", "ent-left").await;
+    for i in 0..3 {
+        assert_eq!(c.decided(&format!("w-{i}")).await["status"], "completed");
+    }
+}
+
+#[tokio::test]
 async fn a_node_that_connects_counts_the_backlog_waiting_in_the_broker() {
     // Three signals wait in the broker while the node is down. Once it says
     // `connected`, `broker_depth` is known (the work queue's count when it

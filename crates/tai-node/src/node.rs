@@ -163,8 +163,46 @@ fn carry_over_accepted(config: &Config, store: &Store) -> anyhow::Result<()> {
             "queue backend switched: undecided signals moved from {from} to {to}"
         );
     }
+    // The backend the data dir last ran on (`amqp:{queue}` or `embedded`):
+    // the signals an amqp node left in its broker's queue are not carried
+    // over to an embedded one.
+    let backend = match config.kanban.backend {
+        QueueBackend::Amqp => format!("amqp:{}", config.kanban.amqp_queue),
+        QueueBackend::Embedded => "embedded".to_string(),
+    };
+    let last = store
+        .metas(BACKEND_META)?
+        .into_iter()
+        .find(|(name, _)| name == BACKEND_META)
+        .map(|(_, v)| String::from_utf8_lossy(&v).into_owned());
+    // Switched to embedded, or to another broker queue: the signals the
+    // old queue holds are decided only by a node that consumes it.
+    let left_in = last
+        .as_deref()
+        .and_then(|l| l.strip_prefix("amqp:"))
+        .filter(|q| {
+            config.kanban.backend == QueueBackend::Embedded || *q != config.kanban.amqp_queue
+        });
+    if let Some(queue) = left_in {
+        let (count, examples) = store.accepted_not_queued(5)?;
+        if count > 0 {
+            warn!(
+                count,
+                examples = ?examples,
+                queue,
+                "signals accepted on the amqp queue this data dir last used are not decided yet, and this node does not read that queue: they wait in it; run an amqp node on it until it is empty (or switch back), then switch"
+            );
+        }
+    }
+    if last.as_deref() != Some(backend.as_str()) {
+        store.put_meta(BACKEND_META, backend.as_bytes())?;
+        store.flush()?;
+    }
     Ok(())
 }
+
+/// The store's record of the queue backend the data dir last ran on.
+const BACKEND_META: &str = "kanban_backend";
 
 /// Receipts signed with a key `andon.signing_keys` no longer holds cannot
 /// be verified (a key replaced instead of added to at a rotation): said in

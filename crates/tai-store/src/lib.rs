@@ -755,6 +755,41 @@ impl Store {
         Ok(out.into_iter().flatten().collect())
     }
 
+    /// Signals recorded `accepted` that neither the embedded queue nor the
+    /// fallback buffer holds: after a switch from an amqp queue, the ones
+    /// that queue still holds (or whose publish a crash cut). How many, and
+    /// the first `examples` of them (tenant, signal id). Reads every signal
+    /// record: for a backend switch only. A record that does not decode is
+    /// skipped (it is reported where it is read).
+    pub fn accepted_not_queued(&self, examples: usize) -> Result<(u64, Vec<(String, String)>)> {
+        let mut queued: std::collections::HashSet<(String, String)> = self
+            .pending()?
+            .into_iter()
+            .map(|(_, d)| (d.signal.tenant_id.clone(), d.signal.id.clone()))
+            .collect();
+        queued.extend(
+            self.buffered(usize::MAX)?
+                .into_iter()
+                .map(|(_, s)| (s.tenant_id, s.id)),
+        );
+        let (mut count, mut some) = (0, Vec::new());
+        for kv in self.db.scan_prefix(b"s/") {
+            let (k, v) = kv?;
+            let Ok(r) = codec::decode_record(&k, &v) else {
+                continue;
+            };
+            if r.status == SignalStatus::Accepted
+                && !queued.contains(&(r.tenant_id.clone(), r.signal_id.clone()))
+            {
+                count += 1;
+                if some.len() < examples {
+                    some.push((r.tenant_id, r.signal_id));
+                }
+            }
+        }
+        Ok((count, some))
+    }
+
     pub fn last_queue_seq(&self) -> Result<u64> {
         let Some(kv) = self.db.scan_prefix(b"q/").next_back().transpose()? else {
             return Ok(0);

@@ -1257,3 +1257,38 @@ async fn a_backend_switch_moves_the_undecided_signals_across_and_back() {
     assert_eq!(r.status, SignalStatus::Accepted, "d is a duplicate now");
     assert_eq!(s.move_buffer_to_queue().unwrap(), 0, "moved once");
 }
+
+#[test]
+fn accepted_signals_held_neither_in_the_queue_nor_the_buffer_are_counted() {
+    // As an amqp node leaves a data dir: records written before publishing,
+    // one decided, one in the fallback buffer; then one moved to the
+    // embedded queue. What remains `accepted` and held nowhere here is what
+    // the broker's queue holds.
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let ids = ["a", "b", "c", "d", "e"];
+    s.record_accepted(&ids.map(|id| signal("acme", id)))
+        .unwrap();
+    let decided = WriteSet {
+        signal_records: vec![completed("acme", "c")],
+        ..WriteSet::default()
+    };
+    s.commit(&[], None, &decided).unwrap();
+    assert!(s.buffer_append(&[signal("acme", "d")], 10, true).unwrap());
+    assert_eq!(
+        s.accepted_not_queued(2).unwrap(),
+        (
+            3,
+            vec![("acme".into(), "a".into()), ("acme".into(), "b".into())]
+        )
+    );
+    assert_eq!(s.move_buffer_to_queue().unwrap(), 1, "d, into the queue");
+    assert!(s.buffer_append(&[signal("acme", "e")], 10, true).unwrap());
+    assert_eq!(
+        s.accepted_not_queued(5).unwrap(),
+        (
+            2,
+            vec![("acme".into(), "a".into()), ("acme".into(), "b".into())]
+        )
+    );
+}
