@@ -600,7 +600,19 @@ async fn a_poison_message_is_requeued_once_then_dead_lettered_with_its_reason() 
         .await;
     assert_eq!(q["broker"]["delivered"], 4, "{q}");
     assert!(node.log().contains("requeued once"), "{}", node.log());
-    let receipts = node.all_receipts().await;
+    // A poison message reaches the dead-letter queue first, then its
+    // receipt and count are written: waited for, not read once.
+    let receipts = node
+        .admin_until("/admin/receipts?tenant=acme", "both poison receipts", |r| {
+            r.as_array().is_some_and(|r| {
+                r.iter()
+                    .filter(|r| r["kind"] == "signal_deadlettered")
+                    .count()
+                    == bodies.len()
+            })
+        })
+        .await;
+    let receipts = receipts.as_array().unwrap();
     for (id, _, _) in bodies {
         let r = receipts
             .iter()
@@ -612,10 +624,15 @@ async fn a_poison_message_is_requeued_once_then_dead_lettered_with_its_reason() 
         assert!(r["reason"].as_str().unwrap().contains("malformed"), "{r}");
     }
     verify_ok(&node).await;
-    assert!(node
+    let end = Instant::now() + Duration::from_secs(10);
+    while !node
         .metrics_text()
         .await
-        .contains("tai_deadletter_total{reason=\"poison\"} 2"));
+        .contains("tai_deadletter_total{reason=\"poison\"} 2")
+    {
+        assert!(Instant::now() < end, "{}", node.metrics_text().await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // The queue goes on: a signal after it is decided.
     let c = Client::new(&node, "acme", "acme-secret");
