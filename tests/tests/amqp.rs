@@ -479,6 +479,11 @@ async fn a_switch_to_embedded_names_the_signals_left_in_the_broker() {
     let log = node.log();
     assert!(log.contains("count=3"), "{}", node.log_tail(20));
     assert!(log.contains(&queue), "{}", node.log_tail(20));
+    // Said at every start while they wait, not only the first.
+    node.restart_with_config(&test_config(&waiting));
+    node.log_until("signals accepted on the amqp queue this data dir last used")
+        .await;
+    assert!(node.log().contains("count=3"), "{}", node.log_tail(20));
 
     node.restart_with_config(&amqp);
     connected(&node).await;

@@ -183,8 +183,10 @@ fn carry_over_accepted(config: &Config, store: &Store) -> anyhow::Result<()> {
         .filter(|q| {
             config.kanban.backend == QueueBackend::Embedded || *q != config.kanban.amqp_queue
         });
+    let mut left = 0;
     if let Some(queue) = left_in {
         let (count, examples) = store.accepted_not_queued(5)?;
+        left = count;
         if count > 0 {
             warn!(
                 count,
@@ -194,7 +196,11 @@ fn carry_over_accepted(config: &Config, store: &Store) -> anyhow::Result<()> {
             );
         }
     }
-    if last.as_deref() != Some(backend.as_str()) {
+    // An embedded node keeps the old queue on record while signals wait in
+    // it, so that every start says so, not only the first after the switch
+    // (its own signals are queued or decided: the count stays theirs).
+    let keep_old = left > 0 && config.kanban.backend == QueueBackend::Embedded;
+    if last.as_deref() != Some(backend.as_str()) && !keep_old {
         store.put_meta(BACKEND_META, backend.as_bytes())?;
         store.flush()?;
     }
