@@ -101,6 +101,20 @@ async fn one_live_engine(
     (node, c, g)
 }
 
+/// [`one_live_engine`] with acme's `heldpay` engine halted by its breaker
+/// (`held`: two failures trip it, and it stays open for 600 s).
+async fn heldpay_halted_by_its_breaker(gw: &Gateway) -> (Node, Client, Client) {
+    let keys = "failure_threshold = 2\nreset_timeout_secs = 600";
+    let (node, c, g) = one_live_engine(gw, "held", keys, "heldpay").await;
+    gw.set(GatewayMode::Fail);
+    for id in ["h-1", "h-2"] {
+        send(&c, &pay("heldpay", id)).await;
+        assert_eq!(c.decided(id).await["status"], "failed");
+    }
+    assert_eq!(engine_state(&node, "heldpay").await, "halted");
+    (node, c, g)
+}
+
 fn kinds(receipts: &[Value]) -> Vec<String> {
     receipts
         .iter()
@@ -835,14 +849,7 @@ async fn an_engine_passivated_while_a_breaker_halted_it_is_shown_resumed_once_th
     // start, and until then its checkpoint says `halted`: GET /admin/tenants
     // showed it halted, held by no breaker, after every outage.
     let gw = Gateway::start().await;
-    let keys = "failure_threshold = 2\nreset_timeout_secs = 600";
-    let (node, c, g) = one_live_engine(&gw, "held", keys, "heldpay").await;
-    gw.set(GatewayMode::Fail);
-    for id in ["h-1", "h-2"] {
-        send(&c, &pay("heldpay", id)).await;
-        assert_eq!(c.decided(id).await["status"], "failed");
-    }
-    assert_eq!(engine_state(&node, "heldpay").await, "halted");
+    let (node, c, g) = heldpay_halted_by_its_breaker(&gw).await;
     g.entitle("payments", "g-ent").await;
     g.decided("g-ent").await;
     let path = "/admin/tenants/acme/heldpay";
@@ -865,6 +872,76 @@ async fn an_engine_passivated_while_a_breaker_halted_it_is_shown_resumed_once_th
     // And it starts so: the next payment is made.
     send(&c, &pay("heldpay", "h-3")).await;
     assert_eq!(c.decided("h-3").await["status"], "completed");
+}
+
+#[tokio::test]
+async fn an_operator_halt_of_an_engine_a_breaker_halted_outlasts_the_breaker() {
+    // acme's `heldpay` engine is halted by its breaker, then by an operator.
+    // The halt is the operator's from then on: the breaker's close resumes
+    // it neither live nor at its next start (it was checkpointed only
+    // with a state change, so a passivation handed it back to the breaker),
+    // and its alert is the engine's own, resolved by the operator's resume.
+    let gw = Gateway::start().await;
+    let (node, c, g) = heldpay_halted_by_its_breaker(&gw).await;
+    let path = "/admin/tenants/acme/heldpay";
+    let (status, body) = node
+        .admin_with_body(
+            Method::POST,
+            &format!("{path}/halt"),
+            r#"{"reason": "audit"}"#,
+        )
+        .await;
+    assert_eq!((status, &body["state"]), (200, &json!("halted")), "{body}");
+    let own_key = "engine:acme:heldpay:halted";
+    let alerts = node
+        .admin_until("/admin/alerts", "the engine's own halt alert", |list| {
+            list.as_array().unwrap().iter().any(|a| a["key"] == own_key)
+        })
+        .await;
+    let own: Vec<&Value> = alerts
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["key"] == own_key)
+        .collect();
+    assert_eq!(
+        (own.len(), &own[0]["kind"], &own[0]["resolve"]),
+        (1, &json!("engine_halted"), &json!(false)),
+        "{alerts}"
+    );
+
+    // Passivated (globex's signal takes the one live slot), then the
+    // breaker closes: the engine stays halted, shown and at its start.
+    g.entitle("payments", "g-ent").await;
+    g.decided("g-ent").await;
+    node.admin_until(path, "heldpay passivated", |e| e["active"] == false)
+        .await;
+    gw.set(GatewayMode::Ok);
+    let (status, body) = node.admin(Method::POST, "/admin/breakers/held/reset").await;
+    assert_eq!(status, 200, "{body}");
+    let (_, e) = node.admin(Method::GET, path).await;
+    assert_eq!(e["state"], "halted", "{e}");
+    send(&c, &pay("heldpay", "h-3")).await;
+    let s = c.decided("h-3").await;
+    assert_eq!(
+        (&s["status"], &s["reason"]),
+        (&json!("deadlettered"), &json!("halted")),
+        "{s}"
+    );
+    assert_eq!(engine_state(&node, "heldpay").await, "halted");
+
+    // The operator's resume starts the line and resolves the engine's alert.
+    let (status, body) = node.admin(Method::POST, &format!("{path}/resume")).await;
+    assert_eq!((status, &body["state"]), (200, &json!("stable")), "{body}");
+    node.admin_until("/admin/alerts", "the halt alert resolved", |list| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["key"] == own_key && a["resolve"] == true)
+    })
+    .await;
+    send(&c, &pay("heldpay", "h-4")).await;
+    assert_eq!(c.decided("h-4").await["status"], "completed");
 }
 
 #[tokio::test]

@@ -625,7 +625,11 @@ impl Engine {
                 let fx = Self::step_input(st, &done, now);
                 action = Self::collect(st, fx, &done, &mut p, now);
             }
-            changed |= st.data.state != before;
+            // An operator halt of an engine a breaker halted changes who
+            // holds it, not its state: checkpointed all the same, or a
+            // restart would hand it back to the breaker, whose close resumes it.
+            let taken_over = halted_by.is_some() && st.data.halted_by.is_none();
+            changed |= st.data.state != before || taken_over;
             if let Some(a) = action {
                 Self::commit(st, std::mem::take(&mut p))
                     .instrument(receipt_span(&spans))
@@ -638,6 +642,9 @@ impl Engine {
             }
             let from = *st.statem.state();
             let t = st.statem.transition(st.data.state);
+            if taken_over && !t.changed {
+                Self::alert_state(st, before, halted_by.as_deref());
+            }
             if t.changed {
                 crate::states::publish(&st.name, st.data.state);
                 Self::alert_state(st, before, halted_by.as_deref());
@@ -678,7 +685,14 @@ impl Engine {
             ),
         ] {
             let key = format!("{}:{}", st.name, state.as_str());
-            if after == state && before != state {
+            // Halted by an operator while a breaker held it: the halt is the
+            // engine's own from now on, raised under its own key (the
+            // operator's resume resolves it; the breaker's close does not).
+            let taken_over = state == EngineState::Halted
+                && after == state
+                && halted_by.is_some()
+                && st.data.halted_by.is_none();
+            if (after == state && before != state) || taken_over {
                 let (key, why) = match (&st.data.halted_by, state) {
                     (Some(b), EngineState::Halted) => {
                         (format!("breaker:{b}"), format!(": breaker {b} is open"))
