@@ -192,7 +192,7 @@ fn carry_over_accepted(config: &Config, store: &Store) -> anyhow::Result<()> {
                 count,
                 examples = ?examples,
                 queue,
-                "signals accepted on the amqp queue this data dir last used are not decided yet, and this node does not read that queue: they wait in it; run an amqp node on it until it is empty (or switch back), then switch"
+                "signals accepted on the amqp queue this data dir last used are not decided here, and this node does not read that queue: they wait in it (unless this node was the standby of the node that consumed it, which decided them); run an amqp node on it until it is empty (or switch back), then switch"
             );
         }
     }
