@@ -38,10 +38,26 @@ close_all_connections`), or the broker's app stopped for 1 to 3 s and
 started again (signals go to the fallback buffer meanwhile; what was
 delivered and not acknowledged is delivered again).
 
+With `--amqp --switch-backends` a third of the rounds after the first run
+on the embedded queue instead, so the node switches backends at many
+starts (killed mid-start too): it carries the embedded queue's undecided
+signals into the fallback buffer, or the buffer's into the embedded queue,
+and what waits in the broker's queue while an embedded round runs is
+decided by a later amqp round (the last start is always on amqp).
+
+With `--operator` an operator halts and resumes engines at random during
+the rounds (`POST /admin/tenants/{t}/{s}/halt` and `.../resume`), while
+breakers halt them too (with `--webhook`) and passivation stops and starts
+them. It then also checks that every engine whose last command was a halt
+answered 200 is still halted at the end: an operator's halt answered is
+durable, and only a resume ends it (not a restart, a passivation or a
+breaker's close).
+
 Exit status 0 when every check holds. Standard library only.
 
     scripts/soak-kill9.py [--tai target/release/tai] [--rounds 30] [--seed N]
-                          [--workers 32] [--amqp [--broker-faults]] [--webhook]
+                          [--workers 32] [--amqp [--broker-faults] [--switch-backends]]
+                          [--webhook] [--operator]
                           [--keep]
 """
 import argparse
@@ -75,12 +91,18 @@ ap.add_argument("--amqp", action="store_true", help="the RabbitMQ backend (127.0
 ap.add_argument("--graceful", type=float, default=0.2, help="share of rounds ended by SIGINT/SIGTERM")
 ap.add_argument("--broker-faults", action="store_true",
                 help="with --amqp: close the broker's connections, or stop and start it, mid-round")
+ap.add_argument("--switch-backends", action="store_true",
+                help="with --amqp: a third of the rounds run on the embedded queue")
 ap.add_argument("--webhook", action="store_true",
                 help="the payments SKU acts through a webhook to a flaky receiver")
+ap.add_argument("--operator", action="store_true",
+                help="an operator halts and resumes engines mid-round")
 ap.add_argument("--keep", action="store_true", help="keep the data dir and logs")
 args = ap.parse_args()
 if args.broker_faults and not args.amqp:
     ap.error("--broker-faults needs --amqp")
+if args.switch_backends and not args.amqp:
+    ap.error("--switch-backends needs --amqp")
 seed = args.seed if args.seed is not None else int(time.time())
 rng = random.Random(seed)
 tai = os.path.abspath(args.tai)
@@ -169,13 +191,15 @@ admin_token = "{ADMIN_TOKEN}"
 [kanban]
 wip_limit = 64
 """
+embedded = config
 if args.amqp:
     config += f"""backend = "amqp"
 amqp_url = "amqp://guest:guest@127.0.0.1:5672/%2f"
 amqp_queue = "{queue}"
 """
+tail = ""
 if args.webhook:
-    config += f"""[executors.gateway]
+    tail += f"""[executors.gateway]
 kind = "webhook"
 url = "http://127.0.0.1:{port.value}/charge"
 timeout_ms = {TIMEOUT_MS}
@@ -184,14 +208,14 @@ reset_timeout_secs = 1
 max_reset_timeout_secs = 4
 success_threshold = 3
 """
-config += f"""[jidoka]
+tail += f"""[jidoka]
 max_active_engines = 30
 [andon]
 signing_key_id = "k1"
 signing_keys = {{ "k1" = "{SIGNING_KEY}" }}
 """
 for sku, policies in [("payments", '["payment_fraud"]'), ("plain", "[]")]:
-    config += f"""[skus.{sku}]
+    tail += f"""[skus.{sku}]
 policies = {policies}
 executor = "{'gateway' if args.webhook and sku == 'payments' else 'log'}"
 quota = {QUOTA}
@@ -199,10 +223,11 @@ quota_period_secs = 3600
 entitlement_timeout_secs = 30
 """
 for t in tenants:
-    config += f'[[tenants]]\nid = "{t}"\nsecrets = ["{t}-secret"]\ntier = "enterprise"\n'
-config_path = f"{work}/soak.toml"
-with open(config_path, "w") as f:
-    f.write(config)
+    tail += f'[[tenants]]\nid = "{t}"\nsecrets = ["{t}-secret"]\ntier = "enterprise"\n'
+config_path, embedded_path = f"{work}/soak.toml", f"{work}/soak-embedded.toml"
+for path, text in [(config_path, config), (embedded_path, embedded)]:
+    with open(path, "w") as f:
+        f.write(text + tail)
 
 
 class Node:
@@ -210,6 +235,7 @@ class Node:
         self.proc = None
         self.starts = 0
         self.ingress = self.operator = None
+        self.config = config_path
 
     def start(self):
         self.starts += 1
@@ -217,7 +243,7 @@ class Node:
         if os.path.exists(endpoints):
             os.remove(endpoints)
         log = open(f"{work}/node-{self.starts}.log", "w")
-        self.proc = subprocess.Popen([tai, "serve", "--config", config_path],
+        self.proc = subprocess.Popen([tai, "serve", "--config", self.config],
                                      stdout=log, stderr=subprocess.STDOUT)
 
     def ready(self, deadline=60):
@@ -277,6 +303,16 @@ def admin(path):
     return r.status, d
 
 
+def admin_post(path, body=None):
+    c = conn(node.operator, timeout=30)
+    c.request("POST", path, json.dumps(body) if body is not None else None,
+              {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"})
+    r = c.getresponse()
+    d = r.read()
+    c.close()
+    return r.status, (json.loads(d) if d else {})
+
+
 lock = threading.Lock()
 accepted = set()  # (tenant, id): answered 202, or 200 duplicate
 unknown = {}      # (tenant, id) -> body: the answer was cut off, or 503
@@ -319,6 +355,34 @@ def client(stop, retries):
         except (OSError, http.client.HTTPException):
             return  # the node is gone
         settle(key, status, answer)
+
+
+# (tenant, sku) -> "halted" | "resumed" | "unknown": the last operator
+# command's effect, as far as its answer tells ("unknown": cut off, or
+# queued behind an action with a 503).
+commanded = {}
+
+
+def operator(stop):
+    while not stop.is_set():
+        stop.wait(rng.uniform(0.05, 0.4))  # an operator's pace
+        with lock:
+            t, sku = rng.choice(tenants), rng.choice(["payments", "plain"])
+            halt = commanded.get((t, sku)) != "halted" or rng.random() < 0.1
+        path = f"/admin/tenants/{t}/{sku}/{'halt' if halt else 'resume'}"
+        with lock:
+            commanded[(t, sku)] = "unknown"
+        try:
+            status, answer = admin_post(path, {"reason": "soak"} if halt else None)
+        except (OSError, http.client.HTTPException):
+            return  # the node is gone
+        with lock:
+            if status == 200:
+                commanded[(t, sku)] = "halted" if halt else "resumed"
+                if halt and answer.get("state") != "halted":
+                    unexpected.append(f"{path}: answered {answer}")
+            elif status != 503:
+                unexpected.append(f"{path}: {status} {answer}")
 
 
 def rabbitmqctl(*argv):
@@ -396,6 +460,8 @@ def main():
     c.close()
     for rnd in range(args.rounds):
         if rnd > 0:
+            switched = args.switch_backends and rng.random() < 0.33
+            node.config = embedded_path if switched else config_path
             node.start()
             if rng.random() < 0.25:
                 time.sleep(rng.uniform(0.0, 0.4))
@@ -407,6 +473,8 @@ def main():
         with lock:
             retries = list(unknown.items())
         threads = [threading.Thread(target=client, args=(stop, retries)) for _ in range(args.workers)]
+        if args.operator:
+            threads.append(threading.Thread(target=operator, args=(stop,)))
         for th in threads:
             th.start()
         length = rng.uniform(0.2, 4.0)
@@ -437,8 +505,10 @@ def main():
         for th in threads:
             th.join()
         trouble = f" after {' and '.join(troubles)}" if troubles else ""
-        print(f"round {rnd}: {how}{trouble}; accepted {len(accepted)}, unanswered {len(unknown)}", flush=True)
+        on = " on the embedded queue" if node.config == embedded_path else ""
+        print(f"round {rnd}{on}: {how}{trouble}; accepted {len(accepted)}, unanswered {len(unknown)}", flush=True)
 
+    node.config = config_path
     node.start()
     node.ready()
     c = conn(node.ingress)
@@ -510,6 +580,15 @@ def main():
         _, e = admin(f"/admin/tenants/{t}/{sku}")
         if e.get("quota_remaining") != QUOTA - n:
             failures.append(f"{t}/{sku}: quota_remaining {e.get('quota_remaining')}, {n} actions")
+    if args.operator:
+        held = sorted(k for k, v in commanded.items() if v == "halted")
+        for t, sku in held:
+            _, e = admin(f"/admin/tenants/{t}/{sku}")
+            if e.get("state") != "halted":
+                failures.append(f"{t}/{sku}: halted by the operator, now {e.get('state')}")
+        print(f"operator: {len(held)} engines left halted, "
+              f"{sum(v == 'resumed' for v in commanded.values())} resumed, "
+              f"{sum(v == 'unknown' for v in commanded.values())} unknown", flush=True)
     _, v = admin("/admin/receipts/verify")
     if not v.get("ok") or v.get("count") != len(receipts):
         failures.append(f"online verification: {v} ({len(receipts)} receipts listed)")
