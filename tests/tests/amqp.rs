@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{
+    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use reqwest::Method;
@@ -456,23 +458,34 @@ async fn retries_of_a_signal_in_the_fallback_buffer_add_no_copy() {
     assert_delivered(&node, 2, "br-1 and br-ent, once each").await;
 }
 
+/// An amqp node on a queue of its own (`unique_queue(name)`, deleted when
+/// the guard drops) with acme's `w-0`..`w-2` parked in its unentitled
+/// `waiting` engine ([`waiting_sku`] of an hour).
+async fn three_parked_on_amqp(name: &str) -> (Node, String, QueueCleanup) {
+    ensure_broker();
+    let queue = unique_queue(name);
+    let cleanup = QueueCleanup(queue.clone());
+    let waiting = waiting_sku(3600);
+    let node = Node::start_with(
+        &test_config(&format!("{}{waiting}", amqp_kanban(&queue))),
+        &[],
+    );
+    connected(&node).await;
+    let c = Client::new(&node, "acme", "acme-secret");
+    post_waiting(&c, 3).await;
+    node.admin_until("/admin/queue", "3 parked", |q| q["parked"] == 3)
+        .await;
+    (node, queue, cleanup)
+}
+
 #[tokio::test]
 async fn a_switch_to_embedded_names_the_signals_left_in_the_broker() {
     // Three signals wait, parked for an entitlement, on an amqp node. It is
     // restarted on the embedded queue, which does not read the broker's:
     // the log says so, with how many, instead of leaving them silently
     // undecided. Switched back, they are decided.
-    ensure_broker();
-    let queue = unique_queue("left");
-    let _cleanup = QueueCleanup(queue.clone());
+    let (mut node, queue, _cleanup) = three_parked_on_amqp("left").await;
     let waiting = waiting_sku(3600);
-    let amqp = test_config(&format!("{}{waiting}", amqp_kanban(&queue)));
-    let mut node = Node::start_with(&amqp, &[]);
-    connected(&node).await;
-    let c = Client::new(&node, "acme", "acme-secret");
-    post_waiting(&c, 3).await;
-    node.admin_until("/admin/queue", "3 parked", |q| q["parked"] == 3)
-        .await;
     node.restart_with_config(&test_config(&waiting));
     node.log_until("signals accepted on the amqp queue this data dir last used")
         .await;
@@ -485,6 +498,7 @@ async fn a_switch_to_embedded_names_the_signals_left_in_the_broker() {
         .await;
     assert!(node.log().contains("count=3"), "{}", node.log_tail(20));
 
+    let amqp = test_config(&format!("{}{waiting}", amqp_kanban(&queue)));
     node.restart_with_config(&amqp);
     connected(&node).await;
     let c = Client::new(&node, "acme", "acme-secret");
@@ -492,6 +506,88 @@ async fn a_switch_to_embedded_names_the_signals_left_in_the_broker() {
     for i in 0..3 {
         assert_eq!(c.decided(&format!("w-{i}")).await["status"], "completed");
     }
+}
+
+/// `tai drain-amqp` on `node`'s config: (success, stdout, stderr).
+fn drain_amqp(node: &Node) -> (bool, String, String) {
+    let out = std::process::Command::new(tai_bin())
+        .args(["drain-amqp", "--config"])
+        .arg(node.config_path())
+        .current_dir(node.data_dir().parent().unwrap())
+        .output()
+        .unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
+}
+
+#[tokio::test]
+async fn tai_drain_amqp_hands_what_the_broker_holds_to_an_embedded_node() {
+    // Three signals wait, parked for an entitlement, on an amqp node. The
+    // drain is refused while the node runs (its data dir) and while
+    // anything consumes the queue; then it moves them into the data dir,
+    // and the node, restarted on the embedded queue, decides them, once.
+    let (mut node, queue, _cleanup) = three_parked_on_amqp("drain").await;
+    let waiting = waiting_sku(3600);
+    let (ok, _, err) = drain_amqp(&node);
+    assert!(!ok && err.contains("stop the node first"), "{err}");
+    node.stop();
+
+    // Beside them in the queue: a message that is not a signal, and a
+    // second copy of w-0 (a republish after a lost confirm, say).
+    let (_conn, ch) = producer().await;
+    publish(&ch, &queue, b"not a signal", BasicProperties::default()).await;
+    let mut copy = signal("acme", "waiting", "job", "w-0", json!({}));
+    copy["received_at_ms"] = json!(1);
+    let bytes = serde_json::to_vec(&copy).unwrap();
+    publish(&ch, &queue, &bytes, BasicProperties::default()).await;
+    let (other, reader) = producer().await;
+    reader
+        .basic_consume(
+            queue.as_str().into(),
+            "another-reader".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let (ok, _, err) = drain_amqp(&node);
+    assert!(!ok && err.contains("1 consumer(s) read"), "{err}");
+    other.close(200, "done".into()).await.unwrap();
+
+    let (ok, out, err) = drain_amqp(&node);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("moved 3 signal(s)"), "{out}");
+    assert!(out.contains("1 already held or decided"), "{out}");
+    assert!(out.contains("1 message(s) that are not signals"), "{out}");
+    // Again: what it moved is held now; the message that is not a signal
+    // is left where it was.
+    let (ok, out, _) = drain_amqp(&node);
+    assert!(ok && out.contains("moved 0 signal(s)"), "{out}");
+    assert!(out.contains("1 message(s) that are not signals"), "{out}");
+
+    std::fs::write(node.config_path(), test_config(&waiting)).unwrap();
+    node.restart();
+    node.log_until("moved=3").await;
+    let c = Client::new(&node, "acme", "acme-secret");
+    c.entitle("waiting", "ent-drain").await;
+    for i in 0..3 {
+        assert_eq!(c.decided(&format!("w-{i}")).await["status"], "completed");
+    }
+    let generated: Vec<Value> = node
+        .all_receipts()
+        .await
+        .into_iter()
+        .filter(|r| r["kind"] == "action_generated")
+        .map(|r| r["signal_id"].clone())
+        .collect();
+    assert_eq!(generated, [json!("w-0"), json!("w-1"), json!("w-2")]);
+    assert!(
+        !node
+            .log()
+            .contains("signals accepted on the amqp queue this data dir last used"),
+        "{}",
+        node.log_tail(20)
+    );
 }
 
 #[tokio::test]

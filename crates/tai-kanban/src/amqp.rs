@@ -59,7 +59,16 @@ use crate::{send_to_router, QueueGauges};
 pub const REASON_HEADER: &str = "x-tai-deadletter-reason";
 /// Signals the drain publishes per confirm round.
 const DRAIN_BATCH: usize = 512;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A message's signal, or why it is not one (a payload no policy could
+/// read is refused as ingress refuses it: only a message published past
+/// the node can carry one).
+pub(crate) fn read_signal(data: &[u8]) -> Result<Signal, String> {
+    serde_json::from_slice::<Signal>(data)
+        .map_err(|e| e.to_string())
+        .and_then(|s| s.payload.check().map(|()| s))
+}
 
 #[derive(Clone, Copy, Debug)]
 pub struct AmqpQueue;
@@ -1036,12 +1045,7 @@ impl AmqpState {
             consumer,
             tag: d.delivery_tag,
         };
-        // A payload no policy could read is refused as ingress refuses it
-        // (only a message published past the node can carry one).
-        let signal = match serde_json::from_slice::<Signal>(&d.data)
-            .map_err(|e| e.to_string())
-            .and_then(|s| s.payload.check().map(|()| s))
-        {
+        let signal = match read_signal(&d.data) {
             Ok(s) => s,
             Err(e) => {
                 self.malformed(myself, tag, d, e);

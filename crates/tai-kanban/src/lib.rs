@@ -7,6 +7,8 @@
 //! only; the only crate that will name lapin.
 
 pub mod amqp;
+pub use broker_drain::{drain_broker_queue, Drained};
+mod broker_drain;
 mod broker_letters;
 mod dispatch;
 mod poison;

@@ -110,6 +110,15 @@ enum Command {
         #[command(flatten)]
         args: bench::BenchArgs,
     },
+    /// Move what an amqp work queue holds into this stopped node's data
+    /// dir, for a switch to the embedded backend (its queue does not read
+    /// the broker's). Refused while any consumer reads the queue.
+    DrainAmqp {
+        /// The queue (default: the one the data dir last ran on, else
+        /// `kanban.amqp_queue`).
+        #[arg(long)]
+        queue: Option<String>,
+    },
     /// List, export or verify receipts (online, or offline with --data-dir / --file).
     Receipts {
         /// Only this tenant's receipts (an export of one tenant does not
@@ -302,6 +311,7 @@ fn main() -> ExitCode {
                 client::halt_resume(&config, false, &tenant, &sku, None).await
             }
             Command::Bench { args } => bench::run(&config, args).await,
+            Command::DrainAmqp { queue } => node::drain_amqp(&config, queue).await,
             Command::Receipts {
                 tenant,
                 verify,

@@ -170,11 +170,7 @@ fn carry_over_accepted(config: &Config, store: &Store) -> anyhow::Result<()> {
         QueueBackend::Amqp => format!("amqp:{}", config.kanban.amqp_queue),
         QueueBackend::Embedded => "embedded".to_string(),
     };
-    let last = store
-        .metas(BACKEND_META)?
-        .into_iter()
-        .find(|(name, _)| name == BACKEND_META)
-        .map(|(_, v)| String::from_utf8_lossy(&v).into_owned());
+    let last = last_backend(store)?;
     // Switched to embedded, or to another broker queue: the signals the
     // old queue holds are decided only by a node that consumes it.
     let left_in = last
@@ -192,7 +188,7 @@ fn carry_over_accepted(config: &Config, store: &Store) -> anyhow::Result<()> {
                 count,
                 examples = ?examples,
                 queue,
-                "signals accepted on the amqp queue this data dir last used are not decided here, and this node does not read that queue: they wait in it (unless this node was the standby of the node that consumed it, which decided them); run an amqp node on it until it is empty (or switch back), then switch"
+                "signals accepted on the amqp queue this data dir last used are not decided here, and this node does not read that queue: they wait in it (unless this node was the standby of the node that consumed it, which decided them); stop this node and run `tai drain-amqp` with the amqp config (or an amqp node on it until it is empty), then start it again"
             );
         }
     }
@@ -209,6 +205,52 @@ fn carry_over_accepted(config: &Config, store: &Store) -> anyhow::Result<()> {
 
 /// The store's record of the queue backend the data dir last ran on.
 const BACKEND_META: &str = "kanban_backend";
+
+/// The backend the data dir last ran on (`amqp:{queue}` or `embedded`).
+fn last_backend(store: &Store) -> anyhow::Result<Option<String>> {
+    Ok(store
+        .metas(BACKEND_META)?
+        .into_iter()
+        .find(|(name, _)| name == BACKEND_META)
+        .map(|(_, v)| String::from_utf8_lossy(&v).into_owned()))
+}
+
+/// `tai drain-amqp`: moves what an amqp work queue holds into this stopped
+/// node's fallback buffer, for a switch to `embedded` (whose queue takes
+/// the buffer in at its start). The queue is `queue`, else the one the data
+/// dir last ran on, else `kanban.amqp_queue`.
+pub async fn drain_amqp(config: &Config, queue: Option<String>) -> anyhow::Result<i32> {
+    let dir = &config.node.data_dir;
+    let store = match Store::open_existing(dir) {
+        Ok(store) => store,
+        Err(e @ tai_store::StoreError::InUse { .. }) => {
+            anyhow::bail!("{e}: stop the node first (the drain writes to its data dir)")
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let last = last_backend(&store)?;
+    let queue = queue
+        .or_else(|| last.as_deref()?.strip_prefix("amqp:").map(str::to_string))
+        .unwrap_or_else(|| config.kanban.amqp_queue.clone());
+    let d = tai_kanban::drain_broker_queue(&config.kanban.amqp_url, &queue, &store)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    store.flush()?;
+    println!(
+        "moved {} signal(s) from the amqp queue {queue} into the fallback buffer of {}; {} already held or decided there (acknowledged only)",
+        d.moved,
+        dir.display(),
+        d.already
+    );
+    if d.unreadable > 0 {
+        println!(
+            "{} message(s) that are not signals were left in the queue",
+            d.unreadable
+        );
+    }
+    println!("a node started on this data dir decides them, on either backend");
+    Ok(0)
+}
 
 /// Receipts signed with a key `andon.signing_keys` no longer holds cannot
 /// be verified (a key replaced instead of added to at a rotation): said in

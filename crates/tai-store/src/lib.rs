@@ -755,6 +755,22 @@ impl Store {
         Ok(out.into_iter().flatten().collect())
     }
 
+    /// The signals (tenant, id) the embedded queue and the fallback buffer
+    /// hold. Reads both whole: for a backend switch only.
+    pub fn held_keys(&self) -> Result<std::collections::HashSet<(String, String)>> {
+        let mut held: std::collections::HashSet<(String, String)> = self
+            .pending()?
+            .into_iter()
+            .map(|(_, d)| (d.signal.tenant_id.clone(), d.signal.id.clone()))
+            .collect();
+        held.extend(
+            self.buffered(usize::MAX)?
+                .into_iter()
+                .map(|(_, s)| (s.tenant_id, s.id)),
+        );
+        Ok(held)
+    }
+
     /// Signals recorded `accepted` that neither the embedded queue nor the
     /// fallback buffer holds: after a switch from an amqp queue, the ones
     /// that queue still holds (or whose publish a crash cut). How many, and
@@ -762,16 +778,7 @@ impl Store {
     /// record: for a backend switch only. A record that does not decode is
     /// skipped (it is reported where it is read).
     pub fn accepted_not_queued(&self, examples: usize) -> Result<(u64, Vec<(String, String)>)> {
-        let mut queued: std::collections::HashSet<(String, String)> = self
-            .pending()?
-            .into_iter()
-            .map(|(_, d)| (d.signal.tenant_id.clone(), d.signal.id.clone()))
-            .collect();
-        queued.extend(
-            self.buffered(usize::MAX)?
-                .into_iter()
-                .map(|(_, s)| (s.tenant_id, s.id)),
-        );
+        let queued = self.held_keys()?;
         let (mut count, mut some) = (0, Vec::new());
         for kv in self.db.scan_prefix(b"s/") {
             let (k, v) = kv?;
