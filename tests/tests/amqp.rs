@@ -483,7 +483,11 @@ async fn a_switch_to_embedded_names_the_signals_left_in_the_broker() {
     // Three signals wait, parked for an entitlement, on an amqp node. It is
     // restarted on the embedded queue, which does not read the broker's:
     // the log says so, with how many, instead of leaving them silently
-    // undecided. Switched back, they are decided.
+    // undecided. A client's retry of one is queued and decided there (it
+    // could be a signal whose publish a kill cut, in no queue at all: it
+    // was answered `200 duplicate` and never decided). Switched back, the
+    // others are decided, and the broker's copy of the retried one is not
+    // decided again.
     let (mut node, queue, _cleanup) = three_parked_on_amqp("left").await;
     let waiting = waiting_sku(3600);
     node.restart_with_config(&test_config(&waiting));
@@ -497,15 +501,42 @@ async fn a_switch_to_embedded_names_the_signals_left_in_the_broker() {
     node.log_until("signals accepted on the amqp queue this data dir last used")
         .await;
     assert!(node.log().contains("count=3"), "{}", node.log_tail(20));
+    let c = Client::new(&node, "acme", "acme-secret");
+    let w0 = signal("acme", "waiting", "job", "w-0", json!({}));
+    assert_eq!(c.post(&w0).await.unwrap().status, 202, "queued anew");
+    c.entitle("waiting", "ent-left").await;
+    assert_eq!(c.decided("w-0").await["status"], "completed");
+    let again = c.post(&w0).await.unwrap();
+    assert_eq!(
+        (again.status, &again.body["duplicate"]),
+        (200, &json!(true)),
+        "{:?}",
+        again.body
+    );
 
     let amqp = test_config(&format!("{}{waiting}", amqp_kanban(&queue)));
     node.restart_with_config(&amqp);
     connected(&node).await;
     let c = Client::new(&node, "acme", "acme-secret");
-    c.entitle("waiting", "ent-left").await;
-    for i in 0..3 {
+    for i in 1..3 {
         assert_eq!(c.decided(&format!("w-{i}")).await["status"], "completed");
     }
+    // The broker's copy of w-0 came too, and was only acknowledged.
+    node.admin_until("/admin/queue", "the broker's queue emptied", |q| {
+        q["broker"]["broker_depth"] == 0 && q["in_flight"] == 0 && q["parked"] == 0
+    })
+    .await;
+    assert_eq!(generated(&node).await, ["w-0", "w-1", "w-2"]);
+}
+
+/// The signals of the ledger's `action_generated` receipts, in order.
+async fn generated(node: &Node) -> Vec<String> {
+    node.all_receipts()
+        .await
+        .into_iter()
+        .filter(|r| r["kind"] == "action_generated")
+        .map(|r| r["signal_id"].as_str().unwrap_or_default().to_string())
+        .collect()
 }
 
 /// `tai drain-amqp` on `node`'s config: (success, stdout, stderr).
@@ -573,14 +604,7 @@ async fn tai_drain_amqp_hands_what_the_broker_holds_to_an_embedded_node() {
     for i in 0..3 {
         assert_eq!(c.decided(&format!("w-{i}")).await["status"], "completed");
     }
-    let generated: Vec<Value> = node
-        .all_receipts()
-        .await
-        .into_iter()
-        .filter(|r| r["kind"] == "action_generated")
-        .map(|r| r["signal_id"].clone())
-        .collect();
-    assert_eq!(generated, [json!("w-0"), json!("w-1"), json!("w-2")]);
+    assert_eq!(generated(&node).await, ["w-0", "w-1", "w-2"]);
     assert!(
         !node
             .log()

@@ -243,6 +243,10 @@ impl Queue {
         }
         let reply = match crate::look_up(&st.args.store, &id, origin, reply) {
             crate::Known::New(reply) => reply,
+            // Recorded on the amqp queue this data dir last ran on, and not
+            // held here: the retry brings the signal, so it is queued now
+            // (a copy the broker still holds is a duplicate of its decision).
+            crate::Known::Accepted(_, reply) if st.args.store.take_orphan(&id.0, &id.1) => reply,
             crate::Known::Accepted(existing, reply) => {
                 crate::duplicate_once_durable(&st.args.store, existing, reply);
                 return Ok(());

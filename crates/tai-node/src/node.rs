@@ -181,15 +181,23 @@ fn carry_over_accepted(config: &Config, store: &Store) -> anyhow::Result<()> {
         });
     let mut left = 0;
     if let Some(queue) = left_in {
-        let (count, examples) = store.accepted_not_queued(5)?;
+        // On embedded, each is kept (up to ORPHANS_MAX) so that a client's
+        // retry queues it: a signal whose publish a kill cut (its client
+        // got no 202) is in no queue at all. An amqp node republishes such
+        // retries by itself.
+        let embedded = config.kanban.backend == QueueBackend::Embedded;
+        let (count, keys) = store.accepted_not_queued(if embedded { ORPHANS_MAX } else { 5 })?;
         left = count;
         if count > 0 {
             warn!(
                 count,
-                examples = ?examples,
+                examples = ?&keys[..keys.len().min(5)],
                 queue,
-                "signals accepted on the amqp queue this data dir last used are not decided here, and this node does not read that queue: they wait in it (unless this node was the standby of the node that consumed it, which decided them); stop this node and run `tai drain-amqp` with the amqp config (or an amqp node on it until it is empty), then start it again"
+                "signals accepted on the amqp queue this data dir last used are not decided here, and this node does not read that queue: they wait in it (unless this node was the standby of the node that consumed it, which decided them), and a client's retry of one is queued here; stop this node and run `tai drain-amqp` with the amqp config (or an amqp node on it until it is empty), then start it again"
             );
+        }
+        if embedded {
+            store.set_orphans(keys);
         }
     }
     // An embedded node keeps the old queue on record while signals wait in
@@ -202,6 +210,11 @@ fn carry_over_accepted(config: &Config, store: &Store) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// At most this many signals left on an amqp queue are remembered by an
+/// embedded node, so that a retry of one is queued ([`Store::set_orphans`]):
+/// ~100 bytes each. A standby's data dir holds every signal it took in.
+const ORPHANS_MAX: usize = 100_000;
 
 /// The store's record of the queue backend the data dir last ran on.
 const BACKEND_META: &str = "kanban_backend";

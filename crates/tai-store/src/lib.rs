@@ -149,6 +149,9 @@ pub struct Store {
     /// to the write, so two writers of one letter (the dispatcher and an
     /// engine, or a replay) count it once.
     letters: Arc<Mutex<u64>>,
+    /// Signals recorded `accepted` on the amqp queue this data dir last ran
+    /// on that the embedded queue does not hold ([`Store::set_orphans`]).
+    orphans: Arc<Mutex<std::collections::HashSet<(String, String)>>>,
 }
 
 /// Checkpoints and signal records a ledger commit made durable in its redo
@@ -434,6 +437,7 @@ impl Store {
             known,
             deferred: Arc::default(),
             letters,
+            orphans: Arc::default(),
         };
         store.recover_queue()?;
         store.recover_buffer()?;
@@ -755,6 +759,26 @@ impl Store {
         Ok(out.into_iter().flatten().collect())
     }
 
+    /// Signals recorded `accepted` on an amqp queue that the embedded queue
+    /// does not hold (the node, started on `embedded` after an amqp run,
+    /// sets them from [`Store::accepted_not_queued`]): still in that queue,
+    /// or never published (a node killed between the record and its
+    /// publish; its client got no 202). A retry of one is queued anew
+    /// ([`Store::take_orphan`]) instead of answered as a duplicate of a
+    /// signal nothing here would decide.
+    pub fn set_orphans(&self, keys: impl IntoIterator<Item = (String, String)>) {
+        let mut orphans = self.orphans.lock().expect("orphans");
+        orphans.clear();
+        orphans.extend(keys);
+    }
+
+    /// Whether `(tenant, id)` was one of [`Store::set_orphans`]'s, forgotten
+    /// as it is answered: its retry is queued once.
+    pub fn take_orphan(&self, tenant: &str, id: &str) -> bool {
+        let mut orphans = self.orphans.lock().expect("orphans");
+        !orphans.is_empty() && orphans.remove(&(tenant.to_string(), id.to_string()))
+    }
+
     /// The signals (tenant, id) the embedded queue and the fallback buffer
     /// hold. Reads both whole: for a backend switch only.
     pub fn held_keys(&self) -> Result<std::collections::HashSet<(String, String)>> {
@@ -774,7 +798,8 @@ impl Store {
     /// Signals recorded `accepted` that neither the embedded queue nor the
     /// fallback buffer holds: after a switch from an amqp queue, the ones
     /// that queue still holds (or whose publish a crash cut). How many, and
-    /// the first `examples` of them (tenant, signal id). Reads every signal
+    /// the first `examples` of them (tenant, signal id; ask for every one
+    /// with `usize::MAX`). Reads every signal
     /// record: for a backend switch only. A record that does not decode is
     /// skipped (it is reported where it is read).
     pub fn accepted_not_queued(&self, examples: usize) -> Result<(u64, Vec<(String, String)>)> {
