@@ -43,7 +43,10 @@ on the embedded queue instead, so the node switches backends at many
 starts (killed mid-start too): it carries the embedded queue's undecided
 signals into the fallback buffer, or the buffer's into the embedded queue,
 and what waits in the broker's queue while an embedded round runs is
-decided by a later amqp round (the last start is always on amqp).
+decided by a later amqp round (the last start is always on amqp). Half
+the switches from amqp run `tai drain-amqp` first (now and then killed
+midway and run again), so the embedded round takes the broker's backlog
+into its own queue.
 
 With `--operator` an operator halts and resumes engines at random during
 the rounds (`POST /admin/tenants/{t}/{s}/halt` and `.../resume`), while
@@ -385,6 +388,24 @@ def operator(stop):
                 unexpected.append(f"{path}: {status} {answer}")
 
 
+drained = []  # what each `tai drain-amqp` said
+
+
+def drain_amqp():
+    """`tai drain-amqp` before a switch to embedded, killed midway now and
+    then (then run again): what the broker holds moves to the data dir."""
+    cmd = [tai, "drain-amqp", "--config", config_path]
+    if rng.random() < 0.3:
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.0, 0.3))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"tai drain-amqp exited {r.returncode}: {r.stdout}{r.stderr[-500:]}")
+    return r.stdout.split(" signal(s)")[0].removeprefix("moved ")
+
+
 def rabbitmqctl(*argv):
     r = subprocess.run(["rabbitmqctl", *argv], capture_output=True, text=True)
     if r.returncode != 0:
@@ -459,8 +480,12 @@ def main():
                 sys.exit(f"entitlement {t}/{sku}: {st} {b}")
     c.close()
     for rnd in range(args.rounds):
+        note = ""
         if rnd > 0:
             switched = args.switch_backends and rng.random() < 0.33
+            if switched and node.config == config_path and rng.random() < 0.5:
+                drained.append(drain_amqp())
+                note = f" (drained {drained[-1]} from the broker first)"
             node.config = embedded_path if switched else config_path
             node.start()
             if rng.random() < 0.25:
@@ -506,6 +531,7 @@ def main():
             th.join()
         trouble = f" after {' and '.join(troubles)}" if troubles else ""
         on = " on the embedded queue" if node.config == embedded_path else ""
+        on += note
         print(f"round {rnd}{on}: {how}{trouble}; accepted {len(accepted)}, unanswered {len(unknown)}", flush=True)
 
     node.config = config_path
