@@ -241,12 +241,16 @@ impl Queue {
                 .push((reply, SignalRecord::accepted(&signal)));
             return Ok(());
         }
+        let mut orphan = false;
         let reply = match crate::look_up(&st.args.store, &id, origin, reply) {
             crate::Known::New(reply) => reply,
             // Recorded on the amqp queue this data dir last ran on, and not
             // held here: the retry brings the signal, so it is queued now
             // (a copy the broker still holds is a duplicate of its decision).
-            crate::Known::Accepted(_, reply) if st.args.store.take_orphan(&id.0, &id.1) => reply,
+            crate::Known::Accepted(_, reply) if st.args.store.take_orphan(&id.0, &id.1) => {
+                orphan = true;
+                reply
+            }
             crate::Known::Accepted(existing, reply) => {
                 crate::duplicate_once_durable(&st.args.store, existing, reply);
                 return Ok(());
@@ -257,6 +261,10 @@ impl Queue {
         // even when the queue is full.
         let waiting = st.depth() + st.enqueuing + st.buffer.len() as u64;
         if waiting >= st.args.max_depth {
+            if orphan {
+                // Still in no queue here: its next retry is queued.
+                st.args.store.add_orphan(id);
+            }
             let _ = reply.send(EnqueueOutcome::Full(format!(
                 "queue is full ({} signals)",
                 st.args.max_depth

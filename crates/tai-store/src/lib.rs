@@ -779,6 +779,11 @@ impl Store {
         !orphans.is_empty() && orphans.remove(&(tenant.to_string(), id.to_string()))
     }
 
+    /// Remembers `(tenant, id)` again (taken, then refused: the queue was full).
+    pub fn add_orphan(&self, key: (String, String)) {
+        self.orphans.lock().expect("orphans").insert(key);
+    }
+
     /// The signals (tenant, id) the embedded queue and the fallback buffer
     /// hold. Reads both whole: for a backend switch only.
     pub fn held_keys(&self) -> Result<std::collections::HashSet<(String, String)>> {

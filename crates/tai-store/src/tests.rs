@@ -1259,6 +1259,25 @@ async fn a_backend_switch_moves_the_undecided_signals_across_and_back() {
 }
 
 #[test]
+fn an_orphan_is_taken_once_unless_given_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let key = |id: &str| ("t".to_string(), id.to_string());
+    assert!(!store.take_orphan("t", "a"), "none set");
+    store.set_orphans([key("a"), key("b")]);
+    assert!(store.take_orphan("t", "a"));
+    assert!(!store.take_orphan("t", "a"), "its retry is queued once");
+    // Refused (a full queue): its next retry is queued after all.
+    store.add_orphan(key("a"));
+    assert!(store.take_orphan("t", "a"));
+    assert!(!store.take_orphan("u", "b"), "by tenant and id");
+    // A start sets them anew.
+    store.set_orphans([key("c")]);
+    assert!(!store.take_orphan("t", "b"));
+    assert!(store.take_orphan("t", "c"));
+}
+
+#[test]
 fn accepted_signals_held_neither_in_the_queue_nor_the_buffer_are_counted() {
     // As an amqp node leaves a data dir: records written before publishing,
     // one decided, one in the fallback buffer; then one moved to the
