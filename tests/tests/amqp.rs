@@ -541,9 +541,15 @@ async fn generated(node: &Node) -> Vec<String> {
 
 /// `tai drain-amqp` on `node`'s config: (success, stdout, stderr).
 fn drain_amqp(node: &Node) -> (bool, String, String) {
+    drain_amqp_args(node, &[])
+}
+
+/// [`drain_amqp`] with more arguments.
+fn drain_amqp_args(node: &Node, args: &[&str]) -> (bool, String, String) {
     let out = std::process::Command::new(tai_bin())
         .args(["drain-amqp", "--config"])
         .arg(node.config_path())
+        .args(args)
         .current_dir(node.data_dir().parent().unwrap())
         .output()
         .unwrap();
@@ -562,6 +568,17 @@ async fn tai_drain_amqp_hands_what_the_broker_holds_to_an_embedded_node() {
     let (ok, _, err) = drain_amqp(&node);
     assert!(!ok && err.contains("stop the node first"), "{err}");
     node.stop();
+    let (ok, _, err) = drain_amqp_args(&node, &["--queue", "tai-test.no-such-queue"]);
+    assert!(!ok, "{err}");
+    assert_eq!(
+        err.lines().count(),
+        1,
+        "one line, ours, not lapin's too: {err}"
+    );
+    assert!(
+        err.contains("no queue") && err.contains("tai-test.no-such-queue"),
+        "{err}"
+    );
 
     // Beside them in the queue: a message that is not a signal, and a
     // second copy of w-0 (a republish after a lost confirm, say).

@@ -148,12 +148,13 @@ enum Command {
 fn init_logging(
     format: LogFormat,
     otlp: Option<&str>,
+    default_filter: &str,
 ) -> Result<Option<opentelemetry_sdk::trace::SdkTracerProvider>, String> {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::Layer;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
@@ -256,7 +257,13 @@ fn main() -> ExitCode {
         Command::Serve => config.kaizen.otlp_endpoint.as_deref(),
         _ => None,
     };
-    let tracer = match init_logging(cli.log_format, otlp) {
+    // lapin logs a channel the broker closed as an error; `drain-amqp`
+    // says itself what went wrong (a missing queue closes the channel).
+    let default_filter = match &cli.command {
+        Command::DrainAmqp { .. } => "info,lapin=off",
+        _ => "info",
+    };
+    let tracer = match init_logging(cli.log_format, otlp, default_filter) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("config error: {e}");
