@@ -642,12 +642,13 @@ impl Engine {
             }
             let from = *st.statem.state();
             let t = st.statem.transition(st.data.state);
-            if taken_over && !t.changed {
+            // An operator taking over a breaker's halt changes the alert's
+            // key, not the state.
+            if t.changed || taken_over {
                 Self::alert_state(st, before, halted_by.as_deref());
             }
             if t.changed {
                 crate::states::publish(&st.name, st.data.state);
-                Self::alert_state(st, before, halted_by.as_deref());
                 debug!(tenant = %st.tenant_id, sku = %st.sku_id, from = before.as_str(), to = st.data.state.as_str(), "engine state change");
                 st.arm_state_timeout(myself);
                 if from == EngineState::Boot && !t.replay.is_empty() {
