@@ -103,11 +103,13 @@ async fn drain(conn: &Connection, queue: &str, store: &Store) -> Result<Drained,
                 fresh.push(s);
             }
         }
-        done.moved += fresh.len() as u64;
-        store
-            .buffer_append(&fresh, u64::MAX, false)
-            .map_err(store_err)?;
-        store.flush().map_err(store_err)?;
+        if !fresh.is_empty() {
+            done.moved += fresh.len() as u64;
+            store
+                .buffer_append(&fresh, u64::MAX, false)
+                .map_err(store_err)?;
+            store.flush().map_err(store_err)?;
+        }
         for tag in tags {
             ch.basic_ack(tag, BasicAckOptions::default())
                 .await

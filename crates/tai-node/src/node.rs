@@ -248,7 +248,6 @@ pub async fn drain_amqp(config: &Config, queue: Option<String>) -> anyhow::Resul
     let d = tai_kanban::drain_broker_queue(&config.kanban.amqp_url, &queue, &store)
         .await
         .map_err(anyhow::Error::msg)?;
-    store.flush()?;
     println!(
         "moved {} signal(s) from the amqp queue {queue} into the fallback buffer of {}; {} already held or decided there (acknowledged only)",
         d.moved,
