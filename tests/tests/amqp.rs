@@ -413,18 +413,8 @@ async fn a_retry_of_a_signal_the_node_holds_parked_adds_no_copy() {
     // copy holding a prefetch slot until the entitlement. (Identical
     // retries are replays: with the signal still `accepted`, ingress leaves
     // them to the queue too.)
-    ensure_broker();
-    let queue = unique_queue("held-retry");
-    let _cleanup = QueueCleanup(queue.clone());
-    let node = Node::start_with(
-        &test_config(&format!("{}{}", amqp_kanban(&queue), waiting_sku(3600))),
-        &[],
-    );
-    connected(&node).await;
+    let (node, _, _cleanup) = parked_on_amqp("held-retry", 1).await;
     let c = Client::new(&node, "acme", "acme-secret");
-    post_waiting(&c, 1).await;
-    node.admin_until("/admin/queue", "w-0 parked", |q| q["parked"] == 1)
-        .await;
     retried_as_duplicates(&c, &signal("acme", "waiting", "job", "w-0", json!({}))).await;
     // A copy would be published before the entitlement (the fallback
     // buffer goes out first), so delivered before it is decided.
@@ -459,9 +449,9 @@ async fn retries_of_a_signal_in_the_fallback_buffer_add_no_copy() {
 }
 
 /// An amqp node on a queue of its own (`unique_queue(name)`, deleted when
-/// the guard drops) with acme's `w-0`..`w-2` parked in its unentitled
+/// the guard drops) with acme's `w-0`..`w-{n-1}` parked in its unentitled
 /// `waiting` engine ([`waiting_sku`] of an hour).
-async fn three_parked_on_amqp(name: &str) -> (Node, String, QueueCleanup) {
+async fn parked_on_amqp(name: &str, n: usize) -> (Node, String, QueueCleanup) {
     ensure_broker();
     let queue = unique_queue(name);
     let cleanup = QueueCleanup(queue.clone());
@@ -472,8 +462,8 @@ async fn three_parked_on_amqp(name: &str) -> (Node, String, QueueCleanup) {
     );
     connected(&node).await;
     let c = Client::new(&node, "acme", "acme-secret");
-    post_waiting(&c, 3).await;
-    node.admin_until("/admin/queue", "3 parked", |q| q["parked"] == 3)
+    post_waiting(&c, n).await;
+    node.admin_until("/admin/queue", "all parked", |q| q["parked"] == n)
         .await;
     (node, queue, cleanup)
 }
@@ -488,7 +478,7 @@ async fn a_switch_to_embedded_names_the_signals_left_in_the_broker() {
     // was answered `200 duplicate` and never decided). Switched back, the
     // others are decided, and the broker's copy of the retried one is not
     // decided again.
-    let (mut node, queue, _cleanup) = three_parked_on_amqp("left").await;
+    let (mut node, queue, _cleanup) = parked_on_amqp("left", 3).await;
     let waiting = waiting_sku(3600);
     node.restart_with_config(&test_config(&waiting));
     node.log_until("signals accepted on the amqp queue this data dir last used")
@@ -563,7 +553,7 @@ async fn tai_drain_amqp_hands_what_the_broker_holds_to_an_embedded_node() {
     // drain is refused while the node runs (its data dir) and while
     // anything consumes the queue; then it moves them into the data dir,
     // and the node, restarted on the embedded queue, decides them, once.
-    let (mut node, queue, _cleanup) = three_parked_on_amqp("drain").await;
+    let (mut node, queue, _cleanup) = parked_on_amqp("drain", 3).await;
     let waiting = waiting_sku(3600);
     let (ok, _, err) = drain_amqp(&node);
     assert!(!ok && err.contains("stop the node first"), "{err}");
