@@ -297,18 +297,9 @@ def post(c, tenant, sig):
     return r.status, (json.loads(data) if data else {})
 
 
-def admin(path):
+def admin(path, method="GET", body=None):
     c = conn(node.operator, timeout=60)
-    c.request("GET", path, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
-    r = c.getresponse()
-    d = json.loads(r.read())
-    c.close()
-    return r.status, d
-
-
-def admin_post(path, body=None):
-    c = conn(node.operator, timeout=30)
-    c.request("POST", path, json.dumps(body) if body is not None else None,
+    c.request(method, path, json.dumps(body) if body is not None else None,
               {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"})
     r = c.getresponse()
     d = r.read()
@@ -376,7 +367,7 @@ def operator(stop):
         with lock:
             commanded[(t, sku)] = "unknown"
         try:
-            status, answer = admin_post(path, {"reason": "soak"} if halt else None)
+            status, answer = admin(path, "POST", {"reason": "soak"} if halt else None)
         except (OSError, http.client.HTTPException):
             return  # the node is gone
         with lock:
