@@ -421,6 +421,62 @@ async fn a_long_action_turns_nothing_it_holds_to_poison() {
     assert_eq!(slow.hits().len(), 2, "each action called once");
 }
 
+/// `tai_queue_redelivered_total` from the node's metrics.
+async fn redelivered(node: &Node) -> f64 {
+    let text = node.metrics_text().await;
+    text.lines()
+        .find_map(|l| l.strip_prefix("tai_queue_redelivered_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no tai_queue_redelivered_total: {text}"))
+}
+
+/// An engine the router starts is sent each signal once: only one that
+/// restarts after a crash (its mailbox lost) asks Kanban for what is in
+/// flight for it again. Every first start used to, and the queue sent its
+/// first signal twice, with a scan of everything in flight (a sixth of the
+/// node's CPU with 100,000 tenants at full speed, BENCHMARKS session 43).
+#[tokio::test]
+async fn only_an_engine_restarted_after_a_crash_is_sent_its_signals_again() {
+    let (gw, slow) = (Gateway::start().await, Gateway::start().await);
+    let node = Node::start_with(&config(&gw.url, &slow_sku(&slow.url)), &[]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    for sku in ["checkout", "slowpay"] {
+        entitle(&c, sku).await;
+        for n in 0..3 {
+            send(&c, &pay(sku, &format!("{sku}-{n}"))).await;
+        }
+    }
+    for sku in ["checkout", "slowpay"] {
+        for n in 0..3 {
+            let s = c.decided(&format!("{sku}-{n}")).await;
+            assert_eq!(s["status"], "completed", "{s}");
+        }
+    }
+    node.admin_until("/admin/queue", "nothing in flight", |q| q["in_flight"] == 0)
+        .await;
+    assert_eq!(redelivered(&node).await, 0.0, "two engines started");
+
+    // Killed mid-call with a signal waiting behind the call, the engine is
+    // restarted: the call is recorded interrupted, and the signal that
+    // waited, lost with its mailbox, is sent again.
+    slow.set(GatewayMode::Slow(20_000));
+    send(&c, &pay("slowpay", "cut")).await;
+    until_hits(&slow, 4, "cut").await;
+    send(&c, &pay("slowpay", "behind")).await;
+    node.admin_until("/admin/queue", "both in flight", |q| q["in_flight"] == 2)
+        .await;
+    slow.set(GatewayMode::Ok);
+    let (status, body) = node
+        .admin(Method::POST, "/admin/actors/engine:acme:slowpay/kill")
+        .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(c.decided("cut").await["reason"], "interrupted");
+    assert_eq!(c.decided("behind").await["status"], "completed");
+    node.admin_until("/admin/queue", "nothing in flight", |q| q["in_flight"] == 0)
+        .await;
+    assert_eq!(redelivered(&node).await, 1.0);
+}
+
 #[tokio::test]
 async fn a_melted_breaker_stays_open_across_a_restart_until_reset() {
     let gw = Gateway::start().await;

@@ -50,6 +50,13 @@ pub struct Engine;
 pub struct EngineArgs {
     /// 0 when the router starts the engine; more when `engine_sup` restarts it after a crash.
     pub incarnation: u32,
+    /// Nothing was sent to an earlier incarnation that it did not take: the
+    /// router starts this engine for the first time, or again after
+    /// draining it (passivation). Its first incarnation then does not ask
+    /// Kanban to send again what is in flight for it: that is in this
+    /// engine's mailbox already, or parked and sent again by the drained
+    /// incarnation's `post_stop`.
+    pub fresh: bool,
     /// Shared by the incarnations of one engine: set when one ends because
     /// its ledger commit failed (the store or the ledger, not the signals), so that
     /// the next does not count that crash as an attempt against the signal
@@ -65,6 +72,7 @@ pub struct EngineArgs {
 
 pub struct EngineActorState {
     incarnation: u32,
+    fresh: bool,
     commit_failed: Arc<AtomicBool>,
     name: String,
     tenant_id: String,
@@ -844,6 +852,7 @@ impl Actor for Engine {
         crate::states::publish(&name, state);
         Ok(EngineActorState {
             incarnation: args.incarnation,
+            fresh: args.fresh,
             commit_failed: args.commit_failed,
             name,
             tenant_id: args.tenant_id,
@@ -889,8 +898,10 @@ impl Actor for Engine {
             }
         }
         st.arm_state_timeout(&myself);
-        // Whatever Kanban had sent to an earlier incarnation died with its mailbox.
-        if let Some(q) = ractor::registry::where_is(KANBAN_QUEUE) {
+        // Whatever Kanban had sent to an earlier incarnation died with its
+        // mailbox (none did when the router starts a fresh one).
+        let lost_mail = st.incarnation > 0 || !st.fresh;
+        if let Some(q) = ractor::registry::where_is(KANBAN_QUEUE).filter(|_| lost_mail) {
             let _ = q.send_message(KanbanMsg::Redeliver {
                 tenant_id: st.tenant_id.clone(),
                 sku_id: st.sku_id.clone(),

@@ -6,7 +6,7 @@
 //! Every start and stop of an engine goes through here, so an engine that is
 //! draining never races a new incarnation of itself: signals for it wait here.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,6 +67,9 @@ pub struct RouterState {
     breaker_ticker: tokio::task::JoinHandle<()>,
     /// Where the sweep of stale payment windows goes on at the next tick.
     sweep_cursor: Option<Vec<u8>>,
+    /// Engines a delivery could not start (their signals are in flight
+    /// with no engine), so that their next start asks Kanban for them.
+    failed_starts: HashSet<String>,
 }
 
 /// Payment windows looked at per tick.
@@ -143,10 +146,14 @@ impl Router {
         // Each call of the args closure is one start: the first is ours, any
         // later one is engine_sup restarting the engine after a crash.
         let starts = std::sync::atomic::AtomicU32::new(0);
+        // Known here and not drained (it stopped on its own or crashed for
+        // good), or a start failed: what was sent to it may be lost.
+        let fresh = !st.engines.contains_key(&name) && !st.failed_starts.contains(&name);
         let commit_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let spec = ChildSpec::worker(name.clone(), Some(name.clone()), Engine, move || {
             EngineArgs {
                 incarnation: starts.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
+                fresh,
                 commit_failed: commit_failed.clone(),
                 tenant_id: t.clone(),
                 sku_id: s.clone(),
@@ -159,6 +166,7 @@ impl Router {
         let cell = tai_otp::start_child(&sup, spec, CALL)
             .await
             .map_err(|e| format!("cannot start {name}: {e}"))?;
+        st.failed_starts.remove(&name);
         if !st.engines.contains_key(&name) {
             st.engines.insert(
                 name.clone(),
@@ -210,7 +218,13 @@ impl Router {
         st: &mut RouterState,
         d: Delivery,
     ) -> Result<(), ActorProcessingErr> {
-        match Self::ensure(myself, st, &d.signal.tenant_id, &d.signal.sku_id).await? {
+        let engine = Self::ensure(myself, st, &d.signal.tenant_id, &d.signal.sku_id).await;
+        let engine = engine.inspect_err(|_| {
+            // In flight with no engine: its next start asks for it again.
+            let name = engine_name(&d.signal.tenant_id, &d.signal.sku_id);
+            st.failed_starts.insert(name);
+        })?;
+        match engine {
             Some(engine) => {
                 // A send to an engine that just died is lost; Kanban redelivers
                 // when the engine restarts.
@@ -461,6 +475,7 @@ impl Actor for Router {
             ticker,
             breaker_ticker,
             sweep_cursor: None,
+            failed_starts: HashSet::new(),
         })
     }
 

@@ -137,6 +137,10 @@ fn describe() {
         t::QUEUE_PARKED,
         "Signals in flight that their engines hold until entitled"
     );
+    describe_counter!(
+        t::QUEUE_REDELIVERED,
+        "Signals the queue sent to an engine again (an engine or the router restarted, or the visibility timeout passed)"
+    );
     describe_counter!(t::DEADLETTER, "Signals dead-lettered, by reason");
     describe_gauge!(t::ENGINE_STATE, "Live policy engines per state");
     describe_gauge!(

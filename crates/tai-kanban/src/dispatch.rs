@@ -258,6 +258,7 @@ impl Dispatch {
             Self::resent(&mut self.parked, &mut self.per_engine, f, now);
             out.push((f.delivery.clone(), f.attempts));
         }
+        crate::count_redelivered(out.len());
         out
     }
 
@@ -276,6 +277,7 @@ impl Dispatch {
         let (parked, per_engine) = (&mut self.parked, &mut self.per_engine);
         let mut all: Vec<&mut Flight> = self.in_flight.values_mut().collect();
         all.sort_by_key(|f| f.delivery.seq);
+        crate::count_redelivered(all.len());
         all.into_iter()
             .map(|f| {
                 Self::resent(parked, per_engine, f, now);
@@ -311,6 +313,7 @@ impl Dispatch {
             })
             .collect();
         out.sort_by_key(|(d, _)| d.seq);
+        crate::count_redelivered(out.len());
         out
     }
 }

@@ -113,8 +113,17 @@ pub(crate) struct QueueGauges {
     parked: metrics::Gauge,
 }
 
+/// Counts signals sent to an engine again (both backends' dispatchers).
+pub(crate) fn count_redelivered(n: usize) {
+    if n > 0 {
+        metrics::counter!(tai_core::telemetry::QUEUE_REDELIVERED).increment(n as u64);
+    }
+}
+
 impl QueueGauges {
     pub(crate) fn new() -> QueueGauges {
+        // The redelivery counter is shown from the start, at 0.
+        metrics::counter!(tai_core::telemetry::QUEUE_REDELIVERED).increment(0);
         QueueGauges {
             depth: metrics::gauge!(tai_core::telemetry::QUEUE_DEPTH),
             in_flight: metrics::gauge!(tai_core::telemetry::QUEUE_IN_FLIGHT),
