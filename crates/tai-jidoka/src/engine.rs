@@ -900,9 +900,8 @@ impl Actor for Engine {
         st.arm_state_timeout(&myself);
         // Whatever Kanban had sent to an earlier incarnation died with its
         // mailbox (none did when the router starts a fresh one).
-        let lost_mail = st.incarnation > 0 || !st.fresh;
-        if let Some(q) = ractor::registry::where_is(KANBAN_QUEUE).filter(|_| lost_mail) {
-            let _ = q.send_message(KanbanMsg::Redeliver {
+        if st.incarnation > 0 || !st.fresh {
+            send_to_queue(KanbanMsg::Redeliver {
                 tenant_id: st.tenant_id.clone(),
                 sku_id: st.sku_id.clone(),
                 after_crash: st.incarnation > 0 && !st.commit_failed.swap(false, Ordering::SeqCst),
