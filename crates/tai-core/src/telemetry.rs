@@ -11,8 +11,9 @@ pub const QUEUE_DEPTH: &str = "tai_queue_depth";
 pub const QUEUE_IN_FLIGHT: &str = "tai_queue_in_flight";
 /// Not in SPEC §9: of those in flight, the signals engines park until entitled.
 pub const QUEUE_PARKED: &str = "tai_queue_parked";
-/// Not in SPEC §9: signals the queue sent to an engine again (an engine or
-/// the router restarted, or a signal outlasted the visibility timeout).
+/// Not in SPEC §9: signals the queue took back from an engine to deliver
+/// again (an engine or the router restarted, or a signal outlasted the
+/// visibility timeout); one past the attempt limit is dead-lettered instead.
 pub const QUEUE_REDELIVERED: &str = "tai_queue_redelivered_total";
 pub const DEADLETTER: &str = "tai_deadletter_total";
 pub const ENGINE_STATE: &str = "tai_engine_state";

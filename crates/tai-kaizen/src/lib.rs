@@ -139,7 +139,7 @@ fn describe() {
     );
     describe_counter!(
         t::QUEUE_REDELIVERED,
-        "Signals the queue sent to an engine again (an engine or the router restarted, or the visibility timeout passed)"
+        "Signals the queue took back from an engine to deliver again (an engine or the router restarted, or the visibility timeout passed)"
     );
     describe_counter!(t::DEADLETTER, "Signals dead-lettered, by reason");
     describe_gauge!(t::ENGINE_STATE, "Live policy engines per state");

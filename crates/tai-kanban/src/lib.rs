@@ -113,7 +113,8 @@ pub(crate) struct QueueGauges {
     parked: metrics::Gauge,
 }
 
-/// Counts signals sent to an engine again (both backends' dispatchers).
+/// Counts signals taken back from an engine to deliver again (both
+/// backends' dispatchers; a poison one is dead-lettered instead).
 pub(crate) fn count_redelivered(n: usize) {
     if n > 0 {
         metrics::counter!(tai_core::telemetry::QUEUE_REDELIVERED).increment(n as u64);
