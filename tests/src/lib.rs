@@ -1112,3 +1112,12 @@ pub fn assert_bracketed(report: &Value, runs_key: &str, mean_key: &str) {
     let mean = report[mean_key].as_f64().expect("baseline");
     assert!((mean - (runs[0] + runs[1]) / 2.0).abs() < 1e-6, "{report}");
 }
+
+/// The value of the first sample in Prometheus text whose line starts with
+/// `name_and_labels` (a name and its labels as the node writes them).
+pub fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name_and_labels))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}

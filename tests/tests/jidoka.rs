@@ -424,9 +424,7 @@ async fn a_long_action_turns_nothing_it_holds_to_poison() {
 /// `tai_queue_redelivered_total` from the node's metrics.
 async fn redelivered(node: &Node) -> f64 {
     let text = node.metrics_text().await;
-    text.lines()
-        .find_map(|l| l.strip_prefix("tai_queue_redelivered_total "))
-        .and_then(|v| v.parse().ok())
+    sample(&text, "tai_queue_redelivered_total ")
         .unwrap_or_else(|| panic!("no tai_queue_redelivered_total: {text}"))
 }
 

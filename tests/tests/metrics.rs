@@ -8,13 +8,6 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use tai_tests::*;
 
-fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(name_and_labels))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 #[tokio::test]
 async fn metrics_name_the_contract_and_pass_promtool() {
     let node = Node::start_with(&test_config(""), &[("TAI_KAIZEN__TENANT_LABEL_CAP", "1")]);
