@@ -431,8 +431,8 @@ async fn redelivered(node: &Node) -> f64 {
 /// An engine the router starts is sent each signal once: only one that
 /// restarts after a crash (its mailbox lost) asks Kanban for what is in
 /// flight for it again. Every first start used to, and the queue sent its
-/// first signal twice, with a scan of everything in flight (a sixth of the
-/// node's CPU with 100,000 tenants at full speed, BENCHMARKS session 43).
+/// first signal twice, with a scan of everything in flight (10–18 % of the
+/// node's CPU per signal with 100,000 tenants at full speed, BENCHMARKS session 43).
 #[tokio::test]
 async fn only_an_engine_restarted_after_a_crash_is_sent_its_signals_again() {
     let (gw, slow) = (Gateway::start().await, Gateway::start().await);
