@@ -744,6 +744,70 @@ async fn kill_9_mid_burst_loses_nothing_and_decides_nothing_twice() {
     );
 }
 
+/// The queue killed again and again under a burst (its supervisor
+/// restarts it, the node goes on): every signal answered 202 is decided
+/// once, without a restart of the node. What a killed queue had staged
+/// for the next group flush is still written by it, so the new queue must
+/// see it (and number its own signals after it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_killed_under_a_burst_loses_nothing_it_accepted() {
+    let node = Node::start_with(&test_config(""), &[]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    c.entitle("payments", "ent").await;
+    c.decided("ent").await;
+    let accepted = Arc::new(Mutex::new(HashSet::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for w in 0..16 {
+        let (c, accepted, stop) = (c.clone(), accepted.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let id = format!("kq-{w}-{i}");
+                i += 1;
+                let a = c.post(&pay(&id, &format!("cust-{w}-{i}"), 1.0)).await;
+                match a {
+                    Ok(a) if a.status == 202 => {
+                        accepted.lock().unwrap().insert(id);
+                    }
+                    // The queue restarting, or gone with the post in hand.
+                    Ok(a) if a.status == 503 => {}
+                    Ok(a) => panic!("unexpected {}: {}", a.status, a.body),
+                    Err(e) => panic!("{id}: {e}"),
+                }
+            }
+        }));
+    }
+    // Four kills: kanban_sup allows five restarts in 10 s.
+    for kill in 1..=4 {
+        // Some signals in between, so that each kill meets a burst.
+        let before = accepted.lock().unwrap().len();
+        let end = std::time::Instant::now() + Duration::from_secs(30);
+        while accepted.lock().unwrap().len() < before + 200 {
+            assert!(std::time::Instant::now() < end, "no signals accepted");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let (status, body) = node
+            .admin(Method::POST, "/admin/actors/kanban_queue/kill")
+            .await;
+        assert_eq!(status, 202, "{body}");
+        node.admin_until("/admin/tree", "the queue restarted", |t| {
+            find(t, "kanban_queue")
+                .is_some_and(|q| q["restarts"] == kill && q["status"] == "running")
+        })
+        .await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for t in clients {
+        t.await.unwrap();
+    }
+    let accepted: HashSet<String> = accepted.lock().unwrap().clone();
+    for id in &accepted {
+        assert_eq!(c.decided(id).await["status"], "completed", "{id}");
+    }
+    each_decided_once(&node, &accepted).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_what_it_cannot_keep_and_loses_nothing_it_accepted() {
     // The data dir on a 2 MiB tmpfs of its own: 16 clients post until the

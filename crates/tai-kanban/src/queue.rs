@@ -373,6 +373,16 @@ impl Actor for Queue {
         args: QueueArgs,
     ) -> Result<QueueState, ActorProcessingErr> {
         let mut dispatch = Dispatch::default();
+        // What an earlier incarnation staged for the group flush is written
+        // by the flusher, not by the queue, and its clients get their 202
+        // when that flush is done: wait for a flush begun now, which writes
+        // it, so that it is read back below (and numbered after). Else it
+        // would wait undecided until the next start, and a new signal could
+        // take one of its seqs. On a failed store nothing more is written:
+        // what is on disk is all there is.
+        if let Err(e) = args.store.durable().await {
+            warn!(error = %e, "the store failed: the queue starts from what it holds");
+        }
         let pending = args.store.pending()?;
         let count = pending.len();
         let mut blocks = BTreeMap::new();
