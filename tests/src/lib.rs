@@ -796,6 +796,11 @@ impl Gateway {
         self.flight[1].load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// The requests it holds now (not yet answered).
+    pub fn in_flight(&self) -> usize {
+        self.flight[0].load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Makes the health check of `stage` report `doc`.
     pub fn set_health(&self, stage: &str, doc: Value) {
         self.set_health_answer(stage, 200, doc);

@@ -475,6 +475,49 @@ async fn only_an_engine_restarted_after_a_crash_is_sent_its_signals_again() {
     assert_eq!(redelivered(&node).await, 1.0);
 }
 
+/// Passivation asks each idle engine whether it is busy. An engine in a
+/// long action answers only once the action ends, and every signal goes
+/// through the router: the question must not hold the router up.
+#[tokio::test]
+async fn an_engine_busy_past_the_idle_timeout_holds_up_no_other_engine() {
+    let (gw, slow) = (Gateway::start().await, Gateway::start().await);
+    let node = Node::start_with(
+        &config(&gw.url, &slow_sku(&slow.url)),
+        &[("TAI_JIDOKA__IDLE_TIMEOUT_SECS", "1")],
+    );
+    let c = Client::new(&node, "acme", "acme-secret");
+    for sku in ["checkout", "slowpay"] {
+        entitle(&c, sku).await;
+    }
+    // Under the call's 10 s timeout, far past the idle timeout (1 s) and
+    // the router's check of it (every 250 ms).
+    slow.set(GatewayMode::Slow(9_000));
+    send(&c, &pay("slowpay", "long")).await;
+    until_hits(&slow, 1, "long").await;
+    let held = std::time::Instant::now();
+    let mut n = 0;
+    // Each decided while the long call is still held, for twice as long
+    // as slowpay takes to count as idle.
+    while held.elapsed() < std::time::Duration::from_secs(2) {
+        let id = format!("quick-{n}");
+        send(&c, &pay("checkout", &id)).await;
+        assert_eq!(c.decided(&id).await["status"], "completed");
+        assert_eq!(
+            slow.in_flight(),
+            1,
+            "{id} was decided only once the long call ended"
+        );
+        n += 1;
+    }
+    // The busy engine was left to finish its action, and is passivated
+    // once it has been idle for its timeout.
+    assert_eq!(c.decided("long").await["status"], "completed");
+    node.admin_until("/admin/tenants/acme/slowpay", "slowpay passivated", |e| {
+        e["active"] == false && e["state"] == "stable"
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_melted_breaker_stays_open_across_a_restart_until_reset() {
     let gw = Gateway::start().await;

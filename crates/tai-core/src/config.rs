@@ -843,6 +843,14 @@ fn validate(c: &Config, errors: &mut Vec<ConfigError>) {
             ));
         }
     }
+    if c.jidoka.idle_timeout_secs == 0 {
+        // 0 would passivate every engine at the next check after each
+        // signal (every 100 ms), a start and a checkpoint per signal.
+        errors.push(err(
+            "jidoka.idle_timeout_secs",
+            "must be greater than 0 (seconds an engine may idle before it is passivated)",
+        ));
+    }
     if c.jidoka.max_active_engines == 0 {
         errors.push(err("jidoka.max_active_engines", "must be greater than 0"));
     }
@@ -1154,6 +1162,15 @@ mod tests {
         let errors = load("[ingress]\nreplay_cache_max_entries = 0\n", vec![]).unwrap_err();
         assert_eq!(pairs(&errors)[0].0, "ingress.replay_cache_max_entries");
         assert!(pairs(&errors)[0].1.starts_with("must be greater than 0"));
+    }
+
+    #[test]
+    fn an_idle_timeout_of_zero_is_refused_by_name() {
+        let errors = load("[jidoka]\nidle_timeout_secs = 0\n", vec![]).unwrap_err();
+        assert_eq!(pairs(&errors)[0].0, "jidoka.idle_timeout_secs");
+        assert!(pairs(&errors)[0].1.starts_with("must be greater than 0"));
+        let env = vec![("TAI_JIDOKA__IDLE_TIMEOUT_SECS".to_string(), "1".to_string())];
+        assert_eq!(load("", env).unwrap().jidoka.idle_timeout_secs, 1);
     }
 
     #[test]

@@ -177,6 +177,13 @@ pub enum RouterMsg {
     },
     /// Internal: periodic passivation of idle engines.
     Tick,
+    /// Internal: whether an idle engine was busy (an action, or signals
+    /// postponed) when asked; asked from a task, so that a busy engine,
+    /// which answers only once its action ends, holds up no delivery.
+    IdleChecked {
+        name: String,
+        busy: bool,
+    },
     /// Internal: an engine finished draining.
     Drained(String),
     /// A circuit breaker changed: engines it halted resume when it is no longer open.

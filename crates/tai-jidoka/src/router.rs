@@ -54,6 +54,8 @@ struct Entry {
     touch: u64,
     /// Draining: signals wait here until it is gone.
     waiting: Option<Vec<Delivery>>,
+    /// Idle, and asked whether it is busy (`RouterMsg::IdleChecked`).
+    checking: bool,
 }
 
 pub struct RouterState {
@@ -177,11 +179,39 @@ impl Router {
                     last_used: Instant::now(),
                     touch: 0,
                     waiting: None,
+                    checking: false,
                 },
             );
         }
         st.touch(&name);
         Ok(Some(cell.into()))
+    }
+
+    /// Passivates an idle engine unless it is busy: one running an action
+    /// or holding postponed signals stays. The engine answers only between
+    /// messages (an action runs inside its handler), so it is asked from a
+    /// task that reports back (`RouterMsg::IdleChecked`): the router, which
+    /// every signal goes through, never waits on it. One that does not
+    /// answer within `CALL` is busy; one that is gone is not.
+    fn check_idle(myself: &ActorRef<RouterMsg>, st: &mut RouterState, name: String) {
+        let Some(r) = engine_ref(&name) else {
+            Self::passivate(myself, st, &name);
+            return;
+        };
+        if let Some(e) = st.engines.get_mut(&name) {
+            e.checking = true;
+        }
+        let me = myself.clone();
+        tokio::spawn(async move {
+            let busy = match r.call(EngineMsg::Info, Some(CALL)).await {
+                Ok(ractor::rpc::CallResult::Success(i)) => {
+                    i.postponed > 0 || i.state == EngineState::ActionPending
+                }
+                Ok(ractor::rpc::CallResult::Timeout) => true,
+                _ => false,
+            };
+            let _ = me.send_message(RouterMsg::IdleChecked { name, busy });
+        });
     }
 
     /// Drains the engine (it finishes what is in its mailbox) and stops it.
@@ -520,29 +550,31 @@ impl Actor for Router {
                 let due: Vec<String> = st
                     .recency
                     .values()
-                    .take_while(|name| {
-                        st.engines
-                            .get(&name[..])
-                            .is_some_and(|e| e.last_used.elapsed() >= idle)
+                    .map_while(|name| {
+                        let e = st.engines.get(&name[..])?;
+                        (e.last_used.elapsed() >= idle).then_some((name, e.checking))
                     })
-                    .map(|name| name.to_string())
+                    .filter(|(_, checking)| !checking)
+                    .map(|(name, _)| name.to_string())
                     .collect();
                 for name in due {
-                    // An engine with work pending stays.
-                    let busy = match engine_ref(&name) {
-                        Some(r) => match r.call(EngineMsg::Info, Some(CALL)).await {
-                            Ok(ractor::rpc::CallResult::Success(i)) => {
-                                i.postponed > 0 || i.state == EngineState::ActionPending
-                            }
-                            _ => false,
-                        },
-                        None => false,
-                    };
-                    if busy {
-                        st.touch(&name);
-                    } else {
-                        Self::passivate(&myself, st, &name);
-                    }
+                    Self::check_idle(&myself, st, name);
+                }
+            }
+            RouterMsg::IdleChecked { name, busy } => {
+                let idle = st.args.idle_timeout;
+                let Some(e) = st.engines.get_mut(&name) else {
+                    return Ok(());
+                };
+                e.checking = false;
+                // Used since it was asked, or being drained already: as is.
+                if e.waiting.is_some() || e.last_used.elapsed() < idle {
+                    return Ok(());
+                }
+                if busy {
+                    st.touch(&name);
+                } else {
+                    Self::passivate(&myself, st, &name);
                 }
             }
             RouterMsg::BreakerTick => {
