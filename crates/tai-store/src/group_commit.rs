@@ -58,6 +58,11 @@ pub(crate) struct GroupCommit {
     waiting: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     done: watch::Receiver<(u64, Option<String>)>,
+    /// The first flush that failed (0: none). `done` holds the latest
+    /// flush's result only, and a failed flush drops the queue blocks it
+    /// was to write: a writer of that flush must not be answered by the
+    /// success of a later one.
+    failed_from: Arc<AtomicU64>,
     /// The first failure (a flush's, or a write's through
     /// [`GroupCommit::fail`]): sled fails every write after an I/O error
     /// until it is opened again, so this store is done for.
@@ -77,11 +82,13 @@ impl GroupCommit {
         let fatal = watch::Sender::new(None);
         let report = fatal.clone();
         let waiting = Arc::new(AtomicU64::new(0));
-        let (s, p, st, w) = (
+        let failed_from = Arc::new(AtomicU64::new(0));
+        let (s, p, st, w, failed) = (
             started.clone(),
             pending.clone(),
             stop.clone(),
             waiting.clone(),
+            failed_from.clone(),
         );
         let thread = thread::Builder::new()
             .name("tai-store-flusher".into())
@@ -127,6 +134,8 @@ impl GroupCommit {
                 if let Some(e) = &result {
                     tracing::error!(error = %e, "group commit flush failed");
                     first_failure(&report, e, &db);
+                    let _ =
+                        failed.compare_exchange(0, generation, Ordering::SeqCst, Ordering::SeqCst);
                 }
                 tx.send_replace((generation, result));
             })
@@ -137,6 +146,7 @@ impl GroupCommit {
             waiting,
             stop,
             done: rx,
+            failed_from,
             fatal,
             thread: Some(thread),
             staged,
@@ -204,12 +214,22 @@ impl GroupCommit {
             }
         }
         let mut rx = self.done.clone();
-        let seen = rx
+        let latest = rx
             .wait_for(|(generation, _)| *generation >= target)
             .await
-            .map_err(|_| "the flusher stopped".to_string())?;
-        match &seen.1 {
-            Some(e) => Err(e.clone()),
+            .map_err(|_| "the flusher stopped".to_string())?
+            .1
+            .clone();
+        // Flushes after a failed one may succeed (sled's failure need not
+        // stick), but what the failed one carried is not on disk.
+        let failed_from = self.failed_from.load(Ordering::SeqCst);
+        if failed_from != 0 && failed_from <= target {
+            return Err(self
+                .failure()
+                .unwrap_or_else(|| "a group flush failed".to_string()));
+        }
+        match latest {
+            Some(e) => Err(e),
             None => Ok(()),
         }
     }
@@ -245,7 +265,9 @@ fn first_failure(fatal: &watch::Sender<Option<String>>, reason: &str, db: &sled:
 
 #[cfg(test)]
 mod tests {
-    use super::StagedRuns;
+    use super::{GroupCommit, StagedRuns};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
     use tai_core::msg::Delivery;
 
     fn run(seqs: std::ops::Range<u64>) -> Vec<Delivery> {
@@ -272,5 +294,45 @@ mod tests {
             .map(|r| r.iter().map(|d| d.seq).collect())
             .collect();
         assert_eq!(runs, [vec![5, 6, 7], vec![9, 10, 11]]);
+    }
+
+    /// A flush that failed dropped the blocks it was to write; a later
+    /// flush that succeeds does not make them durable, so the writers of
+    /// the failed one, and every one after it, are told it failed, however
+    /// late they look.
+    #[tokio::test]
+    async fn a_failed_flush_is_not_answered_by_a_later_success() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let failed_once = Arc::new(AtomicBool::new(false));
+        let once = failed_once.clone();
+        let commit = GroupCommit::start(
+            db,
+            Box::new(move |_runs| {
+                if once.swap(true, Ordering::SeqCst) {
+                    Ok(())
+                } else {
+                    Err("could not write a queue block: no room".to_string())
+                }
+            }),
+        );
+        let (_, flush) = commit.stage(run(1..3)).unwrap();
+        assert_eq!(
+            commit.failed().await,
+            "could not write a queue block: no room"
+        );
+        // The next flush writes nothing staged, and sled's own flush works.
+        let later = commit.durable().await;
+        assert!(failed_once.load(Ordering::SeqCst));
+        assert!(commit.flushes() > flush, "a later flush ran");
+        assert_eq!(
+            later.unwrap_err(),
+            "could not write a queue block: no room",
+            "a flush after a failed one"
+        );
+        assert_eq!(
+            commit.durable_at(flush).await.unwrap_err(),
+            "could not write a queue block: no room",
+            "the failed flush, asked after a later one succeeded"
+        );
     }
 }
