@@ -58,11 +58,6 @@ pub(crate) struct GroupCommit {
     waiting: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     done: watch::Receiver<(u64, Option<String>)>,
-    /// The first flush that failed (0: none). `done` holds the latest
-    /// flush's result only, and a failed flush drops the queue blocks it
-    /// was to write: a writer of that flush must not be answered by the
-    /// success of a later one.
-    failed_from: Arc<AtomicU64>,
     /// The first failure (a flush's, or a write's through
     /// [`GroupCommit::fail`]): sled fails every write after an I/O error
     /// until it is opened again, so this store is done for.
@@ -82,13 +77,11 @@ impl GroupCommit {
         let fatal = watch::Sender::new(None);
         let report = fatal.clone();
         let waiting = Arc::new(AtomicU64::new(0));
-        let failed_from = Arc::new(AtomicU64::new(0));
-        let (s, p, st, w, failed) = (
+        let (s, p, st, w) = (
             started.clone(),
             pending.clone(),
             stop.clone(),
             waiting.clone(),
-            failed_from.clone(),
         );
         let thread = thread::Builder::new()
             .name("tai-store-flusher".into())
@@ -134,8 +127,6 @@ impl GroupCommit {
                 if let Some(e) = &result {
                     tracing::error!(error = %e, "group commit flush failed");
                     first_failure(&report, e, &db);
-                    let _ =
-                        failed.compare_exchange(0, generation, Ordering::SeqCst, Ordering::SeqCst);
                 }
                 tx.send_replace((generation, result));
             })
@@ -146,7 +137,6 @@ impl GroupCommit {
             waiting,
             stop,
             done: rx,
-            failed_from,
             fatal,
             thread: Some(thread),
             staged,
@@ -203,8 +193,16 @@ impl GroupCommit {
             .await
     }
 
-    /// Waits for flush `target` (and asks for it).
+    /// Waits for flush `target` (and asks for it). Once the store has
+    /// failed, answers with the failure: at once (a flush after sled's
+    /// I/O error may never return), and also to a writer that was
+    /// waiting, even if a later flush succeeded, since `done` holds the
+    /// latest flush's result only and a failed flush drops the queue
+    /// blocks it was to write.
     pub(crate) async fn durable_at(&self, target: u64) -> Result<(), String> {
+        if let Some(e) = self.failure() {
+            return Err(e);
+        }
         self.pending.store(true, Ordering::SeqCst);
         if self.waiting.fetch_add(1, Ordering::SeqCst) == 0
             || self.waiting.load(Ordering::Relaxed) >= BATCH_WRITES
@@ -220,13 +218,10 @@ impl GroupCommit {
             .map_err(|_| "the flusher stopped".to_string())?
             .1
             .clone();
-        // Flushes after a failed one may succeed (sled's failure need not
-        // stick), but what the failed one carried is not on disk.
-        let failed_from = self.failed_from.load(Ordering::SeqCst);
-        if failed_from != 0 && failed_from <= target {
-            return Err(self
-                .failure()
-                .unwrap_or_else(|| "a group flush failed".to_string()));
+        // Flushes after a failed one may succeed (not every sled error
+        // sticks), but what the failed one carried is not on disk.
+        if let Some(e) = self.failure() {
+            return Err(e);
         }
         match latest {
             Some(e) => Err(e),
@@ -297,12 +292,13 @@ mod tests {
     }
 
     /// A flush that failed dropped the blocks it was to write; a later
-    /// flush that succeeds does not make them durable, so the writers of
-    /// the failed one, and every one after it, are told it failed, however
-    /// late they look.
+    /// flush that succeeds does not make them durable, so a writer of the
+    /// failed one is told it failed, however late it looks.
     #[tokio::test]
     async fn a_failed_flush_is_not_answered_by_a_later_success() {
         let db = sled::Config::new().temporary(true).open().unwrap();
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let (entered, mut writing) = tokio::sync::mpsc::unbounded_channel::<()>();
         let failed_once = Arc::new(AtomicBool::new(false));
         let once = failed_once.clone();
         let commit = GroupCommit::start(
@@ -311,28 +307,64 @@ mod tests {
                 if once.swap(true, Ordering::SeqCst) {
                     Ok(())
                 } else {
+                    // The first flush's write waits for the test.
+                    let _ = entered.send(());
+                    let _ = wait.recv();
                     Err("could not write a queue block: no room".to_string())
                 }
             }),
         );
-        let (_, flush) = commit.stage(run(1..3)).unwrap();
-        assert_eq!(
-            commit.failed().await,
-            "could not write a queue block: no room"
+        // Dropped before `commit` (whose drop joins the flusher), so that a
+        // failing assertion does not leave the flusher waiting on it.
+        let go = go;
+        let (_, first) = commit.stage(run(1..3)).unwrap();
+        let waiter = commit.durable_at(first);
+        tokio::pin!(waiter);
+        assert!(
+            futures_poll_once(waiter.as_mut()).await.is_none(),
+            "waiting for the first flush"
         );
-        // The next flush writes nothing staged, and sled's own flush works.
-        let later = commit.durable().await;
-        assert!(failed_once.load(Ordering::SeqCst));
-        assert!(commit.flushes() > flush, "a later flush ran");
+        writing.recv().await.expect("the first flush writes");
+        // Staged behind it: the next flush writes this, and succeeds.
+        let (_, second) = commit.stage(run(3..4)).unwrap();
+        assert_eq!(second, first + 1);
+        go.send(()).unwrap();
+        let mut done = commit.done.clone();
+        done.wait_for(|(generation, _)| *generation >= second)
+            .await
+            .unwrap();
+        assert_eq!(commit.done.borrow().1, None, "the later flush succeeded");
         assert_eq!(
-            later.unwrap_err(),
+            waiter.await.unwrap_err(),
             "could not write a queue block: no room",
-            "a flush after a failed one"
+            "the failed flush, seen after a later one succeeded"
         );
+    }
+
+    /// Polls `f` once: its output if it is ready.
+    async fn futures_poll_once<F: std::future::Future + Unpin>(f: F) -> Option<F::Output> {
+        tokio::time::timeout(std::time::Duration::ZERO, f)
+            .await
+            .ok()
+    }
+
+    /// A write that met sled's I/O error marks the store failed before any
+    /// flush does: a writer is answered with that failure, not with a
+    /// flush that may still succeed (or never return).
+    #[tokio::test]
+    async fn a_store_failed_by_a_write_answers_every_writer_with_the_failure() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let commit = GroupCommit::start(db.clone(), Box::new(|_runs| Ok(())));
+        commit.durable().await.expect("a working store flushes");
+        commit.fail("i/o error: no storage space", &db);
+        let (_, flush) = commit.stage(run(1..2)).unwrap();
         assert_eq!(
             commit.durable_at(flush).await.unwrap_err(),
-            "could not write a queue block: no room",
-            "the failed flush, asked after a later one succeeded"
+            "i/o error: no storage space"
+        );
+        assert_eq!(
+            commit.durable().await.unwrap_err(),
+            "i/o error: no storage space"
         );
     }
 }
