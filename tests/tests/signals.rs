@@ -902,6 +902,73 @@ async fn a_full_disk_refuses_what_it_cannot_keep_and_loses_nothing_it_accepted()
     drop(disk);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_the_store_cannot_write_stops_the_node_and_loses_nothing_it_accepted() {
+    // sled writes any page past 128 KiB to a file of its own under
+    // `blobs/` (a queue block of a few large signals, a full leaf of the
+    // ledger). Made a file, that directory refuses them all, as a full
+    // disk or a process out of file handles would. The write that meets it
+    // fails the store, and the node stops, saying why, as on a full disk.
+    let mut node = Node::start_with(&test_config(""), &[]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    c.entitle("payments", "ent").await;
+    c.decided("ent").await;
+    let blobs = node.data_dir().join("sled").join("blobs");
+    std::fs::remove_dir_all(&blobs).unwrap();
+    std::fs::write(&blobs, b"").unwrap();
+
+    let accepted = Arc::new(Mutex::new(HashSet::new()));
+    let mut clients = Vec::new();
+    for w in 0..8 {
+        let (c, accepted) = (c.clone(), accepted.clone());
+        clients.push(tokio::spawn(async move {
+            for i in 0..10_000 {
+                let id = format!("blob-{w}-{i}");
+                let body = signal(
+                    "acme",
+                    "payments",
+                    "payment",
+                    &id,
+                    json!({"amount": 1.0, "currency": "USD", "customer_id": format!("c{w}-{i}"),
+                           "note": "n".repeat(40_000)}),
+                );
+                match c.post(&body).await {
+                    Ok(a) if a.status == 202 => {
+                        accepted.lock().unwrap().insert(id);
+                    }
+                    Ok(a) if a.status == 503 => return,
+                    Ok(a) => panic!("unexpected {}: {}", a.status, a.body),
+                    // The node is gone.
+                    Err(_) => return,
+                }
+            }
+            panic!("10,000 signals of 40 KB accepted with no blob written");
+        }));
+    }
+    for t in clients {
+        t.await.unwrap();
+    }
+    let status = node.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "{}", node.log());
+    let log = node.log();
+    assert!(
+        log.contains(
+            "the store failed: the node stops (exit 1); start it again once the cause is gone"
+        ),
+        "{log}"
+    );
+
+    // The cause gone, a restart decides everything accepted, once.
+    std::fs::remove_file(&blobs).unwrap();
+    std::fs::create_dir(&blobs).unwrap();
+    let accepted: HashSet<String> = accepted.lock().unwrap().clone();
+    node.restart();
+    node.drained().await;
+    each_decided_once(&node, &accepted).await;
+    let c = Client::new(&node, "acme", "acme-secret");
+    assert_eq!(c.decided("ent").await["status"], "completed");
+}
+
 #[tokio::test]
 async fn the_ledger_verifies_offline_and_every_tampering_is_caught() {
     let mut node = Node::start_with(&test_config(""), &[]);

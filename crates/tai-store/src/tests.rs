@@ -1143,6 +1143,58 @@ async fn a_write_that_meets_an_io_error_fails_the_store_at_once() {
     assert!(matches!(s.ping(), Err(StoreError::Failed(_))));
 }
 
+/// A blob sled cannot write (any page or value past a quarter of a
+/// segment goes to a file of its own; here a 200 KiB value, with the blob
+/// directory made a file) fails sled's log at once: its flush and its close
+/// answer the error. Before vendor/sled/PATCHED.md 10, the log buffer in
+/// which the blob's pointer had claimed a slot was never written, and
+/// every flush from then on waited for it for ever, the one in sled's
+/// close too: a node or a `tai` command whose store met a full disk or no
+/// free file handle there hung instead of stopping. What was flushed
+/// before is kept.
+#[test]
+fn a_blob_that_cannot_be_written_fails_sleds_flush_and_close_instead_of_hanging_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::Config::new().path(dir.path()).open().unwrap();
+    db.insert(b"kept", b"1".as_slice()).unwrap();
+    db.flush().unwrap();
+    let blobs = dir.path().join("blobs");
+    std::fs::remove_dir_all(&blobs).unwrap();
+    std::fs::write(&blobs, b"").unwrap();
+    let err = db.insert(b"big", vec![7u8; 200 * 1024]).unwrap_err();
+    assert!(matches!(err, sled::Error::Io(_)), "{err}");
+    let (answer, answered) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let flushed = db.flush();
+        drop(db);
+        answer.send(flushed).unwrap();
+    });
+    let flushed = answered
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("sled's flush and close answered once a blob failed");
+    assert!(flushed.is_err(), "a flush after a failed blob succeeded");
+
+    // The next start (on a copy: this process may keep the failed
+    // store's lock) finds what was flushed, and not the failed write.
+    let copy = tempfile::tempdir().unwrap();
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(dir.path())
+        .arg(copy.path().join("db"))
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let copied_blobs = copy.path().join("db").join("blobs");
+    std::fs::remove_file(&copied_blobs).unwrap();
+    std::fs::create_dir(&copied_blobs).unwrap();
+    let db = sled::Config::new()
+        .path(copy.path().join("db"))
+        .open()
+        .unwrap();
+    assert_eq!(db.get(b"kept").unwrap().as_deref(), Some(b"1".as_slice()));
+    assert_eq!(db.get(b"big").unwrap(), None);
+}
+
 #[tokio::test]
 async fn checkpoints_are_paged_in_tenant_order_with_the_deferred_ones_newest() {
     let dir = tempfile::tempdir().unwrap();

@@ -362,12 +362,31 @@ impl Log {
             let blob_id =
                 if over_blob_threshold { Some(reservation_lsn) } else { None };
 
-            self.iobufs.encapsulate(
+            if let Err(e) = self.iobufs.encapsulate(
                 item,
                 message_header,
                 destination,
                 blob_id,
-            )?;
+            ) {
+                // TAI node: the slot claimed above keeps its writer for
+                // ever (nothing releases it), so this buffer is never
+                // written and every flush would wait for it for ever.
+                // A blob that could not be written (no room, no file
+                // handle) fails the log instead, as a failed buffer
+                // write does: every flush and write from now on returns
+                // the error.
+                error!(
+                    "hit error while writing a blob for lsn {}: {:?}",
+                    reservation_lsn, e
+                );
+                self.config.set_global_error(e.clone());
+                let intervals = self.iobufs.intervals.lock();
+                // having held the mutex makes this linearized
+                // with the notify below.
+                drop(intervals);
+                let _notified = self.iobufs.interval_updated.notify_all();
+                return Err(e);
+            }
 
             M.log_reservation_success();
 
