@@ -448,6 +448,97 @@ async fn connections_that_send_no_headers_in_time_are_closed() {
     assert_eq!(status, 200);
 }
 
+/// Connections the node's `listener` holds open, from `/metrics`.
+async fn open_connections(node: &Node, listener: &str) -> Option<u64> {
+    let line = format!("tai_http_connections{{listener=\"{listener}\"}} ");
+    node.metrics_text()
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(line.as_str()).map(|v| v.parse().unwrap()))
+}
+
+/// Each listener holds at most `node.max_connections` connections: the
+/// next waits (in the kernel's backlog) until one closes, rather than take
+/// file descriptors the store needs; and connections flooding the ingress
+/// port leave the operator port answering.
+#[tokio::test]
+async fn a_listener_holds_at_most_max_connections_and_the_next_waits_for_one_to_close() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let node = Node::start_with(&test_config(""), &[("TAI_NODE__MAX_CONNECTIONS", "4")]);
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(tokio::net::TcpStream::connect(&node.ingress).await.unwrap());
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while open_connections(&node, "ingress").await != Some(4) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ingress never counted its 4 connections"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A fifth is connected by the kernel, and not served.
+    let mut fifth = tokio::net::TcpStream::connect(&node.ingress).await.unwrap();
+    fifth
+        .write_all(b"GET /health HTTP/1.1\r\nHost: tai\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    let early = tokio::time::timeout(Duration::from_secs(1), fifth.read_exact(&mut head)).await;
+    assert!(early.is_err(), "a fifth connection was served: {head:?}");
+    // The operator port is bounded apart: it answers.
+    assert_eq!(open_connections(&node, "ingress").await, Some(4));
+    let log = node.log();
+    assert!(
+        log.contains("connections at node.max_connections: new ones wait until one closes"),
+        "{log}"
+    );
+    // One closes: the fifth is taken and served.
+    drop(held.pop());
+    tokio::time::timeout(Duration::from_secs(10), fifth.read_exact(&mut head))
+        .await
+        .expect("the fifth connection served once one closed")
+        .unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200", "{head:?}");
+}
+
+/// `tai serve` raises its soft open-file limit to the hard one (a login
+/// shell's soft limit is often 1,024), so the store's files and the
+/// listeners' connections have the room the system allows.
+#[tokio::test]
+#[allow(unsafe_code)]
+async fn the_node_raises_its_open_file_limit_to_the_hard_one() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read or write the struct given. The
+    // node inherits the lowered soft limit; this process gets its own back.
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+        0
+    );
+    let low = libc::rlimit {
+        rlim_cur: 512,
+        rlim_max: limit.rlim_max,
+    };
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &low) }, 0);
+    let node = Node::start(&[]);
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", node.child.id())).unwrap();
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files in /proc/PID/limits")
+        .split_whitespace()
+        .collect();
+    let hard = limit.rlim_max.min(1 << 20).to_string();
+    assert_eq!(open_files[3], hard, "{limits}");
+    let log = node.log();
+    assert!(log.contains("open-file limit raised"), "{log}");
+    assert!(log.contains("from=512"), "{log}");
+}
+
 /// `THP_enabled` of the node's process, as the kernel shows it.
 fn thp_enabled(node: &Node) -> String {
     let status = std::fs::read_to_string(format!("/proc/{}/status", node.child.id())).unwrap();

@@ -62,6 +62,11 @@ pub struct NodeConfig {
     /// not all arrived this long after it began waiting for them (an idle
     /// keep-alive connection too).
     pub header_read_timeout_secs: u64,
+    /// Connections each HTTP listener (ingress, operator) holds open at
+    /// once; at the bound it accepts no more until one closes. `tai serve`
+    /// lowers it, saying so, when the open-file limit could not hold both
+    /// listeners' connections and the store's files.
+    pub max_connections: usize,
     /// Let the kernel back the node's heap with transparent huge pages.
     /// Off by default: the allocator asks for them (`MADV_HUGEPAGE`), and
     /// the kernel's khugepaged then fills every 2 MiB range the heap still
@@ -79,6 +84,7 @@ impl Default for NodeConfig {
             shutdown_grace_secs: 30,
             store_cache_mb: 32,
             header_read_timeout_secs: 30,
+            max_connections: 8192,
             transparent_huge_pages: false,
         }
     }
@@ -811,6 +817,9 @@ fn validate(c: &Config, errors: &mut Vec<ConfigError>) {
             "must be greater than 0",
         ));
     }
+    if c.node.max_connections == 0 {
+        errors.push(err("node.max_connections", "must be greater than 0"));
+    }
     if c.node.store_cache_mb == 0 {
         errors.push(err("node.store_cache_mb", "must be greater than 0"));
     }
@@ -1171,6 +1180,16 @@ mod tests {
         assert!(pairs(&errors)[0].1.starts_with("must be greater than 0"));
         let env = vec![("TAI_JIDOKA__IDLE_TIMEOUT_SECS".to_string(), "1".to_string())];
         assert_eq!(load("", env).unwrap().jidoka.idle_timeout_secs, 1);
+    }
+
+    #[test]
+    fn no_connections_at_all_is_refused_by_name() {
+        let errors = load("[node]\nmax_connections = 0\n", vec![]).unwrap_err();
+        assert_eq!(
+            pairs(&errors)[0],
+            ("node.max_connections", "must be greater than 0")
+        );
+        assert_eq!(load("", vec![]).unwrap().node.max_connections, 8192);
     }
 
     #[test]

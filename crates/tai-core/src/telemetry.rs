@@ -9,6 +9,9 @@ pub const SIGNALS_PROCESSED: &str = "tai_signals_processed_total";
 pub const SIGNAL_PROCESSING_SECONDS: &str = "tai_signal_processing_seconds";
 pub const QUEUE_DEPTH: &str = "tai_queue_depth";
 pub const QUEUE_IN_FLIGHT: &str = "tai_queue_in_flight";
+/// Not in SPEC §9: connections each HTTP listener holds open, by `listener`
+/// (`ingress`, `operator`); at most `node.max_connections`.
+pub const HTTP_CONNECTIONS: &str = "tai_http_connections";
 /// Not in SPEC §9: of those in flight, the signals engines park until entitled.
 pub const QUEUE_PARKED: &str = "tai_queue_parked";
 /// Not in SPEC §9: signals the queue took back from an engine to deliver

@@ -89,20 +89,40 @@ impl BodyError {
     }
 }
 
+/// What a listener takes: how long a request's headers may take, and how
+/// many connections it holds at once.
+#[derive(Clone, Copy, Debug)]
+pub struct Listening {
+    /// The listener's name in its logs and in
+    /// `tai_http_connections{listener}`: `ingress`, `operator`.
+    pub name: &'static str,
+    /// `node.header_read_timeout_secs`.
+    pub header_timeout: std::time::Duration,
+    /// `node.max_connections`, as the open-file limit allows (tai-node).
+    pub max_connections: usize,
+}
+
 /// Serves `service` (a filter's `warp::service(..)`) on `listener` over
 /// HTTP/1.1 until `shutdown` resolves, then lets the requests under way
-/// finish, as `warp::serve(..).incoming(..).graceful(..)` did, but with
-/// hyper's header read timeout set: a connection whose request headers have
-/// not all arrived `header_timeout` after it began waiting for them is
-/// closed, an idle keep-alive connection and one that never sent a byte
-/// too. Without it a client that opened connections and sent nothing, or a
-/// header a byte a minute, held them, and the node's file descriptors, for
-/// ever. (warp's own server reads the first bytes to choose between HTTP/1
-/// and HTTP/2 with no timeout at all.)
+/// finish, as `warp::serve(..).incoming(..).graceful(..)` did, but:
+///
+/// - with hyper's header read timeout set: a connection whose request
+///   headers have not all arrived `header_timeout` after it began waiting
+///   for them is closed, an idle keep-alive connection and one that never
+///   sent a byte too. Without it a client that opened connections and sent
+///   nothing, or a header a byte a minute, held them, and the node's file
+///   descriptors, for ever. (warp's own server reads the first bytes to
+///   choose between HTTP/1 and HTTP/2 with no timeout at all.)
+/// - with at most `max_connections` open: at the bound the listener stops
+///   accepting until one closes (the kernel's backlog holds the next ones),
+///   as ranch's `max_connections` does. A flood of connections then waits
+///   instead of taking every file descriptor the process may open, which
+///   the store needs too (a store that cannot open a file fails, and the
+///   node stops).
 pub async fn serve<S>(
     service: S,
     listener: tokio::net::TcpListener,
-    header_timeout: std::time::Duration,
+    limits: Listening,
     shutdown: impl std::future::Future<Output = ()>,
 ) where
     S: tower_service::Service<
@@ -115,12 +135,30 @@ pub async fn serve<S>(
     S::Future: Send + 'static,
 {
     use hyper_util::rt::{TokioIo, TokioTimer};
+    let open = metrics::gauge!(tai_core::telemetry::HTTP_CONNECTIONS, "listener" => limits.name);
     let (stop, stopping) = tokio::sync::watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
+    let max = limits.max_connections.max(1);
+    let mut at_bound = false;
     loop {
+        let room = connections.len() < max;
+        if !room && !at_bound {
+            tracing::warn!(
+                listener = limits.name,
+                max_connections = max,
+                "connections at node.max_connections: new ones wait until one closes"
+            );
+        } else if room && at_bound {
+            tracing::info!(
+                listener = limits.name,
+                open = connections.len(),
+                "connections under node.max_connections again"
+            );
+        }
+        at_bound = !room;
         let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
+            accepted = listener.accept(), if room => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
                     accept_failed(e).await;
@@ -128,11 +166,15 @@ pub async fn serve<S>(
                 }
             },
             // Finished connections are reaped as they end.
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {
+                open.set(connections.len() as f64);
+                continue;
+            }
             () = &mut shutdown => break,
         };
         let service = hyper_util::service::TowerToHyperService::new(service.clone());
         let mut stopping = stopping.clone();
+        let header_timeout = limits.header_timeout;
         connections.spawn(async move {
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -152,10 +194,13 @@ pub async fn serve<S>(
                 tracing::debug!(error = %e, "connection closed with an error");
             }
         });
+        open.set(connections.len() as f64);
     }
     drop(listener);
     let _ = stop.send(true);
-    while connections.join_next().await.is_some() {}
+    while connections.join_next().await.is_some() {
+        open.set(connections.len() as f64);
+    }
 }
 
 /// A failed accept: a connection that went away before it was taken is

@@ -51,7 +51,11 @@ pub fn supervisor_spec(
         received: std::sync::OnceLock::new(),
     });
     let listen = config.ingress.listen;
-    let header_timeout = Duration::from_secs(config.node.header_read_timeout_secs);
+    let listening = http::Listening {
+        name: "ingress",
+        header_timeout: Duration::from_secs(config.node.header_read_timeout_secs),
+        max_connections: config.node.max_connections,
+    };
     SupervisorSpec::new(Strategy::OneForOne)
         .intensity(5, Duration::from_secs(10))
         .child(
@@ -63,7 +67,7 @@ pub fn supervisor_spec(
                     shared: shared.clone(),
                     listen,
                     bound: bound.clone(),
-                    header_timeout,
+                    listening,
                 },
             )
             .shutdown(tai_otp::Shutdown::Timeout(Duration::from_secs(15))),

@@ -99,8 +99,8 @@ pub struct IngressArgs {
     /// Where this worker reports the address it bound; on a restart with port
     /// 0 it binds the same address again, so clients keep working.
     pub bound: Arc<Mutex<Option<SocketAddr>>>,
-    /// `node.header_read_timeout_secs`.
-    pub header_timeout: Duration,
+    /// `node.header_read_timeout_secs` and `node.max_connections`.
+    pub listening: crate::http::Listening,
 }
 
 pub struct IngressState {
@@ -133,7 +133,7 @@ impl Actor for IngressHttp {
         let server = tokio::spawn(crate::http::serve(
             warp::service(routes(args.shared.clone())),
             listener,
-            args.header_timeout,
+            args.listening,
             async {
                 let _ = rx.await;
             },

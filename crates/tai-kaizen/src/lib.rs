@@ -150,6 +150,10 @@ fn describe() {
     describe_counter!(t::ACTOR_RESTARTS, "Children restarted, by supervisor");
     describe_counter!(t::RECEIPTS, "Receipts written, by kind");
     describe_counter!(t::ALERTS, "Alerts raised, by severity");
+    describe_gauge!(
+        t::HTTP_CONNECTIONS,
+        "Connections open on each HTTP listener (at most node.max_connections)"
+    );
     describe_counter!(
         t::RATE_LIMITED,
         "Requests refused by a rate limit, by scope"

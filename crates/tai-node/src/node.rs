@@ -340,11 +340,81 @@ fn no_transparent_huge_pages() {
 #[cfg(not(target_os = "linux"))]
 fn no_transparent_huge_pages() {}
 
+/// Open files kept for all but the listeners' connections: the store's
+/// (its log, the blobs it writes and reads), the broker's, webhooks',
+/// OTLP's, the data dir's lock.
+const FILES_KEPT: u64 = 256;
+
+/// Raises the soft open-file limit to the hard one, as servers do (a
+/// login shell's soft limit is often 1,024, the hard one far higher), and
+/// returns the limit in force, or `None` if it cannot be read.
+#[cfg(unix)]
+#[allow(unsafe_code)]
+fn raise_open_file_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the limit into the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        warn!(error = %std::io::Error::last_os_error(), "could not read the open-file limit");
+        return None;
+    }
+    // Linux refuses more than fs.nr_open (2^20 by default), even unlimited.
+    let target = limit.rlim_max.min(1 << 20);
+    if limit.rlim_cur >= target {
+        return Some(limit.rlim_cur);
+    }
+    let raised = libc::rlimit {
+        rlim_cur: target,
+        rlim_max: limit.rlim_max,
+    };
+    // SAFETY: setrlimit only reads the struct it is given.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        warn!(
+            error = %std::io::Error::last_os_error(),
+            soft = limit.rlim_cur,
+            hard = limit.rlim_max,
+            "could not raise the open-file limit"
+        );
+        return Some(limit.rlim_cur);
+    }
+    info!(from = limit.rlim_cur, to = target, "open-file limit raised");
+    Some(target)
+}
+
+#[cfg(not(unix))]
+fn raise_open_file_limit() -> Option<u64> {
+    None
+}
+
+/// `node.max_connections` as the open-file limit allows: each of the two
+/// listeners gets at most half of what the store and the rest leave
+/// ([`FILES_KEPT`]), and never fewer than 16.
+pub(crate) fn connection_bound(max_connections: usize, open_files: Option<u64>) -> usize {
+    let Some(limit) = open_files else {
+        return max_connections;
+    };
+    let room = usize::try_from(limit.saturating_sub(FILES_KEPT) / 2).unwrap_or(usize::MAX);
+    max_connections.min(room.max(16))
+}
+
 /// Runs the node to its end and returns the process exit status.
-pub async fn serve(config: Config) -> anyhow::Result<i32> {
+pub async fn serve(mut config: Config) -> anyhow::Result<i32> {
     let mut os_signals = OsSignals::catch();
     if !config.node.transparent_huge_pages {
         no_transparent_huge_pages();
+    }
+    let open_files = raise_open_file_limit();
+    let bound = connection_bound(config.node.max_connections, open_files);
+    if bound < config.node.max_connections {
+        warn!(
+            max_connections = config.node.max_connections,
+            open_file_limit = open_files,
+            each_listener_holds = bound,
+            "node.max_connections is more than the open-file limit leaves for two listeners and the store: each listener holds at most the lower figure (raise the limit: LimitNOFILE= in the systemd unit, ulimit -n)"
+        );
+        config.node.max_connections = bound;
     }
     // The SKUs' rules first: a policy that does not load (a Rego file
     // missing or broken) is a config error, told before the data dir is
@@ -429,7 +499,11 @@ pub async fn serve(config: Config) -> anyhow::Result<i32> {
                 .unify(),
         ),
         listener,
-        Duration::from_secs(state.config.node.header_read_timeout_secs),
+        tai_ingress::http::Listening {
+            name: "operator",
+            header_timeout: Duration::from_secs(state.config.node.header_read_timeout_secs),
+            max_connections: state.config.node.max_connections,
+        },
         async {
             let _ = server_stop_rx.await;
         },
@@ -604,5 +678,23 @@ async fn stop_tree(app: Application, grace: Duration) -> i32 {
             error!(reason = %reason, "supervision tree did not stop cleanly");
             1
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::connection_bound;
+
+    #[test]
+    fn each_listener_holds_what_the_open_file_limit_leaves() {
+        // Room for both listeners and the store's files: as configured.
+        assert_eq!(connection_bound(8192, Some(65_536)), 8192);
+        assert_eq!(connection_bound(8192, Some(256 + 2 * 8192)), 8192);
+        // A soft limit of 1,024 that could not be raised: (1024 - 256) / 2.
+        assert_eq!(connection_bound(8192, Some(1024)), 384);
+        // Never fewer than 16, and the limit unknown: as configured.
+        assert_eq!(connection_bound(8192, Some(100)), 16);
+        assert_eq!(connection_bound(10, Some(100)), 10);
+        assert_eq!(connection_bound(8192, None), 8192);
     }
 }
