@@ -257,6 +257,18 @@ async fn deployments_roll_out_stage_by_stage_and_roll_back_a_bad_canary() {
         Some("rolled back: canary 5% in eu-west unhealthy: health unknown: health check answered 302 Found"),
     )
     .await;
+    // A health answer past 64 KiB is not read on, however healthy its
+    // start: unknown health, rolled back.
+    let long = json!({"error_rate": 0.0, "p99_ms": 1, "pad": "x".repeat(100_000)});
+    hook.set_health("canary", long);
+    send(&c, "deployments", "deploy", "d-long", deploy(0.01, 200.0)).await;
+    expect(
+        &c,
+        "d-long",
+        "failed",
+        Some("rolled back: canary 5% in eu-west unhealthy: health unknown: health answer over 65536 bytes"),
+    )
+    .await;
     // Bad health is not the deploy hook failing: the breaker stays closed.
     let (_, breakers) = node.admin(Method::GET, "/admin/breakers").await;
     assert_eq!(breakers[0]["state"], "closed", "{breakers}");

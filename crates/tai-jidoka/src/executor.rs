@@ -28,6 +28,10 @@ use crate::machine::Action;
 
 const META_PREFIX: &str = "breaker/";
 
+/// A rollout's health answer is a small JSON object; a longer body is
+/// refused (health unknown, so the stage rolls back) without reading on.
+const HEALTH_ANSWER_MAX_BYTES: usize = 64 * 1024;
+
 /// What `GET /admin/breakers` shows per breaker.
 #[derive(Debug, Clone, Serialize)]
 pub struct BreakerInfo {
@@ -625,10 +629,24 @@ impl Executors {
         if !response.status().is_success() {
             return Err(format!("health check answered {}", response.status()));
         }
-        let doc: serde_json::Value = response
-            .json()
+        // Read with a cap: a target streaming a body without end (within
+        // its timeout) would otherwise have the node hold all of it.
+        let mut response = response;
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
             .await
-            .map_err(|e| format!("health answer is not JSON: {e}"))?;
+            .map_err(|e| format!("health answer could not be read: {e}"))?
+        {
+            if body.len() + chunk.len() > HEALTH_ANSWER_MAX_BYTES {
+                return Err(format!(
+                    "health answer over {HEALTH_ANSWER_MAX_BYTES} bytes"
+                ));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let doc: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| format!("health answer is not JSON: {e}"))?;
         let field = |k: &str| {
             doc.get(k)
                 .and_then(serde_json::Value::as_f64)
