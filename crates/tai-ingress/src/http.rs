@@ -115,7 +115,8 @@ pub struct Listening {
 ///   choose between HTTP/1 and HTTP/2 with no timeout at all.)
 /// - with at most `max_connections` open: at the bound the listener stops
 ///   accepting until one closes (the kernel's backlog holds the next ones),
-///   as ranch's `max_connections` does. A flood of connections then waits
+///   as ranch's `max_connections` does, and warns (at most once a minute,
+///   with how often it got there). A flood of connections then waits
 ///   instead of taking every file descriptor the process may open, which
 ///   the store needs too (a store that cannot open a file fails, and the
 ///   node stops).
@@ -140,21 +141,24 @@ pub async fn serve<S>(
     let mut connections = tokio::task::JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
     let max = limits.max_connections.max(1);
-    let mut at_bound = false;
+    // Whether the last pass was at the bound, how often the bound was
+    // reached since the last warning, and when that was: a listener held
+    // at its bound reaches it again at every connection that closes, and
+    // is told of once a minute, not each time.
+    let (mut at_bound, mut reached, mut warned) = (false, 0u64, None::<std::time::Instant>);
     loop {
         let room = connections.len() < max;
         if !room && !at_bound {
-            tracing::warn!(
-                listener = limits.name,
-                max_connections = max,
-                "connections at node.max_connections: new ones wait until one closes"
-            );
-        } else if room && at_bound {
-            tracing::info!(
-                listener = limits.name,
-                open = connections.len(),
-                "connections under node.max_connections again"
-            );
+            reached += 1;
+            if warned.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(60)) {
+                tracing::warn!(
+                    listener = limits.name,
+                    max_connections = max,
+                    times = reached,
+                    "connections at node.max_connections: new ones wait until one closes"
+                );
+                (reached, warned) = (0, Some(std::time::Instant::now()));
+            }
         }
         at_bound = !room;
         let stream = tokio::select! {
