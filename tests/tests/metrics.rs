@@ -115,6 +115,15 @@ async fn metrics_name_the_contract_and_pass_promtool() {
     assert_eq!(sample(&text, "tai_queue_depth"), Some(0.0));
     assert_eq!(sample(&text, "tai_queue_in_flight"), Some(0.0));
     assert_eq!(sample(&text, "tai_queue_parked"), Some(0.0));
+    // Connections open per listener: this scrape's own on the operator port.
+    assert!(
+        sample(&text, "tai_http_connections{listener=\"operator\"}").is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    assert!(
+        sample(&text, "tai_http_connections{listener=\"ingress\"}").is_some(),
+        "{text}"
+    );
     assert_eq!(
         sample(&text, "tai_receipts_total{kind=\"action_successful\"}"),
         Some(2.0)

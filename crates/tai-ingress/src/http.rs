@@ -137,6 +137,7 @@ pub async fn serve<S>(
 {
     use hyper_util::rt::{TokioIo, TokioTimer};
     let open = metrics::gauge!(tai_core::telemetry::HTTP_CONNECTIONS, "listener" => limits.name);
+    open.set(0.0);
     let (stop, stopping) = tokio::sync::watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
