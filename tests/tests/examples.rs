@@ -63,6 +63,23 @@ async fn payments_charges_through_the_gateway_and_denies_fraud_velocity_and_limi
         Some("payment_fraud: customer cust_blocked is blacklisted"),
     )
     .await;
+    // An amount sent as a string, a customer id as a number: not scored
+    // as nothing, denied, saying which.
+    let typed = json!({"amount": "9000", "currency": "USD", "customer_id": 42});
+    send(&c, "payments", "payment", "p-typed", typed).await;
+    expect(
+        &c,
+        "p-typed",
+        "denied",
+        Some("payment_fraud: amount \"9000\" is not a number of 0 or more (deny); payment_fraud: customer_id 42 is not a string (deny)"),
+    )
+    .await;
+    // The Rego ceiling reads numbers only (a string orders after them all).
+    let status = c.status("p-typed").await.body;
+    assert!(
+        !status["reason"].as_str().unwrap().contains("ceiling"),
+        "{status}"
+    );
     send(
         &c,
         "payments",

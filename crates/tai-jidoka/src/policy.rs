@@ -176,6 +176,13 @@ impl PaymentFraud {
     pub fn evaluate(&self, s: &Signal, ctx: Context<'_>) -> Verdict {
         let mut score = 0;
         let mut violations = Vec::new();
+        // A field this policy scores, present with a value it cannot score,
+        // denies the payment, saying which: unscored, an amount sent as a
+        // string or a customer id as a number would pass every check.
+        for what in Self::unscorable(s) {
+            score += self.deny_score;
+            violations.push(format!("{what} (deny)"));
+        }
         let customer = s.payload.get("customer_id").and_then(Value::as_str);
         if let Some(c) = customer {
             if self.blacklist.iter().any(|b| b == c) {
@@ -238,6 +245,25 @@ impl PaymentFraud {
             action: None,
         }
     }
+
+    /// The scored fields present with values the checks cannot read: an
+    /// `amount` that is not a number of zero or more, a `customer_id`,
+    /// `currency`, `country` or `card_country` that is not a string.
+    /// (A field left out is not scored.)
+    fn unscorable(s: &Signal) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(v) = s.payload.get("amount") {
+            if !v.as_f64().is_some_and(|a| a >= 0.0) {
+                out.push(format!("amount {v} is not a number of 0 or more"));
+            }
+        }
+        for key in ["customer_id", "currency", "country", "card_country"] {
+            if let Some(v) = s.payload.get(key).filter(|v| !v.is_string()) {
+                out.push(format!("{key} {v} is not a string"));
+            }
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -286,12 +312,49 @@ mod tests {
                 true,
             ),
             (json!({"amount": 10, "customer_id": "bad"}), 100, false),
+            // Present, and not what the checks read: denied, not unscored.
+            (json!({"amount": "9000", "currency": "USD"}), 50, false),
+            (json!({"amount": -5, "currency": "USD"}), 50, false),
+            (json!({"amount": null}), 50, false),
+            (json!({"amount": 1, "customer_id": 7}), 50, false),
+            (json!({"amount": 1, "currency": ["USD"]}), 50, false),
+            (
+                json!({"amount": 1, "country": 1, "card_country": 2}),
+                100,
+                false,
+            ),
+            // Left out: not scored.
+            (json!({}), 0, true),
         ];
         for (payload, score, allow) in cases {
             let v = p.evaluate(&payment(payload.clone()), ctx);
             assert_eq!((v.score, v.allow), (score, allow), "{payload}");
             assert_eq!(v.violations.is_empty(), allow, "{payload}");
         }
+    }
+
+    #[test]
+    fn an_unscorable_field_is_named_in_the_denial() {
+        let p = PaymentFraud {
+            blacklist: vec!["7".into()],
+            ..PaymentFraud::default()
+        };
+        let empty = BTreeMap::new();
+        let ctx = Context {
+            now_ms: 0,
+            velocity: &empty,
+        };
+        let v = p.evaluate(
+            &payment(json!({"amount": "9000", "customer_id": 7, "currency": "USD"})),
+            ctx,
+        );
+        assert_eq!(
+            v.violations,
+            [
+                "amount \"9000\" is not a number of 0 or more (deny)",
+                "customer_id 7 is not a string (deny)"
+            ]
+        );
     }
 
     #[test]
