@@ -2,7 +2,9 @@
 //! pure functions of the signal's payload and the policy's parameters.
 //!
 //! Each reads named payload fields; a field a policy needs but the signal
-//! lacks is a violation (a decision must not pass for want of data).
+//! lacks is a violation (a decision must not pass for want of data), and
+//! so is one present with a value of another type (a freeze sent as
+//! `"yes"`, grants as a string): read as absent, it would pass unchecked.
 
 use serde_json::{Map, Value};
 
@@ -12,16 +14,31 @@ fn num(payload: &Map<String, Value>, key: &str) -> Option<f64> {
     payload.get(key).and_then(Value::as_f64)
 }
 
-fn strs(payload: &Map<String, Value>, key: &str) -> Vec<String> {
-    payload
-        .get(key)
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
+/// The strings of the array at `key` (none if it is absent); anything
+/// else there adds a violation to `v`.
+fn strs(payload: &Map<String, Value>, key: &str, v: &mut Vec<String>) -> Vec<String> {
+    let Some(value) = payload.get(key) else {
+        return Vec::new();
+    };
+    let all = value.as_array().and_then(|a| {
+        a.iter()
+            .map(|x| x.as_str().map(str::to_string))
+            .collect::<Option<Vec<String>>>()
+    });
+    all.unwrap_or_else(|| {
+        v.push(format!("{key} must be an array of strings"));
+        Vec::new()
+    })
+}
+
+/// The optional number at `key`; present and not a number adds a violation.
+fn opt_num(payload: &Map<String, Value>, key: &str, v: &mut Vec<String>) -> Option<f64> {
+    let value = payload.get(key)?;
+    let n = value.as_f64();
+    if n.is_none() {
+        v.push(format!("{key} must be a number"));
+    }
+    n
 }
 
 fn param_f64(params: Option<&Value>, key: &str, default: f64) -> Result<f64, String> {
@@ -91,13 +108,14 @@ impl CostGovernance {
             return verdict(vec!["spend and budget are required".into()], "notify");
         };
         let mut v = Vec::new();
+        let usual = opt_num(payload, "baseline_spend", &mut v);
         if spend > budget * self.freeze_ratio {
             v.push(format!(
                 "spend {spend} over {}x budget {budget}",
                 self.freeze_ratio
             ));
         }
-        if let Some(usual) = num(payload, "baseline_spend").filter(|u| *u > 0.0) {
+        if let Some(usual) = usual.filter(|u| *u > 0.0) {
             if spend > usual * self.anomaly_ratio {
                 v.push(format!(
                     "spend {spend} is over {}x the usual {usual}",
@@ -132,22 +150,20 @@ impl PermissionDrift {
     }
 
     pub fn evaluate(&self, payload: &Map<String, Value>) -> Verdict {
-        let baseline = strs(payload, "baseline");
-        let extra: Vec<String> = strs(payload, "granted")
+        let mut v = Vec::new();
+        let baseline = strs(payload, "baseline", &mut v);
+        let extra: Vec<String> = strs(payload, "granted", &mut v)
             .into_iter()
             .filter(|g| !baseline.contains(g))
             .collect();
         if extra.len() > self.max_drift {
-            verdict(
-                vec![format!(
-                    "permissions beyond the baseline: {}",
-                    extra.join(", ")
-                )],
-                "revoke",
-            )
-        } else {
-            verdict(Vec::new(), "notify")
+            v.push(format!(
+                "permissions beyond the baseline: {}",
+                extra.join(", ")
+            ));
         }
+        let action = if v.is_empty() { "notify" } else { "revoke" };
+        verdict(v, action)
     }
 }
 
@@ -184,10 +200,12 @@ impl ChangeManagement {
             )),
             None => v.push("hour of the change is required".into()),
         }
-        if payload.get("freeze").and_then(Value::as_bool) == Some(true) {
-            v.push("a change freeze is in force".into());
+        match payload.get("freeze") {
+            None | Some(Value::Bool(false)) => {}
+            Some(Value::Bool(true)) => v.push("a change freeze is in force".into()),
+            Some(_) => v.push("freeze must be true or false".into()),
         }
-        let approvals = strs(payload, "approvals").len() as f64;
+        let approvals = strs(payload, "approvals", &mut v).len() as f64;
         if approvals < self.required_approvals {
             v.push(format!(
                 "{approvals} approvals, {} required",
@@ -221,21 +239,23 @@ impl ComplianceAudit {
     }
 
     pub fn evaluate(&self, payload: &Map<String, Value>) -> Verdict {
-        let present = strs(payload, "controls");
-        let missing: Vec<&String> = self
+        let mut v = Vec::new();
+        let present = strs(payload, "controls", &mut v);
+        let missing: Vec<&str> = self
             .required_controls
             .iter()
             .filter(|c| !present.contains(c))
+            .map(String::as_str)
             .collect();
-        if missing.is_empty() {
-            verdict(Vec::new(), "record_finding")
-        } else {
-            let names: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
-            verdict(
-                vec![format!("missing controls: {}", names.join(", "))],
-                "remediate",
-            )
+        if !missing.is_empty() {
+            v.push(format!("missing controls: {}", missing.join(", ")));
         }
+        let action = if v.is_empty() {
+            "record_finding"
+        } else {
+            "remediate"
+        };
+        verdict(v, action)
     }
 }
 
@@ -322,6 +342,57 @@ mod tests {
             );
         }
         assert!(CostGovernance::from_params(Some(&json!({"freeze": 1}))).is_err());
+    }
+
+    /// A field present with a value of another type is a violation named
+    /// as such: read as absent, each of these passed before.
+    #[test]
+    fn a_field_of_the_wrong_type_is_a_violation_not_an_absence() {
+        let cases: [(Verdict, &str); 6] = [
+            (
+                CostGovernance::from_params(None).unwrap().evaluate(&p(
+                    json!({"spend": 90, "budget": 100, "baseline_spend": "30"}),
+                )),
+                "baseline_spend must be a number",
+            ),
+            (
+                PermissionDrift::from_params(None)
+                    .unwrap()
+                    .evaluate(&p(json!({"baseline": ["read"], "granted": "admin"}))),
+                "granted must be an array of strings",
+            ),
+            (
+                PermissionDrift::from_params(None).unwrap().evaluate(&p(
+                    json!({"baseline": ["read"], "granted": ["read", {"role": "admin"}]}),
+                )),
+                "granted must be an array of strings",
+            ),
+            (
+                ChangeManagement::from_params(None)
+                    .unwrap()
+                    .evaluate(&p(json!({"hour": 10, "approvals": ["a"], "freeze": "yes"}))),
+                "freeze must be true or false",
+            ),
+            (
+                ChangeManagement::from_params(None)
+                    .unwrap()
+                    .evaluate(&p(json!({"hour": 10, "approvals": "a"}))),
+                "approvals must be an array of strings",
+            ),
+            (
+                ComplianceAudit::from_params(None).unwrap().evaluate(&p(
+                    json!({"controls": ["encryption_at_rest", "mfa", "audit_logging", 7]}),
+                )),
+                "controls must be an array of strings",
+            ),
+        ];
+        for (v, violation) in cases {
+            assert!(!v.allow, "{violation}: {v:?}");
+            assert!(
+                v.violations.iter().any(|x| x == violation),
+                "{violation}: {v:?}"
+            );
+        }
     }
 
     #[test]
