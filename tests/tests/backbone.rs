@@ -353,6 +353,42 @@ tier = "platinum"
     }
 }
 
+/// A policy's parameter out of its range stops the node at start (exit
+/// 78), named in full, before the data dir is made: an overnight window
+/// is a window, a window from an hour to itself is not.
+#[test]
+fn a_policy_parameter_out_of_range_exits_78_naming_it_in_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    let gov = |start: u32, end: u32| {
+        test_config(&format!(
+            "\n[skus.gov]\npolicies = [\"change_management\"]\n[skus.gov.params.change_management]\nwindow_start = {start}\nwindow_end = {end}\n"
+        ))
+    };
+    for (text, expected) in [
+        (
+            gov(25, 6),
+            "skus.gov.params.change_management.window_start must be a number from 0 to 24",
+        ),
+        (
+            gov(9, 9),
+            "skus.gov.params.change_management.window_end must differ from window_start (9)",
+        ),
+    ] {
+        std::fs::write(&path, text).unwrap();
+        let out = std::process::Command::new(tai_bin())
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env("TAI_NODE__DATA_DIR", dir.path().join("data"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{err}");
+        assert!(err.contains(expected), "{expected} not in:\n{err}");
+        assert!(!dir.path().join("data").exists(), "a data dir was made");
+    }
+}
+
 #[test]
 fn tai_tree_prints_the_live_tree() {
     let node = Node::start(&[]);

@@ -46,7 +46,17 @@ pub enum Policy {
 
 impl Policy {
     /// Builds a policy from its name and the SKU's `params.<name>` table.
+    /// A parameter's error names it in full: `params.<policy>.<key> ...`
+    /// (the SKU's `skus.<name>.` is added by the caller).
     pub fn from_config(name: &str, params: Option<&Value>) -> Result<Policy, String> {
+        Self::build(name, params).map_err(|e| match e.strip_prefix("must be") {
+            Some(_) => format!("params.{name} {e}"),
+            None if e.starts_with("unknown policy") => e,
+            None => format!("params.{name}.{e}"),
+        })
+    }
+
+    fn build(name: &str, params: Option<&Value>) -> Result<Policy, String> {
         match name {
             "payment_fraud" => Ok(Policy::PaymentFraud(PaymentFraud::from_params(params)?)),
             "cost_governance" => Ok(Policy::CostGovernance(CostGovernance::from_params(params)?)),
@@ -145,29 +155,41 @@ impl PaymentFraud {
         let Some(params) = params else {
             return Ok(p);
         };
-        let table = params
-            .as_object()
-            .ok_or("params.payment_fraud must be a table")?;
+        let table = params.as_object().ok_or("must be a table")?;
         for (k, v) in table {
             match k.as_str() {
                 "blacklist" => p.blacklist = strings(v, k)?,
                 "currencies" => p.currencies = strings(v, k)?,
                 "velocity_limit" => {
-                    p.velocity_limit =
-                        v.as_u64().ok_or("velocity_limit must be a whole number")? as usize
+                    p.velocity_limit = v
+                        .as_u64()
+                        .and_then(|n| usize::try_from(n).ok())
+                        .ok_or("velocity_limit must be a whole number of 0 or more")?
                 }
                 "velocity_window_secs" => {
                     p.velocity_window_secs = v
                         .as_u64()
-                        .ok_or("velocity_window_secs must be a whole number")?
+                        .filter(|n| (1..=86_400).contains(n))
+                        .ok_or("velocity_window_secs must be a whole number from 1 to 86400")?
                 }
                 "amount_threshold" => {
-                    p.amount_threshold = v.as_f64().ok_or("amount_threshold must be a number")?
+                    p.amount_threshold = v
+                        .as_f64()
+                        .filter(|n| *n >= 0.0)
+                        .ok_or("amount_threshold must be a number of 0 or more")?
                 }
                 "deny_score" => {
-                    p.deny_score = v.as_u64().ok_or("deny_score must be a whole number")? as u32
+                    p.deny_score = v
+                        .as_u64()
+                        .and_then(|n| u32::try_from(n).ok())
+                        .filter(|n| *n >= 1)
+                        .ok_or("deny_score must be a whole number of 1 or more")?
                 }
-                other => return Err(format!("unknown payment_fraud parameter {other:?}")),
+                other => {
+                    return Err(format!(
+                        "{other} is not a payment_fraud parameter (it takes blacklist, currencies, velocity_limit, velocity_window_secs, amount_threshold, deny_score)"
+                    ))
+                }
             }
         }
         Ok(p)
@@ -409,10 +431,31 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ok.name(), "payment_fraud");
-        assert!(
-            Policy::from_config("payment_fraud", Some(&json!({"amount_treshold": 10}))).is_err()
+        // Each refusal names the parameter in full (under the SKU's
+        // `skus.<name>.`, which the caller adds) and what it takes.
+        let err = |name: &str, params: Value| Policy::from_config(name, Some(&params)).unwrap_err();
+        let cases = [
+            ("payment_fraud", json!({"amount_treshold": 10}), "params.payment_fraud.amount_treshold is not a payment_fraud parameter (it takes blacklist, currencies, velocity_limit, velocity_window_secs, amount_threshold, deny_score)"),
+            ("payment_fraud", json!({"blacklist": "x"}), "params.payment_fraud.blacklist must be an array of strings"),
+            ("payment_fraud", json!({"amount_threshold": -1}), "params.payment_fraud.amount_threshold must be a number of 0 or more"),
+            ("payment_fraud", json!({"deny_score": 0}), "params.payment_fraud.deny_score must be a whole number of 1 or more"),
+            ("payment_fraud", json!({"velocity_window_secs": 0}), "params.payment_fraud.velocity_window_secs must be a whole number from 1 to 86400"),
+            ("payment_fraud", json!(7), "params.payment_fraud must be a table"),
+            ("change_management", json!({"window_start": 25}), "params.change_management.window_start must be a number from 0 to 24"),
+            ("change_management", json!({"window_start": 9, "window_end": 9}), "params.change_management.window_end must differ from window_start (9): the window would hold no hour"),
+            ("change_management", json!({"window": 9}), "params.change_management.window is not a change_management parameter (it takes window_start, window_end, required_approvals)"),
+            ("permission_drift", json!({"max_drift": -1}), "params.permission_drift.max_drift must be a whole number of 0 or more"),
+            ("permission_drift", json!({"max_drift": 1.5}), "params.permission_drift.max_drift must be a whole number of 0 or more"),
+            ("cost_governance", json!({"freeze_ratio": "high"}), "params.cost_governance.freeze_ratio must be a number of 0 or more"),
+            ("deployment_safety", json!({"max_error_rate": 5}), "params.deployment_safety.max_error_rate must be a number from 0 to 1"),
+            ("compliance_audit", json!({"required_controls": [1]}), "params.compliance_audit.required_controls must be an array of strings"),
+        ];
+        for (name, params, message) in cases {
+            assert_eq!(err(name, params.clone()), message, "{name} {params}");
+        }
+        assert_eq!(
+            Policy::from_config("astrology", None).unwrap_err(),
+            "unknown policy \"astrology\""
         );
-        assert!(Policy::from_config("payment_fraud", Some(&json!({"blacklist": "x"}))).is_err());
-        assert!(Policy::from_config("astrology", None).is_err());
     }
 }

@@ -41,10 +41,21 @@ fn opt_num(payload: &Map<String, Value>, key: &str, v: &mut Vec<String>) -> Opti
     n
 }
 
-fn param_f64(params: Option<&Value>, key: &str, default: f64) -> Result<f64, String> {
+/// The number at `key` (else `default`), which must lie in `range`
+/// (`what` says so in the error, e.g. "from 0 to 24").
+fn param_f64(
+    params: Option<&Value>,
+    key: &str,
+    default: f64,
+    range: impl std::ops::RangeBounds<f64>,
+    what: &str,
+) -> Result<f64, String> {
     match params.and_then(|p| p.get(key)) {
         None => Ok(default),
-        Some(v) => v.as_f64().ok_or_else(|| format!("{key} must be a number")),
+        Some(v) => v
+            .as_f64()
+            .filter(|n| range.contains(n))
+            .ok_or_else(|| format!("{key} must be a number {what}")),
     }
 }
 
@@ -65,12 +76,13 @@ fn param_strs(params: Option<&Value>, key: &str) -> Result<Vec<String>, String> 
 
 fn check_keys(params: Option<&Value>, policy: &str, known: &[&str]) -> Result<(), String> {
     let Some(p) = params else { return Ok(()) };
-    let table = p
-        .as_object()
-        .ok_or_else(|| format!("params.{policy} must be a table"))?;
+    let table = p.as_object().ok_or("must be a table")?;
     for k in table.keys() {
         if !known.contains(&k.as_str()) {
-            return Err(format!("unknown {policy} parameter {k:?}"));
+            return Err(format!(
+                "{k} is not a {policy} parameter (it takes {})",
+                known.join(", ")
+            ));
         }
     }
     Ok(())
@@ -98,8 +110,8 @@ impl CostGovernance {
     pub fn from_params(p: Option<&Value>) -> Result<Self, String> {
         check_keys(p, "cost_governance", &["freeze_ratio", "anomaly_ratio"])?;
         Ok(CostGovernance {
-            freeze_ratio: param_f64(p, "freeze_ratio", 1.2)?,
-            anomaly_ratio: param_f64(p, "anomaly_ratio", 3.0)?,
+            freeze_ratio: param_f64(p, "freeze_ratio", 1.2, 0.0.., "of 0 or more")?,
+            anomaly_ratio: param_f64(p, "anomaly_ratio", 3.0, 0.0.., "of 0 or more")?,
         })
     }
 
@@ -145,7 +157,13 @@ impl PermissionDrift {
     pub fn from_params(p: Option<&Value>) -> Result<Self, String> {
         check_keys(p, "permission_drift", &["max_drift"])?;
         Ok(PermissionDrift {
-            max_drift: param_f64(p, "max_drift", 0.0)? as usize,
+            max_drift: match p.and_then(|p| p.get("max_drift")) {
+                None => 0,
+                Some(v) => v
+                    .as_u64()
+                    .and_then(|n| usize::try_from(n).ok())
+                    .ok_or("max_drift must be a whole number of 0 or more")?,
+            },
         })
     }
 
@@ -183,17 +201,34 @@ impl ChangeManagement {
             "change_management",
             &["window_start", "window_end", "required_approvals"],
         )?;
+        let hour = |key, default| param_f64(p, key, default, 0.0..=24.0, "from 0 to 24");
+        let (window_start, window_end) = (hour("window_start", 0.0)?, hour("window_end", 24.0)?);
+        if window_start == window_end {
+            return Err(format!(
+                "window_end must differ from window_start ({window_start}): the window would hold no hour"
+            ));
+        }
         Ok(ChangeManagement {
-            window_start: param_f64(p, "window_start", 0.0)?,
-            window_end: param_f64(p, "window_end", 24.0)?,
-            required_approvals: param_f64(p, "required_approvals", 1.0)?,
+            window_start,
+            window_end,
+            required_approvals: param_f64(p, "required_approvals", 1.0, 0.0.., "of 0 or more")?,
         })
+    }
+
+    /// Whether `hour` is in the window: `window_start` up to `window_end`,
+    /// across midnight when the start is the later (22 to 6: 22:00-06:00).
+    fn in_window(&self, hour: f64) -> bool {
+        if self.window_start < self.window_end {
+            hour >= self.window_start && hour < self.window_end
+        } else {
+            hour >= self.window_start || hour < self.window_end
+        }
     }
 
     pub fn evaluate(&self, payload: &Map<String, Value>) -> Verdict {
         let mut v = Vec::new();
         match num(payload, "hour") {
-            Some(h) if h >= self.window_start && h < self.window_end => {}
+            Some(h) if self.in_window(h) => {}
             Some(h) => v.push(format!(
                 "hour {h} outside the change window {}-{}",
                 self.window_start, self.window_end
@@ -272,8 +307,8 @@ impl DeploymentSafety {
     pub fn from_params(p: Option<&Value>) -> Result<Self, String> {
         check_keys(p, "deployment_safety", &["max_error_rate", "max_p99_ms"])?;
         Ok(DeploymentSafety {
-            max_error_rate: param_f64(p, "max_error_rate", 0.05)?,
-            max_p99_ms: param_f64(p, "max_p99_ms", 1000.0)?,
+            max_error_rate: param_f64(p, "max_error_rate", 0.05, 0.0..=1.0, "from 0 to 1")?,
+            max_p99_ms: param_f64(p, "max_p99_ms", 1000.0, 0.0.., "of 0 or more")?,
         })
     }
 
@@ -429,6 +464,27 @@ mod tests {
             let v = c.evaluate(&p(bad.clone()));
             assert!(!v.allow, "{bad}");
             assert_eq!(v.action.as_deref(), Some("deny"));
+        }
+    }
+
+    /// A window whose start is the later hour runs across midnight.
+    #[test]
+    fn an_overnight_change_window_wraps_midnight() {
+        let c = ChangeManagement::from_params(Some(
+            &json!({"window_start": 22, "window_end": 6, "required_approvals": 0}),
+        ))
+        .unwrap();
+        for (hour, inside) in [
+            (22.0, true),
+            (23.5, true),
+            (0.0, true),
+            (5.9, true),
+            (6.0, false),
+            (12.0, false),
+            (21.9, false),
+        ] {
+            let v = c.evaluate(&p(json!({"hour": hour, "approvals": []})));
+            assert_eq!(v.allow, inside, "hour {hour}: {v:?}");
         }
     }
 
