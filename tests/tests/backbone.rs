@@ -500,7 +500,7 @@ async fn open_connections(node: &Node, listener: &str) -> Option<u64> {
 #[tokio::test]
 async fn a_listener_holds_at_most_max_connections_and_the_next_waits_for_one_to_close() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let node = Node::start_with(&test_config(""), &[("TAI_NODE__MAX_CONNECTIONS", "4")]);
+    let mut node = Node::start_with(&test_config(""), &[("TAI_NODE__MAX_CONNECTIONS", "4")]);
     let mut held = Vec::new();
     for _ in 0..4 {
         held.push(tokio::net::TcpStream::connect(&node.ingress).await.unwrap());
@@ -536,6 +536,11 @@ async fn a_listener_holds_at_most_max_connections_and_the_next_waits_for_one_to_
         .expect("the fifth connection served once one closed")
         .unwrap();
     assert_eq!(&head, b"HTTP/1.1 200", "{head:?}");
+    // At the bound again (three held, the fifth kept alive, one more
+    // waiting in the backlog), a SIGTERM still stops the node cleanly.
+    let _waiting = tokio::net::TcpStream::connect(&node.ingress).await.unwrap();
+    node.stop();
+    drop((held, fifth));
 }
 
 /// `tai serve` raises its soft open-file limit to the hard one (a login
