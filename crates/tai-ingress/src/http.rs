@@ -102,6 +102,17 @@ pub struct Listening {
     pub max_connections: usize,
 }
 
+impl Listening {
+    /// Listener `name` as the node's config sets it up.
+    pub fn new(name: &'static str, node: &tai_core::config::NodeConfig) -> Listening {
+        Listening {
+            name,
+            header_timeout: std::time::Duration::from_secs(node.header_read_timeout_secs),
+            max_connections: node.max_connections,
+        }
+    }
+}
+
 /// Serves `service` (a filter's `warp::service(..)`) on `listener` over
 /// HTTP/1.1 until `shutdown` resolves, then lets the requests under way
 /// finish, as `warp::serve(..).incoming(..).graceful(..)` did, but:

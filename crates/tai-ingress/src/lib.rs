@@ -51,11 +51,7 @@ pub fn supervisor_spec(
         received: std::sync::OnceLock::new(),
     });
     let listen = config.ingress.listen;
-    let listening = http::Listening {
-        name: "ingress",
-        header_timeout: Duration::from_secs(config.node.header_read_timeout_secs),
-        max_connections: config.node.max_connections,
-    };
+    let listening = http::Listening::new("ingress", &config.node);
     SupervisorSpec::new(Strategy::OneForOne)
         .intensity(5, Duration::from_secs(10))
         .child(

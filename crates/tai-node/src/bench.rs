@@ -510,12 +510,8 @@ async fn baseline_server(
     let addr = listener.local_addr()?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     // The node's own server stack, so the two differ only in what they do.
-    let defaults = tai_core::config::NodeConfig::default();
-    let listening = tai_ingress::http::Listening {
-        name: "baseline",
-        header_timeout: Duration::from_secs(defaults.header_read_timeout_secs),
-        max_connections: defaults.max_connections,
-    };
+    let listening =
+        tai_ingress::http::Listening::new("baseline", &tai_core::config::NodeConfig::default());
     tokio::spawn(tai_ingress::http::serve(
         warp::service(route),
         listener,

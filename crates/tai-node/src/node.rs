@@ -499,11 +499,7 @@ pub async fn serve(mut config: Config) -> anyhow::Result<i32> {
                 .unify(),
         ),
         listener,
-        tai_ingress::http::Listening {
-            name: "operator",
-            header_timeout: Duration::from_secs(state.config.node.header_read_timeout_secs),
-            max_connections: state.config.node.max_connections,
-        },
+        tai_ingress::http::Listening::new("operator", &state.config.node),
         async {
             let _ = server_stop_rx.await;
         },
