@@ -612,7 +612,7 @@ impl Executors {
     ) -> Result<(f64, f64), String> {
         let url = target.health_url.as_deref().unwrap_or_default();
         let percent = stage.percent.to_string();
-        let response = self
+        let mut response = self
             .client
             .get(url)
             .timeout(Duration::from_millis(target.timeout_ms))
@@ -631,7 +631,6 @@ impl Executors {
         }
         // Read with a cap: a target streaming a body without end (within
         // its timeout) would otherwise have the node hold all of it.
-        let mut response = response;
         let mut body = Vec::new();
         while let Some(chunk) = response
             .chunk()

@@ -47,33 +47,26 @@ pub enum Policy {
 impl Policy {
     /// Builds a policy from its name and the SKU's `params.<name>` table.
     /// A parameter's error names it in full: `params.<policy>.<key> ...`
-    /// (the SKU's `skus.<name>.` is added by the caller).
+    /// (the SKU's `skus.<name>.` is added by the caller): each policy's
+    /// errors start with the key.
     pub fn from_config(name: &str, params: Option<&Value>) -> Result<Policy, String> {
-        Self::build(name, params).map_err(|e| match e.strip_prefix("must be") {
-            Some(_) => format!("params.{name} {e}"),
-            None if e.starts_with("unknown policy") => e,
-            None => format!("params.{name}.{e}"),
-        })
-    }
-
-    fn build(name: &str, params: Option<&Value>) -> Result<Policy, String> {
-        match name {
-            "payment_fraud" => Ok(Policy::PaymentFraud(PaymentFraud::from_params(params)?)),
-            "cost_governance" => Ok(Policy::CostGovernance(CostGovernance::from_params(params)?)),
-            "permission_drift" => Ok(Policy::PermissionDrift(PermissionDrift::from_params(
-                params,
-            )?)),
-            "change_management" => Ok(Policy::ChangeManagement(ChangeManagement::from_params(
-                params,
-            )?)),
-            "compliance_audit" => Ok(Policy::ComplianceAudit(ComplianceAudit::from_params(
-                params,
-            )?)),
-            "deployment_safety" => Ok(Policy::DeploymentSafety(DeploymentSafety::from_params(
-                params,
-            )?)),
-            other => Err(format!("unknown policy {other:?}")),
+        let build: fn(Option<&Value>) -> Result<Policy, String> = match name {
+            "payment_fraud" => |p| PaymentFraud::from_params(p).map(Policy::PaymentFraud),
+            "cost_governance" => |p| CostGovernance::from_params(p).map(Policy::CostGovernance),
+            "permission_drift" => |p| PermissionDrift::from_params(p).map(Policy::PermissionDrift),
+            "change_management" => {
+                |p| ChangeManagement::from_params(p).map(Policy::ChangeManagement)
+            }
+            "compliance_audit" => |p| ComplianceAudit::from_params(p).map(Policy::ComplianceAudit),
+            "deployment_safety" => {
+                |p| DeploymentSafety::from_params(p).map(Policy::DeploymentSafety)
+            }
+            other => return Err(format!("unknown policy {other:?}")),
+        };
+        if params.is_some_and(|p| !p.is_object()) {
+            return Err(format!("params.{name} must be a table"));
         }
+        build(params).map_err(|e| format!("params.{name}.{e}"))
     }
 
     pub fn name(&self) -> &str {
