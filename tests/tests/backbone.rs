@@ -337,6 +337,8 @@ tier = "platinum"
         .args(["serve", "--config"])
         .arg(&path)
         .env("TAI_OPERATOR__LISTEN", "somewhere")
+        .env("TAI_TENANTS__0__SECRETS", "none")
+        .env("TAI_KANBAN_WIP_LIMIT", "100")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(78));
@@ -348,6 +350,9 @@ tier = "platinum"
         "kanban.colour",
         "tenants[0].tier",
         "operator.listen",
+        "(from TAI_OPERATOR__LISTEN)",
+        "tenants[0].secrets: invalid type: string \"none\", expected a sequence (from TAI_TENANTS__0__SECRETS)",
+        "TAI_KANBAN_WIP_LIMIT: not an override",
     ] {
         assert!(err.contains(key), "{key} not named in:\n{err}");
     }

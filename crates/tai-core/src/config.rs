@@ -520,21 +520,100 @@ fn err(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
     }
 }
 
+/// An override from the environment, once read.
+struct Override {
+    var: String,
+    /// Its key, lower-cased, split at `__`.
+    path: Vec<String>,
+    /// Its key as errors name it (`tenants[0].secrets`), once set.
+    shown: String,
+    raw: String,
+}
+
+/// The `TAI_` variables of `env` that override keys, and the ones that
+/// look meant to but do not: a key left empty (`TAI_KANBAN__`), or a
+/// section joined to its key by one underscore (`TAI_INGRESS_LISTEN`),
+/// which would otherwise be ignored while the node runs on the file's
+/// value. Other `TAI_` variables are not the node's business.
+fn overrides(env: impl IntoIterator<Item = (String, String)>) -> (Vec<Override>, Vec<ConfigError>) {
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    let mut sections: Option<Vec<String>> = None;
+    for (var, raw) in env {
+        let Some(rest) = var.strip_prefix("TAI_") else {
+            continue;
+        };
+        let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+        if path.len() > 1 {
+            if path.iter().any(String::is_empty) {
+                errors.push(err(
+                    "",
+                    format!("{var}: an empty key (a section and each key below it are joined by two underscores)"),
+                ));
+            } else {
+                out.push(Override {
+                    var,
+                    path,
+                    shown: String::new(),
+                    raw,
+                });
+            }
+            continue;
+        }
+        let sections = sections.get_or_insert_with(|| match defaults() {
+            toml::Value::Table(t) => t.keys().cloned().collect(),
+            _ => Vec::new(),
+        });
+        let lower = rest.to_ascii_lowercase();
+        if sections.contains(&lower) {
+            out.push(Override {
+                var,
+                path,
+                shown: String::new(),
+                raw,
+            });
+        } else if let Some(s) = sections
+            .iter()
+            .find(|s| lower.len() > s.len() + 1 && lower.starts_with(&format!("{s}_")))
+        {
+            errors.push(err(
+                "",
+                format!(
+                    "{var}: not an override: a section and its key are joined by two underscores (TAI_{}__{})",
+                    s.to_ascii_uppercase(),
+                    &rest[s.len() + 1..]
+                ),
+            ));
+        }
+    }
+    errors.sort_by(|a, b| a.message.cmp(&b.message));
+    // In key order, indices by number, so that an override of a whole
+    // list comes before one of its elements and element 2 before 10.
+    out.sort_by(|a, b| {
+        let seg = |s: &String| (s.parse::<u64>().ok(), s.clone());
+        a.path.iter().map(seg).cmp(b.path.iter().map(seg))
+    });
+    (out, errors)
+}
+
+/// The built-in config as a TOML tree: which sections exist, and which
+/// keys hold lists (an override `TAI_TENANTS__0__ID` on a file without
+/// `tenants` starts the list).
+fn defaults() -> toml::Value {
+    toml::Value::try_from(Config::default()).unwrap_or(toml::Value::Table(toml::Table::new()))
+}
+
 /// Parses `text`, applies `TAI_<SECTION>__<KEY>` overrides from `env`, and
 /// checks the result, returning every problem at once.
 pub fn load(
     text: &str,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Config, Vec<ConfigError>> {
-    let env: Vec<(String, String)> = env
-        .into_iter()
-        .filter(|(k, _)| k.starts_with("TAI_") && k.contains("__"))
-        .collect();
+    let (mut env, mut errors) = overrides(env);
     // The usual case: no overrides and a good file, parsed straight into the
     // typed config (no intermediate tree; it matters for 100k tenants).
-    if env.is_empty() {
+    if env.is_empty() && errors.is_empty() {
         if let Ok(config) = toml::from_str::<Config>(text) {
-            let mut errors = Vec::new();
             validate(&config, &mut errors);
             return if errors.is_empty() {
                 Ok(config)
@@ -543,22 +622,25 @@ pub fn load(
             };
         }
     }
-    let mut errors = Vec::new();
     let mut root = match text.parse::<toml::Table>() {
         Ok(t) => toml::Value::Table(t),
         Err(e) => return Err(vec![err("", format!("not valid TOML: {e}"))]),
     };
-    let mut env = env;
-    env.sort();
-    for (key, raw) in env {
-        let path: Vec<String> = key["TAI_".len()..]
-            .split("__")
-            .map(str::to_ascii_lowercase)
-            .collect();
-        if let Err(message) = set_path(&mut root, &path, parse_env_value(&raw)) {
-            errors.push(err(path.join("."), format!("from {key}: {message}")));
+    let schema = defaults();
+    for o in &mut env {
+        match set_path(&mut root, &schema, &o.path, parse_env_value(&o.raw)) {
+            Ok(shown) => o.shown = shown,
+            Err((shown, message)) => errors.push(err(shown, format!("{message} (from {})", o.var))),
         }
     }
+    let set_by = |path: &str| {
+        env.iter().find(|o| {
+            !o.shown.is_empty()
+                && path
+                    .strip_prefix(o.shown.as_str())
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+        })
+    };
 
     // serde stops at the first problem: note it, take the offending key out
     // (the default applies), and go again, so every problem is reported.
@@ -590,6 +672,19 @@ pub fn load(
                     }
                     None => (removed.display(&segments), inner, segments),
                 };
+                // An override is TOML when it reads as TOML; where the key
+                // wants another type (a token of digits, a secret `true`),
+                // it is the variable's text.
+                if let Some(o) = set_by(&path).filter(|o| o.shown == path) {
+                    if message.starts_with("invalid type:") {
+                        if let Some(v) = value_at(&mut root, &removal) {
+                            if !v.is_str() {
+                                *v = toml::Value::String(o.raw.clone());
+                                continue;
+                            }
+                        }
+                    }
+                }
                 // A field taken out for its bad value is not missing too.
                 let consequence = missing_field(&message).is_some_and(|f| {
                     let field = match path.as_str() {
@@ -608,14 +703,20 @@ pub fn load(
             }
         }
     }
-    let Some(config) = config else {
-        return Err(errors);
-    };
-    validate(&config, &mut errors);
-    if errors.is_empty() {
-        Ok(config)
-    } else {
-        Err(errors)
+    if let Some(config) = &config {
+        validate(config, &mut errors);
+    }
+    // A problem with what a variable set names the variable.
+    for e in &mut errors {
+        if let Some(o) = set_by(&e.path) {
+            if !e.message.contains(&o.var) {
+                e.message = format!("{} (from {})", e.message, o.var);
+            }
+        }
+    }
+    match config {
+        Some(config) if errors.is_empty() => Ok(config),
+        _ => Err(errors),
     }
 }
 
@@ -691,28 +792,31 @@ fn display_path(
     out
 }
 
+/// The value at `segments` in `root`, if there is one.
+fn value_at<'a>(
+    root: &'a mut toml::Value,
+    segments: &[serde_path_to_error::Segment],
+) -> Option<&'a mut toml::Value> {
+    use serde_path_to_error::Segment;
+    let mut cur = root;
+    for s in segments {
+        cur = match (s, cur) {
+            (Segment::Map { key }, toml::Value::Table(t)) => t.get_mut(key)?,
+            (Segment::Seq { index }, toml::Value::Array(a)) => a.get_mut(*index)?,
+            _ => return None,
+        };
+    }
+    Some(cur)
+}
+
 fn remove_path(root: &mut toml::Value, segments: &[serde_path_to_error::Segment]) -> bool {
     use serde_path_to_error::Segment;
     let Some((last, parents)) = segments.split_last() else {
         return false;
     };
-    let mut cur = root;
-    for s in parents {
-        cur = match (s, cur) {
-            (Segment::Map { key }, toml::Value::Table(t)) => match t.get_mut(key) {
-                Some(v) => v,
-                None => return false,
-            },
-            (Segment::Seq { index }, toml::Value::Array(a)) => match a.get_mut(*index) {
-                Some(v) => v,
-                None => return false,
-            },
-            _ => return false,
-        };
-    }
-    match (last, cur) {
-        (Segment::Map { key }, toml::Value::Table(t)) => t.remove(key).is_some(),
-        (Segment::Seq { index }, toml::Value::Array(a)) if *index < a.len() => {
+    match (last, value_at(root, parents)) {
+        (Segment::Map { key }, Some(toml::Value::Table(t))) => t.remove(key).is_some(),
+        (Segment::Seq { index }, Some(toml::Value::Array(a))) if *index < a.len() => {
             a.remove(*index);
             true
         }
@@ -730,26 +834,79 @@ fn parse_env_value(raw: &str) -> toml::Value {
         .unwrap_or_else(|| toml::Value::String(raw.to_string()))
 }
 
-fn set_path(root: &mut toml::Value, path: &[String], value: toml::Value) -> Result<(), String> {
-    let Some((last, parents)) = path.split_last() else {
-        return Err("empty key".into());
-    };
+/// Sets `value` at `path` in `root`, making the tables (and, where the
+/// built-in config has a list, the lists) on the way. A list's element is
+/// named by its index: an element it has, or the next one, which adds it.
+/// Returns the key as errors name it (`tenants[0].secrets`), or that and
+/// why it cannot be set.
+fn set_path(
+    root: &mut toml::Value,
+    schema: &toml::Value,
+    path: &[String],
+    value: toml::Value,
+) -> Result<String, (String, String)> {
+    let mut shown = String::new();
     let mut cur = root;
-    for p in parents {
-        let toml::Value::Table(t) = cur else {
-            return Err(format!("{p} is not a table"));
-        };
-        cur = t
-            .entry(p.clone())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-    }
-    match cur {
-        toml::Value::Table(t) => {
-            t.insert(last.clone(), value);
-            Ok(())
+    let mut schema = Some(schema);
+    let mut value = Some(value);
+    for (i, seg) in path.iter().enumerate() {
+        let last = i + 1 == path.len();
+        match cur {
+            toml::Value::Table(t) => {
+                if !shown.is_empty() {
+                    shown.push('.');
+                }
+                shown.push_str(seg);
+                let below = schema.and_then(|s| s.get(seg.as_str()));
+                if last {
+                    t.insert(seg.clone(), value.take().expect("set once"));
+                    return Ok(shown);
+                }
+                let list = below.is_some_and(toml::Value::is_array);
+                cur = t.entry(seg.clone()).or_insert_with(|| {
+                    if list {
+                        toml::Value::Array(Vec::new())
+                    } else {
+                        toml::Value::Table(toml::Table::new())
+                    }
+                });
+                schema = below;
+            }
+            toml::Value::Array(a) => {
+                let Ok(index) = seg.parse::<usize>() else {
+                    return Err((
+                        shown.clone(),
+                        format!("{shown} is a list: name an element by its index (0, 1, ...), not {seg:?}"),
+                    ));
+                };
+                if index > a.len() {
+                    return Err((
+                        format!("{shown}[{index}]"),
+                        format!("{shown} has {} element(s): an override can change one of them or add the next, [{}]", a.len(), a.len()),
+                    ));
+                }
+                shown.push_str(&format!("[{index}]"));
+                schema = schema
+                    .and_then(toml::Value::as_array)
+                    .and_then(|a| a.first());
+                if index == a.len() {
+                    a.push(toml::Value::Table(toml::Table::new()));
+                }
+                if last {
+                    a[index] = value.take().expect("set once");
+                    return Ok(shown);
+                }
+                cur = &mut a[index];
+            }
+            _ => {
+                return Err((
+                    shown.clone(),
+                    format!("{shown} is a value, not a table: it has no key {seg:?}"),
+                ))
+            }
         }
-        _ => Err("parent is not a table".into()),
     }
+    Err((shown, "empty key".into()))
 }
 
 fn valid_id(s: &str, max: usize) -> bool {
@@ -1313,10 +1470,137 @@ mod tests {
         let env = vec![("TAI_KANBAN__PREFETCH".to_string(), "lots".to_string())];
         let errors = load("", env).unwrap_err();
         assert_eq!(errors[0].path, "kanban.prefetch");
+        assert_eq!(
+            errors[0].message,
+            "invalid type: string \"lots\", expected u32 (from TAI_KANBAN__PREFETCH)"
+        );
         let env = vec![("TAI_KANBAN__COLOUR".to_string(), "red".to_string())];
         let errors = load("", env).unwrap_err();
         assert_eq!(errors[0].path, "kanban.colour");
-        assert_eq!(errors[0].message, "unknown key");
+        assert_eq!(errors[0].message, "unknown key (from TAI_KANBAN__COLOUR)");
+        // A check of the whole config names the variable that set the key.
+        let env = vec![("TAI_KANBAN__WIP_LIMIT".to_string(), "5".to_string())];
+        let errors = load("", env).unwrap_err();
+        assert_eq!(
+            pairs(&errors),
+            [(
+                "kanban.wip_limit",
+                "must be at least kanban.prefetch (10) (from TAI_KANBAN__WIP_LIMIT)"
+            )]
+        );
+    }
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn an_override_where_the_key_wants_text_is_its_text() {
+        // Read as TOML, these would be a number, a boolean and a date: a
+        // token or secret of digits was refused ("expected a string").
+        let env = vars(&[
+            ("TAI_OPERATOR__ADMIN_TOKEN", "12345678901"),
+            ("TAI_ANDON__SIGNING_KEY_ID", "true"),
+            ("TAI_ANDON__SIGNING_KEYS", "{ \"true\" = \"k\" }"),
+            ("TAI_NODE__DATA_DIR", "2026-12-04"),
+        ]);
+        let c = load("", env).unwrap();
+        assert_eq!(c.operator.admin_token, "12345678901");
+        assert_eq!(c.andon.signing_key_id, "true");
+        assert_eq!(c.node.data_dir, PathBuf::from("2026-12-04"));
+        // Where the key wants a number, text is still refused.
+        let errors = load("", vars(&[("TAI_KANBAN__PREFETCH", "[1]")])).unwrap_err();
+        assert_eq!(
+            pairs(&errors),
+            [(
+                "kanban.prefetch",
+                "invalid type: string \"[1]\", expected u32 (from TAI_KANBAN__PREFETCH)"
+            )]
+        );
+    }
+
+    #[test]
+    fn overrides_reach_a_lists_elements() {
+        // A tenant's secrets from the environment, the rest from the file;
+        // and a second tenant added whole by the next index.
+        let text = "[[tenants]]\nid = \"acme\"\nsecrets = [\"file\"]\n";
+        let env = vars(&[
+            ("TAI_TENANTS__0__SECRETS", "[\"env-1\", \"env-2\"]"),
+            ("TAI_TENANTS__1__ID", "zeta"),
+            ("TAI_TENANTS__1__SECRETS", "[\"z\"]"),
+            ("TAI_TENANTS__1__TIER", "enterprise"),
+        ]);
+        let c = load(text, env).unwrap();
+        assert_eq!(c.tenants.len(), 2);
+        assert_eq!(c.tenants[0].id, "acme");
+        assert_eq!(c.tenants[0].secrets, ["env-1", "env-2"]);
+        assert_eq!(c.tenants[1].id, "zeta");
+        assert_eq!(c.tenants[1].tier, Tier::Enterprise);
+        // A file without the list: the environment starts it, elements in
+        // the order of their index (2 after 10 as text, not as a number).
+        let mut env = Vec::new();
+        for i in 0..11 {
+            env.push((format!("TAI_TENANTS__{i}__ID"), format!("t{i}")));
+            env.push((format!("TAI_TENANTS__{i}__SECRETS"), "[\"s\"]".into()));
+        }
+        env.reverse();
+        let c = load("", env).unwrap();
+        let ids: Vec<_> = c.tenants.iter().map(|t| t.id.as_str()).collect();
+        assert_eq!(ids, (0..11).map(|i| format!("t{i}")).collect::<Vec<_>>());
+        // A whole list, and an element past the next one.
+        let env = vars(&[("TAI_TENANTS", "[{ id = \"w\", secrets = [\"s\"] }]")]);
+        assert_eq!(load("", env).unwrap().tenants[0].id, "w");
+        let errors = load(text, vars(&[("TAI_TENANTS__3__TIER", "trial")])).unwrap_err();
+        assert_eq!(
+            pairs(&errors),
+            [(
+                "tenants[3]",
+                "tenants has 1 element(s): an override can change one of them or add the next, [1] (from TAI_TENANTS__3__TIER)"
+            )]
+        );
+        let errors = load(text, vars(&[("TAI_TENANTS__ACME__TIER", "trial")])).unwrap_err();
+        assert_eq!(
+            pairs(&errors),
+            [(
+                "tenants",
+                "tenants is a list: name an element by its index (0, 1, ...), not \"acme\" (from TAI_TENANTS__ACME__TIER)"
+            )]
+        );
+        // An element's bad value is named at the element.
+        let errors = load(text, vars(&[("TAI_TENANTS__0__TIER", "gold")])).unwrap_err();
+        assert_eq!(errors[0].path, "tenants[0].tier");
+        assert!(
+            errors[0].message.starts_with("unknown variant `gold`")
+                && errors[0].message.ends_with("(from TAI_TENANTS__0__TIER)"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn a_mistyped_override_is_refused_not_ignored() {
+        // One underscore between the section and its key: ignored, the node
+        // would run on the file's value while the operator believes otherwise.
+        let env = vars(&[
+            ("TAI_INGRESS_LISTEN", "127.0.0.1:1"),
+            ("TAI_KANBAN__", "x"),
+            ("TAI_NODE____DATA_DIR", "x"),
+            ("TAI_UNRELATED", "not ours: no section of that name"),
+            ("TAI_NODES_EXTRA", "not ours either"),
+            ("PATH", "/bin"),
+        ]);
+        let errors = load("", env).unwrap_err();
+        let messages: Vec<_> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            messages,
+            [
+                "TAI_INGRESS_LISTEN: not an override: a section and its key are joined by two underscores (TAI_INGRESS__LISTEN)",
+                "TAI_KANBAN__: an empty key (a section and each key below it are joined by two underscores)",
+                "TAI_NODE____DATA_DIR: an empty key (a section and each key below it are joined by two underscores)",
+            ]
+        );
     }
 
     #[test]
