@@ -489,6 +489,72 @@ async fn connections_that_send_no_headers_in_time_are_closed() {
     assert_eq!(status, 200);
 }
 
+/// Both listeners give up a request body that has not all arrived
+/// `node.body_read_timeout_secs` after its headers (`408`, and the
+/// connection closed: before, a client that stopped half-way through its
+/// body held its connection for ever), and refuse one whose Content-Length
+/// is over the limit at once (`413`, before a byte of it is sent: before,
+/// the node waited for the body, to count it).
+#[tokio::test]
+async fn a_body_that_stalls_is_given_up_and_one_declared_too_large_refused_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let node = Node::start_with(
+        &test_config(""),
+        &[("TAI_NODE__BODY_READ_TIMEOUT_SECS", "1")],
+    );
+    // The answer and then EOF within 10 s, or what came before the wait ran out.
+    let answer = async |stream: &mut tokio::net::TcpStream| -> String {
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf));
+        let ended = matches!(read.await, Ok(Ok(_)));
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if ended {
+            text
+        } else {
+            format!("(still open) {text}")
+        }
+    };
+    for (addr, path) in [
+        (&node.ingress, "/v1/signals"),
+        (&node.operator, "/admin/breakers/x/reset"),
+    ] {
+        let head = |length: u64| {
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: tai\r\nContent-Type: application/json\r\n\
+                 Content-Length: {length}\r\nX-Tai-Tenant: acme\r\nX-Tai-Timestamp: 1\r\n\
+                 X-Tai-Signature: v1=00\r\n\r\n"
+            )
+        };
+        let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stalled
+            .write_all(format!("{}{{\"", head(100)).as_bytes())
+            .await
+            .unwrap();
+        let text = answer(&mut stalled).await;
+        assert!(text.starts_with("HTTP/1.1 408 "), "{addr}: {text}");
+        assert!(
+            text.contains(r#"{"error":{"code":"request_timeout","message":"request body not received within 1 s of its headers"}}"#),
+            "{addr}: {text}"
+        );
+        let mut huge = tokio::net::TcpStream::connect(addr).await.unwrap();
+        huge.write_all(head(100_000_000).as_bytes()).await.unwrap();
+        let text = answer(&mut huge).await;
+        assert!(text.starts_with("HTTP/1.1 413 "), "{addr}: {text}");
+        assert!(
+            text.contains(r#""code":"payload_too_large""#),
+            "{addr}: {text}"
+        );
+    }
+    // Counted by their outcome; the node serves on.
+    let metrics = node.metrics_text().await;
+    for outcome in ["timed_out", "too_large"] {
+        let line = format!("tai_signals_received_total{{outcome=\"{outcome}\"}} 1");
+        assert!(metrics.contains(&line), "{line} not in\n{metrics}");
+    }
+    let (status, _) = node.admin(Method::GET, "/admin/tree").await;
+    assert_eq!(status, 200);
+}
+
 /// Connections the node's `listener` holds open, from `/metrics`.
 async fn open_connections(node: &Node, listener: &str) -> Option<u64> {
     let line = format!("tai_http_connections{{listener=\"{listener}\"}} ");

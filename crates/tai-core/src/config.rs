@@ -62,6 +62,9 @@ pub struct NodeConfig {
     /// not all arrived this long after it began waiting for them (an idle
     /// keep-alive connection too).
     pub header_read_timeout_secs: u64,
+    /// Both HTTP listeners answer `408` and close a connection whose
+    /// request body has not all arrived this long after its headers.
+    pub body_read_timeout_secs: u64,
     /// Connections each HTTP listener (ingress, operator) holds open at
     /// once; at the bound it accepts no more until one closes. `tai serve`
     /// lowers it, saying so, when the open-file limit could not hold both
@@ -84,6 +87,7 @@ impl Default for NodeConfig {
             shutdown_grace_secs: 30,
             store_cache_mb: 32,
             header_read_timeout_secs: 30,
+            body_read_timeout_secs: 30,
             max_connections: 8192,
             transparent_huge_pages: false,
         }
@@ -974,6 +978,9 @@ fn validate(c: &Config, errors: &mut Vec<ConfigError>) {
             "must be greater than 0",
         ));
     }
+    if c.node.body_read_timeout_secs == 0 {
+        errors.push(err("node.body_read_timeout_secs", "must be greater than 0"));
+    }
     if c.node.max_connections == 0 {
         errors.push(err("node.max_connections", "must be greater than 0"));
     }
@@ -1337,6 +1344,16 @@ mod tests {
         assert!(pairs(&errors)[0].1.starts_with("must be greater than 0"));
         let env = vec![("TAI_JIDOKA__IDLE_TIMEOUT_SECS".to_string(), "1".to_string())];
         assert_eq!(load("", env).unwrap().jidoka.idle_timeout_secs, 1);
+    }
+
+    #[test]
+    fn a_body_timeout_of_zero_is_refused_by_name() {
+        let errors = load("[node]\nbody_read_timeout_secs = 0\n", vec![]).unwrap_err();
+        assert_eq!(
+            pairs(&errors),
+            [("node.body_read_timeout_secs", "must be greater than 0")]
+        );
+        assert_eq!(load("", vec![]).unwrap().node.body_read_timeout_secs, 30);
     }
 
     #[test]

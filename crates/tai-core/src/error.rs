@@ -15,6 +15,8 @@ pub enum ErrorCode {
     /// A known path asked with a method it does not take (operator API).
     MethodNotAllowed,
     PayloadTooLarge,
+    /// A request body that did not all arrive in time.
+    RequestTimeout,
     UnsupportedMediaType,
     RateLimited,
     /// A policy file that does not compile (operator API).
@@ -36,6 +38,7 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::InvalidPolicy => "invalid_policy",
@@ -53,6 +56,7 @@ impl ErrorCode {
             ErrorCode::NotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::RequestTimeout => 408,
             ErrorCode::UnsupportedMediaType => 415,
             ErrorCode::RateLimited => 429,
             ErrorCode::InvalidPolicy => 422,

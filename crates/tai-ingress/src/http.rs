@@ -17,11 +17,40 @@ pub enum BodyError {
     TooLarge(usize),
     #[error("request body could not be read: {0}")]
     Read(String),
+    #[error("request body not received within {0} s of its headers")]
+    TimedOut(u64),
 }
 
 /// Reads a request body, stopping as soon as it passes `limit` bytes, with or
-/// without a Content-Length (chunked bodies are capped the same way).
-pub async fn read_body_capped<S, B>(stream: S, limit: usize) -> Result<Bytes, BodyError>
+/// without a Content-Length (chunked bodies are capped the same way). One
+/// whose Content-Length is already over the limit is refused before any of
+/// it is read: the client is not kept sending what will be refused. One
+/// that has not all arrived `timeout` after its headers is given up
+/// (`408`): a client that stops half-way through its body would otherwise
+/// hold its connection, and a place under `node.max_connections`, for ever.
+pub async fn read_body_capped<S, B>(
+    headers: &warp::http::HeaderMap,
+    stream: S,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<Bytes, BodyError>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let declared = headers
+        .get(warp::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(BodyError::TooLarge(limit));
+    }
+    tokio::time::timeout(timeout, read_capped(stream, limit))
+        .await
+        .unwrap_or(Err(BodyError::TimedOut(timeout.as_secs())))
+}
+
+async fn read_capped<S, B>(stream: S, limit: usize) -> Result<Bytes, BodyError>
 where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
@@ -85,6 +114,7 @@ impl BodyError {
         match self {
             BodyError::TooLarge(_) => error_reply(ErrorCode::PayloadTooLarge, self.to_string()),
             BodyError::Read(_) => error_reply(ErrorCode::InvalidSignal, self.to_string()),
+            BodyError::TimedOut(_) => error_reply(ErrorCode::RequestTimeout, self.to_string()),
         }
     }
 }

@@ -36,6 +36,7 @@ pub fn supervisor_spec(
         tenants: auth::tenants(&config.tenants),
         skus: config.skus.keys().cloned().collect(),
         max_body_bytes: config.ingress.max_body_bytes,
+        body_timeout: std::time::Duration::from_secs(config.node.body_read_timeout_secs),
         window_secs: config.ingress.replay_window_secs,
         limits: limits::Limits::new(&config.ingress.rate_limits),
         replay: Mutex::new(replay::ReplayCache::new(

@@ -42,6 +42,8 @@ pub struct Shared {
     pub tenants: Tenants,
     pub skus: HashSet<String>,
     pub max_body_bytes: usize,
+    /// `node.body_read_timeout_secs`.
+    pub body_timeout: Duration,
     pub window_secs: u64,
     pub limits: Limits,
     pub replay: Mutex<ReplayCache>,
@@ -58,11 +60,12 @@ pub struct Shared {
 
 /// The outcome label of a post by its answer's status; anything else is
 /// `error`.
-const OUTCOMES: [(u16, &str); 8] = [
+const OUTCOMES: [(u16, &str); 9] = [
     (202, "accepted"),
     (200, "duplicate"),
     (400, "invalid"),
     (401, "unauthorized"),
+    (408, "timed_out"),
     (413, "too_large"),
     (415, "unsupported_media_type"),
     (429, "rate_limited"),
@@ -193,7 +196,13 @@ pub fn routes(
             move |method: Method, path: warp::path::FullPath, headers: HeaderMap, body| {
                 let shared = shared.clone();
                 async move {
-                    let body = read_body_capped(body, shared.max_body_bytes).await;
+                    let body = read_body_capped(
+                        &headers,
+                        body,
+                        shared.max_body_bytes,
+                        shared.body_timeout,
+                    )
+                    .await;
                     route(&shared, &method, path.as_str(), &headers, body).await
                 }
             },

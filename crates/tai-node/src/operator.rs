@@ -44,7 +44,14 @@ pub fn routes(
                   body| {
                 let state = state.clone();
                 async move {
-                    match read_body_capped(body, MAX_ADMIN_BODY).await {
+                    match read_body_capped(
+                        &headers,
+                        body,
+                        MAX_ADMIN_BODY,
+                        Duration::from_secs(state.config.node.body_read_timeout_secs),
+                    )
+                    .await
+                    {
                         Ok(body) => {
                             let req = Request {
                                 method: &method,
