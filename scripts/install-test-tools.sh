@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests need beyond the Rust toolchain: promtool (Debian's
 # `prometheus` package) for the /metrics, config and alert-rule checks, and
-# systemd-analyze (Debian's `systemd`) for the unit file, and headless
+# systemd-analyze (Debian's `systemd`) for the unit file, strace for the
+# test that sled's blob files are synced, and headless
 # chromium for the board. The amqp tests start
 # RabbitMQ themselves if it is down. Idempotent.
 set -euo pipefail
@@ -22,6 +23,11 @@ if ! command -v systemd-analyze >/dev/null 2>&1; then
     echo "==> installing systemd-analyze (Debian package systemd)"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd >/dev/null
+fi
+if ! command -v strace >/dev/null 2>&1; then
+    echo "==> installing strace (the test that blobs are synced watches the node's system calls)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends strace >/dev/null
 fi
 if ! command -v chromium >/dev/null 2>&1; then
     echo "==> installing chromium (headless, for the board test)"

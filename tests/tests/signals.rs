@@ -969,6 +969,109 @@ async fn a_blob_the_store_cannot_write_stops_the_node_and_loses_nothing_it_accep
     assert_eq!(c.decided("ent").await["status"], "completed");
 }
 
+/// sled writes a page past 128 KiB (here a queue block of large signals)
+/// to a file of its own under `blobs/`, and puts a pointer to it in its
+/// log; a flush syncs the log only. So each blob, and its name in
+/// `blobs/`, must be synced when written, before the log that points at
+/// it is (vendor/sled/PATCHED.md 11): a 202'd signal in a blob that was
+/// never synced is lost to a power cut. Watched with strace on the
+/// running node: every blob it creates is fsynced, and so is the
+/// directory after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_blob_is_synced_before_the_signals_in_it_are_accepted() {
+    let node = Node::start_with(&test_config(""), &[]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    c.entitle("payments", "ent").await;
+    c.decided("ent").await;
+    let trace = node.dir.path().join("strace.txt");
+    let mut strace = std::process::Command::new("strace")
+        .args([
+            "-f",
+            "-qq",
+            "-y",
+            "-e",
+            "trace=openat,fsync,fdatasync",
+            "-o",
+        ])
+        .arg(&trace)
+        .args(["-p", &node.child.id().to_string()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("strace (scripts/install-test-tools.sh installs it)");
+    let traced = || std::fs::read_to_string(&trace).unwrap_or_default();
+    // Attached once the flush of a signal shows in the trace.
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    for i in 0.. {
+        assert!(
+            std::time::Instant::now() < end,
+            "strace never attached: {}",
+            traced()
+        );
+        let id = format!("probe-{i}");
+        c.post(&pay(&id, "c", 1.0)).await.unwrap();
+        c.decided(&id).await;
+        if traced().contains("sync(") {
+            break;
+        }
+    }
+    // Large signals, 8 at once, until blobs have been written.
+    let blobs_dir = node.data_dir().join("sled").join("blobs");
+    let created = |t: &str| -> Vec<String> {
+        t.lines()
+            .filter(|l| l.contains("O_CREAT") && l.contains("/blobs/"))
+            .filter_map(|l| {
+                let path = &l[l.find('"')? + 1..];
+                Some(path[..path.find('"')?].to_string())
+            })
+            .collect()
+    };
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    let mut round = 0;
+    while created(&traced()).len() < 3 {
+        assert!(std::time::Instant::now() < end, "no blob written");
+        let mut posts = Vec::new();
+        for w in 0..8 {
+            let c = c.clone();
+            let id = format!("big-{round}-{w}");
+            posts.push(tokio::spawn(async move {
+                let body = signal(
+                    "acme",
+                    "payments",
+                    "payment",
+                    &id,
+                    json!({"amount": 1.0, "customer_id": id, "note": "n".repeat(40_000)}),
+                );
+                assert_eq!(c.post(&body).await.unwrap().status, 202);
+            }));
+        }
+        for p in posts {
+            p.await.unwrap();
+        }
+        round += 1;
+    }
+    send_signal(&strace, libc::SIGINT);
+    let _ = strace.wait();
+    let t = traced();
+    let blobs = created(&t);
+    assert!(!blobs.is_empty(), "{t}");
+    // With -y, a synced file descriptor shows its path: `fsync(7</.../blobs/1234>)`.
+    let synced = |path: &str| {
+        let fd = format!("<{path}>)");
+        t.lines()
+            .any(|l| (l.contains(" fsync(") || l.contains(" fdatasync(")) && l.contains(&fd))
+    };
+    let dir = std::fs::canonicalize(&blobs_dir).unwrap();
+    let dir = dir.to_str().unwrap();
+    for blob in &blobs {
+        let name = blob.rsplit('/').next().unwrap();
+        assert!(
+            synced(&format!("{dir}/{name}")),
+            "{blob} never synced:\n{t}"
+        );
+    }
+    assert!(synced(dir), "{dir} never synced:\n{t}");
+}
+
 #[tokio::test]
 async fn the_ledger_verifies_offline_and_every_tampering_is_caught() {
     let mut node = Node::start_with(&test_config(""), &[]);
