@@ -67,7 +67,7 @@ pub(crate) struct GroupCommit {
 }
 
 impl GroupCommit {
-    pub(crate) fn start(db: sled::Db, write_staged: WriteStaged) -> Self {
+    pub(crate) fn start(db: sled::Db, log: crate::LogSync, write_staged: WriteStaged) -> Self {
         let staged = Arc::new(Mutex::new(StagedRuns::default()));
         let stage = staged.clone();
         let started = Arc::new(AtomicU64::new(0));
@@ -121,7 +121,10 @@ impl GroupCommit {
                     write_staged(runs)
                 };
                 let result = match written {
-                    Ok(()) => db.flush().err().map(|e| crate::plain(&e)),
+                    Ok(()) => log.flush(&db).err().map(|e| match e {
+                        crate::StoreError::Io(e) => crate::plain(&e),
+                        e => e.to_string(),
+                    }),
                     Err(e) => Some(e),
                 };
                 if let Some(e) = &result {
@@ -301,6 +304,7 @@ mod tests {
         let once = AtomicBool::new(false);
         let commit = GroupCommit::start(
             db,
+            crate::LogSync::none(),
             Box::new(move |_runs| {
                 if once.swap(true, Ordering::SeqCst) {
                     Ok(())
@@ -347,7 +351,8 @@ mod tests {
     #[tokio::test]
     async fn a_store_failed_by_a_write_answers_every_writer_with_the_failure() {
         let db = sled::Config::new().temporary(true).open().unwrap();
-        let commit = GroupCommit::start(db.clone(), Box::new(|_runs| Ok(())));
+        let commit =
+            GroupCommit::start(db.clone(), crate::LogSync::none(), Box::new(|_runs| Ok(())));
         commit.durable().await.expect("a working store flushes");
         commit.fail("i/o error: no storage space", &db);
         let (_, flush) = commit.stage(run(1..2)).unwrap();
