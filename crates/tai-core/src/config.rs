@@ -637,13 +637,17 @@ pub fn load(
             Err((shown, message)) => errors.push(err(shown, format!("{message} (from {})", o.var))),
         }
     }
+    // The override that set `path` or the nearest table or list above it
+    // (`TAI_TENANTS__0__TIER` rather than `TAI_TENANTS` for `tenants[0].tier`).
     let set_by = |path: &str| {
-        env.iter().find(|o| {
-            !o.shown.is_empty()
-                && path
-                    .strip_prefix(o.shown.as_str())
-                    .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
-        })
+        env.iter()
+            .filter(|o| {
+                !o.shown.is_empty()
+                    && path
+                        .strip_prefix(o.shown.as_str())
+                        .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+            })
+            .max_by_key(|o| o.shown.len())
     };
 
     // serde stops at the first problem: note it, take the offending key out
@@ -1585,6 +1589,16 @@ mod tests {
                 "tenants",
                 "tenants is a list: name an element by its index (0, 1, ...), not \"acme\" (from TAI_TENANTS__ACME__TIER)"
             )]
+        );
+        // The nearest override is named: the element's, not the list's.
+        let env = vars(&[
+            ("TAI_TENANTS", "[{ id = \"w\", secrets = [\"s\"] }]"),
+            ("TAI_TENANTS__0__TIER", "gold"),
+        ]);
+        let errors = load("", env).unwrap_err();
+        assert!(
+            errors[0].message.ends_with("(from TAI_TENANTS__0__TIER)"),
+            "{errors:?}"
         );
         // An element's bad value is named at the element.
         let errors = load(text, vars(&[("TAI_TENANTS__0__TIER", "gold")])).unwrap_err();
