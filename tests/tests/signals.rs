@@ -1192,6 +1192,57 @@ async fn the_ledger_verifies_offline_and_every_tampering_is_caught() {
 }
 
 /// `tai receipts ARGS` against the node of `config` at `operator`.
+/// An export is written beside its name and renamed into place once
+/// whole: synced before the rename, and its directory after, so that a
+/// crash or power cut cannot leave the name on an export whose bytes never
+/// reached the disk (a rename is often on disk before the data it names).
+/// Watched with strace on `tai receipts --export`.
+#[tokio::test]
+async fn an_export_is_synced_before_it_takes_its_name() {
+    let node = Node::start_with(&test_config(""), &[]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    c.entitle("payments", "ent").await;
+    c.decided("ent").await;
+    let dir = std::fs::canonicalize(node.dir.path()).unwrap();
+    let export = dir.join("receipts.jsonl");
+    let trace = dir.join("export.strace");
+    let out = std::process::Command::new("strace")
+        .args([
+            "-f",
+            "-qq",
+            "-y",
+            "-e",
+            "trace=fsync,fdatasync,rename,renameat,renameat2",
+            "-o",
+        ])
+        .arg(&trace)
+        .arg(tai_bin())
+        .args(["receipts", "--config"])
+        .arg(node.config_path())
+        .arg("--export")
+        .arg(&export)
+        .env("TAI_OPERATOR__LISTEN", &node.operator)
+        .output()
+        .expect("strace (scripts/install-test-tools.sh installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t = std::fs::read_to_string(&trace).unwrap();
+    let lines: Vec<&str> = t.lines().collect();
+    let at = |what: &dyn Fn(&str) -> bool| lines.iter().position(|l| what(l));
+    let partial = format!("{}.partial", export.display());
+    let synced = at(&|l| l.contains("sync(") && l.contains(&format!("<{partial}>")));
+    let renamed = at(&|l| l.contains("rename") && l.contains(&partial));
+    let dir_synced = at(&|l| l.contains("sync(") && l.contains(&format!("<{}>", dir.display())));
+    assert!(
+        matches!((synced, renamed, dir_synced), (Some(a), Some(b), Some(c)) if a < b && b < c),
+        "the export synced, renamed, then its directory synced, in that order: {synced:?} {renamed:?} {dir_synced:?}\n{t}"
+    );
+    assert!(std::fs::read_to_string(&export).unwrap().lines().count() >= 2);
+}
+
 fn tai_receipts(config: &std::path::Path, operator: &str, args: &[&str]) -> std::process::Output {
     std::process::Command::new(tai_bin())
         .arg("receipts")

@@ -382,7 +382,9 @@ fn verify_export(
 
 /// Where listed or exported receipts go, one at a time: stdout, or an
 /// export file written beside its name and renamed into place once whole
-/// (a failed export leaves no partial file and keeps an earlier one).
+/// and synced (a failed export leaves no partial file and keeps an earlier
+/// one; a crash or power cut after it leaves the whole export, not a name
+/// whose bytes never reached the disk).
 struct Sink {
     out: Box<dyn std::io::Write>,
     /// (the file being written, its final name).
@@ -438,7 +440,15 @@ impl Sink {
         })()
         .and_then(|()| {
             drop(self);
-            Ok(std::fs::rename(&partial, &path)?)
+            // Synced before it takes the name, and the name synced after.
+            std::fs::File::open(&partial)?.sync_all()?;
+            std::fs::rename(&partial, &path)?;
+            let dir = match path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => std::path::Path::new("."),
+            };
+            std::fs::File::open(dir)?.sync_all()?;
+            Ok(())
         });
         if let Err(e) = written {
             let _ = std::fs::remove_file(&partial);
