@@ -180,14 +180,21 @@ async fn six_kills_within_a_minute_end_the_node_with_a_failure() {
 
 #[tokio::test]
 async fn sigterm_stops_the_tree_in_order_and_exits_zero() {
-    let mut node = Node::start(&[("TAI_NODE__SHUTDOWN_GRACE_SECS", "5")]);
-    node.tree().await;
-    node.signal(libc::SIGTERM);
-    let status = node.wait_exit(Duration::from_secs(10));
-    assert_eq!(status.code(), Some(0), "{}", node.log());
-    let log = node.log();
-    assert!(log.contains("SIGTERM"), "{log}");
-    assert!(log.contains("supervision tree stopped in order"), "{log}");
+    // SIGHUP too (the terminal a node was started from closed): its default
+    // action ended the process at once, with no ordered stop.
+    for (sig, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGHUP, "SIGHUP")] {
+        let mut node = Node::start(&[("TAI_NODE__SHUTDOWN_GRACE_SECS", "5")]);
+        node.tree().await;
+        node.signal(sig);
+        let status = node.wait_exit(Duration::from_secs(10));
+        assert_eq!(status.code(), Some(0), "{name}: {status}: {}", node.log());
+        let log = node.log();
+        assert!(
+            log.contains(&format!("graceful shutdown requested reason=\"{name}\"")),
+            "{log}"
+        );
+        assert!(log.contains("supervision tree stopped in order"), "{log}");
+    }
 }
 
 #[test]

@@ -102,10 +102,12 @@ fn write_endpoints(
     Ok(())
 }
 
-/// SIGTERM and SIGINT, caught from the moment this is made: one that
-/// arrives while the node is still starting waits here for the ordered stop
-/// (the default action would end the process at once, without it).
-struct OsSignals(Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>);
+/// SIGTERM, SIGINT and SIGHUP, caught from the moment this is made: one
+/// that arrives while the node is still starting waits here for the
+/// ordered stop (the default action would end the process at once,
+/// without it). SIGHUP is a terminal gone (a node started from a shell
+/// that closed): it stops the node in order too, rather than killing it.
+struct OsSignals(Option<[(tokio::signal::unix::Signal, &'static str); 3]>);
 
 impl OsSignals {
     fn catch() -> OsSignals {
@@ -113,22 +115,26 @@ impl OsSignals {
         match (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
         ) {
-            (Ok(term), Ok(int)) => OsSignals(Some((term, int))),
-            (Err(e), _) | (_, Err(e)) => {
-                warn!(error = %e, "cannot catch SIGTERM and SIGINT: only the operator API can stop the node in order");
+            (Ok(term), Ok(int), Ok(hup)) => {
+                OsSignals(Some([(term, "SIGTERM"), (int, "SIGINT"), (hup, "SIGHUP")]))
+            }
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+                warn!(error = %e, "cannot catch SIGTERM, SIGINT and SIGHUP: only the operator API can stop the node in order");
                 OsSignals(None)
             }
         }
     }
 
     async fn recv(&mut self) -> &'static str {
-        let Some((term, int)) = &mut self.0 else {
+        let Some([(term, t), (int, i), (hup, h)]) = &mut self.0 else {
             return std::future::pending().await;
         };
         tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
+            _ = term.recv() => t,
+            _ = int.recv() => i,
+            _ = hup.recv() => h,
         }
     }
 }
