@@ -192,6 +192,8 @@ fn the_systemd_unit_verifies_and_is_type_notify() {
         "Restart=on-failure",
         "RestartPreventExitStatus=78",
         "WatchdogSec=",
+        "UMask=0077",
+        "EnvironmentFile=-/etc/tai/node.env",
     ] {
         assert!(unit.contains(line), "{line} in the unit");
     }
