@@ -178,6 +178,31 @@ async fn six_kills_within_a_minute_end_the_node_with_a_failure() {
     );
 }
 
+/// A data dir the node makes is its own (0700, whatever the umask): the
+/// store holds tenants' payloads. One the operator made keeps its mode.
+#[tokio::test]
+async fn a_data_dir_the_node_makes_is_its_own() {
+    use std::os::unix::fs::PermissionsExt;
+    let node = Node::start(&[]);
+    node.tree().await;
+    let mode = std::fs::metadata(node.data_dir())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o750)).unwrap();
+    let node = Node::start_with_in(dir, &test_config(""), &[]);
+    node.tree().await;
+    let mode = std::fs::metadata(node.data_dir())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o750, "{mode:o}");
+}
+
 #[tokio::test]
 async fn sigterm_stops_the_tree_in_order_and_exits_zero() {
     // SIGHUP too (the terminal a node was started from closed): its default

@@ -435,8 +435,16 @@ pub async fn serve(mut config: Config) -> anyhow::Result<i32> {
         return Ok(78);
     }
     let data_dir = config.node.data_dir.clone();
-    std::fs::create_dir_all(&data_dir)
-        .with_context(|| format!("cannot create node.data_dir {}", data_dir.display()))?;
+    // Made the node's own (0700): the store holds tenants' payloads. A
+    // directory the operator made is left as it is.
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&data_dir)
+            .with_context(|| format!("cannot create node.data_dir {}", data_dir.display()))?;
+    }
     let store = Store::open_with_cache(&data_dir, config.node.store_cache_mb * 1024 * 1024)?;
     carry_over_accepted(&config, &store)?;
     let starts = store.record_start()?;
