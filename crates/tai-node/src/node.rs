@@ -107,7 +107,7 @@ fn write_endpoints(
 /// ordered stop (the default action would end the process at once,
 /// without it). SIGHUP is a terminal gone (a node started from a shell
 /// that closed): it stops the node in order too, rather than killing it.
-struct OsSignals(Option<[(tokio::signal::unix::Signal, &'static str); 3]>);
+struct OsSignals(Option<[tokio::signal::unix::Signal; 3]>);
 
 impl OsSignals {
     fn catch() -> OsSignals {
@@ -117,9 +117,7 @@ impl OsSignals {
             signal(SignalKind::interrupt()),
             signal(SignalKind::hangup()),
         ) {
-            (Ok(term), Ok(int), Ok(hup)) => {
-                OsSignals(Some([(term, "SIGTERM"), (int, "SIGINT"), (hup, "SIGHUP")]))
-            }
+            (Ok(term), Ok(int), Ok(hup)) => OsSignals(Some([term, int, hup])),
             (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
                 warn!(error = %e, "cannot catch SIGTERM, SIGINT and SIGHUP: only the operator API can stop the node in order");
                 OsSignals(None)
@@ -128,13 +126,13 @@ impl OsSignals {
     }
 
     async fn recv(&mut self) -> &'static str {
-        let Some([(term, t), (int, i), (hup, h)]) = &mut self.0 else {
+        let Some([term, int, hup]) = &mut self.0 else {
             return std::future::pending().await;
         };
         tokio::select! {
-            _ = term.recv() => t,
-            _ = int.recv() => i,
-            _ = hup.recv() => h,
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+            _ = hup.recv() => "SIGHUP",
         }
     }
 }
