@@ -130,6 +130,8 @@ impl Default for PaymentFraud {
     }
 }
 
+/// `v` as an array of strings (a parameter, or a payload field); the error
+/// names `key`.
 fn strings(v: &Value, key: &str) -> Result<Vec<String>, String> {
     v.as_array()
         .ok_or_else(|| format!("{key} must be an array of strings"))?
@@ -140,6 +142,13 @@ fn strings(v: &Value, key: &str) -> Result<Vec<String>, String> {
                 .ok_or_else(|| format!("{key} must be an array of strings"))
         })
         .collect()
+}
+
+/// `v` as a whole number of 0 or more (a parameter); the error names `key`.
+fn whole_number(v: &Value, key: &str) -> Result<usize, String> {
+    v.as_u64()
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| format!("{key} must be a whole number of 0 or more"))
 }
 
 impl PaymentFraud {
@@ -153,12 +162,7 @@ impl PaymentFraud {
             match k.as_str() {
                 "blacklist" => p.blacklist = strings(v, k)?,
                 "currencies" => p.currencies = strings(v, k)?,
-                "velocity_limit" => {
-                    p.velocity_limit = v
-                        .as_u64()
-                        .and_then(|n| usize::try_from(n).ok())
-                        .ok_or("velocity_limit must be a whole number of 0 or more")?
-                }
+                "velocity_limit" => p.velocity_limit = whole_number(v, k)?,
                 "velocity_window_secs" => {
                     p.velocity_window_secs = v
                         .as_u64()

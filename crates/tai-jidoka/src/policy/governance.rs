@@ -8,7 +8,7 @@
 
 use serde_json::{Map, Value};
 
-use super::Verdict;
+use super::{strings, whole_number, Verdict};
 
 fn num(payload: &Map<String, Value>, key: &str) -> Option<f64> {
     payload.get(key).and_then(Value::as_f64)
@@ -20,13 +20,8 @@ fn strs(payload: &Map<String, Value>, key: &str, v: &mut Vec<String>) -> Vec<Str
     let Some(value) = payload.get(key) else {
         return Vec::new();
     };
-    let all = value.as_array().and_then(|a| {
-        a.iter()
-            .map(|x| x.as_str().map(str::to_string))
-            .collect::<Option<Vec<String>>>()
-    });
-    all.unwrap_or_else(|| {
-        v.push(format!("{key} must be an array of strings"));
+    strings(value, key).unwrap_or_else(|e| {
+        v.push(e);
         Vec::new()
     })
 }
@@ -60,18 +55,9 @@ fn param_f64(
 }
 
 fn param_strs(params: Option<&Value>, key: &str) -> Result<Vec<String>, String> {
-    match params.and_then(|p| p.get(key)) {
-        None => Ok(Vec::new()),
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|v| {
-                v.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| format!("{key} must be an array of strings"))
-            })
-            .collect(),
-        Some(_) => Err(format!("{key} must be an array of strings")),
-    }
+    params
+        .and_then(|p| p.get(key))
+        .map_or(Ok(Vec::new()), |v| strings(v, key))
 }
 
 fn check_keys(params: Option<&Value>, policy: &str, known: &[&str]) -> Result<(), String> {
@@ -159,10 +145,7 @@ impl PermissionDrift {
         Ok(PermissionDrift {
             max_drift: match p.and_then(|p| p.get("max_drift")) {
                 None => 0,
-                Some(v) => v
-                    .as_u64()
-                    .and_then(|n| usize::try_from(n).ok())
-                    .ok_or("max_drift must be a whole number of 0 or more")?,
+                Some(v) => whole_number(v, "max_drift")?,
             },
         })
     }
