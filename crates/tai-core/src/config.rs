@@ -539,10 +539,12 @@ struct Override {
 /// section joined to its key by one underscore (`TAI_INGRESS_LISTEN`),
 /// which would otherwise be ignored while the node runs on the file's
 /// value. Other `TAI_` variables are not the node's business.
-fn overrides(env: impl IntoIterator<Item = (String, String)>) -> (Vec<Override>, Vec<ConfigError>) {
+fn overrides(
+    env: impl IntoIterator<Item = (String, String)>,
+    schema: &std::cell::OnceCell<toml::Value>,
+) -> (Vec<Override>, Vec<ConfigError>) {
     let mut out = Vec::new();
     let mut errors = Vec::new();
-    let mut sections: Option<Vec<String>> = None;
     for (var, raw) in env {
         let Some(rest) = var.strip_prefix("TAI_") else {
             continue;
@@ -564,12 +566,9 @@ fn overrides(env: impl IntoIterator<Item = (String, String)>) -> (Vec<Override>,
             }
             continue;
         }
-        let sections = sections.get_or_insert_with(|| match defaults() {
-            toml::Value::Table(t) => t.keys().cloned().collect(),
-            _ => Vec::new(),
-        });
+        let sections = schema.get_or_init(defaults);
         let lower = rest.to_ascii_lowercase();
-        if sections.contains(&lower) {
+        if sections.get(lower.as_str()).is_some() {
             out.push(Override {
                 var,
                 path,
@@ -577,7 +576,9 @@ fn overrides(env: impl IntoIterator<Item = (String, String)>) -> (Vec<Override>,
                 raw,
             });
         } else if let Some(s) = sections
-            .iter()
+            .as_table()
+            .into_iter()
+            .flat_map(|t| t.keys())
             .find(|s| lower.len() > s.len() + 1 && lower.starts_with(&format!("{s}_")))
         {
             errors.push(err(
@@ -613,7 +614,9 @@ pub fn load(
     text: &str,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Config, Vec<ConfigError>> {
-    let (mut env, mut errors) = overrides(env);
+    // The built-in config's tree, made once and only when an override needs it.
+    let schema = std::cell::OnceCell::new();
+    let (mut env, mut errors) = overrides(env, &schema);
     // The usual case: no overrides and a good file, parsed straight into the
     // typed config (no intermediate tree; it matters for 100k tenants).
     if env.is_empty() && errors.is_empty() {
@@ -630,9 +633,9 @@ pub fn load(
         Ok(t) => toml::Value::Table(t),
         Err(e) => return Err(vec![err("", format!("not valid TOML: {e}"))]),
     };
-    let schema = defaults();
+    let schema = schema.get_or_init(defaults);
     for o in &mut env {
-        match set_path(&mut root, &schema, &o.path, parse_env_value(&o.raw)) {
+        match set_path(&mut root, schema, &o.path, parse_env_value(&o.raw)) {
             Ok(shown) => o.shown = shown,
             Err((shown, message)) => errors.push(err(shown, format!("{message} (from {})", o.var))),
         }
