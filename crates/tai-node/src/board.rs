@@ -16,6 +16,7 @@ use tai_core::alert::AlertMsg;
 use tai_core::msg::{KanbanMsg, QueueStats, ANDON_ALERTS, KANBAN_QUEUE};
 use tai_core::names::LAYERS;
 use tai_core::signal::{BreakerState, EngineState};
+use tracing::warn;
 use warp::http::{HeaderMap, HeaderValue, StatusCode};
 use warp::reply::Response;
 use warp::Filter;
@@ -26,6 +27,9 @@ pub const COOKIE: &str = "tai_admin";
 const PAGE: &str = include_str!("board.html");
 const PUSH_EVERY: Duration = Duration::from_secs(2);
 const ALERT_POLL: Duration = Duration::from_millis(100);
+/// How long one snapshot may take to reach a board's socket before the
+/// board is taken to have stopped reading.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The board cookie's value: derived from the admin token, not the token
 /// itself, so a cookie that leaks opens the board (read only), never the
@@ -268,25 +272,145 @@ pub fn ws(
 }
 
 async fn push(state: Arc<NodeState>, socket: warp::ws::WebSocket) {
+    let how = feed(socket, PUSH_EVERY, SEND_TIMEOUT, || {
+        let state = state.clone();
+        async move { snapshot(&state).await.to_string() }
+    })
+    .await;
+    if how == Fed::Stalled {
+        warn!(
+            give_up_secs = SEND_TIMEOUT.as_secs(),
+            "a board stopped reading its WebSocket: closed it"
+        );
+    }
+}
+
+/// How a board's feed ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Fed {
+    /// The board closed its socket, or the socket failed.
+    Closed,
+    /// A snapshot did not reach the socket within its time: the board had
+    /// stopped reading (a frozen tab, a laptop asleep) and the socket's
+    /// buffers were full.
+    Stalled,
+}
+
+/// Sends `next()` every `every`, and at once when an alert is raised, until
+/// the board closes its socket or stops reading: a send that does not
+/// finish within `give_up` ends the feed, and dropping the socket closes
+/// it, so a board that never reads holds neither a task nor a connection
+/// under `node.max_connections` for ever.
+async fn feed<F, Fut>(
+    socket: warp::ws::WebSocket,
+    every: Duration,
+    give_up: Duration,
+    mut next: F,
+) -> Fed
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = String>,
+{
     let (mut tx, mut rx) = socket.split();
     // Reads only to notice the close.
     let reader = tokio::spawn(async move { while let Some(Ok(_)) = rx.next().await {} });
     let mut seen = tai_core::kaizen::ALERTS_RAISED.load(Ordering::Relaxed);
-    let mut last_push = tokio::time::Instant::now() - PUSH_EVERY;
-    loop {
+    let mut last_push = tokio::time::Instant::now() - every;
+    let fed = loop {
         if reader.is_finished() {
-            return;
+            break Fed::Closed;
         }
         let raised = tai_core::kaizen::ALERTS_RAISED.load(Ordering::Relaxed);
-        if raised != seen || last_push.elapsed() >= PUSH_EVERY {
+        if raised != seen || last_push.elapsed() >= every {
             seen = raised;
             last_push = tokio::time::Instant::now();
-            let snap = snapshot(&state).await.to_string();
-            if tx.send(warp::ws::Message::text(snap)).await.is_err() {
-                reader.abort();
-                return;
+            let snap = next().await;
+            match tokio::time::timeout(give_up, tx.send(warp::ws::Message::text(snap))).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => break Fed::Closed,
+                Err(_) => break Fed::Stalled,
             }
         }
         tokio::time::sleep(ALERT_POLL).await;
+    };
+    reader.abort();
+    fed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use tokio::sync::mpsc;
+
+    const SIZE: usize = 256 * 1024;
+
+    /// A warp server on 127.0.0.1:0 whose `/ws` feeds messages of [`SIZE`]
+    /// bytes every 10 ms, giving a send up after 1 s, and reports how each
+    /// feed ended.
+    async fn server() -> (std::net::SocketAddr, mpsc::UnboundedReceiver<Fed>) {
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let route = warp::path("ws")
+            .and(warp::ws())
+            .map(move |ws: warp::ws::Ws| {
+                let done = done_tx.clone();
+                ws.on_upgrade(move |socket| async move {
+                    let every = Duration::from_millis(10);
+                    let fed = feed(socket, every, Duration::from_secs(1), || async {
+                        "x".repeat(SIZE)
+                    })
+                    .await;
+                    let _ = done.send(fed);
+                })
+            });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(warp::serve(route).incoming(listener).run());
+        (addr, done_rx)
+    }
+
+    #[tokio::test]
+    async fn a_board_that_stops_reading_is_closed_and_one_that_reads_is_fed() {
+        let (addr, mut done) = server().await;
+        let url = format!("ws://{addr}/ws");
+        let (mut reading, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        let received = Arc::new(AtomicUsize::new(0));
+        let count = received.clone();
+        let reader = tokio::spawn(async move {
+            while let Some(Ok(m)) = reading.next().await {
+                assert_eq!(m.len(), SIZE);
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+
+        // A board that never reads, on a socket with a small receive buffer.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let stream = socket.connect(addr).await.unwrap();
+        let (mut stalled, _) = tokio_tungstenite::client_async(&url, stream).await.unwrap();
+        let fed = tokio::time::timeout(Duration::from_secs(60), done.recv())
+            .await
+            .expect("the feed of a board that stopped reading never ended")
+            .unwrap();
+        assert_eq!(fed, Fed::Stalled);
+        // Its socket was closed: reading what was buffered now comes to an end.
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(Ok(_)) = stalled.next().await {}
+        })
+        .await
+        .expect("the socket of the board given up is still open");
+
+        // The board that reads is still fed, and its feed has not ended.
+        let before = received.load(Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while received.load(Ordering::Relaxed) < before + 10 {
+            assert!(!reader.is_finished(), "the reading board's socket ended");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the reading board is no longer fed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(done.try_recv().is_err(), "the reading board's feed ended");
     }
 }
