@@ -221,6 +221,11 @@ async fn every_ingress_error_has_its_code() {
             br#"{"tenant_id":"acme","sku_id":"payments","kind":"k","payload":7}"#,
             "payload must be a JSON object",
         ),
+        // An entitlement that could only be denied after its 202.
+        (
+            br#"{"tenant_id":"acme","sku_id":"payments","kind":"entitlement","payload":{"active":1}}"#,
+            "an entitlement needs payload.active true or false",
+        ),
         (
             br#"{"tenant_id":"acme","sku_id":"nope","kind":"k"}"#,
             "unknown sku_id",

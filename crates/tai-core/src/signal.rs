@@ -263,6 +263,9 @@ fn required(field: &str, v: Option<Value>) -> Result<String, String> {
     }
 }
 
+/// The kind of signal that activates or revokes a tenant's SKU (SPEC §2).
+pub const ENTITLEMENT: &str = "entitlement";
+
 /// Parses and validates a request body. `new_id` is called when the client
 /// gave no id. Errors are specific, human-readable messages for `invalid_signal`.
 pub fn parse_signal(
@@ -309,6 +312,11 @@ pub fn parse_signal(
             p
         }
     };
+    // SPEC §2's one special kind: without `payload.active` an entitlement
+    // could only be denied after its 202, so it is refused here.
+    if kind == ENTITLEMENT && !payload.get("active").is_some_and(Value::is_boolean) {
+        return Err("an entitlement needs payload.active true or false".into());
+    }
     Ok(Signal {
         id,
         tenant_id,
@@ -626,6 +634,14 @@ mod tests {
             (
                 r#"{"tenant_id":"a","sku_id":"s","kind":"k","critical":"yes"}"#,
                 "critical must be true or false",
+            ),
+            (
+                r#"{"tenant_id":"a","sku_id":"s","kind":"entitlement"}"#,
+                "an entitlement needs payload.active true or false",
+            ),
+            (
+                r#"{"tenant_id":"a","sku_id":"s","kind":"entitlement","payload":{"active":"yes"}}"#,
+                "an entitlement needs payload.active true or false",
             ),
             (
                 r#"{"id":"x y","tenant_id":"a","sku_id":"s","kind":"k"}"#,

@@ -462,7 +462,7 @@ fn on_signal(
         return skip(d, st, seq, s, "unknown_sku", "signal_skipped");
     }
     if d.state == EngineState::ActionPending
-        || (d.state == EngineState::Boot && s.kind != "entitlement")
+        || (d.state == EngineState::Boot && s.kind != tai_core::signal::ENTITLEMENT)
     {
         st.fx.push(Effect::Postpone);
         return;
@@ -470,7 +470,7 @@ fn on_signal(
     if d.state == EngineState::Halted {
         return skip(d, st, seq, s, "halted", "signal_skipped");
     }
-    if s.kind == "entitlement" {
+    if s.kind == tai_core::signal::ENTITLEMENT {
         let settle = |st: &mut Step<'_>, status, reason: Option<String>| {
             st.fx.push(Effect::Settle {
                 seq,
