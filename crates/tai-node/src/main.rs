@@ -64,7 +64,7 @@ enum Command {
         /// SKU id (a `[skus.NAME]` of the config).
         #[arg(long)]
         sku: String,
-        /// Signal kind, e.g. `entitlement` or `payment` (1-64 characters).
+        /// Signal kind, e.g. `payment`, or `entitlement` with `--payload {"active": true}` (or false) (1-64 characters).
         #[arg(long)]
         kind: String,
         /// The payload, a JSON object.
