@@ -475,6 +475,51 @@ async fn only_an_engine_restarted_after_a_crash_is_sent_its_signals_again() {
     assert_eq!(redelivered(&node).await, 1.0);
 }
 
+/// A crash during a flush can keep a decision whose signal's queue block
+/// that flush had yet to write (sled writes its log in order, and the
+/// block goes in just before the flush). The kill-9 soak found two such
+/// webhook actions: `action_generated` with no outcome, their signals
+/// `processing` for good, since nothing queued would start their engines
+/// again. Made here by a kill -9 mid-call and the queue's blocks dropped
+/// while the node is down: at the restart the engine is started from its
+/// checkpoint and records the action interrupted, with no signal sent.
+#[tokio::test]
+async fn an_action_a_crash_cut_is_recorded_interrupted_at_the_next_start_with_nothing_queued() {
+    let (gw, slow) = (Gateway::start().await, Gateway::start().await);
+    slow.set(GatewayMode::Slow(20_000));
+    let mut node = Node::start_with(&config(&gw.url, &slow_sku(&slow.url)), &[]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    entitle(&c, "slowpay").await;
+    send(&c, &pay("slowpay", "cut")).await;
+    until_hits(&slow, 1, "cut").await;
+    node.kill_hard();
+    {
+        let store = tai_store::Store::open(&node.data_dir()).unwrap();
+        let pending = store.pending().unwrap();
+        assert!(
+            pending.iter().any(|(_, d)| d.signal.id == "cut"),
+            "{pending:?}"
+        );
+        for (block, _) in pending {
+            store.remove_block(block).unwrap();
+        }
+        store.flush().unwrap();
+    }
+    slow.set(GatewayMode::Ok);
+    node.restart();
+    let c = Client::new(&node, "acme", "acme-secret");
+    let s = c.decided("cut").await;
+    assert_eq!(
+        (s["status"].as_str(), s["reason"].as_str()),
+        (Some("failed"), Some("interrupted")),
+        "{s}"
+    );
+    assert_eq!(engine_state(&node, "slowpay").await, "stable");
+    assert_eq!(slow.hits().len(), 1, "the cut call is not made again");
+    node.log_until("engines with an action in flight at the last stop")
+        .await;
+}
+
 /// Passivation asks each idle engine whether it is busy. An engine in a
 /// long action answers only once the action ends, and every signal goes
 /// through the router: the question must not hold the router up.

@@ -193,6 +193,14 @@ pub enum RouterMsg {
     },
     /// Internal: open breakers whose open time is over go half-open.
     BreakerTick,
+    /// Internal: an engine whose checkpoint holds an action in flight, with
+    /// no engine running (a crash or a restart of `engine_sup` cut the
+    /// action): the router starts it, and it records the action
+    /// `interrupted` now rather than at its next signal, which may never come.
+    Interrupted {
+        tenant_id: String,
+        sku_id: String,
+    },
 }
 
 /// Everything one decision writes, applied atomically with its receipts.

@@ -17,7 +17,7 @@ use tai_core::signal::{now_ms, EngineInfo, EngineState};
 use tai_otp::{ChildSpec, Restart, SupervisorMsg};
 use tai_store::Store;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::breaker::BreakerState;
 use crate::engine::{Engine, EngineArgs, EngineMsg};
@@ -409,6 +409,41 @@ struct Passive {
 /// no breaker held them). One that does not decode is left out of what the
 /// operator sees, and said so in the log (the engine itself refuses to
 /// start on it, with the same reason).
+/// How many checkpoints [`cut_actions`] reads at a time.
+const CHECKPOINT_PAGE: usize = 1_024;
+
+/// The engines (tenant, SKU) whose checkpoint holds an action in flight.
+/// Reads every checkpoint, a page at a time; only the one field is parsed.
+/// A checkpoint that does not parse is left to the engine's start, or to
+/// the listing that reports it.
+fn cut_actions(store: &Store) -> Result<Vec<(String, String)>, String> {
+    #[derive(serde::Deserialize)]
+    struct InFlight {
+        #[serde(default)]
+        in_flight: Option<serde::de::IgnoredAny>,
+    }
+    let mut cut = Vec::new();
+    let mut after: Option<(String, String)> = None;
+    loop {
+        let page = store
+            .checkpoints_after(
+                after.as_ref().map(|(t, s)| (t.as_str(), s.as_str())),
+                CHECKPOINT_PAGE,
+            )
+            .map_err(|e| format!("cannot read the engines' checkpoints: {e}"))?;
+        let last_page = page.len() < CHECKPOINT_PAGE;
+        for (tenant, sku, bytes) in page {
+            if serde_json::from_slice::<InFlight>(&bytes).is_ok_and(|c| c.in_flight.is_some()) {
+                cut.push((tenant.clone(), sku.clone()));
+            }
+            after = Some((tenant, sku));
+        }
+        if last_page {
+            return Ok(cut);
+        }
+    }
+}
+
 fn passive_data(view: &Passive, tenant: &str, sku_id: &str, bytes: &[u8]) -> Option<Data> {
     let mut data: Data = serde_json::from_slice(bytes)
         .inspect_err(|e| {
@@ -511,13 +546,37 @@ impl Actor for Router {
 
     async fn post_start(
         &self,
-        _myself: ActorRef<RouterMsg>,
-        _st: &mut RouterState,
+        myself: ActorRef<RouterMsg>,
+        st: &mut RouterState,
     ) -> Result<(), ActorProcessingErr> {
         // Whatever was in flight went to engines of an earlier incarnation.
         if let Some(q) = ractor::registry::where_is(KANBAN_QUEUE) {
             let _ = q.send_message(KanbanMsg::RedeliverAll);
         }
+        // Actions an earlier incarnation left in flight. Most belong to a
+        // signal still queued, whose redelivery starts their engine; not
+        // all do (a crash during a flush can keep a decision whose signal's
+        // queue block that flush had yet to write), and the checkpoints
+        // are what tells.
+        let store = st.args.store.clone();
+        tokio::spawn(async move {
+            let cut = tokio::task::spawn_blocking(move || cut_actions(&store)).await;
+            match cut {
+                Ok(Ok(engines)) => {
+                    if !engines.is_empty() {
+                        info!(
+                            engines = engines.len(),
+                            "engines with an action in flight at the last stop: starting them to record it interrupted"
+                        );
+                    }
+                    for (tenant_id, sku_id) in engines {
+                        let _ = myself.send_message(RouterMsg::Interrupted { tenant_id, sku_id });
+                    }
+                }
+                Ok(Err(e)) => warn!(error = %e, "cannot look for actions a stop cut"),
+                Err(e) => warn!(error = %e, "cannot look for actions a stop cut"),
+            }
+        });
         Ok(())
     }
 
@@ -588,6 +647,15 @@ impl Actor for Router {
                             breaker: breaker.clone(),
                             open,
                         });
+                    }
+                }
+            }
+            RouterMsg::Interrupted { tenant_id, sku_id } => {
+                // One running already (a delivery started it, or only the
+                // router restarted) has seen to its action itself.
+                if engine_ref(&engine_name(&tenant_id, &sku_id)).is_none() {
+                    if let Err(e) = Self::ensure(&myself, st, &tenant_id, &sku_id).await {
+                        warn!(tenant = %tenant_id, sku = %sku_id, error = %e, "cannot start an engine whose action a stop cut");
                     }
                 }
             }
