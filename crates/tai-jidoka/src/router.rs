@@ -401,14 +401,6 @@ struct Passive {
     breakers: Breakers,
 }
 
-/// A passivated engine's checkpoint, as the engine would start on it: its
-/// quota [`Data::reconcile`]d with the config, and, if a breaker halted it
-/// and is no longer open, resumed (the engine's start does the same; until
-/// then its checkpoint says `halted`, which `GET /admin/tenants` showed
-/// after an outage, for engines that were passivated while halted, though
-/// no breaker held them). One that does not decode is left out of what the
-/// operator sees, and said so in the log (the engine itself refuses to
-/// start on it, with the same reason).
 /// How many checkpoints [`cut_actions`] reads at a time.
 const CHECKPOINT_PAGE: usize = 1_024;
 
@@ -444,6 +436,14 @@ fn cut_actions(store: &Store) -> Result<Vec<(String, String)>, String> {
     }
 }
 
+/// A passivated engine's checkpoint, as the engine would start on it: its
+/// quota [`Data::reconcile`]d with the config, and, if a breaker halted it
+/// and is no longer open, resumed (the engine's start does the same; until
+/// then its checkpoint says `halted`, which `GET /admin/tenants` showed
+/// after an outage, for engines that were passivated while halted, though
+/// no breaker held them). One that does not decode is left out of what the
+/// operator sees, and said so in the log (the engine itself refuses to
+/// start on it, with the same reason).
 fn passive_data(view: &Passive, tenant: &str, sku_id: &str, bytes: &[u8]) -> Option<Data> {
     let mut data: Data = serde_json::from_slice(bytes)
         .inspect_err(|e| {
@@ -561,8 +561,8 @@ impl Actor for Router {
         let store = st.args.store.clone();
         tokio::spawn(async move {
             let cut = tokio::task::spawn_blocking(move || cut_actions(&store)).await;
-            match cut {
-                Ok(Ok(engines)) => {
+            match cut.map_err(|e| e.to_string()).and_then(|read| read) {
+                Ok(engines) => {
                     if !engines.is_empty() {
                         info!(
                             engines = engines.len(),
@@ -573,7 +573,6 @@ impl Actor for Router {
                         let _ = myself.send_message(RouterMsg::Interrupted { tenant_id, sku_id });
                     }
                 }
-                Ok(Err(e)) => warn!(error = %e, "cannot look for actions a stop cut"),
                 Err(e) => warn!(error = %e, "cannot look for actions a stop cut"),
             }
         });
