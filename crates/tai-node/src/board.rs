@@ -346,8 +346,9 @@ mod tests {
     const SIZE: usize = 256 * 1024;
 
     /// A warp server on 127.0.0.1:0 whose `/ws` feeds messages of [`SIZE`]
-    /// bytes every 10 ms, giving a send up after 1 s, and reports how each
-    /// feed ended.
+    /// bytes every 10 ms, giving a send up after 3 s (a margin for a test
+    /// thread descheduled while the reading client is behind), and reports
+    /// how each feed ended.
     async fn server() -> (std::net::SocketAddr, mpsc::UnboundedReceiver<Fed>) {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let route = warp::path("ws")
@@ -356,7 +357,7 @@ mod tests {
                 let done = done_tx.clone();
                 ws.on_upgrade(move |socket| async move {
                     let every = Duration::from_millis(10);
-                    let fed = feed(socket, every, Duration::from_secs(1), || async {
+                    let fed = feed(socket, every, Duration::from_secs(3), || async {
                         "x".repeat(SIZE)
                     })
                     .await;
