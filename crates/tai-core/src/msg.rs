@@ -201,6 +201,17 @@ pub enum RouterMsg {
         tenant_id: String,
         sku_id: String,
     },
+    /// Internal: a passivated engine (one that stopped, or one read from
+    /// its checkpoint at the router's start) waiting for a transition no
+    /// signal brings: its state timeout, due at `due_ms`, or the close of
+    /// the breaker `halted_by`. The router starts it when that comes, so
+    /// the transition is recorded then.
+    Asleep {
+        tenant_id: String,
+        sku_id: String,
+        due_ms: Option<u64>,
+        halted_by: Option<String>,
+    },
 }
 
 /// Everything one decision writes, applied atomically with its receipts.

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use tai_core::msg::{Delivery, KanbanMsg, LedgerMsg, WriteSet, ANDON_LEDGER, KANBAN_QUEUE};
+use tai_core::msg::{
+    Delivery, KanbanMsg, LedgerMsg, RouterMsg, WriteSet, ANDON_LEDGER, ENGINE_ROUTER, KANBAN_QUEUE,
+};
 use tai_core::receipt::ReceiptDraft;
 use tai_core::signal::{
     now_ms, ById, DeadLetter, EngineInfo, EngineState, SignalRecord, SignalStatus,
@@ -916,6 +918,25 @@ impl Actor for Engine {
         st: &mut EngineActorState,
     ) -> Result<(), ActorProcessingErr> {
         crate::states::forget(&st.name);
+        // Passive from now on, it has no timer and hears no breaker: the
+        // router starts it again when its state timeout is due or the
+        // breaker that halted it closes.
+        let due_ms = st.data.state_deadline_ms(&st.sku, now_ms());
+        let halted_by = st
+            .data
+            .halted_by
+            .clone()
+            .filter(|_| st.data.state == EngineState::Halted);
+        if st.sku.configured && (due_ms.is_some() || halted_by.is_some()) {
+            if let Some(r) = ractor::registry::where_is(ENGINE_ROUTER) {
+                let _ = r.send_message(RouterMsg::Asleep {
+                    tenant_id: st.tenant_id.clone(),
+                    sku_id: st.sku_id.clone(),
+                    due_ms,
+                    halted_by,
+                });
+            }
+        }
         if st.statem.postponed_len() > 0 {
             // Passivated while signals waited here (the cap on live engines
             // takes the least recently used): they are parked in Kanban,

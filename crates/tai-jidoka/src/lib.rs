@@ -13,6 +13,7 @@ pub mod machine;
 pub mod policy;
 mod router;
 mod states;
+mod wakes;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -23,6 +23,7 @@ use crate::breaker::BreakerState;
 use crate::engine::{Engine, EngineArgs, EngineMsg};
 use crate::executor::{Breakers, Executors};
 use crate::machine::{self, Data, Event, Sku};
+use crate::wakes::{Until, Wakes};
 
 const CALL: Duration = Duration::from_secs(10);
 
@@ -72,13 +73,21 @@ pub struct RouterState {
     /// Engines a delivery could not start (their signals are in flight
     /// with no engine), so that their next start asks Kanban for them.
     failed_starts: HashSet<String>,
+    /// Passive engines waiting for a state timeout or a breaker's close.
+    wakes: Wakes,
 }
 
 /// Payment windows looked at per tick.
 const SWEEP_KEYS: usize = 10_000;
 
-/// How often open breakers are checked for their half-open time.
+/// How often open breakers are checked for their half-open time, and
+/// passive engines for a transition due.
 const BREAKER_TICK: Duration = Duration::from_millis(200);
+
+/// Passive engines started per tick for a transition due: a burst (a
+/// breaker that held many, a period that ends for many at once) is spread
+/// out rather than holding up the signals behind it.
+const WAKE_BATCH: usize = 128;
 
 fn engine_ref(name: &str) -> Option<ActorRef<EngineMsg>> {
     ractor::registry::where_is(name).map(ActorRef::from)
@@ -169,6 +178,7 @@ impl Router {
             .await
             .map_err(|e| format!("cannot start {name}: {e}"))?;
         st.failed_starts.remove(&name);
+        st.wakes.forget(&name);
         if !st.engines.contains_key(&name) {
             st.engines.insert(
                 name.clone(),
@@ -240,6 +250,18 @@ impl Router {
             None => {
                 let _ = me.send_message(RouterMsg::Drained(name));
             }
+        }
+    }
+
+    /// Starts a passive engine for what its start records (an action a stop
+    /// cut, a state timeout due, a breaker that closed); one running already
+    /// sees to that itself.
+    async fn wake(myself: &ActorRef<RouterMsg>, st: &mut RouterState, tenant: &str, sku_id: &str) {
+        if engine_ref(&engine_name(tenant, sku_id)).is_some() {
+            return;
+        }
+        if let Err(e) = Self::ensure(myself, st, tenant, sku_id).await {
+            warn!(tenant = %tenant, sku = %sku_id, error = %e, "cannot start a passive engine for a transition due; its next signal starts it");
         }
     }
 
@@ -401,21 +423,30 @@ struct Passive {
     breakers: Breakers,
 }
 
-/// How many checkpoints [`cut_actions`] reads at a time.
+/// How many checkpoints [`waiting_engines`] reads at a time.
 const CHECKPOINT_PAGE: usize = 1_024;
 
-/// The engines (tenant, SKU) whose checkpoint holds an action in flight.
-/// Reads every checkpoint, a page at a time; only the one field is parsed.
-/// A checkpoint that does not parse is left to the engine's start, or to
-/// the listing that reports it.
-fn cut_actions(store: &Store) -> Result<Vec<(String, String)>, String> {
-    #[derive(serde::Deserialize)]
-    struct InFlight {
-        #[serde(default)]
-        in_flight: Option<serde::de::IgnoredAny>,
-    }
-    let mut cut = Vec::new();
+/// What the checkpoints on disk ask of the router when it starts.
+#[derive(Debug, Default)]
+struct Waiting {
+    /// Engines (tenant, SKU) whose checkpoint holds an action in flight.
+    cut: Vec<(String, String)>,
+    /// Engines waiting for a transition no signal brings, as
+    /// `RouterMsg::Asleep` carries it: tenant, SKU, the state timeout's due
+    /// time, the breaker that halted it.
+    asleep: Vec<(String, String, Option<u64>, Option<String>)>,
+}
+
+/// Reads every checkpoint, a page at a time, for the engines the router
+/// must start without a signal: those with an action in flight (recorded
+/// `interrupted` at their start) and those waiting for a state timeout or
+/// a breaker. A checkpoint that does not decode is left to the engine's
+/// start, or to the listing that reports it; one of a SKU the config does
+/// not name waits for nothing (its engine decides nothing).
+fn waiting_engines(store: &Store, skus: &Skus) -> Result<Waiting, String> {
+    let mut found = Waiting::default();
     let mut after: Option<(String, String)> = None;
+    let now = now_ms();
     loop {
         let page = store
             .checkpoints_after(
@@ -424,14 +455,24 @@ fn cut_actions(store: &Store) -> Result<Vec<(String, String)>, String> {
             )
             .map_err(|e| format!("cannot read the engines' checkpoints: {e}"))?;
         let last_page = page.len() < CHECKPOINT_PAGE;
-        for (tenant, sku, bytes) in page {
-            if serde_json::from_slice::<InFlight>(&bytes).is_ok_and(|c| c.in_flight.is_some()) {
-                cut.push((tenant.clone(), sku.clone()));
+        for (tenant, sku_id, bytes) in page {
+            if let Ok(data) = serde_json::from_slice::<Data>(&bytes) {
+                if data.in_flight.is_some() {
+                    found.cut.push((tenant.clone(), sku_id.clone()));
+                } else if let Some(sku) = skus.get(&sku_id) {
+                    let due = data.state_deadline_ms(sku, now);
+                    let halted_by = data.halted_by.filter(|_| data.state == EngineState::Halted);
+                    if due.is_some() || halted_by.is_some() {
+                        found
+                            .asleep
+                            .push((tenant.clone(), sku_id.clone(), due, halted_by));
+                    }
+                }
             }
-            after = Some((tenant, sku));
+            after = Some((tenant, sku_id));
         }
         if last_page {
-            return Ok(cut);
+            return Ok(found);
         }
     }
 }
@@ -541,6 +582,7 @@ impl Actor for Router {
             breaker_ticker,
             sweep_cursor: None,
             failed_starts: HashSet::new(),
+            wakes: Wakes::default(),
         })
     }
 
@@ -557,23 +599,38 @@ impl Actor for Router {
         // signal still queued, whose redelivery starts their engine; not
         // all do (a crash during a flush can keep a decision whose signal's
         // queue block that flush had yet to write), and the checkpoints
-        // are what tells.
-        let store = st.args.store.clone();
+        // are what tells. They also tell which passive engines wait for a
+        // state timeout or a breaker.
+        let (store, skus) = (st.args.store.clone(), st.args.skus.clone());
         tokio::spawn(async move {
-            let cut = tokio::task::spawn_blocking(move || cut_actions(&store)).await;
-            match cut.map_err(|e| e.to_string()).and_then(|read| read) {
-                Ok(engines) => {
-                    if !engines.is_empty() {
+            let read = tokio::task::spawn_blocking(move || waiting_engines(&store, &skus)).await;
+            match read.map_err(|e| e.to_string()).and_then(|read| read) {
+                Ok(found) => {
+                    if !found.cut.is_empty() {
                         info!(
-                            engines = engines.len(),
+                            engines = found.cut.len(),
                             "engines with an action in flight at the last stop: starting them to record it interrupted"
                         );
                     }
-                    for (tenant_id, sku_id) in engines {
+                    if !found.asleep.is_empty() {
+                        info!(
+                            engines = found.asleep.len(),
+                            "passive engines waiting for a state timeout or a breaker: each starts when it comes"
+                        );
+                    }
+                    for (tenant_id, sku_id) in found.cut {
                         let _ = myself.send_message(RouterMsg::Interrupted { tenant_id, sku_id });
                     }
+                    for (tenant_id, sku_id, due_ms, halted_by) in found.asleep {
+                        let _ = myself.send_message(RouterMsg::Asleep {
+                            tenant_id,
+                            sku_id,
+                            due_ms,
+                            halted_by,
+                        });
+                    }
                 }
-                Err(e) => warn!(error = %e, "cannot look for actions a stop cut"),
+                Err(e) => warn!(error = %e, "cannot read the engines' checkpoints at the start"),
             }
         });
         Ok(())
@@ -637,9 +694,23 @@ impl Actor for Router {
             }
             RouterMsg::BreakerTick => {
                 crate::executor::announce(st.args.executors.breakers.tick(now_ms()));
+                let due = st.wakes.take_due(now_ms(), WAKE_BATCH);
+                if !due.is_empty() {
+                    debug!(
+                        engines = due.len(),
+                        waiting = st.wakes.len(),
+                        "starting passive engines for a transition due"
+                    );
+                }
+                for (tenant_id, sku_id) in due {
+                    Self::wake(&myself, st, &tenant_id, &sku_id).await;
+                }
             }
             RouterMsg::BreakerChanged { breaker, open } => {
-                // Live engines hear it now; a passive one checks at its next start.
+                // Live engines hear it now; passive ones it held are started.
+                if !open {
+                    st.wakes.breaker_closed(&breaker, now_ms());
+                }
                 for name in st.engines.keys() {
                     if let Some(r) = engine_ref(name) {
                         let _ = r.send_message(EngineMsg::BreakerChanged {
@@ -652,11 +723,34 @@ impl Actor for Router {
             RouterMsg::Interrupted { tenant_id, sku_id } => {
                 // One running already (a delivery started it, or only the
                 // router restarted) has seen to its action itself.
-                if engine_ref(&engine_name(&tenant_id, &sku_id)).is_none() {
-                    if let Err(e) = Self::ensure(&myself, st, &tenant_id, &sku_id).await {
-                        warn!(tenant = %tenant_id, sku = %sku_id, error = %e, "cannot start an engine whose action a stop cut");
-                    }
+                Self::wake(&myself, st, &tenant_id, &sku_id).await;
+            }
+            RouterMsg::Asleep {
+                tenant_id,
+                sku_id,
+                due_ms,
+                halted_by,
+            } => {
+                // Live and not draining (a delivery started it since it was
+                // read from its checkpoint): its own timer and breaker news.
+                let name = engine_name(&tenant_id, &sku_id);
+                let live = st.engines.get(&name).is_some_and(|e| e.waiting.is_none());
+                if live && engine_ref(&name).is_some() {
+                    return Ok(());
                 }
+                // A breaker that closed while the engine drained, or before
+                // the start's scan got here, is over already.
+                let until = match (halted_by, due_ms) {
+                    (Some(b), _)
+                        if st.args.executors.breakers.state(&b) == Some(BreakerState::Open) =>
+                    {
+                        Until::Breaker(b)
+                    }
+                    (Some(_), _) => Until::Time(now_ms()),
+                    (None, Some(at)) => Until::Time(at),
+                    (None, None) => return Ok(()),
+                };
+                st.wakes.sleep(&tenant_id, &sku_id, until);
             }
             RouterMsg::Drained(name) => {
                 if let Some(e) = st.engines.remove(&name) {
