@@ -56,11 +56,20 @@ answered 200 is still halted at the end: an operator's halt answered is
 durable, and only a resume ends it (not a restart, a passivation or a
 breaker's close).
 
+With `--refill` a third SKU, `metered`, has a quota of 5 per 2 s period,
+so its engines run out of quota and refill all along, passivated (more
+engines than the cap) and killed meanwhile. Its quota is left out of the
+quota check above; instead, once the queue is drained, no engine may stay
+`quota_exhausted` past a period (`GET /admin/tenants?state=quota_exhausted`
+empties), and each `metered` engine's last receipt must not leave it
+`quota_exhausted`: a passive engine's refill is recorded when its period
+ends, not at a next signal.
+
 Exit status 0 when every check holds. Standard library only.
 
     scripts/soak-kill9.py [--tai target/release/tai] [--rounds 30] [--seed N]
                           [--workers 32] [--amqp [--broker-faults] [--switch-backends]]
-                          [--webhook] [--operator]
+                          [--webhook] [--operator] [--refill]
                           [--keep]
 """
 import argparse
@@ -100,6 +109,8 @@ ap.add_argument("--webhook", action="store_true",
                 help="the payments SKU acts through a webhook to a flaky receiver")
 ap.add_argument("--operator", action="store_true",
                 help="an operator halts and resumes engines mid-round")
+ap.add_argument("--refill", action="store_true",
+                help="a third SKU whose small quota runs out and refills every 2 s")
 ap.add_argument("--keep", action="store_true", help="keep the data dir and logs")
 args = ap.parse_args()
 if args.broker_faults and not args.amqp:
@@ -114,6 +125,8 @@ queue = f"tai-soak-{seed}-{os.getpid()}"
 print(f"seed {seed}, dir {work}", flush=True)
 
 tenants = [f"t{i}" for i in range(40)]
+SKUS = ["payments", "plain"] + (["metered"] if args.refill else [])
+METERED_QUOTA, METERED_PERIOD = 5, 2
 SIGNING_KEY = "soak-receipt-key"
 # The receiver's behaviour, set by the main process each round.
 HEALTHY, OUTAGE, SLOW = 0, 1, 2
@@ -217,12 +230,14 @@ max_active_engines = 30
 signing_key_id = "k1"
 signing_keys = {{ "k1" = "{SIGNING_KEY}" }}
 """
-for sku, policies in [("payments", '["payment_fraud"]'), ("plain", "[]")]:
+for sku in SKUS:
+    policies = '["payment_fraud"]' if sku == "payments" else "[]"
+    quota, period = (METERED_QUOTA, METERED_PERIOD) if sku == "metered" else (QUOTA, 3600)
     tail += f"""[skus.{sku}]
 policies = {policies}
 executor = "{'gateway' if args.webhook and sku == 'payments' else 'log'}"
-quota = {QUOTA}
-quota_period_secs = 3600
+quota = {quota}
+quota_period_secs = {period}
 entitlement_timeout_secs = 30
 """
 for t in tenants:
@@ -319,7 +334,7 @@ def new_signal():
         counter[0] += 1
         n = counter[0]
         t = rng.choice(tenants)
-        sku = rng.choice(["payments", "plain"])
+        sku = rng.choice(SKUS)
         amount = rng.choice([10, 20, 5000, 20000])
         customer = f"c{rng.randrange(200)}"
     return (t, f"s{n}"), {"id": f"s{n}", "tenant_id": t, "sku_id": sku, "kind": "payment",
@@ -361,7 +376,7 @@ def operator(stop):
     while not stop.is_set():
         stop.wait(rng.uniform(0.05, 0.4))  # an operator's pace
         with lock:
-            t, sku = rng.choice(tenants), rng.choice(["payments", "plain"])
+            t, sku = rng.choice(tenants), rng.choice(SKUS)
             halt = commanded.get((t, sku)) != "halted" or rng.random() < 0.1
         path = f"/admin/tenants/{t}/{sku}/{'halt' if halt else 'resume'}"
         with lock:
@@ -464,7 +479,7 @@ def main():
     node.ready()
     c = conn(node.ingress)
     for t in tenants:
-        for sku in ["payments", "plain"]:
+        for sku in SKUS:
             st, b = post(c, t, {"id": f"ent-{sku}", "tenant_id": t, "sku_id": sku,
                                 "kind": "entitlement", "payload": {"active": True}})
             if st != 202:
@@ -552,6 +567,16 @@ def main():
         if time.time() > end:
             sys.exit(f"the queue did not drain in 300 s: {q}")
         time.sleep(1.5 if idle else 0.2)
+    exhausted = []
+    if args.refill:
+        # Every period that ran out has ended by now, or ends soon: each
+        # such engine, live or passive, refills.
+        end = time.time() + METERED_PERIOD + 15
+        while True:
+            _, exhausted = admin("/admin/tenants?state=quota_exhausted")
+            if not exhausted or time.time() > end:
+                break
+            time.sleep(0.2)
 
     receipts, after = [], 0
     while True:
@@ -562,6 +587,7 @@ def main():
         receipts += items
         after = items[-1]["seq"]
     decided, actions, generated, outcomes, kinds = {}, {}, set(), {}, {}
+    metered = {}  # (tenant, "metered") -> the state its last receipt left
     interrupted = 0
     for r in receipts:
         kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
@@ -577,6 +603,8 @@ def main():
         if r["kind"] == "action_generated":
             e = (r["tenant_id"], r["sku_id"])
             actions[e] = actions.get(e, 0) + 1
+        if r["sku_id"] == "metered":
+            metered[(r["tenant_id"], r["sku_id"])] = r["state_after"]
     failures = [f"unexpected answer {u}" for u in unexpected[:10]]
     twice = [k for k, n in decided.items() if n > 1]
     if twice:
@@ -593,7 +621,18 @@ def main():
               f"{kinds.get('jidoka_halt', 0)} halts, {kinds.get('jidoka_resume', 0)} resumes, "
               f"{kinds.get('breaker_open', 0)} breaker trips, "
               f"{kinds.get('signal_skipped', 0)} signals skipped", flush=True)
+    if args.refill:
+        if exhausted:
+            failures.append(f"engines still quota_exhausted a period after the end: "
+                            f"{[(e['tenant_id'], e['sku_id']) for e in exhausted][:10]}")
+        stuck = sorted(e for e, state in metered.items() if state == "quota_exhausted")
+        if stuck:
+            failures.append(f"metered engines whose last receipt leaves them quota_exhausted: {stuck[:10]}")
+        print(f"refill: {kinds.get('quota_exceeded', 0)} quota_exceeded, "
+              f"{kinds.get('quota_refilled', 0)} quota_refilled", flush=True)
     for (t, sku), n in sorted(actions.items()):
+        if sku == "metered":
+            continue
         _, e = admin(f"/admin/tenants/{t}/{sku}")
         if e.get("quota_remaining") != QUOTA - n:
             failures.append(f"{t}/{sku}: quota_remaining {e.get('quota_remaining')}, {n} actions")
