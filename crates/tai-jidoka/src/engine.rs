@@ -921,12 +921,7 @@ impl Actor for Engine {
         // Passive from now on, it has no timer and hears no breaker: the
         // router starts it again when its state timeout is due or the
         // breaker that halted it closes.
-        let due_ms = st.data.state_deadline_ms(&st.sku, now_ms());
-        let halted_by = st
-            .data
-            .halted_by
-            .clone()
-            .filter(|_| st.data.state == EngineState::Halted);
+        let (due_ms, halted_by) = st.data.waits_for(&st.sku, now_ms());
         if st.sku.configured && (due_ms.is_some() || halted_by.is_some()) {
             if let Some(r) = ractor::registry::where_is(ENGINE_ROUTER) {
                 let _ = r.send_message(RouterMsg::Asleep {

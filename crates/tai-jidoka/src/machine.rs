@@ -111,6 +111,17 @@ impl Data {
             _ => None,
         }
     }
+
+    /// What the engine waits for that no signal brings, passive: its state
+    /// timeout's due time, and the breaker that halted it (it resumes once
+    /// that breaker is not open). `(None, None)`: nothing.
+    pub fn waits_for(&self, sku: &Sku, now: u64) -> (Option<u64>, Option<String>) {
+        let halted_by = match self.state {
+            EngineState::Halted => self.halted_by.clone(),
+            _ => None,
+        };
+        (self.state_deadline_ms(sku, now), halted_by)
+    }
 }
 
 #[derive(Debug, Clone, Copy)]

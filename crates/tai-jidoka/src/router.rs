@@ -460,8 +460,7 @@ fn waiting_engines(store: &Store, skus: &Skus) -> Result<Waiting, String> {
                 if data.in_flight.is_some() {
                     found.cut.push((tenant.clone(), sku_id.clone()));
                 } else if let Some(sku) = skus.get(&sku_id) {
-                    let due = data.state_deadline_ms(sku, now);
-                    let halted_by = data.halted_by.filter(|_| data.state == EngineState::Halted);
+                    let (due, halted_by) = data.waits_for(sku, now);
                     if due.is_some() || halted_by.is_some() {
                         found
                             .asleep

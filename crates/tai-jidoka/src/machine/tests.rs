@@ -468,6 +468,33 @@ fn a_breaker_halt_ends_when_that_breaker_is_no_longer_open() {
 }
 
 #[test]
+fn a_passive_engine_waits_for_its_state_timeout_or_its_breaker_only() {
+    let (sku, now) = (sku(), 5_000);
+    let mut booting = data(Boot);
+    booting.boot_started_ms = 1_000;
+    assert_eq!(booting.waits_for(&sku, now), (Some(31_000), None));
+    let mut exhausted = data(QuotaExhausted);
+    exhausted.period_start_ms = 2_000;
+    assert_eq!(exhausted.waits_for(&sku, now), (Some(3_602_000), None));
+    for state in [Stable, Degraded, ActionPending] {
+        assert_eq!(data(state).waits_for(&sku, now), (None, None), "{state:?}");
+    }
+    // Halted by a breaker: until that breaker is not open; by an operator
+    // (who may take over a breaker's halt): until a resume, nothing to wait for.
+    let mut d = data(ActionPending);
+    run(
+        &mut d,
+        Event::ActionFailed {
+            reason: "503",
+            tripped: Some("gateway"),
+        },
+    );
+    assert_eq!(d.waits_for(&sku, now), (None, Some("gateway".to_string())));
+    run(&mut d, Event::Halt { reason: "audit" });
+    assert_eq!((d.state, d.waits_for(&sku, now)), (Halted, (None, None)));
+}
+
+#[test]
 fn an_operator_halt_is_not_lifted_by_a_breaker() {
     let mut d = data(ActionPending);
     run(
