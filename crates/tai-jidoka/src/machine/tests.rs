@@ -431,8 +431,8 @@ proptest! {
     }
 }
 
-#[test]
-fn a_breaker_halt_ends_when_that_breaker_is_no_longer_open() {
+/// An engine whose action failed and tripped the breaker `gateway`.
+fn halted_by_gateway() -> Data {
     let mut d = data(ActionPending);
     run(
         &mut d,
@@ -441,6 +441,12 @@ fn a_breaker_halt_ends_when_that_breaker_is_no_longer_open() {
             tripped: Some("gateway"),
         },
     );
+    d
+}
+
+#[test]
+fn a_breaker_halt_ends_when_that_breaker_is_no_longer_open() {
+    let mut d = halted_by_gateway();
     assert_eq!((d.state, d.halted_by.as_deref()), (Halted, Some("gateway")));
     // Another breaker, or the same one still open: nothing.
     for ev in [
@@ -481,14 +487,7 @@ fn a_passive_engine_waits_for_its_state_timeout_or_its_breaker_only() {
     }
     // Halted by a breaker: until that breaker is not open; by an operator
     // (who may take over a breaker's halt): until a resume, nothing to wait for.
-    let mut d = data(ActionPending);
-    run(
-        &mut d,
-        Event::ActionFailed {
-            reason: "503",
-            tripped: Some("gateway"),
-        },
-    );
+    let mut d = halted_by_gateway();
     assert_eq!(d.waits_for(&sku, now), (None, Some("gateway".to_string())));
     run(&mut d, Event::Halt { reason: "audit" });
     assert_eq!((d.state, d.waits_for(&sku, now)), (Halted, (None, None)));
@@ -496,14 +495,7 @@ fn a_passive_engine_waits_for_its_state_timeout_or_its_breaker_only() {
 
 #[test]
 fn an_operator_halt_is_not_lifted_by_a_breaker() {
-    let mut d = data(ActionPending);
-    run(
-        &mut d,
-        Event::ActionFailed {
-            reason: "503",
-            tripped: Some("gateway"),
-        },
-    );
+    let mut d = halted_by_gateway();
     run(
         &mut d,
         Event::Halt {
