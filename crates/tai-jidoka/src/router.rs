@@ -73,8 +73,10 @@ pub struct RouterState {
     /// Engines a delivery could not start (their signals are in flight
     /// with no engine), so that their next start asks Kanban for them.
     failed_starts: HashSet<String>,
-    /// Passive engines waiting for a state timeout or a breaker's close.
+    /// Passive engines waiting for a state timeout or a breaker's close,
+    /// on the clock of [`RouterState::clock_ms`].
     wakes: Wakes,
+    started: Instant,
 }
 
 /// Payment windows looked at per tick.
@@ -94,6 +96,14 @@ fn engine_ref(name: &str) -> Option<ActorRef<EngineMsg>> {
 }
 
 impl RouterState {
+    /// Milliseconds since the router started, on the monotonic clock: a
+    /// wait is measured from when it is recorded, as a live engine's state
+    /// timer is, so a step of the wall clock (NTP, a restored snapshot)
+    /// neither stretches nor cuts it.
+    fn clock_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// What an operator's question reads passivated engines with.
     fn passive(&self) -> Passive {
         Passive {
@@ -582,6 +592,7 @@ impl Actor for Router {
             sweep_cursor: None,
             failed_starts: HashSet::new(),
             wakes: Wakes::default(),
+            started: Instant::now(),
         })
     }
 
@@ -693,7 +704,7 @@ impl Actor for Router {
             }
             RouterMsg::BreakerTick => {
                 crate::executor::announce(st.args.executors.breakers.tick(now_ms()));
-                let due = st.wakes.take_due(now_ms(), WAKE_BATCH);
+                let due = st.wakes.take_due(st.clock_ms(), WAKE_BATCH);
                 if !due.is_empty() {
                     debug!(
                         engines = due.len(),
@@ -708,7 +719,7 @@ impl Actor for Router {
             RouterMsg::BreakerChanged { breaker, open } => {
                 // Live engines hear it now; passive ones it held are started.
                 if !open {
-                    st.wakes.breaker_closed(&breaker, now_ms());
+                    st.wakes.breaker_closed(&breaker, st.clock_ms());
                 }
                 for name in st.engines.keys() {
                     if let Some(r) = engine_ref(name) {
@@ -745,8 +756,9 @@ impl Actor for Router {
                     {
                         Until::Breaker(b)
                     }
-                    (Some(_), _) => Until::Time(now_ms()),
-                    (None, Some(at)) => Until::Time(at),
+                    (Some(_), _) => Until::Time(st.clock_ms()),
+                    // Due in as long as the wall clock says now.
+                    (None, Some(at)) => Until::Time(st.clock_ms() + at.saturating_sub(now_ms())),
                     (None, None) => return Ok(()),
                 };
                 st.wakes.sleep(&tenant_id, &sku_id, until);

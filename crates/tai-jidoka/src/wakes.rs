@@ -17,7 +17,7 @@ use tai_core::names::engine_name;
 /// What a passive engine waits for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Until {
-    /// Its state timeout is due then (Unix ms).
+    /// Its state timeout is due then (ms, on the caller's clock).
     Time(u64),
     /// The breaker that halted it is open; it resumes once it is not.
     Breaker(String),
