@@ -52,6 +52,13 @@ pub struct Data {
     /// is no longer open. `None` for an operator halt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub halted_by: Option<String>,
+    /// Halted by a breaker, or out of quota, while `degraded` (a critical
+    /// signal's action tripped the breaker, or it found the quota spent):
+    /// the breaker's half-open or the refill takes it back to `degraded`,
+    /// as the degraded row of SPEC §5 ends ("back to degraded"), unless an
+    /// entitlement came meanwhile. An operator's resume goes to `stable`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub back_to_degraded: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -76,6 +83,7 @@ impl Data {
             in_flight: None,
             velocity: BTreeMap::new(),
             halted_by: None,
+            back_to_degraded: false,
         }
     }
 
@@ -276,11 +284,11 @@ fn refill(d: &mut Data, st: &mut Step<'_>, now: u64) {
     d.period_start_ms += periods * period;
     d.quota_remaining = st.sku.quota;
     if d.state == EngineState::QuotaExhausted {
-        d.state = EngineState::Stable;
+        d.state = after_automatic_resume(d);
         st.receipt(
             "quota_refilled",
             EngineState::QuotaExhausted,
-            EngineState::Stable,
+            d.state,
             None,
             true,
             None,
@@ -351,6 +359,7 @@ pub fn step(
                     let before = d.state;
                     d.state = EngineState::Halted;
                     d.halted_by = Some(breaker.to_string());
+                    d.back_to_degraded = before == EngineState::Degraded;
                     st.receipt(
                         "jidoka_halt",
                         before,
@@ -364,7 +373,13 @@ pub fn step(
         }
         Event::BreakerChanged { breaker, open } => {
             if !open && d.state == EngineState::Halted && d.halted_by.as_deref() == Some(breaker) {
-                resume(d, &mut st, format!("breaker {breaker} is no longer open"));
+                let to = after_automatic_resume(d);
+                resume(
+                    d,
+                    &mut st,
+                    format!("breaker {breaker} is no longer open"),
+                    to,
+                );
             }
         }
         Event::Restored => {
@@ -392,21 +407,33 @@ pub fn step(
                     d.quota_remaining = sku.quota;
                     d.period_start_ms = now;
                 }
-                resume(d, &mut st, "operator resume".into());
+                resume(d, &mut st, "operator resume".into(), EngineState::Stable);
             }
         }
     }
     st.fx
 }
 
-/// Back on the line: to the pending action if one is in flight, else stable.
-fn resume(d: &mut Data, st: &mut Step<'_>, reason: String) {
+/// Where a breaker's half-open or a quota refill takes the engine (and
+/// clears what it remembered): `degraded` if it was degraded when it halted
+/// or ran out and is still not entitled, else `stable`.
+fn after_automatic_resume(d: &mut Data) -> EngineState {
+    let degraded = std::mem::take(&mut d.back_to_degraded) && !d.entitled;
+    match degraded {
+        true => EngineState::Degraded,
+        false => EngineState::Stable,
+    }
+}
+
+/// Back on the line: to the pending action if one is in flight, else `to`.
+fn resume(d: &mut Data, st: &mut Step<'_>, reason: String, to: EngineState) {
     let before = d.state;
     d.halted_by = None;
+    d.back_to_degraded = false;
     d.state = if d.in_flight.is_some() {
         EngineState::ActionPending
     } else {
-        EngineState::Stable
+        to
     };
     st.receipt("jidoka_resume", before, d.state, None, true, Some(reason));
 }
@@ -541,6 +568,7 @@ fn decide(
     let before = d.state;
     if d.quota_remaining == 0 {
         d.state = EngineState::QuotaExhausted;
+        d.back_to_degraded = before == EngineState::Degraded;
         st.receipt(
             "quota_exceeded",
             before,

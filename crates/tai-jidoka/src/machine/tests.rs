@@ -366,20 +366,124 @@ fn a_payload_no_policy_can_read_is_denied_not_read_as_empty() {
     }
 }
 
-#[test]
-fn a_critical_signal_in_degraded_returns_to_degraded() {
-    let mut d = data(Degraded);
+/// A critical payment (seq 1) reaches the engine.
+fn take_critical(d: &mut Data) -> Vec<Effect> {
     let crit = signal("payment", json!({"amount": 1}), true);
     run(
-        &mut d,
+        d,
         Event::Signal {
             seq: 1,
             signal: &crit,
         },
-    );
+    )
+}
+
+#[test]
+fn a_critical_signal_in_degraded_returns_to_degraded() {
+    let mut d = data(Degraded);
+    take_critical(&mut d);
     assert_eq!(d.state, ActionPending);
     run(&mut d, Event::ActionDone { ok: true });
     assert_eq!(d.state, Degraded);
+}
+
+/// The state a receipt of `kind` among `fx` leaves the engine in.
+fn after(fx: &[Effect], kind: &str) -> Option<EngineState> {
+    fx.iter().find_map(|e| match e {
+        Effect::Receipt { kind: k, after, .. } if *k == kind => Some(*after),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_degraded_engine_halted_by_its_breaker_goes_back_to_degraded_when_it_half_opens() {
+    // The degraded row ends "back to degraded": a critical signal's action
+    // that trips the breaker does not end the degradation when the breaker
+    // lets the line go again. An operator's resume goes to stable (SPEC §5).
+    for operator in [false, true] {
+        let mut d = data(Degraded);
+        take_critical(&mut d);
+        run(
+            &mut d,
+            Event::ActionFailed {
+                reason: "503",
+                tripped: Some("gateway"),
+            },
+        );
+        assert_eq!(d.state, Halted);
+        let fx = match operator {
+            false => run(
+                &mut d,
+                Event::BreakerChanged {
+                    breaker: "gateway",
+                    open: false,
+                },
+            ),
+            true => run(&mut d, Event::Resume),
+        };
+        let want = if operator { Stable } else { Degraded };
+        assert_eq!((d.state, after(&fx, "jidoka_resume")), (want, Some(want)));
+        assert!(!d.back_to_degraded);
+    }
+    // An entitled engine never goes back to degraded, whatever it remembered.
+    let mut d = halted_by_gateway();
+    d.back_to_degraded = true;
+    d.entitled = true;
+    run(
+        &mut d,
+        Event::BreakerChanged {
+            breaker: "gateway",
+            open: false,
+        },
+    );
+    assert_eq!(d.state, Stable);
+}
+
+#[test]
+fn a_degraded_engine_out_of_quota_refills_back_to_degraded_unless_entitled_meanwhile() {
+    for entitle in [false, true] {
+        let mut d = data(Degraded);
+        d.quota_remaining = 0;
+        let fx = take_critical(&mut d);
+        assert_eq!(
+            (d.state, after(&fx, "quota_exceeded")),
+            (QuotaExhausted, Some(QuotaExhausted))
+        );
+        if entitle {
+            let on = ent(true);
+            run(
+                &mut d,
+                Event::Signal {
+                    seq: 2,
+                    signal: &on,
+                },
+            );
+            assert_eq!((d.state, d.entitled), (QuotaExhausted, true));
+        }
+        let mut n = 0;
+        let later = d.period_start_ms + sku().period_ms;
+        let fx = step(&mut d, &sku(), Event::StateTimeout, later, &mut || {
+            n += 1;
+            n.to_string()
+        });
+        let want = if entitle { Stable } else { Degraded };
+        assert_eq!((d.state, after(&fx, "quota_refilled")), (want, Some(want)));
+        assert_eq!(d.quota_remaining, sku().quota);
+    }
+    // From stable it refills to stable, as ever.
+    let mut d = data(QuotaExhausted);
+    let mut n = 0;
+    let fx = step(
+        &mut d,
+        &sku(),
+        Event::StateTimeout,
+        sku().period_ms,
+        &mut || {
+            n += 1;
+            n.to_string()
+        },
+    );
+    assert_eq!(after(&fx, "quota_refilled"), Some(Stable));
 }
 
 fn arb_event() -> impl Strategy<Value = u8> {
