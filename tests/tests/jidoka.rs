@@ -867,6 +867,73 @@ quota_period_secs = 1
 }
 
 #[tokio::test]
+async fn a_revoked_engine_whose_critical_action_tripped_the_breaker_stays_degraded() {
+    // Revoked, the engine decides critical signals only. One's action trips
+    // the breaker and halts the engine; the half-open takes it back to
+    // degraded (SPEC §5's degraded row), not to stable: an outage of the
+    // gateway must not lift the tenant's degradation.
+    let gw = Gateway::start().await;
+    let extra = format!(
+        r#"
+[executors.trippy]
+kind = "webhook"
+url = "{}"
+timeout_ms = 1000
+failure_threshold = 1
+reset_timeout_secs = 1
+success_threshold = 1
+
+[skus.trippay]
+policies = []
+executor = "trippy"
+"#,
+        gw.url
+    );
+    let node = Node::start_with(&config(&gw.url, &extra), &[]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    entitle(&c, "trippay").await;
+    let revoke = signal(
+        "acme",
+        "trippay",
+        "entitlement",
+        "revoke",
+        json!({"active": false}),
+    );
+    send(&c, &revoke).await;
+    c.decided("revoke").await;
+    gw.set(GatewayMode::Fail);
+    let mut critical = pay("trippay", "crit-1");
+    critical["critical"] = json!(true);
+    send(&c, &critical).await;
+    assert_eq!(c.decided("crit-1").await["status"], "failed");
+    wait_until(
+        &node,
+        "the breaker's half-open resumes the engine",
+        || async { resumes(&node, "trippay").await == 1 },
+    )
+    .await;
+    let resumed = node
+        .all_receipts()
+        .await
+        .into_iter()
+        .find(|r| r["sku_id"] == "trippay" && r["kind"] == "jidoka_resume")
+        .unwrap();
+    assert_eq!(
+        (&resumed["state_before"], &resumed["state_after"]),
+        (&json!("halted"), &json!("degraded")),
+        "{resumed}"
+    );
+    assert_eq!(engine_state(&node, "trippay").await, "degraded");
+    send(&c, &pay("trippay", "plain-1")).await;
+    let s = c.decided("plain-1").await;
+    assert_eq!(
+        (&s["status"], &s["reason"]),
+        (&json!("deadlettered"), &json!("degraded")),
+        "{s}"
+    );
+}
+
+#[tokio::test]
 async fn a_lost_probe_does_not_stick_the_breaker() {
     let gw = Gateway::start().await;
     let extra = format!(
