@@ -1133,7 +1133,7 @@ async fn a_passive_engine_refills_its_quota_when_the_period_ends_with_no_signal_
 [skus.refill]
 policies = []
 quota = 1
-quota_period_secs = 4
+quota_period_secs = 6
 "#;
     let mut node = Node::start_with(
         &config("http://127.0.0.1:9/unused", extra),
