@@ -487,11 +487,14 @@ fn waiting_engines(store: &Store, skus: &Skus) -> Result<Waiting, String> {
 }
 
 /// A passivated engine's checkpoint, as the engine would start on it: its
-/// quota [`Data::reconcile`]d with the config, and, if a breaker halted it
+/// quota [`Data::reconcile`]d with the config; if a breaker halted it
 /// and is no longer open, resumed (the engine's start does the same; until
 /// then its checkpoint says `halted`, which `GET /admin/tenants` showed
 /// after an outage, for engines that were passivated while halted, though
-/// no breaker held them). One that does not decode is left out of what the
+/// no breaker held them); and past its state timeout, moved on by it (an
+/// exhausted engine's refill, a booting one's timeout: the router starts
+/// such engines when they are due, a batch per tick, so a large batch is
+/// shown as it will be, not as it was). One that does not decode is left out of what the
 /// operator sees, and said so in the log (the engine itself refuses to
 /// start on it, with the same reason).
 fn passive_data(view: &Passive, tenant: &str, sku_id: &str, bytes: &[u8]) -> Option<Data> {
@@ -510,6 +513,13 @@ fn passive_data(view: &Passive, tenant: &str, sku_id: &str, bytes: &[u8]) -> Opt
                 };
                 machine::step(&mut data, sku, ev, now_ms(), &mut String::new);
             }
+        }
+        let now = now_ms();
+        if data
+            .state_deadline_ms(sku, now)
+            .is_some_and(|due| due <= now)
+        {
+            machine::step(&mut data, sku, Event::StateTimeout, now, &mut String::new);
         }
     }
     Some(data)
@@ -843,5 +853,57 @@ impl Actor for Router {
             },
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_passive_engine_is_shown_as_it_would_start_past_its_state_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let sku = Sku {
+            quota: 3,
+            period_ms: 60_000,
+            entitlement_timeout_ms: 30_000,
+            policies: Vec::new(),
+            executor: "log".into(),
+            configured: true,
+        };
+        let view = Passive {
+            skus: Arc::new(Skus::from([("metered".to_string(), Arc::new(sku.clone()))])),
+            breakers: Breakers::load(store, &BTreeMap::new()).unwrap(),
+        };
+        let now = now_ms();
+        let shown = |data: &Data| {
+            let bytes = serde_json::to_vec(data).unwrap();
+            let d = passive_data(&view, "acme", "metered", &bytes).unwrap();
+            (d.state, d.quota_remaining)
+        };
+        let mut exhausted = Data::new(&sku, now - 61_000);
+        exhausted.state = EngineState::QuotaExhausted;
+        exhausted.quota_remaining = 0;
+        exhausted.entitled = true;
+        assert_eq!(
+            shown(&exhausted),
+            (EngineState::Stable, 3),
+            "its period is over"
+        );
+        exhausted.period_start_ms = now - 1_000;
+        assert_eq!(
+            shown(&exhausted),
+            (EngineState::QuotaExhausted, 0),
+            "not yet"
+        );
+        let booting = Data::new(&sku, now - 31_000);
+        assert_eq!(
+            shown(&booting).0,
+            EngineState::Degraded,
+            "no entitlement in time"
+        );
+        let booting = Data::new(&sku, now - 1_000);
+        assert_eq!(shown(&booting).0, EngineState::Boot);
     }
 }
