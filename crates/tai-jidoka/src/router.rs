@@ -487,14 +487,14 @@ fn waiting_engines(store: &Store, skus: &Skus) -> Result<Waiting, String> {
 }
 
 /// A passivated engine's checkpoint, as the engine would start on it: its
-/// quota [`Data::reconcile`]d with the config; if a breaker halted it
-/// and is no longer open, resumed (the engine's start does the same; until
-/// then its checkpoint says `halted`, which `GET /admin/tenants` showed
-/// after an outage, for engines that were passivated while halted, though
-/// no breaker held them); and past its state timeout, moved on by it (an
+/// quota [`Data::reconcile`]d with the config, then moved on by what it
+/// waits for ([`Data::waits_for`]) if that came: resumed if the breaker
+/// that halted it is no longer open (until its start its checkpoint says
+/// `halted`, which `GET /admin/tenants` showed after an outage, though no
+/// breaker held it), and past its state timeout, moved on by it (an
 /// exhausted engine's refill, a booting one's timeout: the router starts
-/// such engines when they are due, a batch per tick, so a large batch is
-/// shown as it will be, not as it was). One that does not decode is left out of what the
+/// such engines a batch per tick, so a large batch is shown as it will
+/// be, not as it was). One that does not decode is left out of what the
 /// operator sees, and said so in the log (the engine itself refuses to
 /// start on it, with the same reason).
 fn passive_data(view: &Passive, tenant: &str, sku_id: &str, bytes: &[u8]) -> Option<Data> {
@@ -505,20 +505,16 @@ fn passive_data(view: &Passive, tenant: &str, sku_id: &str, bytes: &[u8]) -> Opt
         .ok()?;
     if let Some(sku) = view.skus.get(sku_id) {
         data.reconcile(sku);
-        if let Some(b) = data.halted_by.clone() {
-            if view.breakers.state(&b) != Some(BreakerState::Open) {
-                let ev = Event::BreakerChanged {
-                    breaker: &b,
-                    open: false,
-                };
-                machine::step(&mut data, sku, ev, now_ms(), &mut String::new);
-            }
-        }
         let now = now_ms();
-        if data
-            .state_deadline_ms(sku, now)
-            .is_some_and(|due| due <= now)
-        {
+        let (due, halted_by) = data.waits_for(sku, now);
+        if let Some(b) = halted_by.filter(|b| view.breakers.state(b) != Some(BreakerState::Open)) {
+            let ev = Event::BreakerChanged {
+                breaker: &b,
+                open: false,
+            };
+            machine::step(&mut data, sku, ev, now, &mut String::new);
+        }
+        if due.is_some_and(|due| due <= now) {
             machine::step(&mut data, sku, Event::StateTimeout, now, &mut String::new);
         }
     }
