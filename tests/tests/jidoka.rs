@@ -1126,7 +1126,8 @@ async fn a_passive_engine_refills_its_quota_when_the_period_ends_with_no_signal_
     // One live engine at most. acme's `refill` engine runs out of quota and
     // is passivated by globex's first signal. Its period ends while it is
     // passive: the router starts it then, and it records `quota_refilled`
-    // with no signal sent (it had waited for its next signal). The same
+    // with no signal sent (it had waited for its next signal), and it is
+    // passivated again without passivating globex's live engine. The same
     // across a restart: the router reads what passive engines wait for
     // from their checkpoints when it starts.
     let extra = r#"
@@ -1137,7 +1138,10 @@ quota_period_secs = 6
 "#;
     let mut node = Node::start_with(
         &config("http://127.0.0.1:9/unused", extra),
-        &[("TAI_JIDOKA__MAX_ACTIVE_ENGINES", "1")],
+        &[
+            ("TAI_JIDOKA__MAX_ACTIVE_ENGINES", "1"),
+            ("RUST_LOG", "info,tai_jidoka::router=debug"),
+        ],
     );
     let c = Client::new(&node, "acme", "acme-secret");
     let g = Client::new(&node, "globex", "globex-secret");
@@ -1175,6 +1179,25 @@ quota_period_secs = 6
             })
             .await;
         assert_eq!(e["quota_remaining"], 1, "{e}");
+        // Started for its refill alone, it is passivated again at once, and
+        // it took the one live slot from no engine: globex's stays live.
+        node.admin_until("/admin/tenants/acme/refill", "refill passive again", |e| {
+            e["active"] == false
+        })
+        .await;
+        if round == 0 {
+            let (_, e) = node
+                .admin(Method::GET, "/admin/tenants/globex/payments")
+                .await;
+            assert_eq!(e["active"], true, "the wake passivated a live engine: {e}");
+            // Once: its start recorded the refill before the passivation
+            // could stop it, so the router did not have to start it again.
+            let wakes = node
+                .log()
+                .matches("starting passive engines for a transition due")
+                .count();
+            assert_eq!(wakes, 1, "{}", node.log_tail(40));
+        }
     }
 }
 

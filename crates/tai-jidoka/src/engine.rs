@@ -899,6 +899,19 @@ impl Actor for Engine {
                 Self::run(&myself, st, vec![Input::Other(ev)]).await?;
             }
         }
+        // A state timeout that fell due while the engine was passive is taken
+        // now, before anything in its mailbox, as it would have been live:
+        // the signals that waited behind an entitlement are decided after
+        // its timeout, and an engine the router started for its timeout
+        // (and passivates at once) has recorded it before it stops.
+        let now = now_ms();
+        if st
+            .data
+            .state_deadline_ms(&st.sku, now)
+            .is_some_and(|due| due <= now)
+        {
+            Self::run(&myself, st, vec![Input::Other(OwnedEvent::StateTimeout)]).await?;
+        }
         st.arm_state_timeout(&myself);
         // Whatever Kanban had sent to an earlier incarnation died with its
         // mailbox (none did when the router starts a fresh one).

@@ -135,12 +135,14 @@ impl Router {
     }
 
     /// The running engine, started if need be (after passivating the least
-    /// recently used one when at the cap). `None` while it drains.
+    /// recently used one when at the cap, with `room`). `None` while it
+    /// drains.
     async fn ensure(
         myself: &ActorRef<RouterMsg>,
         st: &mut RouterState,
         tenant: &str,
         sku_id: &str,
+        room: bool,
     ) -> Result<Option<ActorRef<EngineMsg>>, ActorProcessingErr> {
         let name = engine_name(tenant, sku_id);
         if let Some(e) = st.engines.get(&name) {
@@ -152,7 +154,7 @@ impl Router {
                 return Ok(Some(r));
             }
         }
-        if !st.engines.contains_key(&name) && st.recency.len() >= st.args.max_active {
+        if room && !st.engines.contains_key(&name) && st.recency.len() >= st.args.max_active {
             if let Some(lru) = st.recency.values().next().cloned() {
                 Self::passivate(myself, st, &lru);
             }
@@ -264,14 +266,24 @@ impl Router {
     }
 
     /// Starts a passive engine for what its start records (an action a stop
-    /// cut, a state timeout due, a breaker that closed); one running already
-    /// sees to that itself.
+    /// cut, a state timeout due, a breaker that closed), and passivates it
+    /// again at once: its start records the transition before it takes a
+    /// message, and no signal asked for it. It takes no live engine's place
+    /// under the cap (a wake is over the cap for as long as its start), so a
+    /// period that ends for thousands of passive engines passivates none of
+    /// the active ones, and memory still follows the active tenants. One
+    /// running already sees to that itself.
     async fn wake(myself: &ActorRef<RouterMsg>, st: &mut RouterState, tenant: &str, sku_id: &str) {
-        if engine_ref(&engine_name(tenant, sku_id)).is_some() {
+        let name = engine_name(tenant, sku_id);
+        if engine_ref(&name).is_some() {
             return;
         }
-        if let Err(e) = Self::ensure(myself, st, tenant, sku_id).await {
-            warn!(tenant = %tenant, sku = %sku_id, error = %e, "cannot start a passive engine for a transition due; its next signal starts it");
+        match Self::ensure(myself, st, tenant, sku_id, false).await {
+            Ok(Some(_)) => Self::passivate(myself, st, &name),
+            Ok(None) => {}
+            Err(e) => {
+                warn!(tenant = %tenant, sku = %sku_id, error = %e, "cannot start a passive engine for a transition due; its next signal starts it");
+            }
         }
     }
 
@@ -280,7 +292,7 @@ impl Router {
         st: &mut RouterState,
         d: Delivery,
     ) -> Result<(), ActorProcessingErr> {
-        let engine = Self::ensure(myself, st, &d.signal.tenant_id, &d.signal.sku_id).await;
+        let engine = Self::ensure(myself, st, &d.signal.tenant_id, &d.signal.sku_id, true).await;
         let engine = engine.inspect_err(|_| {
             // In flight with no engine: its next start asks for it again.
             let name = engine_name(&d.signal.tenant_id, &d.signal.sku_id);
@@ -825,7 +837,7 @@ impl Actor for Router {
                 sku_id,
                 reason,
                 reply,
-            } => match Self::ensure(&myself, st, &tenant_id, &sku_id).await {
+            } => match Self::ensure(&myself, st, &tenant_id, &sku_id, true).await {
                 Ok(Some(e)) => Self::ask_engine(e, |r| EngineMsg::Halt(reason, r), "halt", reply),
                 Ok(None) => {
                     let _ = reply.send(Err(PASSIVATING.to_string()));
@@ -838,7 +850,7 @@ impl Actor for Router {
                 tenant_id,
                 sku_id,
                 reply,
-            } => match Self::ensure(&myself, st, &tenant_id, &sku_id).await {
+            } => match Self::ensure(&myself, st, &tenant_id, &sku_id, true).await {
                 Ok(Some(e)) => Self::ask_engine(e, EngineMsg::Resume, "resume", reply),
                 Ok(None) => {
                     let _ = reply.send(Err(PASSIVATING.to_string()));
