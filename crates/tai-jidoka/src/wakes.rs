@@ -11,6 +11,7 @@
 //! exhausted, booting and breaker-halted engines, not every engine.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use tai_core::names::engine_name;
 
@@ -23,27 +24,22 @@ pub enum Until {
     Breaker(String),
 }
 
-#[derive(Debug)]
-struct Sleeper {
-    tenant_id: String,
-    sku_id: String,
-    until: Until,
-}
-
+/// One engine's wait costs its name once, shared by the maps that hold it;
+/// the name gives the tenant and the SKU (neither may hold a `:`).
 #[derive(Debug, Default)]
 pub struct Wakes {
     /// By engine name.
-    of: HashMap<String, Sleeper>,
+    of: HashMap<Arc<str>, Until>,
     /// (due ms, engine name), soonest first.
-    due: BTreeSet<(u64, String)>,
+    due: BTreeSet<(u64, Arc<str>)>,
     /// Breaker → the engines it holds halted.
-    held: HashMap<String, HashSet<String>>,
+    held: HashMap<String, HashSet<Arc<str>>>,
 }
 
 impl Wakes {
     /// Records what a passive engine waits for (replacing what it waited for).
     pub fn sleep(&mut self, tenant_id: &str, sku_id: &str, until: Until) {
-        let name = engine_name(tenant_id, sku_id);
+        let name: Arc<str> = engine_name(tenant_id, sku_id).into();
         self.forget(&name);
         match &until {
             Until::Time(at) => {
@@ -53,28 +49,21 @@ impl Wakes {
                 self.held.entry(b.clone()).or_default().insert(name.clone());
             }
         }
-        self.of.insert(
-            name,
-            Sleeper {
-                tenant_id: tenant_id.to_string(),
-                sku_id: sku_id.to_string(),
-                until,
-            },
-        );
+        self.of.insert(name, until);
     }
 
     /// The engine started: it sees to its own transitions from now on.
     pub fn forget(&mut self, name: &str) {
-        let Some(s) = self.of.remove(name) else {
+        let Some((name, until)) = self.of.remove_entry(name) else {
             return;
         };
-        match s.until {
+        match until {
             Until::Time(at) => {
-                self.due.remove(&(at, name.to_string()));
+                self.due.remove(&(at, name));
             }
             Until::Breaker(b) => {
                 if let Some(set) = self.held.get_mut(&b) {
-                    set.remove(name);
+                    set.remove(&name);
                     if set.is_empty() {
                         self.held.remove(&b);
                     }
@@ -86,8 +75,8 @@ impl Wakes {
     /// The breaker is no longer open: the engines it held are due `now`.
     pub fn breaker_closed(&mut self, breaker: &str, now: u64) {
         for name in self.held.remove(breaker).unwrap_or_default() {
-            if let Some(s) = self.of.get_mut(&name) {
-                s.until = Until::Time(now);
+            if let Some(until) = self.of.get_mut(&name) {
+                *until = Until::Time(now);
                 self.due.insert((now, name));
             }
         }
@@ -105,8 +94,8 @@ impl Wakes {
                 break;
             }
             let (_, name) = self.due.pop_first().expect("a first entry");
-            if let Some(s) = self.of.remove(&name) {
-                taken.push((s.tenant_id, s.sku_id));
+            if self.of.remove(&name).is_some() {
+                taken.push(tenant_and_sku(&name));
             }
         }
         taken
@@ -118,12 +107,26 @@ impl Wakes {
     }
 }
 
+/// `engine:{tenant}:{sku}` → (tenant, SKU).
+fn tenant_and_sku(name: &str) -> (String, String) {
+    let rest = name.strip_prefix("engine:").unwrap_or(name);
+    let (tenant, sku) = rest.split_once(':').unwrap_or((rest, ""));
+    (tenant.to_string(), sku.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn pair(t: &str, s: &str) -> (String, String) {
         (t.to_string(), s.to_string())
+    }
+
+    #[test]
+    fn the_engine_name_gives_back_its_tenant_and_sku() {
+        let mut w = Wakes::default();
+        w.sleep("acme.eu-1", "pay_v2", Until::Time(5));
+        assert_eq!(w.take_due(5, 10), vec![pair("acme.eu-1", "pay_v2")]);
     }
 
     #[test]
