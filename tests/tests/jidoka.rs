@@ -1011,10 +1011,12 @@ executor = "lossy"
 async fn an_engine_restarted_while_it_was_being_passivated_is_still_routed_to() {
     // One live engine at most. acme's `slowpay` engine is mid-call to a slow
     // gateway when globex's first signal passivates it (a drain: it finishes
-    // its call first). Killed then, engine_sup restarts it, and the router,
-    // told the drained engine is gone, must take that incarnation as its
-    // live engine (engine_sup answers a start of a running child with it,
-    // as OTP's `already_started`) and keep to its cap.
+    // its call first). Killed then, engine_sup restarts it, and that
+    // incarnation, with nothing queued for it, is passivated too: the
+    // router had let the engine go, and must not leave one running that
+    // neither its cap nor its idle sweep knows of. The next signal starts
+    // it (should the restart still run, engine_sup answers the start with
+    // it, as OTP's `already_started`), and the cap holds.
     let gw = Gateway::start().await;
     let (node, c, g) = one_live_engine(&gw, "slow", "timeout_ms = 20000", "slowpay").await;
     gw.set(GatewayMode::Slow(20_000));
@@ -1029,6 +1031,9 @@ async fn an_engine_restarted_while_it_was_being_passivated_is_still_routed_to() 
     assert_eq!(status, 202, "{body}");
     let lost = c.decided("s-1").await;
     assert_eq!(lost["reason"], "interrupted", "{lost}");
+    // With nothing queued for it, the restarted incarnation is passivated
+    // as the one it replaced was being: globex's engine is the one live.
+    live_engines_until(&node, &["engine:globex:payments"]).await;
 
     gw.set(GatewayMode::Ok);
     send(&c, &pay("slowpay", "s-2")).await;
@@ -1038,13 +1043,18 @@ async fn an_engine_restarted_while_it_was_being_passivated_is_still_routed_to() 
         assert!(!log.contains(refused), "{refused}: {log}");
     }
     // The cap holds: globex's engine went to make room for it.
-    node.admin_until("/admin/tree", "one live engine", |t| {
+    live_engines_until(&node, &["engine:acme:slowpay"]).await;
+}
+
+/// Waits until the live engines (engine_sup's children) are `names`.
+async fn live_engines_until(node: &Node, names: &[&str]) {
+    node.admin_until("/admin/tree", &format!("live engines {names:?}"), |t| {
         find(t, "engine_sup").is_some_and(|s| {
             let live: Vec<&str> = children(s)
                 .iter()
                 .map(|c| c["name"].as_str().unwrap())
                 .collect();
-            live == ["engine:acme:slowpay"]
+            live == names
         })
     })
     .await;

@@ -212,6 +212,13 @@ pub enum RouterMsg {
         due_ms: Option<u64>,
         halted_by: Option<String>,
     },
+    /// Internal: `engine_sup` restarted an engine after a crash. One that
+    /// crashed while the router passivated it is drained again, or it would
+    /// run on with no router to know of it (it was let go).
+    Restarted {
+        tenant_id: String,
+        sku_id: String,
+    },
 }
 
 /// Everything one decision writes, applied atomically with its receipts.

@@ -915,6 +915,14 @@ impl Actor for Engine {
         st.arm_state_timeout(&myself);
         // Whatever Kanban had sent to an earlier incarnation died with its
         // mailbox (none did when the router starts a fresh one).
+        if st.incarnation > 0 {
+            if let Some(r) = ractor::registry::where_is(ENGINE_ROUTER) {
+                let _ = r.send_message(RouterMsg::Restarted {
+                    tenant_id: st.tenant_id.clone(),
+                    sku_id: st.sku_id.clone(),
+                });
+            }
+        }
         if st.incarnation > 0 || !st.fresh {
             send_to_queue(KanbanMsg::Redeliver {
                 tenant_id: st.tenant_id.clone(),

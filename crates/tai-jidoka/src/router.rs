@@ -57,6 +57,9 @@ struct Entry {
     waiting: Option<Vec<Delivery>>,
     /// Idle, and asked whether it is busy (`RouterMsg::IdleChecked`).
     checking: bool,
+    /// Restarted after a crash while it drained: that incarnation is
+    /// drained too once the drain is reported.
+    restarted: bool,
 }
 
 pub struct RouterState {
@@ -202,6 +205,7 @@ impl Router {
                     touch: 0,
                     waiting: None,
                     checking: false,
+                    restarted: false,
                 },
             );
         }
@@ -247,9 +251,14 @@ impl Router {
         e.waiting = Some(Vec::new());
         let touch = e.touch;
         st.recency.remove(&touch);
-        let me = myself.clone();
-        let name = name.to_string();
         debug!(engine = %name, "passivating engine");
+        Self::drain(myself, name.to_string());
+    }
+
+    /// Drains the engine of that name, if it runs, and reports it gone
+    /// (`RouterMsg::Drained`).
+    fn drain(myself: &ActorRef<RouterMsg>, name: String) {
+        let me = myself.clone();
         match ractor::registry::where_is(name.clone()) {
             Some(cell) => {
                 tokio::spawn(async move {
@@ -748,6 +757,35 @@ impl Actor for Router {
                     }
                 }
             }
+            RouterMsg::Restarted { tenant_id, sku_id } => {
+                let name = engine_name(&tenant_id, &sku_id);
+                match st.engines.get_mut(&name) {
+                    // Draining: the crash ended that drain; its report
+                    // drains this incarnation.
+                    Some(e) if e.waiting.is_some() => e.restarted = true,
+                    Some(_) => {}
+                    // Let go (its drain was reported before the restart):
+                    // nothing asked for it since, so it is passivated too,
+                    // rather than run on unknown to the cap and the sweep.
+                    None => {
+                        st.engines.insert(
+                            name.clone(),
+                            Entry {
+                                name: name.as_str().into(),
+                                tenant_id,
+                                sku_id,
+                                last_used: Instant::now(),
+                                touch: 0,
+                                waiting: Some(Vec::new()),
+                                checking: false,
+                                restarted: false,
+                            },
+                        );
+                        debug!(engine = %name, "passivating an engine restarted after its passivation");
+                        Self::drain(&myself, name);
+                    }
+                }
+            }
             RouterMsg::Interrupted { tenant_id, sku_id } => {
                 // One running already (a delivery started it, or only the
                 // router restarted) has seen to its action itself.
@@ -782,6 +820,12 @@ impl Actor for Router {
                 st.wakes.sleep(&tenant_id, &sku_id, until);
             }
             RouterMsg::Drained(name) => {
+                if let Some(e) = st.engines.get_mut(&name) {
+                    if std::mem::take(&mut e.restarted) && engine_ref(&name).is_some() {
+                        Self::drain(&myself, name);
+                        return Ok(());
+                    }
+                }
                 if let Some(e) = st.engines.remove(&name) {
                     for d in e.waiting.unwrap_or_default() {
                         if let Err(err) = Self::deliver(&myself, st, d).await {
