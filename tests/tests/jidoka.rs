@@ -1212,6 +1212,88 @@ quota_period_secs = 6
 }
 
 #[tokio::test]
+async fn more_passive_engines_due_at_once_than_engine_sup_has_room_for_all_refill() {
+    // One live engine at most, so engine_sup runs 16 engines at most (live
+    // and draining). 40 of acme's engines run out of quota and wait,
+    // passive, for their period's end; the node is stopped past it, so its
+    // start finds all 40 due at once. The router starts no more a tick than
+    // engine_sup has room for, and every engine records its refill.
+    const SKUS: usize = 40;
+    const PERIOD_MS: u64 = 10_000;
+    let skus: Vec<String> = (0..SKUS).map(|i| format!("m{i:02}")).collect();
+    let extra: String = skus
+        .iter()
+        .map(|s| {
+            format!(
+                "\n[skus.{s}]\npolicies = []\nquota = 1\nquota_period_secs = {}\n",
+                PERIOD_MS / 1000
+            )
+        })
+        .collect();
+    let mut node = Node::start_with(
+        &config("http://127.0.0.1:9/unused", &extra),
+        &[("TAI_JIDOKA__MAX_ACTIVE_ENGINES", "1")],
+    );
+    let c = Client::new(&node, "acme", "acme-secret");
+    for s in &skus {
+        entitle(&c, s).await;
+        send(&c, &pay(s, &format!("{s}-1"))).await;
+        send(&c, &pay(s, &format!("{s}-2"))).await;
+    }
+    for s in &skus {
+        assert_eq!(
+            c.decided(&format!("{s}-2")).await["reason"],
+            "quota_exhausted"
+        );
+    }
+    let (_, list) = node
+        .admin(Method::GET, "/admin/tenants?state=quota_exhausted")
+        .await;
+    assert_eq!(
+        list.as_array().map(Vec::len),
+        Some(SKUS),
+        "a period ended before the node stopped: this test needs a longer quota_period_secs: {list}"
+    );
+    let last = node
+        .all_receipts()
+        .await
+        .iter()
+        .filter(|r| r["kind"] == "quota_exceeded")
+        .filter_map(|r| r["timestamp_ms"].as_u64())
+        .max()
+        .unwrap();
+    node.stop();
+    // Every period ends within PERIOD_MS of its last refusal.
+    let past = last + PERIOD_MS + 500;
+    let end = std::time::Instant::now() + std::time::Duration::from_millis(PERIOD_MS + 5_000);
+    while unix_now() * 1000 < past {
+        assert!(std::time::Instant::now() < end, "the clock stood still");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    node.restart();
+    wait_until(
+        &node,
+        "every engine refilled, with no signal sent",
+        || async {
+            let refilled: std::collections::HashSet<String> = node
+                .all_receipts()
+                .await
+                .iter()
+                .filter(|r| r["kind"] == "quota_refilled")
+                .filter_map(|r| r["sku_id"].as_str().map(str::to_string))
+                .collect();
+            refilled.len() == SKUS
+        },
+    )
+    .await;
+    assert!(
+        !node.log().contains("cannot start a passive engine"),
+        "{}",
+        node.log_tail(40)
+    );
+}
+
+#[tokio::test]
 async fn an_operator_halt_of_an_engine_a_breaker_halted_outlasts_the_breaker() {
     // acme's `heldpay` engine is halted by its breaker, then by an operator.
     // The halt is the operator's from then on: the breaker's close resumes

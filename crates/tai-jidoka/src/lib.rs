@@ -116,5 +116,10 @@ pub fn supervisor_spec(
 pub fn engine_sup_spec(max_active_engines: usize) -> SupervisorSpec {
     SupervisorSpec::new(Strategy::SimpleOneForOne)
         .intensity(100, Duration::from_secs(10))
-        .max_children(max_active_engines.saturating_mul(2).max(16))
+        .max_children(engine_sup_max_children(max_active_engines))
+}
+
+/// How many engines `engine_sup` runs at most, live and draining.
+pub(crate) fn engine_sup_max_children(max_active_engines: usize) -> usize {
+    max_active_engines.saturating_mul(2).max(16)
 }

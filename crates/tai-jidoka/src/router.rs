@@ -14,7 +14,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tai_core::msg::{Delivery, EnginePage, KanbanMsg, RouterMsg, KANBAN_QUEUE};
 use tai_core::names::{engine_name, ENGINE_SUP};
 use tai_core::signal::{now_ms, EngineInfo, EngineState};
-use tai_otp::{ChildSpec, Restart, SupervisorMsg};
+use tai_otp::{ChildSpec, Restart, StartChildError, SupervisorMsg};
 use tai_store::Store;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -93,6 +93,21 @@ const BREAKER_TICK: Duration = Duration::from_millis(200);
 /// breaker that held many, a period that ends for many at once) is spread
 /// out rather than holding up the signals behind it.
 const WAKE_BATCH: usize = 128;
+
+/// An engine `engine_sup` did not start.
+#[derive(Debug)]
+struct StartFailed {
+    name: String,
+    error: StartChildError,
+}
+
+impl std::fmt::Display for StartFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cannot start {}: {}", self.name, self.error)
+    }
+}
+
+impl std::error::Error for StartFailed {}
 
 fn engine_ref(name: &str) -> Option<ActorRef<EngineMsg>> {
     ractor::registry::where_is(name).map(ActorRef::from)
@@ -191,7 +206,10 @@ impl Router {
         .restart(Restart::Transient);
         let cell = tai_otp::start_child(&sup, spec, CALL)
             .await
-            .map_err(|e| format!("cannot start {name}: {e}"))?;
+            .map_err(|error| StartFailed {
+                name: name.clone(),
+                error,
+            })?;
         st.failed_starts.remove(&name);
         st.wakes.forget(&name);
         if !st.engines.contains_key(&name) {
@@ -290,6 +308,16 @@ impl Router {
         match Self::ensure(myself, st, tenant, sku_id, false).await {
             Ok(Some(_)) => Self::passivate(myself, st, &name),
             Ok(None) => {}
+            Err(e)
+                if e.downcast_ref::<StartFailed>()
+                    .is_some_and(|f| matches!(f.error, StartChildError::MaxChildren(_))) =>
+            {
+                // Full (engines the router does not know of take places
+                // too: a restarted router's): the next tick tries again.
+                debug!(engine = %name, "engine_sup is full; the wake waits for the next tick");
+                let now = st.clock_ms();
+                st.wakes.sleep(tenant, sku_id, Until::Time(now));
+            }
             Err(e) => {
                 warn!(tenant = %tenant, sku = %sku_id, error = %e, "cannot start a passive engine for a transition due; its next signal starts it");
             }
@@ -731,7 +759,12 @@ impl Actor for Router {
             }
             RouterMsg::BreakerTick => {
                 crate::executor::announce(st.args.executors.breakers.tick(now_ms()));
-                let due = st.wakes.take_due(st.clock_ms(), WAKE_BATCH);
+                // Woken engines take no live engine's place, but they are
+                // engine_sup's children while they start and drain: no more
+                // than it has room for (a cap under 128 leaves little).
+                let room = crate::engine_sup_max_children(st.args.max_active)
+                    .saturating_sub(st.engines.len());
+                let due = st.wakes.take_due(st.clock_ms(), WAKE_BATCH.min(room));
                 if !due.is_empty() {
                     debug!(
                         engines = due.len(),
