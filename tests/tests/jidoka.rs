@@ -1046,6 +1046,37 @@ async fn an_engine_restarted_while_it_was_being_passivated_is_still_routed_to() 
     live_engines_until(&node, &["engine:acme:slowpay"]).await;
 }
 
+#[tokio::test]
+async fn a_restarted_router_takes_on_the_engines_running() {
+    // One live engine at most. acme's engine runs when engine_router is
+    // killed; engine_sup, before the router under rest_for_one, is not
+    // restarted, so the engine runs on. The new router takes it on, so
+    // globex's first signal passivates it to keep to the cap.
+    let node = Node::start_with(
+        &config("http://127.0.0.1:9/unused", ""),
+        &[("TAI_JIDOKA__MAX_ACTIVE_ENGINES", "1")],
+    );
+    let c = Client::new(&node, "acme", "acme-secret");
+    let g = Client::new(&node, "globex", "globex-secret");
+    c.entitle("payments", "a-ent").await;
+    c.decided("a-ent").await;
+    let (status, body) = node
+        .admin(Method::POST, "/admin/actors/engine_router/kill")
+        .await;
+    assert_eq!(status, 202, "{body}");
+    node.admin_until("/admin/tree", "engine_router restarted", |t| {
+        find(t, "engine_router").is_some_and(|r| r["restarts"] == 1 && r["status"] == "running")
+    })
+    .await;
+    g.entitle("payments", "g-ent").await;
+    g.decided("g-ent").await;
+    live_engines_until(&node, &["engine:globex:payments"]).await;
+    // And acme's next signal brings its engine back (globex's goes).
+    send(&c, &pay("payments", "a-1")).await;
+    assert_eq!(c.decided("a-1").await["status"], "completed");
+    live_engines_until(&node, &["engine:acme:payments"]).await;
+}
+
 /// Waits until the live engines (engine_sup's children) are `names`.
 async fn live_engines_until(node: &Node, names: &[&str]) {
     node.admin_until("/admin/tree", &format!("live engines {names:?}"), |t| {

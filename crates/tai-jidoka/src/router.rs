@@ -14,7 +14,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tai_core::msg::{Delivery, EnginePage, KanbanMsg, RouterMsg, KANBAN_QUEUE};
 use tai_core::names::{engine_name, ENGINE_SUP};
 use tai_core::signal::{now_ms, EngineInfo, EngineState};
-use tai_otp::{ChildSpec, Restart, StartChildError, SupervisorMsg};
+use tai_otp::{ChildSpec, ChildStatus, Restart, StartChildError, SupervisorMsg};
 use tai_store::Store;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -23,7 +23,7 @@ use crate::breaker::BreakerState;
 use crate::engine::{Engine, EngineArgs, EngineMsg};
 use crate::executor::{Breakers, Executors};
 use crate::machine::{self, Data, Event, Sku};
-use crate::wakes::{Until, Wakes};
+use crate::wakes::{tenant_and_sku, Until, Wakes};
 
 const CALL: Duration = Duration::from_secs(10);
 
@@ -60,6 +60,22 @@ struct Entry {
     /// Restarted after a crash while it drained: that incarnation is
     /// drained too once the drain is reported.
     restarted: bool,
+}
+
+impl Entry {
+    /// Not yet in `RouterState::recency` (`touch` puts a live one there).
+    fn new(name: &str, tenant_id: String, sku_id: String, waiting: Option<Vec<Delivery>>) -> Entry {
+        Entry {
+            name: name.into(),
+            tenant_id,
+            sku_id,
+            last_used: Instant::now(),
+            touch: 0,
+            waiting,
+            checking: false,
+            restarted: false,
+        }
+    }
 }
 
 pub struct RouterState {
@@ -215,16 +231,7 @@ impl Router {
         if !st.engines.contains_key(&name) {
             st.engines.insert(
                 name.clone(),
-                Entry {
-                    name: name.as_str().into(),
-                    tenant_id: tenant.to_string(),
-                    sku_id: sku_id.to_string(),
-                    last_used: Instant::now(),
-                    touch: 0,
-                    waiting: None,
-                    checking: false,
-                    restarted: false,
-                },
+                Entry::new(&name, tenant.to_string(), sku_id.to_string(), None),
             );
         }
         st.touch(&name);
@@ -271,6 +278,49 @@ impl Router {
         st.recency.remove(&touch);
         debug!(engine = %name, "passivating engine");
         Self::drain(myself, name.to_string());
+    }
+
+    /// Takes on the engines running when the router starts: it restarted
+    /// alone (`engine_sup`, before it under `rest_for_one`, did not), and
+    /// they run on. Known as live, the cap and the idle sweep see to them;
+    /// past the cap, the least recently used are passivated. Else each ran
+    /// on, unknown, until a signal came for it.
+    async fn take_on_running(myself: &ActorRef<RouterMsg>, st: &mut RouterState) {
+        let Some(sup) = ractor::registry::where_is(ENGINE_SUP) else {
+            return;
+        };
+        let report = match tai_otp::which_children(&sup, CALL).await {
+            Ok(report) => report,
+            Err(e) => {
+                warn!(error = %e, "cannot list the engines running; each is taken on at its next signal");
+                return;
+            }
+        };
+        let mut taken = 0;
+        for child in report.children {
+            if child.status != ChildStatus::Running || engine_ref(&child.id).is_none() {
+                continue;
+            }
+            let (tenant_id, sku_id) = tenant_and_sku(&child.id);
+            st.engines.insert(
+                child.id.clone(),
+                Entry::new(&child.id, tenant_id, sku_id, None),
+            );
+            st.touch(&child.id);
+            taken += 1;
+        }
+        while st.recency.len() > st.args.max_active {
+            let Some(lru) = st.recency.values().next().cloned() else {
+                break;
+            };
+            Self::passivate(myself, st, &lru);
+        }
+        if taken > 0 {
+            info!(
+                engines = taken,
+                "engines running at the router's start taken on"
+            );
+        }
     }
 
     /// Drains the engine of that name, if it runs, and reports it gone
@@ -656,6 +706,7 @@ impl Actor for Router {
         myself: ActorRef<RouterMsg>,
         st: &mut RouterState,
     ) -> Result<(), ActorProcessingErr> {
+        Self::take_on_running(&myself, st).await;
         // Whatever was in flight went to engines of an earlier incarnation.
         if let Some(q) = ractor::registry::where_is(KANBAN_QUEUE) {
             let _ = q.send_message(KanbanMsg::RedeliverAll);
@@ -803,16 +854,7 @@ impl Actor for Router {
                     None => {
                         st.engines.insert(
                             name.clone(),
-                            Entry {
-                                name: name.as_str().into(),
-                                tenant_id,
-                                sku_id,
-                                last_used: Instant::now(),
-                                touch: 0,
-                                waiting: Some(Vec::new()),
-                                checking: false,
-                                restarted: false,
-                            },
+                            Entry::new(&name, tenant_id, sku_id, Some(Vec::new())),
                         );
                         debug!(engine = %name, "passivating an engine restarted after its passivation");
                         Self::drain(&myself, name);

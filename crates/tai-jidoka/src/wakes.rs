@@ -108,7 +108,7 @@ impl Wakes {
 }
 
 /// `engine:{tenant}:{sku}` → (tenant, SKU).
-fn tenant_and_sku(name: &str) -> (String, String) {
+pub(crate) fn tenant_and_sku(name: &str) -> (String, String) {
     let rest = name.strip_prefix("engine:").unwrap_or(name);
     let (tenant, sku) = rest.split_once(':').unwrap_or((rest, ""));
     (tenant.to_string(), sku.to_string())
