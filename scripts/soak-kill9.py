@@ -580,6 +580,7 @@ def main():
             time.sleep(0.2)
 
     receipts, after = [], 0
+    metered = {}  # tenant -> the state its last `metered` receipt left
 
     def read_receipts():
         nonlocal after
@@ -589,14 +590,13 @@ def main():
             if not items:
                 return
             receipts.extend(items)
+            for r in items:
+                if r["sku_id"] == "metered":
+                    metered[r["tenant_id"]] = r["state_after"]
             after = items[-1]["seq"]
 
     def stuck_metered():
-        last = {}
-        for r in receipts:
-            if r["sku_id"] == "metered":
-                last[r["tenant_id"]] = r["state_after"]
-        return [t for t, state in last.items() if state == "quota_exhausted"]
+        return sorted(t for t, state in metered.items() if state == "quota_exhausted")
 
     read_receipts()
     if args.refill:
@@ -608,7 +608,6 @@ def main():
             time.sleep(0.5)
             read_receipts()
     decided, actions, generated, outcomes, kinds = {}, {}, set(), {}, {}
-    metered = {}  # (tenant, "metered") -> the state its last receipt left
     interrupted = 0
     for r in receipts:
         kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
@@ -624,8 +623,6 @@ def main():
         if r["kind"] == "action_generated":
             e = (r["tenant_id"], r["sku_id"])
             actions[e] = actions.get(e, 0) + 1
-        if r["sku_id"] == "metered":
-            metered[(r["tenant_id"], r["sku_id"])] = r["state_after"]
     failures = [f"unexpected answer {u}" for u in unexpected[:10]]
     twice = [k for k, n in decided.items() if n > 1]
     if twice:
@@ -646,7 +643,7 @@ def main():
         if exhausted:
             failures.append(f"engines still quota_exhausted a period after the end: "
                             f"{[(e['tenant_id'], e['sku_id']) for e in exhausted][:10]}")
-        stuck = sorted(e for e, state in metered.items() if state == "quota_exhausted")
+        stuck = stuck_metered()
         if stuck:
             failures.append(f"metered engines whose last receipt leaves them quota_exhausted: {stuck[:10]}")
         print(f"refill: {kinds.get('quota_exceeded', 0)} quota_exceeded, "

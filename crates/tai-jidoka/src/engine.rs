@@ -913,8 +913,8 @@ impl Actor for Engine {
             Self::run(&myself, st, vec![Input::Other(OwnedEvent::StateTimeout)]).await?;
         }
         st.arm_state_timeout(&myself);
-        // Whatever Kanban had sent to an earlier incarnation died with its
-        // mailbox (none did when the router starts a fresh one).
+        // Restarted by engine_sup: the router may have let this engine go
+        // (it crashed while being passivated), and drains it too.
         if st.incarnation > 0 {
             if let Some(r) = ractor::registry::where_is(ENGINE_ROUTER) {
                 let _ = r.send_message(RouterMsg::Restarted {
@@ -923,6 +923,8 @@ impl Actor for Engine {
                 });
             }
         }
+        // Whatever Kanban had sent to an earlier incarnation died with its
+        // mailbox (none did when the router starts a fresh one).
         if st.incarnation > 0 || !st.fresh {
             send_to_queue(KanbanMsg::Redeliver {
                 tenant_id: st.tenant_id.clone(),

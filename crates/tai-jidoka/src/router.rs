@@ -189,9 +189,7 @@ impl Router {
             }
         }
         if room && !st.engines.contains_key(&name) && st.recency.len() >= st.args.max_active {
-            if let Some(lru) = st.recency.values().next().cloned() {
-                Self::passivate(myself, st, &lru);
-            }
+            Self::passivate_lru(myself, st);
         }
         let sup: ActorRef<SupervisorMsg> = ractor::registry::where_is(ENGINE_SUP)
             .map(ActorRef::from)
@@ -309,18 +307,22 @@ impl Router {
             st.touch(&child.id);
             taken += 1;
         }
-        while st.recency.len() > st.args.max_active {
-            let Some(lru) = st.recency.values().next().cloned() else {
-                break;
-            };
-            Self::passivate(myself, st, &lru);
-        }
+        while st.recency.len() > st.args.max_active && Self::passivate_lru(myself, st) {}
         if taken > 0 {
             info!(
                 engines = taken,
                 "engines running at the router's start taken on"
             );
         }
+    }
+
+    /// Passivates the least recently used live engine; false if none is.
+    fn passivate_lru(myself: &ActorRef<RouterMsg>, st: &mut RouterState) -> bool {
+        let Some(lru) = st.recency.values().next().cloned() else {
+            return false;
+        };
+        Self::passivate(myself, st, &lru);
+        true
     }
 
     /// Drains the engine of that name, if it runs, and reports it gone
