@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use reqwest::Method;
-use serde_json::Value;
+use serde_json::{json, Value};
 use tai_tests::*;
 
 const LAYERS: [&str; 5] = [
@@ -147,6 +147,80 @@ async fn killing_kanban_restarts_the_layers_after_it_and_leaves_ingress_alone() 
         "engine_sup restarted inside processor_sup"
     );
     assert_eq!(names(&after), LAYERS, "start order kept");
+}
+
+/// A killed `ingress_http` leaves its listening socket to the next
+/// incarnation (as a ranch listener outlives its acceptors). It used to bind
+/// the port again at once, before the killed server had let go of it: every
+/// restart failed with `Address already in use` within a millisecond, and
+/// `ingress_sup` gave up and took every layer after it down with it. Clients
+/// that connect meanwhile wait in the socket's backlog: none is refused.
+#[tokio::test]
+async fn a_killed_ingress_is_restarted_on_its_socket_and_no_client_is_refused() {
+    let node = Node::start_with(&test_config(""), &[]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    c.entitle("payments", "ent-1").await;
+    // A client that opens a connection for every request all along.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = {
+        let (stop, url) = (stop.clone(), format!("http://{}/health", node.ingress));
+        tokio::spawn(async move {
+            let http = reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .timeout(Duration::from_secs(20))
+                .build()
+                .unwrap();
+            let (mut answered, mut refused) = (0u64, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                match http.get(&url).send().await {
+                    Ok(_) => answered += 1,
+                    Err(e) if e.is_connect() => refused.push(e.to_string()),
+                    // Taken by a server as it was killed: not a refusal.
+                    Err(_) => {}
+                }
+            }
+            (answered, refused)
+        })
+    };
+    for i in 1..=4u64 {
+        let (status, body) = node
+            .admin(Method::POST, "/admin/actors/ingress_http/kill")
+            .await;
+        assert_eq!(status, 202, "kill {i}: {body}");
+        let tree = node
+            .admin_until("/admin/tree", "ingress_http restarted", |tree| {
+                find(tree, "ingress_http")
+                    .is_some_and(|w| w["restarts"] == i && w["status"] == "running")
+            })
+            .await;
+        let sup = find(&tree, "ingress_sup").unwrap();
+        assert_eq!(sup["restarts"], 0, "kill {i}: ingress_sup gave up: {tree}");
+        let a = c
+            .post(&signal(
+                "acme",
+                "payments",
+                "payment",
+                &format!("pay-{i}"),
+                json!({"amount": 10, "currency": "USD", "customer_id": "c1"}),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(a.status, 202, "kill {i}: {}", a.body);
+        c.decided(&format!("pay-{i}")).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (answered, refused) = prober.await.unwrap();
+    assert!(answered > 0, "the prober got no answer at all");
+    assert!(
+        refused.is_empty(),
+        "{} connections refused: {refused:?}",
+        refused.len()
+    );
+    assert!(
+        !node.log().contains("Address already in use"),
+        "{}",
+        node.log_tail(40)
+    );
 }
 
 #[tokio::test]

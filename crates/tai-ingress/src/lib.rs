@@ -53,6 +53,8 @@ pub fn supervisor_spec(
     });
     let listen = config.ingress.listen;
     let listening = http::Listening::new("ingress", &config.node);
+    // Kept across the worker's restarts, and ingress_sup's.
+    let socket = Arc::new(Mutex::new(None));
     SupervisorSpec::new(Strategy::OneForOne)
         .intensity(5, Duration::from_secs(10))
         .child(
@@ -64,6 +66,7 @@ pub fn supervisor_spec(
                     shared: shared.clone(),
                     listen,
                     bound: bound.clone(),
+                    socket: socket.clone(),
                     listening,
                 },
             )

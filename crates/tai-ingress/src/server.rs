@@ -1,6 +1,10 @@
 //! `ingress_http`: the public API (SPEC §3) as a supervised worker. It binds
 //! in `pre_start` and, when stopped, stops accepting and lets requests in
-//! progress finish before it is gone.
+//! progress finish before it is gone, closing its listening socket. A
+//! worker that is killed (no `post_stop`) leaves the socket to the next
+//! incarnation, as a ranch listener outlives its acceptors: the restart
+//! does not race the old server's release of the port, and connections that
+//! come meanwhile wait in the socket's backlog instead of being refused.
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -102,11 +106,15 @@ pub struct IngressArgs {
     /// Where this worker reports the address it bound; on a restart with port
     /// 0 it binds the same address again, so clients keep working.
     pub bound: Arc<Mutex<Option<SocketAddr>>>,
+    /// The listening socket while a worker owns it: left here by a worker
+    /// that was killed, for the next to accept on; emptied by a stop.
+    pub socket: Arc<Mutex<Option<std::net::TcpListener>>>,
     /// `node.header_read_timeout_secs` and `node.max_connections`.
     pub listening: crate::http::Listening,
 }
 
 pub struct IngressState {
+    socket: Arc<Mutex<Option<std::net::TcpListener>>>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
     evictor: tokio::task::JoinHandle<()>,
@@ -122,14 +130,7 @@ impl Actor for IngressHttp {
         _myself: ActorRef<()>,
         args: IngressArgs,
     ) -> Result<IngressState, ActorProcessingErr> {
-        let previous = *args.bound.lock().expect("bound slot");
-        let addr = match previous {
-            Some(prev) if args.listen.port() == 0 => prev,
-            _ => args.listen,
-        };
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| format!("cannot listen on ingress.listen {addr}: {e}"))?;
+        let listener = listen(&args).await?;
         let local = listener.local_addr()?;
         *args.bound.lock().expect("bound slot") = Some(local);
         let (tx, rx) = oneshot::channel::<()>();
@@ -157,6 +158,7 @@ impl Actor for IngressHttp {
             .max_entries();
         info!(listen = %local, replay_cache_max_entries, "ingress listening");
         Ok(IngressState {
+            socket: args.socket,
             stop: Some(tx),
             server: Some(server),
             evictor,
@@ -180,9 +182,36 @@ impl Actor for IngressHttp {
                 warn!("ingress requests still running after 10 s");
             }
         }
+        // Closed: a connection now is refused, as the node stops.
+        st.socket.lock().expect("socket slot").take();
         info!("ingress stopped accepting");
         Ok(())
     }
+}
+
+/// A handle on the socket a killed worker left, or a new socket on
+/// `ingress.listen` (the address bound before when that is port 0).
+async fn listen(args: &IngressArgs) -> Result<tokio::net::TcpListener, ActorProcessingErr> {
+    let left = args.socket.lock().expect("socket slot").take();
+    let socket = match left {
+        Some(socket) => socket,
+        None => {
+            let previous = *args.bound.lock().expect("bound slot");
+            let addr = match previous {
+                Some(prev) if args.listen.port() == 0 => prev,
+                _ => args.listen,
+            };
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on ingress.listen {addr}: {e}"))?
+                .into_std()?
+        }
+    };
+    // The slot keeps one handle, the server accepts on another: the socket
+    // stays open as long as either does.
+    let handle = socket.try_clone()?;
+    *args.socket.lock().expect("socket slot") = Some(socket);
+    Ok(tokio::net::TcpListener::from_std(handle)?)
 }
 
 pub fn routes(
