@@ -732,9 +732,14 @@ async fn kill_9_mid_burst_loses_nothing_and_decides_nothing_twice() {
     node.restart();
     node.drained().await;
     let receipts = each_decided_once(&node, &accepted).await;
-    // The engine came back from a checkpoint that matches the ledger: one
-    // unit of quota per action generated, none lost or counted twice
+    // The engine came back from a checkpoint that matches the ledger
     // (checkpoints are deferred in kept redo records; the kill left some).
+    quota_matches_actions(&node, &receipts).await;
+}
+
+/// acme's `payments` engine holds one unit of quota less per action it
+/// generated (its receipts), none lost or counted twice.
+async fn quota_matches_actions(node: &Node, receipts: &[Value]) {
     let actions = receipts
         .iter()
         .filter(|r| r["kind"] == "action_generated" && r["tenant_id"] == "acme")
@@ -745,8 +750,69 @@ async fn kill_9_mid_burst_loses_nothing_and_decides_nothing_twice() {
     assert_eq!(
         engine["quota_remaining"].as_u64(),
         Some(1_000_000 - actions),
-        "{engine}"
+        "one unit of quota per action: {engine}"
     );
+}
+
+/// Sixteen clients posting payments (`{prefix}-{worker}-{n}`) until stopped.
+struct Burst {
+    accepted: Arc<Mutex<HashSet<String>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    clients: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Burst {
+    /// `refusals`: whether a 503 is an answer to expect (else it fails the test).
+    fn start(c: &Client, prefix: &str, refusals: bool) -> Burst {
+        let accepted = Arc::new(Mutex::new(HashSet::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut clients = Vec::new();
+        for w in 0..16 {
+            let (c, accepted, stop) = (c.clone(), accepted.clone(), stop.clone());
+            let prefix = prefix.to_string();
+            clients.push(tokio::spawn(async move {
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let id = format!("{prefix}-{w}-{i}");
+                    i += 1;
+                    let a = c.post(&pay(&id, &format!("cust-{w}-{i}"), 1.0)).await;
+                    match a {
+                        Ok(a) if a.status == 202 => {
+                            accepted.lock().unwrap().insert(id);
+                        }
+                        Ok(a) if a.status == 503 && refusals => {}
+                        Ok(a) => panic!("unexpected {}: {}", a.status, a.body),
+                        Err(e) => panic!("{id}: {e}"),
+                    }
+                }
+            }));
+        }
+        Burst {
+            accepted,
+            stop,
+            clients,
+        }
+    }
+
+    /// Waits until `n` more signals are accepted.
+    async fn accepted_more(&self, n: usize) {
+        let before = self.accepted.lock().unwrap().len();
+        let end = std::time::Instant::now() + Duration::from_secs(30);
+        while self.accepted.lock().unwrap().len() < before + n {
+            assert!(std::time::Instant::now() < end, "no signals accepted");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Stops the clients; what was accepted.
+    async fn stop(self) -> HashSet<String> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for t in self.clients {
+            t.await.unwrap();
+        }
+        let accepted = self.accepted.lock().unwrap().clone();
+        accepted
+    }
 }
 
 /// The queue killed again and again under a burst (its supervisor
@@ -760,38 +826,12 @@ async fn a_queue_killed_under_a_burst_loses_nothing_it_accepted() {
     let c = Client::new(&node, "acme", "acme-secret");
     c.entitle("payments", "ent").await;
     c.decided("ent").await;
-    let accepted = Arc::new(Mutex::new(HashSet::new()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut clients = Vec::new();
-    for w in 0..16 {
-        let (c, accepted, stop) = (c.clone(), accepted.clone(), stop.clone());
-        clients.push(tokio::spawn(async move {
-            let mut i = 0;
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                let id = format!("kq-{w}-{i}");
-                i += 1;
-                let a = c.post(&pay(&id, &format!("cust-{w}-{i}"), 1.0)).await;
-                match a {
-                    Ok(a) if a.status == 202 => {
-                        accepted.lock().unwrap().insert(id);
-                    }
-                    // The queue restarting, or gone with the post in hand.
-                    Ok(a) if a.status == 503 => {}
-                    Ok(a) => panic!("unexpected {}: {}", a.status, a.body),
-                    Err(e) => panic!("{id}: {e}"),
-                }
-            }
-        }));
-    }
+    // The queue restarting, or gone with the post in hand: 503.
+    let burst = Burst::start(&c, "kq", true);
     // Four kills: kanban_sup allows five restarts in 10 s.
     for kill in 1..=4 {
         // Some signals in between, so that each kill meets a burst.
-        let before = accepted.lock().unwrap().len();
-        let end = std::time::Instant::now() + Duration::from_secs(30);
-        while accepted.lock().unwrap().len() < before + 200 {
-            assert!(std::time::Instant::now() < end, "no signals accepted");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        burst.accepted_more(200).await;
         let (status, body) = node
             .admin(Method::POST, "/admin/actors/kanban_queue/kill")
             .await;
@@ -802,15 +842,45 @@ async fn a_queue_killed_under_a_burst_loses_nothing_it_accepted() {
         })
         .await;
     }
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    for t in clients {
-        t.await.unwrap();
-    }
-    let accepted: HashSet<String> = accepted.lock().unwrap().clone();
+    let accepted = burst.stop().await;
     for id in &accepted {
         assert_eq!(c.decided(id).await["status"], "completed", "{id}");
     }
     each_decided_once(&node, &accepted).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_killed_mid_commit_starts_from_what_it_committed() {
+    let node = Node::start_with(&test_config(""), &[]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    c.entitle("payments", "ent").await;
+    c.decided("ent").await;
+    let burst = Burst::start(&c, "ke", false);
+    let engine = "engine:acme:payments";
+    for kill in 1..=8 {
+        // A burst under way at each kill.
+        burst.accepted_more(200).await;
+        let (status, body) = node
+            .admin(Method::POST, "/admin/actors/engine%3Aacme%3Apayments/kill")
+            .await;
+        assert_eq!(status, 202, "{body}");
+        node.admin_until("/admin/tree", "the engine restarted", |t| {
+            find(t, engine).is_some_and(|e| e["restarts"] == kill && e["status"] == "running")
+        })
+        .await;
+    }
+    let accepted = burst.stop().await;
+    node.drained().await;
+    let receipts = each_decided_once(&node, &accepted).await;
+    quota_matches_actions(&node, &receipts).await;
+    // Most kills land mid-commit (a busy engine waits on the ledger most of
+    // its time): the next incarnation waited for what the ledger held.
+    assert!(
+        node.log()
+            .contains("waiting for the commits an earlier incarnation left"),
+        "no kill landed mid-commit:\n{}",
+        node.log_tail(60)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

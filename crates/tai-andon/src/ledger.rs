@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use ractor::RpcReplyPort;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use tai_core::msg::{Committed, LedgerMsg, WriteSet};
+use tai_core::msg::{Committed, InFlight, LedgerMsg, WriteSet};
 use tai_core::receipt::{Receipt, ReceiptDraft, SignedHead, SigningKey, GENESIS_HASH};
 use tai_store::Store;
 use tracing::{error, info};
@@ -86,6 +86,7 @@ impl Actor for Ledger {
             LedgerMsg::Commit {
                 receipts,
                 writes,
+                in_flight,
                 unless_final,
                 reply,
             } => {
@@ -93,6 +94,7 @@ impl Actor for Ledger {
                     unless_final,
                     left_out: Vec::new(),
                     reply,
+                    in_flight,
                 };
                 Self::gather(&myself, st, receipts, writes, reply)?
             }
@@ -136,6 +138,8 @@ enum Reply {
         unless_final: bool,
         left_out: Vec<String>,
         reply: RpcReplyPort<Result<Committed, String>>,
+        /// Let go of once answered (its engine's next incarnation waits).
+        in_flight: Option<InFlight>,
     },
     /// With whether it was written: not if its signal was final already.
     /// A dead letter left out is answered after the batch it was left out
@@ -154,8 +158,14 @@ impl Reply {
         // A caller that gave up waiting has nothing to be told.
         match self {
             Reply::Commit {
-                left_out, reply, ..
-            } => drop(reply.send(result.map(|seq| Committed { seq, left_out }))),
+                left_out,
+                reply,
+                in_flight,
+                ..
+            } => {
+                drop(reply.send(result.map(|seq| Committed { seq, left_out })));
+                drop(in_flight);
+            }
             Reply::DeadLetter { written, reply, .. } => drop(reply.send(result.map(|_| written))),
         }
     }
@@ -388,6 +398,7 @@ mod tests {
         let answer = ractor::rpc::call(
             ledger,
             |reply| LedgerMsg::Commit {
+                in_flight: None,
                 receipts: vec![receipt],
                 writes,
                 unless_final,

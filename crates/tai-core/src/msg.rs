@@ -258,12 +258,73 @@ pub struct Committed {
     pub left_out: Vec<String>,
 }
 
+/// An engine's commits that `andon_ledger` holds and has not answered yet,
+/// counted apart from the engine: a commit sent just before its engine was
+/// killed (or gave up waiting) is still written, after the engine is gone.
+/// The engine's next incarnation waits for them ([`CommitGate::settled`])
+/// before it reads its checkpoint, or it would start from the state before
+/// them: deciding their signals again, or losing their quota.
+#[derive(Default, Debug)]
+pub struct CommitGate {
+    pending: std::sync::atomic::AtomicUsize,
+    settled: tokio::sync::Notify,
+}
+
+impl CommitGate {
+    /// Counts a commit about to be sent; the count drops when the ledger
+    /// lets go of the [`InFlight`] (answered, failed, or dropped with a
+    /// ledger that stopped).
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.pending
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        InFlight(self.clone())
+    }
+
+    /// Commits sent and not yet let go of.
+    pub fn pending(&self) -> usize {
+        self.pending.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Resolves once no commit is pending.
+    pub async fn settled(&self) {
+        loop {
+            // Registered before the check: `notify_waiters` reaches a
+            // `Notified` from its creation on, so no release is missed.
+            let released = self.settled.notified();
+            if self.pending() == 0 {
+                return;
+            }
+            released.await;
+        }
+    }
+}
+
+/// A commit counted by a [`CommitGate`], carried in [`LedgerMsg::Commit`]
+/// and held by the ledger until it answers it.
+#[derive(Debug)]
+pub struct InFlight(Arc<CommitGate>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let gate = &self.0;
+        if gate
+            .pending
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst)
+            == 1
+        {
+            gate.settled.notify_waiters();
+        }
+    }
+}
+
 /// To `andon_ledger`: chain and sign `receipts`, write them with `writes` in
 /// one atomic batch, and answer once it is durable.
 pub enum LedgerMsg {
     Commit {
         receipts: Vec<ReceiptDraft>,
         writes: WriteSet,
+        /// An engine's commit, counted by its [`CommitGate`]; held until answered.
+        in_flight: Option<InFlight>,
         /// Set by an engine restored from its checkpoint: a signal this
         /// commit would end that is final already (dead-lettered while the
         /// engine was down) keeps its one end; its record and receipts are

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tai_core::msg::{
-    Delivery, KanbanMsg, LedgerMsg, RouterMsg, WriteSet, ANDON_LEDGER, ENGINE_ROUTER, KANBAN_QUEUE,
+    CommitGate, Delivery, KanbanMsg, LedgerMsg, RouterMsg, WriteSet, ANDON_LEDGER, ENGINE_ROUTER,
+    KANBAN_QUEUE,
 };
 use tai_core::receipt::ReceiptDraft;
 use tai_core::signal::{
@@ -21,7 +22,7 @@ use tai_core::signal::{
 };
 use tai_otp::statem::{Statem, TimeoutToken};
 use tai_store::Store;
-use tracing::{debug, Instrument};
+use tracing::{debug, info, Instrument};
 
 use tai_core::alert::{Alert, Severity};
 
@@ -76,6 +77,8 @@ pub struct EngineActorState {
     incarnation: u32,
     fresh: bool,
     commit_failed: Arc<AtomicBool>,
+    /// Counts this engine's commits the ledger holds, for the next incarnation.
+    gate: Arc<CommitGate>,
     name: String,
     tenant_id: String,
     sku_id: String,
@@ -198,6 +201,7 @@ async fn ledger() -> Result<ractor::ActorCell, ActorProcessingErr> {
 /// Commits through the ledger; the signals whose end it left out (final
 /// already, with `unless_final`).
 async fn commit(
+    gate: &Arc<CommitGate>,
     receipts: Vec<ReceiptDraft>,
     writes: WriteSet,
     unless_final: bool,
@@ -208,6 +212,7 @@ async fn commit(
         |reply| LedgerMsg::Commit {
             receipts,
             writes,
+            in_flight: Some(gate.begin()),
             unless_final,
             reply,
         },
@@ -223,6 +228,44 @@ async fn commit(
         ractor::rpc::CallResult::Timeout => Err("andon_ledger did not answer in time".into()),
         ractor::rpc::CallResult::SenderError => Err("andon_ledger stopped before answering".into()),
     }
+}
+
+/// The engine's data as its last commit left it: read from its checkpoint
+/// once the commits an earlier incarnation left with the ledger (it was
+/// killed, or gave up waiting, while the ledger held them) are answered;
+/// they are written after that incarnation is gone, and the checkpoint
+/// read before them would decide their signals again, or lose their quota.
+async fn restore(
+    args: &EngineArgs,
+    name: &str,
+    gate: &CommitGate,
+) -> Result<Data, ActorProcessingErr> {
+    let pending = gate.pending();
+    if pending > 0 {
+        info!(engine = %name, commits = pending, "waiting for the commits an earlier incarnation left with andon_ledger before reading the checkpoint");
+        tokio::time::timeout(LEDGER_TIMEOUT, gate.settled())
+            .await
+            .map_err(|_| {
+                format!(
+                    "{pending} commit(s) of an earlier incarnation of {name} still unanswered by andon_ledger after {LEDGER_TIMEOUT:?}"
+                )
+            })?;
+    }
+    Ok(
+        match args.store.checkpoint(&args.tenant_id, &args.sku_id)? {
+            Some(bytes) => {
+                let mut data: Data = serde_json::from_slice(&bytes).map_err(|e| {
+                    format!(
+                        "corrupt checkpoint for {}/{}: {e}",
+                        args.tenant_id, args.sku_id
+                    )
+                })?;
+                data.reconcile(&args.sku);
+                data
+            }
+            None => Data::new(&args.sku, now_ms()),
+        },
+    )
 }
 
 /// The span of a commit: a child of the last signal's `dequeue` span,
@@ -501,7 +544,7 @@ impl Engine {
             .map(|d| d.reason.clone())
             .collect();
         let committing = std::time::Instant::now();
-        let left_out = match commit(p.drafts, p.writes, p.restored).await {
+        let left_out = match commit(&st.gate, p.drafts, p.writes, p.restored).await {
             Ok(left_out) => left_out,
             Err(e) => {
                 // The ledger failed (its store, a flush, its absence), not these
@@ -836,26 +879,22 @@ impl Actor for Engine {
         _myself: ActorRef<EngineMsg>,
         args: EngineArgs,
     ) -> Result<EngineActorState, ActorProcessingErr> {
-        let data = match args.store.checkpoint(&args.tenant_id, &args.sku_id)? {
-            Some(bytes) => {
-                let mut data: Data = serde_json::from_slice(&bytes).map_err(|e| {
-                    format!(
-                        "corrupt checkpoint for {}/{}: {e}",
-                        args.tenant_id, args.sku_id
-                    )
-                })?;
-                data.reconcile(&args.sku);
-                data
+        let name = tai_core::names::engine_name(&args.tenant_id, &args.sku_id);
+        let gate = crate::gates::gate(&name);
+        let data = match restore(&args, &name, &gate).await {
+            Ok(data) => data,
+            Err(e) => {
+                crate::gates::release(&name, &gate);
+                return Err(e);
             }
-            None => Data::new(&args.sku, now_ms()),
         };
         let state = data.state;
-        let name = tai_core::names::engine_name(&args.tenant_id, &args.sku_id);
         crate::states::publish(&name, state);
         Ok(EngineActorState {
             incarnation: args.incarnation,
             fresh: args.fresh,
             commit_failed: args.commit_failed,
+            gate,
             name,
             tenant_id: args.tenant_id,
             sku_id: args.sku_id,
@@ -941,6 +980,7 @@ impl Actor for Engine {
         st: &mut EngineActorState,
     ) -> Result<(), ActorProcessingErr> {
         crate::states::forget(&st.name);
+        crate::gates::release(&st.name, &st.gate);
         // Passive from now on, it has no timer and hears no breaker: the
         // router starts it again when its state timeout is due or the
         // breaker that halted it closes.

@@ -295,6 +295,7 @@ pub async fn record_transitions(transitions: Vec<Transition>) -> Result<(), Stri
                 |reply| LedgerMsg::Commit {
                     receipts,
                     writes: WriteSet::default(),
+                    in_flight: None,
                     unless_final: false,
                     reply,
                 },

@@ -9,6 +9,7 @@
 pub mod breaker;
 mod engine;
 pub mod executor;
+mod gates;
 pub mod machine;
 pub mod policy;
 mod router;

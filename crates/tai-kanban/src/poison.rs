@@ -80,6 +80,7 @@ pub async fn commit(store: &Store, p: Poisoned) -> Result<bool, String> {
             |reply| LedgerMsg::Commit {
                 receipts: vec![draft],
                 writes,
+                in_flight: None,
                 unless_final: false,
                 reply,
             },
