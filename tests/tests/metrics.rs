@@ -8,6 +8,17 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use tai_tests::*;
 
+/// A payment of 5 USD on `payments`.
+fn payment(tenant: &str, id: &str) -> Value {
+    signal(
+        tenant,
+        "payments",
+        "payment",
+        id,
+        json!({"amount": 5, "currency": "USD"}),
+    )
+}
+
 #[tokio::test]
 async fn metrics_name_the_contract_and_pass_promtool() {
     let node = Node::start_with(&test_config(""), &[("TAI_KAIZEN__TENANT_LABEL_CAP", "1")]);
@@ -22,14 +33,7 @@ async fn metrics_name_the_contract_and_pass_promtool() {
             json!({"active": true}),
         );
         assert_eq!(c.post(&ent).await.unwrap().status, 202);
-        let pay = signal(
-            &c.tenant,
-            "payments",
-            "payment",
-            "p1",
-            json!({"amount": 5, "currency": "USD"}),
-        );
-        assert_eq!(c.post(&pay).await.unwrap().status, 202);
+        assert_eq!(c.post(&payment(&c.tenant, "p1")).await.unwrap().status, 202);
         c.decided("p1").await;
     }
     // One refused request, and a kill for a restart count.
@@ -255,4 +259,46 @@ async fn metrics_can_be_turned_off() {
     let c = Client::new(&node, "acme", "acme-secret");
     c.entitle("payments", "e1").await;
     c.decided("e1").await;
+}
+
+/// Engines killed with `engine_sup` (ractor kills a subtree without
+/// `post_stop`) are no longer counted as live: `tai_engine_state` counted
+/// them, with the state they died in, until each started again.
+#[tokio::test]
+async fn engines_killed_with_their_supervisor_are_no_longer_counted_live() {
+    let node = Node::start_with(&test_config(""), &[]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    c.entitle("payments", "ent").await;
+    c.decided("ent").await;
+    let stable = "tai_engine_state{state=\"stable\"}";
+    assert_eq!(sample(&node.metrics_text().await, stable), Some(1.0));
+    let (status, body) = node
+        .admin(Method::POST, "/admin/actors/engine_sup/kill")
+        .await;
+    assert_eq!(status, 202, "{body}");
+    node.admin_until("/admin/tree", "processor_sup restarted", |t| {
+        find(t, "processor_sup").is_some_and(|p| {
+            children(p)
+                .iter()
+                .all(|c| c["restarts"] == 1 && c["status"] == "running")
+        })
+    })
+    .await;
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let text = node.metrics_text().await;
+        if sample(&text, stable) == Some(0.0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "the killed engine is still counted: {:?}",
+            sample(&text, stable)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Its next signal starts it again, counted once.
+    assert_eq!(c.post(&payment("acme", "p1")).await.unwrap().status, 202);
+    c.decided("p1").await;
+    assert_eq!(sample(&node.metrics_text().await, stable), Some(1.0));
 }

@@ -284,6 +284,9 @@ impl Router {
     /// past the cap, the least recently used are passivated. Else each ran
     /// on, unknown, until a signal came for it.
     async fn take_on_running(myself: &ActorRef<RouterMsg>, st: &mut RouterState) {
+        // The router restarts with engine_sup (processor_sup is rest_for_one):
+        // the engines killed with it are no longer live.
+        crate::states::retain_running();
         let Some(sup) = ractor::registry::where_is(ENGINE_SUP) else {
             return;
         };

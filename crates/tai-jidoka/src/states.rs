@@ -32,6 +32,21 @@ pub(crate) fn forget(name: &str) {
     }
 }
 
+/// Forgets the engines no longer running: killed with their supervisor
+/// (ractor kills a subtree without `post_stop`), they left their last
+/// state here, and `tai_engine_state` and the board counted them as live
+/// until each started again.
+pub(crate) fn retain_running() {
+    let mut map = STATES.write().expect("engine states");
+    map.retain(|name, state| {
+        let running = ractor::registry::where_is(name.clone()).is_some();
+        if !running {
+            gauge(*state, -1.0);
+        }
+        running
+    });
+}
+
 /// The state of the live engine registered as `name`.
 pub fn engine_state(name: &str) -> Option<EngineState> {
     STATES.read().expect("engine states").get(name).copied()
