@@ -66,11 +66,20 @@ not at a next signal. (`GET /admin/tenants?state=quota_exhausted` must
 empty too, but it shows a passive engine as its start will leave it, so
 only the receipts tell a refill that was never recorded.)
 
+With `--chaos` a thread kills an actor of the live tree every 0.3 to
+1.2 s of each round (`POST /admin/actors/{name}/kill`, as a panic would
+end it): an engine half the time, else any worker or layer supervisor
+below the root, paced under the supervisors' restart intensity. Clients
+whose connection a kill cuts connect again and resend. Every check above
+must still hold, with these exits allowed in the logs: the killed actors'
+own (`reason=killed`), and engines whose ledger commit the ledger's death
+cut off (they come back from their checkpoint by design).
+
 Exit status 0 when every check holds. Standard library only.
 
     scripts/soak-kill9.py [--tai target/release/tai] [--rounds 30] [--seed N]
                           [--workers 32] [--amqp [--broker-faults] [--switch-backends]]
-                          [--webhook] [--operator] [--refill]
+                          [--webhook] [--operator] [--refill] [--chaos]
                           [--keep]
 """
 import argparse
@@ -89,6 +98,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 DECISIONS = {"action_generated", "policy_denied", "quota_exceeded", "signal_skipped"}
@@ -112,6 +122,8 @@ ap.add_argument("--operator", action="store_true",
                 help="an operator halts and resumes engines mid-round")
 ap.add_argument("--refill", action="store_true",
                 help="a third SKU whose small quota runs out and refills every 2 s")
+ap.add_argument("--chaos", action="store_true",
+                help="kill actors of the running tree at random mid-round (/admin/actors/{name}/kill)")
 ap.add_argument("--keep", action="store_true", help="keep the data dir and logs")
 args = ap.parse_args()
 if args.broker_faults and not args.amqp:
@@ -354,16 +366,25 @@ def settle(key, status, body):
 
 def client(stop, retries):
     c = conn(node.ingress)
+    item = None
     while not stop.is_set():
-        with lock:
-            item = retries.pop() if retries else None
+        if item is None:
+            with lock:
+                item = retries.pop() if retries else None
         key, body = item if item else new_signal()
         with lock:
             unknown[key] = body
         try:
             status, answer = post(c, key[0], body)
         except (OSError, http.client.HTTPException):
-            return  # the node is gone
+            # The node is gone (or, with --chaos, its ingress restarted):
+            # the answer stays unknown; connect again and send it again.
+            item = (key, body)
+            c.close()
+            stop.wait(0.05)
+            c = conn(node.ingress)
+            continue
+        item = None
         settle(key, status, answer)
 
 
@@ -396,6 +417,40 @@ def operator(stop):
 
 
 drained = []  # what each `tai drain-amqp` said
+killed = {}   # actor name (engines as "engine:*") -> kills answered 202
+
+
+def actor_names(tree):
+    """Every actor in the tree below the root (killing the root ends the node)."""
+    out = []
+    for c in tree.get("children", []):
+        out.append(c["name"])
+        out.extend(actor_names(c))
+    return out
+
+
+def chaos(stop):
+    """Kills an actor of the live tree now and then, as a panic would end
+    it: an engine half the time, else a worker or a layer's supervisor.
+    Paced under the supervisors' restart intensity (5 in 10 s for a
+    layer, 5 in 60 s for the root), so the tree always recovers."""
+    while not stop.wait(rng.uniform(0.3, 1.2)):
+        try:
+            _, tree = admin("/admin/tree")
+            names = [n for n in actor_names(tree) if n]
+            engines = [n for n in names if n.startswith("engine:")]
+            others = [n for n in names if not n.startswith("engine:")]
+            with lock:
+                pick = rng.choice(engines if engines and rng.random() < 0.5 else others)
+            status, answer = admin(f"/admin/actors/{urllib.parse.quote(pick, safe='')}/kill", "POST")
+        except (OSError, http.client.HTTPException):
+            return  # the node is gone
+        with lock:
+            if status == 202:
+                key = "engine:*" if pick.startswith("engine:") else pick
+                killed[key] = killed.get(key, 0) + 1
+            elif status != 404:  # 404: it stopped meanwhile
+                unexpected.append(f"kill {pick}: {status} {answer}")
 
 
 def drain_amqp():
@@ -507,6 +562,8 @@ def main():
         threads = [threading.Thread(target=client, args=(stop, retries)) for _ in range(args.workers)]
         if args.operator:
             threads.append(threading.Thread(target=operator, args=(stop,)))
+        if args.chaos:
+            threads.append(threading.Thread(target=chaos, args=(stop,)))
         for th in threads:
             th.start()
         length = rng.uniform(0.2, 4.0)
@@ -672,10 +729,23 @@ def main():
     if off.returncode != 0:
         failures.append(f"offline verification: {off.stdout.strip()} {off.stderr.strip()[-300:]}")
     logs = [open(f).read() for f in glob.glob(f"{work}/node-*.log")]
-    crashes = sum(log.count("exited abnormally") for log in logs)
+    # What --chaos killed exits as `killed`, and an engine whose commit the
+    # ledger's death cut off crashes by design (it comes back from its
+    # checkpoint, no attempt counted); anything else is a crash.
+    abnormal = [line for log in logs for line in log.splitlines() if "exited abnormally" in line]
+    crashes = len(abnormal)
+    if args.chaos:
+        cut = [line for line in abnormal
+               if "reason=andon_ledger stopped before answering" in line
+               or "reason=\"andon_ledger unreachable" in line]
+        crashes -= sum("reason=killed" in line for line in abnormal) + len(cut)
+        print(f"chaos: {len(cut)} engines crashed on a commit the ledger's death cut off", flush=True)
     poison = sum(log.count("poison signal") for log in logs)
     if crashes or poison:
         failures.append(f"in the logs: {crashes} actor crashes, {poison} poison signals")
+    if args.chaos:
+        print(f"chaos: {sum(killed.values())} actors killed: "
+              f"{', '.join(f'{n} {k}' for n, k in sorted(killed.items()))}", flush=True)
     print(f"seed {seed}: {args.rounds} rounds, {node.starts} starts, {len(accepted)} accepted, "
           f"{len(decided)} decided, {len(receipts)} receipts", flush=True)
     for f in failures:
