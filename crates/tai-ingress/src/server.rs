@@ -120,6 +120,14 @@ pub struct IngressState {
     evictor: tokio::task::JoinHandle<()>,
 }
 
+/// A worker that is killed skips `post_stop`, but its state is dropped: the
+/// evictor goes with it (the server ends once its `stop` sender is gone).
+impl Drop for IngressState {
+    fn drop(&mut self) {
+        self.evictor.abort();
+    }
+}
+
 impl Actor for IngressHttp {
     type Msg = ();
     type State = IngressState;
