@@ -845,12 +845,7 @@ async fn a_second_node_on_the_same_queue_stays_standby_until_the_first_stops() {
         .as_str()
         .unwrap()
         .to_string();
-    let mut consumers: Vec<Vec<String>> =
-        table(&["list_consumers", "queue_name", "consumer_tag", "active"])
-            .into_iter()
-            .filter(|l| l[0] == queue)
-            .map(|l| l[1..].to_vec())
-            .collect();
+    let mut consumers = queue_consumers(&queue);
     consumers.sort_by_key(|c| c[1] != "true");
     assert_eq!(
         consumers,
@@ -894,13 +889,61 @@ async fn a_second_node_on_the_same_queue_stays_standby_until_the_first_stops() {
         via_second.decided("after-failover").await["status"],
         "completed"
     );
-    let consumers: Vec<Vec<String>> =
-        table(&["list_consumers", "queue_name", "consumer_tag", "active"])
-            .into_iter()
-            .filter(|l| l[0] == queue)
-            .map(|l| l[1..].to_vec())
-            .collect();
-    assert_eq!(consumers, vec![vec![tag_second, "true".to_string()]]);
+    assert_eq!(
+        queue_consumers(&queue),
+        vec![vec![tag_second, "true".to_string()]]
+    );
+}
+
+/// The consumers of `queue` on the broker: tag and whether active.
+fn queue_consumers(queue: &str) -> Vec<Vec<String>> {
+    table(&["list_consumers", "queue_name", "consumer_tag", "active"])
+        .into_iter()
+        .filter(|l| l[0] == queue)
+        .map(|l| l[1..].to_vec())
+        .collect()
+}
+
+/// A killed `kanban_queue` (no `post_stop`) lets go of its broker
+/// connection at once: its consumer, left active on the single-active-
+/// consumer queue, kept the new incarnation's consumer waiting as a
+/// standby until a message came for the dead one.
+#[tokio::test]
+async fn a_killed_queue_lets_go_of_its_consumer_and_the_next_one_is_active() {
+    ensure_broker();
+    let queue = unique_queue("killedq");
+    let _cleanup = QueueCleanup(queue.clone());
+    let node = amqp_node(&queue);
+    connected(&node).await;
+    let (status, body) = node
+        .admin(Method::POST, "/admin/actors/kanban_queue/kill")
+        .await;
+    assert_eq!(status, 202, "{body}");
+    node.admin_until("/admin/tree", "the queue restarted", |t| {
+        find(t, "kanban_queue").is_some_and(|q| q["restarts"] == 1 && q["status"] == "running")
+    })
+    .await;
+    // Each incarnation numbers its consumers from 1: the tag is the same.
+    let tag = connected(&node).await["broker"]["consumer_tag"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let consumers = queue_consumers(&queue);
+        if consumers == vec![vec![tag.clone(), "true".to_string()]] {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the killed queue's consumer is still on the broker: {consumers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let c = Client::new(&node, "acme", "acme-secret");
+    c.entitle("payments", "ent").await;
+    c.post(&pay("p1")).await.unwrap();
+    assert_eq!(c.decided("p1").await["status"], "completed");
 }
 
 #[tokio::test]

@@ -262,6 +262,21 @@ struct Link {
     depth: u64,
 }
 
+/// A link's tasks end with it: the one place this matters is a queue actor
+/// that is killed (no `post_stop`). Its `forward` task held the consumer
+/// and the channels, so the connection stayed open and its consumer stayed
+/// the single active one, the next incarnation's a standby, until a
+/// message came for the dead one. Aborted, the task drops them: lapin
+/// cancels the consumer and closes the connection once its last handle
+/// goes, and the broker takes back what it held unacknowledged.
+impl Drop for Link {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
 /// What the actor asks of a connection's [`forward`] task.
 #[derive(Clone, Copy, Debug)]
 enum Control {
