@@ -183,12 +183,26 @@ const LAYER_WAIT: Duration = Duration::from_secs(15);
 /// SPEC order (processor before andon) and restart independently, so a brief
 /// absence is normal and must not crash the engine (each crash would count
 /// an attempt against the signal it holds).
+///
+/// Not while the engine's own layer is being stopped: a `rest_for_one`
+/// restart from an earlier layer (or the node's stop) stops andon first,
+/// then processor, `engine_router` before `engine_sup`. An engine that
+/// waited for the ledger then held up its own stop until `engine_sup` killed
+/// it (5 s), and every engine so waiting delayed the layers' restart, or
+/// the node's stop past its grace. With neither the ledger nor the router
+/// registered it gives up at once; like any commit that fails, that counts
+/// no attempt against its signals.
 async fn ledger() -> Result<ractor::ActorCell, ActorProcessingErr> {
     let end = tokio::time::Instant::now() + LAYER_WAIT;
     let mut pause = Duration::from_millis(5);
     loop {
         if let Some(cell) = ractor::registry::where_is(ANDON_LEDGER) {
             return Ok(cell);
+        }
+        if ractor::registry::where_is(ENGINE_ROUTER).is_none() {
+            return Err("andon_ledger is not running and engine_router is gone: \
+                 the processor layer is being stopped"
+                .into());
         }
         if tokio::time::Instant::now() >= end {
             return Err(format!("andon_ledger not running for {LAYER_WAIT:?}").into());
@@ -1073,5 +1087,18 @@ impl Actor for Engine {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Neither the ledger nor the router registered (nextest runs each test
+    /// in a process of its own): the layer is going down, not restarting.
+    #[tokio::test]
+    async fn an_engine_whose_layer_is_being_stopped_does_not_wait_for_the_ledger() {
+        let e = ledger().await.unwrap_err();
+        assert!(e.to_string().contains("being stopped"), "{e}");
     }
 }
