@@ -440,8 +440,11 @@ def chaos(stop):
             names = [n for n in actor_names(tree) if n]
             engines = [n for n in names if n.startswith("engine:")]
             others = [n for n in names if not n.startswith("engine:")]
+            if not names:
+                continue  # the tree is restarting
             with lock:
-                pick = rng.choice(engines if engines and rng.random() < 0.5 else others)
+                pick = rng.choice(engines if engines and (rng.random() < 0.5 or not others)
+                                  else others)
             status, answer = admin(f"/admin/actors/{urllib.parse.quote(pick, safe='')}/kill", "POST")
         except (OSError, http.client.HTTPException):
             return  # the node is gone
