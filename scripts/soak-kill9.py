@@ -73,7 +73,8 @@ below the root, paced under the supervisors' restart intensity. Clients
 whose connection a kill cuts connect again and resend. Every check above
 must still hold, with these exits allowed in the logs: the killed actors'
 own (`reason=killed`), and engines whose ledger commit the ledger's death
-cut off (they come back from their checkpoint by design).
+cut off, or that gave up on the ledger while a restart stopped their layer
+(they come back from their checkpoint by design).
 
 Exit status 0 when every check holds. Standard library only.
 
@@ -733,14 +734,16 @@ def main():
         failures.append(f"offline verification: {off.stdout.strip()} {off.stderr.strip()[-300:]}")
     logs = [open(f).read() for f in glob.glob(f"{work}/node-*.log")]
     # What --chaos killed exits as `killed`, and an engine whose commit the
-    # ledger's death cut off crashes by design (it comes back from its
+    # ledger's death cut off, or that gave up on the ledger while a layer
+    # restart stopped its own layer, ends by design (it comes back from its
     # checkpoint, no attempt counted); anything else is a crash.
     abnormal = [line for log in logs for line in log.splitlines() if "exited abnormally" in line]
     crashes = len(abnormal)
     if args.chaos:
         cut = [line for line in abnormal
                if "reason=andon_ledger stopped before answering" in line
-               or "reason=\"andon_ledger unreachable" in line]
+               or "reason=\"andon_ledger unreachable" in line
+               or "the processor layer is being stopped" in line]
         crashes -= sum("reason=killed" in line for line in abnormal) + len(cut)
         print(f"chaos: {len(cut)} engines crashed on a commit the ledger's death cut off", flush=True)
     poison = sum(log.count("poison signal") for log in logs)
