@@ -259,6 +259,18 @@ impl Node {
     }
 
     /// Waits until the queue is empty and nothing is in flight.
+    /// Kills the registered actor `name` (fault injection) and waits until
+    /// the tree shows it running again after its `restarts`-th restart.
+    pub async fn kill_until_restarted(&self, name: &str, restarts: u64) {
+        let path = format!("/admin/actors/{}/kill", name.replace(':', "%3A"));
+        let (status, body) = self.admin(reqwest::Method::POST, &path).await;
+        assert_eq!(status, 202, "kill {name}: {body}");
+        self.admin_until("/admin/tree", &format!("{name} restarted"), |t| {
+            find(t, name).is_some_and(|a| a["restarts"] == restarts && a["status"] == "running")
+        })
+        .await;
+    }
+
     pub async fn drained(&self) {
         self.admin_until("/admin/queue", "an empty queue", |q| {
             q["depth"] == 0 && q["in_flight"] == 0

@@ -832,15 +832,7 @@ async fn a_queue_killed_under_a_burst_loses_nothing_it_accepted() {
     for kill in 1..=4 {
         // Some signals in between, so that each kill meets a burst.
         burst.accepted_more(200).await;
-        let (status, body) = node
-            .admin(Method::POST, "/admin/actors/kanban_queue/kill")
-            .await;
-        assert_eq!(status, 202, "{body}");
-        node.admin_until("/admin/tree", "the queue restarted", |t| {
-            find(t, "kanban_queue")
-                .is_some_and(|q| q["restarts"] == kill && q["status"] == "running")
-        })
-        .await;
+        node.kill_until_restarted("kanban_queue", kill).await;
     }
     let accepted = burst.stop().await;
     for id in &accepted {
@@ -860,14 +852,7 @@ async fn an_engine_killed_mid_commit_starts_from_what_it_committed() {
     for kill in 1..=8 {
         // A burst under way at each kill.
         burst.accepted_more(200).await;
-        let (status, body) = node
-            .admin(Method::POST, "/admin/actors/engine%3Aacme%3Apayments/kill")
-            .await;
-        assert_eq!(status, 202, "{body}");
-        node.admin_until("/admin/tree", "the engine restarted", |t| {
-            find(t, engine).is_some_and(|e| e["restarts"] == kill && e["status"] == "running")
-        })
-        .await;
+        node.kill_until_restarted(engine, kill).await;
     }
     let accepted = burst.stop().await;
     node.drained().await;

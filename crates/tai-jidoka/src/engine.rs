@@ -849,9 +849,30 @@ impl Engine {
     /// already decided (its commit landed, its ack was lost) is only
     /// acknowledged again.
     fn take_inbox(st: &mut EngineActorState) -> Result<Vec<Input>, ActorProcessingErr> {
-        let mut inputs = Vec::with_capacity(st.inbox.len());
+        let mut inputs: Vec<Input> = Vec::with_capacity(st.inbox.len());
         let mut acks = Vec::new();
         for d in std::mem::take(&mut st.inbox) {
+            // A second delivery of a signal held here under another seq (a
+            // queue that restarted sends again what its dead incarnation had
+            // sent; the broker redelivers it): the store cannot tell yet,
+            // the first is not decided. Dropped unacknowledged: the queue
+            // sends it again after its visibility, and it is then
+            // acknowledged as decided.
+            let id = d.signal.id.as_str();
+            let held = inputs
+                .iter()
+                .any(|i| matches!(i, Input::Signal(o) if o.signal.id == id))
+                || st.statem.postponed().any(|o| o.signal.id == id)
+                || st
+                    .data
+                    .in_flight
+                    .as_ref()
+                    .is_some_and(|f| f.signal_id == id);
+            if held {
+                debug!(engine = %st.name, signal = %id, seq = d.seq, "a second delivery of a signal held here: dropped until it is sent again");
+                st.seen.remove(&d.seq);
+                continue;
+            }
             let decided = d.redelivered
                 && match st.store.signal_record(&d.signal.tenant_id, &d.signal.id) {
                     Ok(r) => r.is_some_and(|r| r.status.is_final()),
