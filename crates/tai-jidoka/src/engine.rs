@@ -859,15 +859,18 @@ impl Engine {
             // sends it again after its visibility, and it is then
             // acknowledged as decided.
             let id = d.signal.id.as_str();
-            let held = inputs
-                .iter()
-                .any(|i| matches!(i, Input::Signal(o) if o.signal.id == id))
-                || st.statem.postponed().any(|o| o.signal.id == id)
-                || st
-                    .data
-                    .in_flight
-                    .as_ref()
-                    .is_some_and(|f| f.signal_id == id);
+            // Only a redelivery can be such a copy: a first delivery (the
+            // embedded queue's common case) pays for no look-up.
+            let held = d.redelivered
+                && (inputs
+                    .iter()
+                    .any(|i| matches!(i, Input::Signal(o) if o.signal.id == id))
+                    || st.statem.postponed().any(|o| o.signal.id == id)
+                    || st
+                        .data
+                        .in_flight
+                        .as_ref()
+                        .is_some_and(|f| f.signal_id == id));
             if held {
                 debug!(engine = %st.name, signal = %id, seq = d.seq, "a second delivery of a signal held here: dropped until it is sent again");
                 st.seen.remove(&d.seq);
