@@ -3,7 +3,8 @@
 
 Rounds of: start the node on one data dir, drive signed signals from many
 client threads (40 tenants, two SKUs, more engines than
-`jidoka.max_active_engines`, so engines are passivated all along), then
+`jidoka.max_active_engines` (30), so engines are passivated all along;
+`--tenants` and `--max-active` change both), then
 `kill -9` it at a random moment (now and then SIGINT/SIGTERM instead, or
 a kill while it starts up, before any load). Requests whose answer the
 kill cut off are retried after the restart, as a client would. At the end
@@ -76,12 +77,23 @@ own (`reason=killed`), and engines whose ledger commit the ledger's death
 cut off, or that gave up on the ledger while a restart stopped their layer
 (they come back from their checkpoint by design).
 
+With `--replay` a thread replays dead letters during the rounds (of a
+random tenant's `GET /admin/deadletter` page, up to 10 until one is
+accepted: `POST
+/admin/deadletter/{id}/replay?tenant=`), racing the kills, the chaos,
+halts and resumes (with `--operator` it resumes a halted engine itself
+half the time before it replays the engine's letter). A replayed signal is decided once more for each replay
+answered 202 (and at most once more for one whose answer a kill cut off):
+its letter goes and its signal is queued again in one write, durable
+before the answer. Needs a source of letters (`--operator`, `--webhook`
+or `--refill`).
+
 Exit status 0 when every check holds. Standard library only.
 
     scripts/soak-kill9.py [--tai target/release/tai] [--rounds 30] [--seed N]
-                          [--workers 32] [--amqp [--broker-faults] [--switch-backends]]
+                          [--workers 32] [--tenants 40] [--max-active 30] [--amqp [--broker-faults] [--switch-backends]]
                           [--webhook] [--operator] [--refill] [--chaos]
-                          [--keep]
+                          [--replay] [--keep]
 """
 import argparse
 import glob
@@ -111,6 +123,9 @@ ap.add_argument("--tai", default="target/release/tai", help="the tai binary (def
 ap.add_argument("--rounds", type=int, default=30)
 ap.add_argument("--seed", type=int, default=None)
 ap.add_argument("--workers", type=int, default=32, help="client threads")
+ap.add_argument("--tenants", type=int, default=40, help="tenants (each with an engine per SKU)")
+ap.add_argument("--max-active", type=int, default=30,
+                help="jidoka.max_active_engines (under tenants x SKUs: passivation all along)")
 ap.add_argument("--amqp", action="store_true", help="the RabbitMQ backend (127.0.0.1:5672, guest)")
 ap.add_argument("--graceful", type=float, default=0.2, help="share of rounds ended by SIGINT/SIGTERM")
 ap.add_argument("--broker-faults", action="store_true",
@@ -125,12 +140,16 @@ ap.add_argument("--refill", action="store_true",
                 help="a third SKU whose small quota runs out and refills every 2 s")
 ap.add_argument("--chaos", action="store_true",
                 help="kill actors of the running tree at random mid-round (/admin/actors/{name}/kill)")
+ap.add_argument("--replay", action="store_true",
+                help="replay dead letters mid-round (POST /admin/deadletter/{id}/replay)")
 ap.add_argument("--keep", action="store_true", help="keep the data dir and logs")
 args = ap.parse_args()
 if args.broker_faults and not args.amqp:
     ap.error("--broker-faults needs --amqp")
 if args.switch_backends and not args.amqp:
     ap.error("--switch-backends needs --amqp")
+if args.replay and not (args.operator or args.webhook or args.refill):
+    ap.error("--replay needs dead letters: --operator, --webhook or --refill")
 seed = args.seed if args.seed is not None else int(time.time())
 rng = random.Random(seed)
 tai = os.path.abspath(args.tai)
@@ -138,7 +157,7 @@ work = tempfile.mkdtemp(prefix=f"tai-soak-{seed}-")
 queue = f"tai-soak-{seed}-{os.getpid()}"
 print(f"seed {seed}, dir {work}", flush=True)
 
-tenants = [f"t{i}" for i in range(40)]
+tenants = [f"t{i}" for i in range(args.tenants)]
 SKUS = ["payments", "plain"] + (["metered"] if args.refill else [])
 METERED_QUOTA, METERED_PERIOD = 5, 2
 SIGNING_KEY = "soak-receipt-key"
@@ -239,7 +258,7 @@ max_reset_timeout_secs = 4
 success_threshold = 3
 """
 tail += f"""[jidoka]
-max_active_engines = 30
+max_active_engines = {args.max_active}
 [andon]
 signing_key_id = "k1"
 signing_keys = {{ "k1" = "{SIGNING_KEY}" }}
@@ -417,6 +436,67 @@ def operator(stop):
                 unexpected.append(f"{path}: {status} {answer}")
 
 
+# (tenant, id) -> replays of its dead letter answered 202 / whose answer
+# was cut off or unclear (the replay may or may not have happened).
+replayed, maybe_replayed = {}, {}
+refused = {}  # status -> replays refused (404 gone already, 409 would dead-letter again)
+
+
+def replay(signal):
+    """Replays one dead letter; its status. With --operator, an engine
+    halted is resumed first, half the time (as the 409 says to)."""
+    key, sku = (signal["tenant_id"], signal["id"]), signal["sku_id"]
+    path = f"/admin/deadletter/{urllib.parse.quote(key[1], safe='')}/replay?tenant={key[0]}"
+    for attempt in range(2):
+        with lock:
+            maybe_replayed[key] = maybe_replayed.get(key, 0) + 1
+        status, answer = admin(path, "POST")
+        with lock:
+            if status in (202, 404, 409):
+                maybe_replayed[key] -= 1
+            if status == 202:
+                replayed[key] = replayed.get(key, 0) + 1
+            elif status in (404, 409):
+                refused[status] = refused.get(status, 0) + 1
+            elif status != 503:
+                unexpected.append(f"replay {key}: {status} {answer}")
+            resume = (attempt == 0 and args.operator and status == 409
+                      and "is halted" in answer.get("error", {}).get("message", "")
+                      and rng.random() < 0.5)
+            if resume:
+                commanded[(key[0], sku)] = "unknown"
+        if not resume:
+            return status
+        status, _ = admin(f"/admin/tenants/{key[0]}/{sku}/resume", "POST")
+        with lock:
+            if status == 200:
+                commanded[(key[0], sku)] = "resumed"
+    return status
+
+
+def replayer(stop):
+    """Replays dead letters now and then, as an operator would once their
+    cause is over (an engine resumed, a breaker closed, a period refilled):
+    of a random tenant's first page of letters, up to 10 at random until
+    one is replayed. A replay the engine's state would only dead-letter
+    again is refused (409)."""
+    while not stop.wait(rng.uniform(0.02, 0.15)):
+        with lock:
+            t = rng.choice(tenants)
+        try:
+            status, letters = admin(f"/admin/deadletter?tenant={t}&limit=50")
+            if status != 200:
+                continue
+            with lock:
+                picks = rng.sample(letters, min(10, len(letters)))
+            for letter in picks:
+                status = replay(letter["signal"])
+                if status != 409:
+                    break
+        except (OSError, http.client.HTTPException):
+            return  # the node is gone: a replay it cut off stays a maybe
+
+
 drained = []  # what each `tai drain-amqp` said
 killed = {}   # actor name (engines as "engine:*") -> kills answered 202
 
@@ -568,6 +648,8 @@ def main():
             threads.append(threading.Thread(target=operator, args=(stop,)))
         if args.chaos:
             threads.append(threading.Thread(target=chaos, args=(stop,)))
+        if args.replay:
+            threads.append(threading.Thread(target=replayer, args=(stop,)))
         for th in threads:
             th.start()
         length = rng.uniform(0.2, 4.0)
@@ -685,12 +767,23 @@ def main():
             e = (r["tenant_id"], r["sku_id"])
             actions[e] = actions.get(e, 0) + 1
     failures = [f"unexpected answer {u}" for u in unexpected[:10]]
-    twice = [k for k, n in decided.items() if n > 1]
+    # Once, and once more for each replay of its dead letter answered 202
+    # (and perhaps for one whose answer was cut off).
+    def once(k):
+        least = 1 + replayed.get(k, 0)
+        return least, least + maybe_replayed.get(k, 0)
+    twice = [(k, n) for k, n in decided.items() if n > once(k)[1]]
     if twice:
-        failures.append(f"decided more than once: {len(twice)}, e.g. {twice[:10]}")
-    missing = [k for k in accepted if decided.get(k) != 1]
+        failures.append(f"decided more than once (more than once a replay): {len(twice)}, "
+                        f"e.g. {twice[:10]}")
+    missing = [k for k in accepted if decided.get(k, 0) < once(k)[0]]
     if missing:
-        failures.append(f"accepted but not decided once: {len(missing)}, e.g. {missing[:10]}")
+        failures.append(f"accepted (or replayed) but not decided: {len(missing)}, "
+                        f"e.g. {[(k, decided.get(k, 0), once(k)) for k in missing[:10]]}")
+    if args.replay:
+        print(f"replays: {sum(replayed.values())} answered 202 ({len(replayed)} signals), "
+              f"{sum(maybe_replayed.values())} cut off, {refused.get(409, 0)} refused 409, "
+              f"{refused.get(404, 0)} gone 404", flush=True)
     if args.webhook:
         failures += check_webhook(generated, outcomes)
         outcome = [o[0] for o in outcomes.values()]
