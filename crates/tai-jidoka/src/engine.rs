@@ -885,6 +885,7 @@ impl Engine {
                     }
                 };
             if decided {
+                debug!(engine = %st.name, signal = %id, seq = d.seq, "a redelivered signal is decided already: acknowledged only");
                 st.seen.remove(&d.seq);
                 acks.push(d.seq);
             } else {

@@ -1084,6 +1084,7 @@ impl AmqpState {
             .or_default()
             .insert(seq);
         if let Some(entry) = held.and_then(|seq| self.entries.get_mut(&seq)) {
+            debug!(tenant = %key.0, signal = %key.1, seq, "another copy of a signal held here: acknowledged with it");
             entry.ackers.push(tag);
             return;
         }

@@ -336,6 +336,40 @@ mod tests {
         store.durable().await.unwrap();
     }
 
+    /// A queue restarted in the same process (killed, or by its supervisor)
+    /// hands out no delivery seq its earlier incarnation did, although the
+    /// blocks of what that one sent are gone (decided and dropped): engines
+    /// may still hold, and acknowledge, what it sent, and an ack of a reused
+    /// seq settled another signal's block (chaos soak seed 151: a replayed
+    /// dead letter lost at the next crash).
+    #[tokio::test]
+    async fn a_restarted_queue_hands_out_no_seq_its_earlier_incarnation_did() {
+        let (_dir, store, q) = line_of_ten(Duration::from_secs(30)).await;
+        settled(&q, &store, 10).await;
+        // One slot: each ack lets the next signal out; all ten decided.
+        for seq in 1..=10 {
+            q.send_message(tai_core::msg::KanbanMsg::Ack { seqs: vec![seq] })
+                .unwrap();
+        }
+        settled(&q, &store, 0).await;
+        assert!(store.pending().unwrap().is_empty());
+        assert_eq!(store.last_queue_seq().unwrap(), 0, "every block dropped");
+        q.kill_and_wait(None).await.unwrap();
+
+        let q = held_queue(&store, Duration::from_secs(30)).await;
+        let mut next = post(&q, ["b-1".to_string()]);
+        assert_eq!(answers(&mut next, 1).await, ["b-1"]);
+        let seqs: Vec<u64> = store
+            .pending()
+            .unwrap()
+            .into_iter()
+            .map(|(_, d)| d.seq)
+            .collect();
+        assert_eq!(seqs.len(), 1, "{seqs:?}");
+        assert!(seqs[0] > 10, "seq {} handed out again", seqs[0]);
+        q.kill_and_wait(None).await.unwrap();
+    }
+
     /// Past what the engines take, a client's 202 waits for room in the
     /// line instead of lengthening it; the signal is durable meanwhile.
     #[tokio::test]

@@ -10,7 +10,7 @@ use tai_core::msg::{Delivery, EnqueueOutcome, IdOrigin, KanbanMsg, QueueStats};
 use tai_core::signal::{now_ms, DeadLetter, Signal, SignalRecord};
 use tai_store::Store;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::dispatch::Dispatch;
 use crate::poison::{self, Poisoned};
@@ -154,6 +154,11 @@ impl QueueState {
         };
         *open = open.saturating_sub(1);
         if *open == 0 {
+            tracing::trace!(
+                block,
+                seq,
+                "every signal of a queue block is settled: dropped"
+            );
             self.blocks.remove(&block);
             if let Err(e) = self.args.store.remove_block(block) {
                 // Harmless: a spent block left behind is dropped at the next start.
@@ -311,6 +316,9 @@ impl Queue {
         let dups = std::mem::take(&mut st.buffered_dups);
         let (deliveries, replies): (Vec<Delivery>, Vec<_>) = buffered.into_iter().unzip();
         let n = deliveries.len();
+        if let Some(last) = deliveries.last() {
+            st.args.store.note_queue_seq(last.seq);
+        }
         // Nothing staged only when nothing was buffered, and a duplicate is
         // only ever buffered behind its original: no reply is dropped here.
         let Some(staged) = st.args.store.stage_enqueue(deliveries.clone()) else {
@@ -393,7 +401,8 @@ impl Actor for Queue {
             d.redelivered = true;
             dispatch.push(d);
         }
-        let next_seq = args.store.last_queue_seq()? + 1;
+        // Past what an earlier incarnation in this process handed out.
+        let next_seq = args.store.next_queue_seq()?;
         let ticker = myself.send_interval(Duration::from_secs(1), || KanbanMsg::Tick);
         info!(
             recovered = count,
@@ -531,12 +540,14 @@ impl Actor for Queue {
                 reply,
             } => {
                 let seq = st.next_seq;
+                st.args.store.note_queue_seq(seq);
                 match st
                     .args
                     .store
                     .replay_dead_letter(&tenant_id, &signal_id, seq)
                 {
                     Ok(Some(signal)) => {
+                        debug!(seq, tenant = %tenant_id, signal = %signal_id, "a dead letter replayed into the queue");
                         st.next_seq += 1;
                         st.enqueuing += 1;
                         st.blocks.insert(seq, 1);

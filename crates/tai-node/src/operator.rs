@@ -547,10 +547,13 @@ async fn replay(state: &NodeState, signal_id: &str, tenant: Option<&String>) -> 
     })
     .await
     {
-        Ok(Ok(())) => json_reply(
-            StatusCode::ACCEPTED,
-            &json!({"signal_id": signal_id, "tenant_id": tenant_id, "status": "accepted", "replayed": true}),
-        ),
+        Ok(Ok(())) => {
+            tracing::info!(tenant = %tenant_id, signal = %signal_id, reason = %letter.reason, "dead letter replayed: queued again");
+            json_reply(
+                StatusCode::ACCEPTED,
+                &json!({"signal_id": signal_id, "tenant_id": tenant_id, "status": "accepted", "replayed": true}),
+            )
+        }
         Ok(Err(e)) => error(ErrorCode::NotFound, e),
         Err(r) => r,
     }

@@ -153,6 +153,9 @@ pub struct Store {
     /// Signals recorded `accepted` on the amqp queue this data dir last ran
     /// on that the embedded queue does not hold ([`Store::set_orphans`]).
     orphans: Arc<Mutex<std::collections::HashSet<(String, String)>>>,
+    /// The highest delivery seq the embedded queue handed out in this
+    /// process ([`Store::note_queue_seq`], [`Store::next_queue_seq`]).
+    queue_seq_high: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Checkpoints and signal records a ledger commit made durable in its redo
@@ -482,6 +485,7 @@ impl Store {
             deferred: Arc::default(),
             letters,
             orphans: Arc::default(),
+            queue_seq_high: Arc::default(),
         };
         store.recover_queue()?;
         store.recover_buffer()?;
@@ -870,6 +874,30 @@ impl Store {
         Ok((count, some))
     }
 
+    /// Notes that the embedded queue hands out delivery seqs up to `seq`:
+    /// called before any of them is staged, written or dispatched.
+    pub fn note_queue_seq(&self, seq: u64) {
+        self.queue_seq_high
+            .fetch_max(seq, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The first delivery seq an embedded queue opening now may hand out:
+    /// past the last queue block on disk, and past every seq a queue handed
+    /// out earlier in this process. A queue that a kill or its supervisor
+    /// restarted must not hand out its dead incarnation's seqs again:
+    /// engines still hold (and acknowledge, or drop a copy of) what it
+    /// sent, the blocks it staged may be written after the new one read
+    /// the last block, and the blocks of signals decided since are gone
+    /// from disk. A reused seq let an old delivery's ack settle a new
+    /// signal's block (lost at the next crash), and an engine drop a new
+    /// signal as a copy of one it held.
+    pub fn next_queue_seq(&self) -> Result<u64> {
+        let high = self
+            .queue_seq_high
+            .load(std::sync::atomic::Ordering::SeqCst);
+        Ok(self.last_queue_seq()?.max(high) + 1)
+    }
+
     pub fn last_queue_seq(&self) -> Result<u64> {
         let Some(kv) = self.db.scan_prefix(b"q/").next_back().transpose()? else {
             return Ok(0);
@@ -1216,14 +1244,17 @@ impl Store {
         if buffered.is_empty() {
             return Ok(0);
         }
-        let mut seq = self.last_queue_seq()?;
+        let mut seq = self.next_queue_seq()? - 1;
         let mut batch = redo::Ops::default();
         let mut deliveries = Vec::with_capacity(buffered.len());
         for (at, signal) in buffered {
             batch.remove(seq_key(b'f', at));
             let key = pair_key(b's', &signal.tenant_id, &signal.id);
             match self.disk_record(&key)? {
-                Some(r) if r.status.is_final() => continue,
+                Some(r) if r.status.is_final() => {
+                    tracing::debug!(tenant = %signal.tenant_id, signal = %signal.id, "a buffered signal decided meanwhile: dropped from the buffer");
+                    continue;
+                }
                 Some(_) => {}
                 // Written before the buffer's entry, so not expected; the
                 // queue's signals need theirs (the open built its index).
@@ -1238,6 +1269,7 @@ impl Store {
         }
         if let Some(first) = deliveries.first() {
             batch.insert(seq_key(b'q', first.seq), codec::encode_block(&deliveries));
+            self.note_queue_seq(seq);
         }
         self.atomic(batch)?;
         cur.count = 0;
