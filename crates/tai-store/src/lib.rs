@@ -884,13 +884,12 @@ impl Store {
     /// The first delivery seq an embedded queue opening now may hand out:
     /// past the last queue block on disk, and past every seq a queue handed
     /// out earlier in this process. A queue that a kill or its supervisor
-    /// restarted must not hand out its dead incarnation's seqs again:
-    /// engines still hold (and acknowledge, or drop a copy of) what it
-    /// sent, the blocks it staged may be written after the new one read
-    /// the last block, and the blocks of signals decided since are gone
-    /// from disk. A reused seq let an old delivery's ack settle a new
-    /// signal's block (lost at the next crash), and an engine drop a new
-    /// signal as a copy of one it held.
+    /// restarted must not hand out its dead incarnation's seqs again: the
+    /// blocks of signals decided since are gone from disk, and engines
+    /// still hold (and acknowledge, or drop a copy of) what it sent, an
+    /// ack coming again for a copy sent again after the decision. A reused
+    /// seq let such an ack settle a new signal's block (lost at the next
+    /// crash), and an engine drop a new signal as a copy of one it held.
     pub fn next_queue_seq(&self) -> Result<u64> {
         let high = self
             .queue_seq_high
