@@ -46,8 +46,9 @@ signals into the fallback buffer, or the buffer's into the embedded queue,
 and what waits in the broker's queue while an embedded round runs is
 decided by a later amqp round (the last start is always on amqp). Half
 the switches from amqp run `tai drain-amqp` first (now and then killed
-midway and run again), so the embedded round takes the broker's backlog
-into its own queue.
+midway and run again; asked again for up to 15 s while the broker still
+lists the killed node's consumer, which the drain refuses), so the
+embedded round takes the broker's backlog into its own queue.
 
 With `--operator` an operator halts and resumes engines at random during
 the rounds (`POST /admin/tenants/{t}/{s}/halt` and `.../resume`), while
@@ -546,7 +547,14 @@ def drain_amqp():
         time.sleep(rng.uniform(0.0, 0.3))
         p.send_signal(signal.SIGKILL)
         p.wait()
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    # The broker may not have dropped the killed node's consumer yet (the
+    # drain refuses while the queue has one): asked again for up to 15 s.
+    end = time.time() + 15
+    while True:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode == 0 or "consumer(s) read" not in r.stderr or time.time() > end:
+            break
+        time.sleep(0.2)
     if r.returncode != 0:
         sys.exit(f"tai drain-amqp exited {r.returncode}: {r.stdout}{r.stderr[-500:]}")
     return r.stdout.split(" signal(s)")[0].removeprefix("moved ")
