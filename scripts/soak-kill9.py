@@ -448,7 +448,8 @@ def replay(signal):
     halted is resumed first, half the time (as the 409 says to)."""
     key, sku = (signal["tenant_id"], signal["id"]), signal["sku_id"]
     path = f"/admin/deadletter/{urllib.parse.quote(key[1], safe='')}/replay?tenant={key[0]}"
-    for attempt in range(2):
+    resumed = False
+    while True:
         with lock:
             maybe_replayed[key] = maybe_replayed.get(key, 0) + 1
         status, answer = admin(path, "POST")
@@ -461,18 +462,18 @@ def replay(signal):
                 refused[status] = refused.get(status, 0) + 1
             elif status != 503:
                 unexpected.append(f"replay {key}: {status} {answer}")
-            resume = (attempt == 0 and args.operator and status == 409
+            resume = (not resumed and args.operator and status == 409
                       and "is halted" in answer.get("error", {}).get("message", "")
                       and rng.random() < 0.5)
             if resume:
                 commanded[(key[0], sku)] = "unknown"
         if not resume:
             return status
+        resumed = True
         status, _ = admin(f"/admin/tenants/{key[0]}/{sku}/resume", "POST")
         with lock:
             if status == 200:
                 commanded[(key[0], sku)] = "resumed"
-    return status
 
 
 def replayer(stop):
