@@ -634,49 +634,7 @@ impl Drop for Node {
 /// A small tmpfs mounted on a directory for one test: a disk that fills
 /// up. Mounting needs root (CAP_SYS_ADMIN), which the tests have on the CI
 /// machine; without it the test fails, saying so. Unmounted when dropped.
-pub struct Tmpfs {
-    dir: PathBuf,
-}
-
-impl Tmpfs {
-    pub fn mount(dir: &Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(dir).expect("mount point");
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .output()
-            .expect("run mount");
-        assert!(
-            out.status.success(),
-            "cannot mount a tmpfs on {} (this test needs root): {}",
-            dir.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Tmpfs {
-            dir: dir.to_path_buf(),
-        }
-    }
-
-    /// Gives the filesystem `size` in all (keeping what it holds).
-    pub fn resize(&self, size: &str) {
-        let out = Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
-            .arg(&self.dir)
-            .output()
-            .expect("run mount");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
-    }
-}
+pub use tai_store::tmpfs::Tmpfs;
 
 /// The children of a tree node, by name, in order.
 pub fn children(node: &Value) -> Vec<&Value> {

@@ -40,6 +40,20 @@ pub enum EnqueueOutcome {
     Failed(String),
 }
 
+/// What became of a dead letter's replay (`KanbanMsg::Replay`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplayOutcome {
+    /// Its letter is gone and its signal queued again, durably.
+    Queued,
+    /// No such letter (replayed meanwhile).
+    NotFound(String),
+    /// The store refused the write or could not make it durable: the
+    /// replay may or may not have happened (the node stops on a failed
+    /// store; after its restart the letter is either still listed or its
+    /// signal decided).
+    Failed(String),
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct QueueStats {
     pub backend: String,
@@ -124,7 +138,7 @@ pub enum KanbanMsg {
     Replay {
         tenant_id: String,
         signal_id: String,
-        reply: RpcReplyPort<Result<(), String>>,
+        reply: RpcReplyPort<ReplayOutcome>,
     },
     /// Internal: write the enqueues received so far as one queue block.
     FlushEnqueues,

@@ -44,7 +44,9 @@ use lapin::{
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tai_core::alert::{Alert, Severity};
 use tai_core::config::{AmqpQueueType, KanbanConfig};
-use tai_core::msg::{BrokerStats, Delivery, EnqueueOutcome, IdOrigin, KanbanMsg, QueueStats};
+use tai_core::msg::{
+    BrokerStats, Delivery, EnqueueOutcome, IdOrigin, KanbanMsg, QueueStats, ReplayOutcome,
+};
 use tai_core::signal::{now_ms, DeadLetter, Signal, SignalRecord};
 use tai_store::Store;
 use tokio::sync::mpsc;
@@ -1853,17 +1855,20 @@ impl Actor for AmqpQueue {
                 Ok(Some(_)) => {
                     let store = st.store.clone();
                     tokio::spawn(async move {
-                        let _ = reply.send(store.durable().await.map_err(|e| e.to_string()));
+                        let _ = reply.send(match store.durable().await {
+                            Ok(()) => ReplayOutcome::Queued,
+                            Err(e) => ReplayOutcome::Failed(e.to_string()),
+                        });
                     });
                     st.maybe_drain(&myself);
                 }
                 Ok(None) => {
-                    let _ = reply.send(Err(format!(
+                    let _ = reply.send(ReplayOutcome::NotFound(format!(
                         "no dead letter {signal_id:?} for tenant {tenant_id:?}"
                     )));
                 }
                 Err(e) => {
-                    let _ = reply.send(Err(e.to_string()));
+                    let _ = reply.send(ReplayOutcome::Failed(e.to_string()));
                 }
             },
             KanbanMsg::Quiesce(reply) => {

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use tai_core::msg::{Delivery, EnqueueOutcome, IdOrigin, KanbanMsg, QueueStats};
+use tai_core::msg::{Delivery, EnqueueOutcome, IdOrigin, KanbanMsg, QueueStats, ReplayOutcome};
 use tai_core::signal::{now_ms, DeadLetter, Signal, SignalRecord};
 use tai_store::Store;
 use tokio::time::Instant;
@@ -554,22 +554,25 @@ impl Actor for Queue {
                         let store = st.args.store.clone();
                         let me = myself.clone();
                         tokio::spawn(async move {
-                            let result = store.durable().await.map_err(|e| e.to_string());
+                            let outcome = match store.durable().await {
+                                Ok(()) => ReplayOutcome::Queued,
+                                Err(e) => ReplayOutcome::Failed(e.to_string()),
+                            };
                             let _ = me.send_message(KanbanMsg::Ready(vec![Delivery {
                                 seq,
                                 signal,
                                 redelivered: false,
                             }]));
-                            let _ = reply.send(result);
+                            let _ = reply.send(outcome);
                         });
                     }
                     Ok(None) => {
-                        let _ = reply.send(Err(format!(
+                        let _ = reply.send(ReplayOutcome::NotFound(format!(
                             "no dead letter {signal_id:?} for tenant {tenant_id:?}"
                         )));
                     }
                     Err(e) => {
-                        let _ = reply.send(Err(e.to_string()));
+                        let _ = reply.send(ReplayOutcome::Failed(e.to_string()));
                     }
                 }
             }

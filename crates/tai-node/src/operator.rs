@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
-use tai_core::msg::{KanbanMsg, RouterMsg, ENGINE_ROUTER, KANBAN_QUEUE};
+use tai_core::msg::{KanbanMsg, ReplayOutcome, RouterMsg, ENGINE_ROUTER, KANBAN_QUEUE};
 use tai_core::signal::{EngineState, Signal};
 use tai_core::ErrorCode;
 use tai_ingress::http::{
@@ -547,14 +547,22 @@ async fn replay(state: &NodeState, signal_id: &str, tenant: Option<&String>) -> 
     })
     .await
     {
-        Ok(Ok(())) => {
+        Ok(ReplayOutcome::Queued) => {
             tracing::info!(tenant = %tenant_id, signal = %signal_id, reason = %letter.reason, "dead letter replayed: queued again");
             json_reply(
                 StatusCode::ACCEPTED,
                 &json!({"signal_id": signal_id, "tenant_id": tenant_id, "status": "accepted", "replayed": true}),
             )
         }
-        Ok(Err(e)) => error(ErrorCode::NotFound, e),
+        // Replayed meanwhile by another request.
+        Ok(ReplayOutcome::NotFound(e)) => error(ErrorCode::NotFound, e),
+        Ok(ReplayOutcome::Failed(e)) => {
+            tracing::error!(tenant = %tenant_id, signal = %signal_id, error = %e, "dead letter replay failed");
+            error(
+                ErrorCode::Internal,
+                format!("the replay failed: {e} (once the node runs again, the letter is either still listed or its signal queued)"),
+            )
+        }
         Err(r) => r,
     }
 }

@@ -52,6 +52,8 @@ mod known;
 mod packed;
 mod receipts;
 mod redo;
+#[cfg(any(test, feature = "test-support"))]
+pub mod tmpfs;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;

@@ -1097,28 +1097,9 @@ fn dead_letters_written_and_replayed_at_once_are_counted_once() {
 /// layers against it. Needs root (a tmpfs of its own).
 #[tokio::test]
 async fn a_write_that_meets_an_io_error_fails_the_store_at_once() {
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk");
-    std::fs::create_dir_all(&disk).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
-        .arg(&disk)
-        .status()
-        .unwrap();
-    assert!(
-        mounted.success(),
-        "cannot mount a tmpfs (this test needs root)"
-    );
-    let _unmount = Unmount(disk.clone());
+    let _disk = crate::tmpfs::Tmpfs::mount(&disk, "2m");
     let s = Store::open(&disk.join("data")).unwrap();
     assert!(s.ping().is_ok());
     // Commits of 8 KiB dead letters, never waited for: sled writes its
