@@ -32,6 +32,18 @@ checks:
 - the target was called only for actions with an `action_generated`
   receipt, never twice for one action, and always with a valid signature;
 - every `action_successful` was answered 2xx by the target.
+- no engine's last receipt leaves it `halted` once the breaker is no
+  longer open (within its longest open time and 15 s), unless the
+  operator halted it (`--operator`): a passive engine the breaker halted is
+  started and resumed by the router, not at its next signal.
+
+With `--webhook --melt` an operator also melts the `gateway` breaker now
+and then (`POST /admin/breakers/gateway/melt`: open until reset) and
+resets it (`.../reset`: closed, the engines it halted resume), racing the
+target's outages, the kills and the rest. At the end the breaker must be
+melted if the last answered command was a melt, and not if it was a
+reset (a melt is durable before its answer); the script then resets it,
+and the check above follows.
 
 With `--amqp --broker-faults` a third of the rounds also hit the broker
 in their middle: every connection closed (`rabbitmqctl
@@ -76,7 +88,10 @@ whose connection a kill cuts connect again and resend. Every check above
 must still hold, with these exits allowed in the logs: the killed actors'
 own (`reason=killed`), and engines whose ledger commit the ledger's death
 cut off, or that gave up on the ledger while a restart stopped their layer
-(they come back from their checkpoint by design).
+(they come back from their checkpoint by design), and `engine_sup`
+escalating to `processor_sup` when the last of more than 100 exits in 10 s
+was such a cut (ledger restarts close together, each cutting off every
+engine with a commit in flight).
 
 With `--replay` a thread replays dead letters during the rounds (of a
 random tenant's `GET /admin/deadletter` page, up to 10 until one is
@@ -94,7 +109,7 @@ Exit status 0 when every check holds. Standard library only.
     scripts/soak-kill9.py [--tai target/release/tai] [--rounds 30] [--seed N]
                           [--workers 32] [--tenants 40] [--max-active 30] [--amqp [--broker-faults] [--switch-backends]]
                           [--webhook] [--operator] [--refill] [--chaos]
-                          [--replay] [--keep]
+                          [--melt] [--replay] [--graceful F] [--keep]
 """
 import argparse
 import glob
@@ -141,6 +156,8 @@ ap.add_argument("--refill", action="store_true",
                 help="a third SKU whose small quota runs out and refills every 2 s")
 ap.add_argument("--chaos", action="store_true",
                 help="kill actors of the running tree at random mid-round (/admin/actors/{name}/kill)")
+ap.add_argument("--melt", action="store_true",
+                help="with --webhook: an operator melts and resets the gateway breaker mid-round")
 ap.add_argument("--replay", action="store_true",
                 help="replay dead letters mid-round (POST /admin/deadletter/{id}/replay)")
 ap.add_argument("--keep", action="store_true", help="keep the data dir and logs")
@@ -149,6 +166,8 @@ if args.broker_faults and not args.amqp:
     ap.error("--broker-faults needs --amqp")
 if args.switch_backends and not args.amqp:
     ap.error("--switch-backends needs --amqp")
+if args.melt and not args.webhook:
+    ap.error("--melt needs --webhook")
 if args.replay and not (args.operator or args.webhook or args.refill):
     ap.error("--replay needs dead letters: --operator, --webhook or --refill")
 seed = args.seed if args.seed is not None else int(time.time())
@@ -437,6 +456,37 @@ def operator(stop):
                 unexpected.append(f"{path}: {status} {answer}")
 
 
+# The last melt or reset of the gateway breaker: "melted" | "reset" |
+# "unknown" (its answer was cut off); None before the first.
+breaker_cmd = [None]
+breaker_cmds = {"melt": 0, "reset": 0}  # answered 200
+
+
+def melter(stop):
+    """Melts the gateway breaker now and then (open until reset: the
+    payments engines halt at their next action and what follows is
+    dead-lettered) and resets it (closed, counters cleared: the engines it
+    halted resume), racing the target's outages, kills and passivation."""
+    while not stop.wait(rng.uniform(0.5, 3.0)):
+        with lock:
+            melted = breaker_cmd[0] == "melted"
+            action = "reset" if (melted and rng.random() < 0.7) or rng.random() < 0.4 else "melt"
+            breaker_cmd[0] = "unknown"
+        try:
+            status, answer = admin(f"/admin/breakers/gateway/{action}", "POST")
+        except (OSError, http.client.HTTPException):
+            return  # the node is gone
+        with lock:
+            # 503: changed and durable, its receipt not recorded.
+            if status in (200, 503):
+                breaker_cmd[0] = "melted" if action == "melt" else "reset"
+                breaker_cmds[action] += status == 200
+                if status == 200 and answer.get("melted") != (action == "melt"):
+                    unexpected.append(f"{action}: answered {answer}")
+            else:
+                unexpected.append(f"{action} the breaker: {status} {answer}")
+
+
 # (tenant, id) -> replays of its dead letter answered 202 / whose answer
 # was cut off or unclear (the replay may or may not have happened).
 replayed, maybe_replayed = {}, {}
@@ -659,6 +709,8 @@ def main():
             threads.append(threading.Thread(target=chaos, args=(stop,)))
         if args.replay:
             threads.append(threading.Thread(target=replayer, args=(stop,)))
+        if args.melt:
+            threads.append(threading.Thread(target=melter, args=(stop,)))
         for th in threads:
             th.start()
         length = rng.uniform(0.2, 4.0)
@@ -731,8 +783,23 @@ def main():
                 break
             time.sleep(0.2)
 
+    failures = []
+    if args.melt:
+        # An answered melt holds across every kill and restart until a reset.
+        _, breakers = admin("/admin/breakers")
+        g = next(b for b in breakers if b["name"] == "gateway")
+        if breaker_cmd[0] == "melted" and not (g["melted"] and g["state"] == "open"):
+            failures.append(f"the gateway breaker was melted last, now {g}")
+        if breaker_cmd[0] == "reset" and g["melted"]:
+            failures.append(f"the gateway breaker was reset last, now {g}")
+        print(f"breaker: {breaker_cmds['melt']} melts, {breaker_cmds['reset']} resets, "
+              f"last {breaker_cmd[0]}", flush=True)
+        status, answer = admin("/admin/breakers/gateway/reset", "POST")
+        if status != 200:
+            failures.append(f"the final reset: {status} {answer}")
+
     receipts, after = [], 0
-    metered = {}  # tenant -> the state its last `metered` receipt left
+    last_state = {}  # (tenant, sku) -> the state its engine's last receipt left
 
     def read_receipts():
         nonlocal after
@@ -743,22 +810,32 @@ def main():
                 return
             receipts.extend(items)
             for r in items:
-                if r["sku_id"] == "metered":
-                    metered[r["tenant_id"]] = r["state_after"]
+                if r["tenant_id"] != "*":  # not a breaker's receipt
+                    last_state[(r["tenant_id"], r["sku_id"])] = r["state_after"]
             after = items[-1]["seq"]
 
     def stuck_metered():
-        return sorted(t for t, state in metered.items() if state == "quota_exhausted")
+        return sorted(t for (t, sku), state in last_state.items()
+                      if sku == "metered" and state == "quota_exhausted")
+
+    def stuck_halted():
+        # Halted, and not by the operator (as far as the answers tell): the
+        # breaker that halted it has closed or half-opened (reset above, or
+        # its open time runs out), so it must have resumed.
+        with lock:
+            return sorted(k for k, state in last_state.items() if state == "halted"
+                          and commanded.get(k) not in ("halted", "unknown"))
 
     read_receipts()
-    if args.refill:
-        # The listing shows a passive engine past its period as its start
-        # will leave it; the router starts it up to a few ticks later, and
-        # its refill receipt follows: read on until none is left out.
-        end = time.time() + METERED_PERIOD + 15
-        while stuck_metered() and time.time() < end:
-            time.sleep(0.5)
-            read_receipts()
+    # The listing shows a passive engine as its start will leave it (past
+    # its period, or its breaker no longer open); the router starts it up
+    # to a few ticks later, and its receipt follows: read on until none is
+    # left out.
+    end = time.time() + max(METERED_PERIOD, 4) + 15
+    while ((args.refill and stuck_metered()) or (args.webhook and stuck_halted())) \
+            and time.time() < end:
+        time.sleep(0.5)
+        read_receipts()
     decided, actions, generated, outcomes, kinds = {}, {}, set(), {}, {}
     interrupted = 0
     for r in receipts:
@@ -775,7 +852,7 @@ def main():
         if r["kind"] == "action_generated":
             e = (r["tenant_id"], r["sku_id"])
             actions[e] = actions.get(e, 0) + 1
-    failures = [f"unexpected answer {u}" for u in unexpected[:10]]
+    failures += [f"unexpected answer {u}" for u in unexpected[:10]]
     # Once, and once more for each replay of its dead letter answered 202
     # (and perhaps for one whose answer was cut off).
     def once(k):
@@ -802,6 +879,10 @@ def main():
               f"{kinds.get('jidoka_halt', 0)} halts, {kinds.get('jidoka_resume', 0)} resumes, "
               f"{kinds.get('breaker_open', 0)} breaker trips, "
               f"{kinds.get('signal_skipped', 0)} signals skipped", flush=True)
+        stuck = stuck_halted()
+        if stuck:
+            failures.append(f"engines whose last receipt leaves them halted, not by the operator, "
+                            f"with the breaker no longer open: {stuck[:10]}")
     if args.refill:
         if exhausted:
             failures.append(f"engines still quota_exhausted a period after the end: "
@@ -846,8 +927,19 @@ def main():
                if "reason=andon_ledger stopped before answering" in line
                or "reason=\"andon_ledger unreachable" in line
                or "the processor layer is being stopped" in line]
+        # Two or three ledger restarts within 10 s, each cutting off every
+        # engine with a commit in flight (up to the WIP limit), can take
+        # engine_sup past its 100 restarts in 10 s: it escalates, and
+        # processor_sup restarts it and the router. Allowed when the last
+        # exit was such a cut (every exit before it is judged on its own).
+        escalated = [line for line in abnormal
+                     if "child=engine_sup reason=reached_max_restart_intensity" in line
+                     and ("andon_ledger stopped before answering" in line
+                          or "andon_ledger unreachable" in line)]
+        cut += escalated
         crashes -= sum("reason=killed" in line for line in abnormal) + len(cut)
-        print(f"chaos: {len(cut)} engines crashed on a commit the ledger's death cut off", flush=True)
+        print(f"chaos: {len(cut) - len(escalated)} engines crashed on a commit the ledger's "
+              f"death cut off; engine_sup escalated {len(escalated)} times on them", flush=True)
     poison = sum(log.count("poison signal") for log in logs)
     if crashes or poison:
         failures.append(f"in the logs: {crashes} actor crashes, {poison} poison signals")
