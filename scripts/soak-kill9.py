@@ -93,6 +93,15 @@ escalating to `processor_sup` when the last of more than 100 exits in 10 s
 was such a cut (ledger restarts close together, each cutting off every
 engine with a commit in flight).
 
+With `--reload` the `payments` SKU also decides by a Rego file (a ceiling
+on the amount) that a thread rewrites every 0.3 to 2 s, in one rename,
+and reloads (`POST /admin/policies/reload`), racing the engines that
+evaluate it: a new ceiling must be answered 200, and a broken file (a
+quarter of the time) 422 `invalid_policy`, which keeps the working
+version in force. Before each start the file is made good again (a
+broken file stops the node at its start, exit 78). Some payments must
+have been denied by a ceiling.
+
 With `--replay` a thread replays dead letters during the rounds (of a
 random tenant's `GET /admin/deadletter` page, up to 10 until one is
 accepted: `POST
@@ -109,7 +118,7 @@ Exit status 0 when every check holds. Standard library only.
     scripts/soak-kill9.py [--tai target/release/tai] [--rounds 30] [--seed N]
                           [--workers 32] [--tenants 40] [--max-active 30] [--amqp [--broker-faults] [--switch-backends]]
                           [--webhook] [--operator] [--refill] [--chaos]
-                          [--melt] [--replay] [--graceful F] [--keep]
+                          [--melt] [--reload] [--replay] [--graceful F] [--keep]
 """
 import argparse
 import glob
@@ -158,6 +167,8 @@ ap.add_argument("--chaos", action="store_true",
                 help="kill actors of the running tree at random mid-round (/admin/actors/{name}/kill)")
 ap.add_argument("--melt", action="store_true",
                 help="with --webhook: an operator melts and resets the gateway breaker mid-round")
+ap.add_argument("--reload", action="store_true",
+                help="rewrite the payments SKU's Rego policy and reload it mid-round, a broken version now and then")
 ap.add_argument("--replay", action="store_true",
                 help="replay dead letters mid-round (POST /admin/deadletter/{id}/replay)")
 ap.add_argument("--keep", action="store_true", help="keep the data dir and logs")
@@ -283,8 +294,38 @@ max_active_engines = {args.max_active}
 signing_key_id = "k1"
 signing_keys = {{ "k1" = "{SIGNING_KEY}" }}
 """
+# With --reload the payments SKU also decides by a Rego file that a thread
+# rewrites: a ceiling on the amount, or now and then a broken file.
+CEILINGS = [1000, 10000, 100000]
+BROKEN = 'package tai.soak_limits\n\ndecision := {"allow": \n'
+rego_path = f"{work}/limits.rego"
+
+
+def rego_text(ceiling):
+    return f"""package tai.soak_limits
+
+default decision := {{"allow": true}}
+
+decision := {{"allow": false, "violations": [msg], "score": 100}} if {{
+\tis_number(input.signal.payload.amount)
+\tinput.signal.payload.amount > {ceiling}
+\tmsg := sprintf("amount %v over the soak's {ceiling} ceiling", [input.signal.payload.amount])
+}}
+"""
+
+
+def write_policy(text):
+    """Replaces the file in one rename, as a deploy would."""
+    with open(rego_path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(rego_path + ".tmp", rego_path)
+
+
+write_policy(rego_text(CEILINGS[1]))
 for sku in SKUS:
     policies = '["payment_fraud"]' if sku == "payments" else "[]"
+    if sku == "payments" and args.reload:
+        policies += f'\nrego = ["{rego_path}"]'
     quota, period = (METERED_QUOTA, METERED_PERIOD) if sku == "metered" else (QUOTA, 3600)
     tail += f"""[skus.{sku}]
 policies = {policies}
@@ -487,6 +528,34 @@ def melter(stop):
                 unexpected.append(f"{action} the breaker: {status} {answer}")
 
 
+reloads = {"loaded": 0, "refused": 0}  # answered 200 / 422 for a broken file
+
+
+def reloader(stop):
+    """Rewrites the payments SKU's Rego file now and then (a broken version
+    a quarter of the time) and reloads the policies: 200 for a good file,
+    422 `invalid_policy` for a broken one, which keeps the working version
+    in force; racing the engines that evaluate it, kills and chaos."""
+    while not stop.wait(rng.uniform(0.3, 2.0)):
+        with lock:
+            broken = rng.random() < 0.25
+            ceiling = rng.choice(CEILINGS)
+        write_policy(BROKEN if broken else rego_text(ceiling))
+        try:
+            status, answer = admin("/admin/policies/reload", "POST")
+        except (OSError, http.client.HTTPException):
+            return  # the node is gone
+        with lock:
+            code = answer.get("error", {}).get("code") if isinstance(answer, dict) else None
+            if status == 200 and not broken:
+                reloads["loaded"] += 1
+            elif status == 422 and broken and code == "invalid_policy":
+                reloads["refused"] += 1
+            else:
+                unexpected.append(f"reload of {'a broken file' if broken else ceiling}: "
+                                  f"{status} {answer}")
+
+
 # (tenant, id) -> replays of its dead letter answered 202 / whose answer
 # was cut off or unclear (the replay may or may not have happened).
 replayed, maybe_replayed = {}, {}
@@ -687,6 +756,10 @@ def main():
     for rnd in range(args.rounds):
         note = ""
         if rnd > 0:
+            if args.reload:
+                # A broken file stops the node at its start (exit 78): an
+                # operator fixes it before starting the node again.
+                write_policy(rego_text(rng.choice(CEILINGS)))
             switched = args.switch_backends and rng.random() < 0.33
             if switched and node.config == config_path and rng.random() < 0.5:
                 drained.append(drain_amqp())
@@ -711,6 +784,8 @@ def main():
             threads.append(threading.Thread(target=replayer, args=(stop,)))
         if args.melt:
             threads.append(threading.Thread(target=melter, args=(stop,)))
+        if args.reload:
+            threads.append(threading.Thread(target=reloader, args=(stop,)))
         for th in threads:
             th.start()
         length = rng.uniform(0.2, 4.0)
@@ -746,6 +821,8 @@ def main():
         print(f"round {rnd}{on}: {how}{trouble}; accepted {len(accepted)}, unanswered {len(unknown)}", flush=True)
 
     node.config = config_path
+    if args.reload:
+        write_policy(rego_text(rng.choice(CEILINGS)))
     node.start()
     node.ready()
     c = conn(node.ingress)
@@ -883,6 +960,13 @@ def main():
         if stuck:
             failures.append(f"engines whose last receipt leaves them halted, not by the operator, "
                             f"with the breaker no longer open: {stuck[:10]}")
+    if args.reload:
+        denied = sum(r["kind"] == "policy_denied" and "ceiling" in (r.get("reason") or "")
+                     for r in receipts)
+        print(f"reload: {reloads['loaded']} reloads answered 200, {reloads['refused']} broken "
+              f"files refused 422; {denied} payments denied by a Rego ceiling", flush=True)
+        if not denied:
+            failures.append("no payment was denied by the Rego file: it was not in force")
     if args.refill:
         if exhausted:
             failures.append(f"engines still quota_exhausted a period after the end: "
