@@ -102,6 +102,18 @@ version in force. Before each start the file is made good again (a
 broken file stops the node at its start, exit 78). Some payments must
 have been denied by a ceiling.
 
+With `--disk-full` (needs root) the data dir is a tmpfs of its own, given
+512 MiB more than it holds before each start, and in a third of the
+rounds a file takes all its room but a few pages (0, 64 KiB or 1 MiB) in
+the middle of the round: the store fails on the full disk and the node
+must stop by itself with exit 1 (`the store failed: the node stops`), or
+it is killed at the round's end; the file goes before the next start.
+Clients are refused with 503 meanwhile, and an operator command may
+answer 500 (its outcome then unknown). Every check above must still
+hold; the logs of those rounds count for poison, not for crashes (the
+layers fail against the store until the node stops). A failed run keeps
+a copy of the data dir (`data-kept`).
+
 With `--replay` a thread replays dead letters during the rounds (of a
 random tenant's `GET /admin/deadletter` page, up to 10 until one is
 accepted: `POST
@@ -118,7 +130,7 @@ Exit status 0 when every check holds. Standard library only.
     scripts/soak-kill9.py [--tai target/release/tai] [--rounds 30] [--seed N]
                           [--workers 32] [--tenants 40] [--max-active 30] [--amqp [--broker-faults] [--switch-backends]]
                           [--webhook] [--operator] [--refill] [--chaos]
-                          [--melt] [--reload] [--replay] [--graceful F] [--keep]
+                          [--melt] [--reload] [--replay] [--disk-full] [--graceful F] [--keep]
 """
 import argparse
 import glob
@@ -169,6 +181,8 @@ ap.add_argument("--melt", action="store_true",
                 help="with --webhook: an operator melts and resets the gateway breaker mid-round")
 ap.add_argument("--reload", action="store_true",
                 help="rewrite the payments SKU's Rego policy and reload it mid-round, a broken version now and then")
+ap.add_argument("--disk-full", action="store_true",
+                help="the data dir on a tmpfs of its own, filled up in the middle of a third of the rounds (needs root)")
 ap.add_argument("--replay", action="store_true",
                 help="replay dead letters mid-round (POST /admin/deadletter/{id}/replay)")
 ap.add_argument("--keep", action="store_true", help="keep the data dir and logs")
@@ -337,6 +351,37 @@ entitlement_timeout_secs = 30
 for t in tenants:
     tail += f'[[tenants]]\nid = "{t}"\nsecrets = ["{t}-secret"]\ntier = "enterprise"\n'
 config_path, embedded_path = f"{work}/soak.toml", f"{work}/soak-embedded.toml"
+data_dir = f"{work}/data"
+FILLER = f"{work}/data/filler"
+if args.disk_full:
+    os.makedirs(data_dir)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512m", "tmpfs", data_dir], check=True)
+
+
+def disk_room():
+    """Gives the data dir's tmpfs 512 MiB more than it holds (before a start)."""
+    if os.path.exists(FILLER):
+        os.remove(FILLER)
+    disk_full.clear()
+    st = os.statvfs(data_dir)
+    used = (st.f_blocks - st.f_bfree) * st.f_frsize
+    subprocess.run(["mount", "-o", f"remount,size={(used >> 20) + 512}m", data_dir], check=True)
+
+
+def fill_disk():
+    """Takes all the room the data dir's tmpfs has left but a few pages (at
+    random: the next flush, or one a little later, meets the full disk)."""
+    st = os.statvfs(data_dir)
+    free = st.f_bavail * st.f_frsize
+    slack = rng.choice([0, 64 << 10, 1 << 20])
+    disk_full.set()
+    fd = os.open(FILLER, os.O_CREAT | os.O_WRONLY)
+    try:
+        os.posix_fallocate(fd, 0, max(free - slack, 4096))
+    except OSError:
+        pass  # full already
+    finally:
+        os.close(fd)
 for path, text in [(config_path, config), (embedded_path, embedded)]:
     with open(path, "w") as f:
         f.write(text + tail)
@@ -417,6 +462,9 @@ def admin(path, method="GET", body=None):
 
 
 lock = threading.Lock()
+# Set while the data dir's disk is full (--disk-full): the store fails, and
+# an operator command may then answer 500 (its outcome unknown).
+disk_full = threading.Event()
 accepted = set()  # (tenant, id): answered 202, or 200 duplicate
 unknown = {}      # (tenant, id) -> body: the answer was cut off, or 503
 counter = [0]
@@ -493,7 +541,7 @@ def operator(stop):
                 commanded[(t, sku)] = "halted" if halt else "resumed"
                 if halt and answer.get("state") != "halted":
                     unexpected.append(f"{path}: answered {answer}")
-            elif status != 503:
+            elif status != 503 and not (status == 500 and disk_full.is_set()):
                 unexpected.append(f"{path}: {status} {answer}")
 
 
@@ -524,7 +572,7 @@ def melter(stop):
                 breaker_cmds[action] += status == 200
                 if status == 200 and answer.get("melted") != (action == "melt"):
                     unexpected.append(f"{action}: answered {answer}")
-            else:
+            elif not (status == 500 and disk_full.is_set()):
                 unexpected.append(f"{action} the breaker: {status} {answer}")
 
 
@@ -579,7 +627,7 @@ def replay(signal):
                 replayed[key] = replayed.get(key, 0) + 1
             elif status in (404, 409):
                 refused[status] = refused.get(status, 0) + 1
-            elif status != 503:
+            elif status != 503 and not (status == 500 and disk_full.is_set()):
                 unexpected.append(f"replay {key}: {status} {answer}")
             resume = (not resumed and args.operator and status == 409
                       and "is halted" in answer.get("error", {}).get("message", "")
@@ -742,7 +790,12 @@ def check_webhook(generated, outcomes):
     return failures
 
 
+full_logs = set()  # the node logs of rounds whose disk filled up
+
+
 def main():
+    if args.disk_full:
+        disk_room()
     node.start()
     node.ready()
     c = conn(node.ingress)
@@ -756,6 +809,8 @@ def main():
     for rnd in range(args.rounds):
         note = ""
         if rnd > 0:
+            if args.disk_full:
+                disk_room()  # before `tai drain-amqp` too: it writes to the data dir
             if args.reload:
                 # A broken file stops the node at its start (exit 78): an
                 # operator fixes it before starting the node again.
@@ -790,6 +845,13 @@ def main():
             th.start()
         length = rng.uniform(0.2, 4.0)
         troubles = []
+        full = args.disk_full and rng.random() < 0.33
+        if full:
+            time.sleep(length / 2)
+            fill_disk()
+            full_logs.add(node.starts)
+            troubles.append("a full disk")
+            length /= 2
         if args.broker_faults and rng.random() < 0.33:
             time.sleep(length / 2)
             troubles.append(broker_fault())
@@ -806,7 +868,16 @@ def main():
         else:
             time.sleep(length)
         how = "killed"
-        if rng.random() < args.graceful:
+        if full and node.proc.poll() is not None:
+            # The store failed on the full disk: the node stops, exit 1.
+            log = open(f"{work}/node-{node.starts}.log").read()
+            if node.proc.returncode != 1 or "the store failed: the node stops" not in log:
+                sys.exit(f"on the full disk the node exited {node.proc.returncode} "
+                         f"(log {work}/node-{node.starts}.log)")
+            how = "stopped itself (the store failed, exit 1)"
+        elif full:
+            node.kill()
+        elif rng.random() < args.graceful:
             sig = rng.choice([signal.SIGINT, signal.SIGTERM])
             node.stop(sig)
             how = f"stopped ({signal.Signals(sig).name})"
@@ -821,6 +892,8 @@ def main():
         print(f"round {rnd}{on}: {how}{trouble}; accepted {len(accepted)}, unanswered {len(unknown)}", flush=True)
 
     node.config = config_path
+    if args.disk_full:
+        disk_room()
     if args.reload:
         write_policy(rego_text(rng.choice(CEILINGS)))
     node.start()
@@ -1000,11 +1073,15 @@ def main():
     if off.returncode != 0:
         failures.append(f"offline verification: {off.stdout.strip()} {off.stderr.strip()[-300:]}")
     logs = [open(f).read() for f in glob.glob(f"{work}/node-*.log")]
+    # On a full disk the layers fail against the store until the node stops:
+    # those logs count for poison only.
+    sound = [open(f"{work}/node-{n}.log").read() for n in range(1, node.starts + 1)
+             if n not in full_logs]
     # What --chaos killed exits as `killed`, and an engine whose commit the
     # ledger's death cut off, or that gave up on the ledger while a layer
     # restart stopped its own layer, ends by design (it comes back from its
     # checkpoint, no attempt counted); anything else is a crash.
-    abnormal = [line for log in logs for line in log.splitlines() if "exited abnormally" in line]
+    abnormal = [line for log in sound for line in log.splitlines() if "exited abnormally" in line]
     crashes = len(abnormal)
     if args.chaos:
         cut = [line for line in abnormal
@@ -1030,6 +1107,8 @@ def main():
     if args.chaos:
         print(f"chaos: {sum(killed.values())} actors killed: "
               f"{', '.join(f'{n} {k}' for n, k in sorted(killed.items()))}", flush=True)
+    if args.disk_full:
+        print(f"disk: full in {len(full_logs)} rounds", flush=True)
     print(f"seed {seed}: {args.rounds} rounds, {node.starts} starts, {len(accepted)} accepted, "
           f"{len(decided)} decided, {len(receipts)} receipts", flush=True)
     for f in failures:
@@ -1037,6 +1116,7 @@ def main():
     return 1 if failures else 0
 
 
+rc = 1
 try:
     rc = main()
 finally:
@@ -1048,6 +1128,10 @@ finally:
         cleanup_broker()
     if args.webhook:
         target.terminate()
+    if args.disk_full:
+        if rc != 0 or args.keep:
+            shutil.copytree(data_dir, f"{work}/data-kept", ignore=shutil.ignore_patterns("filler"))
+        subprocess.run(["umount", "-l", data_dir])
 if rc == 0 and not args.keep:
     shutil.rmtree(work, ignore_errors=True)
 elif rc != 0:
