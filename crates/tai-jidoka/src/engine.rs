@@ -303,6 +303,29 @@ fn ack(seqs: Vec<u64>) {
     }
 }
 
+/// Acknowledges (with `ack`) redelivered signals the store shows decided,
+/// once the store has made durable what it showed: the decision read may be
+/// one still in the group flush, or in a flush that fails (a full disk),
+/// and the broker drops its copy at the acknowledgement, before the node
+/// stops. Never acknowledged on a failed store: the queue sends them again
+/// after the restart. (Seed 178 of the soak, amqp with `--disk-full`: two
+/// signals so acknowledged while the decision was lost with the failed
+/// flush, left `accepted` for good.)
+fn ack_when_durable(store: &Store, seqs: Vec<u64>, ack: impl FnOnce(Vec<u64>) + Send + 'static) {
+    if seqs.is_empty() {
+        return;
+    }
+    let store = store.clone();
+    tokio::spawn(async move {
+        match store.durable().await {
+            Ok(()) => ack(seqs),
+            Err(e) => {
+                debug!(error = %e, signals = seqs.len(), "redelivered signals decided in memory not acknowledged: the store failed; they come again after the restart");
+            }
+        }
+    });
+}
+
 fn send_to_queue(msg: KanbanMsg) {
     if let Some(q) = ractor::registry::where_is(KANBAN_QUEUE) {
         let _ = q.send_message(msg);
@@ -880,7 +903,7 @@ impl Engine {
                 && match st.store.signal_record(&d.signal.tenant_id, &d.signal.id) {
                     Ok(r) => r.is_some_and(|r| r.status.is_final()),
                     Err(e) => {
-                        ack(acks);
+                        ack_when_durable(&st.store, acks, ack);
                         return Err(e.into());
                     }
                 };
@@ -892,7 +915,7 @@ impl Engine {
                 inputs.push(Input::Signal(d));
             }
         }
-        ack(acks);
+        ack_when_durable(&st.store, acks, ack);
         Ok(inputs)
     }
 
@@ -1118,6 +1141,30 @@ impl Actor for Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A redelivered signal found decided is acknowledged once the store
+    /// made durable what it read, and never on a store whose flush failed
+    /// (what it read may be a decision the failed flush lost).
+    #[tokio::test]
+    async fn a_decided_copy_is_acknowledged_only_on_a_durable_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("disk");
+        let _disk = tai_store::tmpfs::Tmpfs::mount(&disk, "2m");
+        let store = Store::open(&disk.join("data")).unwrap();
+        let acked = |store: &Store, seq: u64| {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            ack_when_durable(store, vec![seq], move |seqs| {
+                let _ = tx.send(seqs);
+            });
+            rx
+        };
+        assert_eq!(acked(&store, 1).await.ok(), Some(vec![1]));
+        tai_store::tmpfs::fill(&store);
+        assert!(
+            acked(&store, 2).await.is_err(),
+            "acknowledged on a store whose flush failed"
+        );
+    }
 
     /// Neither the ledger nor the router registered (nextest runs each test
     /// in a process of its own): the layer is going down, not restarting.

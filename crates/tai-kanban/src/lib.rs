@@ -377,17 +377,16 @@ mod tests {
     /// (the store on a 2 MiB tmpfs of its own, filled up).
     #[tokio::test]
     async fn a_replay_tells_a_letter_gone_from_a_store_that_failed() {
-        use tai_core::msg::{KanbanMsg, ReplayOutcome, WriteSet};
+        use tai_core::msg::{KanbanMsg, ReplayOutcome};
         use tai_core::signal::DeadLetter;
         let dir = tempfile::tempdir().unwrap();
         let disk = dir.path().join("disk");
         let _disk = tai_store::tmpfs::Tmpfs::mount(&disk, "2m");
         let store = Store::open(&disk.join("data")).unwrap();
-        let letter = |id: &str, pad: usize| DeadLetter {
+        let letter = |id: &str| DeadLetter {
             signal: {
                 let body = format!(
-                    r#"{{"id":"{id}","tenant_id":"acme","sku_id":"payments","kind":"payment","payload":{{"pad":"{}"}}}}"#,
-                    "x".repeat(pad)
+                    r#"{{"id":"{id}","tenant_id":"acme","sku_id":"payments","kind":"payment","payload":{{}}}}"#
                 );
                 tai_core::signal::parse_signal(body.as_bytes(), 1, String::new).unwrap()
             },
@@ -395,7 +394,7 @@ mod tests {
             at_ms: 1,
         };
         for id in ["l-1", "l-2"] {
-            store.dead_letter_queued(&letter(id, 0)).unwrap();
+            store.dead_letter_queued(&letter(id)).unwrap();
         }
         store.durable().await.unwrap();
         let q = held_queue(&store, Duration::from_secs(30)).await;
@@ -416,16 +415,7 @@ mod tests {
             matches!(replay("l-1").await, ReplayOutcome::NotFound(e) if e.contains("no dead letter \"l-1\"")),
             "a letter replayed already is gone"
         );
-        // Fill the disk: commits of 8 KiB letters until one meets it.
-        (0..10_000)
-            .find_map(|i| {
-                let set = WriteSet {
-                    dead_letters: vec![letter(&format!("pad-{i}"), 8192)],
-                    ..WriteSet::default()
-                };
-                store.commit(&[], None, &set).err()
-            })
-            .expect("the 2 MiB disk filled");
+        tai_store::tmpfs::fill(&store);
         match replay("l-2").await {
             ReplayOutcome::Failed(e) => assert!(e.contains("no storage space"), "{e}"),
             other => panic!("a replay on a failed store answered {other:?}"),

@@ -45,6 +45,31 @@ impl Tmpfs {
     }
 }
 
+/// Fills the disk under `store` with commits of 8 KiB dead letters (tenant
+/// `pad`) until one fails on it: the store has failed then. Panics if
+/// 10,000 of them fit.
+pub fn fill(store: &crate::Store) {
+    use tai_core::msg::WriteSet;
+    use tai_core::signal::{parse_signal, DeadLetter};
+    (0..10_000)
+        .find_map(|i| {
+            let body = format!(
+                r#"{{"id":"pad-{i}","tenant_id":"pad","sku_id":"pad","kind":"payment","payload":{{"pad":"{}"}}}}"#,
+                "x".repeat(8192)
+            );
+            let set = WriteSet {
+                dead_letters: vec![DeadLetter {
+                    signal: parse_signal(body.as_bytes(), 1, String::new).expect("a signal"),
+                    reason: "halted".into(),
+                    at_ms: 1,
+                }],
+                ..WriteSet::default()
+            };
+            store.commit(&[], None, &set).err()
+        })
+        .expect("the disk filled");
+}
+
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
