@@ -1159,7 +1159,7 @@ mod tests {
             rx
         };
         assert_eq!(acked(&store, 1).await.ok(), Some(vec![1]));
-        tai_store::tmpfs::fill(&store);
+        let _ = tai_store::tmpfs::fill(&store);
         assert!(
             acked(&store, 2).await.is_err(),
             "acknowledged on a store whose flush failed"

@@ -415,7 +415,7 @@ mod tests {
             matches!(replay("l-1").await, ReplayOutcome::NotFound(e) if e.contains("no dead letter \"l-1\"")),
             "a letter replayed already is gone"
         );
-        tai_store::tmpfs::fill(&store);
+        let _ = tai_store::tmpfs::fill(&store);
         match replay("l-2").await {
             ReplayOutcome::Failed(e) => assert!(e.contains("no storage space"), "{e}"),
             other => panic!("a replay on a failed store answered {other:?}"),

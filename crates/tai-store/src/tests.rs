@@ -1,6 +1,6 @@
 use super::*;
 use tai_core::receipt::{ReceiptDraft, SigningKey, GENESIS_HASH};
-use tai_core::signal::{EngineState, Payload};
+use tai_core::signal::EngineState;
 
 pub(crate) fn signal(tenant: &str, id: &str) -> Signal {
     Signal {
@@ -1102,20 +1102,7 @@ async fn a_write_that_meets_an_io_error_fails_the_store_at_once() {
     let _disk = crate::tmpfs::Tmpfs::mount(&disk, "2m");
     let s = Store::open(&disk.join("data")).unwrap();
     assert!(s.ping().is_ok());
-    // Commits of 8 KiB dead letters, never waited for: sled writes its
-    // buffers out itself as they fill, and one commit meets the full disk.
-    let pad = format!(r#"{{"pad": "{}"}}"#, "x".repeat(8192));
-    let err = (0..10_000)
-        .find_map(|i| {
-            let mut l = letter("acme", &format!("l{i}"), "poison", i);
-            l.signal.payload = Payload::from_text(pad.clone()).unwrap();
-            let set = WriteSet {
-                dead_letters: vec![l],
-                ..WriteSet::default()
-            };
-            s.commit(&[], None, &set).err()
-        })
-        .expect("the 2 MiB disk filled");
+    let err = crate::tmpfs::fill(&s);
     assert!(matches!(err, StoreError::Io(_)), "{err}");
     let reason = tokio::time::timeout(std::time::Duration::from_secs(10), s.failed())
         .await

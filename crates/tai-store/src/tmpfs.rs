@@ -46,9 +46,10 @@ impl Tmpfs {
 }
 
 /// Fills the disk under `store` with commits of 8 KiB dead letters (tenant
-/// `pad`) until one fails on it: the store has failed then. Panics if
-/// 10,000 of them fit.
-pub fn fill(store: &crate::Store) {
+/// `pad`), never waited for, until one fails on it (sled writes its buffers
+/// out itself as they fill): the store has failed then. Returns that
+/// commit's error; panics if 10,000 of them fit.
+pub fn fill(store: &crate::Store) -> crate::StoreError {
     use tai_core::msg::WriteSet;
     use tai_core::signal::{parse_signal, DeadLetter};
     (0..10_000)
@@ -67,7 +68,7 @@ pub fn fill(store: &crate::Store) {
             };
             store.commit(&[], None, &set).err()
         })
-        .expect("the disk filled");
+        .expect("the disk filled")
 }
 
 impl Drop for Tmpfs {
