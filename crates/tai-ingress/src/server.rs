@@ -303,7 +303,7 @@ async fn route(
             };
             counted(s, r)
         }
-        (_, ["v1", "signals", id]) if get => get_signal(s, method, path, headers, id),
+        (_, ["v1", "signals", id]) if get => get_signal(s, method, path, headers, id).await,
         (_, ["v1", "signals"]) => method_not_allowed(method, path, &Method::POST),
         (_, ["v1", "signals", _] | ["health"] | ["ready"]) => {
             method_not_allowed(method, path, &Method::GET)
@@ -443,27 +443,30 @@ async fn post_signal(s: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) -
     // vouch for it: the embedded queue once the flush that makes it durable
     // is done, the amqp backend once the broker has it (its record, written
     // before the publish, does not prove that).
+    // A final one is answered once what was read is durable (it may be a
+    // decision still in its group flush).
     enum Known {
         Answer(Response),
         Accepted,
         Unknown,
     }
-    let known = || -> Known {
+    let known = || async {
         // Only a client-chosen id can already be known.
         if assigned_id {
             return Known::Unknown;
         }
         match s.store.signal_record(tenant_id, &signal.id) {
             Ok(Some(existing)) if existing.status == SignalStatus::Accepted => Known::Accepted,
-            Ok(Some(existing)) => {
-                Known::Answer(duplicate(&existing.signal_id, existing.status.as_str()))
-            }
+            Ok(Some(existing)) => Known::Answer(match s.store.durable().await {
+                Ok(()) => duplicate(&existing.signal_id, existing.status.as_str()),
+                Err(e) => unavailable(format!("store: {e}")),
+            }),
             Ok(None) => Known::Unknown,
             Err(e) => Known::Answer(unavailable(format!("store: {e}"))),
         }
     };
     if s.draining.load(Ordering::SeqCst) {
-        match known() {
+        match known().await {
             Known::Answer(r) => return r,
             Known::Unknown => return unavailable("node is draining".into()),
             Known::Accepted => {}
@@ -474,7 +477,7 @@ async fn post_signal(s: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) -
         timestamp_secs,
         now,
     ) {
-        match known() {
+        match known().await {
             Known::Answer(r) => return r,
             Known::Unknown => {
                 return error_reply(
@@ -595,7 +598,13 @@ async fn enqueue(signal: tai_core::signal::Signal, origin: IdOrigin) -> EnqueueO
     }
 }
 
-fn get_signal(s: &Shared, method: &Method, path: &str, headers: &HeaderMap, id: &str) -> Response {
+async fn get_signal(
+    s: &Shared,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    id: &str,
+) -> Response {
     let tenant_id = match auth::verify(
         &s.tenants,
         presented(headers),
@@ -609,7 +618,9 @@ fn get_signal(s: &Shared, method: &Method, path: &str, headers: &HeaderMap, id: 
         Err(e) => return error_reply(ErrorCode::Unauthorized, e.to_string()),
     };
     let id = crate::http::decode_segment(id);
-    match s.store.signal_record(tenant_id, &id) {
+    // Only what a crash would leave: a decision still in its group flush is
+    // shown once that flush is done (a failed one takes it back).
+    match s.store.settled_record(tenant_id, &id).await {
         Ok(Some(rec)) => json_reply(StatusCode::OK, &rec),
         Ok(None) => error_reply(
             ErrorCode::NotFound,

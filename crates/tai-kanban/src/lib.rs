@@ -51,12 +51,14 @@ pub(crate) enum Known {
     /// Still `accepted`: each backend knows when a 200 may vouch for it
     /// (the embedded queue: [`duplicate_once_durable`]).
     Accepted(SignalRecord, RpcReplyPort<EnqueueOutcome>),
-    /// Answered: final already (a duplicate), or the look-up failed.
+    /// Answered (or to be, once durable): final already (a duplicate), or
+    /// the look-up failed.
     Answered,
 }
 
 /// Looks an enqueued signal's id up in the store, and answers it if it is
-/// final (or the look-up failed). An id ingress minted is new by
+/// final (once what was read is durable: [`duplicate_once_durable`]) or
+/// the look-up failed. An id ingress minted is new by
 /// construction (a fresh ULID: 80 random bits within its millisecond), so
 /// it is not looked up: that look-up was a sled read per signal that could
 /// only miss.
@@ -74,8 +76,9 @@ pub(crate) fn look_up(
         Ok(Some(existing)) if existing.status == SignalStatus::Accepted => {
             Known::Accepted(existing, reply)
         }
+        // Final: what was read may be a decision still in a group flush.
         Ok(Some(existing)) => {
-            let _ = reply.send(EnqueueOutcome::Duplicate(existing));
+            duplicate_once_durable(store, existing, reply);
             Known::Answered
         }
         Err(e) => {
@@ -85,11 +88,14 @@ pub(crate) fn look_up(
     }
 }
 
-/// Answers a duplicate still `accepted` once a flush begun now is done. On
-/// the embedded queue its original may be waiting for the flush that makes
-/// it durable (the queue knows a signal from the moment it is staged); that
-/// flush carries everything staged or written before it began, so a 200
-/// never vouches for a signal a crash could still lose.
+/// Answers a duplicate once a flush begun now is done, and not at all if
+/// it fails. One still `accepted` on the embedded queue may be waiting for
+/// the flush that makes it durable (the queue knows a signal from the
+/// moment it is staged); a final one may be a decision still in a group
+/// flush, which a crash or a failed flush takes back (the signal is then
+/// decided again, perhaps differently). That flush carries everything
+/// staged or written before it began, so a 200 never vouches for what a
+/// crash could still undo.
 pub(crate) fn duplicate_once_durable(
     store: &Store,
     existing: SignalRecord,
@@ -238,6 +244,39 @@ mod tests {
             ask(&store, "pay-1", IdOrigin::Minted).await.is_none(),
             "a minted id is not looked up"
         );
+    }
+
+    /// A duplicate of a decided signal is answered 200 once the decision it
+    /// read is durable, and never from a store whose flush failed: that
+    /// decision may be the one the failed flush lost. Needs root.
+    #[tokio::test]
+    async fn a_duplicate_of_a_decided_signal_is_answered_only_from_a_durable_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("disk");
+        let _disk = tai_store::tmpfs::Tmpfs::mount(&disk, "2m");
+        let store = Store::open(&disk.join("data")).unwrap();
+        let decide = |id: &str| {
+            let mut rec = tai_core::signal::SignalRecord::accepted(&signal(id));
+            rec.status = SignalStatus::Denied;
+            let writes = tai_core::msg::WriteSet {
+                signal_records: vec![rec],
+                ..Default::default()
+            };
+            store.commit(&[], None, &writes).unwrap();
+        };
+        decide("pay-1");
+        let before = store.flushes();
+        match ask(&store, "pay-1", IdOrigin::Client).await {
+            Some(EnqueueOutcome::Duplicate(r)) => assert_eq!(r.status, SignalStatus::Denied),
+            other => panic!("{other:?}"),
+        }
+        assert!(store.flushes() > before, "answered without a flush");
+        decide("pay-2");
+        let _ = tai_store::tmpfs::fill(&store);
+        match ask(&store, "pay-2", IdOrigin::Client).await {
+            Some(EnqueueOutcome::Failed(e)) => assert!(e.contains("no storage space"), "{e}"),
+            other => panic!("a decision the store did not keep was vouched for: {other:?}"),
+        }
     }
 
     /// A queue with no router (what it dispatches stays in flight), one

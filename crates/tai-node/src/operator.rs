@@ -285,32 +285,34 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
         },
         Endpoint::DeadLetters => {
             let (store, query) = (state.store.clone(), req.query.clone());
-            blocking(move || dead_letters(&store, &query))
-                .await
-                .unwrap_or_else(|r| r)
+            let read = blocking(move || dead_letters(&store, &query)).await;
+            settled(&state.store, read.unwrap_or_else(|r| r)).await
         }
         Endpoint::Replay(id) => replay(state, &decode(id), req.query.get("tenant")).await,
         Endpoint::Receipts => {
             let (store, query) = (state.store.clone(), req.query.clone());
-            blocking(move || receipts(&store, &query))
-                .await
-                .unwrap_or_else(|r| r)
+            let read = blocking(move || receipts(&store, &query)).await;
+            settled(&state.store, read.unwrap_or_else(|r| r)).await
         }
         // What an export ends with: receipts up to its seq are the ledger.
-        Endpoint::ReceiptsHead => match state.store.head() {
-            Ok(head) => json_reply(StatusCode::OK, &json!({ "signed_head": head })),
-            Err(e) => error(ErrorCode::Internal, format!("store: {e}")),
-        },
+        Endpoint::ReceiptsHead => {
+            let read = match state.store.head() {
+                Ok(head) => json_reply(StatusCode::OK, &json!({ "signed_head": head })),
+                Err(e) => error(ErrorCode::Internal, format!("store: {e}")),
+            };
+            settled(&state.store, read).await
+        }
         Endpoint::VerifyReceipts => {
             let (store, keys) = (state.store.clone(), state.config.andon.signing_keys.clone());
-            match blocking(move || {
+            let read = match blocking(move || {
                 tai_andon::verify_store(&store, &keys, tai_andon::Extent::AsOfHead)
             })
             .await
             {
                 Ok(report) => json_reply(StatusCode::OK, &report),
                 Err(r) => r,
-            }
+            };
+            settled(&state.store, read).await
         }
         Endpoint::Shutdown => {
             state.request_shutdown("POST /admin/shutdown");
@@ -644,6 +646,21 @@ fn page(query: &HashMap<String, String>) -> Result<(usize, Option<&str>), Respon
 /// Runs `f`, which reads through the store (a ledger of millions of
 /// receipts takes seconds), on tokio's blocking pool: the node has two
 /// async workers, and the signal path needs them.
+/// Gives out `read` (an answer read from the store) once what it read is
+/// on disk. A read sees writes still in a group flush, which a crash or a
+/// failed flush takes back: a receipt given out that the ledger then loses
+/// (and writes again, differently, under the same seq) would be a fork of
+/// the chain in an auditor's hands. A failed read is answered at once.
+async fn settled(store: &tai_store::Store, read: Response) -> Response {
+    if read.status() != StatusCode::OK {
+        return read;
+    }
+    match store.durable().await {
+        Ok(()) => read,
+        Err(e) => error(ErrorCode::Internal, format!("store: {e}")),
+    }
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, Response> {

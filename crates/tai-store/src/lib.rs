@@ -747,6 +747,21 @@ impl Store {
         self.disk_record(&key)
     }
 
+    /// The record of a signal as a crash now would leave it: what
+    /// [`Store::signal_record`] reads, answered once a flush begun after
+    /// the read is done. The read sees writes still in a group flush (a
+    /// decision, say); a crash or a failed flush takes those back, and the
+    /// signal is decided again, perhaps differently. So a client is never
+    /// shown what the store does not keep: on a failed store this is the
+    /// failure, not the record. A miss needs no flush.
+    pub async fn settled_record(&self, tenant: &str, id: &str) -> Result<Option<SignalRecord>> {
+        let Some(record) = self.signal_record(tenant, id)? else {
+            return Ok(None);
+        };
+        self.durable().await?;
+        Ok(Some(record))
+    }
+
     /// Stages `deliveries` (consecutive seqs, after any staged before) for
     /// the next group flush, which writes every run of consecutive staged
     /// deliveries as one queue block just before it flushes. Returns the

@@ -1111,6 +1111,35 @@ async fn a_write_that_meets_an_io_error_fails_the_store_at_once() {
     assert!(matches!(s.ping(), Err(StoreError::Failed(_))));
 }
 
+/// What a client is shown of a signal is on disk: a decision is answered
+/// once a flush begun after the read is done, and never from a store whose
+/// flush failed, though its memory still holds the decision (a restart
+/// takes that back and decides the signal again). Needs root.
+#[tokio::test]
+async fn a_settled_record_is_answered_after_its_flush_and_never_from_a_failed_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk");
+    let _disk = crate::tmpfs::Tmpfs::mount(&disk, "2m");
+    let s = Store::open(&disk.join("data")).unwrap();
+    commit_records(&s, "acme", 0..1);
+    let before = s.flushes();
+    let rec = s.settled_record("acme", "id-0").await.unwrap();
+    assert_eq!(rec, Some(completed("acme", "id-0")));
+    assert!(s.flushes() > before, "answered without a flush");
+    let before = s.flushes();
+    assert_eq!(s.settled_record("acme", "id-1").await.unwrap(), None);
+    assert_eq!(s.flushes(), before, "a miss waited for a flush");
+    commit_records(&s, "acme", 1..2);
+    let _ = crate::tmpfs::fill(&s);
+    assert_eq!(
+        s.signal_record("acme", "id-1").unwrap(),
+        Some(completed("acme", "id-1")),
+        "the decision is still in memory"
+    );
+    let err = s.settled_record("acme", "id-1").await.unwrap_err();
+    assert!(matches!(err, StoreError::Flush(_)), "{err}");
+}
+
 /// A blob sled cannot write (any page or value past a quarter of a
 /// segment goes to a file of its own; here a 200 KiB value, with the blob
 /// directory made a file) fails sled's log at once: its flush and its close
