@@ -764,10 +764,24 @@ struct Burst {
 impl Burst {
     /// `refusals`: whether a 503 is an answer to expect (else it fails the test).
     fn start(c: &Client, prefix: &str, refusals: bool) -> Burst {
+        Burst::of(c, prefix, refusals, 16, |id, w, i| {
+            pay(id, &format!("cust-{w}-{i}"), 1.0)
+        })
+    }
+
+    /// `clients` clients posting `signal(id, worker, n)` until stopped.
+    fn of(
+        c: &Client,
+        prefix: &str,
+        refusals: bool,
+        clients: usize,
+        signal: fn(&str, usize, usize) -> Value,
+    ) -> Burst {
+        let workers = clients;
         let accepted = Arc::new(Mutex::new(HashSet::new()));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut clients = Vec::new();
-        for w in 0..16 {
+        for w in 0..workers {
             let (c, accepted, stop) = (c.clone(), accepted.clone(), stop.clone());
             let prefix = prefix.to_string();
             clients.push(tokio::spawn(async move {
@@ -775,7 +789,7 @@ impl Burst {
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                     let id = format!("{prefix}-{w}-{i}");
                     i += 1;
-                    let a = c.post(&pay(&id, &format!("cust-{w}-{i}"), 1.0)).await;
+                    let a = c.post(&signal(&id, w, i)).await;
                     match a {
                         Ok(a) if a.status == 202 => {
                             accepted.lock().unwrap().insert(id);
@@ -839,6 +853,60 @@ async fn a_queue_killed_under_a_burst_loses_nothing_it_accepted() {
         assert_eq!(c.decided(id).await["status"], "completed", "{id}");
     }
     each_decided_once(&node, &accepted).await;
+}
+
+/// SKUs of the ledger test, each an engine of acme's.
+const LEDGER_SKUS: usize = 400;
+
+/// `andon_ledger` killed under a burst over many engines: each kill
+/// crashes the engines it cut off mid-commit (each comes back from its
+/// checkpoint), more in all than `engine_sup`'s own 100 restarts in 10 s.
+/// `engine_sup` allows for that (`engine_sup_intensity`: 5 ledger restarts
+/// of `wip_limit` engines more), so it carries on, and nothing accepted is
+/// lost or decided twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_restarts_under_load_do_not_take_the_engines_down() {
+    let mut extra = String::from("[kanban]\nwip_limit = 400\n");
+    for k in 0..LEDGER_SKUS {
+        extra += &format!("[skus.k{k}]\npolicies = []\nquota = 1000000\n");
+    }
+    let node = Node::start_with(&test_config(&extra), &[]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    for k in 0..LEDGER_SKUS {
+        c.entitle(&format!("k{k}"), &format!("ent-{k}")).await;
+    }
+    for k in 0..LEDGER_SKUS {
+        c.decided(&format!("ent-{k}")).await;
+    }
+    let burst = Burst::of(&c, "kl", false, 256, |id, w, i| {
+        let sku = format!("k{}", (w * 7 + i) % LEDGER_SKUS);
+        signal("acme", &sku, "deploy", id, json!({"n": i}))
+    });
+    // Five kills (as many as andon_sup allows in 10 s), each with most of
+    // the WIP limit in flight.
+    for kill in 1..=5 {
+        node.admin_until("/admin/queue", "350 signals in flight", |q| {
+            q["in_flight"].as_u64() >= Some(350)
+        })
+        .await;
+        node.kill_until_restarted("andon_ledger", kill).await;
+    }
+    let accepted = burst.stop().await;
+    node.drained().await;
+    each_decided_once(&node, &accepted).await;
+    let cut = node
+        .log()
+        .lines()
+        .filter(|l| l.contains("child exited abnormally") && l.contains("andon_ledger"))
+        .count();
+    let tree = node.tree().await;
+    assert_eq!(
+        find(&tree, "engine_sup").unwrap()["restarts"],
+        0,
+        "engine_sup gave up after {cut} engines were cut off: {tree}"
+    );
+    // What the test is about: more engines cut off than 100.
+    assert!(cut > 100, "only {cut} engines were cut off mid-commit");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,7 +22,7 @@ pub use ledger::{Ledger, LedgerArgs};
 /// `andon_sup` (`one_for_one`): the receipt ledger and the alert router.
 pub fn supervisor_spec(store: Store, config: AndonConfig, alerts: AlertsConfig) -> SupervisorSpec {
     SupervisorSpec::new(Strategy::OneForOne)
-        .intensity(5, Duration::from_secs(10))
+        .intensity(tai_core::names::ANDON_SUP_RESTARTS, Duration::from_secs(10))
         .child(ChildSpec::worker(
             ANDON_LEDGER,
             Some(ANDON_LEDGER.to_string()),

@@ -1,5 +1,6 @@
 //! Registered names: layers find each other by these at send time, as Erlang
-//! processes do, so a restart never leaves a stale reference behind.
+//! processes do, so a restart never leaves a stale reference behind. And
+//! the one restart intensity a layer sizes its own by.
 
 pub const TAI_SUP: &str = "tai_sup";
 pub const INGRESS_SUP: &str = "ingress_sup";
@@ -8,6 +9,11 @@ pub const PROCESSOR_SUP: &str = "processor_sup";
 pub const KAIZEN_SUP: &str = "kaizen_sup";
 pub const ANDON_SUP: &str = "andon_sup";
 pub const ENGINE_SUP: &str = "engine_sup";
+
+/// How many restarts of its children `andon_sup` allows in 10 s before it
+/// escalates: `engine_sup` sizes its own intensity by it, since each
+/// restart of `andon_ledger` cuts off the engines waiting for a commit.
+pub const ANDON_SUP_RESTARTS: u32 = 5;
 
 /// The layers in start order (SPEC §1).
 pub const LAYERS: [&str; 5] = [

@@ -94,7 +94,7 @@ pub fn supervisor_spec(
         .intensity(5, Duration::from_secs(10))
         .child(ChildSpec::supervisor(
             ENGINE_SUP,
-            engine_sup_spec(max_active),
+            engine_sup_spec(max_active, config.kanban.wip_limit),
         ))
         .child(ChildSpec::worker(
             ENGINE_ROUTER,
@@ -114,10 +114,27 @@ pub fn supervisor_spec(
 /// `engine_sup`: one transient child per tenant × SKU, started on demand.
 /// A crashed engine restarts alone; a passivated one (a normal stop) is removed.
 /// The cap has headroom over `max_active_engines` for engines still draining.
-pub fn engine_sup_spec(max_active_engines: usize) -> SupervisorSpec {
+/// Its intensity: [`ENGINE_RESTARTS`] in 10 s, see [`engine_sup_intensity`].
+pub fn engine_sup_spec(max_active_engines: usize, wip_limit: u32) -> SupervisorSpec {
     SupervisorSpec::new(Strategy::SimpleOneForOne)
-        .intensity(100, Duration::from_secs(10))
+        .intensity(engine_sup_intensity(wip_limit), Duration::from_secs(10))
         .max_children(engine_sup_max_children(max_active_engines))
+}
+
+/// The engines' own restarts `engine_sup` allows in 10 s.
+pub const ENGINE_RESTARTS: u32 = 100;
+
+/// `engine_sup`'s restarts in 10 s: the engines' own [`ENGINE_RESTARTS`],
+/// plus what the ledger's restarts cost it. An engine whose commit the
+/// ledger took down with it crashes and comes back from its checkpoint;
+/// each restart of `andon_ledger` cuts off up to `wip_limit` of them (one
+/// signal in flight each), and `andon_sup` allows
+/// [`ANDON_SUP_RESTARTS`](tai_core::names::ANDON_SUP_RESTARTS) in the same
+/// 10 s. So a failing ledger escalates in its own layer, not here (at a
+/// fixed 100, two ledger restarts close together took `engine_sup` down,
+/// and every engine with it: soak seed 165).
+pub fn engine_sup_intensity(wip_limit: u32) -> u32 {
+    ENGINE_RESTARTS.saturating_add(tai_core::names::ANDON_SUP_RESTARTS.saturating_mul(wip_limit))
 }
 
 /// How many engines `engine_sup` runs at most, live and draining.
