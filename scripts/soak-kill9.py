@@ -17,7 +17,13 @@ drained, and it checks:
   receipts;
 - the ledger verifies, online and offline (`tai receipts --verify --data-dir`);
 - no actor crashed (`exited abnormally`) and nothing was dead-lettered as
-  poison, in any of the node's logs.
+  poison, in any of the node's logs;
+- every decision a client was shown is the one the node kept: a reader
+  thread polls `GET /v1/signals/{id}` for recently accepted signals all
+  through the rounds, and each receipt of a `completed`, `denied` or
+  `failed` record it read must be in the final ledger (a decision read
+  from memory and lost with its flush to a kill would be decided again,
+  under new receipt ids).
 
 With `--webhook` the `payments` SKU acts through a `webhook` executor whose
 target is a receiver this script runs in a process of its own: mostly
@@ -134,6 +140,7 @@ Exit status 0 when every check holds. Standard library only.
                           [--melt] [--reload] [--replay] [--disk-full] [--graceful F] [--keep]
 """
 import argparse
+import collections
 import glob
 import hashlib
 import hmac
@@ -453,6 +460,19 @@ def post(c, tenant, sig):
     return r.status, (json.loads(data) if data else {})
 
 
+def get_signal(c, tenant, sid):
+    path = f"/v1/signals/{sid}"
+    ts = str(int(time.time()))
+    mac = hmac.new(f"{tenant}-secret".encode(), f"{ts}\nGET\n{path}\n".encode(),
+                   hashlib.sha256)
+    c.request("GET", path, None, {
+        "X-Tai-Tenant": tenant, "X-Tai-Timestamp": ts,
+        "X-Tai-Signature": "v1=" + mac.hexdigest()})
+    r = c.getresponse()
+    data = r.read()
+    return r.status, (json.loads(data) if data else {})
+
+
 def admin(path, method="GET", body=None):
     c = conn(node.operator, timeout=60)
     c.request(method, path, json.dumps(body) if body is not None else None,
@@ -468,6 +488,8 @@ lock = threading.Lock()
 # an operator command may then answer 500 (its outcome unknown).
 disk_full = threading.Event()
 accepted = set()  # (tenant, id): answered 202, or 200 duplicate
+recent = collections.deque(maxlen=256)  # the latest accepted, for the reader
+shown = {}        # (tenant, id) -> receipt ids of a final record a GET answered
 unknown = {}      # (tenant, id) -> body: the answer was cut off, or 503
 counter = [0]
 unexpected = []   # answers no client should get
@@ -489,6 +511,7 @@ def settle(key, status, body):
     with lock:
         if status == 202 or (status == 200 and body.get("duplicate")):
             accepted.add(key)
+            recent.append(key)
             unknown.pop(key, None)
         elif status != 503:  # 503: refused for now (draining, full): retried later
             unexpected.append(f"{key}: {status} {body}")
@@ -517,6 +540,29 @@ def client(stop, retries):
             continue
         item = None
         settle(key, status, answer)
+
+
+def reader(stop):
+    """A client polling the records of recently accepted signals: each
+    final decision it is shown is noted, to be found in the final ledger."""
+    pick = random.Random()
+    c = conn(node.ingress)
+    while not stop.is_set():
+        with lock:
+            key = pick.choice(recent) if recent else None
+        if key is None:
+            stop.wait(0.01)
+            continue
+        try:
+            status, body = get_signal(c, *key)
+        except (OSError, http.client.HTTPException):
+            c.close()
+            stop.wait(0.05)
+            c = conn(node.ingress)
+            continue
+        if status == 200 and body.get("status") in ("completed", "denied", "failed"):
+            with lock:
+                shown[key] = body.get("receipts", [])
 
 
 # (tenant, sku) -> "halted" | "resumed" | "unknown": the last operator
@@ -833,6 +879,7 @@ def main():
         with lock:
             retries = list(unknown.items())
         threads = [threading.Thread(target=client, args=(stop, retries)) for _ in range(args.workers)]
+        threads.append(threading.Thread(target=reader, args=(stop,)))
         if args.operator:
             threads.append(threading.Thread(target=operator, args=(stop,)))
         if args.chaos:
@@ -1021,6 +1068,13 @@ def main():
     if missing:
         failures.append(f"accepted (or replayed) but not decided: {len(missing)}, "
                         f"e.g. {[(k, decided.get(k, 0), once(k)) for k in missing[:10]]}")
+    kept = {r["receipt_id"] for r in receipts}
+    lost = [(k, ids) for k, ids in shown.items() if not set(ids) <= kept]
+    if lost:
+        failures.append(f"decisions shown to a client and not kept: {len(lost)}, "
+                        f"e.g. {lost[:5]}")
+    print(f"reads: {len(shown)} decided signals read, their receipts all in the ledger"
+          if not lost else f"reads: {len(shown)} decided signals read", flush=True)
     if args.replay:
         print(f"replays: {sum(replayed.values())} answered 202 ({len(replayed)} signals), "
               f"{sum(maybe_replayed.values())} cut off, {refused.get(409, 0)} refused 409, "
