@@ -23,7 +23,9 @@ drained, and it checks:
   through the rounds, and each receipt of a `completed`, `denied` or
   `failed` record it read must be in the final ledger (a decision read
   from memory and lost with its flush to a kill would be decided again,
-  under new receipt ids).
+  under new receipt ids). Half the kills come the moment a read shows a
+  decision just made: the newest accepted signal, read until it is
+  decided (perhaps still in its group flush).
 
 With `--webhook` the `payments` SKU acts through a `webhook` executor whose
 target is a receiver this script runs in a process of its own: mostly
@@ -488,8 +490,9 @@ lock = threading.Lock()
 # an operator command may then answer 500 (its outcome unknown).
 disk_full = threading.Event()
 accepted = set()  # (tenant, id): answered 202, or 200 duplicate
-recent = collections.deque(maxlen=256)  # the latest accepted, for the reader
+recent = collections.deque(maxlen=1024)  # the latest accepted, for the readers
 shown = {}        # (tenant, id) -> receipt ids of a final record a GET answered
+reads_before_kill = [0]
 unknown = {}      # (tenant, id) -> body: the answer was cut off, or 503
 counter = [0]
 unexpected = []   # answers no client should get
@@ -560,9 +563,40 @@ def reader(stop):
             stop.wait(0.05)
             c = conn(node.ingress)
             continue
-        if status == 200 and body.get("status") in ("completed", "denied", "failed"):
-            with lock:
-                shown[key] = body.get("receipts", [])
+        note_shown(key, status, body)
+
+
+FINAL = ("completed", "denied", "failed")
+
+
+def note_shown(key, status, body):
+    """Notes a final decision a read showed; whether it was one."""
+    if status == 200 and body.get("status") in FINAL:
+        with lock:
+            shown[key] = body.get("receipts", [])
+        return True
+    return False
+
+
+def read_then_kill():
+    """Kills the node the moment a read has shown it a decision just made:
+    the newest accepted signal, read again and again (for up to half a
+    second) until it shows a decision, likely one still in its group
+    flush. A node that answered from memory before that flush is done
+    loses what it showed to this kill. Whether a read preceded the kill."""
+    with lock:
+        key = recent[-1] if recent else None
+    read = False
+    try:
+        c = conn(node.ingress, timeout=2)
+        end = time.time() + 0.5
+        while key and not read and time.time() < end:
+            read = note_shown(key, *get_signal(c, *key))
+        node.kill()
+        c.close()
+    except (OSError, http.client.HTTPException):
+        node.kill()
+    return read
 
 
 # (tenant, sku) -> "halted" | "resumed" | "unknown": the last operator
@@ -930,6 +964,10 @@ def main():
             sig = rng.choice([signal.SIGINT, signal.SIGTERM])
             node.stop(sig)
             how = f"stopped ({signal.Signals(sig).name})"
+        elif rng.random() < 0.5:
+            if read_then_kill():
+                how = "killed just after a read showed a decision"
+                reads_before_kill[0] += 1
         else:
             node.kill()
         stop.set()
@@ -1073,8 +1111,8 @@ def main():
     if lost:
         failures.append(f"decisions shown to a client and not kept: {len(lost)}, "
                         f"e.g. {lost[:5]}")
-    print(f"reads: {len(shown)} decided signals read, their receipts all in the ledger"
-          if not lost else f"reads: {len(shown)} decided signals read", flush=True)
+    print(f"reads: {len(shown)} decided signals read ({reads_before_kill[0]} kills just "
+          f"after one)" + (", their receipts all in the ledger" if not lost else ""), flush=True)
     if args.replay:
         print(f"replays: {sum(replayed.values())} answered 202 ({len(replayed)} signals), "
               f"{sum(maybe_replayed.values())} cut off, {refused.get(409, 0)} refused 409, "
