@@ -1147,10 +1147,8 @@ mod tests {
     /// (what it read may be a decision the failed flush lost).
     #[tokio::test]
     async fn a_decided_copy_is_acknowledged_only_on_a_durable_store() {
-        let dir = tempfile::tempdir().unwrap();
-        let disk = dir.path().join("disk");
-        let _disk = tai_store::tmpfs::Tmpfs::mount(&disk, "2m");
-        let store = Store::open(&disk.join("data")).unwrap();
+        let disk = tai_store::tmpfs::TmpfsStore::open("2m");
+        let store = disk.store.clone();
         let acked = |store: &Store, seq: u64| {
             let (tx, rx) = tokio::sync::oneshot::channel();
             ack_when_durable(store, vec![seq], move |seqs| {

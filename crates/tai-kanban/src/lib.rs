@@ -251,10 +251,8 @@ mod tests {
     /// decision may be the one the failed flush lost. Needs root.
     #[tokio::test]
     async fn a_duplicate_of_a_decided_signal_is_answered_only_from_a_durable_store() {
-        let dir = tempfile::tempdir().unwrap();
-        let disk = dir.path().join("disk");
-        let _disk = tai_store::tmpfs::Tmpfs::mount(&disk, "2m");
-        let store = Store::open(&disk.join("data")).unwrap();
+        let disk = tai_store::tmpfs::TmpfsStore::open("2m");
+        let store = disk.store.clone();
         let decide = |id: &str| {
             let mut rec = tai_core::signal::SignalRecord::accepted(&signal(id));
             rec.status = SignalStatus::Denied;
@@ -418,10 +416,8 @@ mod tests {
     async fn a_replay_tells_a_letter_gone_from_a_store_that_failed() {
         use tai_core::msg::{KanbanMsg, ReplayOutcome};
         use tai_core::signal::DeadLetter;
-        let dir = tempfile::tempdir().unwrap();
-        let disk = dir.path().join("disk");
-        let _disk = tai_store::tmpfs::Tmpfs::mount(&disk, "2m");
-        let store = Store::open(&disk.join("data")).unwrap();
+        let disk = tai_store::tmpfs::TmpfsStore::open("2m");
+        let store = disk.store.clone();
         let letter = |id: &str| DeadLetter {
             signal: {
                 let body = format!(

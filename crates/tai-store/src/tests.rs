@@ -1097,12 +1097,10 @@ fn dead_letters_written_and_replayed_at_once_are_counted_once() {
 /// layers against it. Needs root (a tmpfs of its own).
 #[tokio::test]
 async fn a_write_that_meets_an_io_error_fails_the_store_at_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk");
-    let _disk = crate::tmpfs::Tmpfs::mount(&disk, "2m");
-    let s = Store::open(&disk.join("data")).unwrap();
+    let disk = crate::tmpfs::TmpfsStore::open("2m");
+    let s = &disk.store;
     assert!(s.ping().is_ok());
-    let err = crate::tmpfs::fill(&s);
+    let err = crate::tmpfs::fill(s);
     assert!(matches!(err, StoreError::Io(_)), "{err}");
     let reason = tokio::time::timeout(std::time::Duration::from_secs(10), s.failed())
         .await
@@ -1117,11 +1115,9 @@ async fn a_write_that_meets_an_io_error_fails_the_store_at_once() {
 /// takes that back and decides the signal again). Needs root.
 #[tokio::test]
 async fn a_settled_record_is_answered_after_its_flush_and_never_from_a_failed_store() {
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk");
-    let _disk = crate::tmpfs::Tmpfs::mount(&disk, "2m");
-    let s = Store::open(&disk.join("data")).unwrap();
-    commit_records(&s, "acme", 0..1);
+    let disk = crate::tmpfs::TmpfsStore::open("2m");
+    let s = &disk.store;
+    commit_records(s, "acme", 0..1);
     let before = s.flushes();
     let rec = s.settled_record("acme", "id-0").await.unwrap();
     assert_eq!(rec, Some(completed("acme", "id-0")));
@@ -1129,8 +1125,8 @@ async fn a_settled_record_is_answered_after_its_flush_and_never_from_a_failed_st
     let before = s.flushes();
     assert_eq!(s.settled_record("acme", "id-1").await.unwrap(), None);
     assert_eq!(s.flushes(), before, "a miss waited for a flush");
-    commit_records(&s, "acme", 1..2);
-    let _ = crate::tmpfs::fill(&s);
+    commit_records(s, "acme", 1..2);
+    let _ = crate::tmpfs::fill(s);
     assert_eq!(
         s.signal_record("acme", "id-1").unwrap(),
         Some(completed("acme", "id-1")),

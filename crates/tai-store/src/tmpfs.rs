@@ -45,6 +45,28 @@ impl Tmpfs {
     }
 }
 
+/// A store on a tmpfs of its own, in a fresh temporary directory. Its
+/// fields drop in order: the store, the mount, the directory.
+pub struct TmpfsStore {
+    pub store: crate::Store,
+    _disk: Tmpfs,
+    _dir: tempfile::TempDir,
+}
+
+impl TmpfsStore {
+    /// Opens a new store on a tmpfs of `size` (`2m`); panics if it cannot.
+    pub fn open(size: &str) -> TmpfsStore {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let disk = dir.path().join("disk");
+        let mount = Tmpfs::mount(&disk, size);
+        TmpfsStore {
+            store: crate::Store::open(&disk.join("data")).expect("a store on the tmpfs"),
+            _disk: mount,
+            _dir: dir,
+        }
+    }
+}
+
 /// Fills the disk under `store` with commits of 8 KiB dead letters (tenant
 /// `pad`), never waited for, until one fails on it (sled writes its buffers
 /// out itself as they fill): the store has failed then. Returns that
