@@ -449,30 +449,27 @@ def conn(addr, timeout=10):
     return http.client.HTTPConnection(host, int(port), timeout=timeout)
 
 
-def post(c, tenant, sig):
-    body = json.dumps(sig).encode()
+def signed(c, tenant, method, path, body=b""):
+    """A request signed with the tenant's secret (SPEC §3); its status and JSON."""
     ts = str(int(time.time()))
-    mac = hmac.new(f"{tenant}-secret".encode(), f"{ts}\nPOST\n/v1/signals\n".encode() + body,
+    mac = hmac.new(f"{tenant}-secret".encode(), f"{ts}\n{method}\n{path}\n".encode() + body,
                    hashlib.sha256)
-    c.request("POST", "/v1/signals", body, {
-        "X-Tai-Tenant": tenant, "X-Tai-Timestamp": ts,
-        "X-Tai-Signature": "v1=" + mac.hexdigest(), "Content-Type": "application/json"})
+    headers = {"X-Tai-Tenant": tenant, "X-Tai-Timestamp": ts,
+               "X-Tai-Signature": "v1=" + mac.hexdigest()}
+    if body:
+        headers["Content-Type"] = "application/json"
+    c.request(method, path, body or None, headers)
     r = c.getresponse()
     data = r.read()
     return r.status, (json.loads(data) if data else {})
+
+
+def post(c, tenant, sig):
+    return signed(c, tenant, "POST", "/v1/signals", json.dumps(sig).encode())
 
 
 def get_signal(c, tenant, sid):
-    path = f"/v1/signals/{sid}"
-    ts = str(int(time.time()))
-    mac = hmac.new(f"{tenant}-secret".encode(), f"{ts}\nGET\n{path}\n".encode(),
-                   hashlib.sha256)
-    c.request("GET", path, None, {
-        "X-Tai-Tenant": tenant, "X-Tai-Timestamp": ts,
-        "X-Tai-Signature": "v1=" + mac.hexdigest()})
-    r = c.getresponse()
-    data = r.read()
-    return r.status, (json.loads(data) if data else {})
+    return signed(c, tenant, "GET", f"/v1/signals/{sid}")
 
 
 def admin(path, method="GET", body=None):

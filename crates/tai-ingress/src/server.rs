@@ -443,8 +443,8 @@ async fn post_signal(s: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) -
     // vouch for it: the embedded queue once the flush that makes it durable
     // is done, the amqp backend once the broker has it (its record, written
     // before the publish, does not prove that).
-    // A final one is answered once what was read is durable (it may be a
-    // decision still in its group flush).
+    // What was read is answered once it is durable (a final record may be
+    // a decision still in its group flush): `Store::settled_record`.
     enum Known {
         Answer(Response),
         Accepted,
@@ -455,12 +455,11 @@ async fn post_signal(s: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) -
         if assigned_id {
             return Known::Unknown;
         }
-        match s.store.signal_record(tenant_id, &signal.id) {
+        match s.store.settled_record(tenant_id, &signal.id).await {
             Ok(Some(existing)) if existing.status == SignalStatus::Accepted => Known::Accepted,
-            Ok(Some(existing)) => Known::Answer(match s.store.durable().await {
-                Ok(()) => duplicate(&existing.signal_id, existing.status.as_str()),
-                Err(e) => unavailable(format!("store: {e}")),
-            }),
+            Ok(Some(existing)) => {
+                Known::Answer(duplicate(&existing.signal_id, existing.status.as_str()))
+            }
             Ok(None) => Known::Unknown,
             Err(e) => Known::Answer(unavailable(format!("store: {e}"))),
         }
