@@ -1286,6 +1286,25 @@ async fn the_ledger_verifies_offline_and_every_tampering_is_caught() {
     let intact = std::fs::read_to_string(&export).unwrap();
     let lines: Vec<String> = intact.lines().map(str::to_string).collect();
     assert_eq!(lines.len(), 10, "9 receipts and the signed head");
+    // One tenant's, offline: acme's are all nine, nobody's none.
+    let one = node.dir.path().join("one-tenant.jsonl");
+    for (tenant, lines) in [("acme", 10), ("nobody", 1)] {
+        let out = run(&[
+            "--export",
+            one.to_str().unwrap(),
+            "--tenant",
+            tenant,
+            "--data-dir",
+            data.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{tenant}");
+        let text = std::fs::read_to_string(&one).unwrap();
+        assert_eq!(text.lines().count(), lines, "{tenant}: {text}");
+        assert_eq!(text.lines().last(), intact.lines().last(), "the head");
+        if tenant == "acme" {
+            assert_eq!(text, intact);
+        }
+    }
 
     let verify_file = |lines: &[String]| -> Value {
         let f = scratch.join("tampered.jsonl");
@@ -2286,18 +2305,20 @@ fn the_cli_sends_reads_halts_and_resumes_as_the_readme_shows() {
         (&json!(true), &json!(3)),
         "{report}"
     );
-    let (code, out, _) = tai(&node, &["receipts"]);
+    let (code, all, _) = tai(&node, &["receipts"]);
     assert_eq!(code, 0);
     for kind in [
         "entitlement_activated",
         "action_generated",
         "action_successful",
     ] {
-        assert!(out.contains(kind), "{kind} not in:\n{out}");
+        assert!(all.contains(kind), "{kind} not in:\n{all}");
     }
-    assert_eq!(out.lines().count(), 3, "{out}");
+    assert_eq!(all.lines().count(), 3, "{all}");
     let (code, out, _) = tai(&node, &["receipts", "--tenant", "nobody"]);
     assert_eq!((code, out.as_str()), (0, ""), "another tenant's receipts");
+    let (code, out, _) = tai(&node, &["receipts", "--tenant", "demo"]);
+    assert_eq!((code, out.as_str()), (0, all.as_str()), "the tenant's own");
     // Piped into a reader that has stopped (`| head -1`, `| grep -q`):
     // quietly done, as any Unix filter (this used to panic, exit 101).
     for args in [&["status", "pay-1"][..], &["receipts"], &["tenants"]] {

@@ -97,7 +97,7 @@ pub fn verify_store(
     };
     if extent == Extent::AsOfHead && head.is_none() {
         // The first receipts may have landed since: their head with them.
-        if store.receipt_blocks(0).next().is_some() {
+        if store.receipt_blocks(0, None).next().is_some() {
             match store.head() {
                 Ok(h) => head = h,
                 Err(e) => return unreadable(e.to_string()),
@@ -109,7 +109,7 @@ pub fn verify_store(
         _ => u64::MAX,
     };
     let mut v = ChainVerifier::new(keys);
-    'walk: for block in store.receipt_blocks(0) {
+    'walk: for block in store.receipt_blocks(0, None) {
         let block = match block {
             Ok(b) => b,
             Err(e) => return v.broken(format!("unreadable receipt block: {e}")),

@@ -492,11 +492,9 @@ pub async fn receipts(config: &Config, a: ReceiptsArgs) -> anyhow::Result<i32> {
             ));
         }
         let mut sink = Sink::open(a.export.as_deref())?;
-        for block in store.receipt_blocks(0) {
+        for block in store.receipt_blocks(0, a.tenant.as_deref()) {
             for r in block? {
-                if a.tenant.as_ref().is_none_or(|t| &r.tenant_id == t) {
-                    sink.receipt(&r)?;
-                }
+                sink.receipt(&r)?;
             }
         }
         return sink.finish(store.head()?);

@@ -18,7 +18,7 @@ use tai_core::receipt::lower_hex;
 const ULID_PREFIXES: [&str; 3] = ["", "rcpt_", "act_"];
 const ULID_LEN: usize = 26;
 
-#[derive(Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) enum Packed<'a> {
     Text(Cow<'a, str>),
     /// An entry of the block's table.
@@ -33,7 +33,7 @@ pub(crate) enum Packed<'a> {
 
 /// `N` bytes, written as one byte string (serde writes an array element
 /// by element).
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Bytes<const N: usize>([u8; N]);
 
 impl<const N: usize> Serialize for Bytes<N> {

@@ -203,7 +203,12 @@ pub(crate) fn encode(receipts: &[Receipt]) -> Vec<u8> {
     )
 }
 
-fn unpack_block(key: &[u8], block: Block<'_>) -> Result<Vec<Receipt>> {
+/// The receipts of `block`, or only those of `tenant`. A receipt of
+/// another tenant costs a comparison of its packed tenant (an index into
+/// the table, for a tenant that is text) and the sums of its seq and
+/// timestamp: its fields are not unpacked, so damage inside them is left
+/// for verification, which reads every receipt, to report.
+fn unpack_block(key: &[u8], block: Block<'_>, tenant: Option<&str>) -> Result<Vec<Receipt>> {
     let corrupt = |message: String| StoreError::Corrupt {
         key: String::from_utf8_lossy(key).into_owned(),
         message,
@@ -211,18 +216,40 @@ fn unpack_block(key: &[u8], block: Block<'_>) -> Result<Vec<Receipt>> {
     let table = block.table;
     let text = |p: Packed<'_>| packed::unpack(p, &table).map_err(corrupt);
     let opt = |p: Option<Packed<'_>>| p.map(text).transpose();
-    let mut out: Vec<Receipt> = Vec::with_capacity(block.receipts.len());
+    // The tenant as the block would have packed it: its entry in the
+    // table, or its compact form (a tenant named like a ULID or a hash).
+    let wanted = tenant.map(|t| (table.iter().position(|s| s == t), packed::pack(t)));
+    let keep = |p: &Packed<'_>| match (&wanted, p) {
+        (None, _) => true,
+        (Some((entry, _)), Packed::Ref(i)) => *entry == Some(*i as usize),
+        (Some((_, packed)), p) => p == packed,
+    };
+    let mut out: Vec<Receipt> = Vec::with_capacity(if tenant.is_none() {
+        block.receipts.len()
+    } else {
+        0
+    });
+    let (mut seq, mut ts) = (0u64, 0u64);
+    // The receipt before's hash, and whether it is `out`'s last.
+    let mut before: Option<(Packed<'_>, bool)> = None;
     for p in block.receipts {
-        let (seq, ts, prev) = out
-            .last()
-            .map_or((0, 0, None), |b| (b.seq, b.timestamp_ms, Some(&b.hash)));
+        seq = seq.wrapping_add(p.seq);
+        ts = ts.wrapping_add(p.timestamp_ms as u64);
+        let kept = keep(&p.tenant_id);
+        let prev = before.replace((p.hash.clone(), kept));
+        if !kept {
+            continue;
+        }
         let prev_hash = match (p.prev_hash, prev) {
             (Some(h), _) => text(h)?,
-            (None, Some(h)) => h.clone(),
+            (None, Some((h, kept))) => match out.last() {
+                Some(b) if kept => b.hash.clone(),
+                _ => text(h)?,
+            },
             (None, None) => return Err(corrupt("the first receipt has no prev_hash".into())),
         };
         out.push(Receipt {
-            seq: seq.wrapping_add(p.seq),
+            seq,
             receipt_id: text(p.receipt_id)?,
             kind: text(p.kind)?,
             tenant_id: text(p.tenant_id)?,
@@ -234,7 +261,7 @@ fn unpack_block(key: &[u8], block: Block<'_>) -> Result<Vec<Receipt>> {
             success: p.success,
             reason: opt(p.reason)?,
             trace_id: opt(p.trace_id)?,
-            timestamp_ms: ts.wrapping_add(p.timestamp_ms as u64),
+            timestamp_ms: ts,
             prev_hash,
             hash: text(p.hash)?,
             key_id: text(p.key_id)?,
@@ -244,15 +271,55 @@ fn unpack_block(key: &[u8], block: Block<'_>) -> Result<Vec<Receipt>> {
     Ok(out)
 }
 
+/// Whether a version 2 block may hold receipts of `tenant`, from its table
+/// alone (it comes first, and is read without copying): a tenant whose
+/// name is text is in the table of every block it has a receipt in. A
+/// table that does not read says yes, so that the whole block is decoded
+/// and its damage reported.
+fn may_hold(bytes: &[u8], tenant: &str) -> bool {
+    #[derive(Deserialize)]
+    struct Table<'a> {
+        #[serde(borrow)]
+        table: Vec<&'a str>,
+    }
+    if !matches!(packed::pack(tenant), Packed::Text(_)) {
+        return true;
+    }
+    bincode::serde::borrow_decode_from_slice::<Table<'_>, _>(
+        &bytes[1..],
+        bincode::config::standard(),
+    )
+    .map_or(true, |(t, _)| t.table.contains(&tenant))
+}
+
 pub(crate) fn decode_block(key: &[u8], bytes: &[u8]) -> Result<Vec<Receipt>> {
-    match bytes.first() {
-        Some(b'[') => crate::decode(key, bytes),
-        Some(&codec::V2) => unpack_block(key, codec::decode_versioned(codec::V2, key, bytes)?),
+    decode_block_of(key, bytes, None)
+}
+
+/// The receipts of a stored block, or only those of `tenant`.
+pub(crate) fn decode_block_of(
+    key: &[u8],
+    bytes: &[u8],
+    tenant: Option<&str>,
+) -> Result<Vec<Receipt>> {
+    let mut receipts: Vec<Receipt> = match bytes.first() {
+        Some(&codec::V2) => {
+            if tenant.is_some_and(|t| !may_hold(bytes, t)) {
+                return Ok(Vec::new());
+            }
+            let block = codec::decode_versioned(codec::V2, key, bytes)?;
+            return unpack_block(key, block, tenant);
+        }
+        Some(b'[') => crate::decode(key, bytes)?,
         _ => {
             let stored: Vec<Stored<'static>> = codec::decode_v1(key, bytes)?;
-            Ok(stored.into_iter().map(Receipt::from).collect())
+            stored.into_iter().map(Receipt::from).collect()
         }
+    };
+    if let Some(t) = tenant {
+        receipts.retain(|r| r.tenant_id == t);
     }
+    Ok(receipts)
 }
 
 #[cfg(test)]
@@ -320,8 +387,13 @@ mod tests {
 
     /// A ledger batch as the node writes it: ids, trace ids, two tenants.
     fn batch() -> Vec<Receipt> {
+        batch_of(6, |seq| if seq <= 2 { "acme" } else { "globex" }.into())
+    }
+
+    /// `n` receipts, the one of seq `s` from tenant `tenant(s)`.
+    fn batch_of(n: u64, tenant: impl Fn(u64) -> String) -> Vec<Receipt> {
         let mut prev = tai_core::receipt::GENESIS_HASH.to_string();
-        (1..=6u64)
+        (1..=n)
             .map(|seq| {
                 let d = ReceiptDraft {
                     receipt_id: format!("rcpt_{}", ulid::Ulid::new()),
@@ -331,7 +403,7 @@ mod tests {
                         "action_successful"
                     }
                     .into(),
-                    tenant_id: if seq <= 2 { "acme" } else { "globex" }.into(),
+                    tenant_id: tenant(seq),
                     sku_id: "payments".into(),
                     signal_id: Some(format!("pay-{}", seq.div_ceil(2))),
                     action_id: Some(format!("act_{}", ulid::Ulid::new())),
@@ -366,6 +438,45 @@ mod tests {
     }
 
     #[test]
+    fn one_tenants_receipts_read_back_exactly_as_from_the_whole_block() {
+        // Tenants interleaved, one named like a ULID (packed as its bytes,
+        // not into the table), and links left out or broken.
+        let odd = ulid::Ulid::new().to_string();
+        let tenant = |seq: u64| match seq % 5 {
+            0 | 3 => "acme".to_string(),
+            1 => odd.clone(),
+            _ => format!("t{}", seq % 2),
+        };
+        let mut block = batch_of(23, tenant);
+        block[7].prev_hash = "not a hash".into();
+        block[12].prev_hash = block[2].hash.clone();
+        let whole = encode(&block);
+        let tenants = [odd.as_str(), "acme", "t0", "t1", "nobody", "acm", ""];
+        let encodings = [
+            ("version 2", whole.clone()),
+            ("version 1", encode_v1(&block)),
+            ("json", serde_json::to_vec(&block).unwrap()),
+        ];
+        for (form, bytes) in &encodings {
+            assert_eq!(
+                decode_block_of(b"r/x", bytes, None).unwrap(),
+                block,
+                "{form}"
+            );
+            for t in tenants {
+                let mine: Vec<Receipt> =
+                    block.iter().filter(|r| r.tenant_id == t).cloned().collect();
+                assert_eq!(
+                    decode_block_of(b"r/x", bytes, Some(t)).unwrap(),
+                    mine,
+                    "{form}, tenant {t:?}"
+                );
+            }
+        }
+        assert!(decode_block_of(b"r/x", &whole, Some("acme")).unwrap().len() == 9);
+    }
+
+    #[test]
     fn whatever_a_block_holds_reads_back_exactly() {
         // Links that do not follow, seqs and times out of order, texts
         // that only look like ids: stored as they are (verification is
@@ -391,10 +502,25 @@ mod tests {
     fn a_damaged_block_is_reported_with_its_key() {
         let block = one();
         let bytes = encode(&block);
-        for bad in [&bytes[..bytes.len() - 3], &[7u8, 1, 2][..], &[][..]] {
-            match decode_block(b"r/x", bad) {
-                Err(StoreError::Corrupt { key, .. }) => assert_eq!(key, "r/x"),
-                other => panic!("not reported: {other:?}"),
+        let table_too = [codec::V2, 250];
+        for bad in [
+            &bytes[..bytes.len() - 3],
+            &[7u8, 1, 2][..],
+            &[][..],
+            &table_too[..],
+        ] {
+            // A walk for one tenant reports it too when the tenant is in
+            // the table, or the table itself is what is damaged.
+            let tenants: &[Option<&str>] = if bad.len() > 2 {
+                &[None, Some("acme")]
+            } else {
+                &[None, Some("acme"), Some("nobody")]
+            };
+            for &tenant in tenants {
+                match decode_block_of(b"r/x", bad, tenant) {
+                    Err(StoreError::Corrupt { key, .. }) => assert_eq!(key, "r/x"),
+                    other => panic!("not reported for {tenant:?}: {other:?}"),
+                }
             }
         }
         let mut longer = bytes.clone();
