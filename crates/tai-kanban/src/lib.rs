@@ -407,6 +407,147 @@ mod tests {
         q.kill_and_wait(None).await.unwrap();
     }
 
+    /// A replay that comes between two enqueues of one batch, before the
+    /// batch is written, keeps its signal in the queue until that signal
+    /// is decided. Its seq fell between the batch's, so the batch's block
+    /// spanned the replay's block of one, and an ack of the batch's later
+    /// signal settled the replayed one's block instead: gone from the
+    /// queue undecided, never delivered again (soak seed 198).
+    #[tokio::test]
+    async fn a_replay_between_two_enqueues_of_a_batch_stays_queued_until_decided() {
+        use tai_core::msg::{KanbanMsg, ReplayOutcome};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.dead_letter_queued(&halted("l-1")).unwrap();
+        store.durable().await.unwrap();
+        let q = wide_queue(&store).await;
+        // All three in the mailbox before the queue runs (this test's
+        // runtime has one thread): the batch's write is scheduled behind
+        // them.
+        let enqueue = |id: &str| {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            q.send_message(KanbanMsg::Enqueue(signal(id), IdOrigin::Client, tx.into()))
+                .unwrap();
+            rx
+        };
+        let first = enqueue("a-1");
+        let (tx, replayed) = tokio::sync::oneshot::channel();
+        q.send_message(KanbanMsg::Replay {
+            tenant_id: "acme".into(),
+            signal_id: "l-1".into(),
+            reply: tx.into(),
+        })
+        .unwrap();
+        let second = enqueue("a-2");
+        for answer in [first, second] {
+            assert!(matches!(answer.await.unwrap(), EnqueueOutcome::Accepted));
+        }
+        assert_eq!(replayed.await.unwrap(), ReplayOutcome::Queued);
+        // The batch was written before the replay took its seq: each block
+        // is a run of consecutive seqs.
+        let blocks: Vec<(u64, u64, String)> = queued(&store);
+        assert_eq!(
+            blocks,
+            [
+                (1, 1, "a-1".into()),
+                (2, 2, "l-1".into()),
+                (3, 3, "a-2".into())
+            ]
+        );
+        // Both enqueued signals decided (acknowledged, in flight: no router).
+        settled(&q, &store, 3).await;
+        q.send_message(KanbanMsg::Ack { seqs: vec![1, 3] }).unwrap();
+        settled(&q, &store, 1).await;
+        assert_eq!(queued(&store), [(2, 2, "l-1".into())]);
+        q.kill_and_wait(None).await.unwrap();
+    }
+
+    /// A queue with no router and room for ten in flight.
+    async fn wide_queue(store: &Store) -> ractor::ActorRef<tai_core::msg::KanbanMsg> {
+        let args = super::QueueArgs {
+            store: store.clone(),
+            wip_limit: 10,
+            prefetch: 10,
+            max_depth: 1_000,
+            visibility: Duration::from_secs(600),
+            hold_above: 1_000,
+            hold_max: Duration::from_secs(30),
+        };
+        ractor::Actor::spawn(None, super::Queue, args)
+            .await
+            .expect("the queue starts")
+            .0
+    }
+
+    fn halted(id: &str) -> tai_core::signal::DeadLetter {
+        tai_core::signal::DeadLetter {
+            signal: signal(id),
+            reason: "halted".into(),
+            at_ms: 1,
+        }
+    }
+
+    /// A queue's blocks (first seq), seqs and signal ids, in seq order.
+    fn queued(store: &Store) -> Vec<(u64, u64, String)> {
+        let mut v: Vec<_> = store
+            .pending()
+            .unwrap()
+            .into_iter()
+            .map(|(block, d)| (block, d.seq, d.signal.id.clone()))
+            .collect();
+        v.sort_by_key(|(_, seq, _)| *seq);
+        v
+    }
+
+    /// A data dir that a build before the fix above left with a replayed
+    /// signal's block inside a batch's span: recovered, acks of the
+    /// batch's signals settle the batch's block, not the replayed one's,
+    /// and a new signal gets a seq above all of them (the last block, the
+    /// replayed one's, does not hold the highest).
+    #[tokio::test]
+    async fn a_block_inside_another_blocks_span_is_settled_apart() {
+        use tai_core::msg::KanbanMsg;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let delivery = |seq: u64, id: &str| Delivery {
+            seq,
+            signal: Arc::new(signal(id)),
+            redelivered: false,
+        };
+        store.dead_letter_queued(&halted("l-1")).unwrap();
+        let staged = store
+            .stage_enqueue(vec![delivery(1, "a-1"), delivery(3, "a-2")])
+            .unwrap();
+        store.durable_at(staged.flush).await.unwrap();
+        store.replay_dead_letter("acme", "l-1", 2).unwrap().unwrap();
+        store.durable().await.unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            queued(&store),
+            [
+                (1, 1, "a-1".into()),
+                (2, 2, "l-1".into()),
+                (1, 3, "a-2".into())
+            ]
+        );
+        let q = wide_queue(&store).await;
+        let mut next = post(&q, ["b-1".to_string()]);
+        assert_eq!(answers(&mut next, 1).await, ["b-1"]);
+        assert_eq!(queued(&store)[3], (4, 4, "b-1".into()), "a seq of its own");
+        settled(&q, &store, 4).await;
+        q.send_message(KanbanMsg::Ack { seqs: vec![3] }).unwrap();
+        settled(&q, &store, 3).await;
+        q.send_message(KanbanMsg::Ack { seqs: vec![1, 4] }).unwrap();
+        settled(&q, &store, 1).await;
+        assert_eq!(
+            queued(&store),
+            [(2, 2, "l-1".into())],
+            "the replayed signal is still queued, and only it"
+        );
+        q.kill_and_wait(None).await.unwrap();
+    }
+
     /// A replay answers what became of it: queued again, no such letter
     /// (replayed meanwhile), or a store that failed. The operator API
     /// answers the last with a 500 saying so, not with the 404 of a letter

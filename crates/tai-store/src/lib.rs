@@ -496,13 +496,17 @@ impl Store {
     }
 
     /// Rebuilds the in-memory `accepted` records from the queue blocks and
-    /// drops blocks whose signals are all decided.
+    /// drops blocks whose signals are all decided. The highest seq in any
+    /// block is where [`Store::next_queue_seq`] starts above: a data dir
+    /// written before replays kept blocks runs of consecutive seqs may hold
+    /// a higher seq in an earlier block than in the last one.
     fn recover_queue(&self) -> Result<()> {
         let mut queued = HashMap::new();
         let mut spent = Vec::new();
         for (block, deliveries) in self.blocks()? {
             let mut open = 0;
             for d in deliveries {
+                self.note_queue_seq(d.seq);
                 let key = pair_key(b's', &d.signal.tenant_id, &d.signal.id);
                 match self.disk_record(&key)? {
                     Some(r) if r.status.is_final() => {}
