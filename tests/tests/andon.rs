@@ -309,6 +309,97 @@ async fn memory_over_80_percent_of_the_limit_raises_memory_high_once() {
     );
 }
 
+/// A gauge's value in Prometheus text.
+fn gauge(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Less free space on the data dir's disk than `kaizen.disk_free_min_mb`
+/// raises `disk_low` (and makes the health report yellow, saying why);
+/// once there is room again it resolves. The data dir is a 64 MiB tmpfs
+/// of its own, resized under the running node. Needs root.
+#[tokio::test]
+async fn little_free_disk_raises_disk_low_and_room_again_resolves_it() {
+    const MIB: f64 = 1024.0 * 1024.0;
+    let dir = tempfile::tempdir().unwrap();
+    let disk = Tmpfs::mount(&dir.path().join("data"), "64m");
+    let node = Node::start_with_in(dir, &test_config("[kaizen]\ndisk_free_min_mb = 48\n"), &[]);
+    // The gauges, read from the data dir's own filesystem.
+    let end = Instant::now() + Duration::from_secs(30);
+    let (free, total) = loop {
+        let text = node.metrics_text().await;
+        if let (Some(f), Some(t)) = (
+            gauge(&text, "tai_disk_free_bytes"),
+            gauge(&text, "tai_disk_total_bytes"),
+        ) {
+            break (f, t);
+        }
+        assert!(Instant::now() < end, "no disk gauges in:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(total, 64.0 * MIB);
+    assert!(free > 48.0 * MIB && free < total, "{free}");
+    let (_, report) = node.admin(Method::GET, "/admin/kaizen").await;
+    let health = &report["health"];
+    assert_eq!(
+        (
+            &health["status"],
+            &health["disk_free_min_mb"],
+            &health["disk_total_mb"]
+        ),
+        (&json!("green"), &json!(48), &json!(64)),
+        "{health}"
+    );
+
+    disk.resize("40m");
+    let list = node
+        .admin_until("/admin/alerts", "the disk_low alert", |list| {
+            alert_of(list, "disk_low").is_some()
+        })
+        .await;
+    let low = alert_of(&list, "disk_low").unwrap();
+    assert_eq!(
+        (&low["severity"], &low["source"], &low["resolve"]),
+        (&json!("warning"), &json!("kaizen_health"), &json!(false)),
+        "{low}"
+    );
+    let summary = low["summary"].as_str().unwrap();
+    assert!(
+        summary.contains("below kaizen.disk_free_min_mb = 48"),
+        "{summary}"
+    );
+    let (_, report) = node.admin(Method::GET, "/admin/kaizen").await;
+    let health = &report["health"];
+    assert_eq!(health["status"], "yellow", "{health}");
+    assert!(
+        health["reasons"][0]
+            .as_str()
+            .unwrap()
+            .contains("free on the data dir's disk, below kaizen.disk_free_min_mb (48 MB)"),
+        "{health}"
+    );
+
+    disk.resize("128m");
+    let list = node
+        .admin_until("/admin/alerts", "disk_low resolved", |list| {
+            list.as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a["kind"] == "disk_low" && a["resolve"] == true)
+        })
+        .await;
+    let raised = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["kind"] == "disk_low" && a["resolve"] == false)
+        .count();
+    assert_eq!(raised, 1, "raised once, not every tick: {list}");
+    let (_, report) = node.admin(Method::GET, "/admin/kaizen").await;
+    assert_eq!(report["health"]["status"], "green");
+}
+
 /// The first alert of `kind` in a `GET /admin/alerts` answer.
 fn alert_of<'a>(list: &'a Value, kind: &str) -> Option<&'a Value> {
     list.as_array()?.iter().find(|a| a["kind"] == kind)

@@ -267,6 +267,10 @@ pub struct KaizenConfig {
     /// The node's memory limit (e.g. the unit's `MemoryMax=`): RSS over 80 %
     /// of it raises the `memory_high` alert. 0 turns the check off.
     pub memory_limit_mb: u64,
+    /// Free space on the data dir's filesystem below this raises the
+    /// `disk_low` alert (the node stops when a write finds the disk full).
+    /// 0 turns the check off.
+    pub disk_free_min_mb: u64,
 }
 
 impl Default for KaizenConfig {
@@ -277,6 +281,7 @@ impl Default for KaizenConfig {
             metrics: true,
             tenant_label_cap: 100,
             memory_limit_mb: 2048,
+            disk_free_min_mb: 1024,
         }
     }
 }

@@ -18,6 +18,10 @@ pub const QUEUE_PARKED: &str = "tai_queue_parked";
 /// again (an engine or the router restarted, or a signal outlasted the
 /// visibility timeout); one past the attempt limit is dead-lettered instead.
 pub const QUEUE_REDELIVERED: &str = "tai_queue_redelivered_total";
+/// Not in SPEC §9: space left to the node on the filesystem that holds
+/// `node.data_dir` (what it may still write), and that filesystem's size.
+pub const DISK_FREE: &str = "tai_disk_free_bytes";
+pub const DISK_TOTAL: &str = "tai_disk_total_bytes";
 pub const DEADLETTER: &str = "tai_deadletter_total";
 pub const ENGINE_STATE: &str = "tai_engine_state";
 pub const BREAKER_STATE: &str = "tai_breaker_state";

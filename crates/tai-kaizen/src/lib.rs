@@ -3,7 +3,8 @@
 //! Measurement. The process-wide Prometheus recorder (the layers record
 //! through the `metrics` facade, which needs no I/O), the restart hook that
 //! counts supervisor restarts, process metrics (RSS, CPU, open fds), and
-//! the health monitor (`kaizen_health`: memory against its limit).
+//! the health monitor (`kaizen_health`: memory against its limit, the
+//! data dir's free disk space against its minimum).
 //! Depends on tai-core and tai-otp only.
 
 use std::time::Duration;
@@ -17,18 +18,23 @@ pub mod report;
 
 pub use health::{Health, HealthArgs, KAIZEN_HEALTH};
 
-/// `kaizen_sup` with the health monitor (`memory_limit_mb` 0: no memory check).
-pub fn supervisor_spec(memory_limit_mb: u64) -> SupervisorSpec {
+/// `kaizen_sup` with the health monitor: memory against
+/// `kaizen.memory_limit_mb`, the data dir's disk against
+/// `kaizen.disk_free_min_mb` (0: no such check).
+pub fn supervisor_spec(config: &tai_core::config::Config) -> SupervisorSpec {
+    let args = HealthArgs {
+        memory_limit_bytes: config.kaizen.memory_limit_mb * 1024 * 1024,
+        disk_free_min_bytes: config.kaizen.disk_free_min_mb * 1024 * 1024,
+        data_dir: config.node.data_dir.clone(),
+        every: Duration::from_secs(2),
+    };
     SupervisorSpec::new(Strategy::OneForOne)
         .intensity(5, Duration::from_secs(10))
         .child(ChildSpec::worker(
             KAIZEN_HEALTH,
             Some(KAIZEN_HEALTH.to_string()),
             Health,
-            move || HealthArgs {
-                memory_limit_bytes: memory_limit_mb * 1024 * 1024,
-                every: Duration::from_secs(2),
-            },
+            move || args.clone(),
         ))
 }
 
@@ -142,6 +148,16 @@ fn describe() {
         "Signals the queue took back from an engine to deliver again (an engine or the router restarted, or the visibility timeout passed)"
     );
     describe_counter!(t::DEADLETTER, "Signals dead-lettered, by reason");
+    describe_gauge!(
+        t::DISK_FREE,
+        Unit::Bytes,
+        "Space the node may still use on the filesystem of its data dir"
+    );
+    describe_gauge!(
+        t::DISK_TOTAL,
+        Unit::Bytes,
+        "Size of the filesystem of the data dir"
+    );
     describe_gauge!(t::ENGINE_STATE, "Live policy engines per state");
     describe_gauge!(
         t::BREAKER_STATE,

@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use crate::health::{mb, Readings};
 use serde_json::{json, Value};
 use tai_core::kaizen::{Sample, STAGES};
 
@@ -64,23 +65,35 @@ fn shares<'a>(ops: &[&'a Sample], total: u64, key: impl Fn(&'a Sample) -> &'a st
         .collect()
 }
 
-/// Memory against its limit: `yellow` above 80 % (SPEC §8).
-pub fn health(rss_bytes: Option<u64>, limit_mb: u64) -> Value {
-    let limit = limit_mb * 1024 * 1024;
-    let share = match (rss_bytes, limit) {
-        (Some(r), l) if l > 0 => Some(r as f64 / l as f64),
+/// Memory against its limit: `yellow` above 80 % (SPEC §8); the data dir's
+/// disk against its minimum free space: `yellow` below it. `reasons` says
+/// why, for the board.
+pub fn health(r: &Readings) -> Value {
+    let limit = r.memory_limit_mb * 1024 * 1024;
+    let share = match (r.rss_bytes, limit) {
+        (Some(rss), l) if l > 0 => Some(rss as f64 / l as f64),
         _ => None,
     };
-    let status = if share.is_some_and(|s| s > 0.8) {
-        "yellow"
-    } else {
-        "green"
-    };
+    let mut reasons = Vec::new();
+    if share.is_some_and(|s| s > 0.8) {
+        reasons.push("memory over 80 % of its limit".to_string());
+    }
+    if let Some(d) = r.disk.filter(|d| mb(d.free) < r.disk_free_min_mb) {
+        reasons.push(format!(
+            "{} MB free on the data dir's disk, below kaizen.disk_free_min_mb ({} MB)",
+            mb(d.free),
+            r.disk_free_min_mb
+        ));
+    }
     json!({
-        "status": status,
-        "rss_mb": rss_bytes.map(|r| r / (1024 * 1024)),
-        "memory_limit_mb": limit_mb,
+        "status": if reasons.is_empty() { "green" } else { "yellow" },
+        "reasons": reasons,
+        "rss_mb": r.rss_bytes.map(mb),
+        "memory_limit_mb": r.memory_limit_mb,
         "memory_share": share,
+        "disk_free_mb": r.disk.map(|d| mb(d.free)),
+        "disk_total_mb": r.disk.map(|d| mb(d.total)),
+        "disk_free_min_mb": r.disk_free_min_mb,
     })
 }
 
@@ -163,6 +176,7 @@ pub fn report(samples: &[Sample], baseline: Option<&Value>, health: Value) -> Va
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::health::Disk;
 
     fn s(stage: &'static str, label: &str, tenant: &str, micros: u64) -> Sample {
         Sample {
@@ -182,7 +196,7 @@ mod tests {
         }
         v.push(s("receipt", "ledger", "hot", 50_000));
         v.push(s("action", "gw", "hot", 40_000));
-        let r = report(&v, None, health(Some(1), 0));
+        let r = report(&v, None, health(&memory(1, 0)));
         assert_eq!(r["bottleneck"], "receipt");
         let total = 8.0 * 100.0 + 8.0 * 1000.0 + 50_000.0 + 40_000.0;
         let receipt = r["stages"]
@@ -206,19 +220,67 @@ mod tests {
         let before: Vec<Sample> = (0..100).map(|_| s("receipt", "l", "t", 1_000)).collect();
         let baseline = json!({"stages": stage_summary(&before)});
         let after: Vec<Sample> = (0..100).map(|_| s("receipt", "l", "t", 3_000)).collect();
-        let r = report(&after, Some(&baseline), health(None, 0));
+        let unread = Readings {
+            rss_bytes: None,
+            ..memory(0, 0)
+        };
+        let r = report(&after, Some(&baseline), health(&unread));
         assert_eq!(r["regressions"][0]["stage"], "receipt");
         assert_eq!(r["regressions"][0]["baseline_p99_ms"], 1.0);
         assert_eq!(r["status"], "yellow");
         // The same figures again: no regression.
-        let r = report(&before, Some(&baseline), health(None, 0));
+        let r = report(&before, Some(&baseline), health(&unread));
         assert!(r["regressions"].as_array().unwrap().is_empty());
+    }
+
+    fn memory(rss_mb: u64, memory_limit_mb: u64) -> Readings {
+        Readings {
+            rss_bytes: Some(rss_mb * 1024 * 1024),
+            memory_limit_mb,
+            disk: None,
+            disk_free_min_mb: 0,
+        }
     }
 
     #[test]
     fn memory_over_80_percent_of_the_limit_is_yellow() {
-        assert_eq!(health(Some(900 * 1024 * 1024), 1000)["status"], "yellow");
-        assert_eq!(health(Some(700 * 1024 * 1024), 1000)["status"], "green");
-        assert_eq!(health(Some(700 * 1024 * 1024), 0)["status"], "green");
+        assert_eq!(health(&memory(900, 1000))["status"], "yellow");
+        assert_eq!(
+            health(&memory(900, 1000))["reasons"],
+            json!(["memory over 80 % of its limit"])
+        );
+        assert_eq!(health(&memory(700, 1000))["status"], "green");
+        assert_eq!(health(&memory(700, 0))["status"], "green");
+    }
+
+    #[test]
+    fn less_free_disk_than_the_minimum_is_yellow() {
+        let disk = |free_mb: u64, min: u64| Readings {
+            disk: Some(Disk {
+                free: free_mb * 1024 * 1024,
+                total: 10_000 * 1024 * 1024,
+            }),
+            disk_free_min_mb: min,
+            ..memory(1, 0)
+        };
+        let low = health(&disk(500, 1024));
+        assert_eq!(low["status"], "yellow");
+        assert_eq!(
+            low["reasons"],
+            json!(["500 MB free on the data dir's disk, below kaizen.disk_free_min_mb (1024 MB)"])
+        );
+        assert_eq!(
+            (&low["disk_free_mb"], &low["disk_total_mb"]),
+            (&json!(500), &json!(10_000))
+        );
+        assert_eq!(health(&disk(2000, 1024))["status"], "green");
+        assert_eq!(health(&disk(500, 0))["status"], "green", "0: no check");
+        // Both at once: both reasons.
+        let both = Readings {
+            disk: disk(5, 1024).disk,
+            disk_free_min_mb: 1024,
+            ..memory(900, 1000)
+        };
+        assert_eq!(health(&both)["reasons"].as_array().unwrap().len(), 2);
     }
 }

@@ -98,7 +98,7 @@ fn status(
     breakers: &[tai_jidoka::BreakerInfo],
     engines: &std::collections::HashMap<EngineState, usize>,
     queue: Option<&QueueStats>,
-    memory_yellow: bool,
+    health_reasons: &[String],
 ) -> (&'static str, Vec<String>) {
     let mut red = Vec::new();
     let mut yellow = Vec::new();
@@ -132,9 +132,7 @@ fn status(
             }
         }
     }
-    if memory_yellow {
-        yellow.push("memory over 80 % of its limit".into());
-    }
+    yellow.extend_from_slice(health_reasons);
     if !red.is_empty() {
         ("red", red)
     } else if !yellow.is_empty() {
@@ -164,16 +162,15 @@ pub async fn snapshot(state: &NodeState) -> Value {
     let queue = crate::operator::call(KANBAN_QUEUE, KanbanMsg::Stats)
         .await
         .ok();
-    let health = tai_kaizen::report::health(
-        tai_kaizen::health::rss_bytes(),
-        state.config.kaizen.memory_limit_mb,
-    );
+    let health = tai_kaizen::report::health(&tai_kaizen::health::readings(&state.config));
+    let health_reasons: Vec<String> =
+        serde_json::from_value(health["reasons"].clone()).unwrap_or_default();
     let (status, reasons) = status(
         &layers_down,
         &breakers,
         &engines,
         queue.as_ref(),
-        health["status"] == "yellow",
+        &health_reasons,
     );
     let (mut latencies, outcomes) = tai_core::kaizen::recent();
     latencies.sort_unstable();

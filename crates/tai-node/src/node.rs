@@ -43,7 +43,7 @@ pub fn root_spec(
         ))
         .child(ChildSpec::supervisor(
             KAIZEN_SUP,
-            tai_kaizen::supervisor_spec(config.kaizen.memory_limit_mb),
+            tai_kaizen::supervisor_spec(config),
         ))
         .child(ChildSpec::supervisor(
             ANDON_SUP,

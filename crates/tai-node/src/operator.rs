@@ -340,10 +340,7 @@ fn kaizen_baseline(state: &NodeState) -> Option<serde_json::Value> {
 
 /// `GET /admin/kaizen`: the bottleneck report over the recent samples.
 fn kaizen_report(state: &NodeState) -> Response {
-    let health = tai_kaizen::report::health(
-        tai_kaizen::health::rss_bytes(),
-        state.config.kaizen.memory_limit_mb,
-    );
+    let health = tai_kaizen::report::health(&tai_kaizen::health::readings(&state.config));
     let samples = tai_core::kaizen::samples();
     let report = tai_kaizen::report::report(&samples, kaizen_baseline(state).as_ref(), health);
     json_reply(StatusCode::OK, &report)
