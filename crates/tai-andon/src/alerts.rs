@@ -249,7 +249,7 @@ impl Actor for Alerts {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<AlertMsg>,
+        myself: ActorRef<AlertMsg>,
         config: AlertsConfig,
     ) -> Result<AlertsState, ActorProcessingErr> {
         // Redirects are not followed: a POST turned into a GET is no delivery.
@@ -257,14 +257,27 @@ impl Actor for Alerts {
             .user_agent(concat!("tai-node/", env!("CARGO_PKG_VERSION")))
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
-        Ok(AlertsState {
+        let mut st = AlertsState {
             config,
             client,
             next_id: 0,
             last_sent: HashMap::new(),
             recent: VecDeque::new(),
             lines: HashMap::new(),
-        })
+        };
+        // Raised while this router did not run, before anything sent to it
+        // now (its name is registered already): in the order raised.
+        let kept = tai_core::alert::take_pending();
+        if !kept.is_empty() {
+            info!(
+                alerts = kept.len(),
+                "routing the alerts raised while andon_alerts was not running"
+            );
+        }
+        for a in kept {
+            Self::raise(&myself, &mut st, a);
+        }
+        Ok(st)
     }
 
     async fn handle(
@@ -308,6 +321,65 @@ mod tests {
         let mut a = Alert::new(Severity::Warning, "k", "key", "src", "summary");
         a.at_ms = at_ms;
         a
+    }
+
+    /// Alerts raised while the router does not run (before it starts, as
+    /// its layer restarts) reach it when it starts, in the order raised;
+    /// they used to be only logged. Then it takes alerts as before.
+    #[tokio::test]
+    async fn alerts_raised_while_the_router_is_down_reach_it_when_it_starts() {
+        use tai_core::msg::ANDON_ALERTS;
+        let alert = |key: &str, resolve: bool| {
+            let a = Alert::new(
+                Severity::Critical,
+                "layer_restart",
+                key,
+                "andon_sup",
+                "down",
+            );
+            if resolve {
+                a.resolved()
+            } else {
+                a
+            }
+        };
+        let recent = |a: &ActorRef<AlertMsg>| {
+            let a = a.clone();
+            async move {
+                let list = ractor::call!(a, AlertMsg::Recent).unwrap();
+                list.iter()
+                    .map(|r| (r["key"].as_str().unwrap().to_string(), r["resolve"] == true))
+                    .collect::<Vec<_>>()
+            }
+        };
+        tai_core::alert::raise(alert("early-1", false));
+        tai_core::alert::raise(alert("early-2", false));
+        tai_core::alert::raise(alert("early-1", true));
+        let (router, _) = Actor::spawn(Some(ANDON_ALERTS.into()), Alerts, AlertsConfig::default())
+            .await
+            .unwrap();
+        tai_core::alert::raise(alert("late", false));
+        let keys = |v: &[(&str, bool)]| -> Vec<(String, bool)> {
+            v.iter().map(|(k, r)| (k.to_string(), *r)).collect()
+        };
+        assert_eq!(
+            recent(&router).await,
+            keys(&[
+                ("early-1", false),
+                ("early-2", false),
+                ("early-1", true),
+                ("late", false)
+            ])
+        );
+        // Down again (its layer restarting): kept for the next one.
+        router.stop_and_wait(None, None).await.unwrap();
+        tai_core::alert::raise(alert("between", false));
+        let (router, _) = Actor::spawn(Some(ANDON_ALERTS.into()), Alerts, AlertsConfig::default())
+            .await
+            .unwrap();
+        assert_eq!(recent(&router).await, keys(&[("between", false)]));
+        assert!(tai_core::alert::take_pending().is_empty());
+        router.stop_and_wait(None, None).await.unwrap();
     }
 
     #[test]

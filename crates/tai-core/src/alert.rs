@@ -72,14 +72,57 @@ pub enum AlertMsg {
     },
 }
 
-/// Raises an alert. If the alert router is not running (it restarts with
-/// its layer), the alert is logged here instead of being lost silently.
+/// Alerts raised while `andon_alerts` was not running (the node starting,
+/// or its layer restarting), oldest first, until it takes them as it
+/// starts ([`take_pending`]). Bounded: past [`PENDING_MAX`] the oldest go.
+static PENDING: std::sync::Mutex<std::collections::VecDeque<Alert>> =
+    std::sync::Mutex::new(std::collections::VecDeque::new());
+
+/// Alerts kept for `andon_alerts` while it does not run, at most.
+pub const PENDING_MAX: usize = 1024;
+
+fn pending() -> std::sync::MutexGuard<'static, std::collections::VecDeque<Alert>> {
+    PENDING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Raises an alert. If the alert router is not running (it starts after
+/// the layers that raise, and restarts with its layer), the alert is kept
+/// for it, and logged; a critical alert raised as its layer restarts (the
+/// restart itself, say) would otherwise be lost.
 pub fn raise(alert: Alert) {
     crate::kaizen::ALERTS_RAISED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    match ractor::registry::where_is(ANDON_ALERTS) {
-        Some(a) if a.send_message(AlertMsg::Raise(alert.clone())).is_ok() => {}
-        _ => {
-            tracing::warn!(key = %alert.key, severity = alert.severity.as_str(), summary = %alert.summary, "alert raised while andon_alerts is not running")
+    let router = ractor::registry::where_is(ANDON_ALERTS);
+    if router.is_some_and(|a| a.send_message(AlertMsg::Raise(alert.clone())).is_ok()) {
+        return;
+    }
+    tracing::warn!(key = %alert.key, severity = alert.severity.as_str(), summary = %alert.summary, "alert raised while andon_alerts is not running: kept until it runs");
+    {
+        let mut p = pending();
+        if p.len() >= PENDING_MAX {
+            if let Some(old) = p.pop_front() {
+                tracing::warn!(key = %old.key, kept = PENDING_MAX, "an alert kept for andon_alerts dropped: too many wait");
+            }
+        }
+        p.push_back(alert);
+    }
+    // It may have started (and taken what waited) since the look-up.
+    if let Some(a) = ractor::registry::where_is(ANDON_ALERTS) {
+        let mut p = pending();
+        while let Some(kept) = p.pop_front() {
+            if let Err(e) = a.send_message(AlertMsg::Raise(kept)) {
+                if let ractor::MessagingErr::SendErr(AlertMsg::Raise(kept)) = e {
+                    p.push_front(kept);
+                }
+                break;
+            }
         }
     }
+}
+
+/// The alerts kept while `andon_alerts` was not running, oldest first; it
+/// takes them as it starts.
+pub fn take_pending() -> Vec<Alert> {
+    pending().drain(..).collect()
 }
