@@ -326,6 +326,17 @@ fn ack_when_durable(store: &Store, seqs: Vec<u64>, ack: impl FnOnce(Vec<u64>) + 
     });
 }
 
+/// Whether an engine's (re)start counts a delivery attempt against the
+/// oldest signal it held: only a restart after a crash that may be that
+/// signal's doing. Not after a failed commit (the ledger's store failed,
+/// not the signal), and not on a store that has failed for good (a full
+/// disk): every read then fails too, and an engine crashing on one in a
+/// loop made poison of the signal it held within milliseconds (soak seed
+/// 209: "could not dead-letter a poison signal", the store being gone).
+fn counts_an_attempt(incarnation: u32, commit_failed: bool, store_failed: bool) -> bool {
+    incarnation > 0 && !commit_failed && !store_failed
+}
+
 fn send_to_queue(msg: KanbanMsg) {
     if let Some(q) = ractor::registry::where_is(KANBAN_QUEUE) {
         let _ = q.send_message(msg);
@@ -1027,10 +1038,15 @@ impl Actor for Engine {
         // Whatever Kanban had sent to an earlier incarnation died with its
         // mailbox (none did when the router starts a fresh one).
         if st.incarnation > 0 || !st.fresh {
+            let commit_failed = st.commit_failed.swap(false, Ordering::SeqCst);
             send_to_queue(KanbanMsg::Redeliver {
                 tenant_id: st.tenant_id.clone(),
                 sku_id: st.sku_id.clone(),
-                after_crash: st.incarnation > 0 && !st.commit_failed.swap(false, Ordering::SeqCst),
+                after_crash: counts_an_attempt(
+                    st.incarnation,
+                    commit_failed,
+                    st.store.has_failed(),
+                ),
             });
         }
         Ok(())
@@ -1141,6 +1157,22 @@ impl Actor for Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only a crash that may be a signal's doing counts an attempt: not a
+    /// first start, not a failed commit, and not anything on a store that
+    /// failed (a real one, on a tmpfs filled up).
+    #[test]
+    fn a_restart_on_a_failed_store_counts_no_attempt() {
+        let disk = tai_store::tmpfs::TmpfsStore::open("2m");
+        let store = disk.store.clone();
+        assert!(!store.has_failed());
+        assert!(counts_an_attempt(1, false, store.has_failed()));
+        assert!(!counts_an_attempt(0, false, store.has_failed()));
+        assert!(!counts_an_attempt(3, true, store.has_failed()));
+        let _ = tai_store::tmpfs::fill(&store);
+        assert!(store.has_failed(), "a full disk fails the store");
+        assert!(!counts_an_attempt(1, false, store.has_failed()));
+    }
 
     /// A redelivered signal found decided is acknowledged once the store
     /// made durable what it read, and never on a store whose flush failed

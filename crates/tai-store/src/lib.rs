@@ -714,6 +714,11 @@ impl Store {
         Ok(next)
     }
 
+    /// Whether the store has failed for good (see [`Store::failed`]).
+    pub fn has_failed(&self) -> bool {
+        self.commit.failure().is_some()
+    }
+
     /// Whether the store answers a read: the readiness probe.
     pub fn ping(&self) -> Result<()> {
         if let Some(reason) = self.commit.failure() {
