@@ -17,7 +17,8 @@ use tai_core::telemetry as t;
 use tracing::warn;
 
 pub const KAIZEN_HEALTH: &str = "kaizen_health";
-const RAISE_AT: f64 = 0.80;
+/// Memory above this share of its limit is high (SPEC §8: yellow).
+pub(crate) const RAISE_AT: f64 = 0.80;
 const RESOLVE_BELOW: f64 = 0.70;
 
 #[derive(Clone, Copy, Debug)]

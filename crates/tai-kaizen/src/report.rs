@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::health::{mb, Readings};
+use crate::health::{mb, Readings, RAISE_AT};
 use serde_json::{json, Value};
 use tai_core::kaizen::{Sample, STAGES};
 
@@ -65,17 +65,13 @@ fn shares<'a>(ops: &[&'a Sample], total: u64, key: impl Fn(&'a Sample) -> &'a st
         .collect()
 }
 
-/// Memory against its limit: `yellow` above 80 % (SPEC §8); the data dir's
-/// disk against its minimum free space: `yellow` below it. `reasons` says
-/// why, for the board.
-pub fn health(r: &Readings) -> Value {
-    let limit = r.memory_limit_mb * 1024 * 1024;
-    let share = match (r.rss_bytes, limit) {
-        (Some(rss), l) if l > 0 => Some(rss as f64 / l as f64),
-        _ => None,
-    };
+/// Why the node is not green for its memory and disk, if it is not:
+/// memory above 80 % of its limit (SPEC §8: yellow), less free space on
+/// the data dir's disk than `kaizen.disk_free_min_mb`. The board shows
+/// these as its yellow reasons.
+pub fn health_reasons(r: &Readings) -> Vec<String> {
     let mut reasons = Vec::new();
-    if share.is_some_and(|s| s > 0.8) {
+    if memory_share(r).is_some_and(|s| s > RAISE_AT) {
         reasons.push("memory over 80 % of its limit".to_string());
     }
     if let Some(d) = r.disk.filter(|d| mb(d.free) < r.disk_free_min_mb) {
@@ -85,12 +81,26 @@ pub fn health(r: &Readings) -> Value {
             r.disk_free_min_mb
         ));
     }
+    reasons
+}
+
+fn memory_share(r: &Readings) -> Option<f64> {
+    let limit = r.memory_limit_mb * 1024 * 1024;
+    r.rss_bytes
+        .filter(|_| limit > 0)
+        .map(|rss| rss as f64 / limit as f64)
+}
+
+/// Memory against its limit and the data dir's disk against its minimum
+/// free space: `yellow` with [`health_reasons`], else `green`.
+pub fn health(r: &Readings) -> Value {
+    let reasons = health_reasons(r);
     json!({
         "status": if reasons.is_empty() { "green" } else { "yellow" },
         "reasons": reasons,
         "rss_mb": r.rss_bytes.map(mb),
         "memory_limit_mb": r.memory_limit_mb,
-        "memory_share": share,
+        "memory_share": memory_share(r),
         "disk_free_mb": r.disk.map(|d| mb(d.free)),
         "disk_total_mb": r.disk.map(|d| mb(d.total)),
         "disk_free_min_mb": r.disk_free_min_mb,

@@ -162,9 +162,9 @@ pub async fn snapshot(state: &NodeState) -> Value {
     let queue = crate::operator::call(KANBAN_QUEUE, KanbanMsg::Stats)
         .await
         .ok();
-    let health = tai_kaizen::report::health(&tai_kaizen::health::readings(&state.config));
-    let health_reasons: Vec<String> =
-        serde_json::from_value(health["reasons"].clone()).unwrap_or_default();
+    let readings = tai_kaizen::health::readings(&state.config);
+    let health = tai_kaizen::report::health(&readings);
+    let health_reasons = tai_kaizen::report::health_reasons(&readings);
     let (status, reasons) = status(
         &layers_down,
         &breakers,

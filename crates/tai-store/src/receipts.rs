@@ -473,7 +473,10 @@ mod tests {
                 );
             }
         }
-        assert!(decode_block_of(b"r/x", &whole, Some("acme")).unwrap().len() == 9);
+        assert_eq!(
+            decode_block_of(b"r/x", &whole, Some("acme")).unwrap().len(),
+            9
+        );
     }
 
     #[test]
