@@ -48,14 +48,36 @@ pub(crate) fn decode_versioned<T: DeserializeOwned>(
     };
     match bytes.split_first() {
         Some((&v, rest)) if v == version => {
-            let (v, used) = bincode::serde::decode_from_slice(rest, bincode::config::standard())
-                .map_err(|e| corrupt(e.to_string()))?;
+            let (v, used) = decode_bounded(rest).map_err(|e| corrupt(e.to_string()))?;
             if used != rest.len() {
                 return Err(corrupt("trailing bytes after the value".into()));
             }
             Ok(v)
         }
         _ => Err(corrupt("not a value of this kind".into())),
+    }
+}
+
+/// Decodes `bytes` with a limit on what bincode may allocate for them.
+/// bincode allocates a string (or byte string) as long as its length says
+/// before it reads it; a damaged length would ask for exabytes and abort
+/// the process. bincode's limit counts those lengths, and in a value that
+/// reads they sum to less than the value's own size (each string's bytes
+/// are in it), so any limit at least that size refuses only damage. The
+/// limit is a constant: the smallest of a few that holds the value is
+/// used, so a damaged value allocates at most 1 MiB, or 16 times its size
+/// (a value past 4 GiB, which the node never writes, would not read).
+fn decode_bounded<T: DeserializeOwned>(
+    bytes: &[u8],
+) -> std::result::Result<(T, usize), bincode::error::DecodeError> {
+    use bincode::config::standard;
+    use bincode::serde::decode_from_slice;
+    const MIB: usize = 1 << 20;
+    match bytes.len() {
+        n if n <= MIB => decode_from_slice(bytes, standard().with_limit::<MIB>()),
+        n if n <= 16 * MIB => decode_from_slice(bytes, standard().with_limit::<{ 16 * MIB }>()),
+        n if n <= 256 * MIB => decode_from_slice(bytes, standard().with_limit::<{ 256 * MIB }>()),
+        _ => decode_from_slice(bytes, standard().with_limit::<{ 4096 * MIB }>()),
     }
 }
 
@@ -236,10 +258,10 @@ pub(crate) fn decode_block(key: &[u8], bytes: &[u8]) -> Result<Vec<Delivery>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn record(reason: Option<&str>) -> SignalRecord {
+    pub(crate) fn record(reason: Option<&str>) -> SignalRecord {
         SignalRecord {
             signal_id: "pay-1".into(),
             tenant_id: "acme".into(),

@@ -47,6 +47,8 @@
 //! sled's asynchronous flush from many tasks (it deadlocked under concurrency, sled #1308).
 
 mod codec;
+#[cfg(test)]
+mod damage;
 mod group_commit;
 mod known;
 mod packed;

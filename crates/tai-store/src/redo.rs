@@ -55,7 +55,7 @@ impl Ops {
         }
     }
 
-    fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         for (k, v) in &self.0 {
             out.extend_from_slice(&(k.len() as u32).to_be_bytes());
@@ -72,7 +72,7 @@ impl Ops {
         out
     }
 
-    fn decode(mut b: &[u8]) -> Option<Ops> {
+    pub(crate) fn decode(mut b: &[u8]) -> Option<Ops> {
         let mut ops = Vec::new();
         let take = |b: &mut &[u8], n: usize| -> Option<Vec<u8>> {
             let (head, rest) = (b.get(..n)?, b.get(n..)?);
@@ -171,10 +171,15 @@ pub(crate) fn recover(
         .scan_prefix(b"w/")
         .collect::<std::result::Result<_, _>>()?;
     for (k, v) in pending {
-        let ops = Ops::decode(&v).ok_or_else(|| crate::StoreError::Corrupt {
+        let corrupt = |message: &str| crate::StoreError::Corrupt {
             key: String::from_utf8_lossy(&k).into_owned(),
-            message: "undecodable redo record".into(),
-        })?;
+            message: message.into(),
+        };
+        // The store writes these keys itself, `w/` and 8 bytes of id.
+        let id = <[u8; 8]>::try_from(&k[2..])
+            .map(u64::from_be_bytes)
+            .map_err(|_| corrupt("a redo record under a key that is not `w/` and an 8-byte id"))?;
+        let ops = Ops::decode(&v).ok_or_else(|| corrupt("undecodable redo record"))?;
         if applied(&ops) {
             retained += 1;
             apply_some(db, &ops, |k| under(k, deferred))?;
@@ -186,7 +191,7 @@ pub(crate) fn recover(
             apply_ops(db, &ops)?;
         }
         db.remove(&k)?;
-        next = next.max(u64::from_be_bytes(k[2..10].try_into().unwrap_or_default()) + 1);
+        next = next.max(id + 1);
     }
     if retained > 0 {
         tracing::info!(
@@ -251,6 +256,24 @@ mod tests {
         apply_retaining(&db, 5, &first, &[b"e/"]).unwrap();
         forget(&db, 5).unwrap();
         assert_eq!(db.scan_prefix(b"w/").count(), 0);
+    }
+
+    #[test]
+    fn a_record_under_a_key_the_store_never_writes_is_named_not_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let mut ops = Ops::default();
+        ops.insert(b"s/1", b"decided");
+        db.insert(b"w/short", ops.encode()).unwrap();
+        match recover(&db, &[], |_| false) {
+            Err(crate::StoreError::Corrupt { key, message }) => {
+                assert_eq!(key, "w/short");
+                assert!(message.contains("8-byte id"), "{message}");
+            }
+            other => panic!("expected a corrupt-record error, got {other:?}"),
+        }
+        assert!(db.get(b"s/1").unwrap().is_none(), "nothing applied");
+        assert!(db.get(b"w/short").unwrap().is_some(), "nothing removed");
     }
 
     #[test]
