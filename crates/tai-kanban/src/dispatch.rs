@@ -522,4 +522,170 @@ mod tests {
         }
         assert_eq!(seqs(&q.take(9, 2, now)), [4, 5]);
     }
+
+    /// What the dispatcher is told, in any order.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Push { tenant: u8, sku: u8 },
+        Take { wip: u32, prefetch: u32 },
+        Ack(prop::sample::Index),
+        Park(prop::sample::Index),
+        Unpark(prop::sample::Index),
+        RedeliverEngine(prop::sample::Index, bool),
+        Expired(bool),
+        RedeliverAll,
+        ClearReady,
+    }
+
+    use proptest::prelude::*;
+
+    fn op() -> impl Strategy<Value = Op> {
+        let pick = any::<prop::sample::Index>;
+        prop_oneof![
+            4 => (0..4u8, 0..2u8).prop_map(|(tenant, sku)| Op::Push { tenant, sku }),
+            3 => (1..8u32, 1..4u32).prop_map(|(wip, prefetch)| Op::Take { wip, prefetch }),
+            3 => pick().prop_map(Op::Ack),
+            1 => pick().prop_map(Op::Park),
+            1 => pick().prop_map(Op::Unpark),
+            1 => (pick(), any::<bool>()).prop_map(|(i, c)| Op::RedeliverEngine(i, c)),
+            1 => any::<bool>().prop_map(Op::Expired),
+            1 => Just(Op::RedeliverAll),
+            1 => Just(Op::ClearReady),
+        ]
+    }
+
+    /// The dispatcher's bookkeeping, kept the plain way.
+    #[derive(Default)]
+    struct Model {
+        ready: std::collections::BTreeMap<String, VecDeque<u64>>,
+        /// seq: (tenant, sku, parked)
+        in_flight: std::collections::BTreeMap<u64, (String, String, bool)>,
+    }
+
+    impl Model {
+        fn working(&self, engine: Option<(&str, &str)>) -> u64 {
+            self.in_flight
+                .values()
+                .filter(|(t, s, parked)| {
+                    !parked && engine.is_none_or(|(et, es)| et == t && es == s)
+                })
+                .count() as u64
+        }
+    }
+
+    fn pick_flight(m: &Model, i: &prop::sample::Index) -> Option<u64> {
+        (!m.in_flight.is_empty()).then(|| *i.get(&m.in_flight.keys().copied().collect::<Vec<_>>()))
+    }
+
+    proptest! {
+        /// Whatever happens in whatever order: the counts agree with what
+        /// was pushed, sent and settled; a tenant's signals go out in its
+        /// order; a take keeps to the WIP limit and each engine's prefetch,
+        /// and stops short only when every tenant waiting is held by its
+        /// engine's prefetch (nobody is left out of the turns).
+        #[test]
+        fn the_bookkeeping_agrees_with_a_plain_model(ops in prop::collection::vec(op(), 1..120)) {
+            let mut q = Dispatch::default();
+            let mut m = Model::default();
+            let mut seq = 0u64;
+            let now = Instant::now();
+            let mut skus: HashMap<u64, String> = HashMap::new();
+            for op in ops {
+                match op {
+                    Op::Push { tenant, sku } => {
+                        seq += 1;
+                        let (t, s) = (format!("t{tenant}"), format!("k{sku}"));
+                        q.push(d(seq, &t, &s));
+                        skus.insert(seq, s);
+                        m.ready.entry(t).or_default().push_back(seq);
+                    }
+                    Op::Take { wip, prefetch } => {
+                        let before = q.working_len();
+                        let out = q.take(wip, prefetch, now);
+                        for x in &out {
+                            let t = &x.signal.tenant_id;
+                            let head = m.ready.get_mut(t).and_then(VecDeque::pop_front);
+                            prop_assert_eq!(head, Some(x.seq), "{}'s signals out of order", t);
+                            if m.ready[t].is_empty() {
+                                m.ready.remove(t);
+                            }
+                            m.in_flight.insert(x.seq, (t.clone(), x.signal.sku_id.clone(), false));
+                            let engine = (t.as_str(), x.signal.sku_id.as_str());
+                            prop_assert!(m.working(Some(engine)) <= u64::from(prefetch));
+                        }
+                        if !out.is_empty() {
+                            prop_assert!(q.working_len() <= u64::from(wip).max(before));
+                        }
+                        if q.working_len() < u64::from(wip) {
+                            for (t, waiting) in &m.ready {
+                                let s = &skus[&waiting[0]];
+                                prop_assert!(
+                                    m.working(Some((t, s))) >= u64::from(prefetch),
+                                    "{}'s next signal was left out with room to send it", t
+                                );
+                            }
+                        }
+                    }
+                    Op::Ack(i) => {
+                        if let Some(s) = pick_flight(&m, &i) {
+                            prop_assert!(q.ack(s));
+                            m.in_flight.remove(&s);
+                        }
+                        prop_assert!(!q.ack(seq + 1), "not in flight");
+                    }
+                    Op::Park(i) | Op::Unpark(i) => {
+                        let to = matches!(op, Op::Park(_));
+                        if let Some(s) = pick_flight(&m, &i) {
+                            if to { q.park(&[s]) } else { q.unpark(&[s], now) }
+                            m.in_flight.get_mut(&s).unwrap().2 = to;
+                        }
+                    }
+                    Op::RedeliverEngine(i, crash) => {
+                        if let Some(s) = pick_flight(&m, &i) {
+                            let (t, k, _) = m.in_flight[&s].clone();
+                            let out = q.redeliver_engine(&t, &k, crash, now);
+                            let mut theirs: Vec<u64> = Vec::new();
+                            for (seq, f) in m.in_flight.iter_mut() {
+                                if f.0 == t && f.1 == k {
+                                    f.2 = false;
+                                    theirs.push(*seq);
+                                }
+                            }
+                            prop_assert_eq!(out.iter().map(|(d, _)| d.seq).collect::<Vec<_>>(), theirs);
+                        }
+                    }
+                    Op::Expired(runs) => {
+                        let out = q.expired(std::time::Duration::ZERO, now, |_| runs);
+                        let working: Vec<u64> = m.in_flight.iter().filter(|(_, f)| !f.2).map(|(s, _)| *s).collect();
+                        prop_assert_eq!(out.iter().map(|(d, _)| d.seq).collect::<Vec<_>>(), working);
+                    }
+                    Op::RedeliverAll => {
+                        let out = q.redeliver_all(now);
+                        prop_assert_eq!(seqs(&out), m.in_flight.keys().copied().collect::<Vec<_>>());
+                        for f in m.in_flight.values_mut() {
+                            f.2 = false;
+                        }
+                    }
+                    Op::ClearReady => {
+                        let mut out = seqs(&q.clear_ready());
+                        out.sort_unstable();
+                        let mut was: Vec<u64> = m.ready.values().flatten().copied().collect();
+                        was.sort_unstable();
+                        prop_assert_eq!(out, was);
+                        m.ready.clear();
+                    }
+                }
+                let ready: u64 = m.ready.values().map(|r| r.len() as u64).sum();
+                prop_assert_eq!(q.ready_len(), ready);
+                prop_assert_eq!(q.in_flight_len(), m.in_flight.len() as u64);
+                prop_assert_eq!(q.working_len(), m.working(None));
+                for (engine, n) in &q.per_engine.0 {
+                    prop_assert_eq!(u64::from(*n), m.working(Some((&engine.0.tenant_id, &engine.0.sku_id))));
+                }
+                let mut turn: Vec<&str> = q.turn.iter().map(|t| t.0.tenant_id.as_str()).collect();
+                turn.sort_unstable();
+                prop_assert_eq!(turn, m.ready.keys().map(String::as_str).collect::<Vec<_>>(), "each waiting tenant in the turns once");
+            }
+        }
+    }
 }
