@@ -61,24 +61,41 @@ pub(crate) fn decode_versioned<T: DeserializeOwned>(
 /// Decodes `bytes` with a limit on what bincode may allocate for them.
 /// bincode allocates a string (or byte string) as long as its length says
 /// before it reads it; a damaged length would ask for exabytes and abort
-/// the process. bincode's limit counts those lengths, and in a value that
-/// reads they sum to less than the value's own size (each string's bytes
-/// are in it), so any limit at least that size refuses only damage. The
-/// limit is a constant: the smallest of a few that holds the value is
-/// used, so a damaged value allocates at most 1 MiB, or 16 times its size
-/// (a value past 4 GiB, which the node never writes, would not read).
+/// the process. bincode's limit counts what it decodes: a string's length,
+/// and for each number its size in memory (8 for a u64, 16 for a u128),
+/// however few bytes its varint took. Each of those takes at least one
+/// byte of the value, so a value that reads claims at most 16 times its
+/// own size, and a limit of that refuses only damage. The limit is a
+/// constant: the smallest that holds the value is taken from a few
+/// (steps of 4 from 1 MiB), so a damaged value allocates at most 1 MiB,
+/// or 64 times its size. (A value past 1 GiB, which the node never
+/// writes, is read without a limit.)
 fn decode_bounded<T: DeserializeOwned>(
     bytes: &[u8],
 ) -> std::result::Result<(T, usize), bincode::error::DecodeError> {
     use bincode::config::standard;
     use bincode::serde::decode_from_slice;
-    const MIB: usize = 1 << 20;
-    match bytes.len() {
-        n if n <= MIB => decode_from_slice(bytes, standard().with_limit::<MIB>()),
-        n if n <= 16 * MIB => decode_from_slice(bytes, standard().with_limit::<{ 16 * MIB }>()),
-        n if n <= 256 * MIB => decode_from_slice(bytes, standard().with_limit::<{ 256 * MIB }>()),
-        _ => decode_from_slice(bytes, standard().with_limit::<{ 4096 * MIB }>()),
+    macro_rules! by_size {
+        ($($most:expr),*) => {
+            $(
+                if bytes.len() <= $most {
+                    return decode_from_slice(bytes, standard().with_limit::<{ 16 * $most }>());
+                }
+            )*
+        };
     }
+    const KIB: usize = 1 << 10;
+    by_size!(
+        64 * KIB,
+        256 * KIB,
+        1024 * KIB,
+        4096 * KIB,
+        16384 * KIB,
+        65536 * KIB,
+        262144 * KIB,
+        1048576 * KIB
+    );
+    decode_from_slice(bytes, standard())
 }
 
 /// A signal record (`s/`), borrowed to write, owned when read.

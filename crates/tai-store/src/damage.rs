@@ -372,3 +372,36 @@ proptest! {
         prop_assert_eq!(codec::decode_record(b"s/acme\0pay-1", &codec::encode_record(&r)).unwrap(), r);
     }
 }
+
+#[test]
+fn a_block_of_many_small_signals_reads_back() {
+    // bincode's limit counts each number as its size in memory (8 bytes
+    // for a u64 whose varint took one), so a block of small signals
+    // claims several times its own size: the limit must allow for that
+    // (a block of 88,022 signals moved from the amqp backend's buffer
+    // once failed to read under a limit of its size: soak seed 215).
+    for n in [1_000u64, 30_000, 200_000] {
+        let deliveries: Vec<Delivery> = (1..=n)
+            .map(|seq| Delivery {
+                seq,
+                signal: Arc::new(Signal {
+                    id: "a".into(),
+                    tenant_id: "t".into(),
+                    sku_id: "k".into(),
+                    kind: "p".into(),
+                    critical: false,
+                    payload: Payload::default(),
+                    received_at_ms: 0,
+                    trace_id: None,
+                    traceparent: None,
+                }),
+                redelivered: false,
+            })
+            .collect();
+        let bytes = codec::encode_block(&deliveries);
+        let back = codec::decode_block(b"q/x", &bytes)
+            .unwrap_or_else(|e| panic!("{n} signals in {} bytes: {e}", bytes.len()));
+        assert_eq!(back.len() as u64, n);
+        assert_eq!(back.last().map(|d| d.seq), Some(n));
+    }
+}
