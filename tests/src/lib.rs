@@ -875,7 +875,22 @@ impl Drop for QueueCleanup {
                 .build()
                 .expect("runtime");
             // The node's own clean-up: every queue and exchange it declares.
-            let _ = rt.block_on(tai_kanban::amqp::delete_topology(AMQP_URL, &queue));
+            // Again until it goes through: right after a test restarts the
+            // broker, a queue it is still recovering cannot be deleted yet
+            // (a watch queue was left behind so).
+            let end = Instant::now() + Duration::from_secs(20);
+            rt.block_on(async {
+                loop {
+                    match tai_kanban::amqp::delete_topology(AMQP_URL, &queue).await {
+                        Ok(()) => return,
+                        Err(e) if Instant::now() >= end => {
+                            eprintln!("could not delete the test queue {queue}: {e}");
+                            return;
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                    }
+                }
+            });
         })
         .join();
     }
