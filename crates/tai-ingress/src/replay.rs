@@ -202,4 +202,109 @@ mod tests {
         assert_eq!(c.len(), 1);
         assert!(c.check_and_insert("a", "s1", 1000, 1090), "dropped early");
     }
+
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// A request of tenant `a` or `b`, its signature numbered `sig`,
+        /// timestamped `skew` seconds from now (inside the window, as
+        /// ingress checks first). A signature covers its timestamp, so the
+        /// same signature always comes with the same one.
+        Check { tenant: bool, sig: u8, skew: i64 },
+        /// A request seen before, again.
+        Replay(prop::sample::Index),
+        /// One seen before, not accepted after all.
+        Remove(prop::sample::Index),
+        /// The clock moves on.
+        Advance(u64),
+    }
+
+    const WINDOW: u64 = 300;
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (any::<bool>(), 0..6u8, -(WINDOW as i64)..=WINDOW as i64)
+                .prop_map(|(tenant, sig, skew)| Op::Check { tenant, sig, skew }),
+            3 => any::<prop::sample::Index>().prop_map(Op::Replay),
+            1 => any::<prop::sample::Index>().prop_map(Op::Remove),
+            2 => (0..200u64).prop_map(Op::Advance),
+        ]
+    }
+
+    proptest! {
+        /// Against a plain list of what was let in: a request is let in
+        /// once, refused again while it can still be presented (its
+        /// timestamp inside the window), let in again once it could not
+        /// be, or once it was forgotten. With a small bound, what is new
+        /// is still always let in, and the bound holds.
+        #[test]
+        fn a_request_is_let_in_once_while_it_can_be_presented(
+            ops in prop::collection::vec(op(), 1..150),
+            bounded in any::<bool>(),
+        ) {
+            let max = if bounded { 5 } else { 100_000 };
+            let mut c = ReplayCache::new(WINDOW, max);
+            let mut now = 10_000u64;
+            // (tenant, signature, timestamp) of what was let in, and
+            // whether it is held still (not removed).
+            let mut seen: Vec<(String, String, u64, bool)> = Vec::new();
+            for op in ops {
+                let (tenant, sig, ts) = match op {
+                    Op::Advance(dt) => {
+                        now += dt;
+                        continue;
+                    }
+                    Op::Remove(i) => {
+                        if !seen.is_empty() {
+                            let s = i.get(&seen).clone();
+                            c.remove(&s.0, &s.1, s.2);
+                            for x in seen.iter_mut().filter(|x| (&x.0, &x.1) == (&s.0, &s.1)) {
+                                x.3 = false;
+                            }
+                        }
+                        continue;
+                    }
+                    Op::Check { tenant, sig, skew } => {
+                        let ts = now.saturating_add_signed(skew);
+                        let t = if tenant { "a" } else { "b" };
+                        (t.to_string(), format!("s{sig}@{ts}"), ts)
+                    }
+                    Op::Replay(i) => {
+                        if seen.is_empty() {
+                            continue;
+                        }
+                        let s = i.get(&seen).clone();
+                        (s.0, s.1, s.2)
+                    }
+                };
+                if ts.abs_diff(now) > WINDOW {
+                    // Refused as stale before the cache is asked.
+                    continue;
+                }
+                let held = seen.iter().any(|x| x.0 == tenant && x.1 == sig && x.3);
+                let let_in = c.check_and_insert(&tenant, &sig, ts, now);
+                if !held {
+                    prop_assert!(let_in, "a new request refused: {} {} at {}", tenant, sig, now);
+                } else if !bounded {
+                    prop_assert!(!let_in, "a replay let in: {} {} at {}", tenant, sig, now);
+                }
+                if let_in {
+                    seen.retain(|x| !(x.0 == tenant && x.1 == sig));
+                    seen.push((tenant, sig, ts, true));
+                }
+                prop_assert!(c.len() <= max);
+                // Only what can still be presented is held: a request
+                // whose timestamp's minute left the window has gone.
+                for x in seen.iter_mut() {
+                    if x.2 / 60 * 60 + 60 + WINDOW <= now {
+                        x.3 = false;
+                    }
+                }
+                if !bounded {
+                    prop_assert_eq!(c.len(), seen.iter().filter(|x| x.3).count());
+                }
+            }
+        }
+    }
 }
