@@ -66,9 +66,9 @@ pub(crate) fn decode_versioned<T: DeserializeOwned>(
 /// however few bytes its varint took. Each of those takes at least one
 /// byte of the value, so a value that reads claims at most 16 times its
 /// own size, and a limit of that refuses only damage. The limit is a
-/// constant: the smallest that holds the value is taken from a few
-/// (steps of 4 from 1 MiB), so a damaged value allocates at most 1 MiB,
-/// or 64 times its size. (A value past 1 GiB, which the node never
+/// constant, so it is 16 times the smallest of a few sizes (64 KiB, then
+/// steps of 4) that holds the value: a damaged value allocates at most
+/// 1 MiB, or 64 times its size. (A value past 1 GiB, which the node never
 /// writes, is read without a limit.)
 fn decode_bounded<T: DeserializeOwned>(
     bytes: &[u8],
