@@ -1,5 +1,6 @@
-//! Damaged stored values: whatever a disk, a bad copy or a hand edit leaves
-//! under a key, reading it gives the value or `StoreError::Corrupt` naming
+//! Damaged stored values: whatever a bug, a hand edit or a build that
+//! wrote differently leaves under a key (sled's own checksums catch a
+//! damaged disk), reading it gives the value or `StoreError::Corrupt` naming
 //! the key, never a panic and never an allocation sized by a damaged length
 //! (a panic at open would be a node that cannot start, with no word of
 //! which key is at fault).
