@@ -343,6 +343,10 @@ fn velocity_key(tenant: &str, sku: &str, customer: &str) -> Vec<u8> {
     k
 }
 
+/// Signals in one queue block at most, when the amqp backend's buffer
+/// moves into the embedded queue (a buffer of 88,022 was once one block).
+pub const MOVED_BLOCK_MAX: usize = 4096;
+
 fn seq_of(key: &[u8]) -> u64 {
     key.get(2..10)
         .and_then(|b| <[u8; 8]>::try_from(b).ok())
@@ -1261,7 +1265,9 @@ impl Store {
 
     /// For a node switched from `amqp` to `embedded`, before its queue
     /// starts: moves the fallback buffer's signals into the embedded queue
-    /// as one block after its last, in buffer order, atomically (their
+    /// after its last, in buffer order, in blocks of at most
+    /// [`MOVED_BLOCK_MAX`] (a block goes only once all its signals are
+    /// decided, and is read whole at each start), atomically (their
     /// `accepted` records stay, and one missing is written; one decided
     /// meanwhile is only dropped from the buffer). Returns how many moved.
     /// Durable with the next flush.
@@ -1294,8 +1300,10 @@ impl Store {
                 redelivered: false,
             });
         }
-        if let Some(first) = deliveries.first() {
-            batch.insert(seq_key(b'q', first.seq), codec::encode_block(&deliveries));
+        for block in deliveries.chunks(MOVED_BLOCK_MAX) {
+            batch.insert(seq_key(b'q', block[0].seq), codec::encode_block(block));
+        }
+        if !deliveries.is_empty() {
             self.note_queue_seq(seq);
         }
         self.atomic(batch)?;

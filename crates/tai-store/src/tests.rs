@@ -1303,6 +1303,31 @@ async fn a_backend_switch_moves_the_undecided_signals_across_and_back() {
     assert_eq!(s.move_buffer_to_queue().unwrap(), 0, "moved once");
 }
 
+#[tokio::test]
+async fn a_large_buffer_moves_into_the_queue_in_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 2 * MOVED_BLOCK_MAX + 10;
+    {
+        let s = Store::open(dir.path()).unwrap();
+        let signals: Vec<Signal> = (0..n).map(|i| signal("acme", &format!("m{i}"))).collect();
+        assert!(s.buffer_append(&signals, n as u64, false).unwrap());
+        assert_eq!(s.move_buffer_to_queue().unwrap(), n);
+        s.durable().await.unwrap();
+    }
+    let s = reopen(dir.path());
+    let pending = s.pending().unwrap();
+    assert_eq!(pending.len(), n);
+    let m = MOVED_BLOCK_MAX as u64;
+    for (i, (block, d)) in pending.iter().enumerate() {
+        let seq = i as u64 + 1;
+        assert_eq!(d.seq, seq);
+        assert_eq!(d.signal.id, format!("m{i}"), "in buffer order");
+        assert_eq!(*block, (seq - 1) / m * m + 1, "seq {seq}");
+    }
+    assert_eq!(s.last_queue_seq().unwrap(), n as u64);
+    assert_eq!(s.buffered_count(), 0);
+}
+
 #[test]
 fn an_orphan_is_taken_once_unless_given_back() {
     let dir = tempfile::tempdir().unwrap();
