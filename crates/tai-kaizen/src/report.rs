@@ -66,13 +66,16 @@ fn shares<'a>(ops: &[&'a Sample], total: u64, key: impl Fn(&'a Sample) -> &'a st
 }
 
 /// Why the node is not green for its memory and disk, if it is not:
-/// memory above 80 % of its limit (SPEC §8: yellow), less free space on
+/// memory above [`RAISE_AT`] of its limit (SPEC §8: 80 %, yellow), less free space on
 /// the data dir's disk than `kaizen.disk_free_min_mb`. The board shows
 /// these as its yellow reasons.
 pub fn health_reasons(r: &Readings) -> Vec<String> {
     let mut reasons = Vec::new();
     if memory_share(r).is_some_and(|s| s > RAISE_AT) {
-        reasons.push("memory over 80 % of its limit".to_string());
+        reasons.push(format!(
+            "memory over {:.0} % of its limit",
+            RAISE_AT * 100.0
+        ));
     }
     if let Some(d) = r.disk.filter(|d| mb(d.free) < r.disk_free_min_mb) {
         reasons.push(format!(

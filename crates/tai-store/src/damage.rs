@@ -78,15 +78,19 @@ fn apply(value: &[u8], damages: &[Damage]) -> Vec<u8> {
     v
 }
 
+/// The tenant of the `n`th signal or receipt: two, taking turns.
+fn tenant(n: u64) -> &'static str {
+    if n.is_multiple_of(2) {
+        "acme"
+    } else {
+        "globex"
+    }
+}
+
 fn signal(n: u64) -> Signal {
     Signal {
         id: format!("pay-{n}"),
-        tenant_id: if n.is_multiple_of(2) {
-            "acme"
-        } else {
-            "globex"
-        }
-        .into(),
+        tenant_id: tenant(n).into(),
         sku_id: "payments".into(),
         kind: "payment".into(),
         critical: n.is_multiple_of(3),
@@ -121,12 +125,7 @@ fn receipt_block() -> Vec<u8> {
         let d = ReceiptDraft {
             receipt_id: format!("rcpt_{}", ulid::Ulid::new()),
             kind: "action_generated".into(),
-            tenant_id: if seq.is_multiple_of(2) {
-                "acme"
-            } else {
-                "globex"
-            }
-            .into(),
+            tenant_id: tenant(seq).into(),
             sku_id: "payments".into(),
             signal_id: Some(format!("pay-{seq}")),
             action_id: Some(format!("act_{}", ulid::Ulid::new())),
@@ -385,17 +384,7 @@ fn a_block_of_many_small_signals_reads_back() {
         let deliveries: Vec<Delivery> = (1..=n)
             .map(|seq| Delivery {
                 seq,
-                signal: Arc::new(Signal {
-                    id: "a".into(),
-                    tenant_id: "t".into(),
-                    sku_id: "k".into(),
-                    kind: "p".into(),
-                    critical: false,
-                    payload: Payload::default(),
-                    received_at_ms: 0,
-                    trace_id: None,
-                    traceparent: None,
-                }),
+                signal: Arc::new(crate::tests::signal("t", "a")),
                 redelivered: false,
             })
             .collect();
