@@ -2453,3 +2453,136 @@ fn the_cli_sends_reads_halts_and_resumes_as_the_readme_shows() {
     assert_eq!(code, 1);
     assert!(err.contains("404"), "{err}");
 }
+
+/// `tai store ARGS --data-dir data --config config`.
+fn tai_store(
+    config: &std::path::Path,
+    data: &std::path::Path,
+    args: &[&str],
+) -> std::process::Output {
+    std::process::Command::new(tai_bin())
+        .arg("store")
+        .args(args)
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap()
+}
+
+/// A damaged record the node reads at its start (a queue block) keeps it
+/// from starting, named; `tai store check` finds it and says what setting
+/// it aside costs, `tai store set-aside` moves it out of the way (and
+/// nothing that reads), and the node starts again with the rest as it was.
+#[tokio::test]
+async fn a_damaged_queue_block_is_named_set_aside_and_the_node_starts_again() {
+    let mut node = Node::start_with(&test_config(&waiting_sku(3600)), &[]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    // Parked (acme's `waiting` is not entitled), each in a block of its own.
+    post_waiting(&c, 3).await;
+    node.stop();
+    let data = node.data_dir();
+    let config = node.config_path().to_path_buf();
+    let out = tai_store(&config, &data, &["check"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    let key = tai_store::check::overwrite_first(&data, "q/", b"\x01\xff\xff")
+        .unwrap()
+        .expect("a queue block");
+    // The node does not start, and says which record and what to do.
+    let log = node.dir.path().join("refused.log");
+    let mut serve = std::process::Command::new(tai_bin())
+        .current_dir(workspace_root())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("TAI_NODE__DATA_DIR", &data)
+        .env("TAI_OPERATOR__LISTEN", "127.0.0.1:0")
+        .env("TAI_INGRESS__LISTEN", "127.0.0.1:0")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let status = wait_for(
+        "tai serve to refuse the store",
+        Duration::from_secs(30),
+        || serve.try_wait().unwrap(),
+    );
+    let refused = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "{refused}");
+    assert!(
+        refused.contains(&format!("corrupt record at {key}"))
+            && refused.contains("`tai store check`"),
+        "{refused}"
+    );
+
+    let out = tai_store(&config, &data, &["check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(&format!("{key} (queue block)"))
+            && text.contains("never decided")
+            && text.contains(&format!("tai store set-aside {key} --data-dir")),
+        "{text}"
+    );
+    let out = tai_store(&config, &data, &["check", "--json"]);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["ok"], false, "{report}");
+    assert_eq!(report["damaged"][0]["key"], key.as_str(), "{report}");
+    assert_eq!(report["damaged"].as_array().unwrap().len(), 1, "{report}");
+
+    // A record that reads is never set aside.
+    let out = tai_store(&config, &data, &["set-aside", "m/node_starts"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("reads correctly"),
+        "{err}"
+    );
+    let out = tai_store(&config, &data, &["set-aside", &key]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&format!("set aside the queue block at {key}")),
+        "{text}"
+    );
+
+    // The node starts; w-0, in the block set aside, is unknown (and may be
+    // sent again), w-1 and w-2 are decided once acme is entitled.
+    node.restart();
+    node.log_until("damaged records set aside").await;
+    let c = Client::new(&node, "acme", "acme-secret");
+    assert_eq!(c.status("w-0").await.status, 404);
+    assert_eq!(c.status("w-1").await.body["status"], "accepted");
+    c.entitle("waiting", "ent-w").await;
+    for id in ["w-1", "w-2"] {
+        assert_eq!(c.decided(id).await["status"], "completed", "{id}");
+    }
+    let again = c
+        .post(&signal("acme", "waiting", "job", "w-0", json!({})))
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.status, &again.body["duplicate"]),
+        (202, &Value::Null),
+        "{}",
+        again.body
+    );
+    assert_eq!(c.decided("w-0").await["status"], "completed");
+    node.stop();
+    let out = tai_store(&config, &data, &["check", "--json"]);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    assert_eq!(
+        report["set_aside"],
+        json!([{"key": key, "bytes": 3}]),
+        "{report}"
+    );
+}

@@ -35,6 +35,23 @@ use machine::Sku;
 pub use policy::rego::{RegoSet, ReloadReport};
 use policy::Policy;
 
+/// How `tai store check` reads what the engines store, as they read it:
+/// their checkpoints (`e/`) and customers' payment windows (`v/`).
+pub fn store_readers() -> tai_store::check::Readers<'static> {
+    tai_store::check::Readers {
+        checkpoint: &|b| {
+            serde_json::from_slice::<machine::Data>(b)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        },
+        velocity: &|b| {
+            serde_json::from_slice::<std::collections::VecDeque<u64>>(b)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        },
+    }
+}
+
 /// A SKU's runtime rules from its config; its Rego files come from `rego`.
 pub fn sku_from_config(c: &SkuConfig, rego: &RegoSet) -> Result<Sku, String> {
     let mut policies = c

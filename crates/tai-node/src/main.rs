@@ -6,6 +6,7 @@ mod board;
 mod client;
 mod node;
 mod operator;
+mod store_check;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -119,6 +120,12 @@ enum Command {
         #[arg(long)]
         queue: Option<String>,
     },
+    /// Read a stopped node's store record by record, or set a damaged
+    /// record aside so that the node starts again.
+    Store {
+        #[command(subcommand)]
+        action: StoreAction,
+    },
     /// List, export or verify receipts (online, or offline with --data-dir / --file).
     Receipts {
         /// Only this tenant's receipts (an export of one tenant does not
@@ -137,6 +144,30 @@ enum Command {
         /// Verify an exported JSON-lines file.
         #[arg(long, value_name = "FILE")]
         file: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum StoreAction {
+    /// Read every record by its kind; exit 1 naming each that does not
+    /// read, with what setting it aside costs.
+    Check {
+        /// The node's data dir (default: the config's `node.data_dir`).
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// Print one JSON object instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move damaged records (by their keys as `check` prints them) out of
+    /// the node's way; their bytes are kept under `x/`. A record that
+    /// reads, and the ledger's signed head, are refused.
+    SetAside {
+        #[arg(required = true, value_name = "KEY")]
+        keys: Vec<String>,
+        /// The node's data dir (default: the config's `node.data_dir`).
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
     },
 }
 
@@ -319,6 +350,12 @@ fn main() -> ExitCode {
             }
             Command::Bench { args } => bench::run(&config, args).await,
             Command::DrainAmqp { queue } => node::drain_amqp(&config, queue).await,
+            Command::Store {
+                action: StoreAction::Check { data_dir, json },
+            } => store_check::run_check(&config, data_dir, json),
+            Command::Store {
+                action: StoreAction::SetAside { keys, data_dir },
+            } => store_check::run_set_aside(&config, data_dir, &keys),
             Command::Receipts {
                 tenant,
                 verify,

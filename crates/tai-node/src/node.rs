@@ -443,7 +443,13 @@ pub async fn serve(mut config: Config) -> anyhow::Result<i32> {
             .create(&data_dir)
             .with_context(|| format!("cannot create node.data_dir {}", data_dir.display()))?;
     }
-    let store = Store::open_with_cache(&data_dir, config.node.store_cache_mb * 1024 * 1024)?;
+    let store = Store::open_with_cache(&data_dir, config.node.store_cache_mb * 1024 * 1024)
+        .map_err(|e| match e {
+            e @ tai_store::StoreError::Corrupt { .. } => anyhow::anyhow!(
+                "{e}; `tai store check` names every damaged record and what setting it aside costs; `tai store set-aside KEY` moves one out of the node's way"
+            ),
+            e => e.into(),
+        })?;
     carry_over_accepted(&config, &store)?;
     let starts = store.record_start()?;
     let metrics = if config.kaizen.metrics {

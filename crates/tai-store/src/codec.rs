@@ -43,7 +43,7 @@ pub(crate) fn decode_versioned<T: DeserializeOwned>(
     bytes: &[u8],
 ) -> Result<T> {
     let corrupt = |message: String| StoreError::Corrupt {
-        key: String::from_utf8_lossy(key).into_owned(),
+        key: crate::check::key_text(key),
         message,
     };
     match bytes.split_first() {
@@ -159,7 +159,7 @@ pub(crate) fn encode_record(r: &SignalRecord) -> Vec<u8> {
 /// Reads the record stored under `key` (`s/` tenant `\0` id).
 pub(crate) fn decode_record(key: &[u8], bytes: &[u8]) -> Result<SignalRecord> {
     let corrupt = |message: String| StoreError::Corrupt {
-        key: String::from_utf8_lossy(key).into_owned(),
+        key: crate::check::key_text(key),
         message,
     };
     match bytes.first() {
@@ -251,7 +251,7 @@ pub(crate) fn decode_block(key: &[u8], bytes: &[u8]) -> Result<Vec<Delivery>> {
         .map(|d| {
             let payload = Payload::from_text(d.payload.into_owned()).map_err(|message| {
                 StoreError::Corrupt {
-                    key: String::from_utf8_lossy(key).into_owned(),
+                    key: crate::check::key_text(key),
                     message: format!("payload of signal {:?}: {message}", d.id),
                 }
             })?;
@@ -388,7 +388,7 @@ pub(crate) mod tests {
         }]);
         for bad in [&bytes[..bytes.len() - 3], &[7u8][..], &not_an_object[..]] {
             match decode_block(b"q/x", bad) {
-                Err(StoreError::Corrupt { key, .. }) => assert_eq!(key, "q/x"),
+                Err(StoreError::Corrupt { key, .. }) => assert_eq!(key, "q/\\x78"),
                 other => panic!("not reported: {other:?}"),
             }
         }
@@ -406,7 +406,7 @@ pub(crate) mod tests {
             &longer[..],
         ] {
             match decode_record(KEY, bad) {
-                Err(StoreError::Corrupt { key, .. }) => assert_eq!(key, "s/acme\0pay-1"),
+                Err(StoreError::Corrupt { key, .. }) => assert_eq!(key, "s/acme\\x00pay-1"),
                 other => panic!("not reported: {other:?}"),
             }
         }

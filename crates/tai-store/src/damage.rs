@@ -159,7 +159,7 @@ fn named<T>(read: crate::Result<T>, key: &[u8]) -> Result<(), TestCaseError> {
             key: named,
             message,
         }) => {
-            prop_assert_eq!(named.as_bytes(), key);
+            prop_assert_eq!(crate::check::parse_key(&named), Ok(key.to_vec()));
             prop_assert!(!message.is_empty());
             Ok(())
         }

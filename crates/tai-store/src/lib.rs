@@ -19,6 +19,7 @@
 //! | `m/` | name | meta: the signed ledger head, start count |
 //! | `w/` | redo id (u64 BE) | a write set being applied, or applied but for the engine checkpoints and signal records it defers (`Deferred`) |
 //! | `f/` | buffer seq (u64 BE) | `Signal`: the amqp backend's fallback buffer (broker down) |
+//! | `x/` | a key set aside | the damaged value that was under it ([`check::set_aside`]: never read by the node) |
 //!
 //! Atomicity: a set of writes is first stored as one redo record (`w/`), then
 //! applied, then the record is removed; a record found at start is applied
@@ -46,6 +47,7 @@
 //! `flush()`; writers wait for a flush that began after their write. Never
 //! sled's asynchronous flush from many tasks (it deadlocked under concurrency, sled #1308).
 
+pub mod check;
 mod codec;
 #[cfg(test)]
 mod damage;
@@ -86,8 +88,12 @@ pub enum StoreError {
     Io(sled::Error),
     #[error("store flush failed: {0}")]
     Flush(String),
+    /// `key` as [`check::key_text`] prints it.
     #[error("corrupt record at {key}: {message}")]
     Corrupt { key: String, message: String },
+    /// An offline operation on the store refused, saying why.
+    #[error("{0}")]
+    Refused(String),
     /// A flush failed: sled fails every write after an I/O error until it
     /// is opened again, so the node must be started again.
     #[error("the store failed and must be reopened (start the node again): {0}")]
@@ -104,6 +110,7 @@ impl StoreError {
             StoreError::Io(_) => "store_io",
             StoreError::Flush(_) => "store_flush",
             StoreError::Corrupt { .. } => "store_corrupt",
+            StoreError::Refused(_) => "store_refused",
             StoreError::Failed(_) => "store_failed",
         }
     }
@@ -359,7 +366,7 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 
 fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
-        key: String::from_utf8_lossy(key).into_owned(),
+        key: check::key_text(key),
         message: e.to_string(),
     })
 }
@@ -367,6 +374,33 @@ fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T> {
 /// Where sled keeps the store inside a data directory.
 fn sled_dir(dir: &Path) -> std::path::PathBuf {
     dir.join("sled")
+}
+
+/// sled, opened in `dir` with its page cache at `cache_bytes`; another
+/// process holding the directory is [`StoreError::InUse`].
+fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db> {
+    sled::Config::new()
+        .path(sled_dir(dir))
+        .cache_capacity(cache_bytes)
+        // Durability is ours (group commit); sled's own timer would only
+        // add flushes that race ours.
+        .flush_every_ms(None)
+        .open()
+        .map_err(|cause| {
+            let path = dir.display().to_string();
+            match cause {
+                // sled takes an exclusive, non-blocking lock on its
+                // file, and words a lock another process holds so
+                // (sled 0.34.7, vendor/sled/src/config.rs; the store's
+                // tests check it).
+                sled::Error::Io(ref e)
+                    if e.to_string().starts_with("could not acquire lock on") =>
+                {
+                    StoreError::InUse { path }
+                }
+                cause => StoreError::Open { path, cause },
+            }
+        })
 }
 
 /// sled's log file (`sled/db`), synced (`fdatasync`) after every flush.
@@ -428,28 +462,7 @@ impl Store {
     /// Opens with sled's page cache bounded to `cache_bytes` (sled's own
     /// default is 1 GiB, which a node with many tenants would fill).
     pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Store> {
-        let db = sled::Config::new()
-            .path(sled_dir(dir))
-            .cache_capacity(cache_bytes)
-            // Durability is ours (group commit); sled's own timer would only
-            // add flushes that race ours.
-            .flush_every_ms(None)
-            .open()
-            .map_err(|cause| {
-                let path = dir.display().to_string();
-                match cause {
-                    // sled takes an exclusive, non-blocking lock on its
-                    // file, and words a lock another process holds so
-                    // (sled 0.34.7, vendor/sled/src/config.rs; the store's
-                    // tests check it).
-                    sled::Error::Io(ref e)
-                        if e.to_string().starts_with("could not acquire lock on") =>
-                    {
-                        StoreError::InUse { path }
-                    }
-                    cause => StoreError::Open { path, cause },
-                }
-            })?;
+        let db = open_db(dir, cache_bytes)?;
         let log = LogSync::open(&sled_dir(dir)).map_err(|e| StoreError::Open {
             path: dir.display().to_string(),
             cause: e.into(),
@@ -498,6 +511,13 @@ impl Store {
         store.recover_queue()?;
         store.recover_buffer()?;
         store.drop_uncommitted_receipts()?;
+        let aside = store.db.scan_prefix(b"x/").keys().count();
+        if aside > 0 {
+            tracing::warn!(
+                records = aside,
+                "this store holds damaged records set aside (under x/, never read): `tai store check` lists them"
+            );
+        }
         Ok(store)
     }
 

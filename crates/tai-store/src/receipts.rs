@@ -210,7 +210,7 @@ pub(crate) fn encode(receipts: &[Receipt]) -> Vec<u8> {
 /// for verification, which reads every receipt, to report.
 fn unpack_block(key: &[u8], block: Block<'_>, tenant: Option<&str>) -> Result<Vec<Receipt>> {
     let corrupt = |message: String| StoreError::Corrupt {
-        key: String::from_utf8_lossy(key).into_owned(),
+        key: crate::check::key_text(key),
         message,
     };
     let table = block.table;
@@ -521,7 +521,7 @@ mod tests {
             };
             for &tenant in tenants {
                 match decode_block_of(b"r/x", bad, tenant) {
-                    Err(StoreError::Corrupt { key, .. }) => assert_eq!(key, "r/x"),
+                    Err(StoreError::Corrupt { key, .. }) => assert_eq!(key, "r/\\x78"),
                     other => panic!("not reported for {tenant:?}: {other:?}"),
                 }
             }

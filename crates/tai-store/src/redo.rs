@@ -47,6 +47,13 @@ impl Ops {
         })
     }
 
+    /// The puts of this set, in order.
+    pub(crate) fn puts(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.0
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_slice(), v.as_deref()?)))
+    }
+
     /// The value of this set's last write, if that write puts it under `key`.
     pub(crate) fn last_put(&self, key: &[u8]) -> Option<&[u8]> {
         match self.0.last() {
@@ -172,7 +179,7 @@ pub(crate) fn recover(
         .collect::<std::result::Result<_, _>>()?;
     for (k, v) in pending {
         let corrupt = |message: &str| crate::StoreError::Corrupt {
-            key: String::from_utf8_lossy(&k).into_owned(),
+            key: crate::check::key_text(&k),
             message: message.into(),
         };
         // The store writes these keys itself, `w/` and 8 bytes of id.
@@ -267,7 +274,7 @@ mod tests {
         db.insert(b"w/short", ops.encode()).unwrap();
         match recover(&db, &[], |_| false) {
             Err(crate::StoreError::Corrupt { key, message }) => {
-                assert_eq!(key, "w/short");
+                assert_eq!(key, "w/\\x73\\x68\\x6f\\x72\\x74");
                 assert!(message.contains("8-byte id"), "{message}");
             }
             other => panic!("expected a corrupt-record error, got {other:?}"),

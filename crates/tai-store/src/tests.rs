@@ -19,7 +19,7 @@ pub(crate) fn signal(tenant: &str, id: &str) -> Signal {
 /// Opens a store just closed in this process. sled's I/O threads let go of
 /// the directory lock shortly after the last handle is dropped, so the
 /// reopen waits for it (a new process, as in production, never has to).
-fn reopen(dir: &std::path::Path) -> Store {
+pub(crate) fn reopen(dir: &std::path::Path) -> Store {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         match Store::open(dir) {
@@ -32,7 +32,7 @@ fn reopen(dir: &std::path::Path) -> Store {
     }
 }
 
-fn letter(tenant: &str, id: &str, reason: &str, at_ms: u64) -> DeadLetter {
+pub(crate) fn letter(tenant: &str, id: &str, reason: &str, at_ms: u64) -> DeadLetter {
     DeadLetter {
         signal: signal(tenant, id),
         reason: reason.into(),
@@ -68,6 +68,34 @@ fn receipt(seq: u64, prev: &str) -> Receipt {
         timestamp_ms: seq,
     };
     Receipt::seal(d, seq, prev, "k", &SigningKey::new(b"key"))
+}
+
+/// Seqs 7 and 8 queued in one block, then a ledger batch that decides 7
+/// (acme's `a`): receipts 1 and 2 with their signed head, the signal's
+/// record, acme's checkpoint and a payment window. What it wrote.
+pub(crate) fn decide_one_of_two(s: &Store) -> (Receipt, Receipt, SignedHead, SignalRecord) {
+    stage(s, vec![delivery(7, "acme", "a"), delivery(8, "acme", "b")]);
+    let r1 = receipt(1, GENESIS_HASH);
+    let r2 = receipt(2, &r1.hash);
+    let head = SignedHead::new(2, &r2.hash, "k", &SigningKey::new(b"key"));
+    let mut rec = SignalRecord::accepted(&signal("acme", "a"));
+    rec.status = SignalStatus::Completed;
+    rec.receipts = vec!["r1".into(), "r2".into()];
+    let writes = WriteSet {
+        signal_records: vec![rec.clone()],
+        checkpoints: vec![("acme".into(), "payments".into(), b"{}".to_vec())],
+        acks: vec![7],
+        dead_letters: vec![],
+        velocity: vec![(
+            "acme".into(),
+            "payments".into(),
+            "c1".into(),
+            b"[5]".to_vec(),
+        )],
+    };
+    s.commit(&[r1.clone(), r2.clone()], Some(&head), &writes)
+        .unwrap();
+    (r1, r2, head, rec)
 }
 
 #[tokio::test]
@@ -109,27 +137,7 @@ async fn a_commit_is_atomic_and_a_decided_signal_is_not_pending_again() {
     let dir = tempfile::tempdir().unwrap();
     {
         let s = Store::open(dir.path()).unwrap();
-        stage(&s, vec![delivery(7, "acme", "a"), delivery(8, "acme", "b")]);
-        let r1 = receipt(1, GENESIS_HASH);
-        let r2 = receipt(2, &r1.hash);
-        let head = SignedHead::new(2, &r2.hash, "k", &SigningKey::new(b"key"));
-        let mut rec = SignalRecord::accepted(&signal("acme", "a"));
-        rec.status = SignalStatus::Completed;
-        rec.receipts = vec!["r1".into(), "r2".into()];
-        let writes = WriteSet {
-            signal_records: vec![rec.clone()],
-            checkpoints: vec![("acme".into(), "payments".into(), b"{}".to_vec())],
-            acks: vec![7],
-            dead_letters: vec![],
-            velocity: vec![(
-                "acme".into(),
-                "payments".into(),
-                "c1".into(),
-                b"[5]".to_vec(),
-            )],
-        };
-        s.commit(&[r1.clone(), r2.clone()], Some(&head), &writes)
-            .unwrap();
+        let (r1, r2, head, rec) = decide_one_of_two(&s);
         s.durable().await.unwrap();
         assert_eq!(s.pending().unwrap().len(), 1, "seq 7 is decided");
         assert_eq!(s.signal_record("acme", "a").unwrap().unwrap(), rec);

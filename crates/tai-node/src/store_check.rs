@@ -1,0 +1,123 @@
+//! `tai store check` and `tai store set-aside`: a stopped node's store
+//! read record by record, and a damaged record moved out of the node's way
+//! (ARCHITECTURE.md, the store; README, "A damaged store").
+
+use std::path::{Path, PathBuf};
+
+use anyhow::bail;
+use tai_core::config::Config;
+use tai_store::check::{self, Damaged};
+use tai_store::StoreError;
+
+/// The data dir: `--data-dir`, else the config's `node.data_dir`.
+fn dir(config: &Config, data_dir: Option<PathBuf>) -> PathBuf {
+    data_dir.unwrap_or_else(|| config.node.data_dir.clone())
+}
+
+/// A store error, with what to do when the node still runs.
+fn refused(e: StoreError) -> anyhow::Error {
+    match e {
+        e @ StoreError::InUse { .. } => {
+            anyhow::anyhow!(
+                "{e}: stop the node first (the store is read with nothing writing to it)"
+            )
+        }
+        e => e.into(),
+    }
+}
+
+/// The command that sets `key` aside, quoted for a shell.
+fn set_aside_command(key: &str, dir: &Path) -> String {
+    let quote = |s: &str| {
+        shlex::try_quote(s)
+            .map(|q| q.into_owned())
+            .unwrap_or_else(|_| s.to_string())
+    };
+    format!(
+        "tai store set-aside {} --data-dir {}",
+        quote(key),
+        quote(&dir.display().to_string())
+    )
+}
+
+/// Prints what the check found; 1 if any record is damaged.
+pub fn run_check(config: &Config, data_dir: Option<PathBuf>, json: bool) -> anyhow::Result<i32> {
+    let dir = dir(config, data_dir);
+    let report = check::check(&dir, &tai_jidoka::store_readers()).map_err(refused)?;
+    let code = i32::from(!report.damaged.is_empty());
+    if json {
+        let mut v = serde_json::to_value(&report)?;
+        v["data_dir"] = dir.display().to_string().into();
+        v["ok"] = report.damaged.is_empty().into();
+        println!("{v}");
+        return Ok(code);
+    }
+    let total: u64 = report.records.values().sum();
+    let kinds: Vec<String> = report
+        .records
+        .iter()
+        .map(|(kind, n)| format!("{kind} {n}"))
+        .collect();
+    println!(
+        "{} records in {}: {}",
+        total,
+        dir.display(),
+        kinds.join(", ")
+    );
+    if report.damaged.is_empty() {
+        println!("every record reads");
+    } else {
+        println!("{} damaged record(s):", report.damaged.len());
+    }
+    for d in &report.damaged {
+        println!("  {} ({}): {}", d.key, d.kind, d.error);
+        match d.if_set_aside {
+            Some(cost) => {
+                println!("    set aside, {cost}:");
+                println!("    {}", set_aside_command(&d.key, &dir));
+            }
+            None => println!("    never set aside: restore the data dir from a backup"),
+        }
+    }
+    if !report.set_aside.is_empty() {
+        println!(
+            "{} record(s) set aside earlier (kept under x/, never read):",
+            report.set_aside.len()
+        );
+        for a in &report.set_aside {
+            println!("  {} ({} bytes)", a.key, a.bytes);
+        }
+    }
+    println!(
+        "the ledger's chain and signed head: tai receipts --verify --data-dir {}",
+        dir.display()
+    );
+    Ok(code)
+}
+
+/// Sets each of `keys` aside, in order, stopping at the first refused.
+pub fn run_set_aside(
+    config: &Config,
+    data_dir: Option<PathBuf>,
+    keys: &[String],
+) -> anyhow::Result<i32> {
+    let dir = dir(config, data_dir);
+    let readers = tai_jidoka::store_readers();
+    for key in keys {
+        let Damaged {
+            key,
+            kind,
+            error,
+            if_set_aside,
+        } = match check::set_aside(&dir, key, &readers) {
+            Ok(d) => d,
+            Err(StoreError::Refused(why)) => bail!("not set aside: {why}"),
+            Err(e) => return Err(refused(e)),
+        };
+        println!("set aside the {kind} at {key} ({error}): its bytes are kept under x/{key}");
+        if let Some(cost) = if_set_aside {
+            println!("  {cost}");
+        }
+    }
+    Ok(0)
+}
