@@ -1287,16 +1287,31 @@ impl Store {
     /// starts: moves the fallback buffer's signals into the embedded queue
     /// after its last, in buffer order, in blocks of at most
     /// [`MOVED_BLOCK_MAX`] (a block goes only once all its signals are
-    /// decided, and is read whole at each start), atomically (their
-    /// `accepted` records stay, and one missing is written; one decided
-    /// meanwhile is only dropped from the buffer). Returns how many moved.
+    /// decided, and is read whole at each start), each block atomically
+    /// with its signals' removal from the buffer (their `accepted` records
+    /// stay, and one missing is written; one decided meanwhile is only
+    /// dropped from the buffer). A block at a time, so neither the move's
+    /// memory nor its redo records grow with the buffer (a drained broker
+    /// queue may hold any number); a move a crash cut short goes on at the
+    /// next start, after the blocks it wrote. Returns how many moved.
     /// Durable with the next flush.
     pub fn move_buffer_to_queue(&self) -> Result<usize> {
         let mut cur = self.buffer.lock().expect("buffer cursor");
-        let buffered = self.buffered(usize::MAX)?;
-        if buffered.is_empty() {
-            return Ok(0);
+        let mut moved = 0;
+        loop {
+            let buffered = self.buffered(MOVED_BLOCK_MAX)?;
+            if buffered.is_empty() {
+                return Ok(moved);
+            }
+            let taken = buffered.len() as u64;
+            moved += self.move_buffered(buffered)?;
+            cur.count = cur.count.saturating_sub(taken);
         }
+    }
+
+    /// Moves `buffered` (at most a block's worth, in buffer order) into a
+    /// queue block after the queue's last, atomically.
+    pub(crate) fn move_buffered(&self, buffered: Vec<(u64, Signal)>) -> Result<usize> {
         let mut seq = self.next_queue_seq()? - 1;
         let mut batch = redo::Ops::default();
         let mut deliveries = Vec::with_capacity(buffered.len());
@@ -1320,14 +1335,11 @@ impl Store {
                 redelivered: false,
             });
         }
-        for block in deliveries.chunks(MOVED_BLOCK_MAX) {
-            batch.insert(seq_key(b'q', block[0].seq), codec::encode_block(block));
-        }
-        if !deliveries.is_empty() {
+        if let Some(first) = deliveries.first() {
+            batch.insert(seq_key(b'q', first.seq), codec::encode_block(&deliveries));
             self.note_queue_seq(seq);
         }
         self.atomic(batch)?;
-        cur.count = 0;
         Ok(deliveries.len())
     }
 

@@ -1311,14 +1311,25 @@ async fn a_backend_switch_moves_the_undecided_signals_across_and_back() {
     assert_eq!(s.move_buffer_to_queue().unwrap(), 0, "moved once");
 }
 
+/// Signals in the large buffers below: two full moved blocks and a few.
+const LARGE_BUFFER: usize = 2 * MOVED_BLOCK_MAX + 10;
+
+/// Buffers acme's `m0`.. `m{LARGE_BUFFER - 1}`.
+fn buffer_large(s: &Store) {
+    let signals: Vec<Signal> = (0..LARGE_BUFFER)
+        .map(|i| signal("acme", &format!("m{i}")))
+        .collect();
+    assert!(s
+        .buffer_append(&signals, LARGE_BUFFER as u64, false)
+        .unwrap());
+}
+
 #[tokio::test]
 async fn a_large_buffer_moves_into_the_queue_in_blocks() {
-    let dir = tempfile::tempdir().unwrap();
-    let n = 2 * MOVED_BLOCK_MAX + 10;
+    let (dir, n) = (tempfile::tempdir().unwrap(), LARGE_BUFFER);
     {
         let s = Store::open(dir.path()).unwrap();
-        let signals: Vec<Signal> = (0..n).map(|i| signal("acme", &format!("m{i}"))).collect();
-        assert!(s.buffer_append(&signals, n as u64, false).unwrap());
+        buffer_large(&s);
         assert_eq!(s.move_buffer_to_queue().unwrap(), n);
         s.durable().await.unwrap();
     }
@@ -1334,6 +1345,45 @@ async fn a_large_buffer_moves_into_the_queue_in_blocks() {
     }
     assert_eq!(s.last_queue_seq().unwrap(), n as u64);
     assert_eq!(s.buffered_count(), 0);
+}
+
+/// Each block moves in a write of its own; a move a crash cut short (here:
+/// one block moved, then the store closed) goes on at the next start, in
+/// buffer order after the block it wrote.
+#[tokio::test]
+async fn a_buffer_moves_a_block_at_a_time_and_a_move_cut_short_goes_on() {
+    let (dir, n) = (tempfile::tempdir().unwrap(), LARGE_BUFFER);
+    {
+        let s = Store::open(dir.path()).unwrap();
+        buffer_large(&s);
+        let first = s.buffered(MOVED_BLOCK_MAX).unwrap();
+        let redo_before = s.redo_seq.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(s.move_buffered(first).unwrap(), MOVED_BLOCK_MAX);
+        assert_eq!(
+            s.redo_seq.load(std::sync::atomic::Ordering::SeqCst),
+            redo_before + 1,
+            "one write"
+        );
+        s.durable().await.unwrap();
+    }
+    let s = reopen(dir.path());
+    assert_eq!(s.buffered_count(), (n - MOVED_BLOCK_MAX) as u64);
+    let redo_before = s.redo_seq.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(s.move_buffer_to_queue().unwrap(), n - MOVED_BLOCK_MAX);
+    assert_eq!(
+        s.redo_seq.load(std::sync::atomic::Ordering::SeqCst),
+        redo_before + 2,
+        "a write per block"
+    );
+    assert_eq!(s.buffered_count(), 0);
+    let ids: Vec<String> = s
+        .pending()
+        .unwrap()
+        .into_iter()
+        .map(|(_, d)| d.signal.id.clone())
+        .collect();
+    let expected: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+    assert_eq!(ids, expected, "in buffer order, each once");
 }
 
 #[test]
