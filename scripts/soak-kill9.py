@@ -16,6 +16,7 @@ drained, and it checks:
 - each engine's `quota_remaining` is its quota less its `action_generated`
   receipts;
 - the ledger verifies, online and offline (`tai receipts --verify --data-dir`);
+- every record of the store reads (`tai store check`);
 - no actor crashed (`exited abnormally`) and nothing was dead-lettered as
   poison, in any of the node's logs;
 - every decision a client was shown is the one the node kept: a reader
@@ -1166,6 +1167,16 @@ def main():
                           "--config", config_path], capture_output=True, text=True)
     if off.returncode != 0:
         failures.append(f"offline verification: {off.stdout.strip()} {off.stderr.strip()[-300:]}")
+    check = subprocess.run([tai, "store", "check", "--json", "--data-dir", f"{work}/data",
+                            "--config", config_path], capture_output=True, text=True)
+    try:
+        report = json.loads(check.stdout)
+    except ValueError:
+        report = {}
+    if check.returncode != 0 or not report.get("ok") or report.get("set_aside"):
+        failures.append(f"store check: {check.stdout.strip()[-600:]} {check.stderr.strip()[-300:]}")
+    else:
+        print(f"store check: {sum(report['records'].values())} records, every one reads", flush=True)
     logs = [open(f).read() for f in glob.glob(f"{work}/node-*.log")]
     # On a full disk the layers fail against the store until the node stops:
     # those logs count for poison only.
