@@ -265,8 +265,9 @@ impl Actor for Alerts {
             recent: VecDeque::new(),
             lines: HashMap::new(),
         };
-        // Raised while this router did not run, before anything sent to it
-        // now (its name is registered already): in the order raised.
+        // Raised while no router ran, or left by one that died: in the
+        // order raised (its name is registered already, so later ones tell
+        // it).
         let kept = tai_core::alert::take_pending();
         if !kept.is_empty() {
             info!(
@@ -287,7 +288,11 @@ impl Actor for Alerts {
         st: &mut AlertsState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            AlertMsg::Raise(a) => Self::raise(&myself, st, a),
+            AlertMsg::Raised => {
+                for a in tai_core::alert::take_pending() {
+                    Self::raise(&myself, st, a);
+                }
+            }
             AlertMsg::Recent(reply) => {
                 let _ = reply.send(st.recent.iter().map(Record::json).collect());
             }
@@ -379,6 +384,28 @@ mod tests {
             .unwrap();
         assert_eq!(recent(&router).await, keys(&[("between", false)]));
         assert!(tai_core::alert::take_pending().is_empty());
+        router.stop_and_wait(None, None).await.unwrap();
+    }
+
+    /// A router killed with alerts raised but not yet routed (a mailbox
+    /// dies with its actor) leaves them to the next one, every one, in order.
+    #[tokio::test]
+    async fn alerts_a_killed_router_had_not_routed_reach_the_next() {
+        use tai_core::msg::ANDON_ALERTS;
+        let spawn = || Actor::spawn(Some(ANDON_ALERTS.into()), Alerts, AlertsConfig::default());
+        let (router, handle) = spawn().await.unwrap();
+        let keys: Vec<String> = (0..100).map(|i| format!("storm-{i}")).collect();
+        // On this one-thread runtime the router does not run until the test
+        // awaits, and then takes its kill before any message.
+        for key in &keys {
+            tai_core::alert::raise(Alert::new(Severity::Warning, "k", key, "src", "s"));
+        }
+        router.kill();
+        handle.await.unwrap();
+        let (router, _) = spawn().await.unwrap();
+        let list = ractor::call!(router, AlertMsg::Recent).unwrap();
+        let routed: Vec<&str> = list.iter().map(|r| r["key"].as_str().unwrap()).collect();
+        assert_eq!(routed, keys);
         router.stop_and_wait(None, None).await.unwrap();
     }
 

@@ -61,7 +61,8 @@ impl Severity {
 
 /// To `andon_alerts`.
 pub enum AlertMsg {
-    Raise(Alert),
+    /// Alerts wait in the queue [`raise`] keeps ([`take_pending`]): route them.
+    Raised,
     /// Recent alerts with their delivery status, newest last.
     Recent(ractor::RpcReplyPort<Vec<serde_json::Value>>),
     /// Internal: a channel finished (or gave up) delivering an alert.
@@ -72,14 +73,18 @@ pub enum AlertMsg {
     },
 }
 
-/// Alerts raised while `andon_alerts` was not running (the node starting,
-/// or its layer restarting), oldest first, until it takes them as it
-/// starts ([`take_pending`]). Bounded: past [`PENDING_MAX`] the oldest go.
+/// Raised alerts not yet taken by `andon_alerts`, oldest first. They wait
+/// here, not in its mailbox, so that none is lost with the router: one
+/// killed or crashed (its mailbox goes with it) leaves them to the next,
+/// which takes them as it starts, as it takes those raised while no
+/// router ran (the node starting, its layer restarting). Bounded: past
+/// [`PENDING_MAX`] the oldest go, logged.
 static PENDING: std::sync::Mutex<std::collections::VecDeque<Alert>> =
     std::sync::Mutex::new(std::collections::VecDeque::new());
 
-/// Alerts kept for `andon_alerts` while it does not run, at most.
-pub const PENDING_MAX: usize = 1024;
+/// Alerts waiting for `andon_alerts`, at most (~300 bytes each). A running
+/// router takes every waiting one at each [`AlertMsg::Raised`].
+pub const PENDING_MAX: usize = 16_384;
 
 fn pending() -> std::sync::MutexGuard<'static, std::collections::VecDeque<Alert>> {
     PENDING
@@ -87,42 +92,34 @@ fn pending() -> std::sync::MutexGuard<'static, std::collections::VecDeque<Alert>
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Raises an alert. If the alert router is not running (it starts after
-/// the layers that raise, and restarts with its layer), the alert is kept
-/// for it, and logged; a critical alert raised as its layer restarts (the
-/// restart itself, say) would otherwise be lost.
+/// Raises an alert: queued for `andon_alerts` ([`take_pending`]), which is
+/// told. If it is not running (it starts after the layers that raise, and
+/// restarts with its layer) the alert waits for it, logged; a critical
+/// alert raised as its layer restarts (the restart itself, say) would
+/// otherwise be lost.
 pub fn raise(alert: Alert) {
     crate::kaizen::ALERTS_RAISED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let router = ractor::registry::where_is(ANDON_ALERTS);
-    if router.is_some_and(|a| a.send_message(AlertMsg::Raise(alert.clone())).is_ok()) {
-        return;
-    }
-    tracing::warn!(key = %alert.key, severity = alert.severity.as_str(), summary = %alert.summary, "alert raised while andon_alerts is not running: kept until it runs");
+    let (key, severity, summary) = (alert.key.clone(), alert.severity, alert.summary.clone());
     {
         let mut p = pending();
         if p.len() >= PENDING_MAX {
             if let Some(old) = p.pop_front() {
-                tracing::warn!(key = %old.key, kept = PENDING_MAX, "an alert kept for andon_alerts dropped: too many wait");
+                tracing::warn!(key = %old.key, kept = PENDING_MAX, "an alert waiting for andon_alerts dropped: too many wait");
             }
         }
         p.push_back(alert);
     }
-    // It may have started (and taken what waited) since the look-up.
-    if let Some(a) = ractor::registry::where_is(ANDON_ALERTS) {
-        let mut p = pending();
-        while let Some(kept) = p.pop_front() {
-            if let Err(e) = a.send_message(AlertMsg::Raise(kept)) {
-                if let ractor::MessagingErr::SendErr(AlertMsg::Raise(kept)) = e {
-                    p.push_front(kept);
-                }
-                break;
-            }
-        }
+    // Told after the alert is queued: a router that starts meanwhile takes
+    // it as it starts, one running takes it at this message.
+    let told = ractor::registry::where_is(ANDON_ALERTS)
+        .is_some_and(|a| a.send_message(AlertMsg::Raised).is_ok());
+    if !told {
+        tracing::warn!(key = %key, severity = severity.as_str(), summary = %summary, "alert raised while andon_alerts is not running: kept until it runs");
     }
 }
 
-/// The alerts kept while `andon_alerts` was not running, oldest first; it
-/// takes them as it starts.
+/// The alerts waiting for `andon_alerts`, oldest first: it takes them as
+/// it starts and at each [`AlertMsg::Raised`].
 pub fn take_pending() -> Vec<Alert> {
     pending().drain(..).collect()
 }
