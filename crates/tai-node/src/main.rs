@@ -163,6 +163,8 @@ enum StoreAction {
     /// the node's way; their bytes are kept under `x/`. A record that
     /// reads, and the ledger's signed head, are refused.
     SetAside {
+        /// Keys as `check` prints them (`q/1024`, `s/acme\x00pay-1`),
+        /// quoted for the shell.
         #[arg(required = true, value_name = "KEY")]
         keys: Vec<String>,
         /// The node's data dir (default: the config's `node.data_dir`).

@@ -73,7 +73,7 @@ pub fn run_check(config: &Config, data_dir: Option<PathBuf>, json: bool) -> anyh
         println!("  {} ({}): {}", d.key, d.kind, d.error);
         match d.if_set_aside {
             Some(cost) => {
-                println!("    set aside, {cost}:");
+                println!("    if set aside: {cost}");
                 println!("    {}", set_aside_command(&d.key, &dir));
             }
             None => println!("    never set aside: restore the data dir from a backup"),

@@ -102,10 +102,13 @@ const KINDS: &[Kind] = &[
         name: "signed ledger head",
         cost: None,
     },
+    // Node records (start count, backend, breakers, signing keys, the
+    // Kaizen baseline) are their writers' own, read leniently (one that
+    // does not read is logged and written again): never found damaged.
     Kind {
         prefix: b"m/",
         name: "node record",
-        cost: Some("the node record is gone (start count, backend, breaker or key note): the node writes it again"),
+        cost: None,
     },
     Kind {
         prefix: b"w/",
