@@ -268,7 +268,7 @@ async fn restore(
     Ok(
         match args.store.checkpoint(&args.tenant_id, &args.sku_id)? {
             Some(bytes) => {
-                let mut data: Data = serde_json::from_slice(&bytes).map_err(|e| {
+                let mut data = Data::from_checkpoint(&bytes).map_err(|e| {
                     format!(
                         "corrupt checkpoint for {}/{}: {e}",
                         args.tenant_id, args.sku_id
@@ -488,7 +488,7 @@ impl Engine {
         }
         match st.store.velocity(&st.tenant_id, &st.sku_id, c) {
             Ok(Some(bytes)) => {
-                if let Ok(times) = serde_json::from_slice::<VecDeque<u64>>(&bytes) {
+                if let Ok(times) = crate::machine::payment_window(&bytes) {
                     st.data.velocity.insert(c.to_string(), times);
                 }
             }

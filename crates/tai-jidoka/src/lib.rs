@@ -40,12 +40,12 @@ use policy::Policy;
 pub fn store_readers() -> tai_store::check::Readers<'static> {
     tai_store::check::Readers {
         checkpoint: &|b| {
-            serde_json::from_slice::<machine::Data>(b)
+            machine::Data::from_checkpoint(b)
                 .map(drop)
                 .map_err(|e| e.to_string())
         },
         velocity: &|b| {
-            serde_json::from_slice::<std::collections::VecDeque<u64>>(b)
+            machine::payment_window(b)
                 .map(drop)
                 .map_err(|e| e.to_string())
         },

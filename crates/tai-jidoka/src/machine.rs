@@ -71,7 +71,18 @@ pub struct InFlight {
     pub return_to: EngineState,
 }
 
+/// A customer's payment window as the store keeps it (`v/`), read back.
+pub fn payment_window(bytes: &[u8]) -> serde_json::Result<VecDeque<u64>> {
+    serde_json::from_slice(bytes)
+}
+
 impl Data {
+    /// A checkpoint as the store keeps it (`e/`), read back as it was
+    /// written (before [`Data::reconcile`]).
+    pub fn from_checkpoint(bytes: &[u8]) -> serde_json::Result<Data> {
+        serde_json::from_slice(bytes)
+    }
+
     pub fn new(sku: &Sku, now_ms: u64) -> Self {
         Data {
             state: EngineState::Boot,

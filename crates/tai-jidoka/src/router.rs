@@ -570,7 +570,7 @@ fn waiting_engines(store: &Store, skus: &Skus) -> Result<Waiting, String> {
             .map_err(|e| format!("cannot read the engines' checkpoints: {e}"))?;
         let last_page = page.len() < CHECKPOINT_PAGE;
         for (tenant, sku_id, bytes) in page {
-            if let Ok(data) = serde_json::from_slice::<Data>(&bytes) {
+            if let Ok(data) = Data::from_checkpoint(&bytes) {
                 if data.in_flight.is_some() {
                     found.cut.push((tenant.clone(), sku_id.clone()));
                 } else if let Some(sku) = skus.get(&sku_id) {
@@ -602,7 +602,7 @@ fn waiting_engines(store: &Store, skus: &Skus) -> Result<Waiting, String> {
 /// operator sees, and said so in the log (the engine itself refuses to
 /// start on it, with the same reason).
 fn passive_data(view: &Passive, tenant: &str, sku_id: &str, bytes: &[u8]) -> Option<Data> {
-    let mut data: Data = serde_json::from_slice(bytes)
+    let mut data = Data::from_checkpoint(bytes)
         .inspect_err(|e| {
             warn!(tenant = %tenant, sku = %sku_id, error = %e, "corrupt checkpoint of a passivated engine");
         })
