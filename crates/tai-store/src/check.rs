@@ -265,11 +265,7 @@ fn fault(key: &[u8], value: &[u8], readers: &Readers<'_>) -> Option<String> {
 /// Opens a stopped node's store in `dir` as sled alone: no recovery runs
 /// and nothing is written.
 fn open(dir: &Path) -> Result<sled::Db> {
-    if !crate::sled_dir(dir).join("db").is_file() {
-        return Err(StoreError::Missing {
-            path: dir.display().to_string(),
-        });
-    }
+    crate::existing(dir)?;
     crate::open_db(dir, crate::DEFAULT_CACHE_BYTES)
 }
 

@@ -376,6 +376,18 @@ fn sled_dir(dir: &Path) -> std::path::PathBuf {
     dir.join("sled")
 }
 
+/// `dir` holds a node's store ([`StoreError::Missing`] if not): the
+/// offline commands read one, and must not make an empty one.
+fn existing(dir: &Path) -> Result<()> {
+    if sled_dir(dir).join("db").is_file() {
+        Ok(())
+    } else {
+        Err(StoreError::Missing {
+            path: dir.display().to_string(),
+        })
+    }
+}
+
 /// sled, opened in `dir` with its page cache at `cache_bytes`; another
 /// process holding the directory is [`StoreError::InUse`].
 fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db> {
@@ -451,11 +463,7 @@ impl Store {
     /// directory without one is an error, not a new empty store (which
     /// would verify as an empty ledger and leave sled's files behind).
     pub fn open_existing(dir: &Path) -> Result<Store> {
-        if !sled_dir(dir).join("db").is_file() {
-            return Err(StoreError::Missing {
-                path: dir.display().to_string(),
-            });
-        }
+        existing(dir)?;
         Self::open(dir)
     }
 
@@ -1298,21 +1306,27 @@ impl Store {
     pub fn move_buffer_to_queue(&self) -> Result<usize> {
         let mut cur = self.buffer.lock().expect("buffer cursor");
         let mut moved = 0;
+        // The queue's last seq, read once (each block after it is noted).
+        let mut seq = self.next_queue_seq()? - 1;
         loop {
             let buffered = self.buffered(MOVED_BLOCK_MAX)?;
             if buffered.is_empty() {
                 return Ok(moved);
             }
             let taken = buffered.len() as u64;
-            moved += self.move_buffered(buffered)?;
+            moved += self.move_buffered(buffered, &mut seq)?;
             cur.count = cur.count.saturating_sub(taken);
         }
     }
 
     /// Moves `buffered` (at most a block's worth, in buffer order) into a
-    /// queue block after the queue's last, atomically.
-    pub(crate) fn move_buffered(&self, buffered: Vec<(u64, Signal)>) -> Result<usize> {
-        let mut seq = self.next_queue_seq()? - 1;
+    /// queue block after `seq`, the queue's last, atomically; `seq` becomes
+    /// the block's last.
+    pub(crate) fn move_buffered(
+        &self,
+        buffered: Vec<(u64, Signal)>,
+        seq: &mut u64,
+    ) -> Result<usize> {
         let mut batch = redo::Ops::default();
         let mut deliveries = Vec::with_capacity(buffered.len());
         for (at, signal) in buffered {
@@ -1328,16 +1342,16 @@ impl Store {
                 // queue's signals need theirs (the open built its index).
                 None => batch.insert(key, codec::encode_record(&SignalRecord::accepted(&signal))),
             }
-            seq += 1;
+            *seq += 1;
             deliveries.push(Delivery {
-                seq,
+                seq: *seq,
                 signal: Arc::new(signal),
                 redelivered: false,
             });
         }
         if let Some(first) = deliveries.first() {
             batch.insert(seq_key(b'q', first.seq), codec::encode_block(&deliveries));
-            self.note_queue_seq(seq);
+            self.note_queue_seq(*seq);
         }
         self.atomic(batch)?;
         Ok(deliveries.len())

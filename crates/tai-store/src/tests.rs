@@ -1358,7 +1358,7 @@ async fn a_buffer_moves_a_block_at_a_time_and_a_move_cut_short_goes_on() {
         buffer_large(&s);
         let first = s.buffered(MOVED_BLOCK_MAX).unwrap();
         let redo_before = s.redo_seq.load(std::sync::atomic::Ordering::SeqCst);
-        assert_eq!(s.move_buffered(first).unwrap(), MOVED_BLOCK_MAX);
+        assert_eq!(s.move_buffered(first, &mut 0).unwrap(), MOVED_BLOCK_MAX);
         assert_eq!(
             s.redo_seq.load(std::sync::atomic::Ordering::SeqCst),
             redo_before + 1,
