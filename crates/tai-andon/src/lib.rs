@@ -43,7 +43,7 @@ pub fn supervisor_spec(store: Store, config: AndonConfig, alerts: AlertsConfig) 
 
 /// Where the ids of the keys that ever signed this store's receipts are
 /// kept (store meta, one record per key).
-const SIGNING_KEY_META: &str = "ledger_key/";
+const SIGNING_KEY_META: &str = tai_store::meta::LEDGER_KEY;
 
 /// Records that `key_id` signs this store's receipts from now on.
 pub fn record_signing_key(store: &Store, key_id: &str) -> Result<(), String> {

@@ -26,7 +26,7 @@ use tracing::{debug, error, info, warn};
 use crate::breaker::{Admission, Breaker, BreakerConfig, BreakerState, Transition};
 use crate::machine::Action;
 
-const META_PREFIX: &str = "breaker/";
+const META_PREFIX: &str = tai_store::meta::BREAKER;
 
 /// A rollout's health answer is a small JSON object; a longer body is
 /// refused (health unknown, so the stage rolls back) without reading on.

@@ -49,6 +49,11 @@ pub fn store_readers() -> tai_store::check::Readers<'static> {
                 .map(drop)
                 .map_err(|e| e.to_string())
         },
+        breaker: &|b| {
+            serde_json::from_slice::<breaker::Breaker>(b)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        },
     }
 }
 

@@ -48,6 +48,7 @@ use tai_core::msg::{
     BrokerStats, Delivery, EnqueueOutcome, IdOrigin, KanbanMsg, QueueStats, ReplayOutcome,
 };
 use tai_core::signal::{now_ms, DeadLetter, Signal, SignalRecord};
+use tai_store::meta::{self, SeqBase};
 use tai_store::Store;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -1641,19 +1642,22 @@ async fn acker(mut rx: mpsc::UnboundedReceiver<AckOp>) {
 }
 
 /// Delivery seqs must not repeat across starts (an engine's checkpoint may
-/// name the seq of an action in flight): each start takes a fresh range.
+/// name the seq of an action in flight): each start takes a range past the
+/// last one's ([`SeqBase::next`]), recorded before its first delivery. A
+/// record that does not read is logged, and the range begins at the clock.
 fn seq_base(store: &Store) -> Result<u64, ActorProcessingErr> {
-    const NAME: &str = "amqp_seq_base";
-    let last = store
-        .metas(NAME)?
-        .into_iter()
-        .find(|(n, _)| n == NAME)
-        .and_then(|(_, v)| <[u8; 8]>::try_from(v.as_slice()).ok())
-        .map_or(0, u64::from_be_bytes);
-    let base = last + (1 << 40);
-    store.put_meta(NAME, &base.to_be_bytes())?;
+    let last = match store.meta(meta::AMQP_SEQ_BASE)? {
+        None => None,
+        Some(bytes) => SeqBase::decode(&bytes)
+            .map_err(|e| {
+                warn!(error = %e, "the amqp delivery seq base (m/{}) does not read: numbering from the clock", meta::AMQP_SEQ_BASE)
+            })
+            .ok(),
+    };
+    let next = SeqBase::next(last, now_ms())?;
+    store.put_meta(meta::AMQP_SEQ_BASE, &next.encode())?;
     store.flush()?;
-    Ok(base)
+    Ok(next.base)
 }
 
 impl Actor for AmqpQueue {
@@ -2205,7 +2209,35 @@ pub async fn delete_topology(url: &str, queue: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::RecentKeys;
+    use tai_store::meta::{self, SeqBase};
+    use tai_store::Store;
+
+    use super::{seq_base, RecentKeys};
+
+    #[test]
+    fn each_start_numbers_past_the_last_and_a_damaged_record_falls_back_to_the_clock() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        let recorded = |store: &Store| {
+            SeqBase::decode(&store.meta(meta::AMQP_SEQ_BASE).unwrap().unwrap()).unwrap()
+        };
+        let clock = |at: u64| at * SeqBase::PER_MS;
+        let before = tai_core::signal::now_ms();
+        let first = seq_base(&store).unwrap();
+        assert!(first >= clock(before), "{first}: from the clock");
+        assert_eq!(recorded(&store).base, first);
+        let second = seq_base(&store).unwrap();
+        assert!(second >= first + SeqBase::FLOOR, "{second} after {first}");
+
+        // A damaged record (an old node wrote 0 in its place): the clock.
+        store
+            .put_meta(meta::AMQP_SEQ_BASE, b"\x01\x02\x03")
+            .unwrap();
+        let before = tai_core::signal::now_ms();
+        let third = seq_base(&store).unwrap();
+        assert!(third >= clock(before), "{third}");
+        assert_eq!(recorded(&store).base, third, "written again whole");
+    }
 
     fn key(i: usize) -> (String, String) {
         ("t".to_string(), format!("s-{i}"))

@@ -477,13 +477,12 @@ pub async fn receipts(config: &Config, a: ReceiptsArgs) -> anyhow::Result<i32> {
         return print_report(&verify_export(file, keys)?);
     }
     if let Some(dir) = &a.data_dir {
-        let store = match tai_store::Store::open_existing(dir) {
-            Ok(store) => store,
-            Err(e @ tai_store::StoreError::InUse { .. }) => {
-                bail!("{e}: a running node's receipts are read online, without --data-dir")
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let store = tai_store::Store::open_existing(dir).map_err(|e| {
+            crate::store_check::not_opened(
+                e,
+                "a running node's receipts are read online, without --data-dir",
+            )
+        })?;
         if a.verify {
             return print_report(&tai_andon::verify_store(
                 &store,

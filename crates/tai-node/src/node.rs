@@ -12,7 +12,7 @@ use serde_json::json;
 use tai_core::config::Config;
 use tai_core::names::{ANDON_SUP, INGRESS_SUP, KAIZEN_SUP, KANBAN_SUP, PROCESSOR_SUP, TAI_SUP};
 use tai_otp::{startup_reason, Application, ChildSpec, Exit, Strategy, SupervisorSpec};
-use tai_store::Store;
+use tai_store::{meta, Store};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 use warp::Filter;
@@ -209,7 +209,7 @@ fn carry_over_accepted(config: &Config, store: &Store) -> anyhow::Result<()> {
     // (its own signals are queued or decided: the count stays theirs).
     let keep_old = left > 0 && config.kanban.backend == QueueBackend::Embedded;
     if last.as_deref() != Some(backend.as_str()) && !keep_old {
-        store.put_meta(BACKEND_META, backend.as_bytes())?;
+        store.put_meta(meta::KANBAN_BACKEND, backend.as_bytes())?;
         store.flush()?;
     }
     Ok(())
@@ -220,16 +220,16 @@ fn carry_over_accepted(config: &Config, store: &Store) -> anyhow::Result<()> {
 /// ~100 bytes each. A standby's data dir holds every signal it took in.
 const ORPHANS_MAX: usize = 100_000;
 
-/// The store's record of the queue backend the data dir last ran on.
-const BACKEND_META: &str = "kanban_backend";
-
-/// The backend the data dir last ran on (`amqp:{queue}` or `embedded`).
+/// The backend the data dir last ran on (`amqp:{queue}` or `embedded`); a
+/// record that does not read is logged and taken for none.
 fn last_backend(store: &Store) -> anyhow::Result<Option<String>> {
-    Ok(store
-        .metas(BACKEND_META)?
-        .into_iter()
-        .find(|(name, _)| name == BACKEND_META)
-        .map(|(_, v)| String::from_utf8_lossy(&v).into_owned()))
+    let Some(bytes) = store.meta(meta::KANBAN_BACKEND)? else {
+        return Ok(None);
+    };
+    Ok(meta::read_backend(&bytes)
+        .map_err(|e| warn!(error = %e, "the record of the queue backend this data dir last ran on (m/{}) does not read: a queue it left signals in is not known", meta::KANBAN_BACKEND))
+        .ok()
+        .map(str::to_string))
 }
 
 /// `tai drain-amqp`: moves what an amqp work queue holds into this stopped
@@ -238,13 +238,9 @@ fn last_backend(store: &Store) -> anyhow::Result<Option<String>> {
 /// dir last ran on, else `kanban.amqp_queue`.
 pub async fn drain_amqp(config: &Config, queue: Option<String>) -> anyhow::Result<i32> {
     let dir = &config.node.data_dir;
-    let store = match Store::open_existing(dir) {
-        Ok(store) => store,
-        Err(e @ tai_store::StoreError::InUse { .. }) => {
-            anyhow::bail!("{e}: stop the node first (the drain writes to its data dir)")
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let store = Store::open_existing(dir).map_err(|e| {
+        crate::store_check::not_opened(e, "stop the node first (the drain writes to its data dir)")
+    })?;
     let last = last_backend(&store)?;
     let queue = queue
         .or_else(|| last.as_deref()?.strip_prefix("amqp:").map(str::to_string))
@@ -444,12 +440,7 @@ pub async fn serve(mut config: Config) -> anyhow::Result<i32> {
             .with_context(|| format!("cannot create node.data_dir {}", data_dir.display()))?;
     }
     let store = Store::open_with_cache(&data_dir, config.node.store_cache_mb * 1024 * 1024)
-        .map_err(|e| match e {
-            e @ tai_store::StoreError::Corrupt { .. } => anyhow::anyhow!(
-                "{e}; `tai store check` names every damaged record and what setting it aside costs; `tai store set-aside KEY` moves one out of the node's way"
-            ),
-            e => e.into(),
-        })?;
+        .map_err(|e| crate::store_check::not_opened(e, ""))?;
     carry_over_accepted(&config, &store)?;
     let starts = store.record_start()?;
     let metrics = if config.kaizen.metrics {

@@ -321,18 +321,14 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
     }
 }
 
-/// Where the Kaizen baseline is kept (store meta), so it outlives restarts.
-const KAIZEN_BASELINE: &str = "kaizen_baseline";
-
 /// The saved baseline; one that cannot be read is logged and the report
 /// goes on without it.
 fn kaizen_baseline(state: &NodeState) -> Option<serde_json::Value> {
-    let metas = state
+    let bytes = state
         .store
-        .metas(KAIZEN_BASELINE)
+        .meta(tai_store::meta::KAIZEN_BASELINE)
         .map_err(|e| tracing::warn!(error = %e, "cannot read the Kaizen baseline"))
-        .ok()?;
-    let (_, bytes) = metas.into_iter().find(|(n, _)| n == KAIZEN_BASELINE)?;
+        .ok()??;
     serde_json::from_slice(&bytes)
         .map_err(|e| tracing::warn!(error = %e, "the saved Kaizen baseline is unreadable"))
         .ok()
@@ -364,7 +360,7 @@ fn save_kaizen_baseline(state: &NodeState) -> Response {
     let bytes = serde_json::to_vec(&baseline).expect("json");
     match state
         .store
-        .put_meta(KAIZEN_BASELINE, &bytes)
+        .put_meta(tai_store::meta::KAIZEN_BASELINE, &bytes)
         .and_then(|()| state.store.flush())
     {
         Ok(()) => json_reply(StatusCode::OK, &baseline),

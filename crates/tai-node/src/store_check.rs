@@ -26,6 +26,18 @@ fn refused(e: StoreError) -> anyhow::Error {
     }
 }
 
+/// A store that did not open, with the way past a damaged record, and
+/// `held` (what to do instead) when a running node holds it.
+pub fn not_opened(e: StoreError, held: &str) -> anyhow::Error {
+    match e {
+        e @ StoreError::Corrupt { .. } => anyhow::anyhow!(
+            "{e}; `tai store check` names every damaged record and what setting it aside costs; `tai store set-aside KEY` moves one out of the node's way"
+        ),
+        e @ StoreError::InUse { .. } if !held.is_empty() => anyhow::anyhow!("{e}: {held}"),
+        e => e.into(),
+    }
+}
+
 /// The command that sets `key` aside, quoted for a shell.
 fn set_aside_command(key: &str, dir: &Path) -> String {
     let quote = |s: &str| {

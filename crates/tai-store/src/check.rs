@@ -17,7 +17,7 @@ use serde::Serialize;
 use tai_core::receipt::SignedHead;
 use tai_core::signal::{DeadLetter, Signal};
 
-use crate::{codec, decode, receipts, redo, Result, StoreError, HEAD};
+use crate::{codec, decode, meta, receipts, redo, Result, StoreError, HEAD};
 
 /// What the store cannot read itself: engine checkpoints and payment
 /// windows are the engines' own bytes.
@@ -26,6 +26,8 @@ pub struct Readers<'a> {
     pub checkpoint: &'a dyn Fn(&[u8]) -> std::result::Result<(), String>,
     /// Reads a customer's payment window (`v/`).
     pub velocity: &'a dyn Fn(&[u8]) -> std::result::Result<(), String>,
+    /// Reads a circuit breaker's saved state (`m/breaker/`).
+    pub breaker: &'a dyn Fn(&[u8]) -> std::result::Result<(), String>,
 }
 
 /// A record that does not read.
@@ -58,9 +60,12 @@ pub struct Report {
     pub set_aside: Vec<SetAside>,
 }
 
-/// The kinds of record, by key prefix, and what setting one aside costs.
+/// The kinds of record, by key prefix (or whole key), and what setting one
+/// aside costs.
 struct Kind {
     prefix: &'static [u8],
+    /// The key is the prefix, not only starts with it.
+    exact: bool,
     name: &'static str,
     /// `None`: never set aside.
     cost: Option<&'static str>,
@@ -69,59 +74,106 @@ struct Kind {
 const KINDS: &[Kind] = &[
     Kind {
         prefix: b"q/",
+        exact: false,
         name: "queue block",
         cost: Some("its signals not yet decided are never decided: the node no longer knows them (GET /v1/signals/{id} answers 404) and their tenants may send them again"),
     },
     Kind {
         prefix: b"s/",
+        exact: false,
         name: "signal record",
         cost: Some("the signal's status is forgotten (404) and its id may be accepted again: this was its duplicate check"),
     },
     Kind {
         prefix: b"e/",
+        exact: false,
         name: "engine checkpoint",
         cost: Some("the engine starts afresh on its next signal, as a new tenant's would (boot, its quota from the config)"),
     },
     Kind {
         prefix: b"r/",
+        exact: false,
         name: "receipt block",
         cost: Some("its receipts are gone from listings; verification already stops at this block and goes on reporting it"),
     },
     Kind {
         prefix: b"d/",
+        exact: false,
         name: "dead letter",
         cost: Some("the letter leaves /admin/deadletter and cannot be replayed; its signal stays deadlettered"),
     },
     Kind {
         prefix: b"v/",
+        exact: false,
         name: "payment window",
         cost: Some("the customer's recent payments are forgotten: the velocity rule counts from none"),
     },
     Kind {
         prefix: HEAD,
+        exact: true,
         name: "signed ledger head",
         cost: None,
     },
-    // Node records (start count, backend, breakers, signing keys, the
-    // Kaizen baseline) are their writers' own, read leniently (one that
-    // does not read is logged and written again): never found damaged.
+    // The node's own records, each read leniently by its writer (logged,
+    // and the node goes on as the cost says): set aside, only `check`
+    // stops naming them.
+    Kind {
+        prefix: b"m/node_starts",
+        exact: true,
+        name: "start count",
+        cost: Some("the count of the node's starts, which it only logs, begins again at 1 (as it does while this record does not read)"),
+    },
+    Kind {
+        prefix: b"m/kanban_backend",
+        exact: true,
+        name: "queue backend record",
+        cost: Some("the next start does not know which queue the data dir last ran on, so it cannot warn of signals a broker queue it left still holds (as while this record does not read)"),
+    },
+    Kind {
+        prefix: b"m/amqp_seq_base",
+        exact: true,
+        name: "amqp seq base",
+        cost: Some("the next amqp start numbers its deliveries from the clock alone (as while this record does not read): past every earlier start's unless the clock was set back since"),
+    },
+    Kind {
+        prefix: b"m/kaizen_baseline",
+        exact: true,
+        name: "Kaizen baseline",
+        cost: Some("GET /admin/kaizen compares with no baseline until one is saved again (as while this record does not read)"),
+    },
+    Kind {
+        prefix: b"m/breaker/",
+        exact: false,
+        name: "circuit breaker",
+        cost: Some("the breaker starts closed (as while this record does not read)"),
+    },
+    Kind {
+        prefix: b"m/ledger_key/",
+        exact: false,
+        name: "signing key record",
+        cost: Some("a node missing this key in its config no longer warns of it at start (verification still names it)"),
+    },
     Kind {
         prefix: b"m/",
+        exact: false,
         name: "node record",
-        cost: None,
+        cost: Some("nothing: the node never reads a record of that name"),
     },
     Kind {
         prefix: b"w/",
+        exact: false,
         name: "redo record",
         cost: Some("its atomic write set is not applied again at the next start: what of it reached its keys stays, the rest is lost (verify the ledger after)"),
     },
     Kind {
         prefix: b"f/",
+        exact: false,
         name: "buffered signal",
         cost: Some("the signal is never published nor decided: the node no longer knows it and its tenant may send it again"),
     },
     Kind {
         prefix: b"x/",
+        exact: false,
         name: "set aside",
         cost: None,
     },
@@ -130,6 +182,7 @@ const KINDS: &[Kind] = &[
 /// A key the store never writes.
 const UNKNOWN: Kind = Kind {
     prefix: b"",
+    exact: false,
     name: "unknown key",
     cost: Some("nothing: the node never reads such a key"),
 };
@@ -141,8 +194,8 @@ fn kind_of(key: &[u8]) -> &'static Kind {
     KINDS
         .iter()
         .find(|k| {
-            if k.prefix == HEAD {
-                key == HEAD
+            if k.exact {
+                key == k.prefix
             } else {
                 key.starts_with(k.prefix)
             }
@@ -243,6 +296,14 @@ fn fault(key: &[u8], value: &[u8], readers: &Readers<'_>) -> Option<String> {
         b"d/" => json(decode::<DeadLetter>(key, value).map(drop)),
         b"v/" => (readers.velocity)(value).err(),
         b"m/head" => json(decode::<SignedHead>(key, value).map(drop)),
+        b"m/node_starts" => meta::read_u64(value).err(),
+        b"m/kanban_backend" => meta::read_backend(value).err(),
+        b"m/amqp_seq_base" => meta::SeqBase::decode(value).err(),
+        b"m/kaizen_baseline" => json(decode::<serde_json::Value>(key, value).map(drop)),
+        b"m/breaker/" => (readers.breaker)(value).err(),
+        // Its name is what it says; it has no value.
+        b"m/ledger_key/" => None,
+        b"m/" => Some("a node record of no name the node writes".into()),
         b"w/" => seq_shaped("redo record").or_else(|| match redo::Ops::decode(value) {
             None => Some("undecodable redo record".into()),
             // Its puts are written at the next start: each must read too.
@@ -256,8 +317,8 @@ fn fault(key: &[u8], value: &[u8], readers: &Readers<'_>) -> Option<String> {
         b"f/" => {
             seq_shaped("buffered signal").or_else(|| json(decode::<Signal>(key, value).map(drop)))
         }
-        // Node records are their writers' own; set-aside ones are kept as they were.
-        b"m/" | b"x/" => None,
+        // Set-aside records are kept as they were.
+        b"x/" => None,
         _ => Some("a key of no kind the store writes".into()),
     }
 }
@@ -414,6 +475,11 @@ mod tests {
                     .map(drop)
                     .map_err(|e| e.to_string())
             },
+            breaker: &|b| {
+                serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(b)
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            },
         }
     }
 
@@ -541,6 +607,14 @@ mod tests {
         put_raw(dir, &crate::seq_key(b'r', 2), b"\x02\x00");
         put_raw(dir, &crate::seq_key(b'f', 1), b"[]");
         put_raw(dir, b"zz", b"");
+        // The node's own records: read leniently by the node, named here.
+        put_raw(dir, b"m/amqp_seq_base", b"abc");
+        put_raw(dir, b"m/node_starts", b"\x01");
+        put_raw(dir, b"m/kanban_backend", b"sled");
+        put_raw(dir, b"m/kaizen_baseline", b"{");
+        put_raw(dir, b"m/breaker/hook", b"[]");
+        put_raw(dir, b"m/ledger_key/k1", b"");
+        put_raw(dir, b"m/what", b"1");
         // A redo record that would write a damaged signal record at the next start.
         let mut ops = redo::Ops::default();
         ops.insert(b"s/acme\0z".to_vec(), b"\x02\x01".to_vec());
@@ -551,7 +625,13 @@ mod tests {
             ("d/globex\\x00g", "dead letter"),
             ("e/acme\\x00payments", "engine checkpoint"),
             ("f/1", "buffered signal"),
+            ("m/amqp_seq_base", "amqp seq base"),
+            ("m/breaker/hook", "circuit breaker"),
             ("m/head", "signed ledger head"),
+            ("m/kaizen_baseline", "Kaizen baseline"),
+            ("m/kanban_backend", "queue backend record"),
+            ("m/node_starts", "start count"),
+            ("m/what", "node record"),
             ("r/2", "receipt block"),
             ("v/acme\\x00payments\\x00c1", "payment window"),
             ("w/9", "redo record"),
@@ -566,6 +646,15 @@ mod tests {
             "{}",
             w9.error
         );
+
+        let seq_base = report
+            .damaged
+            .iter()
+            .find(|d| d.key == "m/amqp_seq_base")
+            .unwrap();
+        assert!(seq_base.error.contains("3 bytes"), "{}", seq_base.error);
+        assert!(seq_base.if_set_aside.unwrap().contains("from the clock"));
+        assert_eq!(report.records["signing key record"], 1, "{report:?}");
 
         let why = refused(dir, "m/head");
         assert!(

@@ -53,6 +53,7 @@ mod codec;
 mod damage;
 mod group_commit;
 mod known;
+pub mod meta;
 mod packed;
 mod receipts;
 mod redo;
@@ -733,17 +734,22 @@ impl Store {
     }
 
     /// Counts this start and returns the count (1 on a fresh data dir).
+    /// A count that does not read is logged and counted again from 1.
     pub fn record_start(&self) -> Result<u64> {
         let next = self
             .db
             .update_and_fetch(NODE_STARTS, |old| {
-                let n = old
-                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                    .map_or(0, u64::from_be_bytes);
+                let n = old.map_or(Ok(0), meta::read_u64).unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "the count of starts (m/node_starts) does not read: counting again from 1");
+                    0
+                });
                 Some((n + 1).to_be_bytes().to_vec())
             })?
-            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
-            .map_or(0, u64::from_be_bytes);
+            .map_or(Ok(0), |b| meta::read_u64(&b))
+            .map_err(|message| StoreError::Corrupt {
+                key: "m/node_starts".into(),
+                message,
+            })?;
         self.log.flush(&self.db)?;
         Ok(next)
     }
@@ -1435,6 +1441,13 @@ impl Store {
         k.extend_from_slice(name.as_bytes());
         self.db.insert(k, value)?;
         Ok(())
+    }
+
+    /// The node-level record `m/{name}`, if there is one.
+    pub fn meta(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let mut k = b"m/".to_vec();
+        k.extend_from_slice(name.as_bytes());
+        Ok(self.db.get(k)?.map(|v| v.to_vec()))
     }
 
     /// Every node-level record whose name starts with `prefix`: (name, bytes).
