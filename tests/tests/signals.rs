@@ -2471,6 +2471,110 @@ fn tai_store(
         .unwrap()
 }
 
+/// `tai serve` on `data`, which must refuse to start: its log.
+fn refused_start(node: &Node, config: &std::path::Path, data: &std::path::Path) -> String {
+    let log = node.dir.path().join("refused.log");
+    let mut serve = std::process::Command::new(tai_bin())
+        .current_dir(workspace_root())
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("TAI_NODE__DATA_DIR", data)
+        .env("TAI_OPERATOR__LISTEN", "127.0.0.1:0")
+        .env("TAI_INGRESS__LISTEN", "127.0.0.1:0")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let status = wait_for(
+        "tai serve to refuse the store",
+        Duration::from_secs(30),
+        || serve.try_wait().unwrap(),
+    );
+    let refused = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "{refused}");
+    refused
+}
+
+/// A damaged signed head keeps the node from starting; `tai store check`
+/// names it and the way out, `tai store rebuild-head` writes a new head
+/// over the ledger once it verifies (and refuses a head that reads), and
+/// the node starts with its decisions as they were and goes on.
+#[tokio::test]
+async fn a_damaged_signed_head_is_rebuilt_and_the_node_starts_again() {
+    let mut node = Node::start_with(&test_config(""), &[]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    c.entitle("payments", "ent-1").await;
+    c.post(&pay("pay-1", "cust_123", 99.99)).await.unwrap();
+    assert_eq!(c.decided("pay-1").await["status"], "completed");
+    node.stop();
+    let data = node.data_dir();
+    let config = node.config_path().to_path_buf();
+    tai_store::check::overwrite_first(&data, "m/head", b"{")
+        .unwrap()
+        .expect("a signed head");
+    let refused = refused_start(&node, &config, &data);
+    assert!(refused.contains("corrupt record at m/head"), "{refused}");
+
+    let out = tai_store(&config, &data, &["check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("m/head (signed ledger head)")
+            && text.contains("tai store rebuild-head --data-dir"),
+        "{text}"
+    );
+    let out = tai_store(&config, &data, &["rebuild-head"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("3 receipts verify")
+            && text.contains("m/head is now")
+            && text.contains("kept under x/m/head"),
+        "{text}"
+    );
+    // Damaged again: the JSON report (the first damaged copy stays kept).
+    tai_store::check::overwrite_first(&data, "m/head", b"").unwrap();
+    let out = tai_store(&config, &data, &["rebuild-head", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rebuilt: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rebuilt["head_seq"], 3, "{rebuilt}");
+    assert_eq!(rebuilt["receipts"], 3, "{rebuilt}");
+    assert_eq!(rebuilt["kept_as"], "x/m/head", "{rebuilt}");
+    let out = tai_store(&config, &data, &["rebuild-head"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("m/head reads (seq 3)"),
+        "{err}"
+    );
+
+    node.restart();
+    let c = Client::new(&node, "acme", "acme-secret");
+    let (_, verify) = node.admin(Method::GET, "/admin/receipts/verify").await;
+    assert_eq!(
+        (&verify["ok"], &verify["count"]),
+        (&json!(true), &json!(3)),
+        "{verify}"
+    );
+    assert_eq!(c.status("pay-1").await.body["status"], "completed");
+    let again = c.post(&pay("pay-1", "cust_123", 99.99)).await.unwrap();
+    assert_eq!(again.body["duplicate"], true, "{}", again.body);
+    c.post(&pay("pay-2", "cust_123", 5.0)).await.unwrap();
+    assert_eq!(c.decided("pay-2").await["status"], "completed");
+    let (_, verify) = node.admin(Method::GET, "/admin/receipts/verify").await;
+    assert_eq!(
+        (&verify["ok"], &verify["count"]),
+        (&json!(true), &json!(5)),
+        "{verify}"
+    );
+}
+
 /// A damaged record the node reads at its start (a queue block) keeps it
 /// from starting, named; `tai store check` finds it and says what setting
 /// it aside costs, `tai store set-aside` moves it out of the way (and
@@ -2496,24 +2600,7 @@ async fn a_damaged_queue_block_is_named_set_aside_and_the_node_starts_again() {
         .unwrap()
         .expect("a queue block");
     // The node does not start, and says which record and what to do.
-    let log = node.dir.path().join("refused.log");
-    let mut serve = std::process::Command::new(tai_bin())
-        .current_dir(workspace_root())
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("TAI_NODE__DATA_DIR", &data)
-        .env("TAI_OPERATOR__LISTEN", "127.0.0.1:0")
-        .env("TAI_INGRESS__LISTEN", "127.0.0.1:0")
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let status = wait_for(
-        "tai serve to refuse the store",
-        Duration::from_secs(30),
-        || serve.try_wait().unwrap(),
-    );
-    let refused = std::fs::read_to_string(&log).unwrap();
-    assert!(!status.success(), "{refused}");
+    let refused = refused_start(&node, &config, &data);
     assert!(
         refused.contains(&format!("corrupt record at {key}"))
             && refused.contains("`tai store check`"),

@@ -171,6 +171,17 @@ enum StoreAction {
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
     },
+    /// Write a new signed head (`m/head`) over a ledger whose head does
+    /// not read, once every receipt verifies; signed with
+    /// `andon.signing_key_id`. The damaged head is kept under `x/m/head`.
+    RebuildHead {
+        /// The node's data dir (default: the config's `node.data_dir`).
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// Print one JSON object instead.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Logs to stderr and, with `otlp` (a collector's base URL, `tai serve`
@@ -358,6 +369,9 @@ fn main() -> ExitCode {
             Command::Store {
                 action: StoreAction::SetAside { keys, data_dir },
             } => store_check::run_set_aside(&config, data_dir, &keys),
+            Command::Store {
+                action: StoreAction::RebuildHead { data_dir, json },
+            } => store_check::run_rebuild_head(&config, data_dir, json),
             Command::Receipts {
                 tenant,
                 verify,

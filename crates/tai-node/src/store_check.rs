@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::bail;
 use tai_core::config::Config;
 use tai_store::check::{self, Damaged};
+use tai_store::head;
 use tai_store::StoreError;
 
 /// The data dir: `--data-dir`, else the config's `node.data_dir`.
@@ -38,17 +39,19 @@ pub fn not_opened(e: StoreError, held: &str) -> anyhow::Error {
     }
 }
 
+/// `s` quoted for a shell.
+fn quoted(s: &str) -> String {
+    shlex::try_quote(s)
+        .map(|q| q.into_owned())
+        .unwrap_or_else(|_| s.to_string())
+}
+
 /// The command that sets `key` aside, quoted for a shell.
 fn set_aside_command(key: &str, dir: &Path) -> String {
-    let quote = |s: &str| {
-        shlex::try_quote(s)
-            .map(|q| q.into_owned())
-            .unwrap_or_else(|_| s.to_string())
-    };
     format!(
         "tai store set-aside {} --data-dir {}",
-        quote(key),
-        quote(&dir.display().to_string())
+        quoted(key),
+        quoted(&dir.display().to_string())
     )
 }
 
@@ -88,7 +91,15 @@ pub fn run_check(config: &Config, data_dir: Option<PathBuf>, json: bool) -> anyh
                 println!("    if set aside: {cost}");
                 println!("    {}", set_aside_command(&d.key, &dir));
             }
-            None => println!("    never set aside: restore the data dir from a backup"),
+            None => {
+                println!(
+                    "    never set aside: a node would begin the ledger again over its receipts"
+                );
+                println!(
+                    "    tai store rebuild-head --data-dir {} (once the rest reads), or restore the data dir from a backup",
+                    quoted(&dir.display().to_string())
+                );
+            }
         }
     }
     if !report.set_aside.is_empty() {
@@ -131,5 +142,54 @@ pub fn run_set_aside(
             println!("  {cost}");
         }
     }
+    Ok(0)
+}
+
+/// Writes a new signed head over a ledger whose head does not read, and
+/// says what it rests on.
+pub fn run_rebuild_head(
+    config: &Config,
+    data_dir: Option<PathBuf>,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let dir = dir(config, data_dir);
+    let andon = &config.andon;
+    let r = match head::rebuild_head(&dir, &andon.signing_keys, &andon.signing_key_id) {
+        Ok(r) => r,
+        Err(StoreError::Refused(why)) => bail!("no head rebuilt: {why}"),
+        Err(e) => return Err(refused(e)),
+    };
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(0);
+    }
+    println!(
+        "{} receipts verify; the last block: {}",
+        r.receipts, r.last_block
+    );
+    if let Some((first, last)) = r.dropped {
+        println!("  receipts {first} to {last} set aside under x/ (never committed)");
+    }
+    if r.head_seq == 0 {
+        println!(
+            "no committed receipt: the head is removed, and the node begins the ledger at seq 1"
+        );
+    } else if r.source == "redo" {
+        println!(
+            "m/head is now the node's own signed head at seq {} (hash {}), kept in a redo record",
+            r.head_seq, r.head_hash
+        );
+    } else {
+        println!(
+            "m/head is now a head signed with key {} at seq {} (hash {})",
+            r.key_id, r.head_seq, r.head_hash
+        );
+    }
+    if let Some(kept) = &r.kept_as {
+        println!("the damaged head's bytes are kept under {kept}");
+    }
+    println!(
+        "the head vouches for the ledger as it stands now: receipts cut off its end before the head was damaged would not show"
+    );
     Ok(0)
 }

@@ -188,7 +188,7 @@ const UNKNOWN: Kind = Kind {
 };
 
 /// Why the signed head is never set aside.
-const HEAD_KEPT: &str = "m/head is the ledger's signed head, which commits its receipts: without it a node would start the ledger over its own receipts; restore the data dir from a backup";
+const HEAD_KEPT: &str = "m/head is the ledger's signed head, which commits its receipts: without it a node would start the ledger over its own receipts; `tai store rebuild-head` writes a new one once every receipt verifies, or restore the data dir from a backup";
 
 fn kind_of(key: &[u8]) -> &'static Kind {
     KINDS
@@ -325,7 +325,7 @@ fn fault(key: &[u8], value: &[u8], readers: &Readers<'_>) -> Option<String> {
 
 /// Opens a stopped node's store in `dir` as sled alone: no recovery runs
 /// and nothing is written.
-fn open(dir: &Path) -> Result<sled::Db> {
+pub(crate) fn open(dir: &Path) -> Result<sled::Db> {
     crate::existing(dir)?;
     crate::open_db(dir, crate::DEFAULT_CACHE_BYTES)
 }
@@ -384,11 +384,37 @@ pub fn set_aside(dir: &Path, key: &str, readers: &Readers<'_>) -> Result<Damaged
             "{key} does not read ({error}), but is not set aside: {HEAD_KEPT}"
         )));
     };
-    let mut aside = b"x/".to_vec();
-    aside.extend_from_slice(&raw);
-    db.transaction(|t| {
+    let aside = aside(&raw);
+    transact(&db, |t| {
         t.insert(aside.as_slice(), &value)?;
         t.remove(raw.as_slice())?;
+        Ok(())
+    })?;
+    Ok(Damaged {
+        key: key.to_string(),
+        kind: kind.name,
+        error,
+        if_set_aside: Some(cost),
+    })
+}
+
+/// Where a record set aside is kept: `x/` and its key.
+pub(crate) fn aside(key: &[u8]) -> Vec<u8> {
+    let mut x = b"x/".to_vec();
+    x.extend_from_slice(key);
+    x
+}
+
+/// Runs `f` as one sled transaction on a stopped node's store, then makes
+/// it durable (offline, a synchronous flush costs nothing).
+pub(crate) fn transact(
+    db: &sled::Db,
+    f: impl Fn(
+        &sled::transaction::TransactionalTree,
+    ) -> std::result::Result<(), sled::transaction::UnabortableTransactionError>,
+) -> Result<()> {
+    db.transaction(|t| {
+        f(t)?;
         Ok::<_, sled::transaction::ConflictableTransactionError<std::convert::Infallible>>(())
     })
     .map_err(|e| match e {
@@ -396,12 +422,7 @@ pub fn set_aside(dir: &Path, key: &str, readers: &Readers<'_>) -> Result<Damaged
         sled::transaction::TransactionError::Abort(never) => match never {},
     })?;
     db.flush()?;
-    Ok(Damaged {
-        key: key.to_string(),
-        kind: kind.name,
-        error,
-        if_set_aside: Some(cost),
-    })
+    Ok(())
 }
 
 /// For tests: writes `bytes` over the value of the first key under
@@ -425,7 +446,7 @@ pub fn overwrite_first(dir: &Path, prefix: &str, bytes: &[u8]) -> Result<Option<
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use proptest::prelude::*;
     use tai_core::signal::SignalStatus;
 
@@ -463,7 +484,7 @@ mod tests {
         assert!(err.contains("unknown escape at byte 3"), "{err}");
     }
 
-    fn readers() -> Readers<'static> {
+    pub(crate) fn readers() -> Readers<'static> {
         Readers {
             checkpoint: &|b| {
                 serde_json::from_slice::<serde_json::Value>(b)
@@ -485,7 +506,7 @@ mod tests {
 
     /// `f` on a store just closed in this process: sled lets go of the
     /// directory's lock shortly after its last handle is dropped.
-    fn closed<T>(f: impl Fn() -> Result<T>) -> Result<T> {
+    pub(crate) fn closed<T>(f: impl Fn() -> Result<T>) -> Result<T> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
             match f() {
@@ -497,7 +518,7 @@ mod tests {
         }
     }
 
-    fn put_raw(dir: &Path, key: &[u8], value: &[u8]) {
+    pub(crate) fn put_raw(dir: &Path, key: &[u8], value: &[u8]) {
         let db = closed(|| open(dir)).unwrap();
         db.insert(key, value).unwrap();
         db.flush().unwrap();

@@ -52,6 +52,7 @@ mod codec;
 #[cfg(test)]
 mod damage;
 mod group_commit;
+pub mod head;
 mod known;
 pub mod meta;
 mod packed;

@@ -53,12 +53,17 @@ fn stage(s: &Store, deliveries: Vec<Delivery>) -> Staged {
 }
 
 fn receipt(seq: u64, prev: &str) -> Receipt {
+    receipt_for(seq, prev, "s1")
+}
+
+/// Receipt `seq` (id `r{seq}`) after `prev`, naming acme's signal `signal`.
+pub(crate) fn receipt_for(seq: u64, prev: &str, signal: &str) -> Receipt {
     let d = ReceiptDraft {
         receipt_id: format!("r{seq}"),
         kind: "action_generated".into(),
         tenant_id: "acme".into(),
         sku_id: "payments".into(),
-        signal_id: Some("s1".into()),
+        signal_id: Some(signal.into()),
         action_id: None,
         state_before: EngineState::Stable.into(),
         state_after: EngineState::ActionPending.into(),
