@@ -687,10 +687,10 @@ async fn each_decided_once(node: &Node, accepted: &HashSet<String>) -> Vec<Value
     receipts
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_mid_burst_loses_nothing_and_decides_nothing_twice() {
-    let mut node = Node::start_with(&test_config(""), &[]);
-    let c = Client::new(&node, "acme", "acme-secret");
+/// 32 clients posting 63 payments each to acme, the node killed hard
+/// (kill -9) once 600 are accepted: the ids accepted.
+async fn killed_mid_burst(node: &mut Node) -> HashSet<String> {
+    let c = Client::new(node, "acme", "acme-secret");
     c.entitle("payments", "ent").await;
     c.decided("ent").await;
 
@@ -728,12 +728,36 @@ async fn kill_9_mid_burst_loses_nothing_and_decides_nothing_twice() {
         "killed mid-burst: {} accepted",
         accepted.len()
     );
+    accepted
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_burst_loses_nothing_and_decides_nothing_twice() {
+    let mut node = Node::start_with(&test_config(""), &[]);
+    let accepted = killed_mid_burst(&mut node).await;
     node.restart();
     node.drained().await;
     let receipts = each_decided_once(&node, &accepted).await;
     // The engine came back from a checkpoint that matches the ledger
     // (checkpoints are deferred in kept redo records; the kill left some).
+    quota_matches_actions(&node, &receipts).await;
+}
+
+/// The signed head of a node killed mid-burst, damaged, is rebuilt at the
+/// ledger's last committed receipt (with the kept redo records and signal
+/// records a kill leaves): the node starts and loses nothing, decides
+/// nothing twice, and its ledger verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_rebuilt_after_a_kill_mid_burst_loses_nothing_and_decides_nothing_twice() {
+    let mut node = Node::start_with(&test_config(""), &[]);
+    let accepted = killed_mid_burst(&mut node).await;
+    let data = node.data_dir();
+    let config = node.config_path().to_path_buf();
+    let rebuilt = rebuild_damaged_head(&config, &data);
+    assert!(rebuilt["head_seq"].as_u64().unwrap() > 600, "{rebuilt}");
+    node.restart();
+    node.drained().await;
+    let receipts = each_decided_once(&node, &accepted).await;
     quota_matches_actions(&node, &receipts).await;
 }
 
@@ -2471,6 +2495,21 @@ fn tai_store(
         .unwrap()
 }
 
+/// Damages the signed head in the stopped node's `data`, then rebuilds it
+/// with `tai store rebuild-head --json`: its report.
+fn rebuild_damaged_head(config: &std::path::Path, data: &std::path::Path) -> Value {
+    tai_store::check::overwrite_first(data, "m/head", b"\xff")
+        .unwrap()
+        .expect("a signed head");
+    let out = tai_store(config, data, &["rebuild-head", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// `tai serve` on `data`, which must refuse to start: its log.
 fn refused_start(node: &Node, config: &std::path::Path, data: &std::path::Path) -> String {
     let log = node.dir.path().join("refused.log");
@@ -2536,14 +2575,7 @@ async fn a_damaged_signed_head_is_rebuilt_and_the_node_starts_again() {
         "{text}"
     );
     // Damaged again: the JSON report (the first damaged copy stays kept).
-    tai_store::check::overwrite_first(&data, "m/head", b"").unwrap();
-    let out = tai_store(&config, &data, &["rebuild-head", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rebuilt: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rebuilt = rebuild_damaged_head(&config, &data);
     assert_eq!(rebuilt["head_seq"], 3, "{rebuilt}");
     assert_eq!(rebuilt["receipts"], 3, "{rebuilt}");
     assert_eq!(rebuilt["kept_as"], "x/m/head", "{rebuilt}");
