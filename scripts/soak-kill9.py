@@ -77,7 +77,8 @@ breakers halt them too (with `--webhook`) and passivation stops and starts
 them. It then also checks that every engine whose last command was a halt
 answered 200 is still halted at the end: an operator's halt answered is
 durable, and only a resume ends it (not a restart, a passivation or a
-breaker's close).
+breaker's close). Now and then it saves the Kaizen baseline, a node record
+the final `tai store check` reads.
 
 With `--refill` a third SKU, `metered`, has a quota of 5 per 2 s period,
 so its engines run out of quota and refill all along, passivated (more
@@ -606,6 +607,17 @@ commanded = {}
 def operator(stop):
     while not stop.is_set():
         stop.wait(rng.uniform(0.05, 0.4))  # an operator's pace
+        if rng.random() < 0.03:
+            # Now and then the Kaizen baseline is saved (a node record the
+            # final store check reads): 503 before any timing.
+            try:
+                status, answer = admin("/admin/kaizen/baseline", "POST")
+            except (OSError, http.client.HTTPException):
+                return  # the node is gone
+            if status not in (200, 503) and not (status == 500 and disk_full.is_set()):
+                with lock:
+                    unexpected.append(f"save the Kaizen baseline: {status} {answer}")
+            continue
         with lock:
             t, sku = rng.choice(tenants), rng.choice(SKUS)
             halt = commanded.get((t, sku)) != "halted" or rng.random() < 0.1
