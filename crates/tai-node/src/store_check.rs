@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::bail;
 use tai_core::config::Config;
-use tai_store::check::{self, Damaged};
+use tai_store::check::{self, Damaged, Moved};
 use tai_store::head;
 use tai_store::StoreError;
 
@@ -127,11 +127,15 @@ pub fn run_set_aside(
     let dir = dir(config, data_dir);
     let readers = tai_jidoka::store_readers();
     for key in keys {
-        let Damaged {
-            key,
-            kind,
-            error,
-            if_set_aside,
+        let Moved {
+            record:
+                Damaged {
+                    key,
+                    kind,
+                    error,
+                    if_set_aside,
+                },
+            stranded,
         } = match check::set_aside(&dir, key, &readers) {
             Ok(d) => d,
             Err(StoreError::Refused(why)) => bail!("not set aside: {why}"),
@@ -140,6 +144,11 @@ pub fn run_set_aside(
         println!("set aside the {kind} at {key} ({error}): its bytes are kept under x/{key}");
         if let Some(cost) = if_set_aside {
             println!("  {cost}");
+        }
+        for record in stranded {
+            println!(
+                "  with it the record {record}, `accepted` and queued nowhere else (a dead letter replayed into that block): kept under x/{record}, so that the signal may be sent again"
+            );
         }
     }
     Ok(0)

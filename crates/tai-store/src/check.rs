@@ -43,6 +43,17 @@ pub struct Damaged {
     pub if_set_aside: Option<&'static str>,
 }
 
+/// What [`set_aside`] moved.
+#[derive(Debug, Clone)]
+pub struct Moved {
+    /// The damaged record.
+    pub record: Damaged,
+    /// `accepted` signal records set aside with a queue block, their
+    /// signal queued nowhere else ([`stranded_by`]), as [`key_text`]
+    /// prints them.
+    pub stranded: Vec<String>,
+}
+
 /// A record set aside earlier.
 #[derive(Debug, Clone, Serialize)]
 pub struct SetAside {
@@ -361,7 +372,7 @@ pub fn check(dir: &Path, readers: &Readers<'_>) -> Result<Report> {
 /// the node's way, atomically: its bytes go under `x/` and the original
 /// key, durably. Only a record that does not read is moved, and never the
 /// signed head; the node must be stopped.
-pub fn set_aside(dir: &Path, key: &str, readers: &Readers<'_>) -> Result<Damaged> {
+pub fn set_aside(dir: &Path, key: &str, readers: &Readers<'_>) -> Result<Moved> {
     let raw = parse_key(key).map_err(StoreError::Refused)?;
     let db = open(dir)?;
     let value = db
@@ -384,18 +395,79 @@ pub fn set_aside(dir: &Path, key: &str, readers: &Readers<'_>) -> Result<Damaged
             "{key} does not read ({error}), but is not set aside: {HEAD_KEPT}"
         )));
     };
-    let aside = aside(&raw);
+    let stranded = if kind.prefix == b"q/" {
+        stranded_by(&db, &raw)?
+    } else {
+        Vec::new()
+    };
     transact(&db, |t| {
-        t.insert(aside.as_slice(), &value)?;
-        t.remove(raw.as_slice())?;
+        for k in std::iter::once(&raw).chain(&stranded) {
+            if let Some(v) = t.get(k.as_slice())? {
+                t.insert(aside(k), v)?;
+                t.remove(k.as_slice())?;
+            }
+        }
         Ok(())
     })?;
-    Ok(Damaged {
-        key: key.to_string(),
-        kind: kind.name,
-        error,
-        if_set_aside: Some(cost),
+    Ok(Moved {
+        record: Damaged {
+            key: key.to_string(),
+            kind: kind.name,
+            error,
+            if_set_aside: Some(cost),
+        },
+        stranded: stranded.iter().map(|k| key_text(k)).collect(),
     })
+}
+
+/// The `accepted` signal records that setting the queue block `block`
+/// aside strands. On a data dir last run on the embedded queue, a signal's
+/// record is on disk as `accepted` only while the signal waits in a queue
+/// block (a dead letter replayed, in a block of its own, or a signal the
+/// amqp backend took and a switch moved into the queue) or in the fallback
+/// buffer; one in neither once `block` is gone was in it. Its signal is in
+/// no queue then, and its record would answer every post of it as a
+/// duplicate, so it is set aside with the block: the signal is unknown,
+/// as the block's other undecided signals are. None when another queue
+/// block or a buffered signal does not read (what it holds is unknown:
+/// set it aside too, and the records go with it), or the data dir last ran
+/// on a broker, whose queue holds the signals of its `accepted` records.
+fn stranded_by(db: &sled::Db, block: &[u8]) -> Result<Vec<Vec<u8>>> {
+    match db.get(b"m/kanban_backend")? {
+        None => {}
+        Some(v) if meta::read_backend(&v) == Ok("embedded") => {}
+        Some(_) => return Ok(Vec::new()),
+    }
+    let mut queued = std::collections::HashSet::new();
+    for kv in db.scan_prefix(b"q/") {
+        let (k, v) = kv?;
+        if *k == *block {
+            continue;
+        }
+        let Ok(deliveries) = codec::decode_block(&k, &v) else {
+            return Ok(Vec::new());
+        };
+        for d in deliveries {
+            queued.insert(crate::pair_key(b's', &d.signal.tenant_id, &d.signal.id));
+        }
+    }
+    for kv in db.scan_prefix(b"f/") {
+        let (k, v) = kv?;
+        let Ok(signal) = decode::<Signal>(&k, &v) else {
+            return Ok(Vec::new());
+        };
+        queued.insert(crate::pair_key(b's', &signal.tenant_id, &signal.id));
+    }
+    let mut stranded = Vec::new();
+    for kv in db.scan_prefix(b"s/") {
+        let (k, v) = kv?;
+        let accepted = codec::decode_record(&k, &v)
+            .is_ok_and(|r| r.status == tai_core::signal::SignalStatus::Accepted);
+        if accepted && !queued.contains(k.as_ref()) {
+            stranded.push(k.to_vec());
+        }
+    }
+    Ok(stranded)
 }
 
 /// Where a record set aside is kept: `x/` and its key.
@@ -589,6 +661,8 @@ pub(crate) mod tests {
         assert!(refused(dir, "q/x\\").contains("unknown escape"));
 
         let moved = closed(|| set_aside(dir, "q/7", &readers())).unwrap();
+        assert!(moved.stranded.is_empty(), "{moved:?}");
+        let moved = moved.record;
         assert_eq!((moved.key.as_str(), moved.kind), ("q/7", "queue block"));
         assert!(moved.if_set_aside.unwrap().contains("never decided"));
         assert!(
@@ -614,6 +688,50 @@ pub(crate) mod tests {
             .collect();
         assert_eq!(aside, [("q/7", 3)], "its bytes are kept");
         assert!(refused(dir, "x/q/7").contains("set aside already"));
+    }
+
+    /// A dead letter replayed into a queue block of its own keeps an
+    /// `accepted` record on disk; setting that block aside takes the
+    /// record too (else every post of the signal would be a duplicate of
+    /// one no queue holds), but not on a data dir last run on a broker.
+    #[tokio::test]
+    async fn a_replayed_dead_letter_goes_with_its_queue_block() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        a_store_of_every_kind(dir).await;
+        let seq = {
+            let s = reopen(dir);
+            let seq = s.next_queue_seq().unwrap();
+            s.replay_dead_letter("globex", "g", seq)
+                .unwrap()
+                .expect("the letter");
+            s.flush().unwrap();
+            seq
+        };
+        let replayed = crate::seq_key(b'q', seq);
+        let accepted = |dir: &Path| {
+            let s = reopen(dir);
+            s.signal_record("globex", "g").unwrap().map(|r| r.status)
+        };
+        assert_eq!(accepted(dir), Some(SignalStatus::Accepted));
+
+        // Last run on a broker: the record is the broker queue's, kept.
+        put_raw(dir, b"m/kanban_backend", b"amqp:tai.signals");
+        put_raw(dir, &replayed, b"\x01\xff\xff");
+        let moved = closed(|| set_aside(dir, &key_text(&replayed), &readers())).unwrap();
+        assert!(moved.stranded.is_empty(), "{moved:?}");
+        assert_eq!(accepted(dir), Some(SignalStatus::Accepted));
+
+        // On the embedded queue, the next block set aside takes it: its
+        // signal is in no queue block left.
+        put_raw(dir, b"m/kanban_backend", b"embedded");
+        put_raw(dir, &crate::seq_key(b'q', 7), b"\x01\xff\xff");
+        let moved = closed(|| set_aside(dir, "q/7", &readers())).unwrap();
+        assert_eq!(moved.stranded, ["s/globex\\x00g"]);
+        assert_eq!(accepted(dir), None, "the signal may be sent again");
+        let report = closed(|| check(dir, &readers())).unwrap();
+        let aside: Vec<_> = report.set_aside.iter().map(|a| a.key.as_str()).collect();
+        assert!(aside.contains(&"s/globex\\x00g"), "{aside:?}");
     }
 
     #[tokio::test]

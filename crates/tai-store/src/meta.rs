@@ -51,7 +51,7 @@ pub struct SeqBase {
 
 impl SeqBase {
     /// Deliveries a start may number per millisecond of its life, at most
-    /// (~1,000 times what a node delivers): a start's range begins at the
+    /// (~10,000 times what a node delivers): a start's range begins at the
     /// clock (ms) times this.
     pub const PER_MS: u64 = 1 << 20;
     /// A start begins at least this far past the last one's base: what a
