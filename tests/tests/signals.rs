@@ -2551,7 +2551,11 @@ async fn a_damaged_signed_head_is_rebuilt_and_the_node_starts_again() {
         .unwrap()
         .expect("a signed head");
     let refused = refused_start(&node, &config, &data);
-    assert!(refused.contains("corrupt record at m/head"), "{refused}");
+    assert!(
+        refused.contains("corrupt record at m/head")
+            && refused.contains("`tai store rebuild-head` writes a new signed head"),
+        "{refused}"
+    );
 
     let out = tai_store(&config, &data, &["check"]);
     let text = String::from_utf8_lossy(&out.stdout);

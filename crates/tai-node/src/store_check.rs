@@ -31,6 +31,9 @@ fn refused(e: StoreError) -> anyhow::Error {
 /// `held` (what to do instead) when a running node holds it.
 pub fn not_opened(e: StoreError, held: &str) -> anyhow::Error {
     match e {
+        StoreError::Corrupt { ref key, .. } if key == "m/head" => anyhow::anyhow!(
+            "{e}; `tai store rebuild-head` writes a new signed head over the ledger once every receipt verifies (or restore the data dir from a backup); `tai store check` names any other damaged record"
+        ),
         e @ StoreError::Corrupt { .. } => anyhow::anyhow!(
             "{e}; `tai store check` names every damaged record and what setting it aside costs; `tai store set-aside KEY` moves one out of the node's way"
         ),
@@ -96,7 +99,7 @@ pub fn run_check(config: &Config, data_dir: Option<PathBuf>, json: bool) -> anyh
                     "    never set aside: a node would begin the ledger again over its receipts"
                 );
                 println!(
-                    "    tai store rebuild-head --data-dir {} (once the rest reads), or restore the data dir from a backup",
+                    "    tai store rebuild-head --data-dir {} writes a new one over the ledger once every receipt verifies, or restore the data dir from a backup",
                     quoted(&dir.display().to_string())
                 );
             }
