@@ -622,6 +622,53 @@ async fn tai_drain_amqp_hands_what_the_broker_holds_to_an_embedded_node() {
 }
 
 #[tokio::test]
+async fn tai_drain_amqp_waits_out_a_broker_that_is_down() {
+    // Three signals wait on an amqp node, which stops. The broker goes down
+    // as the drain starts: it says it tries again, and moves all three
+    // once the broker is back.
+    let (mut node, _queue, _cleanup) = parked_on_amqp("drain-down", 3).await;
+    node.stop();
+    let _back = BrokerBack;
+    tokio::task::spawn_blocking(|| rabbitmqctl(&["stop_app"]))
+        .await
+        .unwrap()
+        .expect("stop_app");
+    let log = node.dir.path().join("drain.log");
+    let drain = std::process::Command::new(tai_bin())
+        .args(["drain-amqp", "--config"])
+        .arg(node.config_path())
+        .current_dir(node.data_dir().parent().unwrap())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for("the drain to try again", Duration::from_secs(30), || {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("the broker cut the drain off: trying again")
+            .then_some(())
+    });
+    tokio::task::spawn_blocking(|| rabbitmqctl(&["start_app"]))
+        .await
+        .unwrap()
+        .expect("start_app");
+    let out = tokio::task::spawn_blocking(move || drain.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    assert!(text.contains("moved 3 signal(s)"), "{text}");
+    assert!(text.contains("0 already held or decided"), "{text}");
+    let (ok, out, _) = drain_amqp(&node);
+    assert!(ok && out.contains("moved 0 signal(s)"), "{out}");
+}
+
+#[tokio::test]
 async fn a_node_that_connects_counts_the_backlog_waiting_in_the_broker() {
     // Three signals wait in the broker while the node is down. Once it says
     // `connected`, `broker_depth` is known (the work queue's count when it
