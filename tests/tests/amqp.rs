@@ -621,6 +621,54 @@ async fn tai_drain_amqp_hands_what_the_broker_holds_to_an_embedded_node() {
     );
 }
 
+/// `tai drain-amqp` on `node`'s config, started: the process (its stdout
+/// piped) and the file its log goes to.
+fn drain_started(node: &Node) -> (std::process::Child, std::path::PathBuf) {
+    let log = node.dir.path().join("drain.log");
+    let drain = std::process::Command::new(tai_bin())
+        .args(["drain-amqp", "--config"])
+        .arg(node.config_path())
+        .current_dir(node.data_dir().parent().unwrap())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    (drain, log)
+}
+
+/// A stopped amqp node on a queue of its own in which `n` payments
+/// (`{prefix}-{i}`) wait, published while it was down.
+async fn backlog_for_a_stopped_node(
+    name: &str,
+    prefix: &str,
+    n: u64,
+) -> (Node, String, QueueCleanup) {
+    ensure_broker();
+    let queue = unique_queue(name);
+    let cleanup = QueueCleanup(queue.clone());
+    let mut node = amqp_node(&queue);
+    connected(&node).await;
+    node.stop();
+    let (_conn, ch) = producer().await;
+    for i in 0..n {
+        let mut body = pay(&format!("{prefix}-{i}"));
+        body["received_at_ms"] = json!(1);
+        ch.basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions::default(),
+            &serde_json::to_vec(&body).unwrap(),
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap();
+    }
+    wait_for("the signals published", Duration::from_secs(60), || {
+        queue_counts(&queue).filter(|(ready, _)| *ready == n)
+    });
+    (node, queue, cleanup)
+}
+
 #[tokio::test]
 async fn tai_drain_amqp_waits_out_a_broker_that_is_down() {
     // Three signals wait on an amqp node, which stops. The broker goes down
@@ -633,15 +681,7 @@ async fn tai_drain_amqp_waits_out_a_broker_that_is_down() {
         .await
         .unwrap()
         .expect("stop_app");
-    let log = node.dir.path().join("drain.log");
-    let drain = std::process::Command::new(tai_bin())
-        .args(["drain-amqp", "--config"])
-        .arg(node.config_path())
-        .current_dir(node.data_dir().parent().unwrap())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let (drain, log) = drain_started(&node);
     wait_for("the drain to try again", Duration::from_secs(30), || {
         std::fs::read_to_string(&log)
             .unwrap()
@@ -675,19 +715,7 @@ async fn a_node_that_connects_counts_the_backlog_waiting_in_the_broker() {
     // was declared), not null and counted as 0 until the first probe (a
     // script polling `depth == 0` after a restart took a backlog for an
     // empty queue).
-    ensure_broker();
-    let queue = unique_queue("backlog");
-    let _cleanup = QueueCleanup(queue.clone());
-    let mut node = amqp_node(&queue);
-    connected(&node).await;
-    node.stop();
-    let (_conn, ch) = producer().await;
-    for i in 0..3 {
-        let mut body = pay(&format!("b-{i}"));
-        body["received_at_ms"] = json!(1);
-        let bytes = serde_json::to_vec(&body).unwrap();
-        publish(&ch, &queue, &bytes, BasicProperties::default()).await;
-    }
+    let (mut node, _queue, _cleanup) = backlog_for_a_stopped_node("backlog", "b", 3).await;
     node.restart();
     let q = node
         .admin_until("/admin/queue", "a broker connection", |q| {
@@ -1768,4 +1796,33 @@ async fn a_backend_switch_carries_accepted_signals_over_in_both_directions() {
     }
     node.drained().await;
     verify_ok(&node).await;
+}
+
+#[tokio::test]
+async fn tai_drain_amqp_cut_off_midway_goes_on_and_moves_each_signal_once() {
+    // 30,000 signals wait in the broker for a stopped node. The broker
+    // closes the drain's connection once it has taken part of them (some
+    // moved, not yet acknowledged): the drain tries again, and in the end
+    // has moved each signal once, none counted twice.
+    let n = 30_000;
+    let (node, queue, _cleanup) = backlog_for_a_stopped_node("drain-cut", "d", n).await;
+    let (drain, log) = drain_started(&node);
+    wait_for("the drain under way", Duration::from_secs(60), || {
+        queue_counts(&queue).filter(|(ready, unacked)| ready + unacked < n - 1_000)
+    });
+    rabbitmqctl(&["close_all_connections", "test: cut the drain"]).unwrap();
+    let out = tokio::task::spawn_blocking(move || drain.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(out.status.success(), "{text}{log}");
+    assert!(
+        log.contains("the broker cut the drain off: trying again"),
+        "cut midway: {log}"
+    );
+    assert!(text.contains(&format!("moved {n} signal(s)")), "{text}");
+    assert!(text.contains("0 already held or decided"), "{text}");
+    assert_eq!(queue_counts(&queue), Some((0, 0)));
 }
