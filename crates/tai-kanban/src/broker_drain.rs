@@ -73,6 +73,7 @@ pub struct Drained {
 /// queue moves the buffer into itself, an amqp node publishes it. Refused
 /// while any consumer reads the queue: a node on it would split the
 /// signals between two data dirs.
+///
 /// A broker that cuts the drain off (or does not answer) is tried again
 /// ([`RETRIES`]), going on from where it was.
 pub async fn drain_broker_queue(url: &str, queue: &str, store: &Store) -> Result<Drained, String> {
