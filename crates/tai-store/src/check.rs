@@ -433,7 +433,7 @@ pub fn set_aside(dir: &Path, key: &str, readers: &Readers<'_>) -> Result<Moved> 
 /// set it aside too, and the records go with it), or the data dir last ran
 /// on a broker, whose queue holds the signals of its `accepted` records.
 fn stranded_by(db: &sled::Db, block: &[u8]) -> Result<Vec<Vec<u8>>> {
-    match db.get(b"m/kanban_backend")? {
+    match db.get(meta::key(meta::KANBAN_BACKEND))? {
         None => {}
         Some(v) if meta::read_backend(&v) == Ok("embedded") => {}
         Some(_) => return Ok(Vec::new()),

@@ -16,7 +16,7 @@
 //! | `r/` | last receipt seq of a block (u64 BE) | `[Receipt]`: one ledger batch, in seq order (version byte 2 + bincode, packed: ids, hashes and signatures as bytes, repeated texts once per block, `prev_hash` implied by the receipt before; older ones version 1 or JSON) |
 //! | `d/` | tenant `\0` signal id | `DeadLetter` |
 //! | `v/` | tenant `\0` sku `\0` customer | a customer's recent payment times |
-//! | `m/` | name | meta: the signed ledger head, start count |
+//! | `m/` | name | the node's records: the signed ledger head, start count and those of [`meta`] |
 //! | `w/` | redo id (u64 BE) | a write set being applied, or applied but for the engine checkpoints and signal records it defers (`Deferred`) |
 //! | `f/` | buffer seq (u64 BE) | `Signal`: the amqp backend's fallback buffer (broker down) |
 //! | `x/` | a key set aside | the damaged value that was under it ([`check::set_aside`]: never read by the node) |
@@ -746,11 +746,9 @@ impl Store {
                 });
                 Some((n + 1).to_be_bytes().to_vec())
             })?
-            .map_or(Ok(0), |b| meta::read_u64(&b))
-            .map_err(|message| StoreError::Corrupt {
-                key: "m/node_starts".into(),
-                message,
-            })?;
+            // The count just written, 8 bytes.
+            .and_then(|b| meta::read_u64(&b).ok())
+            .unwrap_or(0);
         self.log.flush(&self.db)?;
         Ok(next)
     }
@@ -1438,25 +1436,19 @@ impl Store {
     /// Writes a small node-level record under `m/{name}` (circuit breakers).
     /// Durable with the next group flush.
     pub fn put_meta(&self, name: &str, value: &[u8]) -> Result<()> {
-        let mut k = b"m/".to_vec();
-        k.extend_from_slice(name.as_bytes());
-        self.db.insert(k, value)?;
+        self.db.insert(meta::key(name), value)?;
         Ok(())
     }
 
     /// The node-level record `m/{name}`, if there is one.
     pub fn meta(&self, name: &str) -> Result<Option<Vec<u8>>> {
-        let mut k = b"m/".to_vec();
-        k.extend_from_slice(name.as_bytes());
-        Ok(self.db.get(k)?.map(|v| v.to_vec()))
+        Ok(self.db.get(meta::key(name))?.map(|v| v.to_vec()))
     }
 
     /// Every node-level record whose name starts with `prefix`: (name, bytes).
     pub fn metas(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
-        let mut p = b"m/".to_vec();
-        p.extend_from_slice(prefix.as_bytes());
         self.db
-            .scan_prefix(&p)
+            .scan_prefix(meta::key(prefix))
             .map(|kv| {
                 let (k, v) = kv?;
                 Ok((String::from_utf8_lossy(&k[2..]).into_owned(), v.to_vec()))

@@ -2,12 +2,10 @@
 //! Each has one writer, which reads it back leniently: a record that does
 //! not read is logged and the node goes on without it (what that costs is
 //! [`crate::check`]'s to say). The names and the readers are here, so that
-//! the writers and `tai store check` agree on them.
+//! the writers and `tai store check` agree on them. The store's own two,
+//! `m/head` (the ledger's signed head) and `m/node_starts` (the count of
+//! starts, read with [`read_u64`]), are written by [`crate::Store`] itself.
 
-/// The count of the node's starts: 8 bytes, big-endian.
-pub const NODE_STARTS: &str = "node_starts";
-/// The ledger's signed head ([`tai_core::receipt::SignedHead`], JSON).
-pub const HEAD: &str = "head";
 /// The queue backend the data dir last ran on: `embedded` or `amqp:{queue}`.
 pub const KANBAN_BACKEND: &str = "kanban_backend";
 /// Where the amqp backend's delivery seqs began at its last start
@@ -20,6 +18,13 @@ pub const BREAKER: &str = "breaker/";
 /// A key that signed some of the ledger's receipts, `ledger_key/{key_id}`
 /// (no value).
 pub const LEDGER_KEY: &str = "ledger_key/";
+
+/// The key of the record `name`: `m/` and the name.
+pub(crate) fn key(name: &str) -> Vec<u8> {
+    let mut k = b"m/".to_vec();
+    k.extend_from_slice(name.as_bytes());
+    k
+}
 
 /// A u64 record: 8 bytes, big-endian.
 pub fn read_u64(bytes: &[u8]) -> Result<u64, String> {
