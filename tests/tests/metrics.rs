@@ -112,6 +112,15 @@ async fn metrics_name_the_contract_and_pass_promtool() {
         text.contains("tai_signal_processing_seconds_bucket{le=\"0.005\"}"),
         "a histogram"
     );
+    // Every 202 above waited for a group flush, each one timed.
+    assert!(
+        sample(&text, "tai_store_flush_seconds_count").is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    assert!(
+        text.contains("tai_store_flush_seconds_bucket{le=\"0.0001\"}"),
+        "the flush histogram's own buckets: {text}"
+    );
     assert_eq!(
         sample(&text, "tai_engine_state{state=\"stable\"}"),
         Some(2.0)

@@ -22,6 +22,11 @@ pub const QUEUE_REDELIVERED: &str = "tai_queue_redelivered_total";
 /// `node.data_dir` (what it may still write), and that filesystem's size.
 pub const DISK_FREE: &str = "tai_disk_free_bytes";
 pub const DISK_TOTAL: &str = "tai_disk_total_bytes";
+/// Not in SPEC §9: how long each group flush of the store took (the queue
+/// blocks it carries written, sled flushed, the log synced): the floor
+/// under every 202 and every committed decision. A slow disk shows here
+/// first.
+pub const STORE_FLUSH_SECONDS: &str = "tai_store_flush_seconds";
 pub const DEADLETTER: &str = "tai_deadletter_total";
 pub const ENGINE_STATE: &str = "tai_engine_state";
 pub const BREAKER_STATE: &str = "tai_breaker_state";

@@ -115,6 +115,7 @@ impl GroupCommit {
                     let runs = std::mem::take(&mut staged.runs);
                     (s.fetch_add(1, Ordering::SeqCst) + 1, runs)
                 };
+                let flushing = std::time::Instant::now();
                 let written = if runs.is_empty() {
                     Ok(())
                 } else {
@@ -127,6 +128,8 @@ impl GroupCommit {
                     }),
                     Err(e) => Some(e),
                 };
+                metrics::histogram!(tai_core::telemetry::STORE_FLUSH_SECONDS)
+                    .record(flushing.elapsed());
                 if let Some(e) = &result {
                     tracing::error!(error = %e, "group commit flush failed");
                     first_failure(&report, e, &db);
