@@ -353,7 +353,7 @@ async fn load(
     let end = Instant::now() + Duration::from_secs(a.duration);
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..a.concurrency {
+    for client in 0..a.concurrency {
         let (tenants, next, base, sku, tag) = (
             tenants.clone(),
             next.clone(),
@@ -361,12 +361,13 @@ async fn load(
             sku.to_string(),
             tag.to_string(),
         );
-        let per_client =
-            (a.rate > 0).then(|| Duration::from_secs_f64(a.concurrency as f64 / a.rate as f64));
+        let pace = pace(a.rate, a.concurrency, client).map(|(offset, period)| {
+            tokio::time::interval_at(tokio::time::Instant::from_std(started) + offset, period)
+        });
         tasks.push(tokio::spawn(async move {
             let mut accepted = Vec::new();
             let mut conn = Conn::new(&base);
-            let mut tick = per_client.map(tokio::time::interval);
+            let mut tick = pace;
             while Instant::now() < end {
                 if let Some(t) = tick.as_mut() {
                     t.tick().await;
@@ -392,6 +393,19 @@ async fn load(
         all.extend(t.await?);
     }
     Ok((all, started.elapsed()))
+}
+
+/// At a fixed `rate` (0: as fast as the clients go), when client number
+/// `client` of `concurrency` first sends, after the load starts, and how
+/// often. Each client sends once per period, the clients spread evenly over
+/// it: `--rate 5000` with 64 clients is a signal every 200 µs, not all 64
+/// at once every 12.8 ms, which the clients' ticks in step gave until
+/// session 59 (each burst's tail was in the p99).
+fn pace(rate: u64, concurrency: usize, client: usize) -> Option<(Duration, Duration)> {
+    (rate > 0).then(|| {
+        let period = Duration::from_secs_f64(concurrency as f64 / rate as f64);
+        (period.mul_f64(client as f64 / concurrency as f64), period)
+    })
 }
 
 async fn admin(t: &Target, path: &str) -> anyhow::Result<Value> {
@@ -754,4 +768,34 @@ pub async fn run(config: &tai_core::config::Config, a: BenchArgs) -> anyhow::Res
         return Ok(1);
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pace;
+    use std::time::Duration;
+
+    #[test]
+    fn a_fixed_rate_is_spread_evenly_over_the_clients() {
+        assert_eq!(pace(0, 64, 3), None, "no rate: as fast as they go");
+        let period = Duration::from_micros(12_800);
+        // Every send of the first period, all clients together: one every
+        // 200 µs, each client once.
+        let mut sends: Vec<Duration> = (0..64)
+            .map(|c| {
+                let (offset, p) = pace(5000, 64, c).unwrap();
+                assert_eq!(p, period, "client {c}");
+                offset
+            })
+            .collect();
+        sends.sort();
+        for (i, at) in sends.iter().enumerate() {
+            let want = Duration::from_micros(200 * i as u64);
+            let off = at.abs_diff(want);
+            assert!(
+                off < Duration::from_nanos(10),
+                "send {i} at {at:?}, not {want:?}"
+            );
+        }
+    }
 }
