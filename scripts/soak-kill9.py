@@ -764,13 +764,9 @@ drained = []  # what each `tai drain-amqp` said
 killed = {}   # actor name (engines as "engine:*") -> kills answered 202
 
 
-def actor_names(tree):
-    """Every actor in the tree below the root (killing the root ends the node)."""
-    return [name for name, _ in supervised(tree)]
-
-
 def supervised(tree):
-    """(name, its supervisor's node) for every actor below the root."""
+    """(name, its supervisor's node) for every actor below the root
+    (killing the root ends the node)."""
     out = []
     for c in tree.get("children", []):
         out.append((c["name"], tree))
