@@ -67,19 +67,32 @@ pub fn trace_id(traceparent: &str) -> Option<String> {
 /// Whether the trace of `traceparent` is sampled (exported): spans of an
 /// unsampled trace are not worth making.
 pub fn sampled(traceparent: &str) -> bool {
+    // The sampled flag is the low bit of the last hex digit: an even digit
+    // is unsampled whatever the rest holds, so the common case (every
+    // unsampled signal, asked once more by its engine) parses nothing.
+    let even = |c: &u8| {
+        matches!(
+            c.to_ascii_lowercase(),
+            b'0' | b'2' | b'4' | b'6' | b'8' | b'a' | b'c' | b'e'
+        )
+    };
+    if traceparent.trim_end().as_bytes().last().is_some_and(even) {
+        return false;
+    }
     parts(traceparent).is_some_and(|p| p.flags & 1 == 1)
 }
 
 /// A new, unsampled trace context (random ids, flags `00`): the trace id of
-/// a signal no span records.
-pub fn unsampled_root() -> String {
+/// a signal no span records. With its trace id, as [`trace_id`] gives it.
+pub fn unsampled_root() -> (String, String) {
     let trace = fastrand::u128(1..);
     let span = fastrand::u64(1..);
     // `00-{trace:032x}-{span:016x}-00`, hex-encoded in place (one per signal).
     let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
     hex::encode_to_slice(trace.to_be_bytes(), &mut out[3..35]).expect("32 hex digits");
     hex::encode_to_slice(span.to_be_bytes(), &mut out[36..52]).expect("16 hex digits");
-    String::from_utf8(out.to_vec()).expect("ascii")
+    let id = std::str::from_utf8(&out[3..35]).expect("ascii").to_string();
+    (String::from_utf8(out.to_vec()).expect("ascii"), id)
 }
 
 /// Makes `span` a child of the remote span in `traceparent`.
@@ -150,9 +163,24 @@ mod tests {
             Some("4bf92f3577b34da6a3ce929d0e0e4736"),
             "trace ids are lowercase hex"
         );
-        let root = unsampled_root();
+        // The flags' last digit alone answers an unsampled one; every flags
+        // byte, in either case and with the spaces a header may carry, gives
+        // what the full parse gives, and a malformed one is never sampled.
+        for flags in 0..=u8::MAX {
+            for tp in [
+                format!("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-{flags:02x}"),
+                format!(" 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-{flags:02X} "),
+            ] {
+                assert_eq!(sampled(&tp), flags & 1 == 1, "{tp:?}");
+            }
+            let bad = format!("00-00000000000000000000000000000000-00f067aa0ba902b7-{flags:02x}");
+            assert!(!sampled(&bad), "{bad}");
+        }
+        assert!(!sampled("") && !sampled("1") && !sampled("zz"));
+        let (root, id) = unsampled_root();
         assert!(valid(&root) && !sampled(&root), "{root}");
-        assert_ne!(trace_id(&root), trace_id(&unsampled_root()));
+        assert_eq!(trace_id(&root).as_deref(), Some(id.as_str()));
+        assert_ne!(trace_id(&root), trace_id(&unsampled_root().0));
         // Without an OpenTelemetry layer a span has no context to give.
         assert_eq!(traceparent_of(&tracing::Span::none()), None);
     }

@@ -431,9 +431,12 @@ async fn post_signal(s: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) -
     signal.traceparent = header(headers, "traceparent")
         .filter(|tp| tai_core::trace::valid(tp))
         .map(str::to_string);
+    // Every signal has a trace id for its receipts and logs, traced or not.
+    let mut minted_id = None;
     if signal.traceparent.is_none() {
-        // Every signal has a trace id for its receipts and logs, traced or not.
-        signal.traceparent = Some(tai_core::trace::unsampled_root());
+        let (root, id) = tai_core::trace::unsampled_root();
+        signal.traceparent = Some(root);
+        minted_id = Some(id);
     }
     // A known id is answered as a duplicate (200) even when the request
     // would otherwise be refused as a replay or for draining, so a client can
@@ -492,13 +495,20 @@ async fn post_signal(s: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) -
     } else {
         tracing::info_span!("enqueue", signal = %signal.id, tenant = %signal.tenant_id)
     };
-    if let Some(tp) = tai_core::trace::traceparent_of(&span) {
-        signal.traceparent = Some(tp);
+    // A span names itself only when traced; an untraced signal keeps the
+    // root minted above, whose trace id is known without a parse.
+    match minted_id.filter(|_| span.is_none()) {
+        Some(id) => signal.trace_id = Some(id),
+        None => {
+            if let Some(tp) = tai_core::trace::traceparent_of(&span) {
+                signal.traceparent = Some(tp);
+            }
+            signal.trace_id = signal
+                .traceparent
+                .as_deref()
+                .and_then(tai_core::trace::trace_id);
+        }
     }
-    signal.trace_id = signal
-        .traceparent
-        .as_deref()
-        .and_then(tai_core::trace::trace_id);
     // The signal moves to the queue; the answer needs only its id.
     let (id, trace_id) = (signal.id.clone(), signal.trace_id.clone());
     let origin = if assigned_id {

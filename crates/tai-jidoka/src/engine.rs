@@ -618,10 +618,13 @@ impl Engine {
         // One histogram lookup per commit, not per signal; the outcome
         // counters are the engine's own handles.
         let latency = metrics::histogram!(tai_core::telemetry::SIGNAL_PROCESSING_SECONDS);
-        for at in decided.iter().filter_map(|(_, received)| *received) {
-            latency.record(now.saturating_sub(at) as f64 / 1000.0);
-            tai_core::kaizen::record_decision(now.saturating_sub(at));
+        let latencies = decided
+            .iter()
+            .filter_map(|(_, received)| received.map(|at| now.saturating_sub(at)));
+        for ms in latencies.clone() {
+            latency.record(ms as f64 / 1000.0);
         }
+        tai_core::kaizen::record_decisions(latencies);
         for (status, n) in tai_core::telemetry::tally(decided.iter().map(|(s, _)| *s)) {
             st.processed_counter(status).increment(n);
         }
@@ -674,6 +677,9 @@ impl Engine {
         // The `dequeue` span of each signal this run decides, continuing the
         // trace its ingress started; policy, action and receipt spans hang off it.
         let mut spans: Vec<tracing::Span> = Vec::new();
+        // Each signal's `queue` and `policy` timings, recorded for Kaizen
+        // together once the run has stepped them all (one lock, not two per signal).
+        let mut timed = Vec::new();
         while let Some(input) = inputs.pop_front() {
             let now = now_ms();
             let before = st.data.state;
@@ -710,10 +716,9 @@ impl Engine {
                 _ => Self::step_input(st, &input, now),
             };
             if let Input::Signal(d) = &input {
-                let (tenant, label) = (&st.tenant_id, &st.policy_label);
                 let queued = now.saturating_sub(d.signal.received_at_ms);
-                tai_core::kaizen::record("queue", label, tenant, Duration::from_millis(queued));
-                tai_core::kaizen::record("policy", label, tenant, stepped.elapsed());
+                timed.push(("queue", Duration::from_millis(queued)));
+                timed.push(("policy", stepped.elapsed()));
             }
             let mut action = Self::collect(st, fx, &input, &mut p, now);
             // An action with no effect outside the node runs inline: its
@@ -761,6 +766,7 @@ impl Engine {
                 inputs.extend(t.replay.into_iter().map(Input::Signal));
             }
         }
+        tai_core::kaizen::record_all(&st.policy_label, &st.tenant_id, &timed);
         if !p.is_empty() || changed {
             Self::commit(st, p).instrument(receipt_span(&spans)).await?;
         }
