@@ -248,6 +248,51 @@ async fn the_node_tells_systemd_it_is_ready_alive_and_stopping() {
     assert!(seen.contains("STATUS=running"), "{seen}");
 }
 
+/// The paths a workspace manifest names: its members (a glob's
+/// directory) and every path dependency and patch.
+fn manifest_paths(manifest: &str) -> Vec<String> {
+    let doc: toml::Table = manifest.parse().expect("Cargo.toml parses");
+    let members = doc["workspace"]["members"]
+        .as_array()
+        .expect("workspace members")
+        .iter()
+        .filter_map(|m| m.as_str())
+        .map(|m| m.trim_end_matches("/*").to_string());
+    let dependencies = doc["workspace"]
+        .get("dependencies")
+        .and_then(|d| d.as_table())
+        .into_iter()
+        .flat_map(|t| t.values());
+    let patches = doc
+        .get("patch")
+        .and_then(|p| p.as_table())
+        .into_iter()
+        .flat_map(|t| t.values())
+        .filter_map(|registry| registry.as_table())
+        .flat_map(|t| t.values());
+    let paths = dependencies
+        .chain(patches)
+        .filter_map(|d| d.get("path").and_then(|p| p.as_str()))
+        .map(str::to_string);
+    members.chain(paths).collect()
+}
+
+#[test]
+fn the_manifest_paths_are_all_read() {
+    let paths = manifest_paths(
+        r#"
+[workspace]
+members = ["crates/*", "tests"]
+[workspace.dependencies]
+a = { path = "crates/a" }
+serde = "1"
+[patch.crates-io]
+sled = { path = "vendor/sled" }
+"#,
+    );
+    assert_eq!(paths, ["crates", "tests", "crates/a", "vendor/sled"]);
+}
+
 #[test]
 fn the_container_files_point_at_what_exists() {
     let dockerfile = read("Dockerfile");
@@ -257,16 +302,27 @@ fn the_container_files_point_at_what_exists() {
         .count();
     assert_eq!(stages, 2, "a multi-stage build");
     assert!(dockerfile.contains("cargo build --release --locked --bin tai"));
-    for copied in dockerfile
+    let copied: Vec<&str> = dockerfile
         .lines()
         .filter_map(|l| l.strip_prefix("COPY "))
         .filter(|l| !l.starts_with("--from"))
-    {
-        for src in copied.split_whitespace().rev().skip(1) {
-            assert!(workspace_root().join(src).exists(), "COPY {src}");
-        }
+        .flat_map(|l| l.split_whitespace().rev().skip(1))
+        .collect();
+    for src in &copied {
+        assert!(workspace_root().join(src).exists(), "COPY {src}");
     }
+    // The build stage needs every path the workspace's manifest names:
+    // its members, its path dependencies and the patched sled, or cargo
+    // cannot load the workspace there.
     let root = workspace_root();
+    for named in manifest_paths(&std::fs::read_to_string(root.join("Cargo.toml")).unwrap()) {
+        assert!(
+            copied
+                .iter()
+                .any(|c| named == *c || named.starts_with(&format!("{c}/"))),
+            "Cargo.toml names {named}, which deploy/Dockerfile's build stage does not COPY"
+        );
+    }
     assert!(root.join("config/dev.toml").exists());
 
     let compose = read("docker-compose.yml");
