@@ -285,6 +285,21 @@ fn spawn(
     env: &[(String, String)],
     log_path: &Path,
 ) -> (Child, String, String) {
+    let args = ["serve".as_ref(), "--config".as_ref(), config.as_os_str()];
+    spawn_args(dir, &args, env, log_path)
+}
+
+/// Runs `tai` with `args` from the repository root, its data dir
+/// `dir/data`, both listeners on free loopback ports and its log in
+/// `log_path`, and waits until it has written its endpoints:
+/// (child, operator address, ingress address). Panics with the log if it
+/// exits first.
+pub fn spawn_args(
+    dir: &Path,
+    args: &[impl AsRef<std::ffi::OsStr>],
+    env: &[(String, String)],
+    log_path: &Path,
+) -> (Child, String, String) {
     let log = std::fs::File::create(log_path).expect("log file");
     let endpoints = dir.join("data/endpoints.json");
     let _ = std::fs::remove_file(&endpoints);
@@ -292,9 +307,7 @@ fn spawn(
     // Relative paths in a config (Rego files) resolve from the repository
     // root, as when an operator runs `tai serve` there.
     cmd.current_dir(workspace_root())
-        .arg("serve")
-        .arg("--config")
-        .arg(config)
+        .args(args)
         .env("TAI_NODE__DATA_DIR", dir.join("data"))
         .env("TAI_OPERATOR__LISTEN", "127.0.0.1:0")
         .env("TAI_INGRESS__LISTEN", "127.0.0.1:0")

@@ -1,7 +1,9 @@
 //! The deploy kit (`deploy/`): Prometheus config and alert rules through
 //! `promtool`, dashboards and rules naming metrics a live node exports, the
 //! systemd unit through `systemd-analyze verify` and a real `sd_notify`
-//! exchange, and the container files pointing at what exists.
+//! exchange, the container files pointing at what exists (every path the
+//! workspace's manifest names copied into the build stage), and the
+//! image's command run as the container runs it, answering its healthcheck.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -341,4 +343,57 @@ fn the_container_files_point_at_what_exists() {
     }
     assert!(compose.contains("config/staging.toml"));
     assert!(Path::new(&root.join("config/staging.toml")).exists());
+}
+
+/// The value of a Dockerfile instruction's JSON array (`CMD [...]`,
+/// `ENTRYPOINT [...]`).
+fn exec_form(dockerfile: &str, instruction: &str) -> Vec<String> {
+    let line = dockerfile
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{instruction} ")))
+        .unwrap_or_else(|| panic!("no {instruction} in the Dockerfile"));
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("{instruction} {line}: {e}"))
+}
+
+/// The image's command, run as the container runs it (from a directory
+/// laid out as its `WORKDIR`: the repository root, whose `config` the
+/// image copies), answers its `HEALTHCHECK` and logs in the format it
+/// asks for. Only the listen addresses and the data dir are the test's
+/// own (the image's `ENV` sets them to fixed ports and a volume).
+#[tokio::test]
+async fn the_image_command_starts_a_node_that_answers_its_healthcheck() {
+    let dockerfile = read("Dockerfile");
+    let entrypoint = exec_form(&dockerfile, "ENTRYPOINT");
+    assert_eq!(entrypoint, ["/usr/local/bin/tai"]);
+    let cmd = exec_form(&dockerfile, "CMD");
+    let health = dockerfile
+        .lines()
+        .find_map(|l| l.strip_prefix("HEALTHCHECK "))
+        .and_then(|l| l.split("http://127.0.0.1:9090").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("a HEALTHCHECK on the operator port")
+        .to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("node.log");
+    let (mut child, operator, _) = spawn_args(dir.path(), &cmd, &[], &log_path);
+    let answer = reqwest::get(format!("http://{operator}{health}"))
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200, "GET {health}");
+    send_signal(&child, libc::SIGTERM);
+    let status = wait_for(
+        "the node's exit on SIGTERM",
+        Duration::from_secs(30),
+        || child.try_wait().unwrap(),
+    );
+    assert!(status.success(), "stopped with {status}");
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(!lines.is_empty(), "the node logged nothing");
+    if cmd.iter().any(|a| a == "json") {
+        for line in lines {
+            serde_json::from_str::<Value>(line)
+                .unwrap_or_else(|e| panic!("a log line that is not JSON ({e}): {line}"));
+        }
+    }
 }
