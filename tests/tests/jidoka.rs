@@ -286,6 +286,74 @@ executor = "slowgw"
     );
 }
 
+/// A graceful stop lets an action already under way finish and records its
+/// outcome, on either queue backend: its signal stays in flight until the
+/// outcome is committed, and the queue's quiesce waits for what is in
+/// flight before the tree stops. Stopped midway (the ledger stops before
+/// the engines), the call the target went on to answer would be found at
+/// the next start and recorded `interrupted` (failed), and its engine
+/// would exit abnormally while its layer stopped.
+async fn a_graceful_stop_lets_an_action_under_way_finish(kanban: &str) {
+    let gw = Gateway::start().await;
+    let mut node = Node::start_with(&config(&gw.url, kanban), &[]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    entitle(&c, "checkout").await;
+    gw.set(GatewayMode::Slow(800));
+    send(&c, &pay("checkout", "under-way-1")).await;
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while gw.in_flight() == 0 {
+        assert!(
+            std::time::Instant::now() < end,
+            "the call never reached the gateway"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    node.signal(libc::SIGTERM);
+    // Polled here, not waited for: the gateway answers on this test's runtime.
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = node.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < end, "the node did not stop");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    let log = node.log();
+    assert!(status.success(), "{status}: {log}");
+    assert!(!log.contains("exited abnormally"), "{log}");
+    assert_eq!(gw.hits().len(), 1, "one call, made once");
+    node.restart();
+    let c = Client::new(&node, "acme", "acme-secret");
+    let s = c.decided("under-way-1").await;
+    assert_eq!(s["status"], "completed", "{s}");
+    let kinds: Vec<String> = node
+        .all_receipts()
+        .await
+        .iter()
+        .filter(|r| r["signal_id"] == "under-way-1")
+        .map(|r| r["kind"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["action_generated", "action_successful"],
+        "{kinds:?}"
+    );
+    assert_eq!(gw.hits().len(), 1, "not called again after the restart");
+}
+
+#[tokio::test]
+async fn a_graceful_stop_lets_an_action_under_way_finish_on_the_embedded_queue() {
+    a_graceful_stop_lets_an_action_under_way_finish("").await;
+}
+
+#[tokio::test]
+async fn a_graceful_stop_lets_an_action_under_way_finish_on_amqp() {
+    ensure_broker();
+    let queue = unique_queue("actionstop");
+    let _cleanup = QueueCleanup(queue.clone());
+    a_graceful_stop_lets_an_action_under_way_finish(&amqp_kanban(&queue)).await;
+}
+
 /// A redirect is not a delivery: followed, a POST becomes a GET of the new
 /// address, whose 200 would record an action the target never received.
 #[tokio::test]
