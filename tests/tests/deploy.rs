@@ -355,6 +355,19 @@ fn exec_form(dockerfile: &str, instruction: &str) -> Vec<String> {
     serde_json::from_str(line).unwrap_or_else(|e| panic!("{instruction} {line}: {e}"))
 }
 
+/// A node this test started, killed when the test ends if it still runs
+/// (a failed assertion must not leave it behind).
+struct Stopped(std::process::Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// The image's command, run as the container runs it (from a directory
 /// laid out as its `WORKDIR`: the repository root, whose `config` the
 /// image copies), answers its `HEALTHCHECK` and logs in the format it
@@ -375,16 +388,17 @@ async fn the_image_command_starts_a_node_that_answers_its_healthcheck() {
         .to_string();
     let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("node.log");
-    let (mut child, operator, _) = spawn_args(dir.path(), &cmd, &[], &log_path);
+    let (child, operator, _) = spawn_args(dir.path(), &cmd, &[], &log_path);
+    let mut child = Stopped(child);
     let answer = reqwest::get(format!("http://{operator}{health}"))
         .await
         .unwrap();
     assert_eq!(answer.status(), 200, "GET {health}");
-    send_signal(&child, libc::SIGTERM);
+    send_signal(&child.0, libc::SIGTERM);
     let status = wait_for(
         "the node's exit on SIGTERM",
         Duration::from_secs(30),
-        || child.try_wait().unwrap(),
+        || child.0.try_wait().unwrap(),
     );
     assert!(status.success(), "stopped with {status}");
     let log = std::fs::read_to_string(&log_path).unwrap();
