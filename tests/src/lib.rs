@@ -637,10 +637,16 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        kill_if_running(&mut self.child);
+    }
+}
+
+/// `kill -9` and reap a child still running (a test that ended early must
+/// not leave its node behind).
+pub fn kill_if_running(child: &mut Child) {
+    if let Ok(None) = child.try_wait() {
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
