@@ -105,6 +105,61 @@ async fn the_tree_has_the_contract_shape_and_admin_needs_the_token() {
             "{path}: {body}"
         );
     }
+    // A query parameter the endpoint does not read is refused, naming it:
+    // a misspelt filter must not answer with everything, nor a halt's
+    // reason given in the query be dropped for the default one.
+    for (method, path, message) in [
+        (
+            Method::GET,
+            "/admin/receipts?tenant_id=acme&limit=5",
+            r#"unknown query parameter "tenant_id": GET /admin/receipts takes only tenant, after_seq, limit"#,
+        ),
+        (
+            Method::GET,
+            "/admin/tenants?status=halted",
+            r#"unknown query parameter "status": GET /admin/tenants takes only state, limit, after"#,
+        ),
+        (
+            Method::GET,
+            "/admin/alerts?severity=critical",
+            r#"unknown query parameter "severity": GET /admin/alerts takes no query parameters"#,
+        ),
+        (
+            Method::POST,
+            "/admin/tenants/acme/payments/halt?reason=fraud",
+            r#"unknown query parameter "reason": POST /admin/tenants/acme/payments/halt takes no query parameters"#,
+        ),
+        (
+            Method::GET,
+            "/admin/deadletter?zz=1&limit=1&aa=2",
+            r#"unknown query parameter "aa": GET /admin/deadletter takes only tenant, limit, after"#,
+        ),
+    ] {
+        let (status, body) = node.admin(method.clone(), path).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some("invalid_request")),
+            "{method} {path}: {body}"
+        );
+        assert_eq!(body["error"]["message"], message, "{method} {path}");
+    }
+    // A halt would have started acme's engine, halted.
+    let (status, engine) = node
+        .admin(Method::GET, "/admin/tenants/acme/payments")
+        .await;
+    assert_eq!(status, 404, "the refused halt did something: {engine}");
+    // The parameters each reads, and the probes' and scrape's anything.
+    for path in [
+        "/admin/receipts?tenant=acme&after_seq=0&limit=5",
+        "/admin/tenants?state=stable&limit=5&after=a/b",
+        "/admin/deadletter?tenant=acme&limit=5&after=a/b",
+        "/health?probe=1",
+        "/ready?probe=1",
+        "/metrics?format=text",
+    ] {
+        let (status, body) = node.admin(Method::GET, path).await;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
 }
 
 #[tokio::test]

@@ -160,6 +160,49 @@ impl<'a> Endpoint<'a> {
             _ => return None,
         })
     }
+
+    /// The query parameters the endpoint reads; `None` for the probes and
+    /// the scrape, which read none and may be sent anything. Any other
+    /// parameter is refused: a misspelt filter (`?tenant_id=acme`) would
+    /// otherwise answer with everything, unfiltered.
+    fn params(&self) -> Option<&'static [&'static str]> {
+        use Endpoint::*;
+        Some(match self {
+            Health | Metrics | Ready => return None,
+            Board => &["token"],
+            Tenants => &["state", "limit", "after"],
+            DeadLetters => &["tenant", "limit", "after"],
+            Replay(_) => &["tenant"],
+            Receipts => &["tenant", "after_seq", "limit"],
+            Tree | Kill(_) | Tenant(..) | Halt(..) | Resume(..) | Policies | ReloadPolicies
+            | Alerts | Kaizen | KaizenBaseline | Breakers | Breaker(..) | Queue | ReceiptsHead
+            | VerifyReceipts | Shutdown => &[],
+        })
+    }
+}
+
+/// `400` for a query parameter `endpoint` does not read, naming it and
+/// those it does (the first unknown one, by name, so the answer is the same
+/// whatever order the client sent them in).
+fn unknown_param(
+    endpoint: &Endpoint<'_>,
+    query: &HashMap<String, String>,
+    method: &Method,
+    path: &str,
+) -> Option<Response> {
+    let takes = endpoint.params()?;
+    let unknown = query
+        .keys()
+        .filter(|k| !takes.contains(&k.as_str()))
+        .min()?;
+    let takes = match takes {
+        [] => "no query parameters".to_string(),
+        _ => format!("only {}", takes.join(", ")),
+    };
+    Some(error(
+        ErrorCode::InvalidRequest,
+        format!("unknown query parameter {unknown:?}: {method} {path} takes {takes}"),
+    ))
 }
 
 async fn route(state: &NodeState, req: Request<'_>) -> Response {
@@ -178,6 +221,9 @@ async fn route(state: &NodeState, req: Request<'_>) -> Response {
     };
     if !answers(method, &takes) {
         return method_not_allowed(method, path, &takes);
+    }
+    if let Some(refused) = unknown_param(&endpoint, req.query, method, path) {
+        return refused;
     }
     match endpoint {
         Endpoint::Health => json_reply(StatusCode::OK, &json!({"status": "ok"})),
