@@ -722,12 +722,29 @@ pub fn load(
     if let Some(config) = &config {
         validate(config, &mut errors);
     }
-    // A problem with what a variable set names the variable.
+    // A problem with what a variable set names the variable. An unknown
+    // key that no variable set at or above is a table only variables made
+    // (`TAI_FOO__BAR` makes `foo`): those under it are named, since the
+    // file has no `foo` to look for.
     for e in &mut errors {
-        if let Some(o) = set_by(&e.path) {
-            if !e.message.contains(&o.var) {
-                e.message = format!("{} (from {})", e.message, o.var);
+        let vars = match set_by(&e.path) {
+            Some(o) => o.var.clone(),
+            None if e.message == "unknown key" => {
+                let under: Vec<&str> = env
+                    .iter()
+                    .filter(|o| {
+                        o.shown
+                            .strip_prefix(e.path.as_str())
+                            .is_some_and(|rest| rest.starts_with(['.', '[']))
+                    })
+                    .map(|o| o.var.as_str())
+                    .collect();
+                under.join(", ")
             }
+            None => String::new(),
+        };
+        if !vars.is_empty() && !e.message.contains(&vars) {
+            e.message = format!("{} (from {vars})", e.message);
         }
     }
     match config {
@@ -1507,6 +1524,21 @@ mod tests {
         let errors = load("", env).unwrap_err();
         assert_eq!(errors[0].path, "kanban.colour");
         assert_eq!(errors[0].message, "unknown key (from TAI_KANBAN__COLOUR)");
+        // A section no file or default has is named by the variables that
+        // made it.
+        let env = vec![
+            ("TAI_FOO__BAR".to_string(), "1".to_string()),
+            ("TAI_FOO__BAZ".to_string(), "2".to_string()),
+        ];
+        let errors = load("[kanban]\nprefetch = 5\n", env).unwrap_err();
+        assert_eq!(
+            pairs(&errors),
+            [("foo", "unknown key (from TAI_FOO__BAR, TAI_FOO__BAZ)")]
+        );
+        // One in the file is not blamed on a variable.
+        let env = vec![("TAI_KANBAN__PREFETCH".to_string(), "5".to_string())];
+        let errors = load("[foo]\nbar = 1\n", env).unwrap_err();
+        assert_eq!(pairs(&errors), [("foo", "unknown key")]);
         // A check of the whole config names the variable that set the key.
         let env = vec![("TAI_KANBAN__WIP_LIMIT".to_string(), "5".to_string())];
         let errors = load("", env).unwrap_err();
