@@ -257,6 +257,90 @@ async fn the_kaizen_report_shows_stage_shares_the_slowest_fifth_and_a_baseline()
     }
 }
 
+/// The series whose label values are known are on `/metrics` at 0 before
+/// anything happens: Prometheus's `increase()` would not see a first dead
+/// letter or a first restart in a series that appeared at 1, and the
+/// deploy kit's alert rules on them would miss it.
+#[tokio::test]
+async fn known_series_are_at_zero_before_anything_happens() {
+    let node = Node::start_with(&test_config(""), &[]);
+    let text = node.metrics_text().await;
+    let value = |series: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    };
+    let mut expected = Vec::new();
+    for s in [
+        "tai_sup",
+        "ingress_sup",
+        "kanban_sup",
+        "processor_sup",
+        "engine_sup",
+        "kaizen_sup",
+        "andon_sup",
+    ] {
+        expected.push(format!("tai_actor_restarts_total{{supervisor=\"{s}\"}}"));
+    }
+    for r in ["halted", "degraded", "quota_exhausted", "poison"] {
+        expected.push(format!("tai_deadletter_total{{reason=\"{r}\"}}"));
+    }
+    for s in ["critical", "warning", "info"] {
+        expected.push(format!("tai_alerts_total{{severity=\"{s}\"}}"));
+    }
+    for s in ["global", "tenant"] {
+        expected.push(format!("tai_rate_limited_total{{scope=\"{s}\"}}"));
+    }
+    for o in [
+        "accepted",
+        "duplicate",
+        "invalid",
+        "unauthorized",
+        "timed_out",
+        "too_large",
+        "unsupported_media_type",
+        "rate_limited",
+        "unavailable",
+        "error",
+    ] {
+        expected.push(format!("tai_signals_received_total{{outcome=\"{o}\"}}"));
+    }
+    for s in [
+        "boot",
+        "stable",
+        "action_pending",
+        "degraded",
+        "halted",
+        "quota_exhausted",
+    ] {
+        expected.push(format!("tai_engine_state{{state=\"{s}\"}}"));
+    }
+    for series in &expected {
+        assert_eq!(value(series), Some(0.0), "{series} in:\n{text}");
+    }
+    // And they count from there: a restart is 1, not a new series.
+    let (status, _) = node
+        .admin(Method::POST, "/admin/actors/kaizen_health/kill")
+        .await;
+    assert_eq!(status, 202);
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let text = node.metrics_text().await;
+        let restarts = text.lines().find_map(|l| {
+            l.strip_prefix("tai_actor_restarts_total{supervisor=\"kaizen_sup\"} ")?
+                .parse::<f64>()
+                .ok()
+        });
+        if restarts == Some(1.0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "kaizen_sup's restart not counted: {restarts:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn metrics_can_be_turned_off() {
     let node = Node::start_with(&test_config("[kaizen]\nmetrics = false\n"), &[]);

@@ -35,6 +35,18 @@ pub const RECEIPTS: &str = "tai_receipts_total";
 pub const ALERTS: &str = "tai_alerts_total";
 pub const RATE_LIMITED: &str = "tai_rate_limited_total";
 
+/// The `reason` of a dead letter: SPEC §5's four, and `unknown_sku` for a
+/// signal whose SKU left the configuration while it waited.
+pub const DEADLETTER_REASONS: [&str; 5] = [
+    "halted",
+    "degraded",
+    "quota_exhausted",
+    "poison",
+    "unknown_sku",
+];
+/// The `scope` of a rate limit that refused a request.
+pub const RATE_LIMIT_SCOPES: [&str; 2] = ["global", "tenant"];
+
 static CAP: AtomicUsize = AtomicUsize::new(100);
 static KNOWN: LazyLock<RwLock<HashSet<String>>> = LazyLock::new(|| RwLock::new(HashSet::new()));
 

@@ -99,6 +99,8 @@ mod tests {
         }
         let refused = l.check("t", Tier::Trial).unwrap_err();
         assert_eq!(refused.scope, "tenant");
+        // Each scope is one `/metrics` has at 0 from the start.
+        assert!(tai_core::telemetry::RATE_LIMIT_SCOPES.contains(&refused.scope));
         assert!(refused.retry_after_secs >= 1);
         l.check("u", Tier::Trial)
             .expect("another tenant has its own bucket");
@@ -115,7 +117,9 @@ mod tests {
         });
         l.check("a", Tier::Standard).unwrap();
         l.check("b", Tier::Standard).unwrap();
-        assert_eq!(l.check("c", Tier::Standard).unwrap_err().scope, "global");
+        let refused = l.check("c", Tier::Standard).unwrap_err();
+        assert_eq!(refused.scope, "global");
+        assert!(tai_core::telemetry::RATE_LIMIT_SCOPES.contains(&refused.scope));
         assert!(l.tracked_tenants() >= 3);
     }
 }

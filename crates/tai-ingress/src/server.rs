@@ -55,10 +55,10 @@ pub struct Shared {
     pub draining: Arc<AtomicBool>,
     /// Share of new traces sampled when tracing is on (`None`: off).
     pub trace_sampling: Option<f64>,
-    /// `tai_signals_received_total` by outcome, made on first use (after
-    /// the node installed its recorder): registering a labelled counter
-    /// looks its key up in the recorder's map, which was ~0.7 % of the
-    /// node's CPU at load when done for every signal.
+    /// `tai_signals_received_total` by outcome, made once when the HTTP
+    /// worker starts (after the node installed its recorder): registering
+    /// a labelled counter looks its key up in the recorder's map, which was
+    /// ~0.7 % of the node's CPU at load when done for every signal.
     pub received: std::sync::OnceLock<Received>,
 }
 
@@ -138,6 +138,9 @@ impl Actor for IngressHttp {
         _myself: ActorRef<()>,
         args: IngressArgs,
     ) -> Result<IngressState, ActorProcessingErr> {
+        // Every outcome's series on `/metrics` at 0 from the start (the
+        // recorder is installed before the tree starts).
+        args.shared.received.get_or_init(Received::new);
         let listener = listen(&args).await?;
         let local = listener.local_addr()?;
         *args.bound.lock().expect("bound slot") = Some(local);

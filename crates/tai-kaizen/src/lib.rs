@@ -90,6 +90,7 @@ impl Metrics {
             .install_recorder()
             .map_err(|e| MetricsError::Install(e.to_string()))?;
         describe();
+        zero_known_series();
         let upkeep = handle.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(UPKEEP_EVERY);
@@ -124,6 +125,38 @@ impl Metrics {
     pub fn render(&self) -> String {
         self.process.collect();
         self.handle.render()
+    }
+}
+
+/// Puts the series whose label values are known in advance on `/metrics`
+/// at 0 from the start. Prometheus's `increase()` and `rate()` see an event
+/// only as a change between two samples: a series that first appears at 1
+/// (the first dead letter of a reason, a supervisor's first restart) hides
+/// that event from them, and from the deploy kit's alert rules built on
+/// them.
+fn zero_known_series() {
+    use tai_core::names;
+    for supervisor in [names::TAI_SUP, names::ENGINE_SUP]
+        .into_iter()
+        .chain(names::LAYERS)
+    {
+        metrics::counter!(t::ACTOR_RESTARTS, "supervisor" => supervisor).increment(0);
+    }
+    for reason in t::DEADLETTER_REASONS {
+        metrics::counter!(t::DEADLETTER, "reason" => reason).increment(0);
+    }
+    for severity in [
+        tai_core::alert::Severity::Critical,
+        tai_core::alert::Severity::Warning,
+        tai_core::alert::Severity::Info,
+    ] {
+        metrics::counter!(t::ALERTS, "severity" => severity.as_str()).increment(0);
+    }
+    for scope in t::RATE_LIMIT_SCOPES {
+        metrics::counter!(t::RATE_LIMITED, "scope" => scope).increment(0);
+    }
+    for state in tai_core::signal::EngineState::ALL {
+        metrics::gauge!(t::ENGINE_STATE, "state" => state.as_str()).increment(0.0);
     }
 }
 
