@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -1674,6 +1674,79 @@ async fn idle_engines_are_passivated_and_come_back_with_their_state() {
         3,
         "passivated engines are still listed: {all}"
     );
+}
+
+/// `tai_engine_state{state}` on `/metrics`.
+async fn engines_in(node: &Node, state: &str) -> Option<f64> {
+    let series = format!("tai_engine_state{{state=\"{state}\"}} ");
+    node.metrics_text()
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(series.as_str())?.parse().ok())
+}
+
+/// A halted engine is not passivated for being idle: the line stopped,
+/// and `tai_engine_state` (live engines), the deploy kit's alert on it and
+/// the board must show it for as long as it is halted, not for the idle
+/// timeout. One an operator halted is started again with the node.
+#[tokio::test]
+async fn a_halted_engine_stays_live_and_starts_with_the_node() {
+    let mut node = Node::start_with(&test_config(""), &[("TAI_JIDOKA__IDLE_TIMEOUT_SECS", "1")]);
+    let c = Client::new(&node, "acme", "acme-secret");
+    c.entitle("payments", "ent-p").await;
+    c.entitle("tight", "ent-t").await;
+    c.decided("ent-p").await;
+    c.decided("ent-t").await;
+    let (status, _) = node
+        .admin_with_body(
+            Method::POST,
+            "/admin/tenants/acme/payments/halt",
+            r#"{"reason": "fraud review"}"#,
+        )
+        .await;
+    assert_eq!(status, 200);
+    // The other engine, idle as long, is passivated; the halted one is not.
+    node.admin_until("/admin/tenants/acme/tight", "tight passivated", |e| {
+        e["active"] == false
+    })
+    .await;
+    let end = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < end {
+        let (_, e) = node
+            .admin(Method::GET, "/admin/tenants/acme/payments")
+            .await;
+        assert_eq!(
+            (e["state"].as_str(), e["active"].as_bool()),
+            (Some("halted"), Some(true)),
+            "{e}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(engines_in(&node, "halted").await, Some(1.0));
+    assert!(find(&node.tree().await, "engine:acme:payments").is_some());
+
+    // Started with the node, without a signal.
+    node.stop();
+    node.restart();
+    node.admin_until(
+        "/admin/tenants/acme/payments",
+        "the halted engine live",
+        |e| e["state"] == "halted" && e["active"] == true,
+    )
+    .await;
+    assert_eq!(engines_in(&node, "halted").await, Some(1.0));
+    // Resumed, it is an idle engine like any other.
+    let (status, _) = node
+        .admin(Method::POST, "/admin/tenants/acme/payments/resume")
+        .await;
+    assert_eq!(status, 200);
+    node.admin_until(
+        "/admin/tenants/acme/payments",
+        "passivated once resumed",
+        |e| e["state"] == "stable" && e["active"] == false,
+    )
+    .await;
+    assert_eq!(engines_in(&node, "halted").await, Some(0.0));
 }
 
 /// An engine's `{tenant}/{sku}` in an `/admin/tenants` answer.

@@ -237,7 +237,10 @@ impl Router {
     }
 
     /// Passivates an idle engine unless it is busy: one running an action
-    /// or holding postponed signals stays. The engine answers only between
+    /// or holding postponed signals stays, and so does a halted one (the
+    /// line stopped: it stays counted in `tai_engine_state`, which counts
+    /// live engines, and on the board, until it is resumed; the cap on
+    /// live engines still passivates it). The engine answers only between
     /// messages (an action runs inside its handler), so it is asked from a
     /// task that reports back (`RouterMsg::IdleChecked`): the router, which
     /// every signal goes through, never waits on it. One that does not
@@ -254,7 +257,8 @@ impl Router {
         tokio::spawn(async move {
             let busy = match r.call(EngineMsg::Info, Some(CALL)).await {
                 Ok(ractor::rpc::CallResult::Success(i)) => {
-                    i.postponed > 0 || i.state == EngineState::ActionPending
+                    i.postponed > 0
+                        || matches!(i.state, EngineState::ActionPending | EngineState::Halted)
                 }
                 Ok(ractor::rpc::CallResult::Timeout) => true,
                 _ => false,
@@ -549,12 +553,14 @@ struct Waiting {
     /// `RouterMsg::Asleep` carries it: tenant, SKU, the state timeout's due
     /// time, the breaker that halted it.
     asleep: Vec<(String, String, Option<u64>, Option<String>)>,
+    /// Engines an operator halted: kept live while halted.
+    halted: Vec<(String, String)>,
 }
 
 /// Reads every checkpoint, a page at a time, for the engines the router
 /// must start without a signal: those with an action in flight (recorded
-/// `interrupted` at their start) and those waiting for a state timeout or
-/// a breaker. A checkpoint that does not decode is left to the engine's
+/// `interrupted` at their start), those waiting for a state timeout or
+/// a breaker, and those an operator halted (kept live). A checkpoint that does not decode is left to the engine's
 /// start, or to the listing that reports it; one of a SKU the config does
 /// not name waits for nothing (its engine decides nothing).
 fn waiting_engines(store: &Store, skus: &Skus) -> Result<Waiting, String> {
@@ -579,6 +585,8 @@ fn waiting_engines(store: &Store, skus: &Skus) -> Result<Waiting, String> {
                         found
                             .asleep
                             .push((tenant.clone(), sku_id.clone(), due, halted_by));
+                    } else if data.state == EngineState::Halted {
+                        found.halted.push((tenant.clone(), sku_id.clone()));
                     }
                 }
             }
@@ -739,8 +747,17 @@ impl Actor for Router {
                             "passive engines waiting for a state timeout or a breaker: each starts when it comes"
                         );
                     }
+                    if !found.halted.is_empty() {
+                        info!(
+                            engines = found.halted.len(),
+                            "engines an operator halted: starting them (a halted engine stays live)"
+                        );
+                    }
                     for (tenant_id, sku_id) in found.cut {
                         let _ = myself.send_message(RouterMsg::Interrupted { tenant_id, sku_id });
+                    }
+                    for (tenant_id, sku_id) in found.halted {
+                        let _ = myself.send_message(RouterMsg::Halted { tenant_id, sku_id });
                     }
                     for (tenant_id, sku_id, due_ms, halted_by) in found.asleep {
                         let _ = myself.send_message(RouterMsg::Asleep {
@@ -870,6 +887,14 @@ impl Actor for Router {
                 // One running already (a delivery started it, or only the
                 // router restarted) has seen to its action itself.
                 Self::wake(&myself, st, &tenant_id, &sku_id).await;
+            }
+            RouterMsg::Halted { tenant_id, sku_id } => {
+                // Started to stay live (not woken and passivated again),
+                // taking no live engine's place; one running already is.
+                if let Err(e) = Self::ensure(&myself, st, &tenant_id, &sku_id, false).await {
+                    warn!(tenant = %tenant_id, sku = %sku_id, error = %e,
+                        "cannot start an engine an operator halted; its next signal or command starts it");
+                }
             }
             RouterMsg::Asleep {
                 tenant_id,
