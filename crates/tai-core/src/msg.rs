@@ -216,9 +216,10 @@ pub enum RouterMsg {
         sku_id: String,
     },
     /// Internal: an engine an operator halted, read from its checkpoint at
-    /// the router's start: the router starts it, since a halted engine is
-    /// kept live (never passivated for being idle), so that it is counted
-    /// in `tai_engine_state` and on the board for as long as it is halted.
+    /// the router's start: the router starts it (up to the cap), since such
+    /// an engine is kept live (never passivated for being idle), so that it
+    /// is counted in `tai_engine_state` and on the board for as long as it
+    /// is halted.
     Halted {
         tenant_id: String,
         sku_id: String,

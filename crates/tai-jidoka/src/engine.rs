@@ -163,6 +163,7 @@ impl EngineActorState {
             postponed: self.statem.postponed_len(),
             restarts: 0,
             active: true,
+            operator_halt: self.data.operator_halt(),
         }
     }
 

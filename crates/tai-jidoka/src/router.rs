@@ -237,10 +237,14 @@ impl Router {
     }
 
     /// Passivates an idle engine unless it is busy: one running an action
-    /// or holding postponed signals stays, and so does a halted one (the
-    /// line stopped: it stays counted in `tai_engine_state`, which counts
-    /// live engines, and on the board, until it is resumed; the cap on
-    /// live engines still passivates it). The engine answers only between
+    /// or holding postponed signals stays, and so does one an operator
+    /// halted (the line stopped: it stays counted in `tai_engine_state`,
+    /// which counts live engines, and on the board, until it is resumed;
+    /// the cap on live engines still passivates it). One a breaker halted
+    /// is passivated as any other: its breaker shows the stop, and its
+    /// passivation makes it wait for the breaker in `wakes`, which starts
+    /// it when the breaker is no longer open even if it missed the news
+    /// (a restart of the router between). The engine answers only between
     /// messages (an action runs inside its handler), so it is asked from a
     /// task that reports back (`RouterMsg::IdleChecked`): the router, which
     /// every signal goes through, never waits on it. One that does not
@@ -257,8 +261,7 @@ impl Router {
         tokio::spawn(async move {
             let busy = match r.call(EngineMsg::Info, Some(CALL)).await {
                 Ok(ractor::rpc::CallResult::Success(i)) => {
-                    i.postponed > 0
-                        || matches!(i.state, EngineState::ActionPending | EngineState::Halted)
+                    i.postponed > 0 || i.state == EngineState::ActionPending || i.operator_halt
                 }
                 Ok(ractor::rpc::CallResult::Timeout) => true,
                 _ => false,
@@ -585,7 +588,7 @@ fn waiting_engines(store: &Store, skus: &Skus) -> Result<Waiting, String> {
                         found
                             .asleep
                             .push((tenant.clone(), sku_id.clone(), due, halted_by));
-                    } else if data.state == EngineState::Halted {
+                    } else if data.operator_halt() {
                         found.halted.push((tenant.clone(), sku_id.clone()));
                     }
                 }
@@ -644,6 +647,7 @@ fn passive_info(tenant: &str, sku_id: &str, data: &Data) -> EngineInfo {
         postponed: 0,
         restarts: 0,
         active: false,
+        operator_halt: data.operator_halt(),
     }
 }
 
@@ -890,7 +894,13 @@ impl Actor for Router {
             }
             RouterMsg::Halted { tenant_id, sku_id } => {
                 // Started to stay live (not woken and passivated again),
-                // taking no live engine's place; one running already is.
+                // taking no live engine's place: up to the cap, so that
+                // engine_sup keeps room for wakes; one running already is.
+                if st.recency.len() >= st.args.max_active {
+                    debug!(tenant = %tenant_id, sku = %sku_id,
+                        "at max_active_engines: an engine an operator halted stays passive");
+                    return Ok(());
+                }
                 if let Err(e) = Self::ensure(&myself, st, &tenant_id, &sku_id, false).await {
                     warn!(tenant = %tenant_id, sku = %sku_id, error = %e,
                         "cannot start an engine an operator halted; its next signal or command starts it");
