@@ -725,32 +725,51 @@ pub fn load(
     // A problem with what a variable set names the variable. An unknown
     // key that no variable set at or above is a table only variables made
     // (`TAI_FOO__BAR` makes `foo`): those under it are named, since the
-    // file has no `foo` to look for.
+    // file has no `foo` to look for. A check against another key
+    // (`must be at least kanban.prefetch`) names the variable that set that
+    // one too.
     for e in &mut errors {
-        let vars = match set_by(&e.path) {
-            Some(o) => o.var.clone(),
-            None if e.message == "unknown key" => {
-                let under: Vec<&str> = env
-                    .iter()
-                    .filter(|o| {
-                        o.shown
-                            .strip_prefix(e.path.as_str())
-                            .is_some_and(|rest| rest.starts_with(['.', '[']))
-                    })
-                    .map(|o| o.var.as_str())
-                    .collect();
-                under.join(", ")
-            }
-            None => String::new(),
+        let mut vars: Vec<&str> = match set_by(&e.path) {
+            Some(o) => vec![o.var.as_str()],
+            None if e.message == "unknown key" => env
+                .iter()
+                .filter(|o| {
+                    o.shown
+                        .strip_prefix(e.path.as_str())
+                        .is_some_and(|rest| rest.starts_with(['.', '[']))
+                })
+                .map(|o| o.var.as_str())
+                .collect(),
+            None => Vec::new(),
         };
-        if !vars.is_empty() && !e.message.contains(&vars) {
-            e.message = format!("{} (from {vars})", e.message);
+        for o in env.iter().filter(|o| names_key(&e.message, &o.shown)) {
+            if !vars.contains(&o.var.as_str()) {
+                vars.push(&o.var);
+            }
+        }
+        vars.retain(|v| !e.message.contains(v));
+        if !vars.is_empty() {
+            e.message = format!("{} (from {})", e.message, vars.join(", "));
         }
     }
     match config {
         Some(config) if errors.is_empty() => Ok(config),
         _ => Err(errors),
     }
+}
+
+/// Whether `message` names the key `path` (`kanban.prefetch`) as a whole,
+/// not as the start of a longer one.
+fn names_key(message: &str, path: &str) -> bool {
+    !path.is_empty()
+        && message.match_indices(path).any(|(i, _)| {
+            let before = message[..i].chars().next_back();
+            let after = message[i + path.len()..].chars().next();
+            let part = |c: Option<char>| {
+                c.is_some_and(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '['))
+            };
+            !part(before) && !part(after)
+        })
 }
 
 fn missing_field(message: &str) -> Option<&str> {
@@ -1539,6 +1558,34 @@ mod tests {
         let env = vec![("TAI_KANBAN__PREFETCH".to_string(), "5".to_string())];
         let errors = load("[foo]\nbar = 1\n", env).unwrap_err();
         assert_eq!(pairs(&errors), [("foo", "unknown key")]);
+        // A check against another key names the variable that set it.
+        let env = vec![("TAI_KANBAN__PREFETCH".to_string(), "100".to_string())];
+        let errors = load("", env).unwrap_err();
+        assert_eq!(
+            pairs(&errors),
+            [(
+                "kanban.wip_limit",
+                "must be at least kanban.prefetch (100) (from TAI_KANBAN__PREFETCH)"
+            )]
+        );
+        let env = vec![
+            ("TAI_KANBAN__PREFETCH".to_string(), "100".to_string()),
+            ("TAI_KANBAN__WIP_LIMIT".to_string(), "60".to_string()),
+        ];
+        let errors = load("", env).unwrap_err();
+        assert_eq!(
+            pairs(&errors),
+            [(
+                "kanban.wip_limit",
+                "must be at least kanban.prefetch (100) (from TAI_KANBAN__WIP_LIMIT, TAI_KANBAN__PREFETCH)"
+            )]
+        );
+        assert!(names_key("at least kanban.prefetch (1)", "kanban.prefetch"));
+        assert!(!names_key(
+            "at least kanban.prefetch_max (1)",
+            "kanban.prefetch"
+        ));
+        assert!(!names_key("see xkanban.prefetch", "kanban.prefetch"));
         // A check of the whole config names the variable that set the key.
         let env = vec![("TAI_KANBAN__WIP_LIMIT".to_string(), "5".to_string())];
         let errors = load("", env).unwrap_err();
