@@ -131,15 +131,15 @@ impl Data {
         }
     }
 
-    /// What the engine waits for that no signal brings, passive: its state
-    /// timeout's due time, and the breaker that halted it (it resumes once
-    /// that breaker is not open). `(None, None)`: nothing.
     /// Halted by an operator (a breaker's halt names the breaker): only
     /// an operator's resume ends it.
     pub fn operator_halt(&self) -> bool {
         self.state == EngineState::Halted && self.halted_by.is_none()
     }
 
+    /// What the engine waits for that no signal brings, passive: its state
+    /// timeout's due time, and the breaker that halted it (it resumes once
+    /// that breaker is not open). `(None, None)`: nothing.
     pub fn waits_for(&self, sku: &Sku, now: u64) -> (Option<u64>, Option<String>) {
         let halted_by = match self.state {
             EngineState::Halted => self.halted_by.clone(),

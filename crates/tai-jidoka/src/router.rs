@@ -562,10 +562,11 @@ struct Waiting {
 
 /// Reads every checkpoint, a page at a time, for the engines the router
 /// must start without a signal: those with an action in flight (recorded
-/// `interrupted` at their start), those waiting for a state timeout or
-/// a breaker, and those an operator halted (kept live). A checkpoint that does not decode is left to the engine's
-/// start, or to the listing that reports it; one of a SKU the config does
-/// not name waits for nothing (its engine decides nothing).
+/// `interrupted` at their start), those waiting for a state timeout or a
+/// breaker, and those an operator halted (kept live). A checkpoint that
+/// does not decode is left to the engine's start, or to the listing that
+/// reports it; one of a SKU the config does not name waits for nothing
+/// (its engine decides nothing).
 fn waiting_engines(store: &Store, skus: &Skus) -> Result<Waiting, String> {
     let mut found = Waiting::default();
     let mut after: Option<(String, String)> = None;

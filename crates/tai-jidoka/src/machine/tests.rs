@@ -77,10 +77,18 @@ fn kinds(fx: &[Effect]) -> Vec<&'static str> {
 }
 
 fn dead(fx: &[Effect]) -> Option<&'static str> {
-    fx.iter().find_map(|e| match e {
+    let reason = fx.iter().find_map(|e| match e {
         Effect::DeadLetter { reason, .. } => Some(*reason),
         _ => None,
-    })
+    });
+    // Each reason is one `/metrics` has at 0 from the start.
+    if let Some(r) = reason {
+        assert!(
+            tai_core::telemetry::DEADLETTER_REASONS.contains(&r),
+            "dead-letter reason {r:?} is not in telemetry::DEADLETTER_REASONS"
+        );
+    }
+    reason
 }
 
 #[test]
