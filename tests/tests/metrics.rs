@@ -314,6 +314,7 @@ async fn known_series_are_at_zero_before_anything_happens() {
     ] {
         expected.push(format!("tai_engine_state{{state=\"{s}\"}}"));
     }
+    expected.push("tai_engines_live".to_string());
     for series in &expected {
         assert_eq!(value(series), Some(0.0), "{series} in:\n{text}");
     }
@@ -355,19 +356,24 @@ async fn metrics_can_be_turned_off() {
 }
 
 /// Engines killed with `engine_sup` (ractor kills a subtree without
-/// `post_stop`) are no longer counted as live: `tai_engine_state` counted
-/// them, with the state they died in, until each started again.
+/// `post_stop`) are no longer counted live, and are counted once, passive,
+/// in the state their checkpoint holds: `tai_engine_state` had counted them
+/// live, with the state they died in, until each started again.
 #[tokio::test]
-async fn engines_killed_with_their_supervisor_are_no_longer_counted_live() {
+async fn engines_killed_with_their_supervisor_are_counted_once_and_passive() {
     let node = Node::start_with(&test_config(""), &[]);
     let c = Client::new(&node, "acme", "acme-secret");
     c.entitle("payments", "ent").await;
     c.decided("ent").await;
     // Its ack reached the queue: else the router's restart below has the
-    // queue send it again, which starts the engine anew (rightly counted).
+    // queue send it again, which starts the engine anew.
     node.drained().await;
-    let stable = "tai_engine_state{state=\"stable\"}";
-    assert_eq!(sample(&node.metrics_text().await, stable), Some(1.0));
+    let (stable, live) = ("tai_engine_state{state=\"stable\"}", "tai_engines_live");
+    let text = node.metrics_text().await;
+    assert_eq!(
+        (sample(&text, stable), sample(&text, live)),
+        (Some(1.0), Some(1.0))
+    );
     let (status, body) = node
         .admin(Method::POST, "/admin/actors/engine_sup/kill")
         .await;
@@ -383,18 +389,22 @@ async fn engines_killed_with_their_supervisor_are_no_longer_counted_live() {
     let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let text = node.metrics_text().await;
-        if sample(&text, stable) == Some(0.0) {
+        let now = (sample(&text, stable), sample(&text, live));
+        if now == (Some(1.0), Some(0.0)) {
             break;
         }
         assert!(
             std::time::Instant::now() < end,
-            "the killed engine is still counted: {:?}",
-            sample(&text, stable)
+            "the killed engine is still live, or not counted once: (stable, live) {now:?}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     // Its next signal starts it again, counted once.
     assert_eq!(c.post(&payment("acme", "p1")).await.unwrap().status, 202);
     c.decided("p1").await;
-    assert_eq!(sample(&node.metrics_text().await, stable), Some(1.0));
+    let text = node.metrics_text().await;
+    assert_eq!(
+        (sample(&text, stable), sample(&text, live)),
+        (Some(1.0), Some(1.0))
+    );
 }

@@ -215,15 +215,6 @@ pub enum RouterMsg {
         tenant_id: String,
         sku_id: String,
     },
-    /// Internal: an engine an operator halted, read from its checkpoint at
-    /// the router's start: the router starts it (up to the cap), since such
-    /// an engine is kept live (never passivated for being idle), so that it
-    /// is counted in `tai_engine_state` and on the board for as long as it
-    /// is halted.
-    Halted {
-        tenant_id: String,
-        sku_id: String,
-    },
     /// Internal: a passivated engine (one that stopped, or one read from
     /// its checkpoint at the router's start) waiting for a transition no
     /// signal brings: its state timeout, due at `due_ms`, or the close of

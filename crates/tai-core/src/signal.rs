@@ -510,10 +510,6 @@ pub struct EngineInfo {
     pub postponed: usize,
     pub restarts: u64,
     pub active: bool,
-    /// Halted by an operator, not by a breaker: the router keeps such an
-    /// engine live while it is halted. Not part of the listing.
-    #[serde(skip)]
-    pub operator_halt: bool,
 }
 
 pub fn now_ms() -> u64 {

@@ -28,7 +28,11 @@ pub const DISK_TOTAL: &str = "tai_disk_total_bytes";
 /// first.
 pub const STORE_FLUSH_SECONDS: &str = "tai_store_flush_seconds";
 pub const DEADLETTER: &str = "tai_deadletter_total";
+/// Every engine, live or passive, by state (a passive one in the state
+/// its checkpoint holds).
 pub const ENGINE_STATE: &str = "tai_engine_state";
+/// Not in SPEC §9: the engines running now; the rest are passive.
+pub const ENGINES_LIVE: &str = "tai_engines_live";
 pub const BREAKER_STATE: &str = "tai_breaker_state";
 pub const ACTOR_RESTARTS: &str = "tai_actor_restarts_total";
 pub const RECEIPTS: &str = "tai_receipts_total";

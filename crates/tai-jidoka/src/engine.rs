@@ -163,7 +163,6 @@ impl EngineActorState {
             postponed: self.statem.postponed_len(),
             restarts: 0,
             active: true,
-            operator_halt: self.data.operator_halt(),
         }
     }
 
@@ -1064,7 +1063,7 @@ impl Actor for Engine {
         _myself: ActorRef<EngineMsg>,
         st: &mut EngineActorState,
     ) -> Result<(), ActorProcessingErr> {
-        crate::states::forget(&st.name);
+        crate::states::stopped(&st.name);
         crate::gates::release(&st.name, &st.gate);
         // Passive from now on, it has no timer and hears no breaker: the
         // router starts it again when its state timeout is due or the

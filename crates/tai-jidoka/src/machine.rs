@@ -131,12 +131,6 @@ impl Data {
         }
     }
 
-    /// Halted by an operator (a breaker's halt names the breaker): only
-    /// an operator's resume ends it.
-    pub fn operator_halt(&self) -> bool {
-        self.state == EngineState::Halted && self.halted_by.is_none()
-    }
-
     /// What the engine waits for that no signal brings, passive: its state
     /// timeout's due time, and the breaker that halted it (it resumes once
     /// that breaker is not open). `(None, None)`: nothing.

@@ -237,14 +237,12 @@ impl Router {
     }
 
     /// Passivates an idle engine unless it is busy: one running an action
-    /// or holding postponed signals stays, and so does one an operator
-    /// halted (the line stopped: it stays counted in `tai_engine_state`,
-    /// which counts live engines, and on the board, until it is resumed;
-    /// the cap on live engines still passivates it). One a breaker halted
-    /// is passivated as any other: its breaker shows the stop, and its
-    /// passivation makes it wait for the breaker in `wakes`, which starts
-    /// it when the breaker is no longer open even if it missed the news
-    /// (a restart of the router between). The engine answers only between
+    /// or holding postponed signals stays. A halted one is passivated as
+    /// any other: it stays counted in `tai_engine_state` (`states`, which
+    /// counts passive engines too) and on the board until it is resumed;
+    /// one a breaker halted then waits for the breaker in `wakes`, which
+    /// starts it when the breaker is no longer open even if it missed the
+    /// news (a restart of the router between). The engine answers only between
     /// messages (an action runs inside its handler), so it is asked from a
     /// task that reports back (`RouterMsg::IdleChecked`): the router, which
     /// every signal goes through, never waits on it. One that does not
@@ -261,7 +259,7 @@ impl Router {
         tokio::spawn(async move {
             let busy = match r.call(EngineMsg::Info, Some(CALL)).await {
                 Ok(ractor::rpc::CallResult::Success(i)) => {
-                    i.postponed > 0 || i.state == EngineState::ActionPending || i.operator_halt
+                    i.postponed > 0 || i.state == EngineState::ActionPending
                 }
                 Ok(ractor::rpc::CallResult::Timeout) => true,
                 _ => false,
@@ -556,14 +554,13 @@ struct Waiting {
     /// `RouterMsg::Asleep` carries it: tenant, SKU, the state timeout's due
     /// time, the breaker that halted it.
     asleep: Vec<(String, String, Option<u64>, Option<String>)>,
-    /// Engines an operator halted: kept live while halted.
-    halted: Vec<(String, String)>,
 }
 
 /// Reads every checkpoint, a page at a time, for the engines the router
 /// must start without a signal: those with an action in flight (recorded
-/// `interrupted` at their start), those waiting for a state timeout or a
-/// breaker, and those an operator halted (kept live). A checkpoint that
+/// `interrupted` at their start), and those waiting for a state timeout or
+/// a breaker. It counts each engine in its state on the way
+/// (`states::found_passive`). A checkpoint that
 /// does not decode is left to the engine's start, or to the listing that
 /// reports it; one of a SKU the config does not name waits for nothing
 /// (its engine decides nothing).
@@ -579,8 +576,10 @@ fn waiting_engines(store: &Store, skus: &Skus) -> Result<Waiting, String> {
             )
             .map_err(|e| format!("cannot read the engines' checkpoints: {e}"))?;
         let last_page = page.len() < CHECKPOINT_PAGE;
+        let mut states = Vec::with_capacity(page.len());
         for (tenant, sku_id, bytes) in page {
             if let Ok(data) = Data::from_checkpoint(&bytes) {
+                states.push((engine_name(&tenant, &sku_id), data.state));
                 if data.in_flight.is_some() {
                     found.cut.push((tenant.clone(), sku_id.clone()));
                 } else if let Some(sku) = skus.get(&sku_id) {
@@ -589,13 +588,12 @@ fn waiting_engines(store: &Store, skus: &Skus) -> Result<Waiting, String> {
                         found
                             .asleep
                             .push((tenant.clone(), sku_id.clone(), due, halted_by));
-                    } else if data.operator_halt() {
-                        found.halted.push((tenant.clone(), sku_id.clone()));
                     }
                 }
             }
             after = Some((tenant, sku_id));
         }
+        crate::states::found_passive(states);
         if last_page {
             return Ok(found);
         }
@@ -648,7 +646,6 @@ fn passive_info(tenant: &str, sku_id: &str, data: &Data) -> EngineInfo {
         postponed: 0,
         restarts: 0,
         active: false,
-        operator_halt: data.operator_halt(),
     }
 }
 
@@ -752,17 +749,8 @@ impl Actor for Router {
                             "passive engines waiting for a state timeout or a breaker: each starts when it comes"
                         );
                     }
-                    if !found.halted.is_empty() {
-                        info!(
-                            engines = found.halted.len(),
-                            "engines an operator halted: starting them (a halted engine stays live)"
-                        );
-                    }
                     for (tenant_id, sku_id) in found.cut {
                         let _ = myself.send_message(RouterMsg::Interrupted { tenant_id, sku_id });
-                    }
-                    for (tenant_id, sku_id) in found.halted {
-                        let _ = myself.send_message(RouterMsg::Halted { tenant_id, sku_id });
                     }
                     for (tenant_id, sku_id, due_ms, halted_by) in found.asleep {
                         let _ = myself.send_message(RouterMsg::Asleep {
@@ -892,20 +880,6 @@ impl Actor for Router {
                 // One running already (a delivery started it, or only the
                 // router restarted) has seen to its action itself.
                 Self::wake(&myself, st, &tenant_id, &sku_id).await;
-            }
-            RouterMsg::Halted { tenant_id, sku_id } => {
-                // Started to stay live (not woken and passivated again),
-                // taking no live engine's place: up to the cap, so that
-                // engine_sup keeps room for wakes; one running already is.
-                if st.recency.len() >= st.args.max_active {
-                    debug!(tenant = %tenant_id, sku = %sku_id,
-                        "at max_active_engines: an engine an operator halted stays passive");
-                    return Ok(());
-                }
-                if let Err(e) = Self::ensure(&myself, st, &tenant_id, &sku_id, false).await {
-                    warn!(tenant = %tenant_id, sku = %sku_id, error = %e,
-                        "cannot start an engine an operator halted; its next signal or command starts it");
-                }
             }
             RouterMsg::Asleep {
                 tenant_id,

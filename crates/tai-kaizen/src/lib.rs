@@ -158,6 +158,7 @@ fn zero_known_series() {
     for state in tai_core::signal::EngineState::ALL {
         metrics::gauge!(t::ENGINE_STATE, "state" => state.as_str()).increment(0.0);
     }
+    metrics::gauge!(t::ENGINES_LIVE).increment(0.0);
 }
 
 fn describe() {
@@ -204,7 +205,14 @@ fn describe() {
         Unit::Bytes,
         "Size of the filesystem of the data dir"
     );
-    describe_gauge!(t::ENGINE_STATE, "Live policy engines per state");
+    describe_gauge!(
+        t::ENGINE_STATE,
+        "Policy engines per state, live or passive (a passive one in the state it stopped in)"
+    );
+    describe_gauge!(
+        t::ENGINES_LIVE,
+        "Policy engines running now; the rest are passivated"
+    );
     describe_gauge!(
         t::BREAKER_STATE,
         "Circuit breaker state: 0 closed, 1 half-open, 2 open"
