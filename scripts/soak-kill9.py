@@ -1195,6 +1195,35 @@ def main():
         print(f"operator: {len(held)} engines left halted, "
               f"{sum(v == 'resumed' for v in commanded.values())} resumed, "
               f"{sum(v == 'unknown' for v in commanded.values())} unknown", flush=True)
+    # tai_engine_state counts every engine, live or passive, across every
+    # kill and restart: per state, as many as the listing shows (which
+    # shows a passive engine as its start will leave it; the router starts
+    # those a few ticks later).
+    def engine_counts():
+        c = conn(node.operator)
+        c.request("GET", "/metrics")
+        text = c.getresponse().read().decode()
+        c.close()
+        counted = {}
+        for line in text.splitlines():
+            if line.startswith('tai_engine_state{state="'):
+                series, value = line.rsplit(" ", 1)
+                if float(value):
+                    counted[series.split('"')[1]] = int(float(value))
+        _, engines = admin("/admin/tenants")
+        listed = {}
+        for e in engines:
+            listed[e["state"]] = listed.get(e["state"], 0) + 1
+        return counted, listed
+    end = time.time() + 20
+    counted, listed = engine_counts()
+    while counted != listed and time.time() < end:
+        time.sleep(0.5)
+        counted, listed = engine_counts()
+    if counted != listed:
+        failures.append(f"tai_engine_state {counted}, the listing {listed}")
+    else:
+        print(f"engines: {sum(listed.values())}, by state {listed}, counted alike", flush=True)
     _, v = admin("/admin/receipts/verify")
     if not v.get("ok") or v.get("count") != len(receipts):
         failures.append(f"online verification: {v} ({len(receipts)} receipts listed)")

@@ -193,6 +193,8 @@ async fn a_real_browser_shows_green_with_the_tree_then_red() {
         );
     }
     assert!(dom.contains("action_successful"), "last actions: {dom}");
+    // Engines by state, live or passive, and how many run.
+    assert!(dom.contains("1 of them running now"), "{dom}");
 
     let (status, _) = node.admin(Method::POST, "/admin/breakers/gw/melt").await;
     assert_eq!(status, 200);

@@ -108,3 +108,9 @@ pub fn state_counts() -> HashMap<EngineState, usize> {
     }
     out
 }
+
+/// How many engines run now.
+pub fn live_count() -> usize {
+    let map = STATES.read().expect("engine states");
+    map.values().filter(|k| k.live).count()
+}

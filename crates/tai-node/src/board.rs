@@ -204,6 +204,7 @@ pub async fn snapshot(state: &NodeState) -> Value {
         "requests": outcomes.len(),
         "breakers": breakers.iter().map(|b| json!({"name": b.name, "state": b.state.as_str(), "trips": b.trips})).collect::<Vec<_>>(),
         "engines": engines_by_state,
+        "engines_live": tai_jidoka::live_count(),
         "tree": tree,
         "actions": actions,
         "alerts": recent_alerts,
