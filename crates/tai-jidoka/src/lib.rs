@@ -29,7 +29,7 @@ use tai_store::Store;
 pub use engine::{Engine, EngineMsg};
 pub use executor::{BreakerInfo, Breakers, Executors};
 pub use router::{Router, RouterArgs};
-pub use states::{engine_state, live_count, state_counts};
+pub use states::{engine_state, state_counts};
 
 use machine::Sku;
 pub use policy::rego::{RegoSet, ReloadReport};

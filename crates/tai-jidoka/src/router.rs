@@ -242,11 +242,11 @@ impl Router {
     /// counts passive engines too) and on the board until it is resumed;
     /// one a breaker halted then waits for the breaker in `wakes`, which
     /// starts it when the breaker is no longer open even if it missed the
-    /// news (a restart of the router between). The engine answers only between
-    /// messages (an action runs inside its handler), so it is asked from a
-    /// task that reports back (`RouterMsg::IdleChecked`): the router, which
-    /// every signal goes through, never waits on it. One that does not
-    /// answer within `CALL` is busy; one that is gone is not.
+    /// news (a restart of the router between). The engine answers only
+    /// between messages (an action runs inside its handler), so it is
+    /// asked from a task that reports back (`RouterMsg::IdleChecked`):
+    /// the router, which every signal goes through, never waits on it. One
+    /// that does not answer within `CALL` is busy; one that is gone is not.
     fn check_idle(myself: &ActorRef<RouterMsg>, st: &mut RouterState, name: String) {
         let Some(r) = engine_ref(&name) else {
             Self::passivate(myself, st, &name);
@@ -560,10 +560,9 @@ struct Waiting {
 /// must start without a signal: those with an action in flight (recorded
 /// `interrupted` at their start), and those waiting for a state timeout or
 /// a breaker. It counts each engine in its state on the way
-/// (`states::found_passive`). A checkpoint that
-/// does not decode is left to the engine's start, or to the listing that
-/// reports it; one of a SKU the config does not name waits for nothing
-/// (its engine decides nothing).
+/// (`states::found_passive`). A checkpoint that does not decode is left to
+/// the engine's start, or to the listing that reports it; one of a SKU the
+/// config does not name waits for nothing (its engine decides nothing).
 fn waiting_engines(store: &Store, skus: &Skus) -> Result<Waiting, String> {
     let mut found = Waiting::default();
     let mut after: Option<(String, String)> = None;

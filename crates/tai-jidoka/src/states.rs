@@ -100,17 +100,14 @@ pub fn engine_state(name: &str) -> Option<EngineState> {
     map.get(name).filter(|k| k.live).map(|k| k.state)
 }
 
-/// How many engines, live or passive, are in each state.
-pub fn state_counts() -> HashMap<EngineState, usize> {
-    let mut out = HashMap::new();
+/// How many engines, live or passive, are in each state, and how many of
+/// them run now: one pass under one lock, so the two agree.
+pub fn state_counts() -> (HashMap<EngineState, usize>, usize) {
+    let mut by_state = HashMap::new();
+    let mut live = 0;
     for known in STATES.read().expect("engine states").values() {
-        *out.entry(known.state).or_default() += 1;
+        *by_state.entry(known.state).or_default() += 1;
+        live += usize::from(known.live);
     }
-    out
-}
-
-/// How many engines run now.
-pub fn live_count() -> usize {
-    let map = STATES.read().expect("engine states");
-    map.values().filter(|k| k.live).count()
+    (by_state, live)
 }

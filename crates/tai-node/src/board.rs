@@ -158,7 +158,7 @@ pub async fn snapshot(state: &NodeState) -> Value {
         .map(|l| l.to_string())
         .collect();
     let breakers = state.executors.breakers.list();
-    let engines = tai_jidoka::state_counts();
+    let (engines, engines_live) = tai_jidoka::state_counts();
     let queue = crate::operator::call(KANBAN_QUEUE, KanbanMsg::Stats)
         .await
         .ok();
@@ -204,7 +204,7 @@ pub async fn snapshot(state: &NodeState) -> Value {
         "requests": outcomes.len(),
         "breakers": breakers.iter().map(|b| json!({"name": b.name, "state": b.state.as_str(), "trips": b.trips})).collect::<Vec<_>>(),
         "engines": engines_by_state,
-        "engines_live": tai_jidoka::live_count(),
+        "engines_live": engines_live,
         "tree": tree,
         "actions": actions,
         "alerts": recent_alerts,
