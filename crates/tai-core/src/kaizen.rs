@@ -6,7 +6,7 @@
 //! until durable).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rustc_hash::FxBuildHasher;
@@ -41,11 +41,12 @@ struct Kept {
     micros: u64,
 }
 
-/// The windows, stage by stage, and the names their samples refer to.
+/// The windows, stage by stage, and the names their samples refer to (by
+/// number, and each name's number: one copy of each name).
 struct Windows {
     stages: Vec<VecDeque<Kept>>,
-    names: Vec<Box<str>>,
-    ids: HashMap<Box<str>, u32, FxBuildHasher>,
+    names: Vec<Arc<str>>,
+    ids: HashMap<Arc<str>, u32, FxBuildHasher>,
 }
 
 impl Windows {
@@ -55,8 +56,9 @@ impl Windows {
             return id;
         }
         let id = u32::try_from(self.names.len()).expect("names are bounded by MAX_NAMES");
-        self.names.push(name.into());
-        self.ids.insert(name.into(), id);
+        let name: Arc<str> = name.into();
+        self.ids.insert(name.clone(), id);
+        self.names.push(name);
         id
     }
 }
