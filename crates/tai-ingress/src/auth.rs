@@ -2,7 +2,7 @@
 //! `timestamp \n METHOD \n path \n body`, any of the tenant's secrets, a
 //! replay window on the timestamp, constant-time comparison.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -29,7 +29,10 @@ impl std::fmt::Debug for Tenant {
     }
 }
 
-pub type Tenants = HashMap<String, Tenant>;
+/// Hashed with Fx, not SipHash: the map is built from the configuration
+/// and only looked up by requests, so no client can fill it with
+/// colliding keys.
+pub type Tenants = FxHashMap<String, Tenant>;
 
 pub fn tenants(config: &[TenantConfig]) -> Tenants {
     config

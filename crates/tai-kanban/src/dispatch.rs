@@ -1,10 +1,11 @@
 //! The dispatch bookkeeping, apart from the actor so it can be tested alone:
 //! ready signals per tenant, a round-robin of tenants, what is in flight.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
+use rustc_hash::FxHashMap;
 use tai_core::msg::Delivery;
 use tai_core::signal::{ByTenant, Signal};
 use tokio::time::Instant;
@@ -44,10 +45,12 @@ impl Hash for EngineKey {
 #[derive(Default)]
 pub struct Dispatch {
     /// Boxed: most tenants have one or two signals waiting, and a deque
-    /// reserves four slots at its first push.
-    ready: HashMap<ByTenant, VecDeque<Box<Delivery>>>,
+    /// reserves four slots at its first push. (These maps hash with Fx, not
+    /// SipHash: their keys are configured tenants and SKUs, or seqs the
+    /// node hands out, so no client can choose colliding keys.)
+    ready: FxHashMap<ByTenant, VecDeque<Box<Delivery>>>,
     turn: VecDeque<ByTenant>,
-    in_flight: HashMap<u64, Flight>,
+    in_flight: FxHashMap<u64, Flight>,
     per_engine: PerEngine,
     ready_count: u64,
     /// In-flight signals parked by their engines.
@@ -60,7 +63,7 @@ fn engine_of(d: &Delivery) -> EngineKey {
 
 /// Signals in flight (and not parked) per engine.
 #[derive(Default)]
-struct PerEngine(HashMap<EngineKey, u32>);
+struct PerEngine(FxHashMap<EngineKey, u32>);
 
 impl PerEngine {
     fn count(&self, engine: &EngineKey) -> u32 {
@@ -589,7 +592,7 @@ mod tests {
             let mut m = Model::default();
             let mut seq = 0u64;
             let now = Instant::now();
-            let mut skus: HashMap<u64, String> = HashMap::new();
+            let mut skus: std::collections::HashMap<u64, String> = Default::default();
             for op in ops {
                 match op {
                     Op::Push { tenant, sku } => {
