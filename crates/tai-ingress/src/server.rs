@@ -6,7 +6,6 @@
 //! does not race the old server's release of the port, and connections that
 //! come meanwhile wait in the socket's backlog instead of being refused.
 
-use rustc_hash::FxHashSet;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,6 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use rustc_hash::FxHashSet;
 use serde_json::json;
 use tai_core::msg::{EnqueueOutcome, IdOrigin, KanbanMsg, KANBAN_QUEUE};
 use tai_core::signal::{now_ms, parse_signal, SignalStatus};
@@ -388,19 +388,15 @@ fn json_media_type(content_type: &str) -> bool {
         .unwrap_or_default()
         .trim()
         .as_bytes();
-    let (prefix, suffix) = (b"application/", b"+json");
-    let Some(subtype) = mime
-        .get(..prefix.len())
-        .filter(|p| p.eq_ignore_ascii_case(prefix))
-        .map(|_| &mime[prefix.len()..])
-    else {
+    let Some((kind, subtype)) = mime.split_at_checked(b"application/".len()) else {
         return false;
     };
-    subtype.eq_ignore_ascii_case(b"json")
-        || subtype
-            .len()
-            .checked_sub(suffix.len())
-            .is_some_and(|at| subtype[at..].eq_ignore_ascii_case(suffix))
+    kind.eq_ignore_ascii_case(b"application/")
+        && (subtype.eq_ignore_ascii_case(b"json")
+            || subtype
+                .len()
+                .checked_sub(b"+json".len())
+                .is_some_and(|at| subtype[at..].eq_ignore_ascii_case(b"+json")))
 }
 
 async fn post_signal(s: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) -> Response {

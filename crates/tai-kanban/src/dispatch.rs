@@ -46,8 +46,11 @@ impl Hash for EngineKey {
 pub struct Dispatch {
     /// Boxed: most tenants have one or two signals waiting, and a deque
     /// reserves four slots at its first push. (These maps hash with Fx, not
-    /// SipHash: their keys are configured tenants and SKUs, or seqs the
-    /// node hands out, so no client can choose colliding keys.)
+    /// SipHash: their keys are seqs the node hands out and the tenants and
+    /// SKUs of queued signals, which the ingress only accepts for configured
+    /// ones; on amqp they come from the node's own broker queue, where only
+    /// the node and the operator's own producers publish. No tenant can
+    /// choose colliding keys.)
     ready: FxHashMap<ByTenant, VecDeque<Box<Delivery>>>,
     turn: VecDeque<ByTenant>,
     in_flight: FxHashMap<u64, Flight>,
