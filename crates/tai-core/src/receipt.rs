@@ -139,6 +139,18 @@ impl Receipt {
     }
 }
 
+/// `prefix` and a new ULID (`rcpt_01J…`, `act_01J…`) in one allocation of
+/// the exact size: `format!("rcpt_{}", ulid)` allocated twice or more
+/// (a first guess at the size, then its growth), and a receipt id, an
+/// action id and a second receipt id are made for every signal.
+pub fn prefixed_ulid(prefix: &str) -> String {
+    let mut buf = [0u8; ulid::ULID_LEN];
+    let mut id = String::with_capacity(prefix.len() + ulid::ULID_LEN);
+    id.push_str(prefix);
+    id.push_str(ulid::Ulid::new().array_to_str(&mut buf));
+    id
+}
+
 /// hex HMAC-SHA256(key, message).
 pub fn sign(key: &[u8], message: &str) -> String {
     SigningKey::new(key).sign(message)
@@ -428,6 +440,20 @@ mod tests {
             ("k1".into(), "secret-1".into()),
             ("k2".into(), "secret-2".into()),
         ])
+    }
+
+    #[test]
+    fn prefixed_ulids_are_the_prefix_and_a_fresh_ulid_at_exact_capacity() {
+        let a = prefixed_ulid("rcpt_");
+        let b = prefixed_ulid("rcpt_");
+        assert_ne!(a, b);
+        for id in [&a, &b] {
+            let ulid = id.strip_prefix("rcpt_").expect("the prefix first");
+            assert!(ulid::Ulid::from_string(ulid).is_ok(), "{id} ends in a ULID");
+            assert_eq!(id.len(), "rcpt_".len() + ulid::ULID_LEN);
+            assert_eq!(id.capacity(), id.len());
+        }
+        assert!(prefixed_ulid("act_").starts_with("act_"));
     }
 
     fn chain(n: u64) -> (Vec<Receipt>, SignedHead) {

@@ -56,11 +56,23 @@ where
     B: Buf,
 {
     futures::pin_mut!(stream);
+    // A body that comes in one chunk, as a signal's does, is kept as it
+    // came (for `Bytes`, without a copy); only a second chunk makes the
+    // body be gathered into a buffer of its own.
+    let mut first: Option<Bytes> = None;
     let mut out = BytesMut::new();
     while let Some(chunk) = stream.next().await {
         let mut chunk = chunk.map_err(|e| BodyError::Read(e.to_string()))?;
-        if out.len() + chunk.remaining() > limit {
+        let read = first.as_ref().map_or(0, Bytes::len) + out.len();
+        if read + chunk.remaining() > limit {
             return Err(BodyError::TooLarge(limit));
+        }
+        if first.is_none() && out.is_empty() {
+            first = Some(chunk.copy_to_bytes(chunk.remaining()));
+            continue;
+        }
+        if let Some(first) = first.take() {
+            out.extend_from_slice(&first);
         }
         while chunk.has_remaining() {
             let part = chunk.chunk();
@@ -69,7 +81,7 @@ where
             chunk.advance(n);
         }
     }
-    Ok(out.freeze())
+    Ok(first.unwrap_or_else(|| out.freeze()))
 }
 
 pub fn json_reply(status: StatusCode, body: &impl Serialize) -> Response {
@@ -262,4 +274,62 @@ async fn accept_failed(e: std::io::Error) {
     }
     tracing::error!(error = %e, "accept error");
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunks(parts: &[&'static [u8]]) -> impl Stream<Item = Result<Bytes, warp::Error>> {
+        futures::stream::iter(
+            parts
+                .iter()
+                .map(|p| Ok(Bytes::from_static(p)))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_body_in_one_chunk_is_kept_without_a_copy() {
+        static BODY: &[u8] = br#"{"signal_id":"s1"}"#;
+        let read = read_capped(chunks(&[BODY]), 64).await.unwrap();
+        assert_eq!(read, BODY);
+        assert_eq!(read.as_ptr(), BODY.as_ptr(), "the chunk itself, not a copy");
+    }
+
+    #[tokio::test]
+    async fn a_body_in_several_chunks_is_gathered_in_order() {
+        let cases: [&[&'static [u8]]; 4] = [
+            &[b"{\"a\":", b"1", b"}"],
+            &[b"", b"{\"a\":1}"],
+            &[b"", b"", b"{\"a\":", b"1}"],
+            &[b"{\"a\":1}", b""],
+        ];
+        for parts in cases {
+            let read = read_capped(chunks(parts), 64).await.unwrap();
+            assert_eq!(read, &b"{\"a\":1}"[..], "{parts:?}");
+        }
+        assert!(read_capped(chunks(&[]), 64).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_refused_whichever_chunk_passes_it() {
+        for parts in [
+            &[b"0123456789".as_slice()][..],
+            &[b"01234", b"56789"],
+            &[b"0123", b"4567", b"89"],
+        ] {
+            assert!(
+                matches!(
+                    read_capped(chunks(parts), 9).await,
+                    Err(BodyError::TooLarge(9))
+                ),
+                "{parts:?}"
+            );
+        }
+        assert_eq!(
+            read_capped(chunks(&[b"01234", b"5678"]), 9).await.unwrap(),
+            &b"012345678"[..]
+        );
+    }
 }

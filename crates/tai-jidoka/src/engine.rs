@@ -129,10 +129,6 @@ fn trace_of(traces: &HashSet<ById>, signal_id: &str) -> Option<String> {
     traces.get(signal_id).and_then(|h| h.0.trace_id.clone())
 }
 
-fn new_ulid() -> String {
-    ulid::Ulid::new().to_string()
-}
-
 impl EngineActorState {
     /// This engine's `signals_processed_total` counter for `status`.
     fn processed_counter(&mut self, status: SignalStatus) -> &metrics::Counter {
@@ -405,7 +401,7 @@ impl Engine {
                 } => {
                     let trace_id = signal_id.as_deref().and_then(|id| trace_of(&st.traces, id));
                     p.drafts.push(ReceiptDraft {
-                        receipt_id: format!("rcpt_{}", new_ulid()),
+                        receipt_id: tai_core::receipt::prefixed_ulid("rcpt_"),
                         kind: kind.to_string(),
                         tenant_id: st.tenant_id.clone(),
                         sku_id: st.sku_id.clone(),
@@ -500,7 +496,7 @@ impl Engine {
     }
 
     fn step_input(st: &mut EngineActorState, input: &Input, now: u64) -> Vec<Effect> {
-        let mut id = new_ulid;
+        let mut id = tai_core::receipt::prefixed_ulid;
         if let Input::Signal(d) = input {
             Self::load_velocity(st, d);
         }
@@ -862,7 +858,7 @@ impl Engine {
     ) -> Input {
         let now = now_ms();
         p.drafts.extend(o.steps.into_iter().map(|s| ReceiptDraft {
-            receipt_id: format!("rcpt_{}", new_ulid()),
+            receipt_id: tai_core::receipt::prefixed_ulid("rcpt_"),
             kind: s.kind.to_string(),
             tenant_id: a.tenant_id().to_string(),
             sku_id: a.sku_id().to_string(),

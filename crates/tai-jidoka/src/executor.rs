@@ -252,7 +252,7 @@ impl Breakers {
 /// (no tenant id can contain it) and its SKU field names the breaker.
 pub fn breaker_receipt(t: &Transition) -> ReceiptDraft {
     ReceiptDraft {
-        receipt_id: format!("rcpt_{}", ulid::Ulid::new()),
+        receipt_id: tai_core::receipt::prefixed_ulid("rcpt_"),
         kind: format!("breaker_{}", t.to.as_str()),
         tenant_id: "*".into(),
         sku_id: t.breaker.clone(),

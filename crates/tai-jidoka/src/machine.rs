@@ -331,12 +331,14 @@ fn settle_clock(d: &mut Data, ev: &Event<'_>, now: u64) {
 }
 
 /// One event: the new data is written into `d`, the effects returned.
+/// `new_id(prefix)` makes the id of a new action (`act_` and a ULID in
+/// the node; tests count).
 pub fn step(
     d: &mut Data,
     sku: &Sku,
     ev: Event<'_>,
     now: u64,
-    new_id: &mut dyn FnMut() -> String,
+    new_id: &mut dyn FnMut(&str) -> String,
 ) -> Vec<Effect> {
     let mut st = Step {
         fx: Vec::new(),
@@ -504,7 +506,7 @@ fn on_signal(
     seq: u64,
     s: &Arc<Signal>,
     now: u64,
-    new_id: &mut dyn FnMut() -> String,
+    new_id: &mut dyn FnMut(&str) -> String,
 ) {
     let before = d.state;
     if !st.sku.configured {
@@ -574,7 +576,7 @@ fn decide(
     seq: u64,
     s: &Arc<Signal>,
     now: u64,
-    new_id: &mut dyn FnMut() -> String,
+    new_id: &mut dyn FnMut(&str) -> String,
 ) {
     let before = d.state;
     if d.quota_remaining == 0 {
@@ -658,7 +660,7 @@ fn decide(
         return;
     }
     d.quota_remaining -= 1;
-    let action_id = format!("act_{}", new_id());
+    let action_id = new_id("act_");
     d.in_flight = Some(InFlight {
         action_id: action_id.clone(),
         signal_id: s.id.clone(),

@@ -625,10 +625,16 @@ fn passive_data(view: &Passive, tenant: &str, sku_id: &str, bytes: &[u8]) -> Opt
                 breaker: &b,
                 open: false,
             };
-            machine::step(&mut data, sku, ev, now, &mut String::new);
+            machine::step(&mut data, sku, ev, now, &mut str::to_string);
         }
         if due.is_some_and(|due| due <= now) {
-            machine::step(&mut data, sku, Event::StateTimeout, now, &mut String::new);
+            machine::step(
+                &mut data,
+                sku,
+                Event::StateTimeout,
+                now,
+                &mut str::to_string,
+            );
         }
     }
     Some(data)

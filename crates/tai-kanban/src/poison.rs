@@ -27,7 +27,7 @@ pub struct Poisoned {
 /// `Ok(true)` if written, `Ok(false)` if its signal was final already (a
 /// copy of it decided, or dead-lettered, first), when nothing is written.
 pub async fn commit(store: &Store, p: Poisoned) -> Result<bool, String> {
-    let receipt_id = format!("rcpt_{}", ulid::Ulid::new());
+    let receipt_id = tai_core::receipt::prefixed_ulid("rcpt_");
     let mut writes = WriteSet::default();
     let mut signal = None;
     if let Some(letter) = p.letter {

@@ -61,9 +61,9 @@ fn data(state: EngineState) -> Data {
 
 fn run(d: &mut Data, ev: Event<'_>) -> Vec<Effect> {
     let mut n = 0;
-    step(d, &sku(), ev, 1_000, &mut || {
+    step(d, &sku(), ev, 1_000, &mut |p| {
         n += 1;
-        format!("id{n}")
+        format!("{p}id{n}")
     })
 }
 
@@ -280,7 +280,7 @@ fn quota_runs_out_then_refills_with_the_period() {
     let sku = sku();
     let mut d = data(Stable);
     let s = pay();
-    let mut id = || "x".to_string();
+    let mut id = |p: &str| format!("{p}x");
     for _ in 0..2 {
         step(
             &mut d,
@@ -319,7 +319,7 @@ fn quota_runs_out_then_refills_with_the_period() {
 fn boot_times_out_to_degraded_only_when_due() {
     let sku = sku();
     let mut d = Data::new(&sku, 0);
-    let mut id = || "x".to_string();
+    let mut id = |p: &str| format!("{p}x");
     assert!(step(&mut d, &sku, Event::StateTimeout, 29_999, &mut id).is_empty());
     let fx = step(&mut d, &sku, Event::StateTimeout, 30_000, &mut id);
     assert_eq!((d.state, kinds(&fx)), (Degraded, vec!["bootstrap_timeout"]));
@@ -470,9 +470,9 @@ fn a_degraded_engine_out_of_quota_refills_back_to_degraded_unless_entitled_meanw
         }
         let mut n = 0;
         let later = d.period_start_ms + sku().period_ms;
-        let fx = step(&mut d, &sku(), Event::StateTimeout, later, &mut || {
+        let fx = step(&mut d, &sku(), Event::StateTimeout, later, &mut |p| {
             n += 1;
-            n.to_string()
+            format!("{p}{n}")
         });
         let want = if entitle { Stable } else { Degraded };
         assert_eq!((d.state, after(&fx, "quota_refilled")), (want, Some(want)));
@@ -486,9 +486,9 @@ fn a_degraded_engine_out_of_quota_refills_back_to_degraded_unless_entitled_meanw
         &sku(),
         Event::StateTimeout,
         sku().period_ms,
-        &mut || {
+        &mut |p| {
             n += 1;
-            n.to_string()
+            format!("{p}{n}")
         },
     );
     assert_eq!(after(&fx, "quota_refilled"), Some(Stable));
@@ -525,7 +525,7 @@ proptest! {
                 _ => Event::Resume,
             };
             let before = d.state;
-            let fx = step(&mut d, &sku, ev, now, &mut || { n += 1; n.to_string() });
+            let fx = step(&mut d, &sku, ev, now, &mut |p| { n += 1; format!("{p}{n}") });
             prop_assert!(d.quota_remaining <= sku.quota);
             prop_assert_eq!(d.in_flight.is_some() && d.state != Halted, d.state == ActionPending);
             let finals = fx.iter().filter(|e| matches!(e, Effect::Settle { seq: s, .. } | Effect::DeadLetter { seq: s, .. } if *s == seq)).count();
@@ -660,7 +660,7 @@ fn a_clock_stepped_back_does_not_stretch_the_quota_period() {
     let sku = sku();
     let mut d = Data::new(&sku, 10 * HOUR);
     d.state = Stable;
-    let mut id = || "x".to_string();
+    let mut id = |p: &str| format!("{p}x");
     let signal = pay();
     for _ in 0..3 {
         step(
@@ -702,7 +702,7 @@ fn a_clock_stepped_back_does_not_stretch_the_quota_period() {
 fn a_clock_stepped_back_does_not_stretch_the_entitlement_wait() {
     let sku = sku();
     let mut d = Data::new(&sku, HOUR);
-    let mut id = || "x".to_string();
+    let mut id = |p: &str| format!("{p}x");
     let back = HOUR + sku.entitlement_timeout_ms - HOUR;
     assert!(step(&mut d, &sku, Event::StateTimeout, back, &mut id).is_empty());
     let due = d.state_deadline_ms(&sku, back).unwrap();
@@ -720,7 +720,7 @@ fn a_clock_stepped_back_does_not_stretch_a_payment_window() {
     // the minute is over `velocity_limit`.
     d.velocity
         .insert("c".into(), (0..5).map(|i| 2 * HOUR + i).collect());
-    let mut id = || "x".to_string();
+    let mut id = |p: &str| format!("{p}x");
     let signal = pay();
     let mut pay_at = |d: &mut Data, now| {
         kinds(&step(
@@ -753,7 +753,7 @@ fn a_sku_the_config_does_not_name_decides_nothing() {
         policies: Vec::new(),
         ..sku()
     };
-    let mut id = || "x".to_string();
+    let mut id = |p: &str| format!("{p}x");
     for state in [Boot, Stable] {
         let mut d = data(state);
         for s in [ent(true), pay()] {
