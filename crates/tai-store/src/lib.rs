@@ -278,8 +278,10 @@ impl Queued {
         SignalRecord {
             signal_id: text(id),
             tenant_id: text(tenant),
-            sku_id: self.sku_id.to_string(),
-            kind: self.kind.to_string(),
+            // `String::from`, not `to_string`: a `Box<str>` would go
+            // through the formatter (once per decided signal).
+            sku_id: String::from(&*self.sku_id),
+            kind: String::from(&*self.kind),
             status: SignalStatus::Accepted,
             receipts: Vec::new(),
             reason: None,
