@@ -8,8 +8,11 @@
 #   scripts/instructions.sh [--bin target/release/tai] [--backend embedded|amqp]
 #                           [--rate 300] [--duration 10]
 #
-# Prints one JSON object: instructions, decided, instructions_per_signal.
-# The count includes the node answering the bench (its receipts, read
+# Prints one JSON object: instructions, decided, instructions_per_signal,
+# and allocations_per_signal (calls into mimalloc's allocation and
+# reallocation entry points, which Rust's global allocator goes through:
+# repeatable to about 1 % from run to run, instructions to about 2 %).
+# The counts include the node answering the bench (its receipts, read
 # after the run to time the decisions). Caveats: at such rates every batch
 # holds one signal, so per-batch costs weigh more than at load; valgrind
 # hides the CPU's SHA extensions, so receipt hashing counts far more than
@@ -112,17 +115,36 @@ callgrind_control -d "$vpid" > /dev/null 2>&1
 
 python3 - "$dir/bench.json" "$dir"/callgrind.out.* << 'EOF'
 import json, sys
+import re
 bench = json.load(open(sys.argv[1]))
 total = None
+# Calls into these, from the `calls=` lines under each `cfn=` (a
+# function is named once, then referred to by its number).
+allocators = {"mi_malloc_aligned", "mi_zalloc_aligned", "mi_realloc_aligned"}
+allocations = 0
 for path in sys.argv[2:]:
+    names, callee = {}, None
     for line in open(path, errors="replace"):
         if line.startswith(("summary:", "totals:")):
             total = int(line.split()[1])
+        elif line.startswith("cfn="):
+            m = re.match(r"cfn=\((\d+)\)(?: (.*))?", line.rstrip("\n"))
+            if m:
+                if m.group(2):
+                    names[m.group(1)] = m.group(2)
+                callee = names.get(m.group(1))
+        elif line.startswith("calls=") and callee in allocators:
+            allocations += int(line[6:].split()[0])
+        elif line.startswith("fn="):
+            m = re.match(r"fn=\((\d+)\)(?: (.*))?", line.rstrip("\n"))
+            if m and m.group(2):
+                names[m.group(1)] = m.group(2)
 decided = bench["decided"]
 print(json.dumps({
     "instructions": total,
     "decided": decided,
     "decided_per_sec": round(bench["decided_per_sec"], 1),
     "instructions_per_signal": round(total / decided) if total and decided else None,
+    "allocations_per_signal": round(allocations / decided, 1) if decided else None,
 }))
 EOF
