@@ -294,9 +294,9 @@ impl Conn {
         let req = hyper::Request::post("/v1/signals")
             .header("host", self.addr.as_str())
             .header("content-type", "application/json")
-            .header("x-tai-tenant", tenant)
-            .header("x-tai-timestamp", ts)
-            .header("x-tai-signature", sig)
+            .header(tai_ingress::auth::TENANT, tenant)
+            .header(tai_ingress::auth::TIMESTAMP, ts)
+            .header(tai_ingress::auth::SIGNATURE, sig)
             .body(http_body_util::Full::new(bytes::Bytes::from(body)));
         let Ok(req) = req else { return false };
         let sender = match self.sender.as_mut() {
@@ -499,9 +499,9 @@ async fn baseline_server(
         .map(move |h: warp::http::HeaderMap, body: bytes::Bytes| {
             let get = |k: &str| h.get(k).and_then(|v| v.to_str().ok());
             let p = tai_ingress::auth::Presented {
-                tenant: get("x-tai-tenant"),
-                timestamp: get("x-tai-timestamp"),
-                signature: get("x-tai-signature"),
+                tenant: get(tai_ingress::auth::TENANT),
+                timestamp: get(tai_ingress::auth::TIMESTAMP),
+                signature: get(tai_ingress::auth::SIGNATURE),
             };
             let ok = tai_ingress::auth::verify(
                 &map,

@@ -193,9 +193,9 @@ async fn signed(
     let resp = http()?
         .request(method, &url)
         .header("content-type", "application/json")
-        .header("x-tai-tenant", tenant)
-        .header("x-tai-timestamp", ts)
-        .header("x-tai-signature", sig)
+        .header(tai_ingress::auth::TENANT, tenant)
+        .header(tai_ingress::auth::TIMESTAMP, ts)
+        .header(tai_ingress::auth::SIGNATURE, sig)
         .body(body)
         .send()
         .await
