@@ -23,8 +23,20 @@ pub(crate) fn encode_v1<T: Serialize>(v: &T) -> Vec<u8> {
     encode_versioned(V1, v)
 }
 
+/// Room first made for a value: a signal record (most of what is encoded,
+/// one per decision) fits. Started at one byte, its buffer was grown four
+/// times on the way (8, 16, 32, 64, 128).
+const SMALL_VALUE: usize = 128;
+
 pub(crate) fn encode_versioned<T: Serialize>(version: u8, v: &T) -> Vec<u8> {
-    let mut out = vec![version];
+    encode_sized(version, v, SMALL_VALUE)
+}
+
+/// [`encode_versioned`] into a buffer with room for `size` bytes first (a
+/// block's estimate), so a large value is not copied at each doubling.
+pub(crate) fn encode_sized<T: Serialize>(version: u8, v: &T, size: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(size.max(1));
+    out.push(version);
     bincode::serde::encode_into_std_write(v, &mut out, bincode::config::standard())
         .expect("store values serialize");
     out
@@ -237,7 +249,24 @@ pub(crate) fn encode_block(deliveries: &[Delivery]) -> Vec<u8> {
             }
         })
         .collect();
-    encode_v1(&stored)
+    // Its texts, and a little for the numbers and lengths of each.
+    let size = deliveries
+        .iter()
+        .map(|d| {
+            let s = &d.signal;
+            let traced = s.trace_id.as_deref().map_or(0, str::len)
+                + s.traceparent.as_deref().map_or(0, str::len);
+            s.id.len()
+                + s.tenant_id.len()
+                + s.sku_id.len()
+                + s.kind.len()
+                + s.payload.raw().len()
+                + traced
+                + 32
+        })
+        .sum::<usize>()
+        + 8;
+    encode_sized(V1, &stored, size)
 }
 
 /// Reads a queue block; one written before as JSON still reads.

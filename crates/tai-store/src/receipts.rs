@@ -194,12 +194,16 @@ pub(crate) fn encode(receipts: &[Receipt]) -> Vec<u8> {
         });
         before = Some(r);
     }
-    codec::encode_versioned(
+    // A packed receipt takes ~150 bytes (its hash and signature 32 each);
+    // the table of the block's repeated texts is small.
+    let size = 160 * receipts.len() + 128;
+    codec::encode_sized(
         codec::V2,
         &Block {
             table: texts.into_table(),
             receipts: packed,
         },
+        size,
     )
 }
 

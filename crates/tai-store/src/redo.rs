@@ -63,7 +63,13 @@ impl Ops {
     }
 
     pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::new();
+        // Its exact size: a commit's record holds every value it writes.
+        let size = self
+            .0
+            .iter()
+            .map(|(k, v)| 4 + k.len() + 1 + v.as_ref().map_or(0, |v| 4 + v.len()))
+            .sum();
+        let mut out = Vec::with_capacity(size);
         for (k, v) in &self.0 {
             out.extend_from_slice(&(k.len() as u32).to_be_bytes());
             out.extend_from_slice(k);
@@ -288,7 +294,9 @@ mod tests {
         let mut ops = Ops::default();
         ops.insert(b"k", vec![0u8; 300]);
         ops.remove(b"q/1");
-        let back = Ops::decode(&ops.encode()).unwrap();
+        let encoded = ops.encode();
+        assert_eq!(encoded.capacity(), encoded.len(), "sized exactly up front");
+        let back = Ops::decode(&encoded).unwrap();
         assert_eq!(back.0, ops.0);
         assert!(Ops::decode(&[0, 0, 0, 9, 1]).is_none(), "truncated");
     }
