@@ -11,7 +11,8 @@
 # Prints one JSON object: instructions, decided, instructions_per_signal,
 # and allocations_per_signal (calls into mimalloc's allocation and
 # reallocation entry points, which Rust's global allocator goes through:
-# repeatable to about 1 % from run to run, instructions to about 2 %).
+# within a few per cent from run to run, as the instructions are: how
+# the signals fall into batches differs a little each time).
 # The counts include the node answering the bench (its receipts, read
 # after the run to time the decisions). Caveats: at such rates every batch
 # holds one signal, so per-batch costs weigh more than at load; valgrind
