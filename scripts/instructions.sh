@@ -128,18 +128,14 @@ for path in sys.argv[2:]:
     for line in open(path, errors="replace"):
         if line.startswith(("summary:", "totals:")):
             total = int(line.split()[1])
-        elif line.startswith("cfn="):
-            m = re.match(r"cfn=\((\d+)\)(?: (.*))?", line.rstrip("\n"))
-            if m:
-                if m.group(2):
-                    names[m.group(1)] = m.group(2)
-                callee = names.get(m.group(1))
-        elif line.startswith("calls=") and callee in allocators:
-            allocations += int(line[6:].split()[0])
-        elif line.startswith("fn="):
-            m = re.match(r"fn=\((\d+)\)(?: (.*))?", line.rstrip("\n"))
+        elif line.startswith(("fn=", "cfn=")):
+            m = re.match(r"c?fn=\((\d+)\)(?: (.*))?", line.rstrip("\n"))
             if m and m.group(2):
                 names[m.group(1)] = m.group(2)
+            if line.startswith("cfn="):
+                callee = names.get(m.group(1)) if m else None
+        elif line.startswith("calls=") and callee in allocators:
+            allocations += int(line[6:].split()[0])
 decided = bench["decided"]
 print(json.dumps({
     "instructions": total,

@@ -230,12 +230,29 @@ struct StoredDelivery<'a> {
     traceparent: Option<Cow<'a, str>>,
 }
 
+impl StoredDelivery<'_> {
+    /// The bytes of its texts.
+    fn texts_len(&self) -> usize {
+        let opt = |t: &Option<Cow<'_, str>>| t.as_deref().map_or(0, str::len);
+        self.id.len()
+            + self.tenant_id.len()
+            + self.sku_id.len()
+            + self.kind.len()
+            + self.payload.len()
+            + opt(&self.trace_id)
+            + opt(&self.traceparent)
+    }
+}
+
 pub(crate) fn encode_block(deliveries: &[Delivery]) -> Vec<u8> {
+    // The room the block takes: its texts, and a little for the numbers
+    // and lengths of each delivery.
+    let mut size = 8;
     let stored: Vec<StoredDelivery<'_>> = deliveries
         .iter()
         .map(|d| {
             let s = &d.signal;
-            StoredDelivery {
+            let stored = StoredDelivery {
                 seq: d.seq,
                 id: Cow::Borrowed(&s.id),
                 tenant_id: Cow::Borrowed(&s.tenant_id),
@@ -246,26 +263,11 @@ pub(crate) fn encode_block(deliveries: &[Delivery]) -> Vec<u8> {
                 received_at_ms: s.received_at_ms,
                 trace_id: s.trace_id.as_deref().map(Cow::Borrowed),
                 traceparent: s.traceparent.as_deref().map(Cow::Borrowed),
-            }
+            };
+            size += stored.texts_len() + 32;
+            stored
         })
         .collect();
-    // Its texts, and a little for the numbers and lengths of each.
-    let size = deliveries
-        .iter()
-        .map(|d| {
-            let s = &d.signal;
-            let traced = s.trace_id.as_deref().map_or(0, str::len)
-                + s.traceparent.as_deref().map_or(0, str::len);
-            s.id.len()
-                + s.tenant_id.len()
-                + s.sku_id.len()
-                + s.kind.len()
-                + s.payload.raw().len()
-                + traced
-                + 32
-        })
-        .sum::<usize>()
-        + 8;
     encode_sized(V1, &stored, size)
 }
 
