@@ -173,6 +173,14 @@ impl Listening {
 ///   instead of taking every file descriptor the process may open, which
 ///   the store needs too (a store that cannot open a file fails, and the
 ///   node stops).
+/// - with half-closed connections allowed: a request whose client shuts
+///   its side for writing once it has sent it (as HTTP/1.1 lets it) is
+///   answered, and a request is not watched for the client's end of
+///   stream while it is handled. That watch (hyper's default) read the
+///   socket once more during every request, into a fresh 8 KiB buffer:
+///   the request's headers still held the one they were read into. A
+///   client gone before its answer is known when the answer's write
+///   fails; a signal it sent is kept either way (the queue has it).
 pub async fn serve<S>(
     service: S,
     listener: tokio::net::TcpListener,
@@ -237,6 +245,7 @@ pub async fn serve<S>(
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)
+                .half_close(true)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             let mut connection = std::pin::pin!(connection);
@@ -331,5 +340,55 @@ mod tests {
             read_capped(chunks(&[b"01234", b"5678"]), 9).await.unwrap(),
             &b"012345678"[..]
         );
+    }
+
+    /// The client sends its request and shuts its side for writing before
+    /// the server reads a byte. The request is exactly as long as hyper's
+    /// first read (8 KiB), so nothing tells the server the socket is empty
+    /// (tokio takes a short read as that), and a read while the request is
+    /// handled finds the end of stream. With hyper's default (no half
+    /// close) that read closed the connection unanswered.
+    #[tokio::test]
+    async fn a_request_whose_client_has_shut_its_side_for_writing_is_answered() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use warp::Filter;
+        const FIRST_READ: usize = 8192;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let head =
+            |n: usize| format!("POST /echo HTTP/1.1\r\nhost: t\r\ncontent-length: {n}\r\n\r\n");
+        let body_len = FIRST_READ - head(FIRST_READ).len();
+        let mut request = head(body_len).into_bytes();
+        assert_eq!(request.len() + body_len, FIRST_READ);
+        request.resize(FIRST_READ, b'x');
+        client.write_all(&request).await.unwrap();
+        client.shutdown().await.unwrap();
+        let route = warp::body::bytes().map(|b: Bytes| format!("got {}", b.len()));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let limits = Listening {
+            name: "test",
+            header_timeout: std::time::Duration::from_secs(5),
+            max_connections: 4,
+        };
+        let server = tokio::spawn(serve(warp::service(route), listener, limits, async {
+            let _ = stopped.await;
+        }));
+        let mut answer = String::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            client.read_to_string(&mut answer),
+        )
+        .await
+        .expect("the server answers and closes")
+        .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer:?}");
+        assert!(
+            answer.ends_with(&format!("\r\n\r\ngot {body_len}")),
+            "{answer:?}"
+        );
+        let _ = stop.send(());
+        server.await.unwrap();
     }
 }
