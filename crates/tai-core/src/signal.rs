@@ -480,6 +480,27 @@ pub enum QueuedState {
     Deadlettered,
 }
 
+impl QueuedState {
+    pub const ALL: [QueuedState; 2] = [QueuedState::Queued, QueuedState::Deadlettered];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueuedState::Queued => "queued",
+            QueuedState::Deadlettered => "deadlettered",
+        }
+    }
+}
+
+impl ReceiptState {
+    /// The name a receipt gives the state (its JSON string).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReceiptState::Engine(s) => s.as_str(),
+            ReceiptState::Breaker(s) => s.as_str(),
+            ReceiptState::Queue(s) => s.as_str(),
+        }
+    }
+}
+
 impl From<QueuedState> for ReceiptState {
     fn from(s: QueuedState) -> Self {
         ReceiptState::Queue(s)
