@@ -113,9 +113,10 @@ impl Receipt {
     }
 
     /// Appends what [`Receipt::canonical_bytes`] returns, written field by
-    /// field: serde_json's formatter, which looked at every byte of every
-    /// string to escape it, was half the cost of sealing a receipt, and
-    /// the strings a receipt holds (ids, hashes, names) seldom need it.
+    /// field: serde_json's formatter, which looks at every byte of every
+    /// string to escape it, took a fifth to a quarter of the time a seal
+    /// takes (`cargo bench -p tai-core --bench receipt`), and the strings
+    /// a receipt holds (ids, hashes, names) seldom need escaping.
     /// One that does is written by serde_json, so the bytes are the same
     /// (a property test compares the two for any receipt).
     fn write_canonical(&self, out: &mut Vec<u8>) {
