@@ -443,6 +443,11 @@ pub enum BreakerState {
 }
 
 impl BreakerState {
+    pub const ALL: [BreakerState; 3] = [
+        BreakerState::Closed,
+        BreakerState::HalfOpen,
+        BreakerState::Open,
+    ];
     pub fn as_str(self) -> &'static str {
         match self {
             BreakerState::Closed => "closed",
@@ -491,6 +496,15 @@ impl QueuedState {
 }
 
 impl ReceiptState {
+    /// Every state a receipt can name: the engine's, the breaker's, the
+    /// queue's.
+    pub fn all() -> impl Iterator<Item = ReceiptState> {
+        let engine = EngineState::ALL.map(ReceiptState::Engine);
+        let breaker = BreakerState::ALL.map(ReceiptState::Breaker);
+        let queue = QueuedState::ALL.map(ReceiptState::Queue);
+        engine.into_iter().chain(breaker).chain(queue)
+    }
+
     /// The name a receipt gives the state (its JSON string).
     pub fn as_str(self) -> &'static str {
         match self {

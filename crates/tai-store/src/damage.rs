@@ -260,18 +260,7 @@ fn text() -> impl Strategy<Value = String> {
 }
 
 fn state() -> impl Strategy<Value = tai_core::signal::ReceiptState> {
-    use tai_core::signal::{BreakerState, QueuedState};
-    prop_oneof![
-        prop::sample::select(EngineState::ALL.to_vec()).prop_map(Into::into),
-        prop::sample::select(vec![
-            BreakerState::Closed,
-            BreakerState::HalfOpen,
-            BreakerState::Open
-        ])
-        .prop_map(Into::into),
-        prop::sample::select(vec![QueuedState::Queued, QueuedState::Deadlettered])
-            .prop_map(Into::into),
-    ]
+    prop::sample::select(tai_core::signal::ReceiptState::all().collect::<Vec<_>>())
 }
 
 /// A run of receipts in seq order; each chains onto the one before when
